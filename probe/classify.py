@@ -1,0 +1,120 @@
+"""The one place that maps exceptions to failure strings (cf. OONI netxlite/classify.go).
+
+Order matters: errno first, then exception type; anything unrecognised becomes
+``unknown_failure <message>`` with IP addresses scrubbed so that a failure
+string never leaks a vantage's or a target's address into labels or logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import re
+import socket
+import ssl
+
+import dns.exception
+import dns.message
+import dns.resolver
+
+from .model import Failure
+from .wire import WireError
+
+# OpenSSL X509_V_ERR_* codes seen on SSLCertVerificationError.verify_code
+_X509_HOSTNAME_MISMATCH = 62
+_X509_UNKNOWN_AUTHORITY = frozenset(
+    {
+        2,  # unable to get issuer certificate
+        18,  # self-signed certificate
+        19,  # self-signed certificate in chain
+        20,  # unable to get local issuer certificate
+        21,  # unable to verify the first certificate
+    }
+)
+
+_ERRNO: dict[int, Failure] = {
+    errno.ECONNREFUSED: Failure.CONNECTION_REFUSED,
+    errno.ECONNRESET: Failure.CONNECTION_RESET,
+    errno.ECONNABORTED: Failure.CONNECTION_ABORTED,
+    errno.ETIMEDOUT: Failure.GENERIC_TIMEOUT,
+    errno.EHOSTUNREACH: Failure.HOST_UNREACHABLE,
+    errno.EHOSTDOWN: Failure.HOST_UNREACHABLE,
+    errno.ENETUNREACH: Failure.NETWORK_UNREACHABLE,
+    errno.ENETDOWN: Failure.NETWORK_UNREACHABLE,
+    errno.EADDRNOTAVAIL: Failure.NETWORK_UNREACHABLE,  # e.g. IPv6 with no v6 address
+    errno.EPIPE: Failure.CONNECTION_RESET,
+}
+
+_GAI: dict[int, Failure] = {
+    socket.EAI_NONAME: Failure.DNS_NXDOMAIN,
+    socket.EAI_AGAIN: Failure.DNS_TEMPORARY_FAILURE,
+    socket.EAI_FAIL: Failure.DNS_SERVER_MISBEHAVING,
+}
+if hasattr(socket, "EAI_NODATA"):
+    _GAI[socket.EAI_NODATA] = Failure.DNS_NO_ANSWER
+
+_IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
+_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+
+
+def scrub(message: str) -> str:
+    """Replace IPv4 and IPv6 addresses with a placeholder."""
+    return _IPV6.sub("[scrubbed]", _IPV4.sub("[scrubbed]", message))
+
+
+def unknown(message: str) -> str:
+    text = " ".join(scrub(message).split())[:200]
+    return f"{Failure.UNKNOWN} {text}" if text else str(Failure.UNKNOWN)
+
+
+def classify_ssl_error(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code == _X509_HOSTNAME_MISMATCH:
+            return Failure.SSL_INVALID_HOSTNAME
+        if code in _X509_UNKNOWN_AUTHORITY:
+            return Failure.SSL_UNKNOWN_AUTHORITY
+        return Failure.SSL_INVALID_CERTIFICATE
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return Failure.EOF
+    return Failure.SSL_FAILED_HANDSHAKE
+
+
+def classify_dns_error(exc: dns.exception.DNSException) -> str:
+    if isinstance(exc, dns.resolver.NXDOMAIN):
+        return Failure.DNS_NXDOMAIN
+    if isinstance(exc, dns.resolver.NoAnswer):
+        return Failure.DNS_NO_ANSWER
+    if isinstance(exc, dns.exception.Timeout):
+        return Failure.GENERIC_TIMEOUT
+    if isinstance(exc, dns.message.ShortHeader | dns.exception.FormError):
+        return Failure.DNS_SERVER_MISBEHAVING
+    if isinstance(exc, dns.message.Truncated | dns.message.UnknownTSIGKey):
+        return Failure.DNS_SERVER_MISBEHAVING
+    return Failure.DNS_SERVER_MISBEHAVING
+
+
+def classify_exception(exc: BaseException) -> str:
+    """Return the failure string for an exception raised by a network operation."""
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError | socket.timeout):
+        return Failure.GENERIC_TIMEOUT
+    if isinstance(exc, asyncio.IncompleteReadError | EOFError):
+        return Failure.EOF
+    if isinstance(exc, WireError):
+        return Failure.BAD_RESPONSE
+    if isinstance(exc, socket.gaierror):
+        return _GAI.get(exc.errno or 0) or unknown(f"getaddrinfo: {exc}")
+    if isinstance(exc, ssl.SSLError):
+        return classify_ssl_error(exc)
+    if isinstance(exc, dns.exception.DNSException):
+        return classify_dns_error(exc)
+    if isinstance(exc, OSError):
+        if exc.errno in _ERRNO:
+            return _ERRNO[exc.errno]
+        if isinstance(exc, ConnectionRefusedError):
+            return Failure.CONNECTION_REFUSED
+        if isinstance(exc, ConnectionResetError | BrokenPipeError):
+            return Failure.CONNECTION_RESET
+        if isinstance(exc, ConnectionAbortedError):
+            return Failure.CONNECTION_ABORTED
+    return unknown(f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,256 @@
+"""Core value types shared by every layer: targets, results, the failure vocabulary.
+
+Everything here is immutable.  Probes build a `ProbeResult`; the round runner,
+classifier, exporter, archive and dashboards only read them.
+
+Failure vocabulary
+------------------
+``Failure`` holds OONI's df-007 strings verbatim plus a few of our own where
+OONI has no word (marked *ours*).  A failure string on a result is always one
+of these values, except ``unknown_failure <message>`` whose message (IP
+addresses scrubbed) follows the base word; `failure_kind()` maps any failure
+string back to its bounded `Failure` member for use as a metric label.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any, Literal
+
+__all__ = [
+    "Endpoint",
+    "Failure",
+    "Operation",
+    "ProbeResult",
+    "ProbeSpec",
+    "Service",
+    "SkipReason",
+    "Target",
+    "Vantage",
+    "failure_kind",
+    "freeze",
+]
+
+
+class Failure(StrEnum):
+    """Closed failure vocabulary (OONI df-007 plus documented additions)."""
+
+    CONNECTION_REFUSED = "connection_refused"
+    CONNECTION_RESET = "connection_reset"
+    CONNECTION_ABORTED = "connection_aborted"
+    GENERIC_TIMEOUT = "generic_timeout_error"
+    EOF = "eof_error"
+    HOST_UNREACHABLE = "host_unreachable"
+    NETWORK_UNREACHABLE = "network_unreachable"
+    DNS_NXDOMAIN = "dns_nxdomain_error"
+    DNS_NO_ANSWER = "dns_no_answer"
+    DNS_REFUSED = "dns_refused_error"
+    DNS_SERVFAIL = "dns_servfail_error"
+    DNS_BOGON = "dns_bogon_error"
+    DNS_SERVER_MISBEHAVING = "dns_server_misbehaving"
+    DNS_TEMPORARY_FAILURE = "dns_temporary_failure"
+    SSL_FAILED_HANDSHAKE = "ssl_failed_handshake"
+    SSL_INVALID_HOSTNAME = "ssl_invalid_hostname"
+    SSL_UNKNOWN_AUTHORITY = "ssl_unknown_authority"
+    SSL_INVALID_CERTIFICATE = "ssl_invalid_certificate"
+    QUIC_INCOMPATIBLE_VERSION = "quic_incompatible_version"
+    UNKNOWN = "unknown_failure"
+    # ours: OONI has no word for these
+    UDP_NO_RESPONSE = "udp_no_response"  # datagrams sent, nothing came back in time
+    BAD_RESPONSE = "bad_response"  # the peer answered bytes that are not the protocol
+    STALL_AFTER_BYTES = "stall_after_bytes"  # data flowed, then stopped without FIN/RST
+    THROTTLED = "throttled"  # transfer completed but below the throttling threshold
+
+
+class Operation(StrEnum):
+    """The step that failed (OONI's `failed_operation`)."""
+
+    RESOLVE = "resolve"
+    CONNECT = "connect"
+    TLS_HANDSHAKE = "tls_handshake"
+    QUIC_HANDSHAKE = "quic_handshake"
+    READ = "read"
+    WRITE = "write"
+
+
+class SkipReason(StrEnum):
+    """Why a target was not probed; a skipped result never counts as blocked."""
+
+    VANTAGE_OFFLINE = "vantage_offline"
+    IPV6_UNAVAILABLE = "ipv6_unavailable"
+
+
+Role = Literal["signalling", "web", "media", "registration", "call-relay", "control"]
+ROLES: tuple[str, ...] = ("signalling", "web", "media", "registration", "call-relay", "control")
+
+
+def failure_kind(failure: str | None) -> Failure | None:
+    """Map a result's failure string to its bounded vocabulary member."""
+    if failure is None:
+        return None
+    base = failure.split(" ", 1)[0]
+    try:
+        return Failure(base)
+    except ValueError:
+        return Failure.UNKNOWN
+
+
+def freeze(mapping: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+    """A read-only view of a fresh copy, for mapping fields of frozen dataclasses."""
+    return MappingProxyType(dict(mapping or {}))
+
+
+def _empty() -> Mapping[str, Any]:
+    return freeze()
+
+
+@dataclass(frozen=True)
+class Vantage:
+    """Where measurements are taken from."""
+
+    name: str = "unnamed"
+    country: str = "ZZ"
+    asn: str = "AS0"
+    role: Literal["test", "control"] = "test"
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One probe applied to an endpoint: which ports (None = all) and its parameters."""
+
+    name: str
+    ports: tuple[int, ...] | None = None
+    params: Mapping[str, Any] = field(default_factory=_empty)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A host of a service, as listed in seeds or user config."""
+
+    service: str
+    name: str
+    host: str  # hostname or IP literal
+    ports: tuple[int, ...]
+    transport: Literal["tcp", "udp"]
+    role: str
+    probes: tuple[ProbeSpec, ...]
+    addresses: tuple[str, ...] = ()  # known-good addresses (seeds), probed besides DNS answers
+    prefixes: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # the service's
+    sni: str | None = None
+    source: str = ""
+    confidence: str = ""
+
+    @property
+    def is_ip_literal(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    def spec(self, probe: str) -> ProbeSpec | None:
+        return next((s for s in self.probes if s.name == probe), None)
+
+    def ports_for(self, probe: str) -> tuple[int, ...]:
+        spec = self.spec(probe)
+        if spec is None:
+            return ()
+        return spec.ports if spec.ports is not None else self.ports
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service (whatsapp, telegram, a control set, a lab service) and its endpoints."""
+
+    name: str
+    display_name: str
+    endpoints: tuple[Endpoint, ...]
+    prefixes: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    origin: str = ""  # file the service came from
+
+
+@dataclass(frozen=True)
+class Target:
+    """One probe against one address and port of an endpoint.
+
+    ``address`` is None for DNS probes, which carry ``resolver`` instead
+    (``system``, ``udp:HOST:PORT``, ``tcp:HOST:PORT`` or ``doh:URL``).
+    ``address_source`` says where the address came from (``literal``, ``seed``,
+    ``system``, ``doh`` ...): an address only the control resolver knew is how a
+    DNS lie is told apart from an IP block.
+    """
+
+    endpoint: Endpoint
+    probe: str
+    address: str | None = None
+    port: int | None = None
+    resolver: str | None = None
+    address_source: str = ""
+
+    @property
+    def service(self) -> str:
+        return self.endpoint.service
+
+    @property
+    def params(self) -> Mapping[str, Any]:
+        spec = self.endpoint.spec(self.probe)
+        return spec.params if spec is not None else _empty()
+
+    @property
+    def family(self) -> Literal["ipv4", "ipv6"] | None:
+        if self.address is None:
+            return None
+        return "ipv6" if ipaddress.ip_address(self.address).version == 6 else "ipv4"
+
+    @property
+    def server_name(self) -> str | None:
+        """The SNI to present: override, else the hostname (None for IP literals)."""
+        if self.endpoint.sni:
+            return self.endpoint.sni
+        return None if self.endpoint.is_ip_literal else self.endpoint.host
+
+    def key(self) -> tuple[str, str, str, str, str]:
+        """Stable identity used by the scheduler, exporter and archive."""
+        where = self.address or self.resolver or ""
+        return (self.service, self.endpoint.name, self.probe, where, str(self.port or ""))
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one probe observed.  Never raised: failures are data."""
+
+    target: Target
+    ok: bool
+    t: datetime  # wall-clock start, UTC
+    duration_s: float  # monotonic
+    failure: str | None = None
+    failed_operation: Operation | None = None
+    phases: Mapping[str, float] = field(default_factory=_empty)  # phase -> seconds
+    details: Mapping[str, Any] = field(default_factory=_empty)  # JSON-able evidence
+    flags: tuple[str, ...] = ()  # anomalies that are not failures (e.g. dns_injection)
+    skipped: SkipReason | None = None
+
+    def __post_init__(self) -> None:
+        if self.ok and self.failure is not None:
+            raise ValueError("a successful result carries no failure")
+        if not self.ok and self.failure is None and self.skipped is None:
+            raise ValueError("a failed result needs a failure string")
+
+    @property
+    def failure_kind(self) -> Failure | None:
+        return failure_kind(self.failure)
+
+    @property
+    def status(self) -> Literal["ok", "failed", "skipped"]:
+        if self.skipped is not None:
+            return "skipped"
+        return "ok" if self.ok else "failed"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

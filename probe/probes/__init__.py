@@ -1,0 +1,17 @@
+"""One module per probe type, one signature (`base.ProbeFn`), one registry.
+
+Like blackbox_exporter's ``Probers`` map: the config validator, the round runner
+and the docs all read `PROBES`; adding a probe type means adding a module and a
+line here.
+"""
+
+from __future__ import annotations
+
+from . import dns, tcp, tls
+from .base import ProbeFn
+
+PROBES: dict[str, ProbeFn] = {
+    "dns": dns.probe,
+    "tcp": tcp.probe,
+    "tls": tls.probe,
+}

@@ -1,0 +1,87 @@
+"""Frozen configuration value types.  Loading and validation live in `probe.config`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .model import Service, Vantage, freeze
+
+
+def _empty() -> Mapping[str, Any]:
+    return freeze()
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-step timeouts in seconds."""
+
+    dns_s: float = 5.0
+    connect_s: float = 10.0
+    tls_s: float = 10.0
+    quic_s: float = 10.0
+    udp_s: float = 5.0  # total wait for a UDP (STUN) answer, retransmissions included
+    app_s: float = 10.0  # application hello -> reply (MTProto, WhatsApp Noise)
+    transfer_s: float = 30.0  # whole bulk transfer
+    stall_s: float = 5.0  # no new byte for this long during a transfer = stall
+
+
+@dataclass(frozen=True)
+class Resolvers:
+    system: bool = True
+    udp: tuple[HostPort, ...] = ()
+    tcp: tuple[HostPort, ...] = ()
+    doh: str | None = None  # control resolver (DNS over HTTPS, RFC 8484)
+    reply_window_s: float = 1.0  # keep listening after the first UDP reply (injection race)
+
+
+@dataclass(frozen=True)
+class TLSOptions:
+    ca_file: str | None = None  # extra trust anchors (lab CA); system store otherwise
+    sni_overrides: Mapping[str, str] = field(default_factory=_empty)  # endpoint name -> SNI
+
+
+@dataclass(frozen=True)
+class Schedule:
+    interval_s: float = 300.0
+    jitter_s: float = 30.0
+    min_spacing_s: float = 60.0  # never re-test the same target sooner (residual blocking)
+    concurrency: int = 32
+    per_destination: int = 4
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """What a probe may read: timeouts, resolvers and TLS trust. Nothing else."""
+
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    resolvers: Resolvers = field(default_factory=Resolvers)
+    tls: TLSOptions = field(default_factory=TLSOptions)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    vantage: Vantage = field(default_factory=Vantage)
+    schedule: Schedule = field(default_factory=Schedule)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    resolvers: Resolvers = field(default_factory=Resolvers)
+    tls: TLSOptions = field(default_factory=TLSOptions)
+    seeds: tuple[str, ...] = ()  # shipped list names or file paths, as configured
+    services: tuple[Service, ...] = ()  # seeds and user services, loaded and merged
+    listen: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 9464))
+    log_format: Literal["json", "logfmt"] = "json"
+    source: str = "<defaults>"  # where this config was read from
+
+    @property
+    def settings(self) -> ProbeSettings:
+        return ProbeSettings(timeouts=self.timeouts, resolvers=self.resolvers, tls=self.tls)

@@ -1,0 +1,78 @@
+"""Builders for targets and settings pointing at local test servers (loopback only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from probe.model import Endpoint, ProbeSpec, Target, freeze
+from probe.settings import ProbeSettings, Resolvers, Timeouts, TLSOptions
+
+
+def endpoint(
+    host: str = "127.0.0.1",
+    *,
+    probes: tuple[str, ...] | dict[str, dict[str, Any]] = ("tcp",),
+    ports: tuple[int, ...] = (),
+    service: str = "lab",
+    name: str | None = None,
+    sni: str | None = None,
+    transport: str = "tcp",
+    role: str = "signalling",
+    prefixes: tuple[Any, ...] = (),
+    addresses: tuple[str, ...] = (),
+) -> Endpoint:
+    if isinstance(probes, dict):
+        specs = tuple(ProbeSpec(n, None, freeze(p)) for n, p in probes.items())
+    else:
+        specs = tuple(ProbeSpec(n) for n in probes)
+    return Endpoint(
+        service=service,
+        name=name or host,
+        host=host,
+        ports=ports,
+        transport=transport,  # type: ignore[arg-type]
+        role=role,
+        probes=specs,
+        addresses=addresses,
+        prefixes=prefixes,
+        sni=sni,
+        source="test",
+        confidence="C",
+    )
+
+
+def target(
+    probe: str,
+    address: str | None = "127.0.0.1",
+    port: int | None = None,
+    *,
+    host: str | None = None,
+    resolver: str | None = None,
+    params: dict[str, Any] | None = None,
+    **endpoint_kw: Any,
+) -> Target:
+    ep = endpoint(
+        host or address or "localhost",
+        probes={probe: params or {}},
+        ports=(port,) if port else (),
+        **endpoint_kw,
+    )
+    return Target(ep, probe, address, port, resolver, "literal" if address else "")
+
+
+def settings(
+    *,
+    ca_file: str | None = None,
+    resolvers: Resolvers | None = None,
+    **timeouts: float,
+) -> ProbeSettings:
+    fast = {
+        "dns_s": 2.0, "connect_s": 2.0, "tls_s": 2.0, "quic_s": 2.0, "udp_s": 2.0,
+        "app_s": 2.0, "transfer_s": 10.0, "stall_s": 1.0,
+    }
+    fast.update(timeouts)
+    return ProbeSettings(
+        timeouts=Timeouts(**fast),
+        resolvers=resolvers or Resolvers(system=True, reply_window_s=0.3),
+        tls=TLSOptions(ca_file=ca_file),
+    )
