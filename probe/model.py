@@ -32,6 +32,7 @@ __all__ = [
     "SkipReason",
     "Target",
     "Vantage",
+    "VantageState",
     "failure_kind",
     "freeze",
 ]
@@ -254,3 +255,17 @@ class ProbeResult:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class VantageState:
+    """The offline gate's finding for one round: nothing counts as blocked when offline."""
+
+    online: bool
+    ipv6: bool
+    t: datetime
+    evidence: Mapping[str, Any] = field(default_factory=_empty)
+
+    @property
+    def state(self) -> Literal["online", "offline"]:
+        return "online" if self.online else "offline"
