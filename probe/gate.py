@@ -1,0 +1,88 @@
+"""The offline gate: is this vantage online at all, and does it have working IPv6?
+
+Every round starts here.  A vantage that cannot reach any neutral control target
+is *offline*: then nothing else is probed and nothing counts as blocked, because
+a dead uplink would otherwise look like a country-wide block of every service.
+The gate resolves control hostnames through the system resolver first (what
+an ordinary app would do), then connects to the resolved addresses and to the
+controls' IP literals.  IPv6 counts as working only if an IPv6 connect succeeds;
+without it IPv6 probes are reported as not applicable, never as blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from .classify import classify_exception
+from .model import Endpoint, VantageState, utcnow
+
+_MAX_ADDRESSES = 4  # per control and family: enough to tell online from offline
+
+
+async def _resolve(host: str, timeout: float) -> tuple[list[str], str | None]:
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except Exception as exc:  # classified below; the gate never raises
+        return [], classify_exception(exc)
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    return addresses, None
+
+
+async def _connect(address: str, port: int, timeout: float) -> str | None:
+    """None on success, else the failure string."""
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(address, port)
+    except Exception as exc:
+        return classify_exception(exc)
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+    return None
+
+
+def _pick(addresses: Sequence[str]) -> list[str]:
+    v4 = [a for a in addresses if ipaddress.ip_address(a).version == 4][:_MAX_ADDRESSES]
+    v6 = [a for a in addresses if ipaddress.ip_address(a).version == 6][:_MAX_ADDRESSES]
+    return v4 + v6
+
+
+async def _check_control(control: Endpoint, timeout: float) -> dict[str, Any]:
+    port = control.ports[0] if control.ports else 443
+    record: dict[str, Any] = {"control": control.name, "port": port}
+    if control.is_ip_literal:
+        addresses = [control.host]
+    else:
+        addresses, failure = await _resolve(control.host, timeout)
+        record["resolve"] = failure or "ok"
+    addresses = _pick(list(addresses) + list(control.addresses))
+    results = await asyncio.gather(*(_connect(a, port, timeout) for a in addresses))
+    record["connect"] = {a: (f or "ok") for a, f in zip(addresses, results, strict=True)}
+    return record
+
+
+async def check_vantage(controls: Sequence[Endpoint], timeout: float) -> VantageState:
+    """Probe every control concurrently; online if any control accepts a TCP connection."""
+    t = utcnow()
+    if not controls:
+        # Nothing to judge by: assume online so a control-less lab config still measures.
+        return VantageState(online=True, ipv6=True, t=t, evidence={"controls": "none configured"})
+    records = await asyncio.gather(*(_check_control(c, timeout) for c in controls))
+    reached = [
+        address
+        for record in records
+        for address, outcome in record["connect"].items()
+        if outcome == "ok"
+    ]
+    online = bool(reached)
+    ipv6 = any(ipaddress.ip_address(a).version == 6 for a in reached)
+    dns_ok = any(r.get("resolve") == "ok" for r in records)
+    evidence = {"controls": records, "system_dns_ok": dns_ok, "reached": len(reached)}
+    return VantageState(online=online, ipv6=ipv6, t=t, evidence=evidence)

@@ -1,0 +1,76 @@
+"""The offline gate against real local listeners (loopback only)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from probe.gate import check_vantage
+from tests.helpers import endpoint
+
+
+def _closed_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[dict[str, int]]:
+    async def accept(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.close()
+
+    v4 = await asyncio.start_server(accept, "127.0.0.1", 0)
+    v6 = await asyncio.start_server(accept, "::1", 0)
+    ports = {
+        "127.0.0.1": v4.sockets[0].getsockname()[1],
+        "::1": v6.sockets[0].getsockname()[1],
+    }
+    yield ports
+    v4.close()
+    v6.close()
+
+
+def control(host: str, port: int):  # type: ignore[no-untyped-def]
+    return endpoint(host, ports=(port,), role="control", service="controls")
+
+
+async def test_online_when_a_control_accepts(listener: dict[str, int]) -> None:
+    state = await check_vantage([control("127.0.0.1", listener["127.0.0.1"])], timeout=2)
+    assert state.online
+    assert not state.ipv6  # only an IPv4 control answered
+    assert state.evidence["reached"] == 1
+
+
+async def test_ipv6_counts_only_when_an_ipv6_connect_succeeds(listener: dict[str, int]) -> None:
+    controls = [
+        control("127.0.0.1", listener["127.0.0.1"]),
+        control("::1", listener["::1"]),
+    ]
+    state = await check_vantage(controls, timeout=2)
+    assert state.online and state.ipv6
+
+
+async def test_offline_when_no_control_answers() -> None:
+    controls = [control("127.0.0.1", _closed_port("127.0.0.1")), control("::1", _closed_port("::1"))]
+    state = await check_vantage(controls, timeout=2)
+    assert not state.online
+    assert state.state == "offline"
+    outcomes = [o for rec in state.evidence["controls"] for o in rec["connect"].values()]
+    assert outcomes == ["connection_refused", "connection_refused"]
+
+
+async def test_partial_controls_still_online(listener: dict[str, int]) -> None:
+    controls = [control("127.0.0.1", _closed_port("127.0.0.1")), control("::1", listener["::1"])]
+    state = await check_vantage(controls, timeout=2)
+    assert state.online and state.ipv6
+
+
+async def test_no_controls_means_unchecked_online() -> None:
+    state = await check_vantage([], timeout=1)
+    assert state.online
+    assert state.evidence["controls"] == "none configured"
