@@ -173,6 +173,7 @@ class Service:
     endpoints: tuple[Endpoint, ...]
     prefixes: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     origin: str = ""  # file the service came from
+    source: str = ""  # where the list as a whole comes from (seed `source:`)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,408 @@
+"""Load the agent configuration: defaults, then strict decode, then validate.
+
+Modelled on blackbox_exporter's config loading: every key has a default (the
+dataclasses of `probe.settings`), a file may override any of them, unknown keys
+are errors (with a "did you mean"), and every error is a `ConfigError` whose
+``str()`` is ``file:line: field: message``, so ``probe check-config`` can print
+it as is.  The seed lists named under ``seeds:`` and the extra ``services:``
+are loaded and merged into ``AgentConfig.services``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Collection
+from importlib.resources import as_file, files
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .decode import ConfigError, KeyedNode, Node, did_you_mean, is_hostname, parse_file
+from .model import Service, Vantage, freeze
+from .seeds import _load_resource, decode_service, known_probes, load_seed_file, shipped_seeds
+from .settings import (
+    AgentConfig,
+    ArchiveSettings,
+    HostPort,
+    Resolvers,
+    Schedule,
+    Timeouts,
+    TLSOptions,
+)
+
+__all__ = ["DEFAULT_SEEDS", "ConfigError", "load_config"]
+
+# Used when a config file has no `seeds:` key: a config that only sets its vantage
+# measures the standard targets.  `seeds: []` measures only the config's services.
+DEFAULT_SEEDS: tuple[str, ...] = ("whatsapp", "telegram", "controls")
+
+TOP_KEYS = (
+    "vantage",
+    "schedule",
+    "timeouts",
+    "resolvers",
+    "tls",
+    "seeds",
+    "services",
+    "listen",
+    "archive",
+    "log_format",
+)
+LOG_FORMATS = ("json", "logfmt")
+VANTAGE_ROLES = ("test", "control")
+
+_VANTAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_COUNTRY = re.compile(r"[A-Z]{2}")
+_ASN = re.compile(r"AS(\d{1,10})")
+_BRACKETED = re.compile(r"\[([^\]]*)\]:([^:]*)")
+
+
+def _keys(cls: type) -> tuple[str, ...]:
+    """Config keys of a section are exactly its dataclass's field names."""
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def load_config(
+    path: str | Path | None = None, *, probe_names: Collection[str] | None = None
+) -> AgentConfig:
+    """Load and validate a config file (None = the embedded default) and its seed lists.
+
+    ``probe_names`` restricts the probe names endpoints may use; by default the
+    keys of `probe.probes.PROBES` (see `probe.seeds.known_probes`).
+    Raises `ConfigError` for anything wrong, never another exception for bad input.
+    """
+    names = frozenset(probe_names) if probe_names is not None else known_probes()
+    if path is None:
+        resource = files("probe") / "default_config.yaml"
+        with as_file(resource) as real:
+            return _load(Path(real), str(real), names)
+    return _load(Path(path), str(path), names)
+
+
+def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
+    root = parse_file(path, file)
+    m = root.mapping(TOP_KEYS)
+    # Relative paths are relative to the config file's directory, as given (no
+    # symlink resolution, like Prometheus), so a config travels with its files.
+    base_dir = Path(os.path.abspath(path)).parent
+
+    # Decode sections in file order, so the error reported is the first in the file.
+    decoders: dict[str, Callable[[Node], Any]] = {
+        "vantage": _vantage,
+        "schedule": _schedule,
+        "timeouts": _timeouts,
+        "resolvers": _resolvers,
+        "tls": lambda n: _tls(n, base_dir),
+        "seeds": lambda n: _load_seeds(n, base_dir, probe_names),
+        "services": lambda n: _user_services(n, probe_names),
+        "listen": lambda n: _hostport(n, ip_only=False),
+        "archive": lambda n: _archive(n, base_dir),
+        "log_format": lambda n: n.choice(LOG_FORMATS),
+    }
+    d = {key: decoders[key](node) for key, node in m.items()}
+
+    # Cross-section checks, once every section is valid on its own.
+    seeded = d["seeds"] if "seeds" in m else _load_seeds(None, base_dir, probe_names)
+    services = _merge(seeded, m.get("services"), d.get("services", ()))
+    if not services:
+        (m.get("seeds") or root).fail("nothing to probe: no seed lists and no services")
+    tls: TLSOptions = d.get("tls", TLSOptions())
+    if "tls" in m:
+        services = _apply_sni_overrides(m["tls"], tls, services)
+    resolvers: Resolvers = d.get("resolvers", Resolvers())
+    _check_resolvable(m.get("resolvers") or root, resolvers, services)
+
+    default = AgentConfig()
+    return AgentConfig(
+        vantage=d.get("vantage", default.vantage),
+        schedule=d.get("schedule", default.schedule),
+        timeouts=d.get("timeouts", default.timeouts),
+        resolvers=resolvers,
+        tls=tls,
+        seeds=_seed_names(m.get("seeds")),
+        services=services,
+        listen=d.get("listen", default.listen),
+        archive=d.get("archive", default.archive),
+        log_format=d.get("log_format", default.log_format),
+        source=file,
+    )
+
+
+# -- sections ---------------------------------------------------------------------------
+
+
+def _vantage(n: Node) -> Vantage:
+    m = n.mapping(_keys(Vantage))
+    d = Vantage()
+    name = (
+        m["name"].matching(_VANTAGE_NAME, "a vantage name (letters, digits, . _ -)")
+        if "name" in m
+        else d.name
+    )
+    country = (
+        m["country"].matching(_COUNTRY, "a two-letter upper-case country code (ISO 3166-1)")
+        if "country" in m
+        else d.country
+    )
+    asn = _asn(m["asn"]) if "asn" in m else d.asn
+    role = m["role"].choice(VANTAGE_ROLES) if "role" in m else d.role
+    return Vantage(name=name, country=country, asn=asn, role=role)  # type: ignore[arg-type]
+
+
+def _asn(n: Node) -> str:
+    value = n.as_str()
+    match = _ASN.fullmatch(value)
+    if match is None or int(match.group(1)) > 0xFFFFFFFF:
+        n.fail(f"{value!r} is not an AS number like AS12389")
+    return value
+
+
+def _schedule(n: Node) -> Schedule:
+    m = n.mapping(_keys(Schedule))
+    d = Schedule()
+    interval = m["interval_s"].seconds() if "interval_s" in m else d.interval_s
+    jitter = m["jitter_s"].seconds(allow_zero=True) if "jitter_s" in m else d.jitter_s
+    if jitter >= interval:
+        # Jitter spreads rounds inside the interval; as large as the interval it
+        # would let two rounds of the same target run back to back.
+        (m.get("jitter_s") or m.get("interval_s") or n).fail(
+            f"jitter_s ({jitter:g}) must be less than interval_s ({interval:g})"
+        )
+    return Schedule(
+        interval_s=interval,
+        jitter_s=jitter,
+        min_spacing_s=(
+            m["min_spacing_s"].seconds(allow_zero=True) if "min_spacing_s" in m else d.min_spacing_s
+        ),
+        concurrency=m["concurrency"].as_int(1) if "concurrency" in m else d.concurrency,
+        per_destination=(
+            m["per_destination"].as_int(1) if "per_destination" in m else d.per_destination
+        ),
+    )
+
+
+def _timeouts(n: Node) -> Timeouts:
+    m = n.mapping(_keys(Timeouts))
+    return Timeouts(**{key: node.seconds() for key, node in m.items()})
+
+
+def _resolvers(n: Node) -> Resolvers:
+    m = n.mapping(_keys(Resolvers))
+    d = Resolvers()
+
+    def resolver(item: Node) -> HostPort:
+        return _hostport(item, ip_only=True)
+
+    return Resolvers(
+        system=m["system"].as_bool() if "system" in m else d.system,
+        udp=tuple(m["udp"].unique_list_of(resolver)) if "udp" in m else d.udp,
+        tcp=tuple(m["tcp"].unique_list_of(resolver)) if "tcp" in m else d.tcp,
+        doh=_doh(m["doh"]) if "doh" in m and not m["doh"].is_null else d.doh,
+        reply_window_s=(
+            m["reply_window_s"].seconds(allow_zero=True)
+            if "reply_window_s" in m
+            else d.reply_window_s
+        ),
+    )
+
+
+def _doh(n: Node) -> str:
+    value = n.as_str()
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        n.fail(f"{value!r} is not a DNS-over-HTTPS URL like https://1.1.1.1/dns-query")
+    try:
+        parts.port  # noqa: B018  # raises on a non-numeric or out-of-range port
+    except ValueError:
+        n.fail(f"{value!r} has an invalid port")
+    return value
+
+
+def _tls(n: Node, base_dir: Path) -> TLSOptions:
+    m = n.mapping(_keys(TLSOptions))
+    ca_file = None
+    if "ca_file" in m and not m["ca_file"].is_null:
+        node = m["ca_file"]
+        path = _relative(node.nonempty_str(), base_dir)
+        if not path.is_file():
+            node.fail(f"no such file: {path}")
+        ca_file = str(path)
+    overrides = {}
+    if "sni_overrides" in m:
+        overrides = {
+            key: node.hostname() for key, node in m["sni_overrides"].free_mapping().items()
+        }
+    return TLSOptions(ca_file=ca_file, sni_overrides=freeze(overrides))
+
+
+def _archive(n: Node, base_dir: Path) -> ArchiveSettings:
+    m = n.mapping(_keys(ArchiveSettings))
+    d = ArchiveSettings()
+    path = d.path
+    if "path" in m:
+        path = None if m["path"].is_null else str(_relative(m["path"].nonempty_str(), base_dir))
+    return ArchiveSettings(
+        path=path,
+        # below a few KiB the archive would rotate on nearly every round
+        max_bytes=m["max_bytes"].as_int(4096) if "max_bytes" in m else d.max_bytes,
+        keep=m["keep"].as_int(0) if "keep" in m else d.keep,
+        compress=m["compress"].as_bool() if "compress" in m else d.compress,
+    )
+
+
+def _relative(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def _hostport(n: Node, *, ip_only: bool) -> HostPort:
+    """``host:port`` or ``[v6]:port``; resolver hosts must be IP literals."""
+    value = n.as_str()
+    bracketed = _BRACKETED.fullmatch(value)
+    if bracketed:
+        host, port_text = bracketed.groups()
+        if not _is_ipv6(host):
+            n.fail(f"{value!r}: only IPv6 addresses go in brackets")
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+    elif _is_ipv6(value):
+        n.fail(f"{value!r}: an IPv6 address needs brackets and a port: [ADDRESS]:PORT")
+    else:
+        n.fail(f"{value!r} is not HOST:PORT (IPv6 as [ADDRESS]:PORT)")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        n.fail(f"{value!r}: port must be a number in 1..65535")
+    if ip_only and not _is_ip(host):
+        n.fail(f"{value!r}: the host must be an IP address (a resolver cannot be looked up)")
+    if not ip_only and not (_is_ip(host) or is_hostname(host)):
+        n.fail(f"{value!r}: {host!r} is neither an IP address nor a hostname")
+    return HostPort(host, int(port_text))
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ipv6(value: str) -> bool:
+    return ":" in value and _is_ip(value)
+
+
+# -- seeds and services -----------------------------------------------------------------
+
+
+def _seed_names(n: Node | None) -> tuple[str, ...]:
+    return DEFAULT_SEEDS if n is None else tuple(item.as_str() for item in n.sequence())
+
+
+def _load_seeds(n: Node | None, base_dir: Path, probe_names: frozenset[str]) -> tuple[Service, ...]:
+    shipped = shipped_seeds()
+    if n is None:
+        return tuple(_load_resource(shipped[name], probe_names) for name in DEFAULT_SEEDS)
+    services: list[Service] = []
+    seen: dict[str, Node] = {}
+    for item in n.sequence():
+        value = item.nonempty_str()
+        if value in seen:
+            item.fail(f"duplicate seed list {value!r} (first at line {seen[value].line})")
+        seen[value] = item
+        resource = _seed_resource(item, value, shipped, base_dir)
+        if isinstance(resource, Path):
+            service = load_seed_file(resource, probe_names=probe_names)
+        else:
+            service = _load_resource(resource, probe_names)
+        _check_new_service(item, f"{item.path}", service, services)
+        services.append(service)
+    return tuple(services)
+
+
+def _seed_resource(
+    item: Node, value: str, shipped: dict[str, Traversable], base_dir: Path
+) -> Traversable | Path:
+    """A shipped list by name, else a file path relative to the config's directory."""
+    if value in shipped:
+        return shipped[value]
+    if "/" not in value and not value.endswith((".yaml", ".yml")):
+        item.fail(
+            f"unknown seed list {value!r}{did_you_mean(value, shipped)} "
+            f"(shipped: {', '.join(shipped)}; a file path must contain / or end in .yaml)"
+        )
+    path = _relative(value, base_dir)
+    if not path.is_file():
+        item.fail(f"no such seed file: {path}")
+    return path
+
+
+def _user_services(n: Node, probe_names: frozenset[str]) -> tuple[Service, ...]:
+    return tuple(
+        decode_service(item, origin=item.file, probe_names=probe_names) for item in n.sequence()
+    )
+
+
+def _merge(
+    seeded: tuple[Service, ...], n: Node | None, extra: tuple[Service, ...]
+) -> tuple[Service, ...]:
+    """Seed services then the config's own; a service id may be defined only once."""
+    services = list(seeded)
+    items = n.sequence() if n is not None else []
+    for item, service in zip(items, extra, strict=True):
+        _check_new_service(item, f"{item.path}.service", service, services)
+        services.append(service)
+    return tuple(services)
+
+
+def _check_new_service(item: Node, field: str, service: Service, services: list[Service]) -> None:
+    for other in services:
+        if other.name == service.name:
+            raise ConfigError(
+                item.file,
+                item.line,
+                field,
+                f"service {service.name!r} is already defined (in {other.origin})",
+            )
+
+
+def _apply_sni_overrides(
+    tls_node: Node, tls: TLSOptions, services: tuple[Service, ...]
+) -> tuple[Service, ...]:
+    """Set ``Endpoint.sni`` from ``tls.sni_overrides`` (keyed by endpoint name)."""
+    if not tls.sni_overrides:
+        return services
+    names = {ep.name for s in services for ep in s.endpoints}
+    nodes = tls_node.mapping(_keys(TLSOptions))["sni_overrides"].free_mapping()
+    for key, node in nodes.items():
+        if key not in names:
+            _fail_key(node, f"no endpoint named {key!r}{did_you_mean(key, names)}")
+    return tuple(
+        dataclasses.replace(
+            s,
+            endpoints=tuple(
+                dataclasses.replace(ep, sni=tls.sni_overrides[ep.name])
+                if ep.name in tls.sni_overrides
+                else ep
+                for ep in s.endpoints
+            ),
+        )
+        for s in services
+    )
+
+
+def _fail_key(node: KeyedNode, message: str) -> None:
+    raise ConfigError(node.file, node.key_line, node.path, message)
+
+
+def _check_resolvable(where: Node, resolvers: Resolvers, services: tuple[Service, ...]) -> None:
+    """Hostname endpoints need some resolver; an all-off resolver section is a mistake."""
+    if resolvers.system or resolvers.udp or resolvers.tcp or resolvers.doh:
+        return
+    if any(not ep.is_ip_literal for s in services for ep in s.endpoints):
+        where.fail(
+            "no resolver configured (system is false, udp/tcp/doh empty) "
+            "but some endpoints are hostnames"
+        )

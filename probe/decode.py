@@ -1,0 +1,409 @@
+"""Strict YAML decoding with line-numbered errors, shared by `probe.config` and `probe.seeds`.
+
+A file is parsed with ``yaml.compose`` (SafeLoader rules) into a node tree and
+walked by hand through `Node` cursors, so every value keeps its line and its
+dotted field path.  Whatever is wrong in a file (syntax, an unknown key, a wrong
+type, a value out of range) becomes one `ConfigError` naming the file, the line
+and the field; callers never see a YAML traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
+from .model import freeze
+
+__all__ = ["ConfigError", "KeyedNode", "Node", "did_you_mean", "parse_file", "parse_text"]
+
+T = TypeVar("T")
+
+# Field names for errors that concern a whole file rather than one value in it.
+FILE_FIELD = "<file>"
+YAML_FIELD = "<yaml>"
+ROOT_FIELD = "<root>"
+
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_MAX_BYTES = 4 * 1024 * 1024  # a config or seed list is a few KiB; refuse anything absurd
+_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+class ConfigError(Exception):
+    """A configuration or seed file is unusable.  ``str()`` is ``file:line: field: message``."""
+
+    def __init__(self, file: str, line: int | None, field: str, message: str) -> None:
+        super().__init__(file, line, field, message)
+        self.file = file
+        self.line = line  # 1-based; None when no position applies (e.g. a missing file)
+        self.field = field
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+
+
+def did_you_mean(word: str, known: Collection[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest known word, or ``""`` when none is close."""
+    close = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _yaml_type(value: Any) -> str:
+    """How a constructed YAML value is named in error messages ("got an integer")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, date):  # datetime is a date subclass
+        return "a timestamp"
+    if isinstance(value, bytes):
+        return "binary data"
+    return f"a {type(value).__name__}"
+
+
+def _node_kind(node: yaml.Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    return "a single value"
+
+
+@dataclass(frozen=True)
+class Node:
+    """A cursor on one YAML node: where it is (file, line, field path) and typed accessors."""
+
+    node: yaml.Node
+    file: str
+    path: str
+    constructor: SafeConstructor
+
+    # -- position and errors ------------------------------------------------------------
+
+    @property
+    def line(self) -> int:
+        return int(self.node.start_mark.line) + 1
+
+    @property
+    def field(self) -> str:
+        return self.path or ROOT_FIELD
+
+    def fail(self, message: str) -> NoReturn:
+        raise ConfigError(self.file, self.line, self.field, message)
+
+    def child_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    # -- structure ----------------------------------------------------------------------
+
+    @property
+    def is_null(self) -> bool:
+        return isinstance(self.node, ScalarNode) and self.node.tag == "tag:yaml.org,2002:null"
+
+    def mapping(self, known: Collection[str], required: Collection[str] = ()) -> dict[str, Node]:
+        """The mapping's values by key; unknown, duplicate or missing keys are errors."""
+        self._check_tag()
+        if not isinstance(self.node, MappingNode):
+            self.fail(f"expected a mapping, got {self._describe()}")
+        self._flatten()
+        out: dict[str, Node] = {}
+        seen_at: dict[str, int] = {}
+        for key_node, value_node in self.node.value:
+            key = self._key(key_node)
+            key_line = int(key_node.start_mark.line) + 1
+            if key not in known:
+                raise ConfigError(
+                    self.file,
+                    key_line,
+                    self.child_path(key),
+                    f"unknown key {key!r}{did_you_mean(key, known)}",
+                )
+            if key in out:
+                raise ConfigError(
+                    self.file,
+                    key_line,
+                    self.child_path(key),
+                    f"duplicate key (first at line {seen_at[key]})",
+                )
+            seen_at[key] = key_line
+            out[key] = Node(value_node, self.file, self.child_path(key), self.constructor)
+        for key in required:
+            if key not in out:
+                raise ConfigError(
+                    self.file, self.line, self.child_path(key), "required key missing"
+                )
+        return out
+
+    def _flatten(self) -> None:
+        # Resolve YAML merge keys (<<) the way SafeLoader does before walking the pairs.
+        try:
+            self.constructor.flatten_mapping(self.node)
+        except yaml.MarkedYAMLError as exc:
+            raise ConfigError(self.file, _mark_line(exc), self.field, _yaml_message(exc)) from None
+
+    def free_mapping(self) -> dict[str, KeyedNode]:
+        """A mapping with user-chosen string keys (no schema), duplicates still rejected."""
+        self._check_tag()
+        if not isinstance(self.node, MappingNode):
+            self.fail(f"expected a mapping, got {self._describe()}")
+        self._flatten()
+        out: dict[str, KeyedNode] = {}
+        for key_node, value_node in self.node.value:
+            key = self._key(key_node)
+            if key in out:
+                raise ConfigError(
+                    self.file,
+                    int(key_node.start_mark.line) + 1,
+                    self.child_path(key),
+                    f"duplicate key (first at line {out[key].key_line})",
+                )
+            out[key] = KeyedNode(
+                value_node,
+                self.file,
+                self.child_path(key),
+                self.constructor,
+                int(key_node.start_mark.line) + 1,
+            )
+        return out
+
+    def sequence(self) -> list[Node]:
+        self._check_tag()
+        if not isinstance(self.node, SequenceNode):
+            self.fail(f"expected a list, got {self._describe()}")
+        return [
+            Node(item, self.file, f"{self.path}[{i}]", self.constructor)
+            for i, item in enumerate(self.node.value)
+        ]
+
+    def _check_tag(self) -> None:
+        # Collections are walked, never constructed, so an explicit tag such as
+        # !!python/object or !!set would otherwise be silently ignored.  (Scalar tags
+        # are checked by the SafeLoader constructor.)
+        if not isinstance(self.node, ScalarNode) and self.node.tag not in (_MAP_TAG, _SEQ_TAG):
+            self.fail(f"unsupported YAML tag {self.node.tag!r}")
+
+    def _key(self, key_node: yaml.Node) -> str:
+        key = self._construct(key_node) if isinstance(key_node, ScalarNode) else key_node
+        if not isinstance(key, str):
+            kind = _yaml_type(key) if isinstance(key_node, ScalarNode) else _node_kind(key_node)
+            raise ConfigError(
+                self.file,
+                int(key_node.start_mark.line) + 1,
+                self.field,
+                f"keys must be strings, got {kind}",
+            )
+        return key
+
+    # -- scalars ------------------------------------------------------------------------
+
+    def _construct(self, node: yaml.Node) -> Any:
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.MarkedYAMLError as exc:
+            self.fail(f"invalid YAML value: {exc.problem}")
+
+    def _describe(self) -> str:
+        if isinstance(self.node, ScalarNode):
+            return _yaml_type(self._construct(self.node))
+        return _node_kind(self.node)
+
+    def scalar(self) -> Any:
+        if not isinstance(self.node, ScalarNode):
+            self.fail(f"expected a single value, got {_node_kind(self.node)}")
+        return self._construct(self.node)
+
+    def as_str(self) -> str:
+        value = self.scalar()
+        if not isinstance(value, str):
+            # YAML 1.1 reads NO, on, 1.10, 2024-01-01 as non-strings: tell the user to quote.
+            self.fail(f"expected a string, got {_yaml_type(value)} (quote the value)")
+        return value
+
+    def nonempty_str(self) -> str:
+        value = self.as_str()
+        if not value.strip():
+            self.fail("must not be empty")
+        return value
+
+    def as_bool(self) -> bool:
+        value = self.scalar()
+        if not isinstance(value, bool):
+            self.fail(f"expected true or false, got {_yaml_type(value)}")
+        return value
+
+    def as_int(self, minimum: int | None = None, maximum: int | None = None) -> int:
+        value = self.scalar()
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(f"expected an integer, got {_yaml_type(value)}")
+        if minimum is not None and value < minimum:
+            self.fail(self._range_message(value, minimum, maximum))
+        if maximum is not None and value > maximum:
+            self.fail(self._range_message(value, minimum, maximum))
+        return value
+
+    @staticmethod
+    def _range_message(value: int, minimum: int | None, maximum: int | None) -> str:
+        if minimum is not None and maximum is not None:
+            return f"{value} is out of range {minimum}..{maximum}"
+        if minimum is not None:
+            return f"{value} must be >= {minimum}"
+        return f"{value} must be <= {maximum}"
+
+    def seconds(self, *, allow_zero: bool = False) -> float:
+        """A duration in seconds: a number > 0 (or >= 0), finite."""
+        value = self.scalar()
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(f"expected a number of seconds, got {_yaml_type(value)}")
+        seconds = float(value)
+        if seconds != seconds or seconds in (float("inf"), float("-inf")):
+            self.fail("must be a finite number of seconds")
+        if seconds < 0 or (seconds == 0 and not allow_zero):
+            self.fail(f"{value} must be {'>= 0' if allow_zero else '> 0'} seconds")
+        return seconds
+
+    def choice(self, options: Sequence[str]) -> str:
+        value = self.as_str()
+        if value not in options:
+            self.fail(f"{value!r} is not one of {', '.join(options)}{did_you_mean(value, options)}")
+        return value
+
+    def matching(self, pattern: re.Pattern[str], what: str) -> str:
+        value = self.as_str()
+        if not pattern.fullmatch(value):
+            self.fail(f"{value!r} is not {what}")
+        return value
+
+    def port(self) -> int:
+        return self.as_int(1, 65535)
+
+    def ip(self) -> str:
+        """An IP address literal, returned in canonical (compressed) form."""
+        value = self.as_str()
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            self.fail(f"{value!r} is not an IPv4 or IPv6 address")
+
+    def hostname(self) -> str:
+        value = self.as_str()
+        if not is_hostname(value):
+            self.fail(f"{value!r} is not a valid hostname")
+        return value.lower()
+
+    def host(self) -> str:
+        """A hostname or an IP literal (IPs canonicalised, names lower-cased)."""
+        value = self.as_str()
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            pass
+        if not is_hostname(value):
+            self.fail(f"{value!r} is neither an IP address nor a valid hostname")
+        return value.lower()
+
+    def list_of(self, item: Callable[[Node], T], *, nonempty: bool = False) -> list[T]:
+        items = self.sequence()
+        if nonempty and not items:
+            self.fail("must not be empty")
+        return [item(n) for n in items]
+
+    def unique_list_of(self, item: Callable[[Node], T], *, nonempty: bool = False) -> list[T]:
+        """Like `list_of`, rejecting a repeated value (pointing at the repeat)."""
+        nodes = self.sequence()
+        if nonempty and not nodes:
+            self.fail("must not be empty")
+        out: list[T] = []
+        first_line: dict[Any, int] = {}
+        for n in nodes:
+            value = item(n)
+            if value in first_line:
+                n.fail(f"duplicate value {value!r} (first at line {first_line[value]})")
+            first_line[value] = n.line
+            out.append(value)
+        return out
+
+    def plain(self) -> Any:
+        """The value as immutable plain data (mappings frozen, lists as tuples): for params."""
+        if isinstance(self.node, MappingNode):
+            return freeze({k: v.plain() for k, v in self.free_mapping().items()})
+        if isinstance(self.node, SequenceNode):
+            return tuple(n.plain() for n in self.sequence())
+        return self.scalar()
+
+
+@dataclass(frozen=True)
+class KeyedNode(Node):
+    """A value of a free mapping that remembers its key's line (for duplicate reports)."""
+
+    key_line: int = 0
+
+
+def is_hostname(value: str) -> bool:
+    """RFC 1123 hostname: dot-separated labels of letters, digits and inner hyphens."""
+    if not value or len(value) > 253 or value.endswith("."):
+        return False
+    return all(_HOSTNAME_LABEL.fullmatch(label) for label in value.split("."))
+
+
+def parse_text(text: str, file: str) -> Node:
+    """Compose YAML text into a root `Node`; syntax errors become a `ConfigError`."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(file, _mark_line(exc), YAML_FIELD, _yaml_message(exc)) from None
+    except yaml.YAMLError as exc:  # e.g. ReaderError: a control character in the stream
+        raise ConfigError(file, None, YAML_FIELD, f"invalid YAML: {exc}") from None
+    if root is None:
+        raise ConfigError(file, 1, ROOT_FIELD, "file is empty")
+    return Node(root, file, "", SafeConstructor())
+
+
+def parse_file(path: Path, file: str | None = None) -> Node:
+    """Read and compose a YAML file; missing, unreadable or non-UTF-8 files are errors."""
+    shown = file if file is not None else str(path)
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(shown, None, FILE_FIELD, "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(shown, None, FILE_FIELD, "is a directory, not a file") from None
+    except OSError as exc:
+        raise ConfigError(shown, None, FILE_FIELD, f"cannot read: {exc.strerror}") from None
+    if len(data) > _MAX_BYTES:
+        raise ConfigError(shown, None, FILE_FIELD, f"larger than {_MAX_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(shown, line, FILE_FIELD, "not UTF-8 text") from None
+    return parse_text(text, shown)
+
+
+def _mark_line(exc: yaml.MarkedYAMLError) -> int | None:
+    mark = exc.problem_mark or exc.context_mark
+    return int(mark.line) + 1 if mark is not None else None
+
+
+def _yaml_message(exc: yaml.MarkedYAMLError) -> str:
+    problem = exc.problem or "syntax error"
+    if exc.context:
+        return f"invalid YAML: {problem} ({exc.context})"
+    return f"invalid YAML: {problem}"

@@ -1,0 +1,321 @@
+"""Seed lists: the curated targets of a service (``seeds/*.yaml``) loaded into `Service`.
+
+One schema serves the shipped lists, user seed files and the ``services:`` block
+of the agent config, so the agent can be pointed at any target (a local test lab
+included) without code changes.  Decoding is strict (see `probe.decode`): every
+mistake is a `ConfigError` with file, line and field.
+
+Every endpoint and prefix must say where it comes from (``source``) and how sure
+we are (``confidence``: C read in a source, I inferred, U unverified): the lists
+go stale, and a reviewer must be able to re-check each line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Callable, Collection
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+from pathlib import Path
+
+from yaml.nodes import MappingNode
+
+from .decode import ConfigError, Node, did_you_mean, parse_file, parse_text
+from .model import ROLES, Endpoint, ProbeSpec, Service, freeze
+
+__all__ = [
+    "CONFIDENCES",
+    "decode_service",
+    "known_probes",
+    "load_seed_file",
+    "load_shipped",
+    "prefix_warnings",
+    "shipped_seeds",
+]
+
+log = logging.getLogger(__name__)
+
+CONFIDENCES = ("C", "I", "U")
+TRANSPORTS = ("tcp", "udp")
+
+SERVICE_KEYS = ("service", "display_name", "source", "prefixes", "endpoints")
+PREFIX_KEYS = ("cidr", "source", "confidence")
+ENDPOINT_KEYS = (
+    "name",
+    "host",
+    "ports",
+    "transport",
+    "role",
+    "probes",
+    "addresses",
+    "sni",
+    "source",
+    "confidence",
+)
+
+# Service ids and endpoint names become metric label values: keep them tame.
+_SERVICE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+# Probes that query DNS for the endpoint's hostname: meaningless on an IP literal.
+_NEEDS_HOSTNAME = frozenset({"dns"})
+
+# Used only while the probe registry cannot be imported yet (a probe module still
+# missing during bring-up).  These are the probes the shipped seeds rely on.
+_BRINGUP_PROBES = frozenset({"dns", "tcp", "tls"})
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def known_probes() -> frozenset[str]:
+    """Probe names a config may use: the keys of `probe.probes.PROBES`.
+
+    Imported lazily: the registry imports every probe module, which the config
+    loader must not need at import time.  If a probe module of the registry
+    itself is missing (bring-up), fall back to dns/tcp/tls with a warning; any
+    other import error is a bug and propagates.
+    """
+    try:
+        from .probes import PROBES
+    except ImportError as exc:
+        if not (exc.name or "").startswith("probe.probes"):
+            raise
+        log.warning(
+            "probe registry not importable (%s); accepting probe names %s",
+            exc,
+            ", ".join(sorted(_BRINGUP_PROBES)),
+        )
+        return _BRINGUP_PROBES
+    return frozenset(PROBES)
+
+
+def shipped_seeds() -> dict[str, Traversable]:
+    """The seed lists shipped inside the package, by name (file name without .yaml)."""
+    folder = files("probe") / "seeds"
+    found = {
+        entry.name.removesuffix(".yaml"): entry
+        for entry in folder.iterdir()
+        if entry.name.endswith(".yaml") and entry.is_file()
+    }
+    return dict(sorted(found.items()))
+
+
+def load_shipped(name: str, *, probe_names: Collection[str] | None = None) -> Service:
+    """Load a shipped seed list by name (``whatsapp``, ``telegram``, ``controls``...)."""
+    shipped = shipped_seeds()
+    if name not in shipped:
+        raise KeyError(f"no shipped seed list {name!r}{did_you_mean(name, shipped)}")
+    return _load_resource(shipped[name], probe_names)
+
+
+def _load_resource(resource: Traversable, probe_names: Collection[str] | None) -> Service:
+    if isinstance(resource, Path):
+        root = parse_file(resource)
+    else:  # inside a zip or another non-filesystem loader
+        root = parse_text(resource.read_text(encoding="utf-8"), str(resource))
+    return decode_service(root, origin=root.file, probe_names=_names(probe_names))
+
+
+def load_seed_file(
+    path: str | Path, *, probe_names: Collection[str] | None = None, file: str | None = None
+) -> Service:
+    """Load one seed file.  ``file`` is how the file is named in errors (default: ``path``)."""
+    root = parse_file(Path(path), file if file is not None else str(path))
+    return decode_service(root, origin=root.file, probe_names=_names(probe_names))
+
+
+def _names(probe_names: Collection[str] | None) -> frozenset[str]:
+    return frozenset(probe_names) if probe_names is not None else known_probes()
+
+
+def decode_service(root: Node, *, origin: str, probe_names: Collection[str]) -> Service:
+    """Decode one service mapping (a seed file's top level or an item of ``services:``)."""
+    m = root.mapping(SERVICE_KEYS, required=("service", "source", "endpoints"))
+    name = m["service"].matching(_SERVICE_ID, "a service id (lower-case letters, digits, - _)")
+    display = m["display_name"].nonempty_str() if "display_name" in m else name
+    source = m["source"].nonempty_str()
+    prefixes = tuple(m["prefixes"].unique_list_of(_prefix)) if "prefixes" in m else ()
+    endpoints = tuple(
+        _endpoint(n, name, prefixes, frozenset(probe_names)) for n in m["endpoints"].sequence()
+    )
+    if not endpoints:
+        m["endpoints"].fail("must not be empty")
+    _check_unique_names(m["endpoints"], endpoints)
+    return Service(
+        name=name,
+        display_name=display,
+        endpoints=endpoints,
+        prefixes=prefixes,
+        origin=origin,
+        source=source,
+    )
+
+
+def _check_unique_names(endpoints_node: Node, endpoints: tuple[Endpoint, ...]) -> None:
+    first: dict[str, int] = {}
+    for item, ep in zip(endpoints_node.sequence(), endpoints, strict=True):
+        if ep.name in first:
+            raise ConfigError(
+                item.file,
+                item.line,
+                f"{item.path}.name",
+                f"duplicate endpoint name {ep.name!r} (first at line {first[ep.name]})",
+            )
+        first[ep.name] = item.line
+
+
+def _provenance(m: dict[str, Node], owner: Node) -> tuple[str, str]:
+    """``source`` and ``confidence``: both required on every endpoint and prefix."""
+    for key in ("source", "confidence"):
+        if key not in m:
+            raise ConfigError(
+                owner.file,
+                owner.line,
+                owner.child_path(key),
+                "required key missing (every endpoint and prefix says where it comes from "
+                "and how sure we are: confidence C, I or U)",
+            )
+    return m["source"].nonempty_str(), m["confidence"].choice(CONFIDENCES)
+
+
+def _prefix(n: Node) -> Network:
+    m = n.mapping(PREFIX_KEYS, required=("cidr",))
+    _provenance(m, n)
+    cidr = m["cidr"]
+    text = cidr.as_str()
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        cidr.fail(f"{text!r} is not an IPv4 or IPv6 prefix (e.g. 192.0.2.0/24)")
+    cidr.fail(f"{text!r} has host bits set; did you mean {str(loose)!r}?")
+
+
+def _endpoint(
+    n: Node, service: str, prefixes: tuple[Network, ...], probe_names: frozenset[str]
+) -> Endpoint:
+    m = n.mapping(ENDPOINT_KEYS, required=("host", "ports", "role", "probes"))
+    source, confidence = _provenance(m, n)
+    host = m["host"].host()
+    name = (
+        m["name"].matching(_ENDPOINT_NAME, "an endpoint name (letters, digits, . _ : -)")
+        if "name" in m
+        else host
+    )
+    ports = tuple(m["ports"].unique_list_of(Node.port, nonempty=True))
+    transport = m["transport"].choice(TRANSPORTS) if "transport" in m else "tcp"
+    role = m["role"].choice(ROLES)
+    is_ip = _is_ip(host)
+    probes = _probes(m["probes"], ports, probe_names, is_ip)
+    addresses = tuple(m["addresses"].unique_list_of(Node.ip)) if "addresses" in m else ()
+    sni = m["sni"].hostname() if "sni" in m and not m["sni"].is_null else None
+    return Endpoint(
+        service=service,
+        name=name,
+        host=host,
+        ports=ports,
+        transport=transport,  # type: ignore[arg-type]  # checked by choice()
+        role=role,
+        probes=probes,
+        addresses=addresses,
+        prefixes=prefixes,
+        sni=sni,
+        source=source,
+        confidence=confidence,
+    )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _probes(
+    n: Node, ports: tuple[int, ...], probe_names: frozenset[str], is_ip: bool
+) -> tuple[ProbeSpec, ...]:
+    specs: list[ProbeSpec] = []
+    first: dict[str, int] = {}
+    for item in n.sequence():
+        spec = _probe(item, ports, probe_names)
+        if spec.name in first:
+            item.fail(f"duplicate probe {spec.name!r} (first at line {first[spec.name]})")
+        if is_ip and spec.name in _NEEDS_HOSTNAME:
+            item.fail(f"probe {spec.name!r} needs a hostname, but host is an IP address")
+        first[spec.name] = item.line
+        specs.append(spec)
+    if not specs:
+        n.fail("must not be empty")
+    return tuple(specs)
+
+
+def _probe(item: Node, ports: tuple[int, ...], probe_names: frozenset[str]) -> ProbeSpec:
+    """``tcp`` or ``{tcp: {ports: [443], <params>}}`` -> `ProbeSpec`."""
+    if not isinstance(item.node, MappingNode):
+        name = item.as_str()
+        _check_probe_name(name, item, item.line, probe_names)
+        return ProbeSpec(name)
+    entries = item.free_mapping()
+    if len(entries) != 1:
+        item.fail(
+            f"a probe is a name or a one-key mapping {{name: {{params}}}}, got {len(entries)} keys"
+        )
+    ((name, body),) = entries.items()
+    _check_probe_name(name, item, body.key_line, probe_names)
+    if body.is_null:
+        return ProbeSpec(name)
+    params = body.free_mapping()
+    spec_ports: tuple[int, ...] | None = None
+    if "ports" in params:
+        spec_ports = tuple(params.pop("ports").unique_list_of(_port_in(ports), nonempty=True))
+    return ProbeSpec(name, spec_ports, freeze({k: v.plain() for k, v in params.items()}))
+
+
+def _check_probe_name(name: str, item: Node, line: int, probe_names: frozenset[str]) -> None:
+    if name not in probe_names:
+        raise ConfigError(
+            item.file,
+            line,
+            item.field,
+            f"unknown probe {name!r}{did_you_mean(name, probe_names)} "
+            f"(known: {', '.join(sorted(probe_names))})",
+        )
+
+
+def _port_in(ports: tuple[int, ...]) -> Callable[[Node], int]:
+    def port(n: Node) -> int:
+        value = n.port()
+        if value not in ports:
+            n.fail(f"port {value} is not one of the endpoint's ports {list(ports)}")
+        return value
+
+    return port
+
+
+def prefix_warnings(service: Service) -> list[str]:
+    """Known addresses (and IP-literal hosts) outside the service's prefixes.
+
+    Not an error: prefix lists and addresses drift independently.  But an
+    address outside the prefixes breaks the DNS answer-consistency check, so
+    ``check-config`` and the seed tests report it.
+    """
+    if not service.prefixes:
+        return []
+    out: list[str] = []
+    for ep in service.endpoints:
+        known = ((ep.host,) if ep.is_ip_literal else ()) + ep.addresses
+        for addr in known:
+            ip = ipaddress.ip_address(addr)
+            if not any(ip in net for net in service.prefixes):
+                out.append(
+                    f"{service.origin}: {service.name}/{ep.name}: {addr} is outside "
+                    "the service prefixes"
+                )
+    return out
