@@ -7,11 +7,13 @@ line here.
 
 from __future__ import annotations
 
-from . import dns, tcp, tls
+from . import dns, mtproto, tcp, tls, whatsapp
 from .base import ProbeFn
 
 PROBES: dict[str, ProbeFn] = {
     "dns": dns.probe,
     "tcp": tcp.probe,
     "tls": tls.probe,
+    "mtproto": mtproto.probe,
+    "whatsapp": whatsapp.probe,
 }

@@ -1,0 +1,147 @@
+"""One request, one bounded reply over TCP: the shape shared by the application-handshake
+probes (MTProto ``req_pq_multi``, WhatsApp Noise ClientHello).
+
+Phases recorded: ``connect``; ``first_byte`` (request written -> first reply byte);
+``handshake`` (request written -> reply read and parsed).  Failure mapping, by
+the step that failed:
+
+* connect: whatever `classify` says (refused, timeout, unreachable ...), operation
+  ``connect``; connecting is the TCP probe's `connect()`, so every TCP-based probe
+  connects the same way and records the same socket evidence
+* write: ``connection_reset`` etc., operation ``write``
+* read: silence past ``timeouts.app_s`` -> ``generic_timeout_error``; FIN -> ``eof_error``;
+  RST -> ``connection_reset``; bytes that are not the protocol -> ``bad_response``,
+  all with operation ``read``, the bytes received so far and the first of them (hex)
+  as evidence.
+
+The request and reply codecs are the probe's; every read is an exact, bounded
+byte count decided by the codec, so a giant or endless reply cannot eat memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from ..model import Failure, Operation, ProbeResult, Target
+from ..settings import ProbeSettings
+from ..wire import WireError
+from .base import Recorder
+from .tcp import connect, require_address, socket_evidence
+
+T = TypeVar("T")
+
+_EVIDENCE_BYTES = 16  # how much of an unexpected reply to keep (hex), as the tcp probe does
+_CLOSE_WAIT_S = 1.0
+
+
+class ReplyReader:
+    """Exact-count reads from the peer that time the first byte and keep evidence."""
+
+    def __init__(self, reader: asyncio.StreamReader, rec: Recorder) -> None:
+        self._reader = reader
+        self._rec = rec
+        self.received = 0
+        self._head = bytearray()
+
+    async def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; EOF first raises `asyncio.IncompleteReadError` (-> eof_error).
+
+        Reads in chunks into our own buffer (not ``readexactly``) so that bytes
+        already received are counted as evidence even when the deadline cancels
+        the read halfway.
+        """
+        data = bytearray()
+        while len(data) < n:  # each pass gets >= 1 byte or ends: bounded by n
+            if self.received == 0:
+                with self._rec.phase("first_byte"):
+                    chunk = await self._reader.read(n - len(data))
+            else:
+                chunk = await self._reader.read(n - len(data))
+            if not chunk:
+                raise asyncio.IncompleteReadError(bytes(data), n)
+            self._keep(chunk)
+            data += chunk
+        return bytes(data)
+
+    def _keep(self, data: bytes) -> None:
+        self.received += len(data)
+        room = _EVIDENCE_BYTES - len(self._head)
+        if room > 0:
+            self._head += data[:room]
+
+    def evidence(self) -> dict[str, Any]:
+        return {"bytes_received": self.received, "first_bytes_hex": self._head.hex()}
+
+
+ReadReply = Callable[[ReplyReader], Awaitable[T]]
+Judge = Callable[[Recorder, T, ReplyReader], ProbeResult]
+
+
+async def exchange(
+    target: Target,
+    settings: ProbeSettings,
+    request: bytes,
+    read_reply: ReadReply[T],
+    judge: Judge[T],
+) -> ProbeResult:
+    """Connect, send ``request``, parse one reply with ``read_reply``, let ``judge`` decide."""
+    rec = Recorder(target)
+    address, port = require_address(target)  # a missing address is a config bug: raises
+    try:
+        with rec.phase("connect"):
+            sock = await connect(address, port, settings.timeouts.connect_s)
+    except OSError as exc:  # TimeoutError and ConnectionError are OSErrors
+        return rec.fail_exc(exc, Operation.CONNECT)
+    rec.details.update(socket_evidence(sock))
+    try:
+        reader, writer = await asyncio.open_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        return await _request_reply(rec, settings, reader, writer, request, read_reply, judge)
+    finally:
+        await _close(writer)
+
+
+async def _request_reply(
+    rec: Recorder,
+    settings: ProbeSettings,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    request: bytes,
+    read_reply: ReadReply[T],
+    judge: Judge[T],
+) -> ProbeResult:
+    replies = ReplyReader(reader, rec)
+    step = Operation.WRITE
+    try:
+        # One budget for the whole application exchange: a censor that lets the request
+        # through but stalls the answer is caught by the same clock as one that drops it.
+        async with asyncio.timeout(settings.timeouts.app_s):
+            writer.write(request)
+            await writer.drain()
+            step = Operation.READ
+            with rec.phase("handshake"):
+                reply = await read_reply(replies)
+    except WireError as exc:
+        return rec.fail(
+            Failure.BAD_RESPONSE,
+            Operation.READ,
+            reason="malformed",
+            error=str(exc),
+            **replies.evidence(),
+        )
+    except (OSError, EOFError, TimeoutError) as exc:
+        return rec.fail_exc(exc, step, **replies.evidence())
+    return judge(rec, reply, replies)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(_CLOSE_WAIT_S):
+            await writer.wait_closed()
