@@ -22,9 +22,14 @@ from .wire import WireError
 
 # OpenSSL X509_V_ERR_* codes seen on SSLCertVerificationError.verify_code
 _X509_HOSTNAME_MISMATCH = 62
+_X509_IP_ADDRESS_MISMATCH = 64  # an IP-literal target whose certificate lacks that IP SAN
 _X509_UNKNOWN_AUTHORITY = frozenset(
     {
         2,  # unable to get issuer certificate
+        # A leaf whose issuer *name* matches a trusted CA but whose signature does not: a
+        # MITM CA copying a trusted root's name.  Go (and so OONI) calls this "signed by
+        # unknown authority" too.
+        7,  # certificate signature failure
         18,  # self-signed certificate
         19,  # self-signed certificate in chain
         20,  # unable to get local issuer certificate
@@ -70,7 +75,7 @@ def unknown(message: str) -> str:
 def classify_ssl_error(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         code = exc.verify_code
-        if code == _X509_HOSTNAME_MISMATCH:
+        if code in (_X509_HOSTNAME_MISMATCH, _X509_IP_ADDRESS_MISMATCH):
             return Failure.SSL_INVALID_HOSTNAME
         if code in _X509_UNKNOWN_AUTHORITY:
             return Failure.SSL_UNKNOWN_AUTHORITY

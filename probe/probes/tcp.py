@@ -1,0 +1,139 @@
+"""TCP connect probe: does a SYN to this address and port come back as an established connection?
+
+What a success proves: the three-way handshake completed with *something* at that
+address (the service, or a middlebox answering for it).  What a failure says:
+
+- ``connection_refused``: an RST answered the SYN (nothing listening, or an IP block
+  with ``reject with tcp reset``, FIELD.md B2);
+- ``generic_timeout_error``: the SYN (or its SYN-ACK) vanished (B2 blackhole);
+- ``host_unreachable`` / ``network_unreachable``: an ICMP error or no local route;
+- ``connection_reset`` / ``eof_error``: only with the ``hold_s`` parameter (below).
+
+``hold_s`` (params, default 0 = a plain OONI-style connect): keep the connection open
+that long and watch it.  Some middleboxes let the handshake through and then kill the
+connection; an RST then gives ``connection_reset`` and a FIN ``eof_error``, both with
+``failed_operation: read``.  Bytes the peer volunteers are counted, not judged.
+
+`connect()` and `socket_evidence()` are shared with the TLS probe and the application
+probes, so every TCP-based probe connects the same way and records the same evidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+from typing import Any
+
+from ..model import Operation, ProbeResult, Target
+from ..settings import ProbeSettings
+from .base import Recorder
+
+_HOLD_READ = 4096  # bytes per read while holding: enough to notice data, RST or FIN
+_HOLD_MAX_BYTES = 64 * 1024  # stop reading once the peer has clearly answered
+_FIRST_BYTES = 16  # a short prefix of whatever the peer sends, as hex evidence
+
+
+def require_address(target: Target) -> tuple[str, int]:
+    """The target's IP literal and port; anything else is a config bug, not a network failure."""
+    if target.address is None or target.port is None:
+        raise ValueError(f"{target.probe} target needs an address and a port: {target.key()}")
+    return target.address, target.port
+
+
+def _sockaddr(address: str) -> tuple[socket.AddressFamily, str]:
+    # ipaddress validates the literal up front: we never want getaddrinfo to fall back to
+    # DNS for a hostname that slipped into `address` (the resolver is a probe of its own).
+    ip = ipaddress.ip_address(address)
+    return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), address
+
+
+async def connect(address: str, port: int, timeout_s: float) -> socket.socket:
+    """Open a non-blocking TCP socket to an IP literal within ``timeout_s`` seconds.
+
+    Raises OSError (refused, unreachable, ...) or TimeoutError; the caller classifies.
+    A raw socket (not ``open_connection``) so the caller can keep reading the kernel's
+    view of the connection and hand the socket to a sans-IO TLS layer.
+    """
+    family, host = _sockaddr(address)
+    if family == socket.AF_INET6:
+        # AI_NUMERICHOST: turns "fe80::1%eth0" into a sockaddr with its scope id, no DNS
+        info = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+        sockaddr: tuple[Any, ...] = info[0][4]
+    else:
+        sockaddr = (host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.get_running_loop().sock_connect(sock, sockaddr)
+    except BaseException:  # also on cancellation: never leak the half-open socket
+        sock.close()
+        raise
+    return sock
+
+
+def _family(ip: str) -> str:
+    parsed = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return "ipv4"  # what goes on the wire for ::ffff:a.b.c.d
+    return f"ipv{parsed.version}"
+
+
+def socket_evidence(sock: socket.socket) -> dict[str, Any]:
+    """Address families of both ends.  Never the local address: it identifies the vantage."""
+    evidence: dict[str, Any] = {}
+    for key, getter in (("local_family", sock.getsockname), ("peer_family", sock.getpeername)):
+        try:
+            evidence[key] = _family(str(getter()[0]))
+        except OSError:  # ENOTCONN: the peer already reset the connection
+            evidence[key] = None
+    return evidence
+
+
+async def _hold(sock: socket.socket, hold_s: float, rec: Recorder) -> BaseException | None:
+    """Watch an established connection; the exception that ended it early, else None."""
+    loop = asyncio.get_running_loop()
+    received = 0
+    first = b""
+    try:
+        async with asyncio.timeout(hold_s):
+            while received < _HOLD_MAX_BYTES:
+                data = await loop.sock_recv(sock, _HOLD_READ)
+                if not data:
+                    return EOFError("peer closed the connection while held")
+                if not first:
+                    first = data[:_FIRST_BYTES]
+                received += len(data)
+    except TimeoutError:
+        pass  # held for the whole window: that is the success case
+    except OSError as exc:
+        return exc
+    finally:
+        rec.details["bytes_received"] = received
+        if first:
+            rec.details["first_bytes_hex"] = first.hex()
+    return None
+
+
+async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
+    """Connect to ``target.address``:``target.port``; optionally hold the connection."""
+    rec = Recorder(target)
+    address, port = require_address(target)
+    hold_s = float(target.params.get("hold_s", 0.0))
+    try:
+        with rec.phase("connect"):
+            sock = await connect(address, port, settings.timeouts.connect_s)
+    except OSError as exc:  # TimeoutError and ConnectionError are OSErrors
+        return rec.fail_exc(exc, Operation.CONNECT, connect_time_s=rec.phases["connect"])
+    # closing() sends our FIN: a clean close, not an RST, so the peer sees a normal client
+    with contextlib.closing(sock):
+        rec.details.update(socket_evidence(sock), connect_time_s=rec.phases["connect"])
+        if hold_s > 0:
+            rec.details["hold_s"] = hold_s
+            with rec.phase("hold"):
+                ended = await _hold(sock, hold_s, rec)
+            if ended is not None:
+                return rec.fail_exc(ended, Operation.READ)
+    return rec.ok()

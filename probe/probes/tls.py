@@ -1,0 +1,325 @@
+"""TLS handshake probe: TCP connect, then a full, verifying TLS handshake with a chosen SNI.
+
+Phases: ``connect`` (shared with the TCP probe) and ``tls``.  A success proves that a
+ServerHello and a certificate chain valid for the name came back, i.e. the SNI was not
+filtered on this path.  Failures, all with ``failed_operation: tls_handshake``:
+
+- ``connection_reset``: RST during the handshake (FIELD.md B3, RST variant);
+- ``generic_timeout_error``: the peer went silent; ``details.handshake.stage`` says
+  whether that was right after our ClientHello (``awaiting_server_hello``, B3 silent
+  drop) or later (``mid_handshake``, e.g. throttling);
+- ``eof_error``: the peer closed the connection (FIN) during the handshake;
+- ``ssl_failed_handshake``: an alert, a protocol mismatch, or bytes that are not TLS;
+- ``ssl_invalid_hostname`` / ``ssl_unknown_authority`` / ``ssl_invalid_certificate``:
+  the certificate failed verification (system store plus ``settings.tls.ca_file``).
+
+Why sans-IO (``ssl.MemoryBIO`` + ``SSLObject`` over a raw socket) and not
+``open_connection(ssl=...)`` or ``start_tls``: asyncio's SSL transport hides when our
+ClientHello left and whether the server sent anything at all.  Driving the handshake
+ourselves we write the ClientHello, count every byte each way, and can tell "reset or
+silence right after the ClientHello" from "stalled after the ServerHello", which is
+exactly the difference between an SNI filter and a slow or broken server.
+
+Certificate evidence is kept even when verification fails: a MITM certificate is the
+finding.  Python 3.11's ``SSLObject`` exposes no certificate after a failed verification
+(``get_unverified_chain`` only arrived in 3.13), so the probe then makes a *second*
+connection with verification disabled, used only to read the leaf certificate;
+``details.certificate_source`` says which connection the evidence came from
+(``handshake`` or ``unverified_second_handshake``).  The verdict always comes from the
+first, verifying handshake.
+
+Params: ``sni`` (override the server name; ``null`` = send none), ``alpn`` (list,
+default ``["h2", "http/1.1"]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import ipaddress
+import os
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+
+from ..classify import classify_exception, scrub
+from ..model import Failure, Operation, ProbeResult, Target
+from ..settings import ProbeSettings
+from .base import Recorder
+from .tcp import connect, require_address, socket_evidence
+
+DEFAULT_ALPN = ("h2", "http/1.1")
+_READ_CHUNK = 16 * 1024
+# A real server's handshake flight (certificate chain included) is a few KB; past this the
+# peer is feeding us something else and we stop reading rather than buffer it.
+_MAX_HANDSHAKE_BYTES = 256 * 1024
+_MAX_SANS = 100  # evidence, not an archive of a hostile certificate
+
+
+class HandshakeTooLarge(Exception):
+    """The peer sent more than any real handshake needs without finishing it."""
+
+
+@dataclass
+class Progress:
+    """Bytes each way during the handshake: where it broke is the evidence."""
+
+    sent: int = 0
+    received: int = 0
+    eof: bool = False
+
+    @property
+    def stage(self) -> str:
+        if self.sent == 0:
+            return "before_client_hello"
+        if self.received == 0:
+            return "awaiting_server_hello"
+        return "mid_handshake"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "bytes_sent": self.sent, "bytes_received": self.received}
+
+
+class Handshake:
+    """A client TLS handshake over a connected non-blocking socket, driven through memory BIOs."""
+
+    def __init__(self, ctx: ssl.SSLContext, server_hostname: str | None) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
+        self.progress = Progress()
+
+    async def run(self, sock: socket.socket) -> None:
+        """Complete the handshake or raise (SSLError, OSError, EOFError, HandshakeTooLarge)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                self.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                await self._flush(loop, sock)
+                await self._receive(loop, sock)
+                continue
+            except ssl.SSLError:
+                self.flush_nowait(sock)  # our alert tells the server why; best effort
+                raise
+            await self._flush(loop, sock)  # TLS 1.3: our Finished is still in the BIO
+            return
+
+    async def _flush(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        data = self._outgoing.read()
+        if data:
+            await loop.sock_sendall(sock, data)
+            self.progress.sent += len(data)
+
+    def flush_nowait(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            data = self._outgoing.read()
+            if data:
+                sock.send(data)
+
+    async def _receive(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        if self.progress.eof:
+            # OpenSSL asked for more after seeing EOF: never loop on a closed socket
+            raise EOFError("peer closed the connection during the TLS handshake")
+        data = await loop.sock_recv(sock, _READ_CHUNK)
+        if not data:
+            self.progress.eof = True
+            self._incoming.write_eof()  # OpenSSL then raises SSLEOFError (or an alert)
+            return
+        self.progress.received += len(data)
+        if self.progress.received > _MAX_HANDSHAKE_BYTES:
+            raise HandshakeTooLarge(f"more than {_MAX_HANDSHAKE_BYTES} bytes, no handshake")
+        self._incoming.write(data)
+
+    def negotiated(self) -> dict[str, Any]:
+        cipher = self.tls.cipher()
+        return {
+            "tls_version": self.tls.version(),
+            "alpn": self.tls.selected_alpn_protocol(),
+            "cipher": cipher[0] if cipher else None,
+        }
+
+    def close_notify(self, sock: socket.socket) -> None:
+        """Send close_notify without waiting for the peer's: a clean, bounded goodbye."""
+        with contextlib.suppress(ssl.SSLError, OSError):
+            self.tls.unwrap()
+        self.flush_nowait(sock)
+
+
+def _ca_mtime(ca_file: str | None) -> int | None:
+    if ca_file is None:
+        return None
+    try:
+        return os.stat(ca_file).st_mtime_ns
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=16)
+def _context(
+    ca_file: str | None, _mtime: int | None, alpn: tuple[str, ...], verify: bool
+) -> ssl.SSLContext:
+    # Cached: loading the system store takes ~0.1 s; the CA file's mtime is part of the key
+    # so a regenerated lab CA is picked up.
+    if verify:
+        ctx = ssl.create_default_context()
+        if ca_file is not None:
+            ctx.load_verify_locations(cafile=ca_file)
+    else:  # evidence only: no trust store needed, nothing is verified
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def client_context(
+    ca_file: str | None, alpn: Sequence[str], *, verify: bool = True
+) -> ssl.SSLContext:
+    """Client context: system trust store plus ``ca_file``; ``verify=False`` only for evidence."""
+    return _context(ca_file, _ca_mtime(ca_file), tuple(alpn), verify)
+
+
+def server_names(target: Target) -> tuple[str | None, str]:
+    """(SNI to send, name to verify the certificate against).
+
+    ``params.sni`` overrides the endpoint's name (swap tests: same IP, neutral SNI).
+    Without any name we verify against the IP literal itself: CPython then sends no SNI
+    and checks the certificate's IP SANs.
+    """
+    params = target.params
+    sni = params.get("sni", target.server_name)  # an explicit null means: send no SNI
+    sni = str(sni) if sni else None
+    address, _ = require_address(target)
+    if sni is not None and _is_ip(sni):
+        return None, sni  # an IP is never sent as SNI (RFC 6066 3)
+    return sni, sni or address
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _alpn(target: Target) -> tuple[str, ...]:
+    alpn = target.params.get("alpn", DEFAULT_ALPN)
+    if isinstance(alpn, str):
+        return (alpn,)
+    return tuple(str(p) for p in alpn or ())
+
+
+def certificate_evidence(der: bytes) -> dict[str, Any]:
+    """Fingerprint and identity of a leaf certificate; parse errors are evidence too."""
+    evidence: dict[str, Any] = {"sha256": hashlib.sha256(der).hexdigest(), "der_bytes": len(der)}
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        evidence.update(
+            subject=cert.subject.rfc4514_string(),
+            issuer=cert.issuer.rfc4514_string(),
+            serial=format(cert.serial_number, "x"),
+            not_before=cert.not_valid_before_utc.isoformat(),
+            not_after=cert.not_valid_after_utc.isoformat(),
+            sans=_sans(cert),
+        )
+    except Exception as exc:  # a hostile peer's DER can break the parser in many ways
+        evidence["parse_error"] = f"{type(exc).__name__}: {scrub(str(exc))}"[:200]
+    return evidence
+
+
+def _sans(cert: x509.Certificate) -> list[str]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    names = [f"DNS:{n}" for n in ext.value.get_values_for_type(x509.DNSName)]
+    names += [f"IP:{ip}" for ip in ext.value.get_values_for_type(x509.IPAddress)]
+    return names[:_MAX_SANS]
+
+
+async def _handshake(
+    address: str, port: int, ctx: ssl.SSLContext, verify_name: str | None, settings: ProbeSettings
+) -> Handshake:
+    """Connect and handshake once; for the evidence-only second connection."""
+    sock = await connect(address, port, settings.timeouts.connect_s)
+    with contextlib.closing(sock):
+        hs = Handshake(ctx, verify_name)
+        async with asyncio.timeout(settings.timeouts.tls_s):
+            await hs.run(sock)
+        hs.close_notify(sock)
+        return hs
+
+
+async def unverified_certificate(
+    target: Target, settings: ProbeSettings, sni: str | None, alpn: Sequence[str]
+) -> dict[str, Any]:
+    """The leaf certificate from a fresh handshake with verification off (evidence only)."""
+    address, port = require_address(target)
+    ctx = client_context(settings.tls.ca_file, alpn, verify=False)
+    try:
+        hs = await _handshake(address, port, ctx, sni, settings)
+    except (OSError, EOFError, HandshakeTooLarge) as exc:
+        return {"certificate_error": classify_exception(exc)}
+    der = hs.tls.getpeercert(binary_form=True)
+    if der is None:
+        return {"certificate_error": str(Failure.SSL_FAILED_HANDSHAKE)}
+    return {
+        "certificate": certificate_evidence(der),
+        "certificate_source": "unverified_second_handshake",
+    }
+
+
+def _handshake_failure(exc: BaseException) -> str:
+    if isinstance(exc, HandshakeTooLarge):
+        return Failure.SSL_FAILED_HANDSHAKE
+    return classify_exception(exc)
+
+
+async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
+    """TCP connect to the target, then a verifying TLS handshake with the chosen SNI."""
+    rec = Recorder(target)
+    address, port = require_address(target)
+    sni, verify_name = server_names(target)
+    alpn = _alpn(target)
+    rec.details.update(sni=sni, alpn_offered=list(alpn))
+    try:
+        with rec.phase("connect"):
+            sock = await connect(address, port, settings.timeouts.connect_s)
+    except OSError as exc:
+        return rec.fail_exc(exc, Operation.CONNECT)
+    rec.details.update(socket_evidence(sock), connect_time_s=rec.phases["connect"])
+    # With no SNI we still verify against the IP literal; CPython sends no SNI for it.
+    hs = Handshake(client_context(settings.tls.ca_file, alpn), verify_name)
+    failure: BaseException | None = None
+    with contextlib.closing(sock):
+        try:
+            with rec.phase("tls"):
+                async with asyncio.timeout(settings.timeouts.tls_s):
+                    await hs.run(sock)
+        except (OSError, EOFError, HandshakeTooLarge) as exc:  # SSLError, TimeoutError too
+            failure = exc
+        else:
+            hs.close_notify(sock)
+    rec.details["handshake"] = hs.progress.as_dict()
+    if failure is None:
+        der = hs.tls.getpeercert(binary_form=True)
+        rec.details.update(hs.negotiated())
+        if der is not None:
+            rec.details.update(
+                certificate=certificate_evidence(der), certificate_source="handshake"
+            )
+        return rec.ok()
+    if isinstance(failure, ssl.SSLCertVerificationError):
+        rec.details["verify_code"] = failure.verify_code
+        rec.details["verify_message"] = scrub(str(failure.verify_message))
+        rec.details.update(await unverified_certificate(target, settings, sni or verify_name, alpn))
+    return rec.fail(_handshake_failure(failure), Operation.TLS_HANDSHAKE)

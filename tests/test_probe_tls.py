@@ -1,0 +1,288 @@
+"""TLS handshake probe against real loopback TLS servers (IPv4 and IPv6).
+
+Every certificate failure must keep the peer certificate as evidence, and every hostile
+server (reset, silence, garbage, FIN, alert after the ClientHello) must be classified
+within the TLS timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+import time
+from datetime import UTC, datetime
+
+import pytest
+from cryptography import x509
+
+from probe.lab.certs import CertificateAuthority, LeafCert
+from probe.lab.servers.tls import TLSMode, TLSServer
+from probe.model import Operation, ProbeResult
+from probe.probes import PROBES, tls
+from tests.helpers import settings, target
+
+HOSTS = pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+NAME = "chat.lab.example"
+
+
+def fingerprint(cert: LeafCert) -> str:
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.cert_pem.decode())).hexdigest()
+
+
+def closed_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def run(host: str, server: TLSServer, ca_file: str | None, **kw: object) -> ProbeResult:
+    params = kw.pop("params", None)
+    name = kw.pop("name", NAME)
+    return await tls.probe(
+        target("tls", host, server.port, host=str(name), params=params),  # type: ignore[arg-type]
+        settings(ca_file=ca_file, **kw),  # type: ignore[arg-type]
+    )
+
+
+def assert_evidence(result: ProbeResult, cert: LeafCert, source: str) -> None:
+    evidence = result.details["certificate"]
+    assert evidence["sha256"] == fingerprint(cert)
+    parsed = x509.load_pem_x509_certificate(cert.cert_pem)
+    assert evidence["subject"] == parsed.subject.rfc4514_string()
+    assert evidence["issuer"] == parsed.issuer.rfc4514_string()
+    assert evidence["not_after"] == parsed.not_valid_after_utc.isoformat()
+    assert result.details["certificate_source"] == source
+
+
+def test_registered() -> None:
+    assert PROBES["tls"] is tls.probe
+
+
+# --- certificates -------------------------------------------------------------------
+
+
+@HOSTS
+async def test_valid_certificate_records_version_alpn_cipher_and_cert(
+    host: str, ca: CertificateAuthority, ca_file: str
+) -> None:
+    cert = ca.issue(NAME)
+    async with TLSServer(host, cert=cert, alpn=["h2", "http/1.1"]) as server:
+        result = await run(host, server, ca_file)
+        assert list(server.sni_seen) == [NAME]
+    assert result.ok, result.details
+    assert result.details["tls_version"] == "TLSv1.3"
+    assert result.details["alpn"] == "h2"
+    assert result.details["cipher"]
+    assert result.details["sni"] == NAME
+    assert result.details["handshake"]["bytes_received"] > 0
+    assert set(result.phases) == {"connect", "tls"}
+    assert_evidence(result, cert, "handshake")
+    assert result.details["certificate"]["sans"] == [f"DNS:{NAME}"]
+
+
+@HOSTS
+async def test_wrong_hostname_keeps_the_certificate(
+    host: str, ca: CertificateAuthority, ca_file: str
+) -> None:
+    cert = ca.issue("someone-else.example")
+    async with TLSServer(host, cert=cert) as server:
+        result = await run(host, server, ca_file)
+        # the second, unverified handshake asks for the same name as the first
+        assert list(server.sni_seen) == [NAME, NAME]
+    assert result.failure == "ssl_invalid_hostname"
+    assert result.failed_operation is Operation.TLS_HANDSHAKE
+    assert_evidence(result, cert, "unverified_second_handshake")
+    assert result.details["certificate"]["sans"] == ["DNS:someone-else.example"]
+
+
+@HOSTS
+@pytest.mark.parametrize("ca_name", ["probe lab CA", "Totally Trusted National CA"])
+async def test_unknown_authority_keeps_the_certificate(
+    host: str, ca_name: str, ca_file: str
+) -> None:
+    # "probe lab CA" is also the trusted CA's name: a MITM CA copying a trusted root's
+    # name fails on the signature, which is still an unknown authority (as in OONI/Go).
+    rogue = CertificateAuthority(ca_name)
+    cert = rogue.issue(NAME)
+    async with TLSServer(host, cert=cert) as server:
+        result = await run(host, server, ca_file)
+    assert result.failure == "ssl_unknown_authority"
+    assert result.failed_operation is Operation.TLS_HANDSHAKE
+    assert_evidence(result, cert, "unverified_second_handshake")
+    assert result.details["certificate"]["issuer"] == f"CN={ca_name}"
+
+
+@HOSTS
+async def test_expired_certificate_keeps_the_certificate(
+    host: str, ca: CertificateAuthority, ca_file: str
+) -> None:
+    cert = ca.issue(NAME, expired=True)
+    async with TLSServer(host, cert=cert) as server:
+        result = await run(host, server, ca_file)
+    assert result.failure == "ssl_invalid_certificate"
+    assert result.details["verify_message"] == "certificate has expired"
+    assert_evidence(result, cert, "unverified_second_handshake")
+    not_after = datetime.fromisoformat(result.details["certificate"]["not_after"])
+    assert not_after < datetime.now(UTC)
+
+
+@HOSTS
+async def test_system_store_alone_does_not_trust_the_lab_ca(
+    host: str, ca: CertificateAuthority
+) -> None:
+    cert = ca.issue(NAME)
+    async with TLSServer(host, cert=cert) as server:
+        result = await run(host, server, ca_file=None)
+    assert result.failure == "ssl_unknown_authority"
+    assert_evidence(result, cert, "unverified_second_handshake")
+
+
+@HOSTS
+async def test_ip_literal_sends_no_sni_and_verifies_the_ip(
+    host: str, ca: CertificateAuthority, ca_file: str
+) -> None:
+    cert = ca.issue(host)
+    async with TLSServer(host, cert=cert) as server:
+        result = await run(host, server, ca_file, name=host)
+        assert list(server.sni_seen) == [None]
+    assert result.ok, result.details
+    assert result.details["sni"] is None
+    assert result.details["certificate"]["sans"] == [f"IP:{host}"]
+
+
+@HOSTS
+async def test_ip_literal_with_a_certificate_for_another_ip_scrubs_the_message(
+    host: str, ca: CertificateAuthority, ca_file: str
+) -> None:
+    cert = ca.issue("192.0.2.10")  # a SAN only: no traffic goes there
+    async with TLSServer(host, cert=cert) as server:
+        result = await run(host, server, ca_file, name=host)
+    assert result.failure == "ssl_invalid_hostname"
+    assert host not in result.details["verify_message"]
+    assert "[scrubbed]" in result.details["verify_message"]
+
+
+@HOSTS
+async def test_sni_param_overrides_the_endpoint_name(
+    host: str, ca: CertificateAuthority, ca_file: str
+) -> None:
+    # swap test: same address, a neutral SNI instead of the (blocked) service name
+    cert = ca.issue("neutral.example")
+    async with TLSServer(host, cert=cert) as server:
+        result = await run(host, server, ca_file, params={"sni": "neutral.example"})
+        assert list(server.sni_seen) == ["neutral.example"]
+    assert result.ok, result.details
+    assert result.details["sni"] == "neutral.example"
+
+
+@HOSTS
+async def test_alpn_param_and_server_without_alpn(
+    host: str, ca: CertificateAuthority, ca_file: str
+) -> None:
+    cert = ca.issue(NAME)
+    async with TLSServer(host, cert=cert, alpn=["http/1.1"]) as with_alpn:
+        chosen = await run(host, with_alpn, ca_file, params={"alpn": ["http/1.1"]})
+    async with TLSServer(host, cert=cert) as without_alpn:
+        none = await run(host, without_alpn, ca_file)
+    assert chosen.ok
+    assert chosen.details["alpn"] == "http/1.1"
+    assert chosen.details["alpn_offered"] == ["http/1.1"]
+    assert none.ok
+    assert none.details["alpn"] is None
+
+
+@HOSTS
+async def test_probe_closes_the_connection_cleanly(
+    host: str, ca: CertificateAuthority, ca_file: str
+) -> None:
+    async with TLSServer(host, cert=ca.issue(NAME)) as server:
+        result = await run(host, server, ca_file)
+        await server.wait_for(lambda s: s.accepted == 1 and s.open_connections == 0, 2)
+        assert server.client_closed == 1  # close_notify and FIN, no RST
+    assert result.ok
+
+
+# --- hostile peers -------------------------------------------------------------------
+
+
+async def hostile(host: str, mode: TLSMode, tls_s: float = 2.0) -> tuple[ProbeResult, float]:
+    async with TLSServer(host, mode=mode) as server:
+        start = time.monotonic()
+        result = await run(host, server, ca_file=None, tls_s=tls_s)
+        took = time.monotonic() - start
+        assert server.client_hellos == 1
+    assert not result.ok
+    assert result.failed_operation is Operation.TLS_HANDSHAKE
+    assert "certificate" not in result.details  # nothing to keep: no certificate came
+    return result, took
+
+
+@HOSTS
+async def test_reset_after_client_hello(host: str) -> None:
+    result, took = await hostile(host, TLSMode.RESET_AFTER_HELLO)
+    assert result.failure == "connection_reset"
+    assert result.details["handshake"]["stage"] == "awaiting_server_hello"
+    assert result.details["handshake"]["bytes_sent"] > 0
+    assert took < 1.0
+
+
+@HOSTS
+async def test_silence_after_client_hello_times_out(host: str) -> None:
+    result, took = await hostile(host, TLSMode.HANG_AFTER_HELLO, tls_s=0.3)
+    assert result.failure == "generic_timeout_error"
+    assert result.details["handshake"] == {
+        "stage": "awaiting_server_hello",
+        "bytes_sent": result.details["handshake"]["bytes_sent"],
+        "bytes_received": 0,
+    }
+    assert 0.3 <= result.phases["tls"] < 1.0
+    assert took < 1.5
+
+
+@HOSTS
+async def test_garbage_instead_of_server_hello(host: str) -> None:
+    result, took = await hostile(host, TLSMode.GARBAGE_AFTER_HELLO)
+    assert result.failure == "ssl_failed_handshake"
+    assert result.details["handshake"]["bytes_received"] > 0
+    assert took < 1.0
+
+
+@HOSTS
+async def test_fin_after_client_hello_is_eof(host: str) -> None:
+    result, took = await hostile(host, TLSMode.CLOSE_AFTER_HELLO)
+    assert result.failure == "eof_error"
+    assert result.details["handshake"]["stage"] == "awaiting_server_hello"
+    assert took < 1.0
+
+
+@HOSTS
+async def test_alert_after_client_hello(host: str) -> None:
+    result, took = await hostile(host, TLSMode.ALERT_AFTER_HELLO)
+    assert result.failure == "ssl_failed_handshake"
+    assert took < 1.0
+
+
+async def test_giant_server_hello_is_refused_without_reading_it(ca_file: str) -> None:
+    # A record announcing a 16 MB ServerHello, then a flood: the handshake must fail on the
+    # announced size, long before the flood is read (and well within the timeout).
+    flood = bytes([0x16, 0x03, 0x03, 0x40, 0x00, 0x02, 0xFF, 0xFF, 0xFF]) + b"\x00" * 400_000
+    async with TLSServer("127.0.0.1", mode=TLSMode.GARBAGE_AFTER_HELLO, garbage=flood) as server:
+        result = await run("127.0.0.1", server, ca_file, tls_s=5.0)
+    assert result.failure == "ssl_failed_handshake"
+    assert result.details["handshake"]["bytes_received"] < 100_000
+    assert result.duration_s < 1.0
+
+
+@HOSTS
+async def test_refused_is_a_connect_failure(host: str) -> None:
+    result = await tls.probe(target("tls", host, closed_port(host), host=NAME), settings())
+    assert result.failure == "connection_refused"
+    assert result.failed_operation is Operation.CONNECT
+    assert "tls" not in result.phases
+
+
+def test_serve_mode_needs_a_certificate() -> None:
+    with pytest.raises(ValueError, match="certificate"):
+        TLSServer("127.0.0.1")
