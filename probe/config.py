@@ -32,6 +32,7 @@ from .settings import (
     Schedule,
     Timeouts,
     TLSOptions,
+    WebSettings,
 )
 
 __all__ = ["DEFAULT_SEEDS", "ConfigError", "load_config"]
@@ -50,6 +51,7 @@ TOP_KEYS = (
     "services",
     "listen",
     "archive",
+    "web",
     "log_format",
 )
 LOG_FORMATS = ("json", "logfmt")
@@ -58,6 +60,7 @@ VANTAGE_ROLES = ("test", "control")
 _VANTAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _COUNTRY = re.compile(r"[A-Z]{2}")
 _ASN = re.compile(r"AS(\d{1,10})")
+_BCRYPT = re.compile(r"\$2[aby]?\$\d\d\$[./A-Za-z0-9]{53}")
 _BRACKETED = re.compile(r"\[([^\]]*)\]:([^:]*)")
 
 
@@ -101,6 +104,7 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
         "services": lambda n: _user_services(n, probe_names),
         "listen": lambda n: _hostport(n, ip_only=False),
         "archive": lambda n: _archive(n, base_dir),
+        "web": lambda n: _web(n, base_dir),
         "log_format": lambda n: n.choice(LOG_FORMATS),
     }
     d = {key: decoders[key](node) for key, node in m.items()}
@@ -127,6 +131,7 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
         services=services,
         listen=d.get("listen", default.listen),
         archive=d.get("archive", default.archive),
+        web=d.get("web", default.web),
         log_format=d.get("log_format", default.log_format),
         source=file,
     )
@@ -226,11 +231,7 @@ def _tls(n: Node, base_dir: Path) -> TLSOptions:
     m = n.mapping(_keys(TLSOptions))
     ca_file = None
     if "ca_file" in m and not m["ca_file"].is_null:
-        node = m["ca_file"]
-        path = _relative(node.nonempty_str(), base_dir)
-        if not path.is_file():
-            node.fail(f"no such file: {path}")
-        ca_file = str(path)
+        ca_file = _existing_file(m["ca_file"], base_dir)
     overrides = {}
     if "sni_overrides" in m:
         overrides = {
@@ -252,6 +253,35 @@ def _archive(n: Node, base_dir: Path) -> ArchiveSettings:
         keep=m["keep"].as_int(0) if "keep" in m else d.keep,
         compress=m["compress"].as_bool() if "compress" in m else d.compress,
     )
+
+
+def _web(n: Node, base_dir: Path) -> WebSettings:
+    m = n.mapping(_keys(WebSettings))
+    files_ = {
+        key: _existing_file(m[key], base_dir)
+        for key in ("tls_cert_file", "tls_key_file")
+        if key in m and not m[key].is_null
+    }
+    if len(files_) == 1:
+        # one without the other cannot serve TLS; refuse rather than fall back to plain HTTP
+        (missing,) = {"tls_cert_file", "tls_key_file"} - set(files_)
+        n.fail(f"tls_cert_file and tls_key_file go together: {missing} is missing")
+    users = {}
+    if "basic_auth_users" in m:
+        for user, node in m["basic_auth_users"].free_mapping().items():
+            users[user] = node.matching(_BCRYPT, "a bcrypt hash ($2b$...; never a plain password)")
+    return WebSettings(
+        tls_cert_file=files_.get("tls_cert_file"),
+        tls_key_file=files_.get("tls_key_file"),
+        basic_auth_users=freeze(users),
+    )
+
+
+def _existing_file(n: Node, base_dir: Path) -> str:
+    path = _relative(n.nonempty_str(), base_dir)
+    if not path.is_file():
+        n.fail(f"no such file: {path}")
+    return str(path)
 
 
 def _relative(value: str, base_dir: Path) -> Path:

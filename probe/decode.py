@@ -35,6 +35,7 @@ ROOT_FIELD = "<root>"
 
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 _MAX_BYTES = 4 * 1024 * 1024  # a config or seed list is a few KiB; refuse anything absurd
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
@@ -119,15 +120,8 @@ class Node:
 
     def mapping(self, known: Collection[str], required: Collection[str] = ()) -> dict[str, Node]:
         """The mapping's values by key; unknown, duplicate or missing keys are errors."""
-        self._check_tag()
-        if not isinstance(self.node, MappingNode):
-            self.fail(f"expected a mapping, got {self._describe()}")
-        self._flatten()
         out: dict[str, Node] = {}
-        seen_at: dict[str, int] = {}
-        for key_node, value_node in self.node.value:
-            key = self._key(key_node)
-            key_line = int(key_node.start_mark.line) + 1
+        for key, key_line, value_node in self._pairs():
             if key not in known:
                 raise ConfigError(
                     self.file,
@@ -135,15 +129,9 @@ class Node:
                     self.child_path(key),
                     f"unknown key {key!r}{did_you_mean(key, known)}",
                 )
-            if key in out:
-                raise ConfigError(
-                    self.file,
-                    key_line,
-                    self.child_path(key),
-                    f"duplicate key (first at line {seen_at[key]})",
-                )
-            seen_at[key] = key_line
-            out[key] = Node(value_node, self.file, self.child_path(key), self.constructor)
+            out[key] = KeyedNode(
+                value_node, self.file, self.child_path(key), self.constructor, key_line
+            )
         for key in required:
             if key not in out:
                 raise ConfigError(
@@ -151,37 +139,54 @@ class Node:
                 )
         return out
 
-    def _flatten(self) -> None:
-        # Resolve YAML merge keys (<<) the way SafeLoader does before walking the pairs.
-        try:
-            self.constructor.flatten_mapping(self.node)
-        except yaml.MarkedYAMLError as exc:
-            raise ConfigError(self.file, _mark_line(exc), self.field, _yaml_message(exc)) from None
-
     def free_mapping(self) -> dict[str, KeyedNode]:
         """A mapping with user-chosen string keys (no schema), duplicates still rejected."""
+        return {
+            key: KeyedNode(value_node, self.file, self.child_path(key), self.constructor, line)
+            for key, line, value_node in self._pairs()
+        }
+
+    def _pairs(self, seen: frozenset[int] = frozenset()) -> list[tuple[str, int, yaml.Node]]:
+        """(key, key line, value node) of a mapping, YAML merge keys (``<<``) resolved.
+
+        Same precedence as SafeLoader (the mapping's own keys win over merged
+        ones, earlier merged mappings over later ones), but without mutating the
+        node tree, and a key repeated among the mapping's own keys is an error
+        (SafeLoader silently keeps the last).
+        """
         self._check_tag()
         if not isinstance(self.node, MappingNode):
             self.fail(f"expected a mapping, got {self._describe()}")
-        self._flatten()
-        out: dict[str, KeyedNode] = {}
+        if id(self.node) in seen:  # an anchor merged into itself
+            self.fail("recursive merge key (<<)")
+        seen = seen | {id(self.node)}
+        own: dict[str, tuple[str, int, yaml.Node]] = {}
+        merges: list[Node] = []
         for key_node, value_node in self.node.value:
+            if key_node.tag == _MERGE_TAG:
+                merges.extend(self._merge_sources(value_node))
+                continue
             key = self._key(key_node)
-            if key in out:
+            line = int(key_node.start_mark.line) + 1
+            if key in own:
                 raise ConfigError(
                     self.file,
-                    int(key_node.start_mark.line) + 1,
+                    line,
                     self.child_path(key),
-                    f"duplicate key (first at line {out[key].key_line})",
+                    f"duplicate key (first at line {own[key][1]})",
                 )
-            out[key] = KeyedNode(
-                value_node,
-                self.file,
-                self.child_path(key),
-                self.constructor,
-                int(key_node.start_mark.line) + 1,
-            )
-        return out
+            own[key] = (key, line, value_node)
+        merged: dict[str, tuple[str, int, yaml.Node]] = {}
+        for source in merges:
+            for key, line, value_node in source._pairs(seen):
+                merged.setdefault(key, (key, line, value_node))
+        return list(own.values()) + [v for k, v in merged.items() if k not in own]
+
+    def _merge_sources(self, value: yaml.Node) -> list[Node]:
+        items = value.value if isinstance(value, SequenceNode) else [value]
+        if not all(isinstance(item, MappingNode) for item in items):
+            self.fail("a merge key (<<) takes a mapping or a list of mappings")
+        return [Node(item, self.file, self.path, self.constructor) for item in items]
 
     def sequence(self) -> list[Node]:
         self._check_tag()
@@ -350,9 +355,17 @@ class Node:
 
 @dataclass(frozen=True)
 class KeyedNode(Node):
-    """A value of a free mapping that remembers its key's line (for duplicate reports)."""
+    """A mapping value that knows its key's line.
+
+    Errors about a value point at its key: for a block mapping or list the
+    value itself starts on the next line, but ``tls:`` is what the user wrote.
+    """
 
     key_line: int = 0
+
+    @property
+    def line(self) -> int:
+        return self.key_line
 
 
 def is_hostname(value: str) -> bool:

@@ -59,7 +59,7 @@ INVALID: list[tuple[str, int | None, str, str]] = [
      "'[2606:4700:4700::1111]:65536': port must be a number in 1..65535"),
     ("invalid-doh-not-https.yaml", 3, "resolvers.doh",
      "'http://1.1.1.1/dns-query' is not a DNS-over-HTTPS URL like https://1.1.1.1/dns-query"),
-    ("invalid-no-resolver.yaml", 3, "resolvers",
+    ("invalid-no-resolver.yaml", 2, "resolvers",
      "no resolver configured (system is false, udp/tcp/doh empty) "
      "but some endpoints are hostnames"),
     ("invalid-listen.yaml", 2, "listen", "expected a string, got an integer (quote the value)"),
@@ -78,6 +78,10 @@ INVALID: list[tuple[str, int | None, str, str]] = [
      "nothing to probe: no seed lists and no services"),
     ("invalid-duplicate-service.yaml", 3, "services[0].service",
      "service 'controls' is already defined (in {shipped}/controls.yaml)"),
+    ("invalid-web-tls-half.yaml", 2, "web",
+     "tls_cert_file and tls_key_file go together: tls_key_file is missing"),
+    ("invalid-web-plain-password.yaml", 4, "web.basic_auth_users.prometheus",
+     "'hunter2' is not a bcrypt hash ($2b$...; never a plain password)"),
     ("invalid-service-port-range.yaml", 9, "services[0].endpoints[2].ports[1]",
      "70000 is out of range 1..65535"),
 ]  # fmt: skip
@@ -208,8 +212,10 @@ def test_defaults_apply_when_sections_are_absent(tmp_path: Path) -> None:
 
 def test_values_are_decoded(tmp_path: Path) -> None:
     path = tmp_path / "agent.yaml"
-    path.write_text(
-        """
+    key = tmp_path / "keys" / "web.key"
+    key.parent.mkdir()
+    key.write_text("not parsed by the loader\n")
+    text = """
 vantage: {name: ams-ctl, country: NL, asn: AS1136, role: control}
 schedule: {interval_s: 120, jitter_s: 0, min_spacing_s: 0, concurrency: 8, per_destination: 1}
 timeouts: {connect_s: 2.5, tls_s: 3}
@@ -223,8 +229,13 @@ seeds: [controls]
 listen: "[::]:9100"
 log_format: logfmt
 archive: {path: null, max_bytes: 100000, keep: 0, compress: false}
+web:
+  tls_cert_file: web.crt
+  tls_key_file: KEYFILE
+  basic_auth_users: {prometheus: "$2b$12$ZnxLMxmw4kEXJ0MnxBHlJuWqWb6Mhfw9hIhJSWtD0LgzMGK5RjPFK"}
 """
-    )
+    path.write_text(text.replace("KEYFILE", str(key)))
+    (tmp_path / "web.crt").write_text("not parsed by the loader\n")
     config = load(path)
     assert config.vantage.role == "control"
     assert config.schedule.concurrency == 8
@@ -238,6 +249,9 @@ archive: {path: null, max_bytes: 100000, keep: 0, compress: false}
     assert config.log_format == "logfmt"
     assert config.archive.path is None
     assert config.archive.keep == 0
+    assert config.web.tls_cert_file == str(tmp_path / "web.crt")
+    assert config.web.tls_key_file == str(key)
+    assert set(config.web.basic_auth_users) == {"prometheus"}
 
 
 def test_relative_paths_resolve_against_the_config_directory(

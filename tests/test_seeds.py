@@ -1,0 +1,351 @@
+"""Seed lists: the shipped lists load and are well-sourced; the schema is strict.
+
+No network: nothing here resolves or connects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from probe.config import ConfigError, load_config
+from probe.decode import parse_text
+from probe.seeds import (
+    CONFIDENCES,
+    ENDPOINT_KEYS,
+    SERVICE_KEYS,
+    decode_service,
+    known_probes,
+    load_seed_file,
+    load_shipped,
+    prefix_warnings,
+    shipped_seeds,
+)
+
+TESTDATA = Path(__file__).parent / "testdata"
+PROBES = frozenset({"dns", "tcp", "tls"})
+SHIPPED = sorted(shipped_seeds())
+
+# (file, line, field, message)
+INVALID: list[tuple[str, int, str, str]] = [
+    ("invalid-seedfile-not-mapping.yaml", 1, "<root>", "expected a mapping, got a string"),
+    ("invalid-seedfile-bad-service-id.yaml", 1, "service",
+     "'My Lab' is not a service id (lower-case letters, digits, - _)"),
+    ("invalid-seedfile-no-endpoints.yaml", 3, "endpoints", "must not be empty"),
+    ("invalid-seedfile-unknown-key.yaml", 7, "endpoints[0].port",
+     "unknown key 'port'; did you mean 'ports'?"),
+    ("invalid-seedfile-missing-host.yaml", 7, "endpoints[0].host", "required key missing"),
+    ("invalid-seedfile-missing-source.yaml", 7, "endpoints[0].source",
+     "required key missing (every endpoint and prefix says where it comes from and how sure "
+     "we are: confidence C, I or U)"),
+    ("invalid-seedfile-missing-confidence-prefix.yaml", 5, "prefixes[1].confidence",
+     "required key missing (every endpoint and prefix says where it comes from and how sure "
+     "we are: confidence C, I or U)"),
+    ("invalid-seedfile-bad-confidence.yaml", 7, "endpoints[0].confidence",
+     "'high' is not one of C, I, U"),
+    ("invalid-seedfile-prefix-host-bits.yaml", 4, "prefixes[0].cidr",
+     "'127.0.0.1/8' has host bits set; did you mean '127.0.0.0/8'?"),
+    ("invalid-seedfile-bad-cidr.yaml", 4, "prefixes[0].cidr",
+     "'127.0.0.0/33' is not an IPv4 or IPv6 prefix (e.g. 192.0.2.0/24)"),
+    ("invalid-seedfile-duplicate-endpoint.yaml", 9, "endpoints[2].name",
+     "duplicate endpoint name 'a' (first at line 7)"),
+    ("invalid-seedfile-duplicate-endpoint-host.yaml", 8, "endpoints[1].name",
+     "duplicate endpoint name '127.0.0.1' (first at line 7)"),
+    ("invalid-seedfile-unknown-probe.yaml", 7, "endpoints[0].probes[1]",
+     "unknown probe 'tsl'; did you mean 'tls'? (known: dns, tcp, tls)"),
+    ("invalid-seedfile-unknown-probe-mapping.yaml", 12, "endpoints[0].probes[1]",
+     "unknown probe 'tpc'; did you mean 'tcp'? (known: dns, tcp, tls)"),
+    ("invalid-seedfile-probe-two-keys.yaml", 11, "endpoints[0].probes[0]",
+     "a probe is a name or a one-key mapping {name: {params}}, got 2 keys"),
+    ("invalid-seedfile-probe-port-not-in-endpoint.yaml", 12,
+     "endpoints[0].probes[1].tls.ports[1]",
+     "port 8443 is not one of the endpoint's ports [443, 80]"),
+    ("invalid-seedfile-duplicate-probe.yaml", 7, "endpoints[0].probes[2]",
+     "duplicate probe 'dns' (first at line 7)"),
+    ("invalid-seedfile-probes-empty.yaml", 7, "endpoints[0].probes", "must not be empty"),
+    ("invalid-seedfile-dns-on-ip.yaml", 7, "endpoints[0].probes[0]",
+     "probe 'dns' needs a hostname, but host is an IP address"),
+    ("invalid-seedfile-bad-role.yaml", 7, "endpoints[0].role",
+     "'signaling' is not one of signalling, web, media, registration, call-relay, control; "
+     "did you mean 'signalling'?"),
+    ("invalid-seedfile-bad-transport.yaml", 7, "endpoints[0].transport",
+     "'sctp' is not one of tcp, udp"),
+    ("invalid-seedfile-bad-host.yaml", 7, "endpoints[0].host",
+     "'web_whatsapp.com' is neither an IP address nor a valid hostname"),
+    ("invalid-seedfile-bad-address.yaml", 7, "endpoints[0].addresses[1]",
+     "'127.0.0.256' is not an IPv4 or IPv6 address"),
+    ("invalid-seedfile-bad-sni.yaml", 7, "endpoints[0].sni",
+     "'not a hostname' is not a valid hostname"),
+    ("invalid-seedfile-empty-ports.yaml", 7, "endpoints[0].ports", "must not be empty"),
+    ("invalid-seedfile-duplicate-port.yaml", 7, "endpoints[0].ports[2]",
+     "duplicate value 443 (first at line 7)"),
+    ("invalid-seedfile-port-type.yaml", 7, "endpoints[0].ports[0]",
+     "expected an integer, got a string"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "line", "field", "message"), INVALID, ids=lambda v: str(v))
+def test_invalid_seed_file_is_one_exact_error(
+    name: str, line: int, field: str, message: str
+) -> None:
+    path = TESTDATA / name
+    with pytest.raises(ConfigError) as info:
+        load_seed_file(path, probe_names=PROBES)
+    assert str(info.value) == f"{path}:{line}: {field}: {message}"
+
+
+def test_every_invalid_seed_testdata_file_has_an_expected_message() -> None:
+    on_disk = {p.name for p in TESTDATA.glob("invalid-seedfile-*.yaml")}
+    assert on_disk == {row[0] for row in INVALID}
+
+
+def test_a_seed_error_in_the_config_services_block_uses_the_config_path(tmp_path: Path) -> None:
+    # Same schema, same messages; the field path gains the services[i] prefix.
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        "seeds: []\nservices:\n  - service: lab\n    source: lab\n    endpoints:\n"
+        "      - {host: 127.0.0.1, ports: [443], role: web, probes: [tcp], source: lab}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, probe_names=PROBES)
+    assert (info.value.line, info.value.field) == (6, "services[0].endpoints[0].confidence")
+
+
+# -- the shipped lists --------------------------------------------------------------------
+
+
+def test_the_expected_lists_are_shipped() -> None:
+    assert {"whatsapp", "telegram", "controls", "controls-ru"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_seed_loads_with_the_real_probe_registry(name: str) -> None:
+    service = load_shipped(name, probe_names=known_probes())
+    assert service.name == name
+    assert service.endpoints
+    assert all(spec.name in known_probes() for ep in service.endpoints for spec in ep.probes)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_endpoint_and_prefix_is_sourced(name: str) -> None:
+    service = load_shipped(name, probe_names=PROBES)
+    assert service.source
+    for ep in service.endpoints:
+        assert ep.source.strip(), ep.name
+        assert ep.confidence in CONFIDENCES, ep.name
+    # Prefixes are decoded into networks; check the raw file for their provenance.
+    raw = yaml.safe_load(Path(str(shipped_seeds()[name])).read_text())
+    for prefix in raw.get("prefixes", []):
+        assert prefix["source"].strip(), prefix
+        assert prefix["confidence"] in CONFIDENCES, prefix
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_known_addresses_fall_inside_the_service_prefixes(name: str) -> None:
+    # The DNS answer-consistency check relies on the prefixes covering every
+    # address we know to be genuine; a stale prefix list would raise false flags.
+    assert prefix_warnings(load_shipped(name, probe_names=PROBES)) == []
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_seed_says_how_to_update_it(name: str) -> None:
+    text = Path(str(shipped_seeds()[name])).read_text()
+    assert text.startswith("#")
+    assert "How to update" in text
+    assert "check-config" in text
+
+
+def test_messenger_lists_cover_ipv4_and_ipv6() -> None:
+    for name in ("whatsapp", "telegram", "controls"):
+        service = load_shipped(name, probe_names=PROBES)
+        versions = {net.version for net in service.prefixes}
+        assert versions == {4, 6}, name
+    telegram = load_shipped("telegram", probe_names=PROBES)
+    literals = [ipaddress.ip_address(ep.host) for ep in telegram.endpoints if ep.is_ip_literal]
+    assert {ip.version for ip in literals} == {4, 6}
+    controls = load_shipped("controls", probe_names=PROBES)
+    literals = [ipaddress.ip_address(ep.host) for ep in controls.endpoints if ep.is_ip_literal]
+    assert {ip.version for ip in literals} == {4, 6}
+
+
+def test_controls_are_role_control_on_tcp_443_with_tls() -> None:
+    controls = load_shipped("controls", probe_names=PROBES)
+    for ep in controls.endpoints:
+        assert ep.role == "control"
+        assert ep.ports == (443,)
+        assert ep.spec("tcp") is not None
+        assert ep.spec("tls") is not None
+        # an IP literal needs an SNI its certificate names, or TLS proves nothing
+        assert ep.sni or not ep.is_ip_literal
+
+
+def test_endpoint_names_are_unique_across_the_default_lists() -> None:
+    # tls.sni_overrides is keyed by endpoint name: a clash would override both.
+    config = load_config(None, probe_names=PROBES)
+    names = [ep.name for s in config.services for ep in s.endpoints]
+    assert len(names) == len(set(names))
+
+
+def test_seed_layout_matches_field_notes() -> None:
+    wa = {ep.name: ep for ep in load_shipped("whatsapp", probe_names=PROBES).endpoints}
+    assert {f"e{i}.whatsapp.net" for i in range(1, 17)} <= set(wa)
+    assert wa["g.whatsapp.net"].ports == (5222, 443, 80)
+    for host in ("web.whatsapp.com", "v.whatsapp.net", "mmg.whatsapp.net"):
+        assert wa[host].ports_for("tls") == (443,)
+    tg = {ep.name: ep for ep in load_shipped("telegram", probe_names=PROBES).endpoints}
+    for dc in ("dc1", "dc2", "dc3", "dc4", "dc5"):
+        assert tg[dc].ports == (443, 80)
+        assert tg[dc].role == "signalling"
+    assert tg["web.telegram.org"].ports_for("tls") == (443,)
+
+
+# -- decoding details ---------------------------------------------------------------------
+
+
+def _decode(text: str, probes: frozenset[str] = PROBES) -> Any:
+    return decode_service(parse_text(text, "mem.yaml"), origin="mem.yaml", probe_names=probes)
+
+
+def test_defaults_and_normalisation() -> None:
+    service = _decode(
+        """
+service: lab
+source: lab
+prefixes:
+  - {cidr: "2001:DB8::/32", source: RFC 3849, confidence: C}
+endpoints:
+  - {host: "2001:0DB8::0001", ports: [443], role: web, probes: [tcp], source: lab,
+     confidence: U, addresses: ["2001:db8:0::2"]}
+  - {host: Lab.Example, ports: [443], role: web, probes: [tcp], source: lab, confidence: I}
+"""
+    )
+    v6, named = service.endpoints
+    assert service.display_name == "lab"
+    assert service.origin == "mem.yaml"
+    assert (v6.host, v6.name, v6.transport) == ("2001:db8::1", "2001:db8::1", "tcp")
+    assert v6.addresses == ("2001:db8::2",)
+    assert (named.host, named.sni) == ("lab.example", None)
+    assert v6.prefixes == named.prefixes == (ipaddress.ip_network("2001:db8::/32"),)
+
+
+def test_probe_entry_forms() -> None:
+    service = _decode(
+        """
+service: lab
+source: lab
+endpoints:
+  - host: lab.example
+    ports: [443, 80]
+    role: web
+    probes:
+      - dns
+      - tcp:
+      - tls: {ports: [443], alpn: [h2, http/1.1], sni: {value: x}}
+    source: lab
+    confidence: C
+"""
+    )
+    (ep,) = service.endpoints
+    dns, tcp, tls = ep.probes
+    assert (dns.name, dns.ports, dict(dns.params)) == ("dns", None, {})
+    assert (tcp.name, tcp.ports, dict(tcp.params)) == ("tcp", None, {})
+    assert (tls.name, tls.ports) == ("tls", (443,))
+    assert tls.params["alpn"] == ("h2", "http/1.1")
+    assert tls.params["sni"]["value"] == "x"
+    with pytest.raises(TypeError):
+        tls.params["sni"]["value"] = "y"  # type: ignore[index]
+
+
+def test_yaml_anchors_and_merge_keys_work() -> None:
+    service = _decode(
+        """
+service: lab
+source: lab
+endpoints:
+  - &base {host: a.example, ports: [443], role: web, probes: [tcp], source: lab, confidence: C}
+  - {<<: *base, host: b.example}
+  - <<: [{host: c.example, role: media}, *base]
+    confidence: U
+"""
+    )
+    a, b, c = service.endpoints
+    assert [ep.host for ep in service.endpoints] == ["a.example", "b.example", "c.example"]
+    assert b.ports == a.ports
+    # SafeLoader precedence: own keys, then earlier merged mappings
+    assert (c.role, c.confidence, c.source) == ("media", "U", "lab")
+
+
+def test_a_recursive_merge_is_an_error_not_a_hang() -> None:
+    with pytest.raises(ConfigError, match="recursive merge key"):
+        _decode("service: lab\nsource: lab\nendpoints:\n  - &a {<<: *a}\n")
+
+
+def test_prefix_warnings_name_an_address_outside_the_prefixes() -> None:
+    service = _decode(
+        """
+service: lab
+source: lab
+prefixes: [{cidr: 192.0.2.0/24, source: RFC 5737, confidence: C}]
+endpoints:
+  - {name: in, host: 192.0.2.1, ports: [443], role: web, probes: [tcp], source: lab,
+     confidence: C}
+  - {name: out, host: 198.51.100.1, ports: [443], role: web, probes: [tcp], source: lab,
+     confidence: C, addresses: ["2001:db8::1"]}
+"""
+    )
+    assert prefix_warnings(service) == [
+        "mem.yaml: lab/out: 198.51.100.1 is outside the service prefixes",
+        "mem.yaml: lab/out: 2001:db8::1 is outside the service prefixes",
+    ]
+
+
+def test_unknown_shipped_name_suggests_the_closest() -> None:
+    with pytest.raises(KeyError, match="did you mean 'telegram'"):
+        load_shipped("telegarm")
+
+
+# -- hostile input never escapes as anything but ConfigError ------------------------------
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(), st.text(max_size=20)
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from([*ENDPOINT_KEYS, "x"]), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(max_size=300))
+def test_arbitrary_text_is_a_service_or_a_config_error(text: str) -> None:
+    with contextlib.suppress(ConfigError):
+        _decode(text)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from([*SERVICE_KEYS, "x"]), _values, max_size=5))
+def test_arbitrary_structure_is_a_service_or_a_config_error(doc: dict[str, Any]) -> None:
+    with contextlib.suppress(ConfigError):
+        _decode(yaml.safe_dump(doc))
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.text(max_size=200))
+def test_arbitrary_config_text_is_a_config_or_a_config_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    with contextlib.suppress(ConfigError):
+        load_config(path, probe_names=PROBES)
