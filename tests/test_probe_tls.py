@@ -95,6 +95,7 @@ async def test_wrong_hostname_keeps_the_certificate(
     assert result.failed_operation is Operation.TLS_HANDSHAKE
     assert_evidence(result, cert, "unverified_second_handshake")
     assert result.details["certificate"]["sans"] == ["DNS:someone-else.example"]
+    assert set(result.phases) == {"connect", "tls", "certificate_evidence"}
 
 
 @HOSTS
@@ -207,7 +208,7 @@ async def test_probe_closes_the_connection_cleanly(
 # --- hostile peers -------------------------------------------------------------------
 
 
-async def hostile(host: str, mode: TLSMode, tls_s: float = 2.0) -> tuple[ProbeResult, float]:
+async def hostile(host: str, mode: TLSMode, tls_s: float = 3.0) -> tuple[ProbeResult, float]:
     async with TLSServer(host, mode=mode) as server:
         start = time.monotonic()
         result = await run(host, server, ca_file=None, tls_s=tls_s)
@@ -225,7 +226,7 @@ async def test_reset_after_client_hello(host: str) -> None:
     assert result.failure == "connection_reset"
     assert result.details["handshake"]["stage"] == "awaiting_server_hello"
     assert result.details["handshake"]["bytes_sent"] > 0
-    assert took < 1.0
+    assert took < 1.5  # on the peer's action, not at the 3 s timeout
 
 
 @HOSTS
@@ -246,7 +247,7 @@ async def test_garbage_instead_of_server_hello(host: str) -> None:
     result, took = await hostile(host, TLSMode.GARBAGE_AFTER_HELLO)
     assert result.failure == "ssl_failed_handshake"
     assert result.details["handshake"]["bytes_received"] > 0
-    assert took < 1.0
+    assert took < 1.5  # on the peer's action, not at the 3 s timeout
 
 
 @HOSTS
@@ -254,14 +255,14 @@ async def test_fin_after_client_hello_is_eof(host: str) -> None:
     result, took = await hostile(host, TLSMode.CLOSE_AFTER_HELLO)
     assert result.failure == "eof_error"
     assert result.details["handshake"]["stage"] == "awaiting_server_hello"
-    assert took < 1.0
+    assert took < 1.5  # on the peer's action, not at the 3 s timeout
 
 
 @HOSTS
 async def test_alert_after_client_hello(host: str) -> None:
     result, took = await hostile(host, TLSMode.ALERT_AFTER_HELLO)
     assert result.failure == "ssl_failed_handshake"
-    assert took < 1.0
+    assert took < 1.5  # on the peer's action, not at the 3 s timeout
 
 
 async def test_giant_server_hello_is_refused_without_reading_it(ca_file: str) -> None:
@@ -272,7 +273,7 @@ async def test_giant_server_hello_is_refused_without_reading_it(ca_file: str) ->
         result = await run("127.0.0.1", server, ca_file, tls_s=5.0)
     assert result.failure == "ssl_failed_handshake"
     assert result.details["handshake"]["bytes_received"] < 100_000
-    assert result.duration_s < 1.0
+    assert result.duration_s < 2.5
 
 
 @HOSTS
@@ -286,3 +287,30 @@ async def test_refused_is_a_connect_failure(host: str) -> None:
 def test_serve_mode_needs_a_certificate() -> None:
     with pytest.raises(ValueError, match="certificate"):
         TLSServer("127.0.0.1")
+
+
+# --- pure helpers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "address", "params", "expected"),
+    [
+        (NAME, "127.0.0.1", {}, (NAME, NAME)),
+        (NAME, "127.0.0.1", {"sni": "neutral.example"}, ("neutral.example", "neutral.example")),
+        (NAME, "127.0.0.1", {"sni": None}, (None, "127.0.0.1")),  # explicit: send no SNI
+        (NAME, "::1", {"sni": "::1"}, (None, "::1")),  # an IP is never sent as SNI
+        ("fe80::1%lo", "fe80::1%lo", {}, (None, "fe80::1")),  # scope id is not in a cert
+    ],
+)
+def test_server_names(
+    host: str, address: str, params: dict[str, object], expected: tuple[str | None, str]
+) -> None:
+    t = target("tls", address, 443, host=host, params=params)
+    assert tls.server_names(t) == expected
+
+
+def test_unparseable_certificate_keeps_its_fingerprint() -> None:
+    evidence = tls.certificate_evidence(b"\x30\x03not a certificate")
+    assert evidence["sha256"] == hashlib.sha256(b"\x30\x03not a certificate").hexdigest()
+    assert evidence["parse_error"]
+    assert "subject" not in evidence

@@ -200,7 +200,8 @@ def server_names(target: Target) -> tuple[str | None, str]:
     address, _ = require_address(target)
     if sni is not None and _is_ip(sni):
         return None, sni  # an IP is never sent as SNI (RFC 6066 3)
-    return sni, sni or address
+    # a scope id ("%eth0") is not part of the address a certificate can name
+    return sni, sni or address.split("%", 1)[0]
 
 
 def _is_ip(name: str) -> bool:
@@ -321,5 +322,7 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     if isinstance(failure, ssl.SSLCertVerificationError):
         rec.details["verify_code"] = failure.verify_code
         rec.details["verify_message"] = scrub(str(failure.verify_message))
-        rec.details.update(await unverified_certificate(target, settings, sni or verify_name, alpn))
+        with rec.phase("certificate_evidence"):
+            evidence = await unverified_certificate(target, settings, sni or verify_name, alpn)
+        rec.details.update(evidence)
     return rec.fail(_handshake_failure(failure), Operation.TLS_HANDSHAKE)
