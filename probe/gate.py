@@ -24,10 +24,10 @@ from .model import Endpoint, VantageState, utcnow
 _MAX_ADDRESSES = 4  # per control and family: enough to tell online from offline
 
 
-async def _resolve(host: str, timeout: float) -> tuple[list[str], str | None]:
+async def _resolve(host: str, timeout_s: float) -> tuple[list[str], str | None]:
     loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout_s):
             infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except Exception as exc:  # classified below; the gate never raises
         return [], classify_exception(exc)
@@ -35,10 +35,10 @@ async def _resolve(host: str, timeout: float) -> tuple[list[str], str | None]:
     return addresses, None
 
 
-async def _connect(address: str, port: int, timeout: float) -> str | None:
+async def _connect(address: str, port: int, timeout_s: float) -> str | None:
     """None on success, else the failure string."""
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout_s):
             _, writer = await asyncio.open_connection(address, port)
     except Exception as exc:
         return classify_exception(exc)
@@ -54,27 +54,27 @@ def _pick(addresses: Sequence[str]) -> list[str]:
     return v4 + v6
 
 
-async def _check_control(control: Endpoint, timeout: float) -> dict[str, Any]:
+async def _check_control(control: Endpoint, timeout_s: float) -> dict[str, Any]:
     port = control.ports[0] if control.ports else 443
     record: dict[str, Any] = {"control": control.name, "port": port}
     if control.is_ip_literal:
         addresses = [control.host]
     else:
-        addresses, failure = await _resolve(control.host, timeout)
+        addresses, failure = await _resolve(control.host, timeout_s)
         record["resolve"] = failure or "ok"
     addresses = _pick(list(addresses) + list(control.addresses))
-    results = await asyncio.gather(*(_connect(a, port, timeout) for a in addresses))
+    results = await asyncio.gather(*(_connect(a, port, timeout_s) for a in addresses))
     record["connect"] = {a: (f or "ok") for a, f in zip(addresses, results, strict=True)}
     return record
 
 
-async def check_vantage(controls: Sequence[Endpoint], timeout: float) -> VantageState:
+async def check_vantage(controls: Sequence[Endpoint], timeout_s: float) -> VantageState:
     """Probe every control concurrently; online if any control accepts a TCP connection."""
     t = utcnow()
     if not controls:
         # Nothing to judge by: assume online so a control-less lab config still measures.
         return VantageState(online=True, ipv6=True, t=t, evidence={"controls": "none configured"})
-    records = await asyncio.gather(*(_check_control(c, timeout) for c in controls))
+    records = await asyncio.gather(*(_check_control(c, timeout_s) for c in controls))
     reached = [
         address
         for record in records

@@ -61,6 +61,25 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class ArchiveSettings:
+    """Where the measurement archive (JSON Lines, `probe.archive`) is written and kept."""
+
+    path: str | None = "archive"  # directory; None disables the archive
+    max_bytes: int = 64 * 1024 * 1024  # rotate the current file before it grows past this
+    keep: int = 10  # rotated files kept besides the current one; older ones are deleted
+    compress: bool = True  # gzip rotated files (in a background thread)
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The agent's own HTTP server: optional TLS and basic auth (bcrypt hashes only)."""
+
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    basic_auth_users: Mapping[str, str] = field(default_factory=_empty)  # user -> bcrypt hash
+
+
+@dataclass(frozen=True)
 class ProbeSettings:
     """What a probe may read: timeouts, resolvers and TLS trust. Nothing else."""
 
@@ -79,6 +98,8 @@ class AgentConfig:
     seeds: tuple[str, ...] = ()  # shipped list names or file paths, as configured
     services: tuple[Service, ...] = ()  # seeds and user services, loaded and merged
     listen: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 9464))
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     log_format: Literal["json", "logfmt"] = "json"
     source: str = "<defaults>"  # where this config was read from
 

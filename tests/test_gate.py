@@ -40,7 +40,7 @@ def control(host: str, port: int):  # type: ignore[no-untyped-def]
 
 
 async def test_online_when_a_control_accepts(listener: dict[str, int]) -> None:
-    state = await check_vantage([control("127.0.0.1", listener["127.0.0.1"])], timeout=2)
+    state = await check_vantage([control("127.0.0.1", listener["127.0.0.1"])], timeout_s=2)
     assert state.online
     assert not state.ipv6  # only an IPv4 control answered
     assert state.evidence["reached"] == 1
@@ -51,13 +51,16 @@ async def test_ipv6_counts_only_when_an_ipv6_connect_succeeds(listener: dict[str
         control("127.0.0.1", listener["127.0.0.1"]),
         control("::1", listener["::1"]),
     ]
-    state = await check_vantage(controls, timeout=2)
+    state = await check_vantage(controls, timeout_s=2)
     assert state.online and state.ipv6
 
 
 async def test_offline_when_no_control_answers() -> None:
-    controls = [control("127.0.0.1", _closed_port("127.0.0.1")), control("::1", _closed_port("::1"))]
-    state = await check_vantage(controls, timeout=2)
+    controls = [
+        control("127.0.0.1", _closed_port("127.0.0.1")),
+        control("::1", _closed_port("::1")),
+    ]
+    state = await check_vantage(controls, timeout_s=2)
     assert not state.online
     assert state.state == "offline"
     outcomes = [o for rec in state.evidence["controls"] for o in rec["connect"].values()]
@@ -66,11 +69,11 @@ async def test_offline_when_no_control_answers() -> None:
 
 async def test_partial_controls_still_online(listener: dict[str, int]) -> None:
     controls = [control("127.0.0.1", _closed_port("127.0.0.1")), control("::1", listener["::1"])]
-    state = await check_vantage(controls, timeout=2)
+    state = await check_vantage(controls, timeout_s=2)
     assert state.online and state.ipv6
 
 
 async def test_no_controls_means_unchecked_online() -> None:
-    state = await check_vantage([], timeout=1)
+    state = await check_vantage([], timeout_s=1)
     assert state.online
     assert state.evidence["controls"] == "none configured"

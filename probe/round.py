@@ -1,0 +1,255 @@
+"""One measurement round: offline gate, then DNS, then every other probe on every address.
+
+Planning is pure (`plan_dns`, `plan_targets`); running is a bounded fan-out.
+Addresses come not only from the system resolver but also from the other
+resolvers (the DoH control above all) and the seeds' known-good addresses, so
+that a DNS lie and an IP block are told apart, as OONI's web_connectivity does
+with its test helper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from .gate import check_vantage
+from .model import (
+    Endpoint,
+    Operation,
+    ProbeResult,
+    SkipReason,
+    Target,
+    Vantage,
+    VantageState,
+    utcnow,
+)
+from .probes import PROBES
+from .probes.base import ProbeFn, Recorder, run_guarded
+from .probes.dns import dns_consistency
+from .settings import AgentConfig, ProbeSettings
+from .wire.dnsmsg import is_bogon
+
+Progress = Callable[[int, int], None]
+
+MAX_ADDRESSES_PER_FAMILY = 4  # per endpoint: CDNs return many; a few show the pattern
+_SOURCE_ORDER = ("literal", "system", "doh", "resolver", "seed")
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    vantage: Vantage
+    state: VantageState
+    results: tuple[ProbeResult, ...]
+    started: datetime
+    duration_s: float
+
+
+def resolver_ids(settings: ProbeSettings) -> list[str]:
+    r = settings.resolvers
+    ids = ["system"] if r.system else []
+    ids += [f"udp:{hp}" for hp in r.udp]
+    ids += [f"tcp:{hp}" for hp in r.tcp]
+    if r.doh:
+        ids.append(f"doh:{r.doh}")
+    return ids
+
+
+def plan_dns(endpoints: Iterable[Endpoint], settings: ProbeSettings) -> list[Target]:
+    """DNS targets: every resolver for endpoints asking for `dns`, the first (the system
+    resolver unless disabled) for the rest, whose addresses are needed anyway."""
+    targets = []
+    for ep in endpoints:
+        if ep.is_ip_literal:
+            continue
+        every = resolver_ids(settings)
+        # endpoints that do not ask for `dns` still need addresses: one resolver suffices
+        ids = every if ep.spec("dns") else every[:1]
+        targets += [Target(ep, "dns", resolver=rid) for rid in ids]
+    return targets
+
+
+def _source_of(resolver: str) -> str:
+    kind = resolver.split(":", 1)[0]
+    return {"system": "system", "doh": "doh"}.get(kind, "resolver")
+
+
+def _usable(address: str, ep: Endpoint) -> bool:
+    """A bogon answer (127.0.0.1 for whatsapp.net) is a DNS lie, not a place to connect to,
+    unless the service itself lives there (a lab or test service declaring its prefixes)."""
+    ip = ipaddress.ip_address(address)
+    return not is_bogon(address) or any(ip in net for net in ep.prefixes)
+
+
+def collect_addresses(ep: Endpoint, dns_results: Sequence[ProbeResult]) -> dict[str, str]:
+    """address -> where it came from, best source first, capped per family."""
+    found: dict[str, str] = {}
+    if ep.is_ip_literal:
+        found[ep.host] = "literal"
+    for result in dns_results:
+        answers: Mapping[str, Sequence[str]] = result.details.get("answers", {}) or {}
+        for address in [*answers.get("A", ()), *answers.get("AAAA", ())]:
+            if _usable(address, ep):
+                found.setdefault(address, _source_of(result.target.resolver or ""))
+    for address in ep.addresses:
+        found.setdefault(address, "seed")
+    ranked = sorted(found.items(), key=lambda kv: _SOURCE_ORDER.index(kv[1]))
+    capped: dict[str, str] = {}
+    per_family: dict[int, int] = {}
+    for address, source in ranked:
+        version = ipaddress.ip_address(address).version
+        if per_family.get(version, 0) < MAX_ADDRESSES_PER_FAMILY:
+            per_family[version] = per_family.get(version, 0) + 1
+            capped[address] = source
+    return capped
+
+
+def plan_targets(ep: Endpoint, addresses: Mapping[str, str]) -> list[Target]:
+    return [
+        Target(ep, spec.name, address, port, address_source=source)
+        for spec in ep.probes
+        if spec.name != "dns"
+        for address, source in addresses.items()
+        for port in ep.ports_for(spec.name)
+    ]
+
+
+def probe_deadline(settings: ProbeSettings) -> float:
+    """A hard cap per probe on top of its own timeouts: a safety net against a probe bug."""
+    t = settings.timeouts
+    return 3 * (t.connect_s + t.tls_s + t.transfer_s) + t.dns_s + t.quic_s + t.udp_s + t.app_s
+
+
+class Runner:
+    """Runs targets with a global bound and a per-destination bound, counting progress."""
+
+    def __init__(
+        self,
+        settings: ProbeSettings,
+        *,
+        concurrency: int = 32,
+        per_destination: int = 4,
+        probes: Mapping[str, ProbeFn] = PROBES,
+        progress: Progress | None = None,
+    ) -> None:
+        self.settings = settings
+        self.probes = probes
+        self.progress = progress
+        self.limit = asyncio.Semaphore(concurrency)
+        self.per_destination = per_destination
+        self._destinations: dict[str, asyncio.Semaphore] = {}
+        self.deadline = probe_deadline(settings)
+        self.in_flight = 0
+        self.done = 0
+        self.total = 0
+
+    def _destination(self, target: Target) -> asyncio.Semaphore:
+        key = target.address or target.resolver or ""
+        if key not in self._destinations:
+            self._destinations[key] = asyncio.Semaphore(self.per_destination)
+        return self._destinations[key]
+
+    async def one(self, target: Target) -> ProbeResult:
+        async with self.limit, self._destination(target):
+            self.in_flight += 1
+            try:
+                async with asyncio.timeout(self.deadline):
+                    result = await run_guarded(self.probes[target.probe], target, self.settings)
+            except TimeoutError:
+                result = Recorder(target).fail_exc(TimeoutError(), _op_for(target))
+            finally:
+                self.in_flight -= 1
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total)
+        return result
+
+    async def many(self, targets: Sequence[Target]) -> list[ProbeResult]:
+        self.total += len(targets)
+        return list(await asyncio.gather(*(self.one(t) for t in targets)))
+
+
+def _op_for(target: Target) -> Operation:
+    return Operation.RESOLVE if target.probe == "dns" else Operation.READ
+
+
+def _skipped(targets: Iterable[Target], reason: SkipReason) -> list[ProbeResult]:
+    return [Recorder(t).skip(reason) for t in targets]
+
+
+def _offline_plan(endpoints: Sequence[Endpoint], settings: ProbeSettings) -> list[Target]:
+    targets = plan_dns(endpoints, settings)
+    for ep in endpoints:
+        addresses = collect_addresses(ep, ())
+        if addresses:
+            targets += plan_targets(ep, addresses)
+        else:  # nothing known without DNS: one placeholder per probe and port
+            targets += [
+                Target(ep, s.name, None, p)
+                for s in ep.probes
+                if s.name != "dns"
+                for p in ep.ports_for(s.name)
+            ]
+    return targets
+
+
+def _with_consistency_flags(dns_results: list[ProbeResult]) -> list[ProbeResult]:
+    by_host: dict[tuple[str, str], list[ProbeResult]] = {}
+    for r in dns_results:
+        by_host.setdefault((r.target.service, r.target.endpoint.name), []).append(r)
+    out = []
+    for group in by_host.values():
+        flags = dns_consistency(group)
+        out += [
+            replace(r, flags=tuple(dict.fromkeys([*r.flags, *flags]))) if flags else r
+            for r in group
+        ]
+    return out
+
+
+async def measure_endpoint(ep: Endpoint, runner: Runner, state: VantageState) -> list[ProbeResult]:
+    """DNS first, then every other probe on every address found, IPv6 only where it works."""
+    if not state.online:
+        return _skipped(_offline_plan([ep], runner.settings), SkipReason.VANTAGE_OFFLINE)
+    dns_results = _with_consistency_flags(await runner.many(plan_dns([ep], runner.settings)))
+    planned = plan_targets(ep, collect_addresses(ep, dns_results))
+    no_v6 = [t for t in planned if t.family == "ipv6" and not state.ipv6]
+    runnable = [t for t in planned if t not in no_v6]
+    results = await runner.many(runnable)
+    return dns_results + results + _skipped(no_v6, SkipReason.IPV6_UNAVAILABLE)
+
+
+def all_endpoints(config: AgentConfig) -> list[Endpoint]:
+    return [ep for svc in config.services for ep in svc.endpoints]
+
+
+async def check_config_vantage(config: AgentConfig) -> VantageState:
+    controls = [ep for ep in all_endpoints(config) if ep.role == "control"]
+    return await check_vantage(controls, min(config.timeouts.connect_s, 5.0))
+
+
+async def run_round(
+    config: AgentConfig,
+    *,
+    progress: Progress | None = None,
+    probes: Mapping[str, ProbeFn] = PROBES,
+) -> RoundReport:
+    """The gate, then every endpoint concurrently (within the configured bounds)."""
+    started, t0 = utcnow(), time.monotonic()
+    state = await check_config_vantage(config)
+    runner = Runner(
+        config.settings,
+        concurrency=config.schedule.concurrency,
+        per_destination=config.schedule.per_destination,
+        probes=probes,
+        progress=progress,
+    )
+    per_endpoint = await asyncio.gather(
+        *(measure_endpoint(ep, runner, state) for ep in all_endpoints(config))
+    )
+    results = [r for batch in per_endpoint for r in batch]
+    results.sort(key=lambda r: r.target.key())
+    return RoundReport(config.vantage, state, tuple(results), started, time.monotonic() - t0)
