@@ -193,6 +193,10 @@ class Target:
     port: int | None = None
     resolver: str | None = None
     address_source: str = ""
+    # A follow-up run of the same probe (swap test or repeat), e.g. "neutral_sni",
+    # "repeat2"; its parameter overrides replace the spec's params.
+    variant: str = ""
+    overrides: Mapping[str, Any] = field(default_factory=_empty)
 
     @property
     def service(self) -> str:
@@ -201,7 +205,13 @@ class Target:
     @property
     def params(self) -> Mapping[str, Any]:
         spec = self.endpoint.spec(self.probe)
-        return spec.params if spec is not None else _empty()
+        base = spec.params if spec is not None else _empty()
+        return freeze({**base, **self.overrides}) if self.overrides else base
+
+    @property
+    def label(self) -> str:
+        """The probe name as shown and exported: ``tls`` or ``tls/neutral_sni``."""
+        return f"{self.probe}/{self.variant}" if self.variant else self.probe
 
     @property
     def family(self) -> Literal["ipv4", "ipv6"] | None:
@@ -219,7 +229,7 @@ class Target:
     def key(self) -> tuple[str, str, str, str, str]:
         """Stable identity used by the scheduler, exporter and archive."""
         where = self.address or self.resolver or ""
-        return (self.service, self.endpoint.name, self.probe, where, str(self.port or ""))
+        return (self.service, self.endpoint.name, self.label, where, str(self.port or ""))
 
 
 @dataclass(frozen=True)

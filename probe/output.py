@@ -20,7 +20,7 @@ def result_record(result: ProbeResult, vantage: str, vantage_state: str) -> dict
         "service": t.service,
         "endpoint": t.endpoint.name,
         "role": t.endpoint.role,
-        "probe": t.probe,
+        "probe": t.label,
         "address": t.address,
         "port": t.port,
         "resolver": t.resolver,
@@ -68,7 +68,7 @@ def _row(result: ProbeResult) -> tuple[str, ...]:
     if result.flags:
         failure = " ".join([failure, *(f"[{f}]" for f in result.flags)]).strip()
     ms = "" if result.skipped else f"{result.duration_s * 1000:.0f}"
-    return (t.service, t.endpoint.name, where, str(t.port or ""), t.probe, outcome, failure, ms)
+    return (t.service, t.endpoint.name, where, str(t.port or ""), t.label, outcome, failure, ms)
 
 
 def table(report: RoundReport) -> str:
