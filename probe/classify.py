@@ -16,6 +16,8 @@ import ssl
 import dns.exception
 import dns.message
 import dns.resolver
+import service_identity
+from OpenSSL import crypto as openssl_crypto
 
 from .model import Failure
 from .wire import WireError
@@ -85,6 +87,52 @@ def classify_ssl_error(exc: ssl.SSLError) -> str:
     return Failure.SSL_FAILED_HANDSHAKE
 
 
+# QUIC transport error codes (RFC 9000 §20.1).  CRYPTO_ERROR 0x0100-0x01ff carries the
+# TLS alert that ended the handshake in its low byte.
+_QUIC_CONNECTION_REFUSED = 0x02
+_QUIC_VERSION_NEGOTIATION_ERROR = 0x11  # RFC 9368
+_QUIC_CRYPTO_ERROR = 0x100
+_QUIC_CRYPTO_ERROR_END = 0x1FF
+# TLS alerts (RFC 8446 §6) that blame the certificate.  aioquic raises bad_certificate (42)
+# for a hostname mismatch AND an untrusted chain alike; the QUIC probe re-checks the peer
+# certificate (service_identity / pyOpenSSL exceptions below) to tell those two apart.
+_TLS_ALERT: dict[int, Failure] = {
+    42: Failure.SSL_INVALID_CERTIFICATE,  # bad_certificate
+    43: Failure.SSL_INVALID_CERTIFICATE,  # unsupported_certificate
+    44: Failure.SSL_INVALID_CERTIFICATE,  # certificate_revoked
+    45: Failure.SSL_INVALID_CERTIFICATE,  # certificate_expired (also "not yet valid")
+    46: Failure.SSL_INVALID_CERTIFICATE,  # certificate_unknown
+    48: Failure.SSL_UNKNOWN_AUTHORITY,  # unknown_ca
+}
+
+
+def classify_quic_close(error_code: int, *, application: bool = False) -> str:
+    """The failure for a QUIC connection closed during the handshake, by its error code.
+
+    ``application``: the code came in an application CONNECTION_CLOSE (frame 0x1d),
+    whose codes belong to the application (HTTP/3's overlap CRYPTO_ERROR's range).
+    """
+    if application:
+        return unknown(f"quic_application_error 0x{error_code:x}")
+    if _QUIC_CRYPTO_ERROR <= error_code <= _QUIC_CRYPTO_ERROR_END:
+        alert = error_code - _QUIC_CRYPTO_ERROR
+        return _TLS_ALERT.get(alert, Failure.SSL_FAILED_HANDSHAKE)
+    if error_code == _QUIC_VERSION_NEGOTIATION_ERROR:
+        return Failure.QUIC_INCOMPATIBLE_VERSION
+    if error_code == _QUIC_CONNECTION_REFUSED:
+        return Failure.CONNECTION_REFUSED
+    return unknown(f"quic_error 0x{error_code:x}")
+
+
+def classify_x509_verify_code(code: int | None) -> str:
+    """The failure for an OpenSSL X509_V_ERR_* code (chain verification outside ssl)."""
+    if code in (_X509_HOSTNAME_MISMATCH, _X509_IP_ADDRESS_MISMATCH):
+        return Failure.SSL_INVALID_HOSTNAME
+    if code in _X509_UNKNOWN_AUTHORITY:
+        return Failure.SSL_UNKNOWN_AUTHORITY
+    return Failure.SSL_INVALID_CERTIFICATE
+
+
 def classify_dns_error(exc: dns.exception.DNSException) -> str:
     if isinstance(exc, dns.resolver.NXDOMAIN):
         return Failure.DNS_NXDOMAIN
@@ -113,6 +161,13 @@ def classify_exception(exc: BaseException) -> str:
         return classify_ssl_error(exc)
     if isinstance(exc, dns.exception.DNSException):
         return classify_dns_error(exc)
+    # certificate checks made outside the ssl module (the QUIC probe, like aioquic)
+    if isinstance(exc, service_identity.VerificationError):
+        return Failure.SSL_INVALID_HOSTNAME
+    if isinstance(exc, service_identity.CertificateError):
+        return Failure.SSL_INVALID_CERTIFICATE  # no usable identity (no SAN) at all
+    if isinstance(exc, openssl_crypto.X509StoreContextError):
+        return classify_x509_verify_code(exc.errors[0] if exc.errors else None)
     if isinstance(exc, OSError):
         if exc.errno in _ERRNO:
             return _ERRNO[exc.errno]

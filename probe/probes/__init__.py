@@ -7,7 +7,7 @@ line here.
 
 from __future__ import annotations
 
-from . import dns, mtproto, tcp, tls, whatsapp
+from . import dns, mtproto, quic, quic_vn, tcp, tls, whatsapp
 from .base import ProbeFn
 
 PROBES: dict[str, ProbeFn] = {
@@ -16,4 +16,6 @@ PROBES: dict[str, ProbeFn] = {
     "tls": tls.probe,
     "mtproto": mtproto.probe,
     "whatsapp": whatsapp.probe,
+    "quic": quic.probe,
+    "quic_vn": quic_vn.probe,
 }
