@@ -42,7 +42,7 @@ import ssl
 import sys
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -638,7 +638,7 @@ class ArchiveWriter:
             self._open()  # keep appending to some file even if the rename failed
         self._submit(lambda: self._after_rotation(target))
 
-    def _submit(self, job: Any) -> None:
+    def _submit(self, job: Callable[[], None]) -> None:
         self._pending = [f for f in self._pending if not f.done() or f.exception()]
         self._pending.append(self._background.submit(job))
 
