@@ -13,6 +13,7 @@ import re
 import socket
 import ssl
 
+import aiohttp
 import dns.exception
 import dns.message
 import dns.resolver
@@ -147,11 +148,28 @@ def classify_dns_error(exc: dns.exception.DNSException) -> str:
     return Failure.DNS_SERVER_MISBEHAVING
 
 
+def _unwrap_aiohttp(exc: BaseException) -> BaseException:
+    """The socket or TLS error an aiohttp connector error wraps (the DoH client's).
+
+    aiohttp's wrappers subclass OSError and even ssl.SSLCertVerificationError without
+    carrying their data (no ``verify_code``), so classify the original instead.
+    """
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return exc.certificate_error
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return exc.os_error
+    return exc
+
+
 def classify_exception(exc: BaseException) -> str:
     """Return the failure string for an exception raised by a network operation."""
+    exc = _unwrap_aiohttp(exc)
     if isinstance(exc, asyncio.TimeoutError | TimeoutError | socket.timeout):
         return Failure.GENERIC_TIMEOUT
     if isinstance(exc, asyncio.IncompleteReadError | EOFError):
+        return Failure.EOF
+    # aiohttp: the server closed before (all of) the response arrived
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
         return Failure.EOF
     if isinstance(exc, WireError):
         return Failure.BAD_RESPONSE

@@ -1,0 +1,515 @@
+"""DNS probe: resolve an endpoint's name (A and AAAA) through one resolver and judge the answer.
+
+The resolver is the target's ``resolver`` string:
+
+- ``system``: the OS stub (``getaddrinfo``), what apps on this vantage get;
+- ``udp:HOST:PORT`` / ``tcp:HOST:PORT``: a plain DNS resolver (HOST may be ``[v6]``);
+- ``doh:URL``: DNS over HTTPS (RFC 8484), the control a censor cannot tamper with.
+
+Over UDP every datagram from the resolver is kept until ``reply_window_s`` after
+the first one: an on-path injector's forged answer arrives first and the real
+one after it, and the pair is the evidence (dnspython's ``receive_udp`` returns
+only the first).  The first well-formed matching reply is the answer, as a stub
+resolver would take it.
+
+``dns_consistency()`` compares the results of several resolvers for one name
+(UDP vs TCP vs DoH vs system) and returns flags for the round runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import os
+import socket
+import ssl
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+import dns.message
+
+from ..classify import classify_exception
+from ..model import Failure, Operation, ProbeResult, Target, failure_kind
+from ..settings import ProbeSettings
+from ..wire import WireError
+from ..wire.dnsmsg import (
+    MAX_MESSAGE,
+    IPNetwork,
+    addresses,
+    build_query,
+    compare_answer_sets,
+    in_prefixes,
+    is_bogon,
+    matches_query,
+    parse_message,
+    rcode_text,
+)
+from .base import Recorder
+
+__all__ = ["QTYPES", "ResolverSpec", "dns_consistency", "parse_resolver", "probe"]
+
+QTYPES: tuple[str, ...] = ("A", "AAAA")
+DOH_CONTENT_TYPE = "application/dns-message"
+_MAX_UDP_REPLIES = 32  # evidence kept per query; a flood beyond this is dropped
+_GARBAGE_EVIDENCE = 32  # bytes of an unparsable reply kept as hex
+
+_RCODE_FAILURE: dict[str, Failure] = {
+    "NXDOMAIN": Failure.DNS_NXDOMAIN,
+    "SERVFAIL": Failure.DNS_SERVFAIL,
+    "REFUSED": Failure.DNS_REFUSED,
+}
+
+# When neither A nor AAAA produced an address, the result carries the most telling of
+# the two failures: a DNS-level verdict beats a transport symptom, and "the name has no
+# address" is only the verdict when both types said so.
+_RANK: tuple[str, ...] = (
+    Failure.DNS_NXDOMAIN,
+    Failure.DNS_REFUSED,
+    Failure.DNS_SERVFAIL,
+    Failure.DNS_SERVER_MISBEHAVING,
+    # anything else (connection_refused, ssl_*, eof_error, unknown_failure ...) ranks here
+    Failure.GENERIC_TIMEOUT,
+    Failure.DNS_NO_ANSWER,
+)
+_RANK_OTHER = _RANK.index(Failure.GENERIC_TIMEOUT) - 0.5
+
+
+# --- resolver strings ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolverSpec:
+    kind: Literal["system", "udp", "tcp", "doh"]
+    host: str = ""
+    port: int = 0
+    url: str = ""
+
+
+def parse_resolver(spec: str) -> ResolverSpec:
+    """Parse ``system``, ``udp:HOST:PORT``, ``tcp:HOST:PORT`` (``[v6]`` ok) or ``doh:URL``.
+
+    Raises ValueError on anything else: a config error the config validator should
+    catch by calling this at load time, not a network failure.
+    """
+    if spec == "system":
+        return ResolverSpec("system")
+    kind, sep, rest = spec.partition(":")
+    if not sep:
+        raise ValueError(f"resolver {spec!r}: want system, udp:, tcp: or doh:")
+    if kind == "doh":
+        if not rest.startswith("https://"):
+            raise ValueError(f"resolver {spec!r}: a DoH URL starts with https://")
+        return ResolverSpec("doh", url=rest)
+    if kind not in ("udp", "tcp"):
+        raise ValueError(f"resolver {spec!r}: unknown kind {kind!r}")
+    if rest.startswith("["):
+        host, bracket, port_text = rest[1:].partition("]:")
+        if not bracket:
+            raise ValueError(f"resolver {spec!r}: want [IPv6]:PORT")
+    else:
+        host, _, port_text = rest.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"resolver {spec!r}: write an IPv6 resolver as [ADDR]:PORT")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"resolver {spec!r}: want HOST:PORT with a port in 1-65535")
+    return ResolverSpec(kind, host=host, port=int(port_text))  # type: ignore[arg-type]
+
+
+# --- per-query outcome --------------------------------------------------------------------
+
+
+@dataclass
+class _Outcome:
+    """What one query (A or AAAA) came to: a reply's rcode and addresses, or an error."""
+
+    rcode: str | None = None
+    addresses: tuple[str, ...] = ()
+    error: str | None = None  # classified failure when no usable reply arrived
+    replies: list[dict[str, Any]] = field(default_factory=list)  # evidence
+    disagree: bool = False  # several matching replies that differ: injection
+
+    @property
+    def failure(self) -> str | None:
+        if self.error is not None:
+            return self.error
+        if self.rcode == "NOERROR":
+            return None if self.addresses else Failure.DNS_NO_ANSWER
+        return _RCODE_FAILURE.get(self.rcode or "", Failure.DNS_SERVER_MISBEHAVING)
+
+
+def _judge(
+    query: dns.message.Message, qname: str, qtype: str, raw: Sequence[tuple[float, bytes]]
+) -> _Outcome:
+    """Turn the replies received for one query into its outcome plus evidence."""
+    out = _Outcome()
+    matching: list[tuple[str, tuple[str, ...]]] = []
+    for delay, data in raw:
+        entry: dict[str, Any] = {"qtype": qtype, "delay_s": round(delay, 6)}
+        out.replies.append(entry)
+        try:
+            message = parse_message(data)
+        except WireError:
+            entry["garbage_hex"] = data[:_GARBAGE_EVIDENCE].hex()
+            continue
+        rcode, addrs = rcode_text(message), addresses(message, qname, qtype)
+        entry.update(rcode=rcode, answers=list(addrs))
+        if matches_query(query, message):
+            matching.append((rcode, addrs))
+        else:
+            entry["mismatch"] = True  # wrong transaction ID or question: not our answer
+    if matching:
+        out.rcode, out.addresses = matching[0]
+        out.disagree = len({(r, frozenset(a)) for r, a in matching}) > 1
+    elif raw:
+        out.error = Failure.DNS_SERVER_MISBEHAVING  # the resolver spoke, but never an answer
+    return out
+
+
+def _failed(exc: BaseException) -> _Outcome:
+    return _Outcome(error=classify_exception(exc))
+
+
+# --- UDP ----------------------------------------------------------------------------------
+
+
+class _Collector(asyncio.DatagramProtocol):
+    """Keeps every datagram (up to a bound) with its delay since the query was sent."""
+
+    def __init__(self) -> None:
+        self.sent_at = time.monotonic()
+        self.replies: list[tuple[float, bytes]] = []
+        self.error: OSError | None = None
+        self.heard = asyncio.Event()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if len(self.replies) < _MAX_UDP_REPLIES:
+            self.replies.append((time.monotonic() - self.sent_at, data))
+        self.heard.set()
+
+    def error_received(self, exc: Exception) -> None:
+        # On a connected socket an ICMP port unreachable arrives here (ECONNREFUSED).
+        if self.error is None and isinstance(exc, OSError):
+            self.error = exc
+        self.heard.set()
+
+
+async def _udp_query(r: ResolverSpec, qname: str, qtype: str, settings: ProbeSettings) -> _Outcome:
+    query = build_query(qname, qtype)
+    loop = asyncio.get_running_loop()
+    try:
+        # A connected socket: the kernel drops datagrams from other addresses (an
+        # injector spoofs the resolver's, so it still gets through) and reports ICMP.
+        transport, proto = await loop.create_datagram_endpoint(
+            _Collector, remote_addr=(r.host, r.port)
+        )
+    except OSError as exc:
+        return _failed(exc)
+    try:
+        proto.sent_at = time.monotonic()
+        transport.sendto(query.to_wire())
+        try:
+            async with asyncio.timeout(settings.timeouts.dns_s):
+                await proto.heard.wait()
+        except TimeoutError as exc:
+            return _failed(exc)
+        if proto.replies:
+            # The point of this probe: keep listening for a second, differing answer.
+            await asyncio.sleep(settings.resolvers.reply_window_s)
+    finally:
+        transport.close()
+    if not proto.replies and proto.error is not None:
+        return _failed(proto.error)
+    return _judge(query, qname, qtype, proto.replies)
+
+
+# --- TCP ----------------------------------------------------------------------------------
+
+
+async def _tcp_exchange(host: str, port: int, wire: bytes) -> bytes:
+    """One RFC 1035 length-prefixed exchange; the prefix bounds the read to 64 KiB."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        await writer.drain()
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        return await reader.readexactly(size)
+    finally:
+        writer.close()
+        # the peer's reset on close changes nothing about what we read
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _tcp_query(r: ResolverSpec, qname: str, qtype: str, settings: ProbeSettings) -> _Outcome:
+    query = build_query(qname, qtype)
+    start = time.monotonic()
+    try:
+        async with asyncio.timeout(settings.timeouts.dns_s):
+            data = await _tcp_exchange(r.host, r.port, query.to_wire())
+    except (OSError, TimeoutError, EOFError) as exc:
+        return _failed(exc)
+    return _judge(query, qname, qtype, [(time.monotonic() - start, data)])
+
+
+# --- DoH ----------------------------------------------------------------------------------
+
+
+def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """System trust store, plus the configured CA file (the lab's) as an extra anchor."""
+    stamp = os.stat(ca_file).st_mtime_ns if ca_file else 0
+    return _cached_ssl_context(ca_file, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_ssl_context(ca_file: str | None, _stamp: int) -> ssl.SSLContext:
+    # Loading the system store costs ~0.2 s of CPU: once per CA file version, not per probe.
+    ctx = ssl.create_default_context()
+    if ca_file:
+        ctx.load_verify_locations(ca_file)
+    return ctx
+
+
+async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """The body, or None once it exceeds ``limit`` (a giant reply must not eat memory)."""
+    body = bytearray()
+    while True:  # each turn adds at least one byte or ends: at most limit + 1 turns
+        chunk = await stream.read(limit + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > limit:
+            return None
+
+
+async def _doh_query(session: aiohttp.ClientSession, url: str, qname: str, qtype: str) -> _Outcome:
+    # RFC 8484 suggests ID 0 for cacheability; POST is not cached, so a random ID
+    # keeps the reply-matching check meaningful.
+    query = build_query(qname, qtype)
+    headers = {"Content-Type": DOH_CONTENT_TYPE, "Accept": DOH_CONTENT_TYPE}
+    start = time.monotonic()
+    try:
+        async with session.post(url, data=query.to_wire(), headers=headers) as resp:
+            status, content_type = resp.status, resp.content_type
+            body = await _read_bounded(resp.content, MAX_MESSAGE)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return _failed(exc)
+    delay = time.monotonic() - start
+    if status != 200 or content_type != DOH_CONTENT_TYPE or body is None:
+        evidence = {"qtype": qtype, "delay_s": round(delay, 6), "http_status": status}
+        evidence["content_type"] = content_type
+        if body is None:
+            evidence["oversized"] = True
+        return _Outcome(error=Failure.DNS_SERVER_MISBEHAVING, replies=[evidence])
+    out = _judge(query, qname, qtype, [(delay, body)])
+    for entry in out.replies:
+        entry["http_status"] = status
+    return out
+
+
+# --- the resolvers ------------------------------------------------------------------------
+
+_Resolve = Callable[[ResolverSpec, str, ProbeSettings], Awaitable[dict[str, _Outcome]]]
+
+
+async def _each_qtype(
+    query: Callable[[str], Awaitable[_Outcome]],
+) -> dict[str, _Outcome]:
+    outcomes = await asyncio.gather(*(query(qt) for qt in QTYPES))
+    return dict(zip(QTYPES, outcomes, strict=True))
+
+
+async def _resolve_udp(r: ResolverSpec, qname: str, settings: ProbeSettings) -> dict[str, _Outcome]:
+    return await _each_qtype(lambda qt: _udp_query(r, qname, qt, settings))
+
+
+async def _resolve_tcp(r: ResolverSpec, qname: str, settings: ProbeSettings) -> dict[str, _Outcome]:
+    return await _each_qtype(lambda qt: _tcp_query(r, qname, qt, settings))
+
+
+async def _resolve_doh(r: ResolverSpec, qname: str, settings: ProbeSettings) -> dict[str, _Outcome]:
+    connector = aiohttp.TCPConnector(ssl=_ssl_context(settings.tls.ca_file))
+    timeout = aiohttp.ClientTimeout(total=settings.timeouts.dns_s)
+    # trust_env=False: a proxy from the environment would measure the proxy's path.
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, trust_env=False
+    ) as session:
+        return await _each_qtype(lambda qt: _doh_query(session, r.url, qname, qt))
+
+
+async def _resolve_system(
+    r: ResolverSpec, qname: str, settings: ProbeSettings
+) -> dict[str, _Outcome]:
+    loop = asyncio.get_running_loop()
+    # An IP literal needs no lookup: AI_NUMERICHOST guarantees no DNS query leaves, and
+    # the other family simply has no address (as NOERROR without data would say).
+    version = _ip_version(qname)
+    flags = socket.AI_NUMERICHOST if version else 0
+
+    async def lookup(family: socket.AddressFamily) -> _Outcome:
+        if version and version != (4 if family == socket.AF_INET else 6):
+            return _Outcome(rcode="NOERROR")
+        try:
+            infos = await loop.getaddrinfo(
+                qname, None, family=family, type=socket.SOCK_STREAM, flags=flags
+            )
+        except OSError as exc:  # socket.gaierror: classified by its EAI_* code
+            return _failed(exc)
+        found = tuple(dict.fromkeys(str(info[4][0]) for info in infos))
+        return _Outcome(rcode="NOERROR", addresses=found)
+
+    try:
+        # getaddrinfo runs in a thread that cannot be cancelled; the timeout only
+        # stops us waiting for it.
+        async with asyncio.timeout(settings.timeouts.dns_s):
+            v4, v6 = await asyncio.gather(lookup(socket.AF_INET), lookup(socket.AF_INET6))
+    except TimeoutError as exc:
+        return {qt: _failed(exc) for qt in QTYPES}
+    return {"A": v4, "AAAA": v6}
+
+
+def _ip_version(host: str) -> int:
+    """4 or 6 for an IP literal, 0 for a name."""
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return 0
+
+
+_RESOLVERS: dict[str, _Resolve] = {
+    "system": _resolve_system,
+    "udp": _resolve_udp,
+    "tcp": _resolve_tcp,
+    "doh": _resolve_doh,
+}
+
+
+# --- the probe ----------------------------------------------------------------------------
+
+
+def _rank(failure: str) -> float:
+    return _RANK.index(failure) if failure in _RANK else _RANK_OTHER
+
+
+async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
+    """Resolve ``target.endpoint.host`` (A and AAAA) via ``target.resolver``."""
+    rec = Recorder(target)
+    resolver = target.resolver or "system"
+    spec = parse_resolver(resolver)
+    qname = target.endpoint.host
+    rec.details["resolver"] = resolver
+    with rec.phase("resolve"):
+        outcomes = await _RESOLVERS[spec.kind](spec, qname, settings)
+    return _finish(rec, target.endpoint.prefixes, outcomes, with_replies=spec.kind != "system")
+
+
+def _finish(
+    rec: Recorder,
+    prefixes: Sequence[IPNetwork],
+    outcomes: dict[str, _Outcome],
+    *,
+    with_replies: bool,
+) -> ProbeResult:
+    answers = {qt: list(o.addresses) for qt, o in outcomes.items()}
+    rec.details["answers"] = answers
+    rec.details["rcodes"] = {qt: o.rcode for qt, o in outcomes.items() if o.rcode}
+    # Rcodes tell the DNS-level story; these are the queries that got no usable reply.
+    errors = {qt: str(o.error) for qt, o in outcomes.items() if o.error}
+    if errors:
+        rec.details["errors"] = errors
+    if with_replies:
+        rec.details["replies"] = [entry for o in outcomes.values() for entry in o.replies]
+    if any(o.disagree for o in outcomes.values()):
+        rec.flag("dns_injection_suspected")
+    found = [a for qt in QTYPES for a in answers[qt]]
+    if not found:
+        failure = min((o.failure or Failure.DNS_NO_ANSWER for o in outcomes.values()), key=_rank)
+        return rec.fail(failure, Operation.RESOLVE)
+    if prefixes and any(not in_prefixes(a, prefixes) for a in found):
+        rec.flag("dns_answer_outside_prefixes")
+    # A bogon inside the service's own prefixes is legitimate (lab services live on 127/8).
+    bogons = [a for a in found if is_bogon(a) and not in_prefixes(a, prefixes)]
+    if bogons:
+        rec.details["bogons"] = bogons
+        return rec.fail(Failure.DNS_BOGON, Operation.RESOLVE)
+    return rec.ok()
+
+
+# --- consistency across resolvers ---------------------------------------------------------
+
+# Results whose resolver gave a verdict on the name; a timeout, SERVFAIL or refused
+# connection says nothing about what the name resolves to and is left out.
+_NEGATIVE = frozenset({Failure.DNS_NXDOMAIN, Failure.DNS_NO_ANSWER})
+_CONSISTENCY_FLAGS: tuple[str, ...] = (
+    "dns_udp_tcp_mismatch",
+    "dns_doh_mismatch",
+    "dns_system_mismatch",
+    "dns_resolver_mismatch",
+)
+
+
+def _answer_set(result: ProbeResult) -> frozenset[str] | None:
+    if result.skipped is not None:
+        return None
+    kind = failure_kind(result.failure)
+    if kind in _NEGATIVE:
+        return frozenset()
+    if result.ok or kind == Failure.DNS_BOGON:
+        answers = result.details.get("answers", {})
+        return frozenset(a for qt in QTYPES for a in answers.get(qt, ()))
+    return None
+
+
+def _mismatch_flag(a: str, b: str) -> str:
+    kinds = {a, b}
+    if kinds == {"udp", "tcp"}:
+        return "dns_udp_tcp_mismatch"
+    if len(kinds) == 2 and "doh" in kinds:
+        return "dns_doh_mismatch"
+    if len(kinds) == 2 and "system" in kinds:
+        return "dns_system_mismatch"
+    return "dns_resolver_mismatch"  # two resolvers of the same kind
+
+
+def _resolver_kind(result: ProbeResult) -> str:
+    try:
+        return parse_resolver(result.target.resolver or "system").kind
+    except ValueError:
+        return "unknown"
+
+
+def dns_consistency(results: Sequence[ProbeResult]) -> tuple[str, ...]:
+    """Flags for resolvers whose answers for the same name disagree.
+
+    Results are grouped by service and host name; within a group every pair of
+    results that carry a verdict (addresses, NXDOMAIN or NOERROR-no-data) is
+    compared with `compare_answer_sets` using the endpoint's declared prefixes
+    (see its docstring for the CDN rule).  The flag names the resolver kinds:
+    ``dns_udp_tcp_mismatch`` (censor behaviour B1), ``dns_doh_mismatch`` (DoH is
+    the control), ``dns_system_mismatch``, ``dns_resolver_mismatch`` (same kind).
+    """
+    groups: dict[tuple[str, str], list[ProbeResult]] = defaultdict(list)
+    for result in results:
+        if result.target.probe == "dns":
+            host = result.target.endpoint.host.lower().rstrip(".")
+            groups[(result.target.service, host)].append(result)
+    flags: set[str] = set()
+    for group in groups.values():
+        flags.update(_group_flags(group))
+    return tuple(f for f in _CONSISTENCY_FLAGS if f in flags)
+
+
+def _group_flags(group: Iterable[ProbeResult]) -> set[str]:
+    judged = [(r, s) for r in group if (s := _answer_set(r)) is not None]
+    prefixes = tuple(p for r, _ in judged for p in r.target.endpoint.prefixes)
+    flags: set[str] = set()
+    for i, (ra, sa) in enumerate(judged):
+        for rb, sb in judged[i + 1 :]:
+            if not compare_answer_sets(sa, sb, prefixes).consistent:
+                flags.add(_mismatch_flag(_resolver_kind(ra), _resolver_kind(rb)))
+    return flags
