@@ -7,7 +7,7 @@ line here.
 
 from __future__ import annotations
 
-from . import dns, mtproto, quic, quic_vn, stun, tcp, tls, whatsapp
+from . import dns, mtproto, quic, quic_vn, stun, tcp, tls, transfer, whatsapp
 from .base import ProbeFn
 
 PROBES: dict[str, ProbeFn] = {
@@ -19,4 +19,5 @@ PROBES: dict[str, ProbeFn] = {
     "quic": quic.probe,
     "quic_vn": quic_vn.probe,
     "stun": stun.probe,
+    "transfer": transfer.probe,
 }

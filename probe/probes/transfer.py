@@ -1,0 +1,676 @@
+"""Bulk transfer probe: HTTPS download (and optional upload) over several fresh connections,
+to catch throttling (FIELD.md B6) and the "16-20 KB freeze" (B7).
+
+Each of ``params.connections`` connections, one after the other: TCP connect to
+``target.address`` (the IP, never a re-resolved name), a verifying TLS handshake with
+SNI/Host = ``target.server_name`` (``params.sni`` overrides), ``GET params.path``, then
+count the body up to ``params.max_bytes``.  B7 hits some connections and not others, so
+one sample proves little; the per-connection records and the stalled fraction are the data.
+
+Why a hand-written HTTP/1.1 client over a raw socket and ``ssl.MemoryBIO`` instead of
+aiohttp: the B7 signature is a byte count of *server->client TCP payload* (handshake
+included) at which the flow stops.  aiohttp and asyncio's SSL transport hide both the
+wire bytes and the timing of each TCP piece; here every piece is counted and timed as it
+leaves the kernel, and TLS records are decrypted by us.  The HTTP codec is sans-IO
+(`probe.wire.http1`).
+
+Clocks (``settings.timeouts``): the whole connection is bounded by ``transfer_s``
+(connect and handshake also by ``connect_s`` / ``tls_s``).  After the request: up to
+``app_s`` for the first TCP byte back, then a *stall* is ``stall_s`` without a new TCP
+byte before the expected end of the body.  The stall clock runs on wire bytes, not on
+decrypted body bytes, because a real freeze usually stops the flow in the middle of a
+16 KB TLS record: zero body bytes may have been decrypted although 15 KB arrived.
+A transfer still flowing when ``transfer_s`` runs out is not a failure: its throughput
+is measured over what arrived (``outcome: deadline``).
+
+Verdict (documented in docs/probes/transfer.md):
+
+- ``stall_after_bytes`` (ours), read: at least one connection stalled with at most
+  ``params.stall_max_bytes`` (64 KiB) server->client wire bytes received: the B7 window.
+- any other failure of a connection, first one wins: connect / TLS failures as classified
+  by `probe.classify` (they end the probe: later connections would hit the same wall);
+  a stall beyond the window -> ``generic_timeout_error`` (read); RST -> ``connection_reset``;
+  FIN before the end -> ``eof_error``; not HTTP -> ``bad_response``.
+- ``throttled`` (ours): every connection completed but the median throughput of those
+  with at least ``params.throttle_min_bytes`` of body is below ``params.throttle_kbps``
+  (read; write when only the upload is slow).
+- ok otherwise; ``transfer_too_small_to_measure`` flags a body too small to judge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import os
+import socket
+import ssl
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from ..classify import classify_exception
+from ..model import Failure, Operation, ProbeResult, Target
+from ..settings import ProbeSettings, Timeouts
+from ..wire import WireError
+from ..wire.http1 import (
+    ChunkedDecoder,
+    Framing,
+    ResponseHead,
+    build_request,
+    framing,
+    head_end,
+    parse_response_head,
+)
+from .base import Recorder
+from .tcp import connect, require_address
+from .tls import client_context, server_names
+
+__all__ = ["ConnectionRecord", "TransferParams", "parse_params", "probe"]
+
+KIB = 1024
+_READ = 64 * KIB  # bytes per recv(): many TCP segments, never more than this in memory
+_UPLOAD_CHUNK = 16 * KIB
+_UPLOAD_REPLY_MAX = 64 * KIB  # the sink's answer is a line; never read more than this
+_MAX_INTERIM = 4  # 1xx responses tolerated before the real one
+
+
+@dataclass(frozen=True)
+class TransferParams:
+    path: str = "/"
+    connections: int = 3
+    max_bytes: int = 1024 * KIB
+    upload_bytes: int = 0
+    upload_path: str | None = None  # default: `path`
+    throttle_kbps: float = 300.0
+    throttle_min_bytes: int = 64 * KIB
+    stall_max_bytes: int = 64 * KIB
+
+
+_PARAM_KEYS = frozenset({"sni", *TransferParams.__dataclass_fields__})
+
+
+def _int_param(params: Mapping[str, Any], name: str, lo: int, hi: int) -> int:
+    value = params.get(name, getattr(TransferParams, name))
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"transfer: {name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _path_param(params: Mapping[str, Any], name: str, default: str | None) -> str | None:
+    value = params.get(name, default)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"transfer: {name} must be a path starting with '/', got {value!r}")
+    build_request("GET", value, "check")  # same rule the request builder enforces
+    return value
+
+
+def parse_params(params: Mapping[str, Any]) -> TransferParams:
+    """Validate ``params`` (strict: unknown keys are errors); for the config validator too."""
+    unknown = sorted(set(params) - _PARAM_KEYS)
+    if unknown:
+        raise ValueError(f"transfer: unknown params {unknown}")
+    throttle = params.get("throttle_kbps", TransferParams.throttle_kbps)
+    if isinstance(throttle, bool) or not isinstance(throttle, int | float) or throttle <= 0:
+        raise ValueError(f"transfer: throttle_kbps must be a number > 0, got {throttle!r}")
+    return TransferParams(
+        path=_path_param(params, "path", "/") or "/",
+        connections=_int_param(params, "connections", 1, 20),
+        max_bytes=_int_param(params, "max_bytes", 1, 1024 * 1024 * KIB),
+        upload_bytes=_int_param(params, "upload_bytes", 0, 64 * 1024 * KIB),
+        upload_path=_path_param(params, "upload_path", None),
+        throttle_kbps=float(throttle),
+        throttle_min_bytes=_int_param(params, "throttle_min_bytes", 1, 1024 * 1024 * KIB),
+        stall_max_bytes=_int_param(params, "stall_max_bytes", 1, 1024 * 1024 * KIB),
+    )
+
+
+Outcome = Literal["complete", "limit", "deadline", "stalled", "failed"]
+
+
+@dataclass
+class ConnectionRecord:
+    """What one connection saw.  ``wire_bytes`` = server->client TCP payload, TLS included."""
+
+    index: int
+    direction: Literal["download", "upload"]
+    outcome: Outcome = "failed"
+    failure: str | None = None
+    failed_operation: Operation | None = None
+    stage: str | None = None  # where a read failed: first_byte | head | body
+    connect_s: float | None = None
+    tls_s: float | None = None
+    ttfb_s: float | None = None  # request written -> first decrypted response byte
+    duration_s: float = 0.0
+    status: int | None = None
+    framing: str | None = None
+    content_length: int | None = None
+    body_bytes: int = 0
+    wire_bytes: int = 0
+    handshake_wire_bytes: int | None = None
+    response_wire_bytes: int = 0  # wire bytes after the request was written
+    stalled_at_bytes: int | None = None  # body bytes when the flow stopped
+    stalled_at_wire_bytes: int | None = None
+    kbps: float | None = None  # server->client, over the response's wire bytes
+    upload_bytes: int | None = None
+    upload_kbps: float | None = None
+    eof: str | None = None  # close_notify | ragged (FIN without close_notify)
+
+    @property
+    def measured(self) -> bool:
+        """A throughput we can trust: completed, cut by max_bytes or by the deadline."""
+        return self.outcome in ("complete", "limit", "deadline")
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if value is None:
+                continue
+            out[key] = round(value, 4) if isinstance(value, float) else value
+        if self.failed_operation is not None:
+            out["failed_operation"] = str(self.failed_operation)
+        return out
+
+
+class _Failed(Exception):
+    """Ends one connection with a classified failure (or a stall)."""
+
+    def __init__(
+        self, failure: str, operation: Operation, stage: str | None = None, *, stalled: bool = False
+    ) -> None:
+        super().__init__(failure)
+        self.failure = str(failure)
+        self.operation = operation
+        self.stage = stage
+        self.stalled = stalled
+
+
+class _Timeout(Exception):
+    """A read timed out; ``clock`` says which limit bound: first_byte, stall or deadline."""
+
+    def __init__(self, clock: str) -> None:
+        super().__init__(clock)
+        self.clock = clock
+
+
+class _TLSConn:
+    """Client TLS through memory BIOs over a raw non-blocking socket.
+
+    Counts and timestamps every piece of TCP payload from the server (``wire_in``);
+    ``mark()`` starts the response window used for first-byte, stall and throughput.
+    """
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, verify_name: str) -> None:
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self._in, self._out, server_hostname=verify_name)
+        self.wire_in = 0
+        self.t_last_wire = 0.0
+        self.eof: str | None = None
+        self._raw_eof = False
+        self._mark_wire = 0
+        self.marked = False
+        self.t_first_piece: float | None = None  # first TCP piece after mark()
+        self._wire_after_first_piece = 0
+
+    @property
+    def response_wire(self) -> int:
+        return self.wire_in - self._mark_wire
+
+    def mark(self) -> None:
+        self._mark_wire = self.wire_in
+        self.marked = True
+        self.t_first_piece = None
+
+    def kbps(self) -> float | None:
+        """Rate of the response's wire bytes, the first piece excluded (it arrived 'at once')."""
+        if self.t_first_piece is None:
+            return None
+        elapsed = self.t_last_wire - self.t_first_piece
+        moved = self.wire_in - self._wire_after_first_piece
+        return moved * 8 / 1000 / elapsed if elapsed > 0 and moved > 0 else None
+
+    async def handshake(self, within_s: float) -> None:
+        async with asyncio.timeout(within_s):
+            while True:
+                try:
+                    self.tls.do_handshake()
+                except ssl.SSLWantReadError:
+                    await self._flush()
+                    await self._receive()
+                    continue
+                except ssl.SSLError:
+                    self._flush_nowait()  # our alert tells the server why; best effort
+                    raise
+                await self._flush()  # TLS 1.3: our Finished is still in the BIO
+                return
+
+    async def send(self, data: bytes, within_s: float) -> None:
+        self.tls.write(data)
+        async with asyncio.timeout(within_s):
+            await self._flush()
+
+    async def recv(self, budget: Callable[[], float]) -> bytes:
+        """The next decrypted piece, ``b""`` at EOF.
+
+        ``budget()`` is asked before each TCP read how long it may wait; TimeoutError when
+        it passes.  Bounded: each pass either returns or consumes one TCP piece or EOF.
+        """
+        while True:
+            try:
+                data = self.tls.read(_READ)
+            except ssl.SSLWantReadError:
+                async with asyncio.timeout(budget()):
+                    await self._receive()
+                continue
+            except ssl.SSLZeroReturnError:
+                self.eof = "close_notify"
+                return b""
+            except ssl.SSLEOFError:
+                self.eof = "ragged"
+                return b""
+            if not data:
+                self.eof = self.eof or "close_notify"
+            return data
+
+    async def _flush(self) -> None:
+        data = self._out.read()
+        if data:
+            await self._loop.sock_sendall(self._sock, data)
+
+    def _flush_nowait(self) -> None:
+        try:
+            data = self._out.read()
+            if data:
+                self._sock.send(data)
+        except OSError:
+            pass
+
+    async def _receive(self) -> None:
+        if self._raw_eof:  # OpenSSL wants more after EOF: never spin on a closed socket
+            raise EOFError("peer closed the connection")
+        data = await self._loop.sock_recv(self._sock, _READ)
+        if not data:
+            self._raw_eof = True
+            self._in.write_eof()  # OpenSSL then reports close_notify or a ragged EOF
+            return
+        now = time.monotonic()
+        self.wire_in += len(data)
+        self.t_last_wire = now
+        if self.marked and self.t_first_piece is None and self.response_wire > 0:
+            self.t_first_piece = now
+            self._wire_after_first_piece = self.wire_in
+        self._in.write(data)
+
+
+class _Reader:
+    """Decrypted pieces of one response under the probe's three clocks."""
+
+    def __init__(
+        self,
+        conn: _TLSConn,
+        deadline: float,
+        first_byte_s: float,
+        stall_s: float,
+        *,
+        stall_from_plaintext: bool,
+    ) -> None:
+        conn.mark()
+        self.conn = conn
+        self.deadline = deadline
+        self.t_sent = time.monotonic()
+        self.first_byte_by = self.t_sent + first_byte_s
+        self.stall_s = stall_s
+        # uploads: bytes still queued in buffers may take long to drain, so the stall clock
+        # starts only once the server has answered, not at the first TCP byte back
+        self.stall_from_plaintext = stall_from_plaintext
+        self.t_first_plaintext: float | None = None
+        self.clock = "deadline"
+
+    def _budget(self) -> float:
+        now = time.monotonic()
+        left = self.deadline - now
+        started = (
+            self.t_first_plaintext is not None
+            if self.stall_from_plaintext
+            else self.conn.response_wire > 0
+        )
+        clock, limit = (
+            ("stall", self.stall_s) if started else ("first_byte", self.first_byte_by - now)
+        )
+        if left <= limit:
+            self.clock = "deadline"
+            return max(left, 0.0)
+        self.clock = clock
+        return limit
+
+    async def next(self) -> bytes:
+        try:
+            data = await self.conn.recv(self._budget)
+        except TimeoutError:
+            raise _Timeout(self.clock) from None
+        except (OSError, EOFError) as exc:  # RST, TLS alert or bad record mid-stream
+            raise _Failed(classify_exception(exc), Operation.READ) from exc
+        if data and self.t_first_plaintext is None:
+            self.t_first_plaintext = time.monotonic()
+        return data
+
+
+class _BodyCounter:
+    """Counts body bytes under the response's framing; ``done`` at the framed end."""
+
+    def __init__(self, fr: Framing) -> None:
+        self.fr = fr
+        self._remaining = fr.length if fr.kind == "length" else None
+        self._chunked = ChunkedDecoder() if fr.kind == "chunked" else None
+
+    @property
+    def done(self) -> bool:
+        if self._chunked is not None:
+            return self._chunked.done
+        return self._remaining == 0
+
+    def feed(self, data: bytes) -> int:
+        if self._chunked is not None:
+            return self._chunked.feed(data)
+        if self._remaining is None:
+            return len(data)
+        take = min(self._remaining, len(data))
+        self._remaining -= take
+        return take
+
+
+def _host_header(name: str, port: int) -> str:
+    try:
+        literal = ipaddress.ip_address(name)
+    except ValueError:
+        host = name
+    else:
+        host = f"[{literal}]" if literal.version == 6 else str(literal)
+    return host if port == 443 else f"{host}:{port}"
+
+
+class _Transfer:
+    """One probe run: the target, the clocks and the TLS context shared by its connections."""
+
+    def __init__(self, target: Target, settings: ProbeSettings, params: TransferParams) -> None:
+        self.address, self.port = require_address(target)
+        self.sni, self.verify_name = server_names(target)
+        self.host = _host_header(self.sni or self.verify_name, self.port)
+        self.ctx = client_context(settings.tls.ca_file, ("http/1.1",))
+        self.t: Timeouts = settings.timeouts
+        self.p = params
+
+    async def download(self, index: int) -> ConnectionRecord:
+        rec = ConnectionRecord(index, "download")
+        request = build_request("GET", self.p.path, self.host)
+
+        async def exchange(conn: _TLSConn, deadline: float) -> None:
+            await self._send(conn, request, deadline, self.t.app_s)
+            reader = _Reader(
+                conn, deadline, self.t.app_s, self.t.stall_s, stall_from_plaintext=False
+            )
+            await self._response(rec, reader, "GET", self.p.max_bytes)
+
+        return await self._connection(rec, exchange)
+
+    async def upload(self, index: int) -> ConnectionRecord:
+        rec = ConnectionRecord(index, "upload")
+        size = self.p.upload_bytes
+        head = build_request(
+            "POST", self.p.upload_path or self.p.path, self.host, content_length=size
+        )
+
+        async def exchange(conn: _TLSConn, deadline: float) -> None:
+            await self._send(conn, head, deadline, self.t.app_s)
+            block = os.urandom(_UPLOAD_CHUNK)  # incompressible, though TLS hides it anyway
+            t_start = time.monotonic()
+            sent = 0
+            while sent < size:  # bounded: each pass sends >= 1 byte or raises
+                chunk = block[: min(_UPLOAD_CHUNK, size - sent)]
+                await self._send(conn, chunk, deadline, self.t.stall_s)
+                sent += len(chunk)
+                rec.upload_bytes = sent
+            reader = _Reader(conn, deadline, math.inf, self.t.stall_s, stall_from_plaintext=True)
+            await self._response(rec, reader, "POST", _UPLOAD_REPLY_MAX)
+            if reader.t_first_plaintext is not None and reader.t_first_plaintext > t_start:
+                # the sink answers after reading everything: this is end-to-end upstream rate
+                rec.upload_kbps = size * 8 / 1000 / (reader.t_first_plaintext - t_start)
+
+        return await self._connection(rec, exchange)
+
+    async def _connection(
+        self, rec: ConnectionRecord, exchange: Callable[[_TLSConn, float], Awaitable[None]]
+    ) -> ConnectionRecord:
+        t0 = time.monotonic()
+        deadline = t0 + self.t.transfer_s
+        sock: socket.socket | None = None
+        conn: _TLSConn | None = None
+        try:
+            sock = await self._connect(rec, deadline)
+            conn = _TLSConn(sock, self.ctx, self.verify_name)
+            await self._handshake(rec, conn, deadline)
+            await exchange(conn, deadline)
+        except _Failed as failed:
+            rec.outcome = "stalled" if failed.stalled else "failed"
+            rec.failure, rec.failed_operation = failed.failure, failed.operation
+            rec.stage = rec.stage or failed.stage
+        finally:
+            rec.duration_s = time.monotonic() - t0
+            if conn is not None:
+                rec.wire_bytes = conn.wire_in
+                rec.response_wire_bytes = conn.response_wire if conn.marked else 0
+                # an upload's reply is a line: its rate says nothing, upload_kbps does
+                rec.kbps = conn.kbps() if rec.direction == "download" else None
+                rec.eof = conn.eof
+            if sock is not None:
+                sock.close()  # FIN (RST if unread data remains): we are done either way
+        return rec
+
+    async def _connect(self, rec: ConnectionRecord, deadline: float) -> socket.socket:
+        start = time.monotonic()
+        try:
+            return await connect(self.address, self.port, _left(deadline, self.t.connect_s))
+        except OSError as exc:  # TimeoutError included
+            raise _Failed(classify_exception(exc), Operation.CONNECT) from exc
+        finally:
+            rec.connect_s = time.monotonic() - start
+
+    async def _handshake(self, rec: ConnectionRecord, conn: _TLSConn, deadline: float) -> None:
+        start = time.monotonic()
+        try:
+            await conn.handshake(_left(deadline, self.t.tls_s))
+        except (OSError, EOFError) as exc:  # SSLError and TimeoutError are OSErrors
+            raise _Failed(classify_exception(exc), Operation.TLS_HANDSHAKE) from exc
+        finally:
+            rec.tls_s = time.monotonic() - start
+            rec.handshake_wire_bytes = conn.wire_in
+
+    async def _send(self, conn: _TLSConn, data: bytes, deadline: float, limit: float) -> None:
+        try:
+            await conn.send(data, _left(deadline, limit))
+        except (OSError, ssl.SSLError) as exc:
+            raise _Failed(classify_exception(exc), Operation.WRITE) from exc
+
+    async def _response(
+        self, rec: ConnectionRecord, reader: _Reader, method: str, max_bytes: int
+    ) -> None:
+        try:
+            head, rest = await self._head(rec, reader)
+            await self._body(rec, reader, head, rest, method, max_bytes)
+        except _Timeout as timeout:
+            self._timed_out(rec, reader, timeout.clock)
+        except _Failed as failed:
+            failed.stage = failed.stage or ("body" if rec.status is not None else "head")
+            raise
+        except WireError as exc:
+            stage = "body" if rec.status is not None else "head"
+            raise _Failed(Failure.BAD_RESPONSE, Operation.READ, stage) from exc
+
+    async def _head(self, rec: ConnectionRecord, reader: _Reader) -> tuple[ResponseHead, bytes]:
+        buf = bytearray()
+        interim = 0
+        while True:  # bounded: head_end() caps the head size, _MAX_INTERIM the 1xx count
+            end = head_end(bytes(buf))
+            if end is None:
+                data = await reader.next()
+                if not data:
+                    raise _Failed(Failure.EOF, Operation.READ, "head")
+                if rec.ttfb_s is None:
+                    rec.ttfb_s = time.monotonic() - reader.t_sent
+                buf += data
+                continue
+            head = parse_response_head(bytes(buf[:end]))
+            del buf[:end]
+            if 100 <= head.status < 200 and head.status != 101:
+                interim += 1
+                if interim > _MAX_INTERIM:
+                    raise WireError("too many interim (1xx) responses")
+                continue
+            return head, bytes(buf)
+
+    async def _body(
+        self,
+        rec: ConnectionRecord,
+        reader: _Reader,
+        head: ResponseHead,
+        rest: bytes,
+        method: str,
+        max_bytes: int,
+    ) -> None:
+        fr = framing(head, request_method=method)
+        rec.status, rec.framing, rec.content_length = head.status, fr.kind, fr.length
+        counter = _BodyCounter(fr)
+        rec.body_bytes = counter.feed(rest)
+        while not counter.done and rec.body_bytes < max_bytes:
+            data = await reader.next()  # bounded by the clocks; each piece is >= 1 byte
+            if not data:
+                if fr.kind == "close":
+                    break  # the end of a close-delimited body
+                raise _Failed(Failure.EOF, Operation.READ, "body")
+            rec.body_bytes += counter.feed(data)
+        # the framed end, or the EOF of a close-delimited body; otherwise we stopped at max
+        rec.outcome = "complete" if counter.done or rec.body_bytes < max_bytes else "limit"
+
+    def _timed_out(self, rec: ConnectionRecord, reader: _Reader, clock: str) -> None:
+        """Turn a read timeout into an outcome: first-byte timeout, stall, or deadline."""
+        stage = "body" if rec.status is not None else "head"
+        if clock == "first_byte":
+            raise _Failed(Failure.GENERIC_TIMEOUT, Operation.READ, "first_byte")
+        if clock == "deadline":
+            if rec.status is not None:
+                rec.outcome = "deadline"  # still flowing: measured, not failed
+                return
+            raise _Failed(Failure.GENERIC_TIMEOUT, Operation.READ, stage)
+        rec.stalled_at_bytes = rec.body_bytes
+        rec.stalled_at_wire_bytes = reader.conn.wire_in
+        in_window = reader.conn.wire_in <= self.p.stall_max_bytes
+        failure = Failure.STALL_AFTER_BYTES if in_window else Failure.GENERIC_TIMEOUT
+        raise _Failed(failure, Operation.READ, stage, stalled=True)
+
+
+def _left(deadline: float, limit: float) -> float:
+    return max(0.0, min(limit, deadline - time.monotonic()))
+
+
+def _ends_probe(rec: ConnectionRecord) -> bool:
+    """Connect and TLS failures stop the run: further connections hit the same wall."""
+    return rec.failed_operation in (Operation.CONNECT, Operation.TLS_HANDSHAKE)
+
+
+async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
+    """Download (and optionally upload) over fresh TLS connections; judge stalls and rate."""
+    rec = Recorder(target)
+    params = parse_params(target.params)
+    run = _Transfer(target, settings, params)
+    rec.details.update(sni=run.sni, path=params.path)
+    downloads: list[ConnectionRecord] = []
+    for index in range(params.connections):  # sequential: one flow at a time, like a client
+        downloads.append(await run.download(index))
+        if _ends_probe(downloads[-1]):
+            break
+    uploads: list[ConnectionRecord] = []
+    if params.upload_bytes and not _ends_probe(downloads[-1]):
+        for index in range(params.connections):
+            uploads.append(await run.upload(index))
+            if _ends_probe(uploads[-1]):
+                break
+    _phases(rec, downloads[0])
+    return _verdict(rec, params, downloads, uploads)
+
+
+def _phases(rec: Recorder, first: ConnectionRecord) -> None:
+    for name, value in (
+        ("connect", first.connect_s),
+        ("tls", first.tls_s),
+        ("first_byte", first.ttfb_s),
+        ("transfer", first.duration_s),
+    ):
+        if value is not None:
+            rec.phases[name] = value
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 1) if values else None
+
+
+def _verdict(
+    rec: Recorder,
+    params: TransferParams,
+    downloads: list[ConnectionRecord],
+    uploads: list[ConnectionRecord],
+) -> ProbeResult:
+    stalled = [c for c in downloads if c.outcome == "stalled"]
+    down_kbps = [
+        c.kbps
+        for c in downloads
+        if c.measured and c.kbps is not None and c.body_bytes >= params.throttle_min_bytes
+    ]
+    up_kbps = [
+        c.upload_kbps
+        for c in uploads
+        if c.measured
+        and c.upload_kbps is not None
+        and params.upload_bytes >= params.throttle_min_bytes
+    ]
+    median_down, median_up = _median(down_kbps), _median(up_kbps)
+    rec.details.update(
+        connections=[c.as_dict() for c in downloads],
+        connections_attempted=len(downloads),
+        stalled_connections=len(stalled),
+        stalled_fraction=round(len(stalled) / len(downloads), 3),
+        stalled_at_bytes=[c.stalled_at_bytes for c in stalled],
+        stalled_at_wire_bytes=[c.stalled_at_wire_bytes for c in stalled],
+        median_kbps=median_down,
+        measured_connections=len(down_kbps),
+        throttle_kbps=params.throttle_kbps,
+    )
+    if uploads:
+        rec.details.update(uploads=[c.as_dict() for c in uploads], median_upload_kbps=median_up)
+    if any(c.status is not None and c.status >= 400 for c in downloads + uploads):
+        rec.flag("http_error_status")
+
+    if any(c.failure == Failure.STALL_AFTER_BYTES for c in downloads):
+        return rec.fail(Failure.STALL_AFTER_BYTES, Operation.READ)
+    failed = next((c for c in downloads + uploads if c.failure is not None), None)
+    if failed is not None and failed.failure is not None and failed.failed_operation is not None:
+        return rec.fail(failed.failure, failed.failed_operation)
+
+    slow = []
+    if median_down is not None and median_down < params.throttle_kbps:
+        slow.append("download")
+    if median_up is not None and median_up < params.throttle_kbps:
+        slow.append("upload")
+    if not down_kbps and not up_kbps:
+        rec.flag("transfer_too_small_to_measure")
+    if slow:
+        rec.details["throttled_directions"] = slow
+        operation = Operation.READ if "download" in slow else Operation.WRITE
+        return rec.fail(Failure.THROTTLED, operation)
+    return rec.ok()
