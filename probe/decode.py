@@ -276,7 +276,10 @@ class Node:
         value = self.scalar()
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(f"expected a number of seconds, got {_yaml_type(value)}")
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer too large for a float
+            self.fail("must be a finite number of seconds")
         if seconds != seconds or seconds in (float("inf"), float("-inf")):
             self.fail("must be a finite number of seconds")
         if seconds < 0 or (seconds == 0 and not allow_zero):

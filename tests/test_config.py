@@ -338,3 +338,12 @@ services:
     assert relay.name == "::1"
     assert named.addresses == ("127.0.0.2",)
     assert all(ep.prefixes == service.prefixes for ep in service.endpoints)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-1", "1" + "0" * 400, "true", "[1]"])
+def test_a_timeout_must_be_a_finite_positive_number(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(f"seeds: [controls]\ntimeouts:\n  tls_s: {value}\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert (info.value.line, info.value.field) == (3, "timeouts.tls_s")

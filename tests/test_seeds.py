@@ -6,7 +6,9 @@ No network: nothing here resolves or connects.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ipaddress
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from probe.config import ConfigError, load_config
+from probe.config import TOP_KEYS, ConfigError, load_config
 from probe.decode import parse_text
+from probe.model import Vantage
 from probe.seeds import (
     CONFIDENCES,
     ENDPOINT_KEYS,
@@ -28,6 +31,7 @@ from probe.seeds import (
     prefix_warnings,
     shipped_seeds,
 )
+from probe.settings import Resolvers, Schedule, Timeouts, TLSOptions
 
 TESTDATA = Path(__file__).parent / "testdata"
 PROBES = frozenset({"dns", "tcp", "tls"})
@@ -313,9 +317,10 @@ def test_unknown_shipped_name_suggests_the_closest() -> None:
 
 # -- hostile input never escapes as anything but ConfigError ------------------------------
 
-_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(), st.text(max_size=20)
+_SECTION_KEYS = sorted(
+    {f.name for cls in (Vantage, Schedule, Timeouts, Resolvers, TLSOptions) for f in fields(cls)}
 )
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20))
 _values = st.recursive(
     _scalars,
     lambda inner: (
@@ -349,3 +354,72 @@ def test_arbitrary_config_text_is_a_config_or_a_config_error(tmp_path: Path, tex
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     with contextlib.suppress(ConfigError):
         load_config(path, probe_names=PROBES)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.dictionaries(st.sampled_from([*TOP_KEYS, "x"]), _values, max_size=5))
+def test_arbitrary_config_structure_is_a_config_or_a_config_error(
+    tmp_path: Path, doc: dict[str, Any]
+) -> None:
+    doc.setdefault("seeds", [])  # keep each example fast: no shipped lists unless drawn
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with contextlib.suppress(ConfigError):
+        load_config(path, probe_names=PROBES)
+
+
+_VALID_SEED: dict[str, Any] = {
+    "service": "lab",
+    "source": "lab",
+    "prefixes": [{"cidr": "127.0.0.0/8", "source": "RFC 1122", "confidence": "C"}],
+    "endpoints": [
+        {
+            "name": "a",
+            "host": "lab.example",
+            "ports": [443, 80],
+            "transport": "tcp",
+            "role": "web",
+            "probes": ["dns", {"tls": {"ports": [443], "alpn": ["h2"]}}],
+            "addresses": ["127.0.0.1"],
+            "sni": "x.example",
+            "source": "lab",
+            "confidence": "C",
+        }
+    ],
+}
+
+
+def _value_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix] if prefix else []
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for key, child in items:
+        out += _value_paths(child, (*prefix, key))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(_value_paths(_VALID_SEED)), _values)
+def test_one_mutated_value_in_a_valid_seed_is_a_service_or_a_config_error(
+    path: tuple[Any, ...], value: Any
+) -> None:
+    # Mutating one value of a valid document reaches the deep validators that
+    # random documents rarely get past.
+    doc = copy.deepcopy(_VALID_SEED)
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    with contextlib.suppress(ConfigError):
+        _decode(yaml.safe_dump(doc))
+
+
+def test_the_unmutated_seed_used_for_fuzzing_is_valid() -> None:
+    assert _decode(yaml.safe_dump(_VALID_SEED)).endpoints[0].name == "a"
