@@ -54,6 +54,7 @@ TOP_KEYS = (
     "web",
     "log_format",
 )
+_SECTIONS = frozenset({"vantage", "schedule", "timeouts", "resolvers", "tls", "archive", "web"})
 LOG_FORMATS = ("json", "logfmt")
 VANTAGE_ROLES = ("test", "control")
 
@@ -88,7 +89,8 @@ def load_config(
 
 def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
     root = parse_file(path, file)
-    m = root.mapping(TOP_KEYS)
+    # A section left empty (every line commented out) reads as null: use its defaults.
+    m = {k: v for k, v in root.mapping(TOP_KEYS).items() if not (k in _SECTIONS and v.is_null)}
     # Relative paths are relative to the config file's directory, as given (no
     # symlink resolution, like Prometheus), so a config travels with its files.
     base_dir = Path(os.path.abspath(path)).parent

@@ -347,3 +347,20 @@ def test_a_timeout_must_be_a_finite_positive_number(tmp_path: Path, value: str) 
     with pytest.raises(ConfigError) as info:
         load(path)
     assert (info.value.line, info.value.field) == (3, "timeouts.tls_s")
+
+
+def test_an_empty_section_means_its_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("seeds: [controls]\ntimeouts:\n  # connect_s: 3\ntls:\n")
+    config = load(path)
+    assert config.timeouts == AgentConfig().timeouts
+    assert config.tls == AgentConfig().tls
+
+
+def test_an_empty_seeds_key_is_an_error_not_a_default(tmp_path: Path) -> None:
+    # `seeds:` with nothing after it is ambiguous (none? the defaults?): refuse it.
+    path = tmp_path / "agent.yaml"
+    path.write_text("seeds:\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value) == f"{path}:1: seeds: expected a list, got null"
