@@ -53,7 +53,7 @@ def cmd_once(args: argparse.Namespace) -> int:
     from .output import json_lines, summary, table
 
     config = load_config(args.config)
-    logs.setup(config.log_format, args.log_level)
+    logs.setup(config.log_format, args.log_level or "warning")
     log.info("round starting", extra={"config": config.source, "vantage": config.vantage.name})
     report = asyncio.run(run_round(config, progress=_progress(sys.stderr)))
     if args.format == "json":
@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import serve
 
     config = load_config(args.config)
-    logs.setup(config.log_format, args.log_level)
+    logs.setup(config.log_format, args.log_level or "info")
     return asyncio.run(serve(config, args.config))
 
 
@@ -112,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="default: info for run, warning otherwise",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

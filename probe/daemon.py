@@ -102,6 +102,8 @@ class Agent:
             await self.scheduler.stop(SHUTDOWN_GRACE_S)
         self.config = new
         self.store.set_vantage(new.vantage)
+        if self.archive is not None:
+            self.archive.vantage = new.vantage
         keys = {k for k in self.store.snapshot().results if _configured(new, k)}
         self.store.replace_targets(keys)
         self.scheduler = Scheduler(new, self.on_results, self.on_vantage)

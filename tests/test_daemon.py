@@ -1,0 +1,371 @@
+"""`probe run` as a real process: HTTP endpoints, a real Prometheus, reload, signals, crashes.
+
+The agent measures only loopback: its own HTTP port (a TCP target that is up) and a
+closed port (a target that fails).  Nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI") == "true"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def closed_port() -> int:
+    return free_port()  # bound then released: nothing listens there
+
+
+def config_text(port: int, archive: Path, dead_port: int, extra: str = "") -> str:
+    return f"""
+vantage: {{name: daemon-test, country: ZZ, asn: AS64500, role: test}}
+schedule: {{interval_s: 2, jitter_s: 0.5, min_spacing_s: 1}}
+timeouts: {{connect_s: 1}}
+resolvers: {{system: false, udp: ["127.0.0.1:9"]}}
+seeds: []
+listen: 127.0.0.1:{port}
+log_format: json
+archive: {{path: {archive}, max_bytes: 1000000, keep: 2}}
+services:
+  - service: controls
+    source: test
+    endpoints:
+      - {{name: self, host: 127.0.0.1, ports: [{port}], role: control, probes: [tcp],
+          source: test, confidence: C}}
+  - service: lab
+    source: test
+    endpoints:
+      - {{name: up, host: 127.0.0.1, ports: [{port}], role: signalling, probes: [tcp],
+          source: test, confidence: C}}
+      - {{name: down, host: 127.0.0.1, ports: [{dead_port}], role: signalling, probes: [tcp],
+          source: test, confidence: C}}
+{extra}
+"""
+
+
+def http(url: str, *, method: str = "GET", timeout: float = 5) -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def wait_until(check: Callable[[], Any], what: str, limit_s: float = 20) -> Any:
+    """Poll a condition a bounded number of times (the agent works on its own clock)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except (OSError, urllib.error.URLError):
+            value = None
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    for (n, lbls), value in samples(text).items():
+        if n == name and set(labels.items()) <= set(lbls):
+            return value
+    return None
+
+
+class AgentProcess:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.dead_port = closed_port()
+        self.archive = workdir / "archive"
+        self.config = workdir / "agent.yaml"
+        self.write_config()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "agent.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def write_config(self, extra: str = "", text: str | None = None) -> None:
+        body = (
+            text
+            if text is not None
+            else config_text(self.port, self.archive, self.dead_port, extra)
+        )
+        self.config.write_text(body)
+
+    def start(self) -> None:
+        log = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "probe", "run", "-c", str(self.config)],
+            cwd=REPO,
+            stdout=log,
+            stderr=log,
+        )
+        wait_until(lambda: http(self.url + "/-/ready")[0] == 200, "agent ready")
+
+    def metrics(self) -> str:
+        return http(self.url + "/metrics")[1]
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    a = AgentProcess(tmp_path)
+    a.start()
+    yield a
+    if a.proc is not None and a.proc.poll() is None:
+        a.proc.kill()
+        a.proc.wait()
+
+
+def test_metrics_report_success_failure_and_vantage(agent: AgentProcess) -> None:
+    text = wait_until(
+        lambda: (
+            (m := agent.metrics()) and sample(m, "probe_success", endpoint="down") is not None and m
+        ),
+        "both lab endpoints measured",
+    )
+    assert sample(text, "probe_success", service="lab", endpoint="up", probe="tcp") == 1
+    assert sample(text, "probe_success", service="lab", endpoint="down", probe="tcp") == 0
+    assert sample(text, "probe_failure_info", endpoint="down", failure="connection_refused") == 1
+    assert sample(text, "probe_vantage_online") == 1
+    assert sample(text, "probe_vantage_info", vantage="daemon-test", asn="AS64500") == 1
+    assert sample(text, "probe_config_last_reload_successful") == 1
+
+
+def test_promtool_accepts_the_exposition(agent: AgentProcess) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if IN_CI:
+            pytest.fail("promtool missing in CI (scripts/test installs prometheus)")
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    wait_until(
+        lambda: sample(agent.metrics(), "probe_success", endpoint="down") is not None,
+        "a measurement",
+    )
+    check = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=agent.metrics().encode(),
+        capture_output=True,
+        timeout=30,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_api_results_and_health(agent: AgentProcess) -> None:
+    assert http(agent.url + "/healthz") == (200, "ok\n")
+    data = wait_until(
+        lambda: (
+            (d := json.loads(http(agent.url + "/api/results")[1])) and len(d["results"]) >= 3 and d
+        ),
+        "three results",
+    )
+    assert data["vantage"]["name"] == "daemon-test" and data["vantage"]["state"] == "online"
+    down = [r for r in data["results"] if r["endpoint"] == "down"]
+    assert down and down[0]["failure"] == "connection_refused"
+    assert down[0]["failed_operation"] == "connect"
+
+
+def test_no_endpoint_accepts_a_target(agent: AgentProcess) -> None:
+    """The agent cannot be used as a scanner: query strings are ignored, no probe route."""
+    status, _ = http(agent.url + "/probe?target=127.0.0.1:22&module=tcp")
+    assert status == 404
+    status, body = http(agent.url + "/api/results?target=127.0.0.2")
+    assert status == 200 and "127.0.0.2" not in body
+
+
+def test_status_page_in_headless_chromium(agent: AgentProcess, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if IN_CI:
+            pytest.fail("chromium missing in CI (scripts/test installs it)")
+        pytest.skip("chromium not installed (Debian package chromium)")
+    wait_until(lambda: "connection_refused" in http(agent.url + "/")[1], "a failure on the page")
+    dom = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            "--dump-dom",
+            agent.url + "/",
+        ],
+        capture_output=True,
+        timeout=60,
+        text=True,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert '<table id="matrix">' in html
+    assert "daemon-test" in html
+    assert 'class="failed"' in html and "connection_refused" in html  # the dead endpoint
+    assert 'class="ok"' in html  # the live one
+
+
+def test_real_prometheus_scrapes_the_agent(agent: AgentProcess, tmp_path: Path) -> None:
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        if IN_CI:
+            pytest.fail("prometheus missing in CI (scripts/test installs it)")
+        pytest.skip("prometheus not installed (Debian package prometheus)")
+    prom_port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: probe\n    static_configs: [{{targets: ['127.0.0.1:{agent.port}']}}]\n"
+    )
+    prom = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        query = urllib.parse.quote('probe_success{service="lab"}')
+
+        def series() -> dict[str, float] | None:
+            status, body = http(f"http://127.0.0.1:{prom_port}/api/v1/query?query={query}")
+            result = json.loads(body)["data"]["result"] if status == 200 else []
+            got = {r["metric"]["endpoint"]: float(r["value"][1]) for r in result}
+            return got if len(got) == 2 else None
+
+        assert wait_until(series, "prometheus to scrape the agent", limit_s=45) == {
+            "up": 1.0,
+            "down": 0.0,
+        }
+    finally:
+        prom.terminate()
+        prom.wait(timeout=10)
+
+
+def test_reload_rejects_a_bad_config_and_applies_a_good_one(agent: AgentProcess) -> None:
+    assert agent.proc is not None
+    agent.write_config(text="vantage: {name: x, colour: blue}\n")
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: sample(agent.metrics(), "probe_config_last_reload_successful") == 0,
+        "the bad reload to be reported",
+    )
+    assert agent.proc.poll() is None  # still running on the old config
+    assert sample(agent.metrics(), "probe_vantage_info", vantage="daemon-test") == 1
+
+    extra = f"""      - {{name: added, host: 127.0.0.1, ports: [{agent.port}], role: web,
+          probes: [tcp], source: test, confidence: C}}"""
+    agent.write_config(extra)
+    status, body = http(agent.url + "/-/reload", method="POST")
+    assert status == 200, body
+    wait_until(
+        lambda: sample(agent.metrics(), "probe_success", endpoint="added") == 1,
+        "the added endpoint to be measured",
+    )
+    assert sample(agent.metrics(), "probe_config_last_reload_successful") == 1
+
+    agent.write_config(text="seeds: [nope]\n")
+    status, body = http(agent.url + "/-/reload", method="POST")
+    assert status == 400 and "agent.yaml" in body
+
+
+def test_sigterm_stops_cleanly_within_five_seconds(agent: AgentProcess) -> None:
+    assert agent.proc is not None
+    wait_until(lambda: agent.archive.joinpath("measurements.jsonl").exists(), "archive")
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(timeout=5) == 0
+    events = [json.loads(line) for line in agent.log.read_text().splitlines() if line.strip()]
+    assert [e["msg"] for e in events][-2:] == ["shutting down", "stopped"]
+
+
+def test_kill_9_loses_no_completed_measurement(agent: AgentProcess) -> None:
+    assert agent.proc is not None
+    current = agent.archive / "measurements.jsonl"
+    wait_until(
+        lambda: current.exists() and current.read_text().count("\n") >= 6,
+        "six archived measurements",
+    )
+    agent.proc.kill()
+    agent.proc.wait()
+    lines_at_kill = current.read_bytes().count(b"\n")
+
+    read = subprocess.run(
+        [sys.executable, "-m", "probe", "archive", "--dir", str(agent.archive)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert read.returncode == 0, read.stderr
+    records = [json.loads(line) for line in read.stdout.splitlines()]
+    assert len(records) == lines_at_kill  # every complete line is readable
+    assert {r["probe_asn"] for r in records} == {"AS64500"}
+
+    agent.start()  # a restart appends after whatever the crash left
+    wait_until(lambda: current.read_bytes().count(b"\n") > lines_at_kill, "new measurements")
+    again = subprocess.run(
+        [sys.executable, "-m", "probe", "archive", "--dir", str(agent.archive), "--failed"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    failed = [json.loads(line) for line in again.stdout.splitlines()]
+    assert failed and all(r["test_keys"]["probe_result"]["failure"] for r in failed)
+
+
+if __name__ == "__main__":  # pragma: no cover - manual debugging aid
+    with tempfile.TemporaryDirectory() as d:
+        a = AgentProcess(Path(d))
+        a.start()
+        print(a.metrics())
+        a.stop()
