@@ -369,3 +369,53 @@ if __name__ == "__main__":  # pragma: no cover - manual debugging aid
         a.start()
         print(a.metrics())
         a.stop()
+
+
+def test_web_tls_and_basic_auth(tmp_path: Path) -> None:
+    """With `web:` set, every path needs the bcrypt-checked password, over verified TLS."""
+    import base64
+    import ssl
+
+    import bcrypt
+
+    from probe.lab.certs import CertificateAuthority
+
+    ca = CertificateAuthority()
+    cert, key = ca.issue("127.0.0.1").write(tmp_path, "web")
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+    agent = AgentProcess(tmp_path)
+    web = f"""web:
+  tls_cert_file: {cert}
+  tls_key_file: {key}
+  basic_auth_users: {{admin: "{hashed}"}}
+"""
+    agent.write_config(text=config_text(agent.port, agent.archive, agent.dead_port) + web)
+    context = ssl.create_default_context(cafile=str(ca.write_ca(tmp_path / "ca.pem")))
+    url = f"https://127.0.0.1:{agent.port}/metrics"
+
+    def get(auth: str | None) -> int:
+        request = urllib.request.Request(url)
+        if auth:
+            request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=5, context=context) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    log = agent.log.open("ab")
+    agent.proc = subprocess.Popen(
+        [sys.executable, "-m", "probe", "run", "-c", str(agent.config)],
+        cwd=REPO,
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        assert wait_until(lambda: get("admin:s3cret") == 200, "the TLS server to answer")
+        assert get(None) == 401
+        assert get("admin:wrong") == 401
+        assert get("nobody:s3cret") == 401
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # no plain HTTP
+            urllib.request.urlopen(f"http://127.0.0.1:{agent.port}/healthz", timeout=5)
+    finally:
+        agent.stop()
