@@ -163,12 +163,12 @@ def agent(tmp_path: Path) -> Iterator[AgentProcess]:
 
 
 def test_metrics_report_success_failure_and_vantage(agent: AgentProcess) -> None:
-    text = wait_until(
-        lambda: (
-            (m := agent.metrics()) and sample(m, "probe_success", endpoint="down") is not None and m
-        ),
-        "both lab endpoints measured",
-    )
+    def both_measured() -> str | None:
+        m = agent.metrics()
+        measured = [sample(m, "probe_success", endpoint=e) for e in ("up", "down")]
+        return m if None not in measured else None
+
+    text = wait_until(both_measured, "both lab endpoints measured")
     assert sample(text, "probe_success", service="lab", endpoint="up", probe="tcp") == 1
     assert sample(text, "probe_success", service="lab", endpoint="down", probe="tcp") == 0
     assert sample(text, "probe_failure_info", endpoint="down", failure="connection_refused") == 1
