@@ -419,3 +419,57 @@ def test_web_tls_and_basic_auth(tmp_path: Path) -> None:
             urllib.request.urlopen(f"http://127.0.0.1:{agent.port}/healthz", timeout=5)
     finally:
         agent.stop()
+
+
+DEFAULT_CONFIG_DRIVER = r"""
+import json, signal, subprocess, sys, time, urllib.request
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+agent = subprocess.Popen([sys.executable, "-m", "probe", "run"], stderr=subprocess.DEVNULL)
+def get(path):
+    with urllib.request.urlopen("http://127.0.0.1:9464" + path, timeout=2) as r:
+        return r.read().decode()
+out = {}
+for _ in range(100):
+    try:
+        out["ready"] = get("/-/ready")
+        out["api"] = json.loads(get("/api/results"))
+        if out["api"]["results"]:
+            break
+    except OSError:
+        pass
+    time.sleep(0.2)
+out["metrics"] = get("/metrics")
+out["page"] = get("/")
+agent.send_signal(signal.SIGTERM)
+out["rc"] = agent.wait(timeout=10)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0,
+    reason="needs root and unshare(1) for an empty network namespace",
+)
+def test_run_on_the_default_config_in_an_empty_namespace(tmp_path: Path) -> None:
+    """The README's main job as a daemon, where nothing can leave: offline, but serving."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DEFAULT_CONFIG_DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        ["unshare", "-n", sys.executable, str(driver)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["rc"] == 0
+    assert out["api"]["vantage"]["state"] == "offline"
+    assert {r["skipped"] for r in out["api"]["results"]} == {"vantage_offline"}
+    assert sample(out["metrics"], "probe_vantage_online") == 0
+    assert sample(out["metrics"], "probe_success") is None  # offline: nothing is "blocked"
+    assert "OFFLINE" in out["page"]
+    archived = (tmp_path / "archive" / "measurements.jsonl").read_text().splitlines()
+    assert len(archived) >= len(out["api"]["results"]) > 0
