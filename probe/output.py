@@ -8,12 +8,14 @@ from typing import Any
 
 from .model import ProbeResult
 from .round import RoundReport
+from .verdict import EndpointVerdict, ServiceVerdict
 
 
 def result_record(result: ProbeResult, vantage: str, vantage_state: str) -> dict[str, Any]:
     """The flat JSON record of one result (stable field names: scripts depend on them)."""
     t = result.target
     return {
+        "type": "result",
         "t": result.t.isoformat().replace("+00:00", "Z"),
         "vantage": vantage,
         "vantage_state": vantage_state,
@@ -49,10 +51,32 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def verdict_record(
+    verdict: EndpointVerdict | ServiceVerdict, vantage: str, t: str
+) -> dict[str, Any]:
+    """The JSON record of one verdict; ``endpoint`` is null for a service verdict."""
+    return {
+        "type": "verdict",
+        "t": t,
+        "vantage": vantage,
+        "level": "service" if verdict.endpoint is None else "endpoint",
+        "service": verdict.service,
+        "endpoint": verdict.endpoint,
+        "verdict": str(verdict.verdict),
+        "confidence": verdict.confidence,
+        "blocked_fraction": verdict.blocked_fraction,
+        "evidence": list(verdict.evidence),
+    }
+
+
 def json_lines(report: RoundReport) -> Iterator[str]:
+    """Result records, then verdict records; the ``type`` field tells them apart."""
     for result in report.results:
         record = result_record(result, report.vantage.name, report.state.state)
         yield json.dumps(record, sort_keys=True)
+    t = report.started.isoformat().replace("+00:00", "Z")
+    for verdict in report.verdicts:
+        yield json.dumps(verdict_record(verdict, report.vantage.name, t), sort_keys=True)
 
 
 _COLUMNS = ("service", "endpoint", "address", "port", "probe", "result", "failure", "ms")
@@ -71,14 +95,48 @@ def _row(result: ProbeResult) -> tuple[str, ...]:
     return (t.service, t.endpoint.name, where, str(t.port or ""), t.label, outcome, failure, ms)
 
 
-def table(report: RoundReport) -> str:
-    rows = [_COLUMNS, *(_row(r) for r in report.results)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+def _aligned(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """A header, a rule and the rows, each column padded to its widest cell."""
+    every = [columns, *rows]
+    widths = [max(len(row[i]) for row in every) for i in range(len(columns))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
+        for row in every
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+_VERDICT_COLUMNS = ("service", "endpoint", "verdict", "confidence", "blocked")
+
+
+def verdict_lines(verdicts: tuple[EndpointVerdict | ServiceVerdict, ...]) -> list[str]:
+    """One row per verdict (``(service)`` for the service's own), its evidence below it."""
+    if not verdicts:
+        return []
+    rows = [
+        (
+            v.service,
+            v.endpoint if v.endpoint is not None else "(service)",
+            str(v.verdict),
+            f"{v.confidence:.2f}",
+            f"{v.blocked_fraction:.2f}" if v.blocked_fraction is not None else "",
+        )
+        for v in verdicts
+    ]
+    aligned = _aligned(_VERDICT_COLUMNS, rows)
+    lines = aligned[:2]
+    for row, v in zip(aligned[2:], verdicts, strict=True):
+        lines.append(row)
+        lines += [f"    {e}" for e in v.evidence]
+    return lines
+
+
+def table(report: RoundReport) -> str:
+    """The results table, then the verdicts with their evidence, then the summary line."""
+    lines = _aligned(_COLUMNS, [_row(r) for r in report.results])
+    if report.verdicts:
+        lines += ["", *verdict_lines(report.verdicts), ""]
     return "\n".join(lines) + "\n" + summary(report) + "\n"
 
 

@@ -33,6 +33,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
 from .model import Failure, ProbeResult, SkipReason, Target, Vantage, VantageState
+from .verdict import Verdict
 
 __all__ = [
     "PHASE_BUCKETS",
@@ -55,20 +56,14 @@ PHASE_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 
-# Provisional verdict vocabulary until the verdict engine exists; it may pass
-# its own to `set_verdicts()`.  The exporter emits one series per value.
-VERDICTS: tuple[str, ...] = (
-    "reachable",
-    "blocked",
-    "partially_blocked",
-    "throttled",
-    "dns_tampering",
-    "inconclusive",
-)
+# The verdict vocabulary: the verdict engine's closed `Verdict` values.  The exporter
+# emits one series per value for each verdict, 1 for the current value and 0 for the rest.
+VERDICTS: tuple[str, ...] = tuple(str(v) for v in Verdict)
 
 
 class VerdictLike(Protocol):
-    """The fields the exporter reads from a verdict (the verdict engine's type).
+    """The fields the exporter reads from a verdict (`probe.verdict.EndpointVerdict` and
+    `probe.verdict.ServiceVerdict` satisfy it).
 
     ``endpoint`` is None for a service-level verdict.  ``evidence`` is carried
     for the status page and is never exported as a label.

@@ -31,6 +31,8 @@ from .probes import PROBES
 from .probes.base import ProbeFn, Recorder, run_guarded
 from .probes.dns import dns_consistency
 from .settings import AgentConfig, ProbeSettings
+from .swaps import followups
+from .verdict import EndpointVerdict, ServiceVerdict, judge_round
 from .wire.dnsmsg import is_bogon
 
 Progress = Callable[[int, int], None]
@@ -46,6 +48,7 @@ class RoundReport:
     results: tuple[ProbeResult, ...]
     started: datetime
     duration_s: float
+    verdicts: tuple[EndpointVerdict | ServiceVerdict, ...] = ()
 
 
 def resolver_ids(settings: ProbeSettings) -> list[str]:
@@ -211,14 +214,23 @@ def _with_consistency_flags(dns_results: list[ProbeResult]) -> list[ProbeResult]
 
 
 async def measure_endpoint(ep: Endpoint, runner: Runner, state: VantageState) -> list[ProbeResult]:
-    """DNS first, then every other probe on every address found, IPv6 only where it works."""
+    """DNS first, then every other probe on every address found, IPv6 only where it works.
+
+    Each pass is followed by its swap tests and repeats (`probe.swaps`).  DNS swaps run
+    before the addresses are collected, so an address only DoH knows is probed too.
+    """
     if not state.online:
         return _skipped(_offline_plan([ep], runner.settings), SkipReason.VANTAGE_OFFLINE)
-    dns_results = _with_consistency_flags(await runner.many(plan_dns([ep], runner.settings)))
+    dns_results = await runner.many(plan_dns([ep], runner.settings))
+    dns_results += await runner.many(
+        followups(dns_results, resolvers=resolver_ids(runner.settings))
+    )
+    dns_results = _with_consistency_flags(dns_results)
     planned = plan_targets(ep, collect_addresses(ep, dns_results))
     no_v6 = [t for t in planned if t.family == "ipv6" and not state.ipv6]
     runnable = [t for t in planned if t not in no_v6]
     results = await runner.many(runnable)
+    results += await runner.many(followups(results))
     return dns_results + results + _skipped(no_v6, SkipReason.IPV6_UNAVAILABLE)
 
 
@@ -252,4 +264,11 @@ async def run_round(
     )
     results = [r for batch in per_endpoint for r in batch]
     results.sort(key=lambda r: r.target.key())
-    return RoundReport(config.vantage, state, tuple(results), started, time.monotonic() - t0)
+    return RoundReport(
+        config.vantage,
+        state,
+        tuple(results),
+        started,
+        time.monotonic() - t0,
+        verdicts=judge_round(results),
+    )

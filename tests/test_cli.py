@@ -91,8 +91,11 @@ async def test_default_config_in_an_empty_namespace_is_offline_and_sends_nothing
     offline gate must stop everything and mark every result offline."""
     rc, out, err = await run_cli("unshare", "-n", *PROBE, "once", "--format", "json", timeout_s=30)
     assert rc == 3, err
-    records = [json.loads(line) for line in out.splitlines()]
+    lines = [json.loads(line) for line in out.splitlines()]
+    records = [r for r in lines if r["type"] == "result"]
     assert len(records) > 100  # the whole default target list is reported
+    # nothing measured is nothing blocked: every verdict says so
+    assert {r["verdict"] for r in lines if r["type"] == "verdict"} == {"vantage_offline"}
     assert {r["vantage_state"] for r in records} == {"offline"}
     assert {r["status"] for r in records} == {"skipped"}
     assert {r["skipped"] for r in records} == {"vantage_offline"}
@@ -152,7 +155,10 @@ async def test_once_measures_local_targets_through_a_config(
     cfg = write_config(tmp_path / "agent.yaml", lab)
     rc, out, err = await run_cli(*PROBE, "once", "-c", str(cfg), "--format", "json")
     assert rc == 0, err + out
-    records = [json.loads(line) for line in out.splitlines()]
+    lines = [json.loads(line) for line in out.splitlines()]
+    records = [r for r in lines if r["type"] == "result"]
+    verdicts = {(v["service"], v["endpoint"]): v for v in lines if v["type"] == "verdict"}
+    assert verdicts[("lab", None)]["verdict"] == "ok"
     by_probe = {(r["service"], r["probe"]): r for r in records}
     dns = by_probe[("lab", "dns")]
     assert dns["ok"] and dns["details"]["answers"]["A"] == ["127.0.0.1"]
@@ -186,7 +192,10 @@ async def test_once_reports_failures_with_exit_code_1_and_a_readable_table(
     assert rc == 1
     header = out.splitlines()[0].split()
     assert header == ["service", "endpoint", "address", "port", "probe", "result", "failure", "ms"]
-    dead_rows = [line for line in out.splitlines() if " dead " in line]
+    dead_rows = [line for line in out.splitlines() if " dead " in line and " tcp " in line]
     assert len(dead_rows) == 1
     assert "FAIL" in dead_rows[0] and "connection_refused (connect)" in dead_rows[0]
+    # the failure was repeated on a fresh connection, and judged under the table
+    assert any(" dead " in line and " tcp/repeat " in line for line in out.splitlines())
+    assert "    tcp 127.0.0.1:1 connection_refused (connect)" in out.splitlines()
     assert out.splitlines()[-1].startswith("vantage test-box: online")

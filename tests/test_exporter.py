@@ -241,11 +241,14 @@ class _Verdict:
 def test_verdicts_export_one_series_per_possible_value() -> None:
     store = ResultStore()
     store.set_verdicts(
-        [_Verdict("telegram", "dc1", "blocked", 0.8), _Verdict("telegram", None, "blocked", 0.7)]
+        [
+            _Verdict("telegram", "dc1", "ip_blocking", 0.8),
+            _Verdict("telegram", None, "ip_blocking", 0.7),
+        ]
     )
     registry, text = scrape(store)
     for value in VERDICTS:
-        expected = 1 if value == "blocked" else 0
+        expected = 1 if value == "ip_blocking" else 0
         ep = {"service": "telegram", "endpoint": "dc1", "verdict": value}
         assert registry.get_sample_value("probe_verdict", ep) == expected
         svc = {"service": "telegram", "verdict": value}
@@ -353,8 +356,8 @@ def _rich_store() -> ResultStore:
     store.set_agent_stats(schedule_lag_s=0.01, in_flight=2)
     store.set_verdicts(
         [
-            _Verdict("whatsapp", "g", "partially_blocked", 0.6),
-            _Verdict("whatsapp", None, "blocked", 0.5),
+            _Verdict("whatsapp", "g", "partial", 0.6),
+            _Verdict("whatsapp", None, "ip_blocking", 0.5),
         ]
     )
     return store

@@ -1,0 +1,976 @@
+"""The verdict engine: one round's observations in, per-endpoint and per-service verdicts out.
+
+Pure functions, no I/O.  Input is whatever a round produced -- `ProbeResult`s from
+`probe.round`, `Observation`s built by the lab, or the JSON records of ``/api/results``
+(`probe.statuspage.results_json`) from a *control* vantage -- so the engine does not care
+how results were gathered.  The rules and the evidence that triggers each are in
+``docs/verdicts.md``; this docstring only draws the shape.
+
+How an endpoint is judged
+-------------------------
+1. ``ipv6_unavailable`` skips are dropped (never counted); only ``vantage_offline``
+   skips -> ``vantage_offline``.
+2. DNS results (every resolver, swaps included) give one DNS finding: tampering when
+   the system/UDP resolver lies while TCP/DoH (or the control vantage) answer.
+3. Every other result belongs to a *path*: (l4, address, port).  On a path, each
+   probe's first run and its repeats are *attempts*; swap results (``tls/neutral_sni``,
+   ``quic_vn/swap``, ``stun/random_udp``) are only consulted by the rules.  A failed
+   attempt is judged by the rule for what failed (connect, TLS handshake, certificate,
+   QUIC, STUN silence, transfer stall/throttle, application exchange), with the
+   control vantage's result for the same probe/address/port when there is one.
+4. Endpoint: DNS tampering wins; otherwise blocked paths next to working paths of the
+   same kind (tcp or udp) -> ``partial`` with the blocked fraction; all blocked -> the
+   dominant blocking verdict; none blocked -> ``ok``, ``endpoint_down`` or
+   ``inconclusive``.
+
+A service is ``partial`` as soon as some endpoints are blocked and others work --
+never OONI's "ok if any endpoint works".
+
+Confidence is an ordering, not a probability: a verdict isolated by a swap test or a
+control vantage ranks above a bare signature, which ranks above "consistent with
+censorship but equally with an outage".
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .model import Failure, ProbeResult, SkipReason, failure_kind, freeze
+
+__all__ = [
+    "BLOCKING",
+    "EndpointVerdict",
+    "Observation",
+    "ServiceVerdict",
+    "Verdict",
+    "from_api",
+    "from_record",
+    "from_result",
+    "judge_endpoint",
+    "judge_round",
+    "judge_service",
+    "normalise",
+]
+
+
+class Verdict(StrEnum):
+    """Closed verdict vocabulary (one exported series per value)."""
+
+    OK = "ok"
+    DNS_TAMPERING = "dns_tampering"  # nxdomain / bogon / inconsistent / injected
+    IP_BLOCKING = "ip_blocking"  # blackhole or reset on connect
+    TLS_SNI_FILTERING = "tls_sni_filtering"
+    TLS_MITM = "tls_mitm"
+    # ours beyond the brief's list: TCP connects, the application's first bytes kill
+    # the flow (MTProto, WhatsApp Noise, TLS with any SNI) while the control completes
+    PROTOCOL_FILTERING = "protocol_filtering"
+    QUIC_FILTERING = "quic_filtering"
+    UDP_BLOCKING = "udp_blocking"
+    THROTTLING = "throttling"
+    STALL_AFTER_BYTES = "stall_after_bytes"
+    PARTIAL = "partial"  # some paths/endpoints blocked, others not (blocked_fraction)
+    ENDPOINT_DOWN = "endpoint_down"  # the control vantage fails the same way
+    VANTAGE_OFFLINE = "vantage_offline"
+    INCONCLUSIVE = "inconclusive"
+
+
+# Which blocking verdict names an endpoint when several hold, most telling first: a DNS
+# lie stops an ordinary client before any packet reaches the service; a MITM is worse
+# than a block; IP blocks are coarser than the filters below them.
+_PRIORITY: tuple[Verdict, ...] = (
+    Verdict.DNS_TAMPERING,
+    Verdict.TLS_MITM,
+    Verdict.IP_BLOCKING,
+    Verdict.TLS_SNI_FILTERING,
+    Verdict.PROTOCOL_FILTERING,
+    Verdict.QUIC_FILTERING,
+    Verdict.UDP_BLOCKING,
+    Verdict.STALL_AFTER_BYTES,
+    Verdict.THROTTLING,
+)
+BLOCKING: frozenset[Verdict] = frozenset(_PRIORITY)
+
+# Confidence levels (see the module docstring: an ordering a dashboard can threshold).
+CERTAIN = 0.95  # a swap test or the control isolates the cause
+STRONG = 0.85  # a direct signature with one corroboration
+GOOD = 0.7  # a signature with one corroboration missing
+FAIR = 0.6  # consistent with censorship; an outage explains it less well
+WEAK = 0.45  # consistent with censorship; an outage explains it as well
+NONE = 0.3  # inconclusive
+_AGREE_BONUS = 0.05  # a repeat on a fresh connection failed the same way
+_DISAGREE_FACTOR = 0.6  # a repeat (or another round) disagreed: intermittent
+_MAX_CONFIDENCE = 0.99
+_MAX_EVIDENCE = 12
+
+_CERT = frozenset(
+    {Failure.SSL_INVALID_HOSTNAME, Failure.SSL_UNKNOWN_AUTHORITY, Failure.SSL_INVALID_CERTIFICATE}
+)
+_TLS_INTERFERENCE = frozenset(
+    {Failure.CONNECTION_RESET, Failure.GENERIC_TIMEOUT, Failure.EOF, Failure.SSL_FAILED_HANDSHAKE}
+)
+_SILENCE = frozenset({Failure.GENERIC_TIMEOUT, Failure.UDP_NO_RESPONSE})
+_NEGATIVE_DNS = frozenset({Failure.DNS_NXDOMAIN, Failure.DNS_NO_ANSWER})
+_UDP_PROBES = frozenset({"quic", "quic_vn", "stun"})
+_CLEAN_RESOLVERS = frozenset({"tcp", "doh"})  # what a censor cannot (or hardly) rewrite
+_DNS_MISMATCH = frozenset({"dns_udp_tcp_mismatch", "dns_doh_mismatch", "dns_system_mismatch"})
+
+
+# --------------------------------------------------------------------------- input
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The normalised form of one result, whoever produced it.
+
+    ``probe`` is the label as shown and exported (``tls`` or ``tls/neutral_sni``).
+    ``details`` and ``flags`` are optional: rules that need them (certificate
+    fingerprints, DNS answers, stall byte counts) degrade to lower confidence without.
+    """
+
+    service: str
+    endpoint: str
+    probe: str
+    address: str | None
+    port: int | None
+    ok: bool
+    failure: str | None = None
+    failed_operation: str | None = None
+    resolver: str | None = None
+    skipped: str | None = None
+    role: str = ""
+    details: Mapping[str, Any] = field(default_factory=freeze)
+    flags: tuple[str, ...] = ()
+
+    @property
+    def base(self) -> str:
+        return self.probe.split("/", 1)[0]
+
+    @property
+    def variant(self) -> str:
+        return self.probe.partition("/")[2]
+
+    @property
+    def kind(self) -> Failure | None:
+        return failure_kind(self.failure)
+
+    @property
+    def l4(self) -> str:
+        if self.base == "dns":
+            return "dns"
+        if self.base in _UDP_PROBES and self.details.get("transport", "udp") != "tcp":
+            return "udp"
+        return "tcp"
+
+    @property
+    def path(self) -> tuple[str, str, int | None]:
+        return (self.l4, self.address or "", self.port)
+
+    @property
+    def connected(self) -> bool:
+        """A TCP handshake completed (the probe got past ``connect``)."""
+        return self.l4 == "tcp" and (self.ok or self.failed_operation not in (None, "connect"))
+
+
+def from_result(result: ProbeResult) -> Observation:
+    t = result.target
+    return Observation(
+        service=t.service,
+        endpoint=t.endpoint.name,
+        probe=t.label,
+        address=t.address,
+        port=t.port,
+        ok=result.ok,
+        failure=result.failure,
+        failed_operation=str(result.failed_operation) if result.failed_operation else None,
+        resolver=t.resolver,
+        skipped=str(result.skipped) if result.skipped else None,
+        role=t.endpoint.role,
+        details=result.details,
+        flags=result.flags,
+    )
+
+
+def from_record(record: Mapping[str, Any]) -> Observation:
+    """From a flat result record (`probe.output.result_record`, ``/api/results``, JSON Lines)."""
+    port = record.get("port")
+    return Observation(
+        service=str(record["service"]),
+        endpoint=str(record["endpoint"]),
+        probe=str(record["probe"]),
+        address=record.get("address"),
+        port=int(port) if port is not None else None,
+        ok=bool(record.get("ok")),
+        failure=record.get("failure"),
+        failed_operation=record.get("failed_operation"),
+        resolver=record.get("resolver"),
+        skipped=record.get("skipped"),
+        role=str(record.get("role") or ""),
+        details=freeze(record.get("details") or {}),
+        flags=tuple(record.get("flags") or ()),
+    )
+
+
+def from_api(payload: Mapping[str, Any]) -> list[Observation]:
+    """Every result of a control agent's ``/api/results`` document."""
+    return [
+        from_record(r) for r in payload.get("results", ()) if r.get("type", "result") == "result"
+    ]
+
+
+Item = ProbeResult | Observation | Mapping[str, Any]
+
+
+def normalise(items: Iterable[Item]) -> list[Observation]:
+    out = []
+    for item in items:
+        if isinstance(item, Observation):
+            out.append(item)
+        elif isinstance(item, ProbeResult):
+            out.append(from_result(item))
+        else:
+            out.append(from_record(item))
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+@dataclass(frozen=True)
+class EndpointVerdict:
+    """`probe.results.VerdictLike` for one endpoint."""
+
+    service: str
+    endpoint: str
+    verdict: Verdict
+    confidence: float
+    evidence: tuple[str, ...] = ()
+    blocked_fraction: float | None = None  # only for ``partial``
+
+
+@dataclass(frozen=True)
+class ServiceVerdict:
+    """`probe.results.VerdictLike` for a whole service (``endpoint`` is always None)."""
+
+    service: str
+    verdict: Verdict
+    confidence: float
+    evidence: tuple[str, ...] = ()
+    blocked_fraction: float | None = None  # only for ``partial``
+    endpoint: None = None
+
+
+@dataclass(frozen=True)
+class _Finding:
+    verdict: Verdict
+    confidence: float
+    evidence: tuple[str, ...] = ()
+
+    @property
+    def blocking(self) -> bool:
+        return self.verdict in BLOCKING
+
+    def weaker(self, factor: float, note: str) -> _Finding:
+        return _Finding(self.verdict, self.confidence * factor, (*self.evidence, note))
+
+    def stronger(self, note: str) -> _Finding:
+        confidence = min(_MAX_CONFIDENCE, self.confidence + _AGREE_BONUS)
+        return _Finding(self.verdict, confidence, (*self.evidence, note))
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+def _hostport(address: str | None, port: int | None) -> str:
+    if address is None:
+        return "-" if port is None else f"port {port}"
+    host = f"[{address}]" if ":" in address else address
+    return host if port is None else f"{host}:{port}"
+
+
+def describe(o: Observation) -> str:
+    """One short evidence line: ``tls 10.0.0.5:443 connection_reset (tls_handshake)``."""
+    where = o.resolver if o.base == "dns" else _hostport(o.address, o.port)
+    if o.skipped:
+        return f"{o.probe} {where} skipped ({o.skipped})"
+    if o.ok:
+        text = f"{o.probe} {where} ok"
+    else:
+        failure = (o.failure or "")[:60]
+        text = f"{o.probe} {where} {failure} ({o.failed_operation or '-'})"
+    if o.base == "dns":
+        answers = _answers(o)
+        if answers:
+            text += " " + ",".join(sorted(answers)[:2]) + (" …" if len(answers) > 2 else "")
+    return text
+
+
+def _control(o: Observation) -> str:
+    return "control " + describe(o)
+
+
+def _bounded(lines: Iterable[str]) -> tuple[str, ...]:
+    unique = list(dict.fromkeys(lines))
+    if len(unique) <= _MAX_EVIDENCE:
+        return tuple(unique)
+    return (*unique[: _MAX_EVIDENCE - 1], f"… and {len(unique) - _MAX_EVIDENCE + 1} more")
+
+
+def _answers(o: Observation) -> frozenset[str]:
+    answers = o.details.get("answers") or {}
+    if not isinstance(answers, Mapping):
+        return frozenset()
+    return frozenset(str(a) for qt in ("A", "AAAA") for a in answers.get(qt, ()) or ())
+
+
+# --------------------------------------------------------------------------- context
+
+
+Passes = Callable[[Observation], bool]  # did the control get through (for this rule)?
+
+
+def _succeeded(c: Observation) -> bool:
+    return c.ok
+
+
+def _connected(c: Observation) -> bool:
+    return c.ok or c.failed_operation != "connect"
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Everything the rules may consult for one endpoint."""
+
+    results: tuple[Observation, ...]  # this endpoint, this vantage, measured
+    control: tuple[Observation, ...]  # this endpoint, the control vantage, measured
+    others_ok: bool  # another endpoint succeeded from this vantage (it is not dead)
+
+    def swaps(self, base: str, variant: str, o: Observation) -> list[Observation]:
+        """Swap results of ``base/variant`` on the same address and port as ``o``."""
+        return [
+            r
+            for r in self.results
+            if r.base == base
+            and r.variant == variant
+            and (r.address, r.port) == (o.address, o.port)
+        ]
+
+    def runs_at(self, base: str, o: Observation) -> list[Observation]:
+        """Every run of probe ``base`` (first, repeat or swap) on ``o``'s address and port."""
+        return [
+            r for r in self.results if r.base == base and (r.address, r.port) == (o.address, o.port)
+        ]
+
+    def tcp_connected(self, address: str | None) -> list[Observation]:
+        return [r for r in self.results if r.address == address and r.connected]
+
+    def control_for(self, o: Observation, prefer: Passes = _succeeded) -> Observation | None:
+        """The control's run of the same probe and port: the same address if it has one
+        (seed addresses are probed from both vantages), else any address (hostname
+        endpoints resolve differently per vantage); one that ``prefer``s is preferred."""
+        runs = [c for c in self.control if c.base == o.base and not c.variant and c.port == o.port]
+        exact = [c for c in runs if c.address == o.address]
+        pool = exact or runs
+        return next((c for c in pool if prefer(c)), pool[0] if pool else None)
+
+
+def _same_failure(a: Observation, b: Observation) -> bool:
+    return a.kind == b.kind and a.failed_operation == b.failed_operation
+
+
+def _down(o: Observation, ctl: Observation) -> _Finding:
+    """The control fails too: the endpoint (or the service there) is down, not blocked."""
+    confidence = STRONG if _same_failure(o, ctl) else FAIR
+    return _Finding(Verdict.ENDPOINT_DOWN, confidence, (describe(o), _control(ctl)))
+
+
+def _inconclusive(o: Observation, why: str) -> _Finding:
+    return _Finding(Verdict.INCONCLUSIVE, NONE, (describe(o), why))
+
+
+def _by_control(
+    ctx: _Context,
+    o: Observation,
+    verdict: Verdict,
+    *,
+    with_control: float,
+    without: float | None,
+    why: str,
+    passes: Passes = _succeeded,
+) -> _Finding:
+    """The common shape: the control passing confirms ``verdict``; the control failing
+    makes it an outage; no control leaves the signature alone (``without`` confidence,
+    or inconclusive when the signature alone proves nothing)."""
+    ctl = ctx.control_for(o, passes)
+    if ctl is not None:
+        if passes(ctl):
+            return _Finding(verdict, with_control, (describe(o), _control(ctl), why))
+        return _down(o, ctl)
+    if without is None:
+        return _inconclusive(o, f"{why}; no control vantage to tell censorship from an outage")
+    return _Finding(verdict, without, (describe(o), why))
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _connect_rule(ctx: _Context, o: Observation) -> _Finding:
+    """B2: SYN dropped (timeout) or answered by RST (refused) / ICMP (unreachable)."""
+    return _by_control(
+        ctx,
+        o,
+        Verdict.IP_BLOCKING,
+        with_control=STRONG,
+        without=WEAK if ctx.others_ok else None,
+        why="connect fails"
+        + ("; other endpoints reachable from this vantage" if ctx.others_ok else ""),
+        passes=_connected,
+    )
+
+
+def _tls_interference_rule(ctx: _Context, o: Observation) -> _Finding:
+    """B3: reset/silence/FIN/alert after the ClientHello; the neutral-SNI swap decides."""
+    ctl = ctx.control_for(o)
+    if ctl is not None and not ctl.ok:
+        return _down(o, ctl)
+    stage = (o.details.get("handshake") or {}).get("stage")
+    lines = [describe(o) + (f", {stage}" if stage else "")]
+    if ctl is not None:
+        lines.append(_control(ctl))
+    swaps = ctx.swaps("tls", "neutral_sni", o)
+    lines += [describe(s) for s in swaps]
+    # A certificate error in the swap still proves the handshake got through: the
+    # server answered a neutral name with its own (mismatching) certificate.
+    through = [s for s in swaps if s.ok or s.kind in _CERT]
+    if through:
+        confidence = CERTAIN if ctl is not None else STRONG
+        if any(s.ok for s in through):
+            lines.append("the same address completes the handshake with a neutral SNI")
+        else:
+            lines.append(
+                "a neutral SNI gets the server's certificate (name mismatch): the handshake "
+                "gets through without the blocked name"
+            )
+        return _Finding(Verdict.TLS_SNI_FILTERING, confidence, tuple(lines))
+    if swaps:
+        if ctl is None:
+            lines.append("a neutral SNI fails too and no control: a broken server looks the same")
+            return _Finding(Verdict.INCONCLUSIVE, NONE, tuple(lines))
+        lines.append(
+            "a neutral SNI fails too: not SNI-specific (ClientHello fingerprint, "
+            "address-wide filter, or residual blocking)"
+        )
+        return _Finding(Verdict.PROTOCOL_FILTERING, FAIR, tuple(lines))
+    if ctl is None:
+        lines.append("no neutral-SNI swap and no control")
+        return _Finding(Verdict.INCONCLUSIVE, NONE, tuple(lines))
+    lines.append("no neutral-SNI swap: SNI filtering is the usual cause, not proven")
+    return _Finding(Verdict.TLS_SNI_FILTERING, FAIR, tuple(lines))
+
+
+def _fingerprint(o: Observation) -> str | None:
+    cert = o.details.get("certificate")
+    if isinstance(cert, Mapping) and cert.get("sha256"):
+        return str(cert["sha256"])
+    return None
+
+
+def _certificate_rule(ctx: _Context, o: Observation) -> _Finding:
+    """A certificate that does not verify where the control sees a valid one: MITM."""
+    ctl = ctx.control_for(o)
+    mine = _fingerprint(o)
+    lines = [describe(o)]
+    cert = o.details.get("certificate")
+    if isinstance(cert, Mapping) and cert.get("issuer"):
+        lines.append(f"certificate issuer {str(cert['issuer'])[:80]}")
+    if ctl is None:
+        if o.kind == Failure.SSL_UNKNOWN_AUTHORITY:
+            lines.append("untrusted issuer on a public service; no control to compare")
+            return _Finding(Verdict.TLS_MITM, WEAK, tuple(lines))
+        lines.append("no control to tell a MITM from a misconfigured server")
+        return _Finding(Verdict.INCONCLUSIVE, NONE, tuple(lines))
+    lines.append(_control(ctl))
+    theirs = _fingerprint(ctl)
+    differ = mine is not None and theirs is not None and mine != theirs
+    if mine is not None and theirs is not None and differ:
+        lines.append(f"certificate sha256 {mine[:16]}… differs from the control's {theirs[:16]}…")
+    if ctl.ok:
+        if mine is not None and mine == theirs:
+            lines.append("same certificate as the control: this vantage's trust store differs")
+            return _Finding(Verdict.INCONCLUSIVE, WEAK, tuple(lines))
+        return _Finding(Verdict.TLS_MITM, CERTAIN if differ else STRONG, tuple(lines))
+    if differ and ctl.kind in _CERT:
+        return _Finding(Verdict.TLS_MITM, GOOD, tuple(lines))
+    return _down(o, ctl)
+
+
+def _quic_rule(ctx: _Context, o: Observation) -> _Finding:
+    """B8: the v1 handshake is silent while a version-negotiation probe is answered."""
+    if o.kind in _CERT:
+        return _certificate_rule(ctx, o)
+    ctl = ctx.control_for(o)
+    if ctl is not None and not ctl.ok:
+        return _down(o, ctl)
+    vn = ctx.runs_at("quic_vn", o)
+    lines = [describe(o), *(describe(v) for v in vn)]
+    if ctl is not None:
+        lines.append(_control(ctl))
+    answered = [v for v in vn if v.ok]
+    if o.kind in _SILENCE:
+        if answered:
+            offers_v1 = [v.details.get("offers_quic_v1") for v in answered]
+            if False in offers_v1 and True not in offers_v1:
+                lines.append("the server does not offer QUIC v1")
+                return _Finding(Verdict.INCONCLUSIVE, NONE, tuple(lines))
+            lines.append("version negotiation answered while the v1 handshake is dropped")
+            confidence = CERTAIN if ctl is not None else (STRONG if True in offers_v1 else FAIR)
+            return _Finding(Verdict.QUIC_FILTERING, confidence, tuple(lines))
+        if vn:
+            return _udp_silence(ctx, o, lines, ctl)
+        if ctl is not None:
+            lines.append("no version-negotiation probe: QUIC filtering not told from UDP blocking")
+            return _Finding(Verdict.QUIC_FILTERING, FAIR, tuple(lines))
+        return _Finding(Verdict.INCONCLUSIVE, NONE, (*lines, "silence alone proves nothing"))
+    if ctl is not None:
+        lines.append("the control completes the QUIC handshake")
+        verdict = (
+            Verdict.UDP_BLOCKING if o.kind == Failure.CONNECTION_REFUSED else Verdict.QUIC_FILTERING
+        )
+        return _Finding(verdict, GOOD, tuple(lines))
+    return _Finding(Verdict.INCONCLUSIVE, NONE, (*lines, "no control vantage to compare"))
+
+
+def _udp_silence(
+    ctx: _Context, o: Observation, lines: list[str], ctl: Observation | None
+) -> _Finding:
+    """QUIC v1 and version negotiation both silent: UDP to the address is dropped if TCP
+    to it works (or the control gets answers), else nothing can be said."""
+    tcp = ctx.tcp_connected(o.address)
+    if tcp:
+        lines.append(describe(tcp[0]))
+        lines.append("UDP silent while TCP to the same address works")
+        return _Finding(Verdict.UDP_BLOCKING, STRONG if ctl is not None else GOOD, tuple(lines))
+    if ctl is not None:
+        return _Finding(Verdict.UDP_BLOCKING, GOOD, (*lines, "the control is answered"))
+    return _Finding(Verdict.INCONCLUSIVE, NONE, (*lines, "UDP silence alone proves nothing"))
+
+
+def _quic_vn_rule(ctx: _Context, o: Observation) -> _Finding:
+    ctl = ctx.control_for(o)
+    if ctl is not None and not ctl.ok:
+        return _down(o, ctl)
+    if o.kind in _SILENCE or o.kind == Failure.CONNECTION_REFUSED:
+        lines = [describe(o)] + ([_control(ctl)] if ctl is not None else [])
+        return _udp_silence(ctx, o, lines, ctl)
+    return _by_control(
+        ctx, o, Verdict.QUIC_FILTERING, with_control=FAIR, without=None, why="unexpected reply"
+    )
+
+
+def _stun_rule(ctx: _Context, o: Observation) -> _Finding:
+    """B9: STUN silence, a flow cut off after t seconds, STUN-shaped vs random UDP."""
+    if o.l4 == "tcp":
+        return _app_rule(ctx, o)
+    cutoff = o.details.get("cutoff_s")
+    if o.details.get("mode") == "flow" and isinstance(cutoff, int | float) and cutoff > 0:
+        why = f"replies stopped for good {cutoff} s into the flow"
+        return _by_control(
+            ctx, o, Verdict.UDP_BLOCKING, with_control=CERTAIN, without=GOOD, why=why
+        )
+    if o.kind != Failure.UDP_NO_RESPONSE:
+        if o.kind == Failure.CONNECTION_REFUSED:
+            return _by_control(
+                ctx,
+                o,
+                Verdict.UDP_BLOCKING,
+                with_control=GOOD,
+                without=None,
+                why="ICMP unreachable",
+            )
+        return _by_control(
+            ctx,
+            o,
+            Verdict.PROTOCOL_FILTERING,
+            with_control=FAIR,
+            without=None,
+            why="not a STUN reply",
+        )
+    if ctx.control_for(o) is not None:
+        return _by_control(
+            ctx, o, Verdict.UDP_BLOCKING, with_control=STRONG, without=None, why="STUN silence"
+        )
+    lines = [describe(o)]
+    random_udp = [o, *ctx.swaps("stun", "random_udp", o)]
+    for r in random_udp[1:]:
+        lines.append(describe(r))
+    replied = [r for r in random_udp if (r.details.get("control") or {}).get("replied")]
+    if replied:
+        lines.append("random UDP of the same size to the same port is answered, STUN is not")
+        return _Finding(Verdict.UDP_BLOCKING, GOOD, tuple(lines))
+    if any(r.ok for r in random_udp[1:]):
+        lines.append("STUN answered on the follow-up: the first silence was transient")
+        return _Finding(Verdict.INCONCLUSIVE, NONE, tuple(lines))
+    lines.append("STUN silence alone proves nothing without a control vantage")
+    return _Finding(Verdict.INCONCLUSIVE, NONE, tuple(lines))
+
+
+def _transfer_rule(ctx: _Context, o: Observation) -> _Finding:
+    """B7 freeze, B5 post-handshake stall, B6 throttling."""
+    d = o.details
+    if o.kind == Failure.STALL_AFTER_BYTES:
+        stalled = d.get("stalled_at_wire_bytes") or d.get("stalled_at_bytes") or []
+        why = f"{d.get('stalled_connections', '?')} of {d.get('connections_attempted', '?')} "
+        why += f"connections stalled at {', '.join(str(b) for b in stalled[:4])} bytes"
+        return _by_control(
+            ctx, o, Verdict.STALL_AFTER_BYTES, with_control=CERTAIN, without=GOOD, why=why
+        )
+    if o.kind == Failure.THROTTLED:
+        why = f"median {d.get('median_kbps')} kbps below {d.get('throttle_kbps')} kbps"
+        return _by_control(ctx, o, Verdict.THROTTLING, with_control=STRONG, without=FAIR, why=why)
+    if o.kind == Failure.GENERIC_TIMEOUT:
+        why = "handshake done, then no application data (B5 stall)"
+        return _by_control(
+            ctx, o, Verdict.STALL_AFTER_BYTES, with_control=GOOD, without=WEAK, why=why
+        )
+    return _by_control(
+        ctx, o, Verdict.PROTOCOL_FILTERING, with_control=GOOD, without=None, why="transfer broken"
+    )
+
+
+def _app_rule(ctx: _Context, o: Observation) -> _Finding:
+    """TCP connected, then the first application bytes (MTProto, Noise) kill the flow."""
+    if o.base == "tcp":  # a held connection reset or closed right after the handshake
+        reset = o.kind == Failure.CONNECTION_RESET
+        return _by_control(
+            ctx,
+            o,
+            Verdict.IP_BLOCKING,
+            with_control=GOOD,
+            without=WEAK if reset and ctx.others_ok else None,
+            why="connection killed after the TCP handshake",
+        )
+    telling = o.kind in (Failure.CONNECTION_RESET, Failure.GENERIC_TIMEOUT)
+    return _by_control(
+        ctx,
+        o,
+        Verdict.PROTOCOL_FILTERING,
+        with_control=STRONG,
+        without=WEAK if telling and ctx.others_ok else None,
+        why="TCP connects; the application's first message is not answered",
+    )
+
+
+def _judge_failure(ctx: _Context, o: Observation) -> _Finding:
+    if o.base == "quic":
+        return _quic_rule(ctx, o)
+    if o.base == "quic_vn":
+        return _quic_vn_rule(ctx, o)
+    if o.base == "stun" and o.l4 == "udp":
+        return _stun_rule(ctx, o)
+    if o.failed_operation == "connect":
+        return _connect_rule(ctx, o)
+    if o.failed_operation == "tls_handshake":
+        if o.kind in _CERT:
+            return _certificate_rule(ctx, o)
+        if o.kind in _TLS_INTERFERENCE:
+            return _tls_interference_rule(ctx, o)
+    if o.base == "transfer":
+        return _transfer_rule(ctx, o)
+    return _app_rule(ctx, o)
+
+
+def _judge_attempts(ctx: _Context, attempts: Sequence[Observation]) -> _Finding:
+    """First run and repeats of one probe on one path; censors are inconsistent, so a
+    disagreement is reported (and lowers confidence), never averaged away."""
+    failed = [a for a in attempts if not a.ok]
+    passed = [a for a in attempts if a.ok]
+    if not failed:
+        return _Finding(Verdict.OK, CERTAIN, tuple(describe(a) for a in attempts))
+    findings = [_judge_failure(ctx, a) for a in failed]
+    finding = _strongest(findings)
+    if passed:
+        note = f"{len(failed)} of {len(attempts)} attempts failed: intermittent"
+        note += f" ({describe(passed[0])})"
+        if finding.blocking:
+            return finding.weaker(_DISAGREE_FACTOR, note)
+        return _Finding(Verdict.OK, FAIR, (*finding.evidence, note))
+    if len(failed) > 1:
+        return finding.stronger(f"{len(failed)} of {len(attempts)} attempts failed the same way")
+    return finding
+
+
+def _rank(f: _Finding) -> tuple[int, float]:
+    order = _PRIORITY.index(f.verdict) if f.blocking else len(_PRIORITY)
+    return (order, -f.confidence)
+
+
+def _strongest(findings: Sequence[_Finding]) -> _Finding:
+    """Blocking beats down beats ok beats inconclusive; among blocking, `_PRIORITY`."""
+    blocking = [f for f in findings if f.blocking]
+    if blocking:
+        best = min(blocking, key=_rank)
+        return _Finding(best.verdict, best.confidence, _merge(best, findings))
+    for verdict in (Verdict.ENDPOINT_DOWN, Verdict.OK, Verdict.INCONCLUSIVE):
+        same = [f for f in findings if f.verdict == verdict]
+        if same:
+            best = max(same, key=lambda f: f.confidence)
+            confidence = best.confidence
+            if verdict == Verdict.OK and any(f.verdict == Verdict.INCONCLUSIVE for f in findings):
+                confidence *= 0.8  # a probe on the same path could not say
+            return _Finding(verdict, confidence, _merge(best, findings))
+    return findings[0]
+
+
+def _merge(first: _Finding, findings: Sequence[_Finding]) -> tuple[str, ...]:
+    return _bounded([*first.evidence, *(e for f in findings for e in f.evidence)])
+
+
+def _is_repeat(o: Observation) -> bool:
+    return not o.variant or o.variant.startswith("repeat")
+
+
+def _judge_path(ctx: _Context, path: Sequence[Observation]) -> _Finding | None:
+    """None for a path holding only swap results: they are consulted, not judged."""
+    groups: dict[str, list[Observation]] = {}
+    for o in path:
+        if _is_repeat(o):
+            groups.setdefault(o.base, []).append(o)
+    if not groups:
+        return None
+    return _strongest([_judge_attempts(ctx, attempts) for attempts in groups.values()])
+
+
+# --------------------------------------------------------------------------- DNS
+
+
+def _resolver_kind(o: Observation) -> str:
+    return (o.resolver or "system").split(":", 1)[0]
+
+
+def _dns_lie(o: Observation, clean: Sequence[Observation]) -> tuple[str, float] | None:
+    """What a system/UDP answer got wrong, and how sure we are, given clean answers."""
+    kind = o.kind
+    in_prefix = [c for c in clean if c.ok and "dns_answer_outside_prefixes" not in c.flags]
+    if kind in _NEGATIVE_DNS:
+        return (
+            ("nxdomain" if kind == Failure.DNS_NXDOMAIN else "no answer", STRONG) if clean else None
+        )
+    if kind == Failure.DNS_BOGON:
+        return ("bogon", CERTAIN if clean else FAIR)
+    if not o.ok:
+        return None
+    if "dns_answer_outside_prefixes" in o.flags:
+        return ("answer outside the service's prefixes", GOOD) if in_prefix else None
+    mine = _answers(o)
+    disjoint = all(not (mine & _answers(c)) for c in in_prefix)
+    if _DNS_MISMATCH & set(o.flags) and in_prefix and disjoint:
+        return ("inconsistent with the clean resolvers", FAIR)
+    return None
+
+
+def _judge_dns(ctx: _Context) -> _Finding | None:
+    dns = [o for o in ctx.results if o.base == "dns"]
+    if not dns:
+        return None
+    suspect = [o for o in dns if _resolver_kind(o) not in _CLEAN_RESOLVERS]
+    clean = [o for o in dns if _resolver_kind(o) in _CLEAN_RESOLVERS]
+    control = [o for o in ctx.control if o.base == "dns"]
+    answered = [o for o in clean + control if o.ok]
+    evidence = [describe(o) for o in dns] + [_control(o) for o in control]
+    injected = [o for o in dns if "dns_injection_suspected" in o.flags]
+    if injected:
+        why = "two differing replies to one query: injected"
+        return _Finding(Verdict.DNS_TAMPERING, STRONG, _bounded([*evidence, why]))
+    lies = [(o, lie) for o in suspect if (lie := _dns_lie(o, answered)) is not None]
+    if lies:
+        what, confidence = max((lie for _, lie in lies), key=lambda lie: lie[1])
+        why = f"{what} from the system/UDP resolver"
+        why += "; DoH/TCP/control answer" if answered else "; no clean resolver to compare"
+        return _Finding(Verdict.DNS_TAMPERING, confidence, _bounded([*evidence, why]))
+    failed = [o for o in dns if not o.ok]
+    if not failed:
+        return _Finding(Verdict.OK, CERTAIN, _bounded(evidence))
+    if all(o.kind in _NEGATIVE_DNS for o in failed) and not answered and clean:
+        why = "every resolver, DoH/TCP included, says the name has no address"
+        return _Finding(Verdict.ENDPOINT_DOWN, GOOD, _bounded([*evidence, why]))
+    why = "resolver failures" if answered or clean else "no DoH/TCP resolver or control to compare"
+    return _Finding(Verdict.INCONCLUSIVE, NONE, _bounded([*evidence, why]))
+
+
+# --------------------------------------------------------------------------- endpoint
+
+
+def _one_endpoint(items: Sequence[Observation]) -> tuple[str, str]:
+    keys = {(o.service, o.endpoint) for o in items}
+    if len(keys) != 1:
+        raise ValueError(f"judge_endpoint wants the results of one endpoint, got {sorted(keys)}")
+    return keys.pop()
+
+
+def judge_endpoint(
+    results: Iterable[Item],
+    control: Iterable[Item] | None = None,
+    *,
+    others_ok: bool = False,
+) -> EndpointVerdict:
+    """Judge one endpoint from all its results (first runs, swaps and repeats, any rounds).
+
+    ``control``: the same endpoint's results from a control vantage (others are ignored).
+    ``others_ok``: other endpoints work from this vantage; without a control this is
+    what lets a connect failure count as a (low-confidence) block at all.
+    """
+    obs = normalise(results)
+    if not obs:
+        raise ValueError("judge_endpoint needs at least one result")
+    service, endpoint = _one_endpoint(obs)
+    counted = [o for o in obs if o.skipped != SkipReason.IPV6_UNAVAILABLE]
+    measured = [o for o in counted if o.skipped is None]
+    if not measured:
+        if counted:  # every remaining result is a vantage_offline skip
+            why = "the offline gate reached no control target: nothing was measured"
+            return EndpointVerdict(service, endpoint, Verdict.VANTAGE_OFFLINE, 1.0, (why,))
+        why = "nothing measured: every target is IPv6 and this vantage has no IPv6"
+        return EndpointVerdict(service, endpoint, Verdict.INCONCLUSIVE, 0.0, (why,))
+    ctl = tuple(
+        c
+        for c in normalise(control or ())
+        if (c.service, c.endpoint) == (service, endpoint) and c.skipped is None
+    )
+    ctx = _Context(tuple(measured), ctl, others_ok)
+    return _endpoint_verdict(service, endpoint, ctx)
+
+
+def _endpoint_verdict(service: str, endpoint: str, ctx: _Context) -> EndpointVerdict:
+    paths: dict[tuple[str, str, int | None], list[Observation]] = {}
+    for o in ctx.results:
+        if o.base != "dns":
+            paths.setdefault(o.path, []).append(o)
+    judged = {k: f for k, p in paths.items() if (f := _judge_path(ctx, p)) is not None}
+    findings = list(judged.values())
+    dns = _judge_dns(ctx)
+
+    def verdict(f: _Finding, fraction: float | None = None) -> EndpointVerdict:
+        conf = round(max(0.0, min(1.0, f.confidence)), 2)
+        return EndpointVerdict(service, endpoint, f.verdict, conf, _bounded(f.evidence), fraction)
+
+    if dns is not None and (dns.verdict == Verdict.DNS_TAMPERING or not findings):
+        # A DNS lie stops an ordinary client first; path findings are kept as evidence.
+        return verdict(_Finding(dns.verdict, dns.confidence, _merge(dns, findings)))
+    if not findings:
+        return verdict(_Finding(Verdict.INCONCLUSIVE, 0.0, ("only swap results",)))
+    blocked = [(k, f) for k, f in judged.items() if f.blocking]
+    passed = [(k, f) for k, f in judged.items() if f.verdict == Verdict.OK]
+    if {k[0] for k, _ in blocked} & {k[0] for k, _ in passed}:
+        # Some paths of a kind (tcp or udp) work and others of the same kind do not.
+        # A whole kind failing next to another that works (QUIC filtered, TLS fine)
+        # is that kind's filter, not partial blocking: it falls through to below.
+        total = len(blocked) + len(passed)
+        worst = _strongest([f for _, f in blocked])
+        summary = f"{len(blocked)} of {total} paths blocked ({worst.verdict})"
+        confidence = sum(f.confidence for _, f in blocked) / len(blocked)
+        evidence = _bounded([summary, *(e for _, f in blocked + passed for e in f.evidence)])
+        return verdict(
+            _Finding(Verdict.PARTIAL, confidence, evidence), round(len(blocked) / total, 3)
+        )
+    best = _strongest(findings)
+    extra = dns.evidence if dns is not None else ()
+    return verdict(_Finding(best.verdict, best.confidence, (*best.evidence, *extra)))
+
+
+# --------------------------------------------------------------------------- service
+
+
+def _share(v: EndpointVerdict) -> float:
+    """How much of an endpoint is blocked: 1 for a block, its fraction for partial."""
+    if v.verdict == Verdict.PARTIAL:
+        return v.blocked_fraction if v.blocked_fraction is not None else 0.5
+    return 1.0 if v.verdict in BLOCKING else 0.0
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return round(sum(values) / len(values), 2) if values else 0.0
+
+
+def judge_service(endpoint_verdicts: Sequence[EndpointVerdict]) -> ServiceVerdict:
+    """All endpoints agree -> that verdict; blocked next to working -> ``partial`` with the
+    fraction of blocked endpoints (a partial endpoint counts with its own fraction);
+    down and inconclusive endpoints are left out of the fraction."""
+    if not endpoint_verdicts:
+        raise ValueError("judge_service needs at least one endpoint verdict")
+    service = endpoint_verdicts[0].service
+    evidence = _bounded(
+        f"{v.endpoint}: {v.verdict} {v.confidence:.2f}"
+        + (f" blocked {v.blocked_fraction:.2f}" if v.blocked_fraction is not None else "")
+        for v in endpoint_verdicts
+    )
+    measured = [v for v in endpoint_verdicts if v.verdict != Verdict.VANTAGE_OFFLINE]
+    if not measured:
+        return ServiceVerdict(service, Verdict.VANTAGE_OFFLINE, 1.0, evidence)
+    kinds = {v.verdict for v in measured}
+    blocked = [v for v in measured if v.verdict in BLOCKING or v.verdict == Verdict.PARTIAL]
+    passed = [v for v in measured if v.verdict == Verdict.OK]
+    if len(kinds) == 1:
+        (only,) = kinds
+        fraction = _mean(_share(v) for v in measured) if only == Verdict.PARTIAL else None
+        return ServiceVerdict(
+            service, only, _mean(v.confidence for v in measured), evidence, fraction
+        )
+    if blocked and (passed or Verdict.PARTIAL in kinds):
+        judged = blocked + passed
+        fraction = round(sum(_share(v) for v in judged) / len(judged), 3)
+        return ServiceVerdict(
+            service, Verdict.PARTIAL, _mean(v.confidence for v in judged), evidence, fraction
+        )
+    if blocked:
+        counts = Counter(v.verdict for v in blocked)
+        top = min(counts, key=lambda k: (-counts[k], _PRIORITY.index(k)))
+        confidence = _mean(v.confidence for v in blocked if v.verdict == top)
+        return ServiceVerdict(service, top, confidence, evidence)
+    if passed:
+        # down or inconclusive endpoints next to working ones: the service works; the
+        # confidence says how much of it could be seen
+        confidence = _mean(v.confidence for v in passed) * len(passed) / len(measured)
+        return ServiceVerdict(service, Verdict.OK, round(confidence, 2), evidence)
+    if kinds == {Verdict.ENDPOINT_DOWN}:
+        return ServiceVerdict(
+            service, Verdict.ENDPOINT_DOWN, _mean(v.confidence for v in measured), evidence
+        )
+    return ServiceVerdict(service, Verdict.INCONCLUSIVE, NONE, evidence)
+
+
+# --------------------------------------------------------------------------- round
+
+
+def judge_round(
+    results: Iterable[Item], control: Iterable[Item] | None = None
+) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
+    """Every endpoint's verdict, then its service's, service by service (sorted).
+
+    Works on any set of results: one round, several rounds, or the lab's; ``control``
+    is the control vantage's results for the same endpoints, in any accepted form.
+    """
+    obs = normalise(results)
+    ctl = [c for c in normalise(control or ()) if c.skipped is None]
+    by_endpoint: dict[tuple[str, str], list[Observation]] = {}
+    for o in obs:
+        by_endpoint.setdefault((o.service, o.endpoint), []).append(o)
+    # Which endpoints show this vantage can reach *something*: a success beyond DNS.
+    reached = {(o.service, o.endpoint) for o in obs if o.ok and o.base != "dns"}
+    out: list[EndpointVerdict | ServiceVerdict] = []
+    services = sorted({s for s, _ in by_endpoint})
+    for service in services:
+        verdicts = [
+            judge_endpoint(
+                by_endpoint[key],
+                [c for c in ctl if (c.service, c.endpoint) == key],
+                others_ok=bool(reached - {key}),
+            )
+            for key in sorted(k for k in by_endpoint if k[0] == service)
+        ]
+        out += verdicts
+        out.append(judge_service(verdicts))
+    return tuple(out)

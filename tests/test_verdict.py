@@ -1,0 +1,731 @@
+"""The verdict engine over hand-built results with real failure strings and details.
+
+Addresses are documentation prefixes (192.0.2.0/24, 198.51.100.0/24, 2001:db8::/32):
+nothing here opens a socket.  Results are built with the probes' own `Recorder`, so
+failure strings, operations, details and flags have exactly the shape probes produce.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from probe.model import Operation, ProbeResult, SkipReason, Target, freeze
+from probe.probes.base import Recorder
+from probe.results import VERDICTS, ResultStore
+from probe.statuspage import results_json
+from probe.verdict import (
+    BLOCKING,
+    EndpointVerdict,
+    Observation,
+    ServiceVerdict,
+    Verdict,
+    from_api,
+    judge_endpoint,
+    judge_round,
+    judge_service,
+)
+from tests.helpers import endpoint
+
+A, B = "192.0.2.10", "192.0.2.11"
+V6 = "2001:db8::10"
+DOH = "doh:https://dns.example/dns-query"
+SYSTEM = "system"
+
+CONN, HS, QHS, READ, RES = (
+    Operation.CONNECT,
+    Operation.TLS_HANDSHAKE,
+    Operation.QUIC_HANDSHAKE,
+    Operation.READ,
+    Operation.RESOLVE,
+)
+
+EP = endpoint(
+    "g.example",
+    probes=("dns", "tcp", "tls", "quic", "quic_vn", "stun", "mtproto", "transfer"),
+    ports=(443,),
+    service="svc",
+    name="g",
+)
+
+
+def run(
+    probe: str,
+    address: str | None = A,
+    port: int | None = 443,
+    *,
+    failure: str | None = None,
+    op: Operation | None = None,
+    variant: str = "",
+    overrides: dict[str, Any] | None = None,
+    resolver: str | None = None,
+    flags: Sequence[str] = (),
+    ep: Any = EP,
+    **details: Any,
+) -> ProbeResult:
+    """One result as a probe would have recorded it (ok unless ``failure`` is given)."""
+    target = Target(
+        ep,
+        probe,
+        address,
+        port if address is not None else None,
+        resolver,
+        "literal",
+        variant,
+        freeze(overrides or {}),
+    )
+    rec = Recorder(target)
+    for flag in flags:
+        rec.flag(flag)
+    if failure is None:
+        return rec.ok(**details)
+    assert op is not None
+    return rec.fail(failure, op, **details)
+
+
+def dns(resolver: str, *addresses: str, failure: str | None = None, **kw: Any) -> ProbeResult:
+    answers = {
+        "A": [a for a in addresses if ":" not in a],
+        "AAAA": [a for a in addresses if ":" in a],
+    }
+    op = RES if failure else None
+    return run("dns", None, resolver=resolver, failure=failure, op=op, answers=answers, **kw)
+
+
+def cert(sha: str, issuer: str = "CN=probe lab CA") -> dict[str, Any]:
+    return {"sha256": sha, "issuer": issuer, "subject": "CN=g.example"}
+
+
+def skipped(probe: str, address: str, reason: SkipReason) -> ProbeResult:
+    return Recorder(Target(EP, probe, address, 443)).skip(reason)
+
+
+RESET_AFTER_HELLO = {"handshake": {"stage": "awaiting_server_hello", "bytes_sent": 517}}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    results: list[ProbeResult]
+    verdict: Verdict
+    control: list[ProbeResult] = field(default_factory=list)
+    others_ok: bool = False
+    min_conf: float = 0.0
+    max_conf: float = 1.0
+    evidence: tuple[str, ...] = ()  # substrings that must appear in the evidence
+    fraction: float | None = None
+
+
+CASES = [
+    Case(
+        "ok_everything_answers",
+        [dns(SYSTEM, A, B), dns(DOH, A, B), run("tcp"), run("tls"), run("tls", B), run("tcp", B)],
+        Verdict.OK,
+        min_conf=0.9,
+        evidence=("tls 192.0.2.10:443 ok",),
+    ),
+    # --- DNS (B1) ------------------------------------------------------------------
+    Case(
+        "dns_nxdomain_over_system_while_doh_answers",
+        [dns(SYSTEM, failure="dns_nxdomain_error"), dns(DOH, A), run("tls")],
+        Verdict.DNS_TAMPERING,
+        min_conf=0.8,
+        evidence=("dns system dns_nxdomain_error (resolve)", "nxdomain", DOH),
+    ),
+    Case(
+        "dns_bogon_while_doh_answers",
+        [dns(SYSTEM, "127.0.0.1", failure="dns_bogon_error", bogons=["127.0.0.1"]), dns(DOH, A)],
+        Verdict.DNS_TAMPERING,
+        min_conf=0.9,
+        evidence=("bogon", "127.0.0.1"),
+    ),
+    Case(
+        "dns_no_answer_over_udp_while_tcp_answers",
+        [dns("udp:192.0.2.53:53", failure="dns_no_answer"), dns("tcp:192.0.2.53:53", A)],
+        Verdict.DNS_TAMPERING,
+        min_conf=0.8,
+        evidence=("no answer",),
+    ),
+    Case(
+        "dns_answer_outside_prefixes_while_doh_in_prefix",
+        [dns(SYSTEM, "198.51.100.7", flags=["dns_answer_outside_prefixes"]), dns(DOH, A)],
+        Verdict.DNS_TAMPERING,
+        min_conf=0.65,
+        evidence=("outside the service's prefixes",),
+    ),
+    Case(
+        "dns_injection_flag",
+        [dns("udp:192.0.2.53:53", A, flags=["dns_injection_suspected"])],
+        Verdict.DNS_TAMPERING,
+        min_conf=0.8,
+        evidence=("injected",),
+    ),
+    Case(
+        "dns_nxdomain_without_a_clean_resolver_is_inconclusive",
+        [dns(SYSTEM, failure="dns_nxdomain_error")],
+        Verdict.INCONCLUSIVE,
+        max_conf=0.3,
+    ),
+    Case(
+        "dns_nxdomain_answered_by_the_control_vantage",
+        [dns(SYSTEM, failure="dns_nxdomain_error")],
+        Verdict.DNS_TAMPERING,
+        control=[dns(SYSTEM, A)],
+        min_conf=0.8,
+        evidence=("control dns system ok",),
+    ),
+    Case(
+        "dns_nxdomain_everywhere_is_the_name_gone",
+        [dns(SYSTEM, failure="dns_nxdomain_error"), dns(DOH, failure="dns_nxdomain_error")],
+        Verdict.ENDPOINT_DOWN,
+    ),
+    # --- IP blocking (B2) ------------------------------------------------------------
+    Case(
+        "ip_blackhole_confirmed_by_control",
+        [
+            run("tcp", failure="generic_timeout_error", op=CONN),
+            run("tcp", B, failure="generic_timeout_error", op=CONN),
+        ],
+        Verdict.IP_BLOCKING,
+        control=[run("tcp"), run("tcp", B)],
+        min_conf=0.85,
+        evidence=("tcp 192.0.2.10:443 generic_timeout_error (connect)", "control tcp"),
+    ),
+    Case(
+        "ip_block_over_ipv6",
+        [run("tls", V6, failure="connection_refused", op=CONN)],
+        Verdict.IP_BLOCKING,
+        control=[run("tls", V6)],
+        evidence=("tls [2001:db8::10]:443 connection_refused (connect)",),
+    ),
+    Case(
+        "ip_reset_on_connect_control_reaches_a_later_step",
+        [run("mtproto", failure="connection_refused", op=CONN)],
+        Verdict.IP_BLOCKING,
+        control=[run("mtproto", failure="connection_reset", op=READ)],
+        min_conf=0.85,
+    ),
+    Case(
+        "ip_block_without_control_but_other_services_work",
+        [run("tcp", failure="generic_timeout_error", op=CONN)],
+        Verdict.IP_BLOCKING,
+        others_ok=True,
+        max_conf=0.5,
+        evidence=("other endpoints reachable",),
+    ),
+    Case(
+        "connect_failure_alone_is_inconclusive",
+        [run("tcp", failure="generic_timeout_error", op=CONN)],
+        Verdict.INCONCLUSIVE,
+    ),
+    # --- TLS (B3, MITM) --------------------------------------------------------------
+    Case(
+        "sni_filter_neutral_swap_completes",
+        [
+            run("tcp"),
+            run("tls", failure="connection_reset", op=HS, **RESET_AFTER_HELLO),
+            run("tls", variant="neutral_sni", overrides={"sni": "example.com"}),
+        ],
+        Verdict.TLS_SNI_FILTERING,
+        min_conf=0.85,
+        evidence=("awaiting_server_hello", "tls/neutral_sni 192.0.2.10:443 ok"),
+    ),
+    Case(
+        "sni_filter_neutral_swap_with_name_mismatch_still_confirms",
+        [
+            run("tls", failure="generic_timeout_error", op=HS, **RESET_AFTER_HELLO),
+            run("tls", failure="ssl_invalid_hostname", op=HS, variant="neutral_sni"),
+        ],
+        Verdict.TLS_SNI_FILTERING,
+        min_conf=0.85,
+        evidence=("tls/neutral_sni 192.0.2.10:443 ssl_invalid_hostname",),
+    ),
+    Case(
+        "sni_filter_confirmed_by_control_too",
+        [
+            run("tls", failure="eof_error", op=HS),
+            run("tls", variant="neutral_sni"),
+        ],
+        Verdict.TLS_SNI_FILTERING,
+        control=[run("tls")],
+        min_conf=0.95,
+    ),
+    Case(
+        "neutral_swap_fails_too_with_control_is_not_sni_specific",
+        [
+            run("tls", failure="connection_reset", op=HS),
+            run("tls", failure="connection_reset", op=HS, variant="neutral_sni"),
+        ],
+        Verdict.PROTOCOL_FILTERING,
+        control=[run("tls")],
+        evidence=("not SNI-specific",),
+    ),
+    Case(
+        "neutral_swap_fails_too_without_control_is_inconclusive",
+        [
+            run("tls", failure="connection_reset", op=HS),
+            run("tls", failure="connection_reset", op=HS, variant="neutral_sni"),
+        ],
+        Verdict.INCONCLUSIVE,
+    ),
+    Case(
+        "mitm_certificate_differs_from_the_controls",
+        [
+            run(
+                "tls",
+                failure="ssl_unknown_authority",
+                op=HS,
+                certificate=cert("aa" * 32, "CN=Gov CA"),
+            )
+        ],
+        Verdict.TLS_MITM,
+        control=[run("tls", certificate=cert("bb" * 32))],
+        min_conf=0.95,
+        evidence=("differs from the control's", "CN=Gov CA"),
+    ),
+    Case(
+        "mitm_without_control_is_a_weak_finding",
+        [run("tls", failure="ssl_unknown_authority", op=HS, certificate=cert("aa" * 32))],
+        Verdict.TLS_MITM,
+        max_conf=0.5,
+    ),
+    Case(
+        "same_bad_certificate_at_the_control_is_the_server",
+        [run("tls", failure="ssl_invalid_certificate", op=HS, certificate=cert("aa" * 32))],
+        Verdict.ENDPOINT_DOWN,
+        control=[run("tls", failure="ssl_invalid_certificate", op=HS, certificate=cert("aa" * 32))],
+    ),
+    # --- QUIC and UDP (B8, B9) -------------------------------------------------------
+    Case(
+        "quic_v1_dropped_while_version_negotiation_answers",
+        [
+            run("quic", failure="generic_timeout_error", op=QHS),
+            run("quic_vn", variant="swap", offers_quic_v1=True),
+        ],
+        Verdict.QUIC_FILTERING,
+        min_conf=0.85,
+        evidence=("quic_vn/swap 192.0.2.10:443 ok",),
+    ),
+    Case(
+        "quic_filtered_while_tls_works_is_not_partial",
+        [
+            run("tls"),
+            run("tls", B),
+            run("quic", failure="generic_timeout_error", op=QHS),
+            run("quic", B, failure="generic_timeout_error", op=QHS),
+            run("quic_vn", offers_quic_v1=True),
+            run("quic_vn", B, offers_quic_v1=True),
+        ],
+        Verdict.QUIC_FILTERING,
+    ),
+    Case(
+        "quic_and_vn_silent_while_tcp_works_is_udp_blocking",
+        [
+            run("tls"),
+            run("quic", failure="generic_timeout_error", op=QHS),
+            run("quic_vn", variant="swap", failure="udp_no_response", op=QHS),
+        ],
+        Verdict.UDP_BLOCKING,
+        evidence=("UDP silent while TCP to the same address works",),
+    ),
+    Case(
+        "stun_silence_where_the_control_is_answered",
+        [run("stun", A, 3478, failure="udp_no_response", op=READ, mode="binding", transport="udp")],
+        Verdict.UDP_BLOCKING,
+        control=[run("stun", A, 3478, mode="binding", transport="udp")],
+        min_conf=0.85,
+    ),
+    Case(
+        "stun_silence_alone_is_inconclusive",
+        [
+            run(
+                "stun", A, 3478, failure="udp_no_response", op=READ, mode="binding", transport="udp"
+            ),
+            run(
+                "stun",
+                A,
+                3478,
+                failure="udp_no_response",
+                op=READ,
+                variant="random_udp",
+                mode="binding",
+                transport="udp",
+                control={"sent": 3, "replied": False},
+            ),
+        ],
+        Verdict.INCONCLUSIVE,
+        evidence=("proves nothing",),
+    ),
+    Case(
+        "stun_silence_while_random_udp_is_answered",
+        [
+            run(
+                "stun", A, 3478, failure="udp_no_response", op=READ, mode="binding", transport="udp"
+            ),
+            run(
+                "stun",
+                A,
+                3478,
+                failure="udp_no_response",
+                op=READ,
+                variant="random_udp",
+                mode="binding",
+                transport="udp",
+                control={"sent": 3, "replied": True, "echoed": True},
+            ),
+        ],
+        Verdict.UDP_BLOCKING,
+        max_conf=0.75,
+        evidence=("random UDP of the same size",),
+    ),
+    Case(
+        "flow_cut_off_after_t_seconds",
+        [run("stun", A, 3478, failure="udp_no_response", op=READ, mode="flow", cutoff_s=2.5)],
+        Verdict.UDP_BLOCKING,
+        evidence=("2.5 s into the flow",),
+    ),
+    # --- transfer (B5-B7) and application filtering -----------------------------------
+    Case(
+        "stall_after_bytes",
+        [
+            run(
+                "transfer",
+                failure="stall_after_bytes",
+                op=READ,
+                stalled_connections=2,
+                connections_attempted=3,
+                stalled_at_wire_bytes=[16384, 20480],
+            )
+        ],
+        Verdict.STALL_AFTER_BYTES,
+        evidence=("2 of 3 connections stalled at 16384, 20480 bytes",),
+    ),
+    Case(
+        "throttled",
+        [run("transfer", failure="throttled", op=READ, median_kbps=140.0, throttle_kbps=500.0)],
+        Verdict.THROTTLING,
+        control=[run("transfer", median_kbps=20000.0)],
+        min_conf=0.85,
+        evidence=("median 140.0 kbps below 500.0 kbps",),
+    ),
+    Case(
+        "mtproto_reset_after_connect_while_control_answers",
+        [run("tcp"), run("mtproto", failure="connection_reset", op=READ)],
+        Verdict.PROTOCOL_FILTERING,
+        control=[run("mtproto")],
+        min_conf=0.85,
+    ),
+    # --- partial, down, offline, skips ------------------------------------------------
+    Case(
+        "one_address_of_two_blocked_is_partial",
+        [run("tls"), run("tls", B, failure="generic_timeout_error", op=CONN)],
+        Verdict.PARTIAL,
+        control=[run("tls"), run("tls", B)],
+        fraction=0.5,
+        evidence=("1 of 2 paths blocked (ip_blocking)",),
+    ),
+    Case(
+        "one_port_of_two_blocked_is_partial",
+        [run("mtproto", A, 443, failure="connection_refused", op=CONN), run("mtproto", A, 80)],
+        Verdict.PARTIAL,
+        control=[run("mtproto", A, 443), run("mtproto", A, 80)],
+        fraction=0.5,
+    ),
+    Case(
+        "control_fails_the_same_way_is_endpoint_down",
+        [run("tcp", failure="connection_refused", op=CONN)],
+        Verdict.ENDPOINT_DOWN,
+        control=[run("tcp", failure="connection_refused", op=CONN)],
+        min_conf=0.85,
+    ),
+    Case(
+        "everything_skipped_offline_is_vantage_offline",
+        [
+            skipped("tls", A, SkipReason.VANTAGE_OFFLINE),
+            skipped("tcp", A, SkipReason.VANTAGE_OFFLINE),
+        ],
+        Verdict.VANTAGE_OFFLINE,
+    ),
+    Case(
+        "ipv6_unavailable_never_counts",
+        [run("tls"), skipped("tls", V6, SkipReason.IPV6_UNAVAILABLE)],
+        Verdict.OK,
+        min_conf=0.9,
+    ),
+    Case(
+        "only_ipv6_skips_is_inconclusive_not_blocked",
+        [skipped("tls", V6, SkipReason.IPV6_UNAVAILABLE)],
+        Verdict.INCONCLUSIVE,
+        max_conf=0.0,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_endpoint_verdicts(case: Case) -> None:
+    v = judge_endpoint(case.results, case.control or None, others_ok=case.others_ok)
+    text = "\n".join(v.evidence)
+    assert v.verdict == case.verdict, text
+    assert (v.service, v.endpoint) == ("svc", "g")
+    assert case.min_conf <= v.confidence <= case.max_conf, (v.confidence, text)
+    for needle in case.evidence:
+        assert needle in text, (needle, text)
+    assert v.blocked_fraction == case.fraction
+    assert all(isinstance(e, str) and len(e) < 200 for e in v.evidence)
+
+
+def test_every_verdict_value_is_covered_by_a_case() -> None:
+    # partial at service level is covered below; the table must reach every other value
+    covered = {c.verdict for c in CASES}
+    assert covered == set(Verdict), set(Verdict) - covered
+
+
+# --- repetition ---------------------------------------------------------------------
+
+
+def test_repeat_disagreement_is_reported_and_lowers_confidence() -> None:
+    timeout = run("tcp", failure="generic_timeout_error", op=CONN)
+    control = [run("tcp")]
+    alone = judge_endpoint([timeout], control)
+    agreeing = judge_endpoint(
+        [timeout, run("tcp", failure="generic_timeout_error", op=CONN, variant="repeat")], control
+    )
+    disagreeing = judge_endpoint([timeout, run("tcp", variant="repeat")], control)
+    # intermittent blocking is still blocking ...
+    assert alone.verdict == agreeing.verdict == disagreeing.verdict == Verdict.IP_BLOCKING
+    # ... but a repeat that disagrees says so and lowers confidence; one that agrees raises it
+    assert disagreeing.confidence < alone.confidence < agreeing.confidence
+    assert any("intermittent" in e and "tcp/repeat" in e for e in disagreeing.evidence)
+    assert any("2 of 2 attempts failed the same way" in e for e in agreeing.evidence)
+
+
+def test_a_transient_non_blocking_failure_next_to_a_success_is_ok() -> None:
+    v = judge_endpoint(
+        [
+            run("tls", failure="connection_reset", op=HS),
+            run("tls", failure="connection_reset", op=HS, variant="neutral_sni"),
+            run("tls", variant="repeat"),
+        ]
+    )
+    assert v.verdict == Verdict.OK
+    assert v.confidence < 0.9
+    assert any("intermittent" in e for e in v.evidence)
+
+
+def test_clean_results_over_several_rounds_are_only_ok() -> None:
+    dcs = [
+        endpoint(
+            f"192.0.2.{i}", probes=("tcp", "mtproto"), ports=(443, 80), service="tg", name=f"dc{i}"
+        )
+        for i in range(1, 4)
+    ]
+    web = endpoint("web.example", probes=("dns", "tls"), ports=(443,), service="wa", name="web")
+    rounds = []
+    for _ in range(3):
+        for ep in dcs:
+            for port in (443, 80):
+                rounds += [run("tcp", ep.host, port, ep=ep), run("mtproto", ep.host, port, ep=ep)]
+        rounds += [dns(SYSTEM, A, ep=web), dns(DOH, A, ep=web), run("tls", A, ep=web)]
+    verdicts = judge_round(rounds)
+    assert {v.verdict for v in verdicts} == {Verdict.OK}
+    assert [(v.service, v.endpoint) for v in verdicts] == [
+        ("tg", "dc1"),
+        ("tg", "dc2"),
+        ("tg", "dc3"),
+        ("tg", None),
+        ("wa", "web"),
+        ("wa", None),
+    ]
+    assert all(v.blocked_fraction is None for v in verdicts)
+
+
+# --- services -------------------------------------------------------------------------
+
+
+def _dcs(blocked: int, total: int = 5) -> tuple[list[ProbeResult], list[ProbeResult]]:
+    results, control = [], []
+    for i in range(1, total + 1):
+        ep = endpoint(
+            f"192.0.2.{i}", probes=("mtproto",), ports=(443,), service="telegram", name=f"dc{i}"
+        )
+        if i <= blocked:
+            results.append(run("mtproto", ep.host, failure="generic_timeout_error", op=CONN, ep=ep))
+        else:
+            results.append(run("mtproto", ep.host, ep=ep))
+        control.append(run("mtproto", ep.host, ep=ep))
+    return results, control
+
+
+def test_two_of_five_telegram_dcs_blocked_is_partial_0_4() -> None:
+    results, control = _dcs(blocked=2)
+    verdicts = judge_round(results, control)
+    by_endpoint = {v.endpoint: v for v in verdicts}
+    assert [by_endpoint[f"dc{i}"].verdict for i in range(1, 6)] == [
+        Verdict.IP_BLOCKING,
+        Verdict.IP_BLOCKING,
+        Verdict.OK,
+        Verdict.OK,
+        Verdict.OK,
+    ]
+    service = by_endpoint[None]
+    assert isinstance(service, ServiceVerdict)
+    assert service.verdict == Verdict.PARTIAL
+    assert service.blocked_fraction == 0.4
+    assert "dc1: ip_blocking" in service.evidence[0]
+
+
+def test_all_dcs_blocked_is_the_shared_verdict_never_ok_if_any() -> None:
+    results, control = _dcs(blocked=5)
+    service = judge_round(results, control)[-1]
+    assert service.verdict == Verdict.IP_BLOCKING
+    assert service.blocked_fraction is None
+    # and OONI's "ok if any endpoint works" is never what we say: one open DC of five
+    results, control = _dcs(blocked=4)
+    service = judge_round(results, control)[-1]
+    assert service.verdict == Verdict.PARTIAL and service.blocked_fraction == 0.8
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "expected", "fraction"),
+    [
+        ([Verdict.OK, Verdict.OK], Verdict.OK, None),
+        ([Verdict.TLS_SNI_FILTERING] * 3, Verdict.TLS_SNI_FILTERING, None),
+        (
+            [Verdict.IP_BLOCKING, Verdict.TLS_SNI_FILTERING, Verdict.IP_BLOCKING],
+            Verdict.IP_BLOCKING,
+            None,
+        ),
+        ([Verdict.UDP_BLOCKING, Verdict.OK], Verdict.PARTIAL, 0.5),
+        ([Verdict.OK, Verdict.ENDPOINT_DOWN], Verdict.OK, None),
+        ([Verdict.IP_BLOCKING, Verdict.ENDPOINT_DOWN, Verdict.OK], Verdict.PARTIAL, 0.5),
+        ([Verdict.ENDPOINT_DOWN, Verdict.ENDPOINT_DOWN], Verdict.ENDPOINT_DOWN, None),
+        ([Verdict.ENDPOINT_DOWN, Verdict.INCONCLUSIVE], Verdict.INCONCLUSIVE, None),
+        ([Verdict.VANTAGE_OFFLINE, Verdict.VANTAGE_OFFLINE], Verdict.VANTAGE_OFFLINE, None),
+    ],
+)
+def test_service_rules(endpoints: list[Verdict], expected: Verdict, fraction: float | None) -> None:
+    eps = [EndpointVerdict("svc", f"e{i}", v, 0.8) for i, v in enumerate(endpoints)]
+    service = judge_service(eps)
+    assert service.verdict == expected
+    assert service.blocked_fraction == fraction
+    assert service.endpoint is None
+
+
+def test_partial_endpoints_count_with_their_own_fraction() -> None:
+    eps = [
+        EndpointVerdict("svc", "a", Verdict.PARTIAL, 0.8, (), 0.5),
+        EndpointVerdict("svc", "b", Verdict.OK, 0.9),
+    ]
+    service = judge_service(eps)
+    assert service.verdict == Verdict.PARTIAL and service.blocked_fraction == 0.25
+    both_partial = judge_service(
+        [eps[0], EndpointVerdict("svc", "c", Verdict.PARTIAL, 0.8, (), 0.25)]
+    )
+    assert both_partial.verdict == Verdict.PARTIAL and both_partial.blocked_fraction == 0.38
+
+
+def test_offline_round_is_vantage_offline_for_endpoints_and_services() -> None:
+    results = [
+        skipped("tls", A, SkipReason.VANTAGE_OFFLINE),
+        skipped("tls", V6, SkipReason.IPV6_UNAVAILABLE),
+    ]
+    verdicts = judge_round(results)
+    assert [v.verdict for v in verdicts] == [Verdict.VANTAGE_OFFLINE, Verdict.VANTAGE_OFFLINE]
+
+
+def test_without_control_other_services_working_lets_a_block_count() -> None:
+    blocked_ep = endpoint("192.0.2.1", probes=("tcp",), ports=(443,), service="tg", name="dc1")
+    other = endpoint(
+        "198.51.100.1", probes=("tcp",), ports=(443,), service="ctl", name="neutral", role="control"
+    )
+    timeout = run("tcp", "192.0.2.1", failure="generic_timeout_error", op=CONN, ep=blocked_ep)
+    alone = judge_round([timeout])
+    assert alone[0].verdict == Verdict.INCONCLUSIVE  # maybe our own uplink: say nothing
+    with_other = {
+        v.endpoint: v for v in judge_round([timeout, run("tcp", "198.51.100.1", ep=other)])
+    }
+    assert with_other["dc1"].verdict == Verdict.IP_BLOCKING
+    assert with_other["dc1"].confidence <= 0.5
+
+
+# --- control in every accepted form ---------------------------------------------------
+
+
+def test_control_as_api_records_gives_the_same_verdict_as_probe_results() -> None:
+    results = [run("tls", failure="ssl_unknown_authority", op=HS, certificate=cert("aa" * 32))]
+    control = [run("tls", certificate=cert("bb" * 32)), dns(SYSTEM, A)]
+    store = ResultStore()
+    store.record_many(control)
+    payload = json.loads(json.dumps(results_json(store.snapshot())))  # over the wire
+    observations = from_api(payload)
+    assert {o.probe for o in observations} == {"tls", "dns"}
+    from_results = judge_endpoint(results, control)
+    from_records = judge_endpoint(results, payload["results"])
+    from_observations = judge_endpoint(results, observations)
+    assert from_results == from_records == from_observations
+    assert from_results.verdict == Verdict.TLS_MITM and from_results.confidence >= 0.95
+
+
+def test_minimal_normalised_form_is_enough_for_a_control() -> None:
+    control = Observation("svc", "g", "tcp", A, 443, ok=True)
+    v = judge_endpoint([run("tcp", failure="generic_timeout_error", op=CONN)], [control])
+    assert v.verdict == Verdict.IP_BLOCKING
+    assert "control tcp 192.0.2.10:443 ok" in v.evidence
+
+
+def test_control_of_a_hostname_endpoint_at_another_address_still_counts() -> None:
+    # the control vantage's DNS gave it another address of the same CDN
+    control = [run("tls", "198.51.100.20")]
+    v = judge_endpoint([run("tls", failure="connection_reset", op=HS)], control)
+    assert v.verdict == Verdict.TLS_SNI_FILTERING  # no swap: the lower-confidence reading
+    assert v.confidence == 0.6
+
+
+def test_control_results_of_other_endpoints_are_ignored() -> None:
+    other = endpoint("192.0.2.99", probes=("tcp",), ports=(443,), service="svc", name="other")
+    v = judge_endpoint([run("tcp", failure="connection_refused", op=CONN)], [run("tcp", ep=other)])
+    assert v.verdict == Verdict.INCONCLUSIVE
+
+
+# --- contracts ------------------------------------------------------------------------
+
+
+def test_verdicts_fit_the_result_store_and_its_default_vocabulary() -> None:
+    assert set(VERDICTS) == {str(v) for v in Verdict}
+    results, control = _dcs(blocked=2)
+    store = ResultStore()
+    store.set_verdicts(judge_round(results, control))  # raises on a value outside VERDICTS
+    assert len(store.snapshot().verdicts) == 6
+    assert set(Verdict) > BLOCKING
+
+
+def test_judge_endpoint_refuses_mixed_or_empty_input() -> None:
+    other = endpoint("192.0.2.99", probes=("tcp",), ports=(443,), service="svc", name="other")
+    with pytest.raises(ValueError, match="one endpoint"):
+        judge_endpoint([run("tcp"), run("tcp", ep=other)])
+    with pytest.raises(ValueError, match="at least one"):
+        judge_endpoint([])
+    with pytest.raises(ValueError, match="at least one"):
+        judge_service([])
+
+
+def test_verdicts_are_frozen_and_evidence_is_bounded() -> None:
+    many = [
+        run("tcp", f"192.0.2.{i}", failure="generic_timeout_error", op=CONN) for i in range(1, 40)
+    ]
+    v = judge_endpoint(many, [run("tcp", f"192.0.2.{i}") for i in range(1, 40)])
+    assert v.verdict == Verdict.IP_BLOCKING
+    assert len(v.evidence) <= 12 and v.evidence[-1].startswith("… and ")
+    with pytest.raises(AttributeError):
+        v.verdict = Verdict.OK  # type: ignore[misc]
+
+
+def test_docs_describe_every_verdict() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "verdicts.md").read_text()
+    for value in Verdict:
+        assert f"| `{value}` |" in doc, value
