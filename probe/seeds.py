@@ -15,14 +15,15 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Any
 
 from yaml.nodes import MappingNode
 
-from .decode import ConfigError, Node, did_you_mean, parse_file, parse_text
+from .decode import ConfigError, KeyedNode, Node, did_you_mean, parse_file, parse_text
 from .model import ROLES, Endpoint, ProbeSpec, Service, freeze
 
 __all__ = [
@@ -67,6 +68,8 @@ _NEEDS_HOSTNAME = frozenset({"dns"})
 _BRINGUP_PROBES = frozenset({"dns", "tcp", "tls"})
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# A probe's params validator (`probe.probes.params`): the parsed params, or ValueError.
+ParamValidator = Callable[[Mapping[str, Any]], object]
 
 
 def known_probes() -> frozenset[str]:
@@ -77,8 +80,17 @@ def known_probes() -> frozenset[str]:
     itself is missing (bring-up), fall back to dns/tcp/tls with a warning; any
     other import error is a bug and propagates.
     """
+    return frozenset(_registry()[0])
+
+
+def param_validators() -> Mapping[str, ParamValidator]:
+    """Each probe's params validator (`probe.probes.PARAMS`); empty during bring-up."""
+    return _registry()[1]
+
+
+def _registry() -> tuple[Collection[str], Mapping[str, ParamValidator]]:
     try:
-        from .probes import PROBES
+        from .probes import PARAMS, PROBES
     except ImportError as exc:
         if not (exc.name or "").startswith("probe.probes"):
             raise
@@ -87,8 +99,8 @@ def known_probes() -> frozenset[str]:
             exc,
             ", ".join(sorted(_BRINGUP_PROBES)),
         )
-        return _BRINGUP_PROBES
-    return frozenset(PROBES)
+        return _BRINGUP_PROBES, {}
+    return PROBES, PARAMS
 
 
 def shipped_seeds() -> dict[str, Traversable]:
@@ -257,11 +269,13 @@ def _probes(
 
 
 def _probe(item: Node, ports: tuple[int, ...], probe_names: frozenset[str]) -> ProbeSpec:
-    """``tcp`` or ``{tcp: {ports: [443], <params>}}`` -> `ProbeSpec`."""
+    """``tcp`` or ``{tcp: {ports: [443], <params>}}`` -> `ProbeSpec`, params validated."""
     if not isinstance(item.node, MappingNode):
         name = item.as_str()
         _check_probe_name(name, item, item.line, probe_names)
-        return ProbeSpec(name)
+        spec = ProbeSpec(name)
+        _check_params(spec, item, {})
+        return spec
     entries = item.free_mapping()
     if len(entries) != 1:
         item.fail(
@@ -269,13 +283,38 @@ def _probe(item: Node, ports: tuple[int, ...], probe_names: frozenset[str]) -> P
         )
     ((name, body),) = entries.items()
     _check_probe_name(name, item, body.key_line, probe_names)
-    if body.is_null:
-        return ProbeSpec(name)
-    params = body.free_mapping()
+    params = {} if body.is_null else body.free_mapping()
     spec_ports: tuple[int, ...] | None = None
     if "ports" in params:
         spec_ports = tuple(params.pop("ports").unique_list_of(_port_in(ports), nonempty=True))
-    return ProbeSpec(name, spec_ports, freeze({k: v.plain() for k, v in params.items()}))
+    spec = ProbeSpec(name, spec_ports, freeze({k: v.plain() for k, v in params.items()}))
+    _check_params(spec, body, params)
+    return spec
+
+
+def _check_params(spec: ProbeSpec, where: Node, nodes: Mapping[str, KeyedNode]) -> None:
+    """Run the probe's params validator now, so a bad param fails the load, not every round.
+
+    The error points at the offending key's line (``...probes[1].transfer.max_bytes``)
+    when the `ParamError` names a key written in the file.  A named key the file does
+    not set (a clash with its default) is still the field, at the probe's line; a plain
+    ValueError points at the probe's params (``...probes[1].transfer``).  A name the
+    registry does not know (a caller's own ``probe_names``) has no validator.
+    """
+    validate = param_validators().get(spec.name)
+    if validate is None:
+        return
+    from .probes.params import ParamError  # lazy, like the registry it belongs to
+
+    try:
+        validate(spec.params)
+    except ValueError as exc:
+        key, message = (exc.key, exc.message) if isinstance(exc, ParamError) else (None, str(exc))
+        node = nodes.get(key) if key is not None else None
+        if node is not None:
+            raise ConfigError(node.file, node.key_line, node.path, message) from None
+        field = where.child_path(key) if key is not None else where.field
+        raise ConfigError(where.file, where.line, field, message) from None
 
 
 def _check_probe_name(name: str, item: Node, line: int, probe_names: frozenset[str]) -> None:

@@ -360,12 +360,15 @@ async def test_reflector_silence_is_udp_no_response(start: Start) -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"cont": 3}, "unknown parameter"),
+        ({"cont": 3}, "unknown param 'cont'; did you mean 'count'"),
         ({"count": 0}, "count"),
         ({"count": True}, "count"),
         ({"mode": "turn"}, "mode"),
-        ({"transport": "tcp", "mode": "flow"}, "transport tcp"),
-        ({"transport": "tcp", "control": True}, "transport tcp"),
+        ({"transport": "tcp", "mode": "flow"}, "transport: tcp supports"),
+        ({"transport": "tcp", "control": True}, "transport: tcp supports"),
+        ({"username": ""}, "username"),
+        ({"software": "x" * 128}, "software"),
+        ({"username": 5}, "username"),
         ({"peer_tag": "abc"}, "peer_tag"),
         ({"mode": "flow", "duration_s": 600, "rate_pps": 500}, "65535"),
     ],

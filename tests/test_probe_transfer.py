@@ -358,12 +358,13 @@ async def test_closed_port_is_connection_refused(ca_file: str) -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"bogus": 1}, "unknown params ['bogus']"),
-        ({"connections": 0}, "connections must be an integer in [1, 20], got 0"),
-        ({"max_bytes": True}, "max_bytes must be an integer"),
-        ({"path": "index.html"}, "path must be a path starting with '/'"),
+        ({"bogus": 1}, "bogus: unknown param 'bogus'"),
+        ({"connections": 0}, "connections: must be an integer in [1, 20], got 0"),
+        ({"max_bytes": True}, "max_bytes: must be an integer"),
+        ({"path": "index.html"}, "path: must be a path starting with '/'"),
         ({"path": "/a\r\nX: y"}, "invalid request path"),
-        ({"throttle_kbps": -1}, "throttle_kbps must be a number > 0, got -1"),
+        ({"throttle_kbps": -1}, "throttle_kbps: must be a number > 0, got -1"),
+        ({"sni": "not a host"}, "sni: must be a hostname"),
     ],
 )
 def test_invalid_params_are_rejected(params: dict[str, Any], message: str) -> None:

@@ -17,9 +17,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import probe.probes
 from probe.config import TOP_KEYS, ConfigError, load_config
 from probe.decode import parse_text
-from probe.model import Vantage
+from probe.model import Vantage, freeze
+from probe.probes.params import ParamError
+from probe.probes.stun import StunParams
+from probe.probes.transfer import TransferParams
 from probe.seeds import (
     CONFIDENCES,
     ENDPOINT_KEYS,
@@ -34,6 +38,8 @@ from probe.seeds import (
 from probe.settings import Resolvers, Schedule, Timeouts, TLSOptions
 
 TESTDATA = Path(__file__).parent / "testdata"
+# Fixed for the schema tests, so messages listing the known probes do not change as
+# probes are added.  The shipped lists load with the real registry (they use every probe).
 PROBES = frozenset({"dns", "tcp", "tls"})
 SHIPPED = sorted(shipped_seeds())
 
@@ -110,6 +116,163 @@ def test_every_invalid_seed_testdata_file_has_an_expected_message() -> None:
     assert on_disk == {row[0] for row in INVALID}
 
 
+# Probe params are checked at load time by each probe's own validator
+# (`probe.probes.PARAMS`), so these use the real registry.  (file, line, field, message)
+INVALID_PARAMS: list[tuple[str, int, str, str]] = [
+    ("invalid-params-dns.yaml", 11, "endpoints[0].probes[0].dns.resolver",
+     "unknown param 'resolver' (dns takes no params)"),
+    ("invalid-params-mtproto.yaml", 11, "endpoints[0].probes[0].mtproto.nonce",
+     "unknown param 'nonce' (mtproto takes no params)"),
+    ("invalid-params-tcp-hold.yaml", 11, "endpoints[0].probes[0].tcp.hold_s",
+     "must be a number in [0, 300], got -1"),
+    ("invalid-params-tls-alpn.yaml", 14, "endpoints[0].probes[1].tls.alpn",
+     "must be a protocol name or a list of them (e.g. [h2, http/1.1]), got ['h2', 3]"),
+    ("invalid-params-tls-sni.yaml", 11, "endpoints[0].probes[0].tls.sni",
+     "must be a hostname, an IP address or null, got 'not a host'"),
+    ("invalid-params-quic-version.yaml", 12, "endpoints[0].probes[0].quic.version",
+     "must be one of v1, v2, got 'v3'"),
+    ("invalid-params-quic-vn-version.yaml", 11, "endpoints[0].probes[0].quic_vn.version",
+     "0x00000001 would not be negotiated"),
+    ("invalid-params-stun-count.yaml", 13, "endpoints[0].probes[0].stun.count",
+     "must be an integer in [1, 20], got 0"),
+    ("invalid-params-stun-unknown-key.yaml", 11, "endpoints[0].probes[0].stun.usrname",
+     "unknown param 'usrname'; did you mean 'username'? (known: control, count, duration_s, "
+     "fingerprint, framing, mode, payload_size, peer_tag, rate_pps, record_mapped_address, "
+     "software, stun_packets, transport, username)"),
+    ("invalid-params-stun-tcp-flow.yaml", 13, "endpoints[0].probes[0].stun.transport",
+     "tcp supports mode binding without control"),
+    ("invalid-params-whatsapp-version.yaml", 11, "endpoints[0].probes[0].whatsapp.wa_version",
+     "must be two byte values like [6, 3], got [6, 256]"),
+    ("invalid-params-transfer-max-bytes.yaml", 19, "endpoints[3].probes[1].transfer.max_bytes",
+     "must be an integer in [1, 1073741824], got 0"),
+    ("invalid-params-transfer-path.yaml", 11, "endpoints[0].probes[0].transfer.path",
+     "must be a path starting with '/', got 'index.html'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "line", "field", "message"), INVALID_PARAMS, ids=lambda v: str(v))
+def test_an_invalid_probe_param_is_one_exact_error_at_its_key(
+    name: str, line: int, field: str, message: str
+) -> None:
+    path = TESTDATA / name
+    with pytest.raises(ConfigError) as info:
+        load_seed_file(path)
+    assert str(info.value) == f"{path}:{line}: {field}: {message}"
+
+
+def test_every_invalid_params_testdata_file_has_an_expected_message() -> None:
+    on_disk = {p.name for p in TESTDATA.glob("invalid-params-*.yaml")}
+    assert on_disk == {row[0] for row in INVALID_PARAMS}
+
+
+def test_every_probe_with_a_validator_and_a_validator_for_every_probe() -> None:
+    assert set(probe.probes.PARAMS) == set(probe.probes.PROBES)
+
+
+def test_a_param_error_in_the_config_services_block_uses_the_config_path(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        "seeds: []\nservices:\n  - service: lab\n    source: lab\n    endpoints:\n"
+        "      - host: 127.0.0.1\n        ports: [3478]\n        transport: udp\n"
+        "        role: call-relay\n        probes:\n          - stun: {mode: turn}\n"
+        "        source: lab\n        confidence: C\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert (info.value.line, info.value.field, info.value.message) == (
+        11,
+        "services[0].endpoints[0].probes[0].stun.mode",
+        "must be one of binding, flow, reflector, got 'turn'",
+    )
+
+
+_LAB_ENDPOINT = """
+service: lab
+source: lab
+endpoints:
+  - host: 127.0.0.1
+    ports: [443]
+    role: web
+    probes:
+      - tcp: {hold_s: 1}
+    source: lab
+    confidence: C
+"""
+
+
+def test_a_validator_naming_a_key_not_in_the_file_points_at_the_params(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # e.g. a limit on a combination where one side is a default: the field names the
+    # param to set, the line is the probe's
+    def strict(params: Any) -> None:
+        raise ParamError("tcp", "linger_s", "must be set with hold_s")
+
+    monkeypatch.setitem(probe.probes.PARAMS, "tcp", strict)
+    with pytest.raises(ConfigError) as info:
+        _decode(_LAB_ENDPOINT)
+    assert (
+        str(info.value)
+        == "mem.yaml:9: endpoints[0].probes[0].tcp.linger_s: must be set with hold_s"
+    )
+
+
+def test_a_plain_value_error_from_a_validator_points_at_the_params(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def plain(params: Any) -> None:
+        raise ValueError("tcp: hold_s and a port 443 do not mix")
+
+    monkeypatch.setitem(probe.probes.PARAMS, "tcp", plain)
+    with pytest.raises(ConfigError) as info:
+        _decode(_LAB_ENDPOINT)
+    assert str(info.value) == (
+        "mem.yaml:9: endpoints[0].probes[0].tcp: tcp: hold_s and a port 443 do not mix"
+    )
+
+
+def test_a_bare_probe_name_is_validated_with_empty_params(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setitem(probe.probes.PARAMS, "tcp", lambda params: seen.append(dict(params)))
+    _decode(_LAB_ENDPOINT.replace("- tcp: {hold_s: 1}", "- tcp"))
+    _decode(_LAB_ENDPOINT.replace("- tcp: {hold_s: 1}", "- tcp:"))
+    _decode(_LAB_ENDPOINT)
+    assert seen == [{}, {}, {"hold_s": 1}]
+
+
+def test_valid_params_of_every_probe_load() -> None:
+    service = _decode(
+        """
+service: lab
+source: lab
+endpoints:
+  - host: lab.example
+    ports: [443, 3478]
+    role: web
+    probes:
+      - dns
+      - tcp: {ports: [443], hold_s: 2.5}
+      - tls: {ports: [443], sni: neutral.example, alpn: h2}
+      - quic: {ports: [443], sni: null, alpn: [h3], version: v2}
+      - quic_vn: {ports: [443], version: "0xbabababa"}
+      - mtproto: {ports: [443]}
+      - whatsapp: {ports: [443], wa_version: [5, 2]}
+      - stun: {ports: [3478], mode: reflector, peer_tag: 00112233445566778899aabbccddeeff}
+      - transfer: {ports: [443], path: /k/a.jpg, connections: 3, sni: 192.0.2.1}
+    source: lab
+    confidence: C
+""",
+        known_probes(),
+    )
+    (ep,) = service.endpoints
+    assert [s.name for s in ep.probes][-1] == "transfer"
+    assert ep.spec("quic_vn").params["version"] == "0xbabababa"  # kept as written
+
+
 def test_a_seed_error_in_the_config_services_block_uses_the_config_path(tmp_path: Path) -> None:
     # Same schema, same messages; the field path gains the services[i] prefix.
     path = tmp_path / "agent.yaml"
@@ -139,7 +302,7 @@ def test_shipped_seed_loads_with_the_real_probe_registry(name: str) -> None:
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_endpoint_and_prefix_is_sourced(name: str) -> None:
-    service = load_shipped(name, probe_names=PROBES)
+    service = load_shipped(name)
     assert service.source
     for ep in service.endpoints:
         assert ep.source.strip(), ep.name
@@ -155,7 +318,7 @@ def test_every_endpoint_and_prefix_is_sourced(name: str) -> None:
 def test_known_addresses_fall_inside_the_service_prefixes(name: str) -> None:
     # The DNS answer-consistency check relies on the prefixes covering every
     # address we know to be genuine; a stale prefix list would raise false flags.
-    assert prefix_warnings(load_shipped(name, probe_names=PROBES)) == []
+    assert prefix_warnings(load_shipped(name)) == []
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -168,19 +331,19 @@ def test_shipped_seed_says_how_to_update_it(name: str) -> None:
 
 def test_messenger_lists_cover_ipv4_and_ipv6() -> None:
     for name in ("whatsapp", "telegram", "controls"):
-        service = load_shipped(name, probe_names=PROBES)
+        service = load_shipped(name)
         versions = {net.version for net in service.prefixes}
         assert versions == {4, 6}, name
-    telegram = load_shipped("telegram", probe_names=PROBES)
+    telegram = load_shipped("telegram")
     literals = [ipaddress.ip_address(ep.host) for ep in telegram.endpoints if ep.is_ip_literal]
     assert {ip.version for ip in literals} == {4, 6}
-    controls = load_shipped("controls", probe_names=PROBES)
+    controls = load_shipped("controls")
     literals = [ipaddress.ip_address(ep.host) for ep in controls.endpoints if ep.is_ip_literal]
     assert {ip.version for ip in literals} == {4, 6}
 
 
 def test_controls_are_role_control_on_tcp_443_with_tls() -> None:
-    controls = load_shipped("controls", probe_names=PROBES)
+    controls = load_shipped("controls")
     for ep in controls.endpoints:
         assert ep.role == "control"
         assert ep.ports == (443,)
@@ -192,22 +355,81 @@ def test_controls_are_role_control_on_tcp_443_with_tls() -> None:
 
 def test_endpoint_names_are_unique_across_the_default_lists() -> None:
     # tls.sni_overrides is keyed by endpoint name: a clash would override both.
-    config = load_config(None, probe_names=PROBES)
+    config = load_config(None)
     names = [ep.name for s in config.services for ep in s.endpoints]
     assert len(names) == len(set(names))
 
 
 def test_seed_layout_matches_field_notes() -> None:
-    wa = {ep.name: ep for ep in load_shipped("whatsapp", probe_names=PROBES).endpoints}
+    wa = {ep.name: ep for ep in load_shipped("whatsapp").endpoints}
     assert {f"e{i}.whatsapp.net" for i in range(1, 17)} <= set(wa)
     assert wa["g.whatsapp.net"].ports == (5222, 443, 80)
     for host in ("web.whatsapp.com", "v.whatsapp.net", "mmg.whatsapp.net"):
         assert wa[host].ports_for("tls") == (443,)
-    tg = {ep.name: ep for ep in load_shipped("telegram", probe_names=PROBES).endpoints}
+    tg = {ep.name: ep for ep in load_shipped("telegram").endpoints}
     for dc in ("dc1", "dc2", "dc3", "dc4", "dc5"):
         assert tg[dc].ports == (443, 80)
         assert tg[dc].role == "signalling"
     assert tg["web.telegram.org"].ports_for("tls") == (443,)
+
+
+def test_application_handshakes_cover_the_signalling_endpoints() -> None:
+    wa = {ep.name: ep for ep in load_shipped("whatsapp").endpoints}
+    assert wa["g.whatsapp.net"].ports_for("whatsapp") == (5222, 443)
+    for i in range(1, 17):
+        assert wa[f"e{i}.whatsapp.net"].ports_for("whatsapp") == (5222, 443)
+    tg = load_shipped("telegram").endpoints
+    dcs = [ep for ep in tg if ep.name.startswith("dc")]
+    assert len(dcs) == 13  # DC1-5 IPv4, their aliases, DC1-5 IPv6
+    for ep in dcs:
+        v6 = ipaddress.ip_address(ep.host).version == 6
+        assert ep.ports_for("mtproto") == ((443,) if v6 else (443, 80)), ep.name
+        assert ep.spec("tcp") is not None
+    for ep in tg:
+        if ep.role == "media":
+            assert ep.ports_for("mtproto") == (443,), ep.name
+
+
+def test_call_relays_are_udp_stun_samples_inside_the_service_prefixes() -> None:
+    # (prefix membership itself: test_known_addresses_fall_inside_the_service_prefixes)
+    for name, expected in (("whatsapp", {3478, 3480}), ("telegram", {1400, 596, 597})):
+        relays = [ep for ep in load_shipped(name).endpoints if ep.role == "call-relay"]
+        assert relays, name
+        ports: set[int] = set()
+        for ep in relays:
+            assert (ep.transport, ep.is_ip_literal, [s.name for s in ep.probes]) == (
+                "udp",
+                True,
+                ["stun"],
+            ), ep.name
+            stun = StunParams.from_mapping(ep.spec("stun").params)  # type: ignore[union-attr]
+            assert stun.username is None  # no source gives a relay credential
+            if stun.mode == "binding":
+                assert stun.count == 3
+            else:
+                assert stun.mode == "reflector" and 596 <= ep.ports[0] <= 599
+            ports |= set(ep.ports)
+        assert ports == expected, name
+
+
+def test_each_messenger_has_one_bulk_object_on_its_web_host() -> None:
+    for name, host in (("whatsapp", "web.whatsapp.com"), ("telegram", "web.telegram.org")):
+        bulk = [ep for ep in load_shipped(name).endpoints if ep.spec("transfer")]
+        assert [ep.host for ep in bulk] == [host]
+        params = bulk[0].spec("transfer").params  # type: ignore[union-attr]
+        assert params["path"].startswith("/") and params["path"] != "/"
+        assert params["connections"] == 3
+
+
+def test_quic_vn_only_beside_quic() -> None:
+    # A silent quic_vn next to working TCP reads as UDP blocking, so it goes only where
+    # a quic probe (and a reason to expect QUIC) is listed too.
+    for name in ("whatsapp", "telegram"):
+        for ep in load_shipped(name).endpoints:
+            if ep.spec("quic_vn"):
+                assert ep.spec("quic"), ep.name
+    tg = {ep.name: ep for ep in load_shipped("telegram").endpoints}
+    assert tg["web.telegram.org"].spec("quic") and not tg["web.telegram.org"].spec("quic_vn")
 
 
 # -- decoding details ---------------------------------------------------------------------
@@ -251,20 +473,22 @@ endpoints:
     probes:
       - dns
       - tcp:
-      - tls: {ports: [443], alpn: [h2, http/1.1], sni: {value: x}}
+      - tls: {ports: [443], alpn: [h2, http/1.1]}
+      - lab-probe: {extra: {value: x}}
     source: lab
     confidence: C
-"""
+""",
+        PROBES | {"lab-probe"},  # a name the registry lacks: no validator, params as given
     )
     (ep,) = service.endpoints
-    dns, tcp, tls = ep.probes
+    dns, tcp, tls, lab = ep.probes
     assert (dns.name, dns.ports, dict(dns.params)) == ("dns", None, {})
     assert (tcp.name, tcp.ports, dict(tcp.params)) == ("tcp", None, {})
     assert (tls.name, tls.ports) == ("tls", (443,))
     assert tls.params["alpn"] == ("h2", "http/1.1")
-    assert tls.params["sni"]["value"] == "x"
+    assert lab.params["extra"]["value"] == "x"
     with pytest.raises(TypeError):
-        tls.params["sni"]["value"] = "y"  # type: ignore[index]
+        lab.params["extra"]["value"] = "y"  # type: ignore[index]
 
 
 def test_yaml_anchors_and_merge_keys_work() -> None:
@@ -423,3 +647,32 @@ def test_one_mutated_value_in_a_valid_seed_is_a_service_or_a_config_error(
 
 def test_the_unmutated_seed_used_for_fuzzing_is_valid() -> None:
     assert _decode(yaml.safe_dump(_VALID_SEED)).endpoints[0].name == "a"
+
+
+# Every key some validator knows, plus one none does: random values then reach every check.
+_PARAM_KEYS = sorted(
+    {"hold_s", "sni", "alpn", "version", "wa_version", "x"}
+    | set(StunParams.__dataclass_fields__)
+    | set(TransferParams.__dataclass_fields__)
+)
+_PARAM_VALUES = st.one_of(
+    _values,
+    st.sampled_from(["v1", "v2", "0xbabababa", "/", "/a b", "h3", "lab.example", "binding"]),
+    st.lists(st.integers(-1, 300), max_size=3).map(tuple),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(2**70), max_value=2**70),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(sorted(probe.probes.PARAMS)),
+    st.dictionaries(st.sampled_from(_PARAM_KEYS), _PARAM_VALUES, max_size=4),
+)
+def test_a_params_validator_returns_or_raises_param_error_only(
+    name: str, params: dict[str, Any]
+) -> None:
+    # Whatever the YAML holds, the loader must see a ParamError (-> ConfigError), never
+    # a TypeError or OverflowError escaping as a traceback.
+    with contextlib.suppress(ParamError):
+        probe.probes.PARAMS[name](freeze(params))

@@ -70,10 +70,11 @@ from ..wire.quic import (
     parse_version_negotiation,
 )
 from .base import Recorder
+from .params import ParamError, alpn_param, check_keys, shown, sni_param
 from .tcp import require_address
 from .tls import certificate_evidence, server_names
 
-__all__ = ["probe"]
+__all__ = ["QuicParams", "parse_params", "probe"]
 
 DEFAULT_ALPN = ("h3",)
 VERSIONS: Mapping[str, int] = {"v1": QUIC_V1, "v2": QUIC_V2}
@@ -93,14 +94,28 @@ class _Params:
     @classmethod
     def of(cls, target: Target) -> _Params:
         """Same address, SNI and ALPN rules as the ``tls`` probe, so swap tests line up."""
+        parsed = parse_params(target.params)  # a bad param is a config bug: raises
         address, port = require_address(target)
         sni, verify_name = server_names(target)
-        alpn = target.params.get("alpn", DEFAULT_ALPN)
-        alpn = (alpn,) if isinstance(alpn, str) else tuple(str(a) for a in alpn or ())
-        version = target.params.get("version", "v1")
-        if version not in VERSIONS:
-            raise ValueError(f"quic: version must be one of {sorted(VERSIONS)}, not {version!r}")
-        return cls(address, port, sni, verify_name, alpn, VERSIONS[version])
+        return cls(address, port, sni, verify_name, parsed.alpn, parsed.version)
+
+
+@dataclass(frozen=True)
+class QuicParams:
+    """The ``quic`` probe's params: ALPN offered and the one QUIC version offered."""
+
+    alpn: tuple[str, ...] = DEFAULT_ALPN
+    version: int = QUIC_V1
+
+
+def parse_params(params: Mapping[str, Any]) -> QuicParams:
+    """Validate ``sni``, ``alpn`` and ``version`` (unknown keys are errors); raises `ParamError`."""
+    check_keys("quic", params, ("sni", "alpn", "version"))
+    sni_param("quic", params)  # applied by `tls.server_names`, checked here
+    version = params.get("version", "v1")
+    if not isinstance(version, str) or version not in VERSIONS:
+        raise ParamError("quic", "version", f"must be one of v1, v2, got {shown(version)}")
+    return QuicParams(alpn_param("quic", params, DEFAULT_ALPN), VERSIONS[version])
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ..model import Failure, Operation, ProbeResult, Target
@@ -42,10 +43,11 @@ from ..wire.quic import (
     reserved_version,
 )
 from .base import Recorder
+from .params import ParamError, check_keys, shown
 from .quic import connected_udp_socket
 from .tcp import require_address
 
-__all__ = ["probe"]
+__all__ = ["parse_params", "probe"]
 
 _SEND_AT = (0.0, 0.25, 0.5)  # fractions of the timeout at which the datagram is (re)sent
 _CID_LEN = 8
@@ -81,13 +83,43 @@ class _VNProtocol(asyncio.DatagramProtocol):
             self.answer.set_exception(exc)
 
 
-def _version(target: Target) -> int:
-    raw = target.params.get("version")
+def parse_params(params: Mapping[str, Any]) -> int | None:
+    """``version`` (an int or a ``"0x..."`` string; None = a random reserved one per run).
+
+    Raises `ParamError`; the config loader calls this too.
+    """
+    check_keys("quic_vn", params, ("version",))
+    raw = params.get("version")
     if raw is None:
+        return None
+    version = _as_int(raw)
+    if version is None or not 0 <= version <= 0xFFFFFFFF:
+        raise ParamError(
+            "quic_vn", "version", f"must be a 32-bit version like 0xbabababa, got {shown(raw)}"
+        )
+    if version in (0, QUIC_V1, QUIC_V2):
+        # a server processes these (or, for 0, reads the packet as a VN): no negotiation
+        raise ParamError("quic_vn", "version", f"0x{version:08x} would not be negotiated")
+    return version
+
+
+def _as_int(raw: object) -> int | None:
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, str):
+        try:
+            return int(raw, 0)
+        except ValueError:
+            return None
+    return None
+
+
+def _version(target: Target) -> int:
+    version = parse_params(target.params)
+    if version is None:
         return reserved_version(int.from_bytes(os.urandom(4), "big"))
-    version = int(raw, 0) if isinstance(raw, str) else int(raw)
-    if version in (0, QUIC_V1, QUIC_V2) or not 0 < version <= 0xFFFFFFFF:
-        raise ValueError(f"quic_vn: version 0x{version:x} would not be negotiated")
     return version
 
 

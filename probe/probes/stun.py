@@ -52,6 +52,7 @@ from ..settings import ProbeSettings
 from ..wire import WireError
 from ..wire import stun as wire
 from .base import Recorder
+from .params import ParamError, check_keys, number_param, shown
 
 __all__ = ["StunParams", "probe", "retransmit_offsets"]
 
@@ -87,11 +88,9 @@ class StunParams:
 
     @classmethod
     def from_mapping(cls, params: Mapping[str, Any]) -> StunParams:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"stun: unknown parameter(s) {', '.join(unknown)}")
-        p = cls(**dict(params))
+        """Parse and validate; raises `ParamError` naming the key.  The loader calls this too."""
+        check_keys("stun", params, cls.__dataclass_fields__)
+        p = cls(**{str(k): v for k, v in params.items()})
         p.validate()
         return p
 
@@ -104,31 +103,66 @@ class StunParams:
         _number("rate_pps", self.rate_pps, 1, 500)
         _number("stun_packets", self.stun_packets, 0, 100, integer=True)
         _number("payload_size", self.payload_size, _RTP_HEADER, 1200, integer=True)
-        flags = (self.control, self.fingerprint, self.record_mapped_address)
-        if not all(isinstance(flag, bool) for flag in flags):
-            raise ValueError("stun: control, fingerprint, record_mapped_address are booleans")
+        for name in ("control", "fingerprint", "record_mapped_address"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ParamError("stun", name, f"must be true or false, got {shown(value)}")
+        # RFC 5389 15.3 / 15.10: USERNAME < 513 bytes, SOFTWARE < 128 characters
+        _text("username", self.username, max_bytes=512)
+        _text("software", self.software, max_chars=127)
         if self.transport == "tcp" and (self.mode != "binding" or self.control):
-            raise ValueError("stun: transport tcp supports mode binding without control")
+            raise ParamError("stun", "transport", "tcp supports mode binding without control")
         if self.mode == "flow" and self.duration_s * self.rate_pps > 0xFFFF:
-            raise ValueError("stun: a flow is at most 65535 packets (16-bit sequence)")
+            raise ParamError(
+                "stun", "duration_s", "a flow is at most 65535 packets (16-bit sequence)"
+            )
         if self.peer_tag is not None:
             try:
                 tag = bytes.fromhex(self.peer_tag)
             except (TypeError, ValueError):
                 tag = b""
             if len(tag) != 16:
-                raise ValueError("stun: peer_tag is 32 hex digits")
+                raise ParamError(
+                    "stun", "peer_tag", f"must be 32 hex digits, got {shown(self.peer_tag)}"
+                )
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"stun: {name} must be one of {', '.join(allowed)}")
+    if not isinstance(value, str) or value not in allowed:
+        raise ParamError("stun", name, f"must be one of {', '.join(allowed)}, got {shown(value)}")
 
 
 def _number(name: str, value: object, low: float, high: float, *, integer: bool = False) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-        raise ValueError(f"stun: {name} must be a number in [{low}, {high}]")
+    number_param("stun", {name: value}, name, low, low, high, integer=integer)
+
+
+def _text(
+    name: str, value: object, *, max_bytes: int | None = None, max_chars: int | None = None
+) -> None:
+    """None, or a non-empty string within the RFC's size limit that UTF-8 can encode."""
+    if value is None:
+        return
+    encoded = _utf8(value)
+    fits = (
+        isinstance(value, str)
+        and encoded
+        and (max_bytes is None or len(encoded) <= max_bytes)
+        and (max_chars is None or len(value) <= max_chars)
+    )
+    if not fits:
+        limit = f"{max_bytes} UTF-8 bytes" if max_bytes is not None else f"{max_chars} characters"
+        raise ParamError(
+            "stun", name, f"must be a non-empty string of at most {limit}, got {shown(value)}"
+        )
+
+
+def _utf8(value: object) -> bytes | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate cannot go on the wire
+        return None
 
 
 def retransmit_offsets(

@@ -24,15 +24,25 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 from ..model import Operation, ProbeResult, Target
 from ..settings import ProbeSettings
 from .base import Recorder
+from .params import check_keys, number_param
 
 _HOLD_READ = 4096  # bytes per read while holding: enough to notice data, RST or FIN
 _HOLD_MAX_BYTES = 64 * 1024  # stop reading once the peer has clearly answered
 _FIRST_BYTES = 16  # a short prefix of whatever the peer sends, as hex evidence
+# Watching longer than a few minutes shows nothing more and ties up a probe slot.
+MAX_HOLD_S = 300.0
+
+
+def parse_params(params: Mapping[str, Any]) -> float:
+    """``hold_s`` (default 0): the only param.  Raises `ParamError`; for the loader too."""
+    check_keys("tcp", params, ("hold_s",))
+    return float(number_param("tcp", params, "hold_s", 0.0, 0.0, MAX_HOLD_S))
 
 
 def require_address(target: Target) -> tuple[str, int]:
@@ -121,7 +131,7 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     """Connect to ``target.address``:``target.port``; optionally hold the connection."""
     rec = Recorder(target)
     address, port = require_address(target)
-    hold_s = float(target.params.get("hold_s", 0.0))
+    hold_s = parse_params(target.params)
     try:
         with rec.phase("connect"):
             sock = await connect(address, port, settings.timeouts.connect_s)

@@ -42,7 +42,7 @@ import ipaddress
 import os
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,7 @@ from ..classify import classify_exception, scrub
 from ..model import Failure, Operation, ProbeResult, Target
 from ..settings import ProbeSettings
 from .base import Recorder
+from .params import alpn_param, check_keys, sni_param
 from .tcp import connect, require_address, socket_evidence
 
 DEFAULT_ALPN = ("h2", "http/1.1")
@@ -212,11 +213,23 @@ def _is_ip(name: str) -> bool:
     return True
 
 
-def _alpn(target: Target) -> tuple[str, ...]:
-    alpn = target.params.get("alpn", DEFAULT_ALPN)
-    if isinstance(alpn, str):
-        return (alpn,)
-    return tuple(str(p) for p in alpn or ())
+@dataclass(frozen=True)
+class TLSParams:
+    """The ``tls`` probe's params.  ``sni`` matters only when given (null = send none)."""
+
+    alpn: tuple[str, ...] = DEFAULT_ALPN
+    sni: str | None = None
+    sni_given: bool = False
+
+
+def parse_params(params: Mapping[str, Any]) -> TLSParams:
+    """Validate ``sni`` and ``alpn`` (unknown keys are errors); raises `ParamError`."""
+    check_keys("tls", params, ("sni", "alpn"))
+    return TLSParams(
+        alpn=alpn_param("tls", params, DEFAULT_ALPN),
+        sni=sni_param("tls", params),
+        sni_given="sni" in params,
+    )
 
 
 def certificate_evidence(der: bytes) -> dict[str, Any]:
@@ -288,9 +301,9 @@ def _handshake_failure(exc: BaseException) -> str:
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     """TCP connect to the target, then a verifying TLS handshake with the chosen SNI."""
     rec = Recorder(target)
+    alpn = parse_params(target.params).alpn  # a bad param is a config bug: raises
     address, port = require_address(target)
     sni, verify_name = server_names(target)
-    alpn = _alpn(target)
     rec.details.update(sni=sni, alpn_offered=list(alpn))
     try:
         with rec.phase("connect"):

@@ -65,6 +65,7 @@ from ..wire.http1 import (
     parse_response_head,
 )
 from .base import Recorder
+from .params import ParamError, check_keys, number_param, shown, sni_param
 from .tcp import connect, require_address
 from .tls import client_context, server_names
 
@@ -89,14 +90,13 @@ class TransferParams:
     stall_max_bytes: int = 64 * KIB
 
 
-_PARAM_KEYS = frozenset({"sni", *TransferParams.__dataclass_fields__})
+_PARAM_KEYS = ("sni", *TransferParams.__dataclass_fields__)
 
 
 def _int_param(params: Mapping[str, Any], name: str, lo: int, hi: int) -> int:
-    value = params.get(name, getattr(TransferParams, name))
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"transfer: {name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return value
+    return int(
+        number_param("transfer", params, name, getattr(TransferParams, name), lo, hi, integer=True)
+    )
 
 
 def _path_param(params: Mapping[str, Any], name: str, default: str | None) -> str | None:
@@ -104,19 +104,32 @@ def _path_param(params: Mapping[str, Any], name: str, default: str | None) -> st
     if value is None:
         return None
     if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError(f"transfer: {name} must be a path starting with '/', got {value!r}")
-    build_request("GET", value, "check")  # same rule the request builder enforces
+        raise ParamError("transfer", name, f"must be a path starting with '/', got {shown(value)}")
+    try:
+        build_request("GET", value, "check")  # same rule the request builder enforces
+    except ValueError as exc:
+        raise ParamError("transfer", name, str(exc)) from None
     return value
 
 
 def parse_params(params: Mapping[str, Any]) -> TransferParams:
-    """Validate ``params`` (strict: unknown keys are errors); for the config validator too."""
-    unknown = sorted(set(params) - _PARAM_KEYS)
-    if unknown:
-        raise ValueError(f"transfer: unknown params {unknown}")
+    """Validate ``params`` (strict: unknown keys are errors); raises `ParamError`.
+
+    The config loader calls this at load time, the probe again at run time.
+    ``sni`` is checked here and applied by `tls.server_names`.
+    """
+    check_keys("transfer", params, _PARAM_KEYS)
+    sni_param("transfer", params)
     throttle = params.get("throttle_kbps", TransferParams.throttle_kbps)
-    if isinstance(throttle, bool) or not isinstance(throttle, int | float) or throttle <= 0:
-        raise ValueError(f"transfer: throttle_kbps must be a number > 0, got {throttle!r}")
+    if (
+        isinstance(throttle, bool)
+        or not isinstance(throttle, int | float)
+        or not math.isfinite(throttle)
+        or throttle <= 0
+    ):
+        raise ParamError(
+            "transfer", "throttle_kbps", f"must be a number > 0, got {shown(throttle)}"
+        )
     return TransferParams(
         path=_path_param(params, "path", "/") or "/",
         connections=_int_param(params, "connections", 1, 20),

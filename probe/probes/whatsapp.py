@@ -17,11 +17,15 @@ naming what was wrong.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from ..model import ProbeResult, Target
 from ..settings import ProbeSettings
-from ..wire import WireError, noise
+from ..wire import noise
 from ._exchange import ReplyReader, exchange
 from .base import Recorder
+from .params import ParamError, check_keys, shown
 
 
 async def _read_reply(replies: ReplyReader) -> noise.ServerHello:
@@ -38,12 +42,27 @@ def _judge(rec: Recorder, hello: noise.ServerHello, replies: ReplyReader) -> Pro
     )
 
 
+def parse_params(params: Mapping[str, Any]) -> tuple[int, int]:
+    """``wa_version``: two byte values, default ``[6, 3]``.  Raises `ParamError`.
+
+    A bad value is a configuration bug, never a network finding (and must not be
+    mistaken for the peer's ``bad_response``), so the loader rejects it up front.
+    """
+    check_keys("whatsapp", params, ("wa_version",))
+    version = params.get("wa_version", noise.DEFAULT_VERSION)
+    if (
+        isinstance(version, list | tuple)
+        and len(version) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in version)
+    ):
+        return (version[0], version[1])
+    raise ParamError(
+        "whatsapp", "wa_version", f"must be two byte values like [6, 3], got {shown(version)}"
+    )
+
+
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
-    version = target.params.get("wa_version", noise.DEFAULT_VERSION)
+    version = parse_params(target.params)  # raises before connecting
     ephemeral = noise.public_bytes(noise.new_ephemeral())
-    try:
-        request = noise.client_hello_packet(ephemeral, tuple(version))
-    except (WireError, TypeError):
-        # A configuration bug, not a network finding (and not the peer's bad_response).
-        raise ValueError(f"whatsapp param wa_version must be two bytes, got {version!r}") from None
+    request = noise.client_hello_packet(ephemeral, version)
     return await exchange(target, settings, request, _read_reply, _judge)
