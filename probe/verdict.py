@@ -494,8 +494,8 @@ def _certificate_rule(ctx: _Context, o: Observation) -> _Finding:
         return _Finding(Verdict.INCONCLUSIVE, NONE, tuple(lines))
     lines.append(_control(ctl))
     theirs = _fingerprint(ctl)
-    differ = mine is not None and theirs is not None and mine != theirs
-    if mine is not None and theirs is not None and differ:
+    differ = bool(mine and theirs and mine != theirs)
+    if mine and theirs and differ:
         lines.append(f"certificate sha256 {mine[:16]}… differs from the control's {theirs[:16]}…")
     if ctl.ok:
         if mine is not None and mine == theirs:
