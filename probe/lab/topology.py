@@ -300,7 +300,13 @@ class LabProcess:
                 self.popen.stdin.flush()
             except OSError as exc:
                 raise LabError(f"{self.name}: {exc}{self._tail()}") from exc
-            answer = json.loads(self._read_line(timeout_s))
+            try:
+                answer = json.loads(self._read_line(timeout_s))
+            except (LabError, ValueError):
+                # A late answer would be taken for the answer to the next command: a
+                # helper that missed its deadline is not asked again.
+                self.stop()
+                raise
         if not isinstance(answer, dict):
             raise LabError(f"{self.name}: answer is not an object: {answer!r}")
         if "error" in answer:
@@ -329,7 +335,7 @@ class LabProcess:
         return buf.decode()
 
     def _tail(self) -> str:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):  # ValueError: already closed
             self._stderr.seek(0, os.SEEK_END)
             size = self._stderr.tell()
             self._stderr.seek(max(0, size - 2000))
@@ -340,7 +346,7 @@ class LabProcess:
 
     @property
     def stderr(self) -> str:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             self._stderr.seek(0)
             return self._stderr.read().decode(errors="replace")
         return ""
