@@ -29,6 +29,7 @@ from .results import ResultStore
 from .scheduler import Scheduler
 from .settings import AgentConfig, WebSettings
 from .statuspage import render_status_page, results_json
+from .verdict import judge_round
 
 log = logging.getLogger("probe.daemon")
 
@@ -59,6 +60,9 @@ class Agent:
                 self.archive.write(result)
         self.store.record_many(results)
         self._drop_stale(results)
+        # verdicts are judged over every endpoint's latest results, so a service verdict
+        # (e.g. partial: 2 of 5 DCs) always reflects all of its endpoints
+        self.store.set_verdicts(judge_round(self.store.snapshot().results.values()))
 
     def _drop_stale(self, results: Sequence[ProbeResult]) -> None:
         """An endpoint's round replaces its previous round: addresses DNS stopped returning go."""

@@ -175,6 +175,13 @@ def test_metrics_report_success_failure_and_vantage(agent: AgentProcess) -> None
     assert sample(text, "probe_vantage_online") == 1
     assert sample(text, "probe_vantage_info", vantage="daemon-test", asn="AS64500") == 1
     assert sample(text, "probe_config_last_reload_successful") == 1
+    verdicts = {
+        dict(labels)["verdict"]: value
+        for (name, labels), value in samples(text).items()
+        if name == "probe_verdict" and dict(labels).get("endpoint") == "down"
+    }
+    assert sum(verdicts.values()) == 1 and verdicts["ok"] == 0  # one verdict, not "ok"
+    assert sample(text, "probe_verdict", endpoint="up", verdict="ok") == 1
 
 
 def test_promtool_accepts_the_exposition(agent: AgentProcess) -> None:
