@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
+from .archive import to_jsonable
 from .model import ProbeResult
 from .round import RoundReport
 from .verdict import EndpointVerdict, ServiceVerdict
@@ -35,20 +36,8 @@ def result_record(result: ProbeResult, vantage: str, vantage_state: str) -> dict
         "duration_s": round(result.duration_s, 6),
         "phases": {k: round(v, 6) for k, v in result.phases.items()},
         "flags": list(result.flags),
-        "details": jsonable(result.details),
+        "details": to_jsonable(result.details),
     }
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [jsonable(v) for v in value]
-    if isinstance(value, bytes):
-        return value.hex()
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
 
 
 def verdict_record(

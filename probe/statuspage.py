@@ -14,8 +14,9 @@ from html import escape
 from typing import Any
 
 from . import __version__
+from .archive import to_jsonable
 from .model import ProbeResult
-from .output import jsonable, result_record
+from .output import result_record
 from .results import Snapshot
 from .settings import AgentConfig
 
@@ -32,7 +33,7 @@ def _verdict_record(v: Any) -> dict[str, Any]:
         "endpoint": v.endpoint,
         "verdict": v.verdict,
         "confidence": v.confidence,
-        "evidence": jsonable(v.evidence),
+        "evidence": to_jsonable(v.evidence),
     }
 
 
