@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 from probe.model import Endpoint, ProbeSpec, Target, freeze
@@ -76,3 +79,13 @@ def settings(
         resolvers=resolvers or Resolvers(system=True, reply_window_s=0.3),
         tls=TLSOptions(ca_file=ca_file),
     )
+
+
+@contextlib.contextmanager
+def refusing_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A TCP port bound but not listening while the block runs: the kernel answers a
+    connect with an RST (connection refused), and nothing else can take the port meanwhile."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        yield int(sock.getsockname()[1])

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from probe.lab.servers.mtproto import MTProtoMode, MTProtoServer
 from probe.model import Failure, Operation, ProbeResult
 from probe.probes import PROBES, mtproto
-from tests.helpers import settings, target
+from tests.helpers import refusing_port, settings, target
 
 pytestmark = pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 
@@ -100,10 +98,7 @@ async def test_stall_mid_reply_is_a_read_timeout_keeping_what_arrived(host: str)
 
 
 async def test_closed_port_is_connection_refused(host: str) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port = sock.getsockname()[1]  # bound but not listening: the kernel refuses
+    with refusing_port(host) as port:
         result = await mtproto.probe(target("mtproto", host, port), settings())
     assert (result.failure, result.failed_operation) == (
         Failure.CONNECTION_REFUSED,

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from probe.lab.servers.noise import NoiseMode, NoiseServer
 from probe.model import Failure, Operation, ProbeResult
 from probe.probes import PROBES, whatsapp
 from probe.wire import WireError
-from tests.helpers import settings, target
+from tests.helpers import refusing_port, settings, target
 
 pytestmark = pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 
@@ -56,7 +54,7 @@ async def test_invalid_version_param_is_a_config_bug_raised_before_connecting(ho
         with pytest.raises(ValueError, match="wa_version") as info:
             await whatsapp.probe(t, settings())
     assert not isinstance(info.value, WireError)  # would be misread as the peer's bad_response
-    assert server.connections == 0
+    assert server.accepted == 0
 
 
 async def test_block_page_is_bad_response_with_evidence(host: str) -> None:
@@ -92,10 +90,7 @@ async def test_silence_is_a_read_timeout(host: str) -> None:
 
 
 async def test_closed_port_is_connection_refused(host: str) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port = sock.getsockname()[1]  # bound but not listening: the kernel refuses
+    with refusing_port(host) as port:
         result = await whatsapp.probe(target("whatsapp", host, port), settings())
     assert (result.failure, result.failed_operation) == (
         Failure.CONNECTION_REFUSED,

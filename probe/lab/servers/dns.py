@@ -17,13 +17,10 @@ while TCP answers).  `probe.lab.servers.doh` serves the same table over HTTPS.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
-import socket
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Self
 
 import dns.flags
 import dns.message
@@ -34,6 +31,8 @@ import dns.rrset
 
 from ...wire import WireError
 from ...wire.dnsmsg import parse_message
+from . import AsyncServer
+from .tcp import CallbackStreamServer, abort_with_rst
 
 __all__ = [
     "AnswerTable",
@@ -265,7 +264,7 @@ class _UDP(asyncio.DatagramProtocol):
         self.server._on_udp(data, addr)
 
 
-class DNSServer:
+class DNSServer(AsyncServer):
     """UDP and TCP DNS on one host and port, answering from an `AnswerTable`.
 
     ``queries`` counts every parsed query as (transport, name, type); use `count()`.
@@ -286,13 +285,12 @@ class DNSServer:
         self.idle_timeout_s = idle_timeout_s
         self.queries: Counter[tuple[str, str, str]] = Counter()
         self._udp: asyncio.DatagramTransport | None = None
-        self._tcp: asyncio.Server | None = None
+        self._tcp: CallbackStreamServer | None = None
         self._pending: set[asyncio.TimerHandle] = set()
-        self._handlers: set[asyncio.Task[None]] = set()
 
     # -- lifecycle
 
-    async def start(self) -> DNSServer:
+    async def start(self) -> Self:
         loop = asyncio.get_running_loop()
         # With port 0 the kernel picks a free UDP port that may be taken for TCP:
         # try a bounded number of times to get the same number for both.
@@ -304,9 +302,7 @@ class DNSServer:
             )
             port = udp.get_extra_info("sockname")[1]
             try:
-                self._tcp = await asyncio.start_server(
-                    self._on_tcp, self.host, port, family=_family(self.host)
-                )
+                self._tcp = await CallbackStreamServer(self.host, port, self._on_tcp).start()
             except OSError as exc:
                 udp.close()
                 last = exc
@@ -323,19 +319,8 @@ class DNSServer:
             self._udp.close()
             self._udp = None
         if self._tcp is not None:
-            self._tcp.close()
-            # Python 3.11's Server.wait_closed does not wait for (or stop) handlers.
-            for task in list(self._handlers):
-                task.cancel()
-            await asyncio.gather(*self._handlers, return_exceptions=True)
-            await self._tcp.wait_closed()
+            await self._tcp.close()
             self._tcp = None
-
-    async def __aenter__(self) -> DNSServer:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # -- addressing
 
@@ -396,34 +381,22 @@ class DNSServer:
     # -- TCP (RFC 1035 4.2.2 / RFC 7766: 2-byte length prefix, several queries per connection)
 
     async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        try:
-            for _ in range(_MAX_QUERIES_PER_CONNECTION):
-                try:
-                    async with asyncio.timeout(self.idle_timeout_s):
-                        size = int.from_bytes(await reader.readexactly(2), "big")
-                        data = await reader.readexactly(size)
-                except (asyncio.IncompleteReadError, TimeoutError, OSError):
-                    return
-                query = decode_query(data)
-                if query is None:
-                    return  # a TCP peer sending non-DNS gets the connection closed
-                behaviour = self._behaviour(query, "tcp")
-                if behaviour.kind == "reset":
-                    abort_with_rst(writer)
-                    return
-                if behaviour.kind == "close":
-                    return  # the finally clause closes with a FIN
-                await self._answer_tcp(writer, plan_replies(query, behaviour))
-        except OSError:
-            return  # the client went away mid-reply
-        finally:
-            self._handlers.discard(task)
-            writer.close()
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                await writer.wait_closed()
+        # A client that leaves (IncompleteReadError), stalls past the idle timeout
+        # (TimeoutError) or resets ends its connection quietly: `StreamServer` sees to it.
+        for _ in range(_MAX_QUERIES_PER_CONNECTION):
+            async with asyncio.timeout(self.idle_timeout_s):
+                size = int.from_bytes(await reader.readexactly(2), "big")
+                data = await reader.readexactly(size)
+            query = decode_query(data)
+            if query is None:
+                return  # a TCP peer sending non-DNS gets the connection closed
+            behaviour = self._behaviour(query, "tcp")
+            if behaviour.kind == "reset":
+                abort_with_rst(writer)
+                return
+            if behaviour.kind == "close":
+                return  # the base closes with a FIN
+            await self._answer_tcp(writer, plan_replies(query, behaviour))
 
     @staticmethod
     async def _answer_tcp(writer: asyncio.StreamWriter, plan: list[tuple[float, bytes]]) -> None:
@@ -435,17 +408,3 @@ class DNSServer:
             payload = payload[:0xFFFF]
             writer.write(len(payload).to_bytes(2, "big") + payload)
             await writer.drain()
-
-
-def abort_with_rst(writer: asyncio.StreamWriter | asyncio.BaseTransport) -> None:
-    """Abort a TCP connection so the kernel sends an RST (SO_LINGER on, timeout 0)."""
-    transport = writer.transport if isinstance(writer, asyncio.StreamWriter) else writer
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -19,10 +19,13 @@ import contextlib
 import socket
 import ssl
 from collections import Counter
+from typing import Self
 
 from aiohttp import web
 
-from .dns import AnswerTable, abort_with_rst, decode_query, plan_replies, question_of
+from . import AsyncServer
+from .dns import AnswerTable, decode_query, plan_replies, question_of
+from .tcp import abort_with_rst
 
 __all__ = ["CONTENT_TYPE", "DoHServer"]
 
@@ -30,7 +33,7 @@ CONTENT_TYPE = "application/dns-message"
 _MAX_QUERY = 65535
 
 
-class DoHServer:
+class DoHServer(AsyncServer):
     """DoH over TLS on ``host:port`` (port 0 = ephemeral) at ``path``."""
 
     def __init__(
@@ -53,7 +56,7 @@ class DoHServer:
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
 
-    async def start(self) -> DoHServer:
+    async def start(self) -> Self:
         app = web.Application(client_max_size=_MAX_QUERY)
         app.router.add_get(self.path, self._get)
         app.router.add_post(self.path, self._post)
@@ -73,12 +76,6 @@ class DoHServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    async def __aenter__(self) -> DoHServer:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     @property
     def url(self) -> str:

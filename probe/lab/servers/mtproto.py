@@ -24,13 +24,12 @@ import time
 from enum import StrEnum
 
 from ...wire import mtproto
-from ._stream import StreamServer
+from .tcp import BLOCK_PAGE, StreamServer
 
 __all__ = ["MTProtoMode", "MTProtoServer"]
 
 # pq from the MTProto docs' sample exchange (a product of two primes, as a DC sends)
 SAMPLE_PQ = bytes.fromhex("17ed48941a08f981")
-BLOCK_PAGE = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 class MTProtoMode(StrEnum):
@@ -73,13 +72,7 @@ class MTProtoServer(StreamServer):
 
     async def _answer(self, writer: asyncio.StreamWriter, nonce: bytes) -> None:
         mode = self.mode
-        if mode is MTProtoMode.HANG:
-            await self.hang()
-            return
-        if mode is MTProtoMode.CLOSE:
-            return  # the base closes with FIN
-        if mode is MTProtoMode.RESET:
-            self.reset(writer)
+        if await self.leave_unanswered(mode, writer):
             return
         reply = self._reply(nonce)
         writer.write(reply[:10] if mode is MTProtoMode.STALL else reply)

@@ -24,11 +24,10 @@ import os
 from enum import StrEnum
 
 from ...wire import noise
-from ._stream import StreamServer
+from .tcp import BLOCK_PAGE, StreamServer
 
 __all__ = ["NoiseMode", "NoiseServer"]
 
-BLOCK_PAGE = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 # Size of the encrypted certificate payload: real ones are a few hundred bytes.
 _CERT_PAYLOAD_LEN = 300
 
@@ -60,14 +59,7 @@ class NoiseServer(StreamServer):
         length = noise.decode_frame_length(await reader.readexactly(3))
         ephemeral = noise.parse_client_hello(await reader.readexactly(length))
         self.hellos.append((version, ephemeral))
-        mode = self.mode
-        if mode is NoiseMode.HANG:
-            await self.hang()
-            return
-        if mode is NoiseMode.CLOSE:
-            return  # the base closes with FIN
-        if mode is NoiseMode.RESET:
-            self.reset(writer)
+        if await self.leave_unanswered(self.mode, writer):
             return
         writer.write(self._reply())
         await writer.drain()

@@ -29,7 +29,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -50,6 +49,7 @@ from ...wire.quic import (
     parse_long_header,
 )
 from ..certs import LeafCert
+from . import AsyncServer
 
 __all__ = ["GARBAGE", "H3_BODY", "QUICServer", "VNMode", "VersionNegotiationServer"]
 
@@ -64,7 +64,7 @@ class VNMode(StrEnum):
     GARBAGE = "garbage"
 
 
-class _UDPServer:
+class _UDPServer(AsyncServer):
     """Binding, port and lifetime shared by both servers."""
 
     def __init__(self, host: str, port: int) -> None:
@@ -85,24 +85,10 @@ class _UDPServer:
         )
         self._transport = transport
 
-    async def start(self) -> Self:
-        raise NotImplementedError
-
     async def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
-
-    async def __aenter__(self) -> Self:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 class _LabConnection(QuicConnectionProtocol):

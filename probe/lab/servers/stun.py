@@ -25,16 +25,15 @@ applies to a flow it let start.  Over TCP, messages are framed per RFC 4571
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
-import socket
-import struct
 import time
 from collections import deque
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Self, get_args
 
 from ...wire import WireError
 from ...wire import stun as wire
+from . import AsyncServer
+from .tcp import CallbackStreamServer, abort_with_rst
 
 __all__ = ["Behavior", "StunServer"]
 
@@ -56,7 +55,7 @@ _MAX_PACKETS_KEPT = 256
 _GIANT = 60000  # fits one UDP datagram on loopback and one RFC 4571 frame
 
 
-class StunServer:
+class StunServer(AsyncServer):
     """Bind to ``host``:``port`` (0 = ephemeral) over ``transport``; see module doc."""
 
     def __init__(
@@ -89,42 +88,31 @@ class StunServer:
         self.arrivals: deque[float] = deque(maxlen=_MAX_PACKETS_KEPT)  # their monotonic times
         self._first_at: float | None = None
         self._udp: asyncio.DatagramTransport | None = None
-        self._tcp: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._tcp: CallbackStreamServer | None = None
 
     @property
     def port(self) -> int:
         if self._udp is not None:
             return int(self._udp.get_extra_info("sockname")[1])
         if self._tcp is not None:
-            return int(self._tcp.sockets[0].getsockname()[1])
+            return self._tcp.port
         return self._port
 
-    async def start(self) -> StunServer:
+    async def start(self) -> Self:
         loop = asyncio.get_running_loop()
         if self.transport == "udp":
             self._udp, _ = await loop.create_datagram_endpoint(
                 lambda: _UdpResponder(self), local_addr=(self.host, self._port)
             )
         else:
-            self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self._port)
+            self._tcp = await CallbackStreamServer(self.host, self._port, self._serve_tcp).start()
         return self
 
     async def close(self) -> None:
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:
-            self._tcp.close()
-            for writer in list(self._writers):
-                writer.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._tcp.wait_closed(), 2.0)
-
-    async def __aenter__(self) -> StunServer:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+            await self._tcp.close()
 
     # ------------------------------------------------------------ the one decision
 
@@ -177,27 +165,21 @@ class StunServer:
     # ------------------------------------------------------------ TCP
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
+        # Runs until the client leaves: `StreamServer` takes its EOF or reset quietly.
         peer = writer.get_extra_info("peername")
-        try:
-            while True:
-                data = await self._read_message(reader)
-                if self.behavior == "reset":
-                    self.respond(data, (str(peer[0]), int(peer[1])))
-                    _abort(writer)
-                    break
-                reply = self.respond(data, (str(peer[0]), int(peer[1])))
-                if reply is None:
-                    continue
-                writer.write(wire.frame(reply) if self.framing == "rfc4571" else reply)
-                await writer.drain()
-                if self.behavior == "truncated" and self.framing == "none":
-                    break  # the stream cannot go on after half a message: end it
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
+        while True:
+            data = await self._read_message(reader)
+            if self.behavior == "reset":
+                self.respond(data, (str(peer[0]), int(peer[1])))
+                abort_with_rst(writer)
+                break
+            reply = self.respond(data, (str(peer[0]), int(peer[1])))
+            if reply is None:
+                continue
+            writer.write(wire.frame(reply) if self.framing == "rfc4571" else reply)
+            await writer.drain()
+            if self.behavior == "truncated" and self.framing == "none":
+                break  # the stream cannot go on after half a message: end it
 
     async def _read_message(self, reader: asyncio.StreamReader) -> bytes:
         # Both framings carry a 16-bit length, so one read is at most 64 KiB.
@@ -220,14 +202,6 @@ class _UdpResponder(asyncio.DatagramProtocol):
         reply = self.server.respond(data, (str(addr[0]), int(addr[1])))
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
-
-
-def _abort(writer: asyncio.StreamWriter) -> None:
-    """Close with an RST instead of a FIN: linger on, timeout 0."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 def _binding_request(data: bytes) -> wire.Message | None:

@@ -28,7 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from ..certs import LeafCert
-from .tcp import READ_CHUNK, StreamServer, abort_with_rst, drain_until_eof
+from .tcp import StreamServer, abort_with_rst, drain_until_eof, echo_until_eof
 
 # A TLS record is at most 2^14 bytes of plaintext plus 2048 of expansion (RFC 8446 5.2);
 # anything claiming more is not a ClientHello and is not read.
@@ -111,7 +111,9 @@ class TLSServer(StreamServer):
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.mode is TLSMode.SERVE:
-            await self._serve(reader, writer)
+            # asyncio ran the handshake before calling us.  A client that breaks the TLS
+            # stream raises ssl.SSLError, an OSError: the base ends that connection quietly.
+            await echo_until_eof(reader, writer)
             return
         await read_client_hello(reader)
         self.client_hellos += 1
@@ -127,12 +129,3 @@ class TLSServer(StreamServer):
             writer.write(FATAL_HANDSHAKE_FAILURE)
             await writer.drain()
         # CLOSE_AFTER_HELLO: returning makes the base class close with a FIN
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # The handshake is done (asyncio ran it before calling us): echo until the client leaves.
-        try:
-            while data := await reader.read(READ_CHUNK):
-                writer.write(data)
-                await writer.drain()
-        except ssl.SSLError:
-            return  # a client that breaks the TLS stream just loses its connection
