@@ -45,7 +45,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import dns.rcode
 
@@ -351,7 +351,7 @@ def _network_events(result: ProbeResult, timeline: Mapping[str, tuple[float, flo
         if network == "udp":
             op = "read_from" if op == "read" else "write_to"
         counted = result.details.get("bytes_received" if op.startswith("read") else "bytes_sent")
-        last = next(reversed(timeline.values()), (0.0, result.duration_s))
+        last = next(reversed(list(timeline.values())), (0.0, result.duration_s))
         event: dict[str, Any] = {
             "address": address, "failure": result.failure, "operation": op, "proto": network,
             "t0": last[0], "t": result.duration_s, "tags": [],
@@ -702,7 +702,7 @@ class ReadStats:
 
 def _open_archive(path: Path) -> IO[bytes]:
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return cast(IO[bytes], gzip.open(path, "rb"))  # typeshed: GzipFile is not IO[bytes]
     return path.open("rb")
 
 

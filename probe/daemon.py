@@ -16,9 +16,9 @@ import logging
 import signal
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .archive import ArchiveWriter
@@ -136,7 +136,7 @@ def _configured(config: AgentConfig, key: tuple[str, ...]) -> bool:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _basic_auth(users: dict[str, str]) -> Callable[[web.Request, Handler], Awaitable[Any]]:
+def _basic_auth(users: dict[str, str]) -> Middleware:
     import bcrypt  # only needed when auth is configured
 
     @web.middleware
@@ -155,7 +155,7 @@ def _basic_auth(users: dict[str, str]) -> Callable[[web.Request, Handler], Await
 
 def build_app(agent: Agent) -> web.Application:
     web_settings: WebSettings = agent.config.web
-    middlewares = []
+    middlewares: list[Middleware] = []
     if web_settings.basic_auth_users:
         middlewares.append(_basic_auth(dict(web_settings.basic_auth_users)))
     app = web.Application(middlewares=middlewares)

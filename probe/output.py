@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .archive import to_jsonable
@@ -84,7 +84,7 @@ def _row(result: ProbeResult) -> tuple[str, ...]:
     return (t.service, t.endpoint.name, where, str(t.port or ""), t.label, outcome, failure, ms)
 
 
-def _aligned(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+def _aligned(columns: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
     """A header, a rule and the rows, each column padded to its widest cell."""
     every = [columns, *rows]
     widths = [max(len(row[i]) for row in every) for i in range(len(columns))]

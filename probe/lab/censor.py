@@ -77,7 +77,8 @@ _MAX_MARK_BITS = 24  # ct mark bits handed out to behaviours (bits 0..23)
 
 def _split(addresses: Sequence[str]) -> tuple[list[str], list[str]]:
     """Addresses (or prefixes) by family, validated."""
-    v4, v6 = [], []
+    v4: list[str] = []
+    v6: list[str] = []
     for a in addresses:
         net = ipaddress.ip_network(a, strict=False)
         (v4 if net.version == 4 else v6).append(str(net) if net.num_addresses > 1 else a)
@@ -481,7 +482,8 @@ class SNIFilter(IptBehaviour):
     packet to ``ports``.  ``action="reset"``: that packet (the ClientHello) is dropped and
     the client gets a TCP RST (``REJECT --reject-with tcp-reset``).  ``action="drop"``:
     the connection is marked (CONNMARK bit) and every later packet of it, both ways, is
-    dropped (silence after the ClientHello).
+    dropped (silence after the ClientHello).  ``addresses`` (empty = any) narrows it to
+    connections towards those servers, as a censor aims a filter at a service's prefixes.
 
     Matches per packet, like the string match itself: a ClientHello split across
     segments slips through (real TSPU reassembles; this one does not)."""
@@ -490,8 +492,10 @@ class SNIFilter(IptBehaviour):
     names: Sequence[str] = ()
     action: Action = "reset"
     ports: Sequence[int] = (443,)
+    addresses: Sequence[str] = ()
 
     def __post_init__(self) -> None:
+        _split(self.addresses)  # validates
         if not self.names:
             raise ValueError("an SNI filter needs names")
         for name in self.names:
@@ -506,7 +510,10 @@ class SNIFilter(IptBehaviour):
         return [f'-m string --algo bm --string "{n}" ' for n in self.names]
 
     def rules(self, censor: Censor, chain: str, family: int) -> list[str]:
-        up = f"-A {chain} -i {CENSOR_CLIENT_IF} -p tcp {_ipt_ports(self.ports, 'up')}"
+        peer = _ipt_peer(self.addresses, family, "up")
+        if peer is None:
+            return []  # no address of this family: nothing to filter
+        up = f"-A {chain} -i {CENSOR_CLIENT_IF} -p tcp {_ipt_ports(self.ports, 'up')}{peer}"
         if self.action == "reset":
             return [f"{up}{m}-j REJECT --reject-with tcp-reset" for m in self.matches()]
         bit = self._bit
@@ -550,6 +557,7 @@ class TLSFingerprintFilter(SNIFilter):
     action: Action = "reset"
 
     def __post_init__(self) -> None:
+        _split(self.addresses)  # validates
         if not self.pattern:
             self.pattern = client_hello_cipher_vector()
         if len(self.pattern) > 128:

@@ -193,7 +193,7 @@ class DNSInject(Handler):
         sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
         # Transparent: bind to (and send from) the resolver's address, which is not ours.
         if v6:
-            sock.setsockopt(socket.SOL_IPV6, _IPV6_TRANSPARENT, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_TRANSPARENT, 1)
         else:
             sock.setsockopt(socket.SOL_IP, _IP_TRANSPARENT, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

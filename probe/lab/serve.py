@@ -97,9 +97,9 @@ def behaviour_from_json(obj: Mapping[str, Any]) -> Behaviour:
     if kind == "wrong_id":
         return Behaviour.wrong_id(*addresses, ttl=ttl, delay_s=delay)
     if kind in ("nxdomain", "servfail", "refused", "nodata"):
-        return getattr(Behaviour, kind)(delay_s=delay)  # type: ignore[no-any-return]
+        return getattr(Behaviour, kind)(delay_s=delay)
     if kind in ("silence", "close", "reset"):
-        return getattr(Behaviour, kind)()  # type: ignore[no-any-return]
+        return getattr(Behaviour, kind)()
     if kind == "garbage":
         if "payload_hex" in obj:
             return Behaviour.garbage(bytes.fromhex(obj["payload_hex"]), delay_s=delay)

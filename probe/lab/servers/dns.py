@@ -260,7 +260,7 @@ class _UDP(asyncio.DatagramProtocol):
     def __init__(self, server: DNSServer) -> None:
         self.server = server
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.server._on_udp(data, addr)
 
 
@@ -367,7 +367,9 @@ class DNSServer(AsyncServer):
 
     def _schedule_udp(self, delay: float, payload: bytes, addr: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
-        handle = loop.call_later(delay, lambda: self._send_udp(payload, addr, handle))
+        handle: asyncio.TimerHandle = loop.call_later(
+            delay, lambda: self._send_udp(payload, addr, handle)
+        )
         self._pending.add(handle)
 
     def _send_udp(

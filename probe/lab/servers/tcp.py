@@ -54,6 +54,7 @@ def abort_with_rst(writer: asyncio.StreamWriter | asyncio.BaseTransport) -> None
     Takes a stream writer or a bare transport (aiohttp hands the DoH server the latter).
     """
     transport = writer.transport if isinstance(writer, asyncio.StreamWriter) else writer
+    assert isinstance(transport, asyncio.WriteTransport | asyncio.DatagramTransport)
     sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
