@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import TextIO
 
 from . import __version__, logs
 from .config import ConfigError, load_config
 from .round import RoundReport, run_round
+from .verdict import Observation, from_api, from_record, judge_round
 
 EXIT_OK = 0  # round done, nothing failed
 EXIT_FAILURES = 1  # round done, at least one probe failed (see the results)
@@ -55,7 +59,11 @@ def cmd_once(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     logs.setup(config.log_format, args.log_level or "warning")
     log.info("round starting", extra={"config": config.source, "vantage": config.vantage.name})
+    control = _control_results(args.control_results) if args.control_results else None
     report = asyncio.run(run_round(config, progress=_progress(sys.stderr)))
+    if control is not None:
+        # The same round, judged again next to what the control vantage saw.
+        report = replace(report, verdicts=judge_round(report.results, control=control))
     if args.format == "json":
         for line in json_lines(report):
             sys.stdout.write(line + "\n")
@@ -63,6 +71,35 @@ def cmd_once(args: argparse.Namespace) -> int:
         sys.stdout.write(table(report))
     log.info("round finished", extra={"summary": summary(report)})
     return _exit_code(report)
+
+
+class UsageError(Exception):
+    """A bad command-line argument (exit 2, one line)."""
+
+
+def _control_results(path: str) -> list[Observation]:
+    """A control vantage's results: its ``probe once --format json`` JSON Lines (verdict
+    records are skipped) or its ``/api/results`` document."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            document = json.loads(text)
+        except ValueError:
+            document = None  # JSON Lines: more than one document
+        if isinstance(document, dict) and "results" in document:
+            return from_api(document)
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [from_record(r) for r in records if r.get("type", "result") == "result"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"--control-results {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from .lab.demo import cleanup, demo
+
+    if args.action == "cleanup":
+        return cleanup(force=args.force)
+    return demo(args.only or ())
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -132,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="table",
         help="table for people, json for JSON Lines (one result a line)",
     )
+    once.add_argument(
+        "--control-results",
+        metavar="FILE",
+        help="judge verdicts next to a control vantage's results: its `probe once "
+        "--format json` output or its /api/results document",
+    )
     once.set_defaults(func=cmd_once)
 
     run = sub.add_parser(
@@ -153,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     arch.add_argument("--failed", action="store_true", help="only failed measurements")
     arch.set_defaults(func=cmd_archive)
 
+    lab = sub.add_parser(
+        "lab",
+        help="the censorship lab (root): watch the agent classify each censor behaviour",
+        description="demo: build the network-namespace lab, run every scenario (or --only) "
+        "and print expected vs observed verdicts; exit 0 if all match.  cleanup: remove "
+        "labs left by crashed runs.  See docs/lab.md.",
+    )
+    lab.add_argument("action", choices=["demo", "cleanup"])
+    lab.add_argument("--only", action="append", metavar="NAME", help="run only this scenario")
+    lab.add_argument("--force", action="store_true", help="cleanup: also labs of live owners")
+    lab.set_defaults(func=cmd_lab)
+
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
@@ -165,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"probe: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"probe: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `probe once | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,0 +1,249 @@
+"""The agent, run through its normal config, against every censor behaviour of the lab.
+
+One lab for the module (`probe.lab.scenarios.ScenarioLab`: four namespaces, the lab
+servers started once).  Each scenario of the catalogue applies its kernel mechanism in
+the censor namespace, runs ``probe once -c agent.yaml --format json`` in the control
+namespace and then in the client namespace with ``--control-results``, and compares the
+client's verdict records with the catalogue: the exact verdict of every endpoint and
+service (everything not named must be ``ok``) and the exact failure string of the probes
+that show the behaviour.  The targeted tests below read the same outcomes (each scenario
+runs once) for what a verdict alone does not say.
+
+All traffic stays inside the lab's namespaces (10.200.0.0/16).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from probe.lab.scenarios import (
+    CATALOGUE,
+    DCS,
+    ENDPOINTS,
+    SERVICES,
+    Outcome,
+    Scenario,
+    ScenarioLab,
+    by_name,
+    check,
+)
+from probe.lab.topology import lab_available
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[1]
+Outcomes = Callable[[str], Outcome]
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[ScenarioLab]:
+    reason = lab_available()
+    if reason is not None:
+        pytest.skip(reason)  # a failure under CI=true (conftest hook)
+    with ScenarioLab() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def outcomes(runner: ScenarioLab) -> Outcomes:
+    """Each scenario runs once per module, whichever test asks first."""
+    done: dict[str, Outcome] = {}
+
+    def get(name: str) -> Outcome:
+        if name not in done:
+            done[name] = runner.run(by_name(name))
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("scenario", CATALOGUE, ids=lambda s: s.name)
+def test_scenario_gets_its_verdicts_and_failure_strings(
+    outcomes: Outcomes, scenario: Scenario
+) -> None:
+    outcome = outcomes(scenario.name)
+    problems = check(scenario, outcome)
+    assert not problems, "\n".join(problems) + "\n" + outcome.dump()
+
+
+def test_catalogue_covers_every_behaviour_and_the_two_baselines() -> None:
+    behaviours = {s.behaviour for s in CATALOGUE}
+    assert behaviours == {*(f"B{i}" for i in range(1, 10)), "clean", "server_down"}
+    assert len({s.name for s in CATALOGUE}) == len(CATALOGUE)
+    for s in CATALOGUE:
+        unknown = set(s.verdicts) - {*ENDPOINTS, *SERVICES}
+        assert not unknown, f"{s.name}: {unknown}"
+        assert s.mechanism and s.description
+
+
+def test_clean_network_has_no_false_positive_over_repeated_rounds(outcomes: Outcomes) -> None:
+    outcome = outcomes("clean")
+    assert len(outcome.rounds) >= 2
+    for rnd in outcome.rounds:
+        assert {v["verdict"] for v in rnd.verdicts.values()} == {"ok"}
+        assert set(rnd.verdicts) == {*ENDPOINTS, *SERVICES}
+        assert all(r["ok"] for r in rnd.results)
+        # every probe type ran, so "ok" is not "nothing measured"
+        probes = {r["probe"].split("/")[0] for r in rnd.results}
+        assert probes == {"dns", "tcp", "tls", "quic", "quic_vn", "transfer", "mtproto"} | {
+            "whatsapp",
+            "stun",
+        }
+        assert rnd.exit_code == 0
+
+
+def test_two_of_five_dcs_blocked_is_partial_not_ok(outcomes: Outcomes) -> None:
+    rnd = outcomes("partial_dc_block").rounds[0]
+    service = rnd.verdicts["telegram"]
+    assert (service["verdict"], service["blocked_fraction"]) == ("partial", 0.4)
+    assert "dc1: ip_blocking" in " ".join(service["evidence"])
+    # the censor's RST comes back at once: refused, not a timeout
+    blocked = rnd.runs("telegram/dc1/tcp")[0]
+    assert blocked["failure"] == "connection_refused" and blocked["duration_s"] < 0.5
+    for name in ("dc3", "dc4", "dc5"):
+        assert rnd.verdicts[f"telegram/{name}"]["verdict"] == "ok"
+
+
+def test_control_vantage_turns_a_silent_block_into_ip_blocking(outcomes: Outcomes) -> None:
+    rnd = outcomes("B2_ip_block").rounds[0]
+    verdict = rnd.verdicts["telegram/dc3"]
+    assert verdict["confidence"] >= 0.85
+    assert f"control mtproto {DCS['dc3']}:443 ok" in verdict["evidence"]
+
+
+def test_server_down_is_an_outage_because_the_control_fails_too(outcomes: Outcomes) -> None:
+    rnd = outcomes("server_down").rounds[0]
+    verdict = rnd.verdicts["telegram/dc5"]
+    assert verdict["verdict"] == "endpoint_down"
+    assert f"control tcp {DCS['dc5']}:443 connection_refused (connect)" in verdict["evidence"]
+    assert rnd.verdicts["telegram"]["verdict"] == "ok"  # four DCs of five work
+    assert rnd.verdicts["telegram"]["confidence"] < 0.95
+
+
+def test_b3_neutral_sni_gets_through_where_the_real_name_is_reset(outcomes: Outcomes) -> None:
+    rnd = outcomes("B3_sni_filter").rounds[0]
+    (tls,) = rnd.runs("whatsapp/web/tls")
+    assert tls["details"]["handshake"]["stage"] == "awaiting_server_hello"
+    verdict = rnd.verdicts["whatsapp/web"]
+    assert verdict["confidence"] >= 0.95
+    assert any("neutral SNI" in line for line in verdict["evidence"])
+
+
+def _transfer(outcome: Outcome) -> dict:
+    (transfer,) = outcome.rounds[0].runs("whatsapp/web/transfer")
+    return transfer
+
+
+def test_b5_and_b7_share_a_verdict_but_not_a_signature(outcomes: Outcomes) -> None:
+    """The engine says stall_after_bytes for both; where the flow stopped tells them apart."""
+    b5 = _transfer(outcomes("B5_post_handshake_stall"))["details"]
+    b7 = _transfer(outcomes("B7_byte_freeze"))["details"]
+    for conn in b5["connections"]:
+        # nothing of the response: at most the TLS 1.3 session tickets sent before it
+        assert (conn["outcome"], conn["stage"], conn["body_bytes"]) == ("stalled", "head", 0)
+        assert conn["response_wire_bytes"] < 1024
+    for wire in b7["stalled_at_wire_bytes"]:
+        # conntrack counts IP bytes: the TCP payload stops a little below 16384
+        assert 12 * 1024 < wire < 16384, wire
+    assert b7["stalled_connections"] == b7["connections_attempted"] == 2
+
+
+def test_b6_throttle_is_measured_near_the_shaped_rate(outcomes: Outcomes) -> None:
+    details = _transfer(outcomes("B6_throttle"))["details"]
+    assert 60 < details["median_kbps"] < 200, details["median_kbps"]
+
+
+def test_b8_version_negotiation_passes_the_quic_filter(outcomes: Outcomes) -> None:
+    rnd = outcomes("B8_quic_filter").rounds[0]
+    (vn,) = rnd.runs("whatsapp/web/quic_vn")
+    assert vn["ok"]
+    assert any(
+        "version negotiation answered" in e for e in rnd.verdicts["whatsapp/web"]["evidence"]
+    )
+
+
+def test_b1_injection_is_seen_as_two_replies(outcomes: Outcomes) -> None:
+    rnd = outcomes("B1_dns_injection").rounds[0]
+    (udp,) = rnd.runs("whatsapp/chat/dns@udp")
+    assert "dns_injection_suspected" in udp["flags"]
+    answers = [r["answers"] for r in udp["details"]["replies"] if r["qtype"] == "A"]
+    assert answers[0] == ["10.10.34.35"] and len(answers) == 2  # forged first, real second
+
+
+# --- probe lab demo ----------------------------------------------------------------------------
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "probe", "lab", "demo", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+def test_demo_shows_scenarios_live_in_a_table() -> None:
+    reason = lab_available()
+    if reason is not None:
+        pytest.skip(reason)
+    done = _demo("--only", "clean", "--only", "B3_sni_filter")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == [
+        "scenario",
+        "behaviour",
+        "endpoint",
+        "expected",
+        "observed",
+        "result",
+    ]
+    assert any(line.split()[:6] == ["clean", "clean", "all", "12", "ok", "ok"] for line in lines)
+    b3 = next(line for line in lines if line.startswith("B3_sni_filter"))
+    assert b3.split() == [
+        "B3_sni_filter",
+        "B3",
+        "whatsapp/web",
+        "tls_sni_filtering",
+        "tls_sni_filtering",
+        "PASS",
+    ]
+    assert any("mechanism: iptables -m string" in line for line in lines)
+    assert lines[-1].startswith("2 of 2 scenarios as expected")
+    assert "[2/2] B3_sni_filter" in done.stderr  # live progress
+
+
+def test_demo_unknown_scenario_is_a_one_line_error() -> None:
+    done = _demo("--only", "B42")
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "no scenario 'B42'" in done.stderr
+
+
+# Imports first, as root: after dropping to nobody the process needs no file of the
+# repository (whose directories an unprivileged user may not be able to read).
+_AS_NOBODY = """
+import os, sys
+import probe.cli, probe.lab.demo
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+sys.exit(probe.cli.main(["lab", "demo"]))
+"""
+
+
+def test_demo_without_root_says_so_and_exits_2() -> None:
+    if os.geteuid() == 0:
+        argv = [sys.executable, "-c", _AS_NOBODY]
+    else:
+        argv = [sys.executable, "-m", "probe", "lab", "demo"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == (
+        "probe: lab demo: the censorship lab needs root (network namespaces, nftables, tc)"
+    )
+    assert done.stdout == ""
