@@ -592,3 +592,19 @@ def test_consistency_bogon_failure_still_counts_as_an_answer() -> None:
         _result(TCP, answers=("157.240.1.1",)),
     ]
     assert dns_consistency(results) == ("dns_udp_tcp_mismatch",)
+
+
+@pytest.mark.parametrize(
+    "injected",
+    [Behaviour.garbage(), Behaviour.wrong_id("10.10.34.35")],
+    ids=["garbage", "wrong_id"],
+)
+async def test_an_unusable_first_reply_does_not_end_the_wait(lab: Lab, injected: Behaviour) -> None:
+    # A stub resolver ignores a datagram that is not an answer to its query and keeps
+    # waiting: the real answer arriving after the reply window (but within dns_s) counts.
+    real = Behaviour.answer("127.0.0.7")
+    lab.table.both(NAME, Behaviour.race(injected, real, delay_s=0.4))
+    result = await run(lab, "udp", window=0.05, dns_s=2.0)
+    assert result.ok, result.failure
+    assert result.details["answers"]["A"] == ["127.0.0.7"]
+    assert len(result.details["replies"]) == 4  # the unusable replies stay as evidence

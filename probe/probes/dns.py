@@ -178,25 +178,43 @@ def _failed(exc: BaseException) -> _Outcome:
 # --- UDP ----------------------------------------------------------------------------------
 
 
-class _Collector(asyncio.DatagramProtocol):
-    """Keeps every datagram (up to a bound) with its delay since the query was sent."""
+def _answers(query: dns.message.Message, data: bytes) -> bool:
+    """Is ``data`` a well-formed reply to ``query`` (what ends a stub resolver's wait)?"""
+    try:
+        return matches_query(query, parse_message(data))
+    except WireError:
+        return False
 
-    def __init__(self) -> None:
+
+class _Collector(asyncio.DatagramProtocol):
+    """Keeps every datagram (up to a bound) with its delay since the query was sent.
+
+    ``done`` is set by the first reply that answers the query, or by an ICMP error.
+    Garbage or a reply to another query does not end the wait: a stub resolver
+    ignores those and keeps listening, so a stray or forged datagram arriving first
+    must not hide the real answer that comes after it.
+    """
+
+    def __init__(self, query: dns.message.Message) -> None:
+        self.query = query
         self.sent_at = time.monotonic()
         self.replies: list[tuple[float, bytes]] = []
         self.error: OSError | None = None
-        self.heard = asyncio.Event()
+        self.done = asyncio.Event()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if len(self.replies) < _MAX_UDP_REPLIES:
+        answers = _answers(self.query, data)
+        # A flood beyond the bound is dropped, but never the first real answer.
+        if len(self.replies) < _MAX_UDP_REPLIES or (answers and not self.done.is_set()):
             self.replies.append((time.monotonic() - self.sent_at, data))
-        self.heard.set()
+        if answers:
+            self.done.set()
 
     def error_received(self, exc: Exception) -> None:
         # On a connected socket an ICMP port unreachable arrives here (ECONNREFUSED).
         if self.error is None and isinstance(exc, OSError):
             self.error = exc
-        self.heard.set()
+        self.done.set()
 
 
 async def _udp_query(r: ResolverSpec, qname: str, qtype: str, settings: ProbeSettings) -> _Outcome:
@@ -206,7 +224,7 @@ async def _udp_query(r: ResolverSpec, qname: str, qtype: str, settings: ProbeSet
         # A connected socket: the kernel drops datagrams from other addresses (an
         # injector spoofs the resolver's, so it still gets through) and reports ICMP.
         transport, proto = await loop.create_datagram_endpoint(
-            _Collector, remote_addr=(r.host, r.port)
+            lambda: _Collector(query), remote_addr=(r.host, r.port)
         )
     except OSError as exc:
         return _failed(exc)
@@ -215,12 +233,15 @@ async def _udp_query(r: ResolverSpec, qname: str, qtype: str, settings: ProbeSet
         transport.sendto(query.to_wire())
         try:
             async with asyncio.timeout(settings.timeouts.dns_s):
-                await proto.heard.wait()
+                await proto.done.wait()
         except TimeoutError as exc:
-            return _failed(exc)
-        if proto.replies:
-            # The point of this probe: keep listening for a second, differing answer.
-            await asyncio.sleep(settings.resolvers.reply_window_s)
+            if not proto.replies:
+                return _failed(exc)
+            # only unusable replies: judged below (the resolver spoke, never an answer)
+        else:
+            if proto.error is None:
+                # The point of this probe: keep listening for a second, differing answer.
+                await asyncio.sleep(settings.resolvers.reply_window_s)
     finally:
         transport.close()
     if not proto.replies and proto.error is not None:
