@@ -27,9 +27,10 @@ from .model import (
     VantageState,
     utcnow,
 )
-from .probes import PROBES
+from .probes import EXTRA_TIME, PROBES
 from .probes.base import ProbeFn, Recorder, run_guarded
 from .probes.dns import dns_consistency
+from .probes.params import ParamError
 from .settings import AgentConfig, ProbeSettings
 from .swaps import followups
 from .verdict import EndpointVerdict, ServiceVerdict, judge_round
@@ -120,10 +121,21 @@ def plan_targets(ep: Endpoint, addresses: Mapping[str, str]) -> list[Target]:
     ]
 
 
-def probe_deadline(settings: ProbeSettings) -> float:
-    """A hard cap per probe on top of its own timeouts: a safety net against a probe bug."""
+def probe_deadline(settings: ProbeSettings, target: Target | None = None) -> float:
+    """A hard cap per probe on top of its own timeouts: a safety net against a probe bug.
+
+    With a target, the time its params legitimately add (`probes.EXTRA_TIME`) is added:
+    a capped run loses all its evidence, so the net must never cut a correct one.
+    """
     t = settings.timeouts
-    return 3 * (t.connect_s + t.tls_s + t.transfer_s) + t.dns_s + t.quic_s + t.udp_s + t.app_s
+    cap = 3 * (t.connect_s + t.tls_s + t.transfer_s) + t.dns_s + t.quic_s + t.udp_s + t.app_s
+    extra = EXTRA_TIME.get(target.probe) if target is not None else None
+    if target is None or extra is None:
+        return cap
+    try:
+        return cap + extra(target.params, t)
+    except ParamError:
+        return cap  # the probe rejects them itself, at once (run_guarded reports it)
 
 
 class Runner:
@@ -144,7 +156,6 @@ class Runner:
         self.limit = asyncio.Semaphore(concurrency)
         self.per_destination = per_destination
         self._destinations: dict[str, asyncio.Semaphore] = {}
-        self.deadline = probe_deadline(settings)
         self.in_flight = 0
         self.done = 0
         self.total = 0
@@ -159,7 +170,7 @@ class Runner:
         async with self.limit, self._destination(target):
             self.in_flight += 1
             try:
-                async with asyncio.timeout(self.deadline):
+                async with asyncio.timeout(probe_deadline(self.settings, target)):
                     result = await run_guarded(self.probes[target.probe], target, self.settings)
             except TimeoutError:
                 result = Recorder(target).fail_exc(TimeoutError(), _op_for(target))

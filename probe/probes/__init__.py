@@ -5,10 +5,15 @@ and the docs all read `PROBES`; adding a probe type means adding a module and a
 line here.  `PARAMS` holds each probe's params validator (see `probe.probes.params`):
 the config loader runs it on every probe spec at load time, and the probes that
 take params parse them with the same function at run time, so both agree.
+`EXTRA_TIME` lets the round runner's safety cap leave room for what params ask for.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..settings import Timeouts
 from . import dns, mtproto, quic, quic_vn, stun, tcp, tls, transfer, whatsapp
 from .base import ProbeFn
 from .params import ParamValidator, no_params
@@ -37,4 +42,16 @@ PARAMS: dict[str, ParamValidator] = {
     "quic_vn": quic_vn.parse_params,
     "stun": stun.StunParams.from_mapping,
     "transfer": transfer.parse_params,
+}
+
+ExtraTime = Callable[[Mapping[str, Any], Timeouts], float]
+
+# Probes whose params can make a correct run outlast all of the shared timeouts (a tcp
+# hold, a stun flow or control, a transfer over many connections): seconds the params
+# add.  `probe.round.probe_deadline` adds them to its safety cap, which must never cut a
+# correct run and turn its evidence into a bare timeout.  Raises `ParamError` like PARAMS.
+EXTRA_TIME: dict[str, ExtraTime] = {
+    "tcp": tcp.extra_time_s,
+    "stun": stun.extra_time_s,
+    "transfer": transfer.extra_time_s,
 }

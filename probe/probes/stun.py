@@ -48,13 +48,13 @@ from typing import Any, Literal
 
 from ..classify import classify_exception
 from ..model import Failure, Operation, ProbeResult, Target
-from ..settings import ProbeSettings
+from ..settings import ProbeSettings, Timeouts
 from ..wire import WireError
 from ..wire import stun as wire
 from .base import Recorder
 from .params import ParamError, check_keys, number_param, shown
 
-__all__ = ["StunParams", "probe", "retransmit_offsets"]
+__all__ = ["StunParams", "extra_time_s", "probe", "retransmit_offsets"]
 
 RTO_S = 0.5  # RFC 5389 7.2.1 initial retransmission timeout
 MAX_SENDS = 7  # Rc
@@ -163,6 +163,13 @@ def _utf8(value: object) -> bytes | None:
         return value.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate cannot go on the wire
         return None
+
+
+def extra_time_s(params: Mapping[str, Any], timeouts: Timeouts) -> float:
+    """Run time the params add beyond the shared timeouts (see `probes.EXTRA_TIME`): a
+    flow lasts ``duration_s``; the control runs on its own ``udp_s`` before the requests."""
+    p = StunParams.from_mapping(params)
+    return (p.duration_s if p.mode == "flow" else 0.0) + (timeouts.udp_s if p.control else 0.0)
 
 
 def retransmit_offsets(

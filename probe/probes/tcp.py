@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..model import Operation, ProbeResult, Target
-from ..settings import ProbeSettings
+from ..settings import ProbeSettings, Timeouts
 from .base import Recorder
 from .params import check_keys, number_param
 
@@ -43,6 +43,11 @@ def parse_params(params: Mapping[str, Any]) -> float:
     """``hold_s`` (default 0): the only param.  Raises `ParamError`; for the loader too."""
     check_keys("tcp", params, ("hold_s",))
     return float(number_param("tcp", params, "hold_s", 0.0, 0.0, MAX_HOLD_S))
+
+
+def extra_time_s(params: Mapping[str, Any], _timeouts: Timeouts) -> float:
+    """Run time the params add beyond the shared timeouts: the hold (see `probes.EXTRA_TIME`)."""
+    return parse_params(params)
 
 
 def require_address(target: Target) -> tuple[str, int]:

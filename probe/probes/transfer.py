@@ -69,7 +69,7 @@ from .params import ParamError, check_keys, number_param, shown, sni_param
 from .tcp import connect, require_address
 from .tls import client_context, server_names
 
-__all__ = ["ConnectionRecord", "TransferParams", "parse_params", "probe"]
+__all__ = ["ConnectionRecord", "TransferParams", "extra_time_s", "parse_params", "probe"]
 
 KIB = 1024
 _READ = 64 * KIB  # bytes per recv(): many TCP segments, never more than this in memory
@@ -140,6 +140,13 @@ def parse_params(params: Mapping[str, Any]) -> TransferParams:
         throttle_min_bytes=_int_param(params, "throttle_min_bytes", 1, 1024 * 1024 * KIB),
         stall_max_bytes=_int_param(params, "stall_max_bytes", 1, 1024 * 1024 * KIB),
     )
+
+
+def extra_time_s(params: Mapping[str, Any], timeouts: Timeouts) -> float:
+    """Run time the params add beyond the shared timeouts (see `probes.EXTRA_TIME`): every
+    connection, download and upload, may use its whole ``transfer_s``."""
+    p = parse_params(params)
+    return p.connections * (2 if p.upload_bytes else 1) * timeouts.transfer_s
 
 
 Outcome = Literal["complete", "limit", "deadline", "stalled", "failed"]
