@@ -10,9 +10,10 @@ with its test helper.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -155,19 +156,32 @@ class Runner:
         self.progress = progress
         self.limit = asyncio.Semaphore(concurrency)
         self.per_destination = per_destination
-        self._destinations: dict[str, asyncio.Semaphore] = {}
+        # destination -> (its bound, runs holding or awaiting it); dropped when idle, since
+        # the daemon's one Runner sees new addresses (CDN answers) for as long as it lives
+        self._destinations: dict[str, tuple[asyncio.Semaphore, int]] = {}
         self.in_flight = 0
         self.done = 0
         self.total = 0
 
-    def _destination(self, target: Target) -> asyncio.Semaphore:
+    @contextlib.asynccontextmanager
+    async def _slot(self, target: Target) -> AsyncIterator[None]:
+        """The destination's bound first, then the global one: a run queueing behind a
+        busy (say, blackholed) destination must not sit on a global slot meanwhile."""
         key = target.address or target.resolver or ""
-        if key not in self._destinations:
-            self._destinations[key] = asyncio.Semaphore(self.per_destination)
-        return self._destinations[key]
+        bound, users = self._destinations.get(key) or (asyncio.Semaphore(self.per_destination), 0)
+        self._destinations[key] = (bound, users + 1)
+        try:
+            async with bound, self.limit:
+                yield
+        finally:
+            bound, users = self._destinations[key]
+            if users == 1:
+                del self._destinations[key]
+            else:
+                self._destinations[key] = (bound, users - 1)
 
     async def one(self, target: Target) -> ProbeResult:
-        async with self.limit, self._destination(target):
+        async with self._slot(target):
             self.in_flight += 1
             try:
                 async with asyncio.timeout(probe_deadline(self.settings, target)):

@@ -3,11 +3,14 @@ its per-destination bookkeeping."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from probe.lab.servers.stun import StunServer
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.model import Failure, ProbeResult, Target
+from probe.probes.base import Recorder
 from probe.round import Runner, probe_deadline
 from probe.settings import ProbeSettings
 from tests.helpers import settings, target
@@ -80,3 +83,61 @@ async def test_the_cap_still_ends_a_probe_that_overruns() -> None:
         result = await Runner(s, probes={"tcp": stuck}).one(tgt)
     assert result.failure == Failure.GENERIC_TIMEOUT
     assert result.duration_s < probe_deadline(s) + 0.5
+
+
+class _Counting:
+    """A probe that touches no network: it records how many runs share an address, and
+    holds every run until released."""
+
+    def __init__(self, full_at: int) -> None:
+        self.active: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.full_at = full_at
+        self.full = asyncio.Event()  # set once `full_at` runs are active at once
+        self.release = asyncio.Event()
+
+    async def probe(self, tgt: Target, _settings: ProbeSettings) -> ProbeResult:
+        key = tgt.address or ""
+        self.active[key] = self.active.get(key, 0) + 1
+        self.peak[key] = max(self.peak.get(key, 0), self.active[key])
+        if sum(self.active.values()) >= self.full_at:
+            self.full.set()
+        await self.release.wait()
+        self.active[key] -= 1
+        return Recorder(tgt).ok()
+
+
+def _many_per_address(addresses: int, each: int) -> list[Target]:
+    return [
+        target("tcp", f"127.0.0.{i}", 443 + n) for i in range(1, addresses + 1) for n in range(each)
+    ]
+
+
+async def test_waiting_for_a_busy_destination_takes_no_global_slot() -> None:
+    # 8 addresses x 5 targets, 2 at a time per address, 16 globally: all 16 global slots
+    # can run.  Holding a global slot while queueing for a busy address would leave
+    # only 2 per address x the few addresses that got slots running (one slow, blocked
+    # address would stall the whole round).
+    probe = _Counting(full_at=16)
+    runner = Runner(tiny(), concurrency=16, per_destination=2, probes={"tcp": probe.probe})
+    batch = asyncio.create_task(runner.many(_many_per_address(8, 5)))
+    try:
+        await asyncio.wait_for(probe.full.wait(), 5)
+        assert runner.in_flight == 16
+    finally:
+        probe.release.set()
+        results = await asyncio.wait_for(batch, 5)
+    assert all(r.ok for r in results)
+    assert max(probe.peak.values()) == 2  # never more than per_destination on one address
+
+
+async def test_idle_destinations_are_forgotten() -> None:
+    # The daemon keeps one Runner for its whole life while DNS answers (CDNs) keep
+    # changing: a bound kept for every address ever seen would grow without end.
+    probe = _Counting(full_at=1)
+    probe.release.set()
+    runner = Runner(tiny(), per_destination=2, probes={"tcp": probe.probe})
+    results = await asyncio.wait_for(runner.many(_many_per_address(40, 3)), 5)
+    assert all(r.ok for r in results)
+    assert max(probe.peak.values()) <= 2
+    assert runner._destinations == {}  # nothing kept once no probe waits on an address
