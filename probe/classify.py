@@ -107,15 +107,23 @@ _TLS_ALERT: dict[int, Failure] = {
 }
 
 
-def classify_quic_close(error_code: int, *, application: bool = False) -> str:
+def classify_quic_close(
+    error_code: int, *, application: bool = False, by_peer: bool = False
+) -> str:
     """The failure for a QUIC connection closed during the handshake, by its error code.
 
     ``application``: the code came in an application CONNECTION_CLOSE (frame 0x1d),
     whose codes belong to the application (HTTP/3's overlap CRYPTO_ERROR's range).
+    ``by_peer``: the peer sent the close.  A certificate alert then judges *our*
+    certificate (a client sends none) or is forged by whoever derived the Initial keys;
+    either way the server's certificate is not at fault: ``ssl_failed_handshake``, as
+    the same alert received over TLS/TCP is.
     """
     if application:
         return unknown(f"quic_application_error 0x{error_code:x}")
     if _QUIC_CRYPTO_ERROR <= error_code <= _QUIC_CRYPTO_ERROR_END:
+        if by_peer:
+            return Failure.SSL_FAILED_HANDSHAKE
         alert = error_code - _QUIC_CRYPTO_ERROR
         return _TLS_ALERT.get(alert, Failure.SSL_FAILED_HANDSHAKE)
     if error_code == _QUIC_VERSION_NEGOTIATION_ERROR:

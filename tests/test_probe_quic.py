@@ -220,6 +220,22 @@ async def test_server_closing_the_handshake_is_classified_at_once(
     assert result.duration_s < QUIC_S / 2
 
 
+@pytest.mark.parametrize(
+    "code", [0x12A, 0x130, 0x12D], ids=["bad_certificate", "unknown_ca", "certificate_expired"]
+)
+async def test_a_certificate_alert_from_the_peer_is_not_a_certificate_finding(
+    ca: CertificateAuthority, st: ProbeSettings, code: int
+) -> None:
+    # The server's alert is about *our* certificate (a client sends none), or is forged by a
+    # censor that derived the Initial keys: the server's certificate was never at fault, so
+    # no ssl_invalid_certificate / ssl_unknown_authority (which the verdicts read as MITM).
+    async with QUICServer(cert=ca.issue(NAME), refuse_with=code) as server:
+        result = await run_quic("127.0.0.1", server.port, st)
+    assert_failed(result, Failure.SSL_FAILED_HANDSHAKE)
+    assert result.details["quic_close_by"] == "peer"
+    assert result.details["quic_error_code"] == f"0x{code:x}"
+
+
 # --- quic: no server, silence, version negotiation -------------------------------------------
 
 
@@ -432,6 +448,12 @@ async def test_lab_server_answers_an_http3_request(ca: CertificateAuthority, ca_
 )
 def test_classify_quic_close(code: int, application: bool, failure: str) -> None:
     assert classify_quic_close(code, application=application) == failure
+
+
+@pytest.mark.parametrize("code", [0x12A, 0x12D, 0x130, 0x128, 0x178])
+def test_a_peer_s_crypto_error_is_a_failed_handshake(code: int) -> None:
+    assert classify_quic_close(code, by_peer=True) == "ssl_failed_handshake"
+    assert classify_quic_close(0x11, by_peer=True) == "quic_incompatible_version"
 
 
 def test_classify_out_of_ssl_certificate_errors() -> None:

@@ -17,7 +17,8 @@ Outcomes (failed_operation ``quic_handshake`` unless the local socket fails):
 - a Version Negotiation echoing our connection IDs and not offering our version
   -> ``quic_incompatible_version``;
 - a CONNECTION_CLOSE (ours or the peer's) -> `classify.classify_quic_close` by
-  its error code; aioquic's ``bad_certificate`` alert is ambiguous, so the peer
+  its error code (a certificate alert only counts against the server's certificate
+  when we sent it); aioquic's ``bad_certificate`` alert is ambiguous, so the peer
   certificate is re-checked (hostname, then chain, the order aioquic uses) and
   the typed exception classified;
 - an ICMP error on the connected socket -> `classify.classify_exception`
@@ -467,7 +468,9 @@ def _outcome(
     if close is None:
         return rec.fail(Failure.GENERIC_TIMEOUT, op)
     rec.details.update(close.details())
-    failure = classify_quic_close(close.error_code, application=close.application)
+    failure = classify_quic_close(
+        close.error_code, application=close.application, by_peer=close.by == "peer"
+    )
     # Only our own bad_certificate verdict is about the server's certificate.
     ours = close.by == "local" and not close.application
     if close.error_code == _BAD_CERTIFICATE and ours and cert is not None:

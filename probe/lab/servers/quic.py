@@ -3,7 +3,10 @@
 - `QUICServer`: aioquic's server with the given `LeafCert` and ALPN (``h3``
   by default).  A completed handshake is all the ``quic`` probe needs; with ALPN
   h3 it also answers any HTTP/3 request with ``200`` and a short body, so a
-  browser-like client works too.  Like any aioquic server it answers datagrams
+  browser-like client works too.  ``refuse_with=CODE`` instead closes every
+  connection mid-handshake with that transport error code (e.g. ``0x130``,
+  CRYPTO_ERROR + unknown_ca): what a peer, or a censor holding the Initial keys
+  anyone can derive, may send.  Like any aioquic server it answers datagrams
   carrying a version it does not support with Version Negotiation, so it also
   serves the ``quic_vn`` probe.
 - `VersionNegotiationServer`: answers every long-header datagram (of at least
@@ -100,6 +103,12 @@ class _LabConnection(QuicConnectionProtocol):
         self._h3: H3Connection | None = None
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
+        refuse_with = self._owner.refuse_with
+        if refuse_with is not None and isinstance(event, events.ProtocolNegotiated):
+            # a transport close (frame 0x1c) naming the CRYPTO frame that carried the
+            # ClientHello; sent by the transmit() that follows this batch of events
+            self._quic.close(error_code=refuse_with, frame_type=0x06, reason_phrase="refused")
+            return
         if isinstance(event, events.HandshakeCompleted):
             self._owner.handshakes += 1
             self._owner.handshake_seen.set()
@@ -138,8 +147,10 @@ class QUICServer(_UDPServer):
         cert: LeafCert,
         alpn: Sequence[str] = ("h3",),
         versions: Sequence[int] = (QUIC_V1, QUIC_V2),
+        refuse_with: int | None = None,
     ) -> None:
         super().__init__(host, port)
+        self.refuse_with = refuse_with
         self.configuration = QuicConfiguration(
             is_client=False, alpn_protocols=list(alpn), supported_versions=list(versions)
         )
