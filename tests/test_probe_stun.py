@@ -77,6 +77,21 @@ async def test_binding_success_records_mapped_address_rtt_and_no_loss(
     assert all(m.attributes[-1].type == wire.Attr.FINGERPRINT for m in sent)
 
 
+@pytest.mark.parametrize("host", HOSTS)
+async def test_peer_text_is_bounded_and_never_carries_an_address(start: Start, host: str) -> None:
+    # SOFTWARE and the error reason are the relay's free text: it may name the address it
+    # saw us at (which the mapped address keeps opt-in) and may be ~64 KB long.
+    said = f"client {host} port 5555 seen at 127.0.0.1:5555 "
+    error = await start(host, behavior="error401", error_reason=said * 500)
+    talker = await start(host, software=said)
+    for result, key in ((await run(error), "error_reason"), (await run(talker), "software")):
+        assert result.ok, result.failure
+        text = result.details[key]
+        assert "5555" in text  # the text is kept as evidence ...
+        assert "127.0.0.1" not in text and "::1" not in text  # ... without addresses
+        assert len(text) <= 128
+
+
 async def test_mapped_address_is_recorded_on_request(start: Start) -> None:
     server = await start()
     result = await run(server, count=1, record_mapped_address=True)

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..classify import classify_exception
+from ..classify import classify_exception, scrub
 from ..model import Failure, Operation, ProbeResult, Target
 from ..settings import ProbeSettings, Timeouts
 from ..wire import WireError
@@ -62,6 +62,7 @@ STAGGER_S = 0.05  # spacing between the N transactions, so they do not leave as 
 _QUEUE_LIMIT = 4096  # datagrams waiting to be read; a flooding peer cannot eat memory
 _RTP_PAYLOAD_TYPE = 111  # dynamic PT that WebRTC uses for Opus
 _RTP_HEADER = 12
+_PEER_TEXT = 128  # chars of the relay's free text (SOFTWARE, error reason) kept
 
 
 # ---------------------------------------------------------------- parameters
@@ -413,7 +414,7 @@ def _response_details(
     out: dict[str, Any] = {"response_class": message.msg_class.name.lower()}
     err = message.error_code
     if err is not None:
-        out["error_code"], out["error_reason"] = err.code, err.reason
+        out["error_code"], out["error_reason"] = err.code, _peer_text(err.reason)
     mapped = message.xor_mapped_address or message.mapped_address
     if mapped is not None:
         # The address is the vantage's public address as the relay saw it: it identifies
@@ -425,8 +426,14 @@ def _response_details(
         if local is not None:
             out["nat"] = (mapped.host, mapped.port) != local
     if message.software is not None:
-        out["software"] = message.software[:128]
+        out["software"] = _peer_text(message.software)
     return out
+
+
+def _peer_text(text: str) -> str:
+    """The relay's free text as evidence: short, and without addresses (it may name the
+    one it saw us at, which `record_mapped_address` keeps opt-in)."""
+    return scrub(text[: 8 * _PEER_TEXT])[:_PEER_TEXT]
 
 
 def _round(value: float | None) -> float | None:

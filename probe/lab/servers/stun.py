@@ -4,7 +4,7 @@ Behaviours (``behavior=``):
 
 ``binding``            answers Binding requests with XOR-MAPPED-ADDRESS (+ SOFTWARE,
                        FINGERPRINT); ignores anything that is not a STUN request
-``error401``           answers every Binding request with 401 Unauthorized
+``error401``           answers every Binding request with 401 (reason ``error_reason``)
 ``truncated``          a success response missing its last 6 bytes (length field kept)
 ``bad_cookie``         a success response with the wrong magic cookie
 ``bad_length``         a success response whose length field overstates the body
@@ -69,6 +69,7 @@ class StunServer(AsyncServer):
         answer_first: int | None = None,
         answer_for_s: float | None = None,
         software: str | None = "probe-lab stun",
+        error_reason: str = "Unauthorized",
     ) -> None:
         if behavior not in BEHAVIORS:
             raise ValueError(f"unknown STUN server behaviour {behavior!r}")
@@ -82,6 +83,7 @@ class StunServer(AsyncServer):
         self.answer_first = answer_first
         self.answer_for_s = answer_for_s
         self.software = software
+        self.error_reason = error_reason
         self.received = 0  # packets (datagrams or framed messages) read
         self.answered = 0  # packets sent back
         self.packets: deque[bytes] = deque(maxlen=_MAX_PACKETS_KEPT)  # the latest ones
@@ -155,7 +157,8 @@ class StunServer(AsyncServer):
         if request is None:
             return None
         if self.behavior == "error401":
-            return wire.encode(wire.binding_error(request, 401, "Unauthorized"), fingerprint=True)
+            error = wire.binding_error(request, 401, self.error_reason)
+            return wire.encode(error, fingerprint=True)
         mapped = wire.Address(peer[0], peer[1])
         good = wire.encode(
             wire.binding_success(request, mapped, software=self.software), fingerprint=True
