@@ -21,6 +21,7 @@ import pytest
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.dns import AnswerTable, Behaviour, DNSServer, plan_replies
 from probe.lab.servers.doh import CONTENT_TYPE, DoHServer
+from probe.lab.servers.https_bulk import BulkBehaviour, HTTPSBulkServer
 from probe.model import Failure, Operation, ProbeResult, SkipReason, Target
 from probe.probes import PROBES
 from probe.probes.dns import dns_consistency, parse_resolver, probe
@@ -608,3 +609,22 @@ async def test_an_unusable_first_reply_does_not_end_the_wait(lab: Lab, injected:
     assert result.ok, result.failure
     assert result.details["answers"]["A"] == ["127.0.0.7"]
     assert len(result.details["replies"]) == 4  # the unusable replies stay as evidence
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_doh_reply_that_is_not_http_is_server_misbehaving(
+    ca: CertificateAuthority, ca_file: str, host: str
+) -> None:
+    # A DoH endpoint answering bytes that are not HTTP spoke, but never an answer; the
+    # peer's bytes must not end up in the failure string.
+    behaviour = BulkBehaviour(raw_response=b"garbage that is not http\r\n\r\n", path="/dns-query")
+    async with HTTPSBulkServer(host, cert=ca.issue(host), behaviour=behaviour) as server:
+        hostport = f"[{host}]" if ":" in host else host
+        resolver = f"doh:https://{hostport}:{server.port}/dns-query"
+        st = settings(ca_file=ca_file, resolvers=Resolvers(system=False))
+        result = await probe(dns_target(resolver), st)
+    assert result.failure == Failure.DNS_SERVER_MISBEHAVING
+    assert result.failed_operation == Operation.RESOLVE
+    assert result.details["errors"] == {"A": "dns_server_misbehaving"} | {
+        "AAAA": "dns_server_misbehaving"
+    }

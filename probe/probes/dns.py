@@ -318,6 +318,11 @@ async def _doh_query(session: aiohttp.ClientSession, url: str, qname: str, qtype
         async with session.post(url, data=query.to_wire(), headers=headers) as resp:
             status, content_type = resp.status, resp.content_type
             body = await _read_bounded(resp.content, MAX_MESSAGE)
+    except aiohttp.ClientResponseError as exc:
+        # aiohttp could not read an HTTP response (bad status line, headers ...): the
+        # server spoke, never an answer.  Its message quotes the peer's bytes: not kept.
+        unreadable = {"qtype": qtype, "http_error": type(exc).__name__}
+        return _Outcome(error=Failure.DNS_SERVER_MISBEHAVING, replies=[unreadable])
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         return _failed(exc)
     delay = time.monotonic() - start
