@@ -5,8 +5,11 @@ is *offline*: then nothing else is probed and nothing counts as blocked, because
 a dead uplink would otherwise look like a country-wide block of every service.
 The gate resolves control hostnames through the system resolver first (what
 an ordinary app would do), then connects to the resolved addresses and to the
-controls' IP literals.  IPv6 counts as working only if an IPv6 connect succeeds;
-without it IPv6 probes are reported as not applicable, never as blocked.
+controls' IP literals.  A bogon answer is not connected to: with the uplink down,
+home routers and captive portals answer every name with a private address of their
+own and accept connections there, which would read as "online".  IPv6 counts as
+working only if an IPv6 connect succeeds; without it IPv6 probes are reported as not
+applicable, never as blocked.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from .classify import classify_exception
 from .model import Endpoint, VantageState, utcnow
+from .wire.dnsmsg import suspect_bogon
 
 _MAX_ADDRESSES = 4  # per control and family: enough to tell online from offline
 
@@ -48,6 +52,11 @@ async def _connect(address: str, port: int, timeout_s: float) -> str | None:
     return None
 
 
+def dns_candidates(addresses: Sequence[str], control: Endpoint) -> list[str]:
+    """The control's DNS answers worth connecting to: no bogon it does not declare itself."""
+    return [a for a in addresses if not suspect_bogon(a, control.prefixes)]
+
+
 def _pick(addresses: Sequence[str]) -> list[str]:
     v4 = [a for a in addresses if ipaddress.ip_address(a).version == 4][:_MAX_ADDRESSES]
     v6 = [a for a in addresses if ipaddress.ip_address(a).version == 6][:_MAX_ADDRESSES]
@@ -60,8 +69,11 @@ async def _check_control(control: Endpoint, timeout_s: float) -> dict[str, Any]:
     if control.is_ip_literal:
         addresses = [control.host]
     else:
-        addresses, failure = await _resolve(control.host, timeout_s)
+        answers, failure = await _resolve(control.host, timeout_s)
         record["resolve"] = failure or "ok"
+        addresses = dns_candidates(answers, control)
+        if len(addresses) < len(answers):
+            record["bogon_answers"] = len(answers) - len(addresses)  # how many, not which
     addresses = _pick(list(addresses) + list(control.addresses))
     results = await asyncio.gather(*(_connect(a, port, timeout_s) for a in addresses))
     record["connect"] = {a: (f or "ok") for a, f in zip(addresses, results, strict=True)}

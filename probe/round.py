@@ -35,7 +35,7 @@ from .probes.params import ParamError
 from .settings import AgentConfig, ProbeSettings
 from .swaps import followups
 from .verdict import EndpointVerdict, ServiceVerdict, judge_round
-from .wire.dnsmsg import is_bogon
+from .wire.dnsmsg import suspect_bogon
 
 Progress = Callable[[int, int], None]
 
@@ -85,8 +85,7 @@ def _source_of(resolver: str) -> str:
 def _usable(address: str, ep: Endpoint) -> bool:
     """A bogon answer (127.0.0.1 for whatsapp.net) is a DNS lie, not a place to connect to,
     unless the service itself lives there (a lab or test service declaring its prefixes)."""
-    ip = ipaddress.ip_address(address)
-    return not is_bogon(address) or any(ip in net for net in ep.prefixes)
+    return not suspect_bogon(address, ep.prefixes)
 
 
 def collect_addresses(ep: Endpoint, dns_results: Sequence[ProbeResult]) -> dict[str, str]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 from collections.abc import AsyncIterator
 
 import pytest
 
-from probe.gate import check_vantage
+from probe.gate import check_vantage, dns_candidates
 from tests.helpers import endpoint
 
 
@@ -77,3 +78,16 @@ async def test_no_controls_means_unchecked_online() -> None:
     state = await check_vantage([], timeout_s=1)
     assert state.online
     assert state.evidence["controls"] == "none configured"
+
+
+def test_a_bogon_dns_answer_is_no_way_to_the_internet() -> None:
+    # With the uplink down, home routers and captive portals answer every name with their
+    # own private address, and listen on 443: connecting there must not count as online.
+    # (Pure: tests never ask the system resolver about a hostname.)
+    ya = endpoint("ya.ru", ports=(443,), role="control", service="controls")
+    answers = ["192.168.1.1", "127.0.0.1", "10.0.0.1", "fe80::1", "77.88.55.242", "2a02:6b8::2:242"]
+    assert dns_candidates(answers, ya) == ["77.88.55.242", "2a02:6b8::2:242"]
+    lab = endpoint(
+        "ctl.lab", ports=(443,), role="control", prefixes=(ipaddress.ip_network("127.0.0.0/8"),)
+    )
+    assert dns_candidates(["127.0.0.1", "10.0.0.1"], lab) == ["127.0.0.1"]  # declared: usable

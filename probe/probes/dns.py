@@ -45,10 +45,10 @@ from ..wire.dnsmsg import (
     build_query,
     compare_answer_sets,
     in_prefixes,
-    is_bogon,
     matches_query,
     parse_message,
     rcode_text,
+    suspect_bogon,
 )
 from .base import Recorder
 
@@ -459,7 +459,7 @@ def _finish(
     if prefixes and any(not in_prefixes(a, prefixes) for a in found):
         rec.flag("dns_answer_outside_prefixes")
     # A bogon inside the service's own prefixes is legitimate (lab services live on 127/8).
-    bogons = [a for a in found if is_bogon(a) and not in_prefixes(a, prefixes)]
+    bogons = [a for a in found if suspect_bogon(a, prefixes)]
     if bogons:
         rec.details["bogons"] = bogons
         return rec.fail(Failure.DNS_BOGON, Operation.RESOLVE)

@@ -37,6 +37,7 @@ __all__ = [
     "matches_query",
     "parse_message",
     "rcode_text",
+    "suspect_bogon",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -194,6 +195,12 @@ def in_prefixes(ip: str | IPAddress, prefixes: Iterable[IPNetwork]) -> bool:
     return any(addr.version == net.version and addr in net for net in prefixes)
 
 
+def suspect_bogon(ip: str | IPAddress, prefixes: Iterable[IPNetwork] = ()) -> bool:
+    """A bogon that the service does not itself declare (lab services declare 127/8):
+    as a DNS answer, a lie or a local box, never a place the service is reached at."""
+    return is_bogon(ip) and not in_prefixes(ip, prefixes)
+
+
 # --- answer consistency ------------------------------------------------------------------
 
 
@@ -208,7 +215,7 @@ class AnswerComparison:
 
 def _suspect(addrs: frozenset[IPAddress], prefixes: Sequence[IPNetwork]) -> frozenset[IPAddress]:
     """Bogons that the service does not itself declare (lab services declare 127/8)."""
-    return frozenset(a for a in addrs if is_bogon(a) and not in_prefixes(a, prefixes))
+    return frozenset(a for a in addrs if suspect_bogon(a, prefixes))
 
 
 def compare_answer_sets(
