@@ -247,3 +247,20 @@ def test_demo_without_root_says_so_and_exits_2() -> None:
         "probe: lab demo: the censorship lab needs root (network namespaces, nftables, tc)"
     )
     assert done.stdout == ""
+
+
+def test_lab_cleanup_leaves_live_labs_alone(runner: ScenarioLab) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "probe", "lab", "cleanup"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert runner.lab.id not in done.stdout  # its owner (this process) is alive
+    assert all(
+        line == "no stale lab" or line.startswith("removed ") for line in done.stdout.splitlines()
+    )
+    assert Path("/run/netns", runner.lab.ns("client")).exists()
