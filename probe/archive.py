@@ -27,6 +27,7 @@ runs in one background thread.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -36,6 +37,7 @@ import json
 import logging
 import math
 import os
+import platform
 import re
 import shutil
 import ssl
@@ -435,6 +437,17 @@ def _platform() -> str:
     return {"linux": "linux", "darwin": "macos", "win32": "windows"}.get(sys.platform, "unknown")
 
 
+def _architecture() -> str:
+    """df-000's annotation names (Go's GOARCH): arm, arm64, 386, amd64; else the machine."""
+    machine = platform.machine().lower()
+    names = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+    if machine in names:
+        return names[machine]
+    if machine in ("i386", "i486", "i586", "i686", "x86"):
+        return "386"
+    return "arm" if machine.startswith("arm") else machine or "unknown"
+
+
 def envelope(
     result: ProbeResult,
     vantage: Vantage,
@@ -455,6 +468,7 @@ def envelope(
         "annotations": {
             "engine_name": SOFTWARE_NAME,
             "engine_version": software_version,
+            "architecture": _architecture(),
             "platform": _platform(),
             "vantage": vantage.name,
             "vantage_role": vantage.role,
@@ -472,8 +486,12 @@ def envelope(
         "probe_asn": vantage.asn,
         "probe_cc": vantage.country,
         "probe_ip": "127.0.0.1",  # OONI's value for "not shared"; we never record our IP
+        # Required by df-000; an OONI collector assigns it on submission, which never
+        # happens here, so it stays empty.
+        "report_id": "",
         "software_name": SOFTWARE_NAME,
         "software_version": software_version,
+        "test_helpers": {},  # required by df-000; the DoH control is in test_keys
         "test_keys": _test_keys(result),
         "test_name": TEST_NAME,
         "test_runtime": result.duration_s,
@@ -536,7 +554,9 @@ class ArchiveWriter:
         self.keep = keep
         self.compress = compress
         self.software_version = software_version
-        self.write_errors = 0  # lines lost to OSError; the daemon may export this
+        self.write_errors = 0  # lines lost to OSError; the daemon exports it
+        self._failing = 0  # consecutive failed writes (logged once, at the first)
+        self._closed = False
         self._lock = threading.Lock()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive")
         self._pending: list[Future[None]] = []
@@ -576,22 +596,38 @@ class ArchiveWriter:
     def write_record(self, record: Mapping[str, Any]) -> bool:
         line = _dumps(record)
         with self._lock:
-            if self._fd < 0:
+            if self._closed:
                 raise ValueError("archive writer is closed")
             try:
+                if self._fd < 0 or _unlinked(self._fd):
+                    # A reopen failed earlier (directory gone, disk full), or someone
+                    # deleted the file: open it again rather than give up, or write
+                    # on into an unlinked file whose lines are lost and space kept.
+                    self._reopen()
                 if self._size > 0 and self._size + len(line) > self.max_bytes:
                     self._rotate()
                 self._append(line)
             except OSError as exc:
-                self.write_errors += 1
-                self._needs_newline = True  # a fragment may be on disk: isolate it
-                log.error("archive write failed: %s", exc)
+                self._write_failed(exc)
                 return False
+            if self._failing:
+                log.warning("archive writes work again after %d failed", self._failing)
+                self._failing = 0
         return True
+
+    def _write_failed(self, exc: OSError) -> None:
+        self.write_errors += 1
+        self._needs_newline = True  # a fragment may be on disk: isolate it
+        if not self._failing:
+            # Once, not per line: on a full disk a log line per lost measurement would
+            # make it fuller.  `write_errors` counts them (probe_archive_write_errors_total).
+            log.error("archive write failed: %s (further failures are counted, not logged)", exc)
+        self._failing += 1
 
     def close(self) -> None:
         """Close the file and wait for background compression and pruning."""
         with self._lock:
+            self._closed = True
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
@@ -613,6 +649,13 @@ class ArchiveWriter:
         )
         self._size = os.fstat(self._fd).st_size
         self._needs_newline = self._size > 0 and not _ends_with_newline(self.current)
+
+    def _reopen(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._open()
 
     def _append(self, line: bytes) -> None:
         data = (b"\n" + line) if self._needs_newline else line
@@ -646,24 +689,44 @@ class ArchiveWriter:
 
     def _recover(self) -> None:
         """After a crash: drop half-written .gz files, finish compression, prune."""
-        for path in self.directory.glob("measurements-*.jsonl.gz.tmp"):
-            path.unlink(missing_ok=True)
-        if self.compress:
-            for path in _rotated_files(self.directory):
-                if path.suffix == ".jsonl":
-                    _gzip(path)
-        self._prune()
+        with _logged("archive recovery"):
+            for path in self.directory.glob("measurements-*.jsonl.gz.tmp"):
+                path.unlink(missing_ok=True)
+            if self.compress:
+                for path in _rotated_files(self.directory):
+                    if path.suffix == ".jsonl":
+                        _gzip(path)
+        with _logged("archive retention"):
+            self._prune()
 
     def _after_rotation(self, path: Path) -> None:
+        # A full disk fails the gzip: the rotated file stays plain (compressed on the next
+        # start) and retention still runs, since deleting old files is what frees space.
         if self.compress:
-            _gzip(path)
-        self._prune()
+            with _logged(f"compressing {path.name}"):
+                _gzip(path)
+        with _logged("archive retention"):
+            self._prune()
 
     def _prune(self) -> None:
         rotated = _rotated_files(self.directory)
         for path in rotated[: max(0, len(rotated) - self.keep)]:
             path.unlink(missing_ok=True)
             path.with_name(path.name + ".gz").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _logged(what: str) -> Iterator[None]:
+    """Background housekeeping that fails (disk full, I/O error) is logged, never raised:
+    close() at shutdown must not die of a gzip that could not finish."""
+    try:
+        yield
+    except OSError as exc:
+        log.warning("%s failed: %s", what, exc)
+
+
+def _unlinked(fd: int) -> bool:
+    return os.fstat(fd).st_nlink == 0
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -680,9 +743,13 @@ def _gzip(path: Path) -> None:
         src = path.open("rb")
     except FileNotFoundError:
         return  # already compressed by crash recovery, or pruned
-    with src, gzip.open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    os.replace(tmp, final)
+    try:
+        with src, gzip.open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a partial .gz.tmp only takes space (disk full)
+        raise
     path.unlink()
 
 

@@ -7,8 +7,10 @@ import gzip
 import ipaddress
 import json
 import os
+import platform
 import re
 import select
+import shutil
 import signal
 import ssl
 import subprocess
@@ -114,6 +116,18 @@ def test_envelope_has_the_ooni_base_fields() -> None:
     assert env["annotations"]["probe"] == "mtproto"
     assert all(isinstance(v, str) for v in env["annotations"].values())  # map[string]string
     assert env["test_keys"]["probe_result"]["t"] == "2025-03-01T12:00:05.250000+00:00"
+
+
+def test_envelope_has_the_required_ooni_keys_of_df_000() -> None:
+    """ooni/spec df-000: report_id and test_helpers are not optional (OONI readers expect
+    them); annotations SHOULD carry the architecture."""
+    env = envelope(result(DC1), VANTAGE)
+    assert env["report_id"] == ""  # never submitted to an OONI collector
+    assert env["test_helpers"] == {}
+    expected = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+    arch = env["annotations"]["architecture"]
+    assert arch == expected.get(platform.machine().lower(), arch) and arch
+    assert env["input"] is not None and "probe_result" in env["test_keys"]
 
 
 def test_a_variant_is_annotated_by_its_label() -> None:
@@ -517,6 +531,49 @@ def test_a_full_disk_loses_the_line_not_the_agent(tmp_path: Path) -> None:
         assert writer.write(result(DC1)) is False
         assert writer.write(result(DC1)) is False
         assert writer.write_errors == 2
+
+
+def test_a_lost_directory_is_recreated_and_writing_goes_on(tmp_path: Path) -> None:
+    """The directory vanishes (an operator's rm -rf, a remount): a rotation cannot reopen the
+    file.  That write fails, but the writer must not turn into a closed one for good (it
+    raised on every later write, which ended the agent's endpoint loops)."""
+    directory = tmp_path / "a"
+    with ArchiveWriter(directory, VANTAGE, max_bytes=4096, compress=False) as writer:
+        for i in range(3):
+            assert writer.write(result(DC1, seq=i))
+        shutil.rmtree(directory)
+        outcomes = [writer.write(result(DC1, seq=i)) for i in range(3, 40)]  # rotates
+        assert outcomes[-1] is True
+    assert seqs(directory)[-1] == 39
+
+
+def test_a_deleted_current_file_is_recreated(tmp_path: Path) -> None:
+    """Deleting measurements.jsonl to free space must free it: no writing on into the
+    unlinked file, where lines are lost and the space stays taken."""
+    with ArchiveWriter(tmp_path, VANTAGE, compress=False) as writer:
+        writer.write(result(DC1, seq=0))
+        (tmp_path / CURRENT_NAME).unlink()
+        assert writer.write(result(DC1, seq=1))
+    assert seqs(tmp_path) == [1]
+
+
+def test_failing_writes_are_logged_once_then_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "a"
+    with ArchiveWriter(directory, VANTAGE, max_bytes=4096, compress=False) as writer:
+        writer.write(result(DC1, seq=0))
+        shutil.rmtree(directory)
+        directory.write_text("not a directory")  # nothing can be created there now
+        with caplog.at_level("WARNING", logger="probe.archive"):
+            lost = [writer.write(result(DC1, seq=i)) for i in range(1, 60)]
+            assert not any(lost) and writer.write_errors == len(lost)
+            directory.unlink()
+            assert writer.write(result(DC1, seq=60))
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("archive write failed") for m in messages) == 1, messages
+    assert any("work again" in m for m in messages), messages
+    assert seqs(directory) == [60]
 
 
 def test_closed_writer_refuses_writes(tmp_path: Path) -> None:
