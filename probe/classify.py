@@ -77,12 +77,7 @@ def unknown(message: str) -> str:
 
 def classify_ssl_error(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
-        code = exc.verify_code
-        if code in (_X509_HOSTNAME_MISMATCH, _X509_IP_ADDRESS_MISMATCH):
-            return Failure.SSL_INVALID_HOSTNAME
-        if code in _X509_UNKNOWN_AUTHORITY:
-            return Failure.SSL_UNKNOWN_AUTHORITY
-        return Failure.SSL_INVALID_CERTIFICATE
+        return classify_x509_verify_code(exc.verify_code)
     if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
         return Failure.EOF
     return Failure.SSL_FAILED_HANDSHAKE
@@ -149,10 +144,7 @@ def classify_dns_error(exc: dns.exception.DNSException) -> str:
         return Failure.DNS_NO_ANSWER
     if isinstance(exc, dns.exception.Timeout):
         return Failure.GENERIC_TIMEOUT
-    if isinstance(exc, dns.message.ShortHeader | dns.exception.FormError):
-        return Failure.DNS_SERVER_MISBEHAVING
-    if isinstance(exc, dns.message.Truncated | dns.message.UnknownTSIGKey):
-        return Failure.DNS_SERVER_MISBEHAVING
+    # ShortHeader, FormError, Truncated, UnknownTSIGKey ...: the server spoke, not an answer
     return Failure.DNS_SERVER_MISBEHAVING
 
 
