@@ -15,7 +15,6 @@ import ssl
 
 import aiohttp
 import dns.exception
-import dns.message
 import dns.resolver
 import service_identity
 from OpenSSL import crypto as openssl_crypto
