@@ -12,10 +12,13 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import logging
 import signal
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -25,19 +28,28 @@ from .archive import ArchiveWriter
 from .config import ConfigError, load_config
 from .exporter import make_registry
 from .model import ProbeResult, VantageState, utcnow
-from .results import ResultStore
+from .results import ResultStore, Snapshot
 from .scheduler import Scheduler
 from .settings import AgentConfig, WebSettings
 from .statuspage import render_status_page, results_json
 from .verdict import judge_round
 
 log = logging.getLogger("probe.daemon")
+_T = TypeVar("_T")
 
 SHUTDOWN_GRACE_S = 3.0  # in-flight probes get this long before they are cancelled
+# Verdicts are judged over every latest result: O(all targets).  Judging after every
+# endpoint round would be O(targets^2) per interval; coalesce to at most one per second.
+JUDGE_INTERVAL_S = 1.0
 
 
 class Agent:
-    """Owns the store, archive and scheduler for one config; swaps them on reload."""
+    """Owns the store, archive and scheduler for one config; swaps them on reload.
+
+    Everything heavy (verdicts over all results, rendering a scrape or the status page,
+    bcrypt) runs in worker threads: probes time their phases on the event loop, so a
+    stalled loop would show up as fake latency or fake timeouts.
+    """
 
     def __init__(self, config: AgentConfig, config_path: str | None) -> None:
         self.config = config
@@ -47,9 +59,18 @@ class Agent:
         self.archive: ArchiveWriter | None = ArchiveWriter.from_settings(
             config.archive, config.vantage
         )
+        self._archive_errors_before = 0  # write errors of archive writers replaced on reload
         self.scheduler: Scheduler | None = None
         self.store.set_config_reload(True, utcnow())
         self._stats_task: asyncio.Task[None] | None = None
+        self._reload_lock = asyncio.Lock()
+        self._judge_wanted = asyncio.Event()
+        self._judge_task: asyncio.Task[None] | None = None
+        # One thread each: a flood of scrapes or of wrong passwords queues there and can
+        # take neither the loop nor the default executor (the system resolver's threads).
+        self.render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
+        self.auth_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auth")
+        self._judge_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verdicts")
 
     # -- measurements ----------------------------------------------------------
 
@@ -60,18 +81,36 @@ class Agent:
                 self.archive.write(result)
         self.store.record_many(results)
         self._drop_stale(results)
-        # verdicts are judged over every endpoint's latest results, so a service verdict
-        # (e.g. partial: 2 of 5 DCs) always reflects all of its endpoints
-        self.store.set_verdicts(judge_round(self.store.snapshot().results.values()))
+        self._judge_soon()
 
     def _drop_stale(self, results: Sequence[ProbeResult]) -> None:
         """An endpoint's round replaces its previous round: addresses DNS stopped returning go."""
         endpoints = {(r.target.service, r.target.endpoint.name) for r in results}
         fresh = {r.target.key() for r in results}
         keys = self.store.snapshot().results.keys()
-        stale = [k for k in keys if k[:2] in endpoints and k not in fresh]
+        stale = {k for k in keys if k[:2] in endpoints and k not in fresh}
         if stale:
-            self.store.replace_targets(k for k in keys if k not in set(stale))
+            self.store.replace_targets(k for k in keys if k not in stale)
+
+    def _judge_soon(self) -> None:
+        self._judge_wanted.set()
+        if self._judge_task is None or self._judge_task.done():
+            self._judge_task = asyncio.create_task(self._judge_loop(), name="verdicts")
+
+    async def _judge_loop(self) -> None:
+        """Verdicts over every endpoint's latest results, so a service verdict (e.g. partial:
+        2 of 5 DCs) always reflects all of its endpoints; in a thread, at most once a second."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._judge_wanted.wait()
+            self._judge_wanted.clear()
+            results = list(self.store.snapshot().results.values())
+            try:
+                verdicts = await loop.run_in_executor(self._judge_pool, judge_round, results)
+                self.store.set_verdicts(verdicts)
+            except Exception:  # a verdict bug must not stop the agent measuring
+                log.exception("judging verdicts failed")
+            await asyncio.sleep(JUDGE_INTERVAL_S)
 
     def on_vantage(self, state: VantageState) -> None:
         self.store.record_vantage(state)
@@ -90,45 +129,88 @@ class Agent:
                     schedule_lag_s=self.scheduler.stats.last_lag_s,
                     in_flight=self.scheduler.in_flight,
                 )
+            if self.archive is not None:
+                self.store.set_agent_stats(
+                    archive_write_errors=self._archive_errors_before + self.archive.write_errors
+                )
             await asyncio.sleep(1.0)
 
     async def reload(self) -> str | None:
-        """Load the config file again; on error keep the running config. Returns the error."""
+        """Load the config file again; on error keep the running config. Returns the error.
+
+        One reload at a time: a burst of SIGHUPs must not interleave two reloads, each
+        starting a scheduler of its own (duplicate, overlapping rounds that never stop).
+        """
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> str | None:
         try:
             new = load_config(self.config_path)
-        except ConfigError as exc:
+            archive = self._archive_for(new)
+        except (ConfigError, OSError) as exc:
             self.store.set_config_reload(False, utcnow())
             log.error(
                 "config reload rejected; keeping the running config", extra={"error": str(exc)}
             )
             return str(exc)
+        _warn_restart_needed(self.config, new)
+        history = {}
         if self.scheduler is not None:
             await self.scheduler.stop(SHUTDOWN_GRACE_S)
+            history = self.scheduler.history
         self.config = new
         self.store.set_vantage(new.vantage)
-        if self.archive is not None:
-            self.archive.vantage = new.vantage
-        keys = {k for k in self.store.snapshot().results if _configured(new, k)}
-        self.store.replace_targets(keys)
-        self.scheduler = Scheduler(new, self.on_results, self.on_vantage)
+        await self._swap_archive(archive)
+        configured = {(ep.service, ep.name) for svc in new.services for ep in svc.endpoints}
+        self.store.replace_targets(k for k in self.store.snapshot().results if k[:2] in configured)
+        self._judge_soon()  # removed endpoints' verdicts go now, not after the next round
+        # The old schedule's start times carry over: a reload never re-tests sooner than
+        # min_spacing_s (a reload right after a round would otherwise re-run it at once).
+        self.scheduler = Scheduler(new, self.on_results, self.on_vantage, history=history)
         self.scheduler.start()
         self.store.set_config_reload(True, utcnow())
         log.info("config reloaded", extra={"config": new.source})
         return None
 
+    def _archive_for(self, new: AgentConfig) -> ArchiveWriter | None:
+        """The archive writer for ``new``: the running one unless ``archive:`` changed.
+        Opening a new one first means an unusable directory rejects the reload."""
+        if new.archive == self.config.archive:
+            if self.archive is not None:
+                self.archive.vantage = new.vantage
+            return self.archive
+        return ArchiveWriter.from_settings(new.archive, new.vantage)
+
+    async def _swap_archive(self, archive: ArchiveWriter | None) -> None:
+        old, self.archive = self.archive, archive
+        if old is not None and old is not archive:
+            self._archive_errors_before += old.write_errors
+            # close() waits for a background gzip: not on the loop
+            await asyncio.get_running_loop().run_in_executor(self.render_pool, old.close)
+
     async def stop(self) -> None:
-        if self._stats_task is not None:
-            self._stats_task.cancel()
+        for task in (self._stats_task, self._judge_task):
+            if task is not None:
+                task.cancel()
         if self.scheduler is not None:
             await self.scheduler.stop(SHUTDOWN_GRACE_S)
         if self.archive is not None:
             self.archive.close()
+        for pool in (self.render_pool, self.auth_pool, self._judge_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _configured(config: AgentConfig, key: tuple[str, ...]) -> bool:
-    return any(
-        (ep.service, ep.name) == tuple(key[:2]) for svc in config.services for ep in svc.endpoints
-    )
+def _warn_restart_needed(old: AgentConfig, new: AgentConfig) -> None:
+    """The HTTP server and the log handler are set up once, at start."""
+    changed = [
+        key for key in ("listen", "web", "log_format") if getattr(old, key) != getattr(new, key)
+    ]
+    if changed:
+        log.warning(
+            "config reloaded, but these settings only apply after a restart",
+            extra={"settings": ", ".join(changed)},
+        )
 
 
 # -- HTTP ----------------------------------------------------------------------
@@ -136,18 +218,26 @@ def _configured(config: AgentConfig, key: tuple[str, ...]) -> bool:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _basic_auth(users: dict[str, str]) -> Middleware:
+def _password_ok(users: Mapping[str, str], header: str) -> bool:
     import bcrypt  # only needed when auth is configured
 
+    with contextlib.suppress(binascii.Error, UnicodeDecodeError, ValueError):
+        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        hashed = users.get(user)
+        return bool(hashed and bcrypt.checkpw(password.encode(), hashed.encode()))
+    return False
+
+
+def _basic_auth(users: dict[str, str], pool: ThreadPoolExecutor) -> Middleware:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
-        if header.startswith("Basic "):
-            with contextlib.suppress(binascii.Error, UnicodeDecodeError, ValueError):
-                user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-                hashed = users.get(user)
-                if hashed and bcrypt.checkpw(password.encode(), hashed.encode()):
-                    return await handler(request)
+        # bcrypt takes ~0.3 s at cost 12 (by design): in a thread, so that a scrape or a
+        # stream of wrong passwords never stalls the loop the probes time themselves on.
+        if header.startswith("Basic ") and await asyncio.get_running_loop().run_in_executor(
+            pool, _password_ok, users, header
+        ):
+            return await handler(request)
         return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="probe"'})
 
     return check
@@ -157,11 +247,15 @@ def build_app(agent: Agent) -> web.Application:
     web_settings: WebSettings = agent.config.web
     middlewares: list[Middleware] = []
     if web_settings.basic_auth_users:
-        middlewares.append(_basic_auth(dict(web_settings.basic_auth_users)))
+        middlewares.append(_basic_auth(dict(web_settings.basic_auth_users), agent.auth_pool))
     app = web.Application(middlewares=middlewares)
 
+    async def render(fn: Callable[..., _T], *args: object) -> _T:
+        # Thousands of targets make a scrape take a second or more of pure CPU.
+        return await asyncio.get_running_loop().run_in_executor(agent.render_pool, fn, *args)
+
     async def metrics(_: web.Request) -> web.Response:
-        body = generate_latest(agent.registry)
+        body = await render(generate_latest, agent.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
@@ -173,10 +267,11 @@ def build_app(agent: Agent) -> web.Application:
         return web.Response(text="ready\n")
 
     async def api_results(_: web.Request) -> web.Response:
-        return web.json_response(results_json(agent.store.snapshot()))
+        text = await render(_api_text, agent.store.snapshot())
+        return web.Response(text=text, content_type="application/json")
 
     async def status_page(_: web.Request) -> web.Response:
-        html = render_status_page(agent.store.snapshot(), agent.config)
+        html = await render(render_status_page, agent.store.snapshot(), agent.config)
         return web.Response(text=html, content_type="text/html")
 
     async def reload(_: web.Request) -> web.Response:
@@ -195,6 +290,10 @@ def build_app(agent: Agent) -> web.Application:
     return app
 
 
+def _api_text(snapshot: Snapshot) -> str:
+    return json.dumps(results_json(snapshot))
+
+
 def _server_ssl(settings: WebSettings) -> ssl.SSLContext | None:
     if not settings.tls_cert_file:
         return None
@@ -205,13 +304,23 @@ def _server_ssl(settings: WebSettings) -> ssl.SSLContext | None:
 
 async def serve(config: AgentConfig, config_path: str | None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads.  Returns the process exit code."""
-    agent = Agent(config, config_path)
+    try:
+        agent = Agent(config, config_path)
+    except OSError as exc:  # e.g. the archive directory cannot be created
+        log.error("cannot open the archive", extra={"error": str(exc)})
+        return 1
     runner = web.AppRunner(build_app(agent), access_log=None)
     await runner.setup()
-    site = web.TCPSite(
-        runner, config.listen.host, config.listen.port, ssl_context=_server_ssl(config.web)
-    )
-    await site.start()
+    try:
+        site = web.TCPSite(
+            runner, config.listen.host, config.listen.port, ssl_context=_server_ssl(config.web)
+        )
+        await site.start()
+    except OSError as exc:  # port taken, address not ours, unreadable TLS key (ssl.SSLError)
+        log.error("cannot listen", extra={"listen": str(config.listen), "error": str(exc)})
+        await runner.cleanup()
+        await agent.stop()
+        return 1
     log.info("listening", extra={"listen": str(config.listen), "config": config.source})
     agent.start()
 

@@ -284,3 +284,9 @@ def _agent_metrics(snapshot: Snapshot) -> Iterator[Metric]:
         value=snapshot.schedule_lag_s,
     )
     yield GaugeMetricFamily("probe_in_flight", "Probes running right now", value=snapshot.in_flight)
+    if snapshot.archive_write_errors is not None:
+        yield CounterMetricFamily(
+            "probe_archive_write_errors_total",
+            "Measurements that could not be appended to the archive (disk full, I/O error)",
+            value=snapshot.archive_write_errors,
+        )

@@ -171,6 +171,7 @@ class Snapshot:
     config_reload_success_at: datetime | None = None
     schedule_lag_s: float = 0.0
     in_flight: int = 0
+    archive_write_errors: int | None = None  # None: no archive configured
     generation: int = 0  # bumped on every swap
 
 
@@ -263,13 +264,19 @@ class ResultStore:
             self._update(config_reload_ok=False)
 
     def set_agent_stats(
-        self, *, schedule_lag_s: float | None = None, in_flight: int | None = None
+        self,
+        *,
+        schedule_lag_s: float | None = None,
+        in_flight: int | None = None,
+        archive_write_errors: int | None = None,
     ) -> None:
         changes: dict[str, Any] = {}
         if schedule_lag_s is not None:
             changes["schedule_lag_s"] = schedule_lag_s
         if in_flight is not None:
             changes["in_flight"] = in_flight
+        if archive_write_errors is not None:
+            changes["archive_write_errors"] = archive_write_errors
         if changes:
             self._update(**changes)
 

@@ -1,10 +1,12 @@
 """Independent probing schedule (never probe-on-scrape).
 
 Each endpoint runs in its own loop, so rounds for one endpoint never overlap:
-interval plus jitter, and never sooner than ``min_spacing_s`` after its last
-start (re-testing too fast can trigger residual blocking).  The offline gate
-runs in a loop of its own and every endpoint round uses its latest finding.
-Global and per-destination concurrency bounds come from the shared `Runner`.
+interval plus or minus jitter, and never sooner than ``min_spacing_s`` after its
+last start (re-testing too fast can trigger residual blocking).  A config reload
+replaces the scheduler; passing the old one's `Scheduler.history` keeps that
+spacing across the swap.  The offline gate runs in a loop of its own and every
+endpoint round uses its latest finding.  Global and per-destination concurrency
+bounds come from the shared `Runner`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ log = logging.getLogger("probe.scheduler")
 
 ResultSink = Callable[[Sequence[ProbeResult]], None]
 VantageSink = Callable[[VantageState], None]
+EndpointKey = tuple[str, str]  # (service, endpoint name)
+# When an endpoint's latest round started (monotonic clock) and whether it finished
+# (False: a reload or shutdown cancelled it, so nothing of it was recorded).
+History = dict[EndpointKey, tuple[float, bool]]
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Scheduler:
         *,
         rng: random.Random | None = None,
         gate_interval_s: float | None = None,
+        history: History | None = None,
     ) -> None:
         self.config = config
         self.on_results = on_results
@@ -56,6 +63,8 @@ class Scheduler:
             per_destination=sched.per_destination,
         )
         self.stats = ScheduleStats()
+        configured = {(ep.service, ep.name) for ep in all_endpoints(config)}
+        self.history: History = {k: v for k, v in (history or {}).items() if k in configured}
         self._state: VantageState | None = None
         self._state_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -88,28 +97,43 @@ class Scheduler:
             self.on_vantage(state)
             await asyncio.sleep(self.gate_interval_s)
 
-    def _next_delay(self, started: float) -> float:
+    def _spacing(self) -> float:
+        """Start-to-start time to the next round: interval +/- jitter, at least min_spacing."""
         sched = self.config.schedule
         wanted = sched.interval_s + self.rng.uniform(-sched.jitter_s, sched.jitter_s)
-        wanted = max(wanted, sched.min_spacing_s)
-        return max(0.0, started + wanted - time.monotonic())
+        return max(wanted, sched.min_spacing_s)
+
+    def _first_due(self, key: EndpointKey) -> float:
+        now = time.monotonic()
+        previous = self.history.get(key)
+        if previous is None:
+            # spread the first round so a start does not burst every target at once
+            sched = self.config.schedule
+            return now + self.rng.uniform(0, min(sched.jitter_s, sched.interval_s))
+        # Known from before a reload: keep its rhythm (a finished round) or re-run a
+        # cancelled one as soon as min_spacing_s allows, never sooner.
+        started, finished = previous
+        spacing = self._spacing() if finished else self.config.schedule.min_spacing_s
+        return max(now, started + spacing)
 
     async def _endpoint_loop(self, ep: Endpoint) -> None:
-        sched = self.config.schedule
-        # spread the first round so a restart does not burst every target at once
-        due = time.monotonic() + self.rng.uniform(0, min(sched.jitter_s, sched.interval_s))
+        key = (ep.service, ep.name)
+        due = self._first_due(key)
         await self._state_ready.wait()
         while True:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             started = time.monotonic()
             self.stats.last_lag_s = started - due
+            self.history[key] = (started, False)
             assert self._state is not None  # set before _state_ready
             try:
                 results = await measure_endpoint(ep, self.runner, self._state)
-            except Exception:  # a bug in one endpoint's round must not stop the others
+                if results:
+                    self.on_results(results)
+            except Exception:
+                # A bug in a round, or in publishing it (archive, store, verdicts), must
+                # stop neither this endpoint's loop nor the others.
                 log.exception("endpoint round failed", extra={"endpoint": ep.name})
-                results = []
+            self.history[key] = (started, True)
             self.stats.rounds += 1
-            if results:
-                self.on_results(results)
-            due = time.monotonic() + self._next_delay(started)
+            due = max(started + self._spacing(), time.monotonic())

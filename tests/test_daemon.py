@@ -166,6 +166,8 @@ def test_metrics_report_success_failure_and_vantage(agent: AgentProcess) -> None
     def both_measured() -> str | None:
         m = agent.metrics()
         measured = [sample(m, "probe_success", endpoint=e) for e in ("up", "down")]
+        # verdicts are judged in a worker thread shortly after the results they judge
+        measured += [sample(m, "probe_verdict", endpoint=e) for e in ("up", "down")]
         return m if None not in measured else None
 
     text = wait_until(both_measured, "both lab endpoints measured")

@@ -409,3 +409,13 @@ def test_docs_list_every_metric_and_label_value() -> None:
     words = [*Failure, *Operation, *SkipReason, *VERDICTS, *PROBES]
     for word in words:
         assert f"`{word}`" in doc, word
+
+
+def test_archive_write_errors_are_a_counter_only_when_an_archive_is_configured() -> None:
+    store = ResultStore()
+    registry = make_registry(store)
+    assert registry.get_sample_value("probe_archive_write_errors_total") is None
+    store.set_agent_stats(archive_write_errors=3)
+    assert registry.get_sample_value("probe_archive_write_errors_total") == 3
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    assert "`probe_archive_write_errors_total`" in doc
