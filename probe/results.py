@@ -306,9 +306,9 @@ class _Accumulator:
         key = result.target.key()
         series = series_key(result.target)
         self._count(result, series)
-        previous = self.results.get(key)
-        if previous is not None and result.t < previous.t:
-            return  # a late straggler must not replace a newer observation
+        # The result recorded last wins, whatever its wall-clock time: one endpoint's
+        # rounds never overlap, and after the clock steps back (NTP on a VM) comparing
+        # times would ignore every new result until the clock caught up.
         self.results[key] = result
         if result.skipped is None:
             state: State = (result.ok, result.failure_kind)

@@ -63,13 +63,17 @@ def test_record_keeps_the_latest_result_per_key() -> None:
     assert snap.results == {DC1.key(): later}
 
 
-def test_a_late_straggler_does_not_replace_a_newer_result_but_is_counted() -> None:
+def test_the_last_recorded_result_wins_even_after_the_clock_stepped_back() -> None:
+    """The wall clock can step back (NTP correcting a VM's clock).  One endpoint's rounds
+    never overlap, so the result recorded last is the newest: comparing wall-clock times
+    kept the pre-step result and froze the endpoint's metrics until the clock caught up."""
     store = ResultStore()
-    newer = ok(DC1, at=T0 + timedelta(minutes=5))
-    store.record(newer)
-    store.record(failed(DC1, at=T0))
+    store.record(ok(DC1, at=T0 + timedelta(hours=1)))
+    stepped_back = failed(DC1, at=T0)
+    store.record(stepped_back)
     snap = store.snapshot()
-    assert snap.results[DC1.key()] is newer
+    assert snap.results[DC1.key()] is stepped_back
+    assert snap.states[DC1.key()] == (False, Failure.CONNECTION_RESET)
     assert snap.attempts[series_key(DC1)] == 2
 
 
