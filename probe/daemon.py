@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -27,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .archive import ArchiveWriter
 from .config import ConfigError, load_config
 from .exporter import make_registry
-from .model import ProbeResult, VantageState, utcnow
+from .model import ProbeResult, SkipReason, VantageState, utcnow
 from .results import ResultStore, Snapshot
 from .scheduler import Scheduler
 from .settings import AgentConfig, WebSettings
@@ -76,12 +77,28 @@ class Agent:
 
     def on_results(self, results: Sequence[ProbeResult]) -> None:
         """Archive first (nothing observed is lost), then publish to the store."""
+        results = self._offline_onto_known_targets(results)
         if self.archive is not None:
             for result in results:
                 self.archive.write(result)
         self.store.record_many(results)
         self._drop_stale(results)
         self._judge_soon()
+
+    def _offline_onto_known_targets(self, results: Sequence[ProbeResult]) -> Sequence[ProbeResult]:
+        """An offline round skips the targets the endpoint was last measured on.
+
+        Offline, nothing is resolved, so a hostname endpoint's round has placeholder
+        targets without addresses.  Recorded as they are, they would replace (and so
+        erase) the real targets with their state, "failing since" time and counters.
+        """
+        if not results or any(r.skipped is not SkipReason.VANTAGE_OFFLINE for r in results):
+            return results
+        endpoint = (results[0].target.service, results[0].target.endpoint.name)
+        known = [r.target for k, r in self.store.snapshot().results.items() if k[:2] == endpoint]
+        if not known:
+            return results  # never measured yet: the placeholders are all there is
+        return [dataclasses.replace(results[0], target=t) for t in known]
 
     def _drop_stale(self, results: Sequence[ProbeResult]) -> None:
         """An endpoint's round replaces its previous round: addresses DNS stopped returning go."""

@@ -29,6 +29,7 @@ from prometheus_client import generate_latest
 
 from probe.config import load_config
 from probe.daemon import Agent, build_app
+from probe.lab.servers.dns import AnswerTable, DNSServer
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.model import Operation, ProbeResult, Service
 from probe.probes.base import Recorder
@@ -232,6 +233,72 @@ async def test_reload_moves_the_archive_and_rejects_one_it_cannot_create(
                 )
             finally:
                 await agent.stop()
+
+
+async def test_an_offline_blip_keeps_blocked_since_of_a_hostname_endpoint(tmp_path: Path) -> None:
+    """A hostname endpoint's addresses come from DNS.  While the vantage is offline nothing
+    is resolved: its round is all skips.  That round must not erase the endpoint's history:
+    "failing since" (probe_state_change_timestamp_seconds) has to survive an uplink blip."""
+    table = AnswerTable().host("blocked.lab.example", "127.0.0.1")
+    async with DNSServer(table, "127.0.0.1") as dns_server:
+        control = TCPServer("127.0.0.1", mode=TCPMode.CLOSE)
+        await control.start()
+        ctl_port = control.port
+        with refusing_port() as dead:
+            path = tmp_path / "agent.yaml"
+            path.write_text(f"""
+schedule: {{interval_s: 0.3, jitter_s: 0, min_spacing_s: 0.2}}
+timeouts: {{connect_s: 0.5, dns_s: 0.5}}
+resolvers: {{system: false, udp: ["127.0.0.1:{dns_server.port}"], reply_window_s: 0}}
+seeds: []
+archive: {{path: null}}
+services:
+  - service: controls
+    source: t
+    endpoints:
+      - {{name: ctl, host: 127.0.0.1, ports: [{ctl_port}], role: control, probes: [tcp],
+          source: t, confidence: C}}
+  - service: lab
+    source: t
+    prefixes: [{{cidr: 127.0.0.0/8, source: t, confidence: C}}]
+    endpoints:
+      - {{host: blocked.lab.example, ports: [{dead}], role: signalling, probes: [tcp],
+          source: t, confidence: C}}
+""")
+            agent = Agent(load_config(path), str(path))
+            key = ("lab", "blocked.lab.example", "tcp", "127.0.0.1", str(dead))
+            snapshot = agent.store.snapshot
+            agent.start()
+            try:
+                await wait_for(lambda: key in snapshot().changed_at, "the endpoint to fail")
+                since = snapshot().changed_at[key]
+                await control.close()  # the uplink goes: the gate finds no control
+                await wait_for(
+                    lambda: (
+                        snapshot().vantage_state is not None
+                        and not snapshot().vantage_state.online
+                        and any(r.skipped for r in snapshot().results.values())
+                    ),
+                    "an offline round",
+                )
+                control = TCPServer("127.0.0.1", ctl_port, mode=TCPMode.CLOSE)
+                await control.start()  # and comes back
+                await wait_for(
+                    lambda: key in snapshot().results and not snapshot().results[key].skipped,
+                    "the endpoint measured again",
+                )
+                assert snapshot().changed_at[key] == since  # still the same failure
+                scrape = generate_latest(agent.registry).decode()
+                changed = sample(
+                    scrape,
+                    "probe_state_change_timestamp_seconds",
+                    endpoint="blocked.lab.example",
+                    probe="tcp",
+                )
+                assert changed == since.timestamp()
+            finally:
+                await agent.stop()
+                await control.close()
 
 
 # -- a sink that raises ----------------------------------------------------------------------
