@@ -36,7 +36,10 @@ class LogfmtFormatter(logging.Formatter):
 
 def _logfmt_value(value: Any) -> str:
     text = str(value)
-    if not text or any(c in text for c in ' "=\\\n'):
+    # Quote (JSON-escaped) anything with a separator or a non-printable character: a
+    # value can come from the network, and a raw \r or escape sequence in a log line
+    # forges lines or drives the reader's terminal.
+    if not text or not text.isprintable() or any(c in text for c in ' "=\\'):
         return json.dumps(text)
     return text
 
