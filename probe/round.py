@@ -20,7 +20,6 @@ from datetime import datetime
 from .gate import check_vantage
 from .model import (
     Endpoint,
-    Operation,
     ProbeResult,
     SkipReason,
     Target,
@@ -29,7 +28,7 @@ from .model import (
     utcnow,
 )
 from .probes import EXTRA_TIME, PROBES
-from .probes.base import ProbeFn, Recorder, run_guarded
+from .probes.base import ProbeFn, Recorder, default_operation, run_guarded
 from .probes.dns import dns_consistency
 from .probes.params import ParamError
 from .settings import AgentConfig, ProbeSettings
@@ -186,7 +185,7 @@ class Runner:
                 async with asyncio.timeout(probe_deadline(self.settings, target)):
                     result = await run_guarded(self.probes[target.probe], target, self.settings)
             except TimeoutError:
-                result = Recorder(target).fail_exc(TimeoutError(), _op_for(target))
+                result = Recorder(target).fail_exc(TimeoutError(), default_operation(target))
             finally:
                 self.in_flight -= 1
         self.done += 1
@@ -197,10 +196,6 @@ class Runner:
     async def many(self, targets: Sequence[Target]) -> list[ProbeResult]:
         self.total += len(targets)
         return list(await asyncio.gather(*(self.one(t) for t in targets)))
-
-
-def _op_for(target: Target) -> Operation:
-    return Operation.RESOLVE if target.probe == "dns" else Operation.READ
 
 
 def _skipped(targets: Iterable[Target], reason: SkipReason) -> list[ProbeResult]:

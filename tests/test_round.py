@@ -141,3 +141,17 @@ async def test_idle_destinations_are_forgotten() -> None:
     assert all(r.ok for r in results)
     assert max(probe.peak.values()) <= 2
     assert runner._destinations == {}  # nothing kept once no probe waits on an address
+
+
+@pytest.mark.parametrize(("probe_name", "operation"), [("dns", "resolve"), ("tcp", "read")])
+async def test_a_probe_bug_is_a_result_with_the_probe_s_operation(
+    probe_name: str, operation: str
+) -> None:
+    async def broken(_target: Target, _settings: ProbeSettings) -> ProbeResult:
+        raise RuntimeError("bug at 192.0.2.7")
+
+    tgt = target(probe_name, None if probe_name == "dns" else "127.0.0.1", 1, resolver="system")
+    result = await Runner(tiny(), probes={probe_name: broken}).one(tgt)
+    assert result.failure == "unknown_failure RuntimeError: bug at [scrubbed]"
+    assert result.failed_operation == operation  # as when the runner's cap ends the probe
+    assert result.details["internal_error"] == "RuntimeError"

@@ -77,10 +77,16 @@ class Recorder:
         return self._result(False, skipped=reason)
 
 
+def default_operation(target: Target) -> Operation:
+    """The failed operation for a probe ended from outside (a bug, the runner's cap)."""
+    return Operation.RESOLVE if target.probe == "dns" else Operation.READ
+
+
 async def run_guarded(fn: ProbeFn, target: Target, settings: ProbeSettings) -> ProbeResult:
     """Run a probe; a bug that escapes it becomes a classified result, not a dead agent."""
     recorder = Recorder(target)
     try:
         return await fn(target, settings)
     except Exception as exc:  # the agent must keep going whatever a peer sends
-        return recorder.fail_exc(exc, Operation.READ, internal_error=type(exc).__name__)
+        op = default_operation(target)
+        return recorder.fail_exc(exc, op, internal_error=type(exc).__name__)
