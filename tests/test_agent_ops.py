@@ -436,6 +436,67 @@ async def test_basic_auth_checks_do_not_stall_the_event_loop(tmp_path: Path) -> 
         await runner.cleanup()
 
 
+# -- the schedule's randomness ----------------------------------------------------------------
+
+
+def test_jitter_spreads_rounds_both_ways_and_never_below_min_spacing() -> None:
+    """docs/configuration.md: interval_s plus or minus up to jitter_s, at least min_spacing_s;
+    the first round of a fresh start within 0..jitter_s."""
+    ep = endpoint("127.0.0.1", name="ep", ports=(9,))
+    config = AgentConfig(
+        schedule=Schedule(interval_s=300, jitter_s=30, min_spacing_s=280),
+        services=(Service("lab", "lab", (ep,)),),
+    )
+    scheduler = Scheduler(config, lambda _: None, lambda _: None, rng=random.Random(5))
+    spacings = [scheduler._spacing() for _ in range(2000)]
+    assert min(spacings) == 280  # interval - jitter would be 270: min_spacing wins
+    assert max(spacings) <= 330 and max(spacings) > 325
+    assert sum(s < 300 for s in spacings) > 500 and sum(s > 300 for s in spacings) > 500
+    now = time.monotonic()
+    firsts = [scheduler._first_due(("lab", "ep")) - now for _ in range(200)]
+    assert all(-0.01 <= f <= 30.01 for f in firsts) and max(firsts) - min(firsts) > 20
+
+
+# -- the status page ---------------------------------------------------------------------------
+
+
+async def test_hostile_evidence_never_reaches_the_status_page_as_markup(tmp_path: Path) -> None:
+    """A censor controls DNS answers, certificates and the bytes behind an unknown_failure.
+    None of it may become markup on the page; the page also forbids scripts outright."""
+    path = write_config(tmp_path / "agent.yaml", 9, 9)
+    agent = Agent(load_config(path), str(path))
+    rec = Recorder(target("tls", "192.0.2.1", 443, name="up", service="lab"))
+    rec.details.update(
+        certificate={"subject": "CN=<script>alert(1)</script>"},
+        answers={"A": ["<img src=x onerror=alert(1)>"]},
+    )
+    agent.store.record_many([rec.fail("unknown_failure <svg onload=alert(1)>", Operation.READ)])
+    agent.store.set_verdicts(judge_round(agent.store.snapshot().results.values()))
+    runner = web.AppRunner(build_app(agent))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+
+    def get(p: str) -> tuple[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{p}", timeout=30) as r:
+            return r.read().decode(), r.headers
+
+    try:
+        page, headers = await asyncio.to_thread(get, "/")
+        for markup in ("<script", "<img", "<svg", "onerror=", "onload="):
+            assert markup not in page
+        assert "unknown_failure" in page  # the failure is shown, as its bounded kind
+        csp = headers["Content-Security-Policy"]
+        assert "default-src 'none'" in csp and "script-src" not in csp
+        api, api_headers = await asyncio.to_thread(get, "/api/results")
+        assert "<svg onload" in api  # the evidence itself is kept, as JSON data
+        assert api_headers["Content-Type"].startswith("application/json")
+        assert api_headers["X-Content-Type-Options"] == "nosniff"
+    finally:
+        await runner.cleanup()
+
+
 # -- as a process ---------------------------------------------------------------------------
 
 
