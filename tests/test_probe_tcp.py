@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from probe.lab.servers.tcp import FullBacklogListener, TCPMode, TCPServer
+from probe.lab.servers.tcp import FullBacklogListener, TCPMode, TCPServer, abort_with_rst
 from probe.model import Operation
 from probe.probes import PROBES, tcp
 from tests.helpers import settings, target
@@ -123,8 +123,32 @@ async def test_hold_reads_are_bounded_against_a_flood() -> None:
             target("tcp", "127.0.0.1", server.port, params={"hold_s": 2.0}), settings()
         )
     assert result.ok
-    assert 64 * 1024 <= result.details["bytes_received"] < len(flood)
-    assert result.duration_s < 2.0  # stopped reading once it had clearly been answered
+    assert 64 * 1024 <= result.details["bytes_received"] < len(flood)  # reads stopped ...
+    assert result.phases["hold"] >= 2.0  # ... but the connection was held the whole window
+
+
+@HOSTS
+async def test_a_reset_after_a_flood_is_still_seen(host: str, family: str) -> None:
+    # Past the read bound the probe stops reading but keeps holding: a peer (or a
+    # middlebox) that floods and then kills the connection must not read as held.
+    sent = asyncio.Event()
+
+    async def flood_then_reset(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"x" * (256 * 1024))
+        await asyncio.sleep(0.3)
+        abort_with_rst(writer)
+        sent.set()
+
+    server = await asyncio.start_server(flood_then_reset, host, 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        result = await tcp.probe(target("tcp", host, port, params={"hold_s": 1.0}), settings())
+    finally:
+        server.close()
+    assert sent.is_set()
+    assert result.failure == "connection_reset"
+    assert result.failed_operation is Operation.READ
+    assert 64 * 1024 <= result.details["bytes_received"] < 256 * 1024
 
 
 @HOSTS

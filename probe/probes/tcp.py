@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -33,7 +34,9 @@ from .base import Recorder
 from .params import check_keys, number_param
 
 _HOLD_READ = 4096  # bytes per read while holding: enough to notice data, RST or FIN
-_HOLD_MAX_BYTES = 64 * 1024  # stop reading once the peer has clearly answered
+# Stop reading once the peer has clearly answered (a flood must not burn CPU for the whole
+# hold); the connection is still held, and a reset still seen, until hold_s is over.
+_HOLD_MAX_BYTES = 64 * 1024
 _FIRST_BYTES = 16  # a short prefix of whatever the peer sends, as hex evidence
 # Watching longer than a few minutes shows nothing more and ties up a probe slot.
 MAX_HOLD_S = 300.0
@@ -121,6 +124,7 @@ async def _hold(sock: socket.socket, hold_s: float, rec: Recorder) -> BaseExcept
                 if not first:
                     first = data[:_FIRST_BYTES]
                 received += len(data)
+            await asyncio.sleep(hold_s)  # read enough: hold on without reading, to the end
     except TimeoutError:
         pass  # held for the whole window: that is the success case
     except OSError as exc:
@@ -129,7 +133,9 @@ async def _hold(sock: socket.socket, hold_s: float, rec: Recorder) -> BaseExcept
         rec.details["bytes_received"] = received
         if first:
             rec.details["first_bytes_hex"] = first.hex()
-    return None
+    # Unread bytes hide a FIN, but an RST still sets the socket's pending error.
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    return OSError(error, os.strerror(error)) if error else None
 
 
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
