@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .decode import ConfigError, KeyedNode, Node, did_you_mean, is_hostname, parse_file
+from .decode import (
+    TOO_DEEP,
+    YAML_FIELD,
+    ConfigError,
+    KeyedNode,
+    Node,
+    did_you_mean,
+    is_hostname,
+    parse_file,
+)
 from .model import Service, Vantage, freeze
 from .seeds import _load_resource, decode_service, known_probes, load_seed_file, shipped_seeds
 from .settings import (
@@ -83,8 +92,15 @@ def load_config(
     if path is None:
         resource = files("probe") / "default_config.yaml"
         with as_file(resource) as real:
-            return _load(Path(real), str(real), names)
-    return _load(Path(path), str(path), names)
+            return _guarded_load(Path(real), str(real), names)
+    return _guarded_load(Path(path), str(path), names)
+
+
+def _guarded_load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
+    try:
+        return _load(path, file, probe_names)
+    except RecursionError:  # a walk deeper than the parse (decode checks that first)
+        raise ConfigError(file, None, YAML_FIELD, TOO_DEEP) from None
 
 
 def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:

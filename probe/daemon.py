@@ -163,7 +163,8 @@ class Agent:
 
     async def _reload(self) -> str | None:
         try:
-            new = load_config(self.config_path)
+            # Parsing and validating a big config takes a while: not on the probes' loop.
+            new = await asyncio.to_thread(load_config, self.config_path)
             archive = self._archive_for(new)
         except (ConfigError, OSError) as exc:
             self.store.set_config_reload(False, utcnow())

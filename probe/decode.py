@@ -37,6 +37,10 @@ _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _MAX_BYTES = 4 * 1024 * 1024  # a config or seed list is a few KiB; refuse anything absurd
+# Values in a file once aliases are expanded: the walk visits an aliased collection once
+# per reference, so a few hundred bytes of doubling aliases ("billion laughs") would
+# otherwise mean 2**27 visits, hanging check-config and a running agent's reload.
+_MAX_EXPANDED_NODES = 1_000_000
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
@@ -382,13 +386,55 @@ def parse_text(text: str, file: str) -> Node:
     """Compose YAML text into a root `Node`; syntax errors become a `ConfigError`."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _check_expansion(root, file)
     except yaml.MarkedYAMLError as exc:
         raise ConfigError(file, _mark_line(exc), YAML_FIELD, _yaml_message(exc)) from None
     except yaml.YAMLError as exc:  # e.g. ReaderError: a control character in the stream
         raise ConfigError(file, None, YAML_FIELD, f"invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(file, None, YAML_FIELD, TOO_DEEP) from None
     if root is None:
         raise ConfigError(file, 1, ROOT_FIELD, "file is empty")
     return Node(root, file, "", SafeConstructor())
+
+
+TOO_DEEP = "invalid YAML: nested too deeply"
+
+
+def _check_expansion(root: yaml.Node, file: str) -> None:
+    """Refuse a recursive alias, and aliases expanding past `_MAX_EXPANDED_NODES` values.
+
+    Sizes are memoised per node, so this costs one pass over the file as written.
+    """
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+
+    def size(node: yaml.Node, merged: bool = False) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in visiting:
+            what = "recursive merge key (<<)" if merged else "an alias refers to itself"
+            line = int(node.start_mark.line) + 1
+            raise ConfigError(file, line, YAML_FIELD, f"invalid YAML: {what}")
+        visiting.add(key)
+        total = 1
+        if isinstance(node, SequenceNode):
+            total += sum(size(item, merged) for item in node.value)
+        elif isinstance(node, MappingNode):
+            total += sum(size(k) + size(v, k.tag == _MERGE_TAG) for k, v in node.value)
+        visiting.discard(key)
+        sizes[key] = min(total, _MAX_EXPANDED_NODES + 1)
+        return sizes[key]
+
+    if size(root) > _MAX_EXPANDED_NODES:
+        raise ConfigError(
+            file,
+            None,
+            YAML_FIELD,
+            f"invalid YAML: aliases expand to more than {_MAX_EXPANDED_NODES} values",
+        )
 
 
 def parse_file(path: Path, file: str | None = None) -> Node:

@@ -301,6 +301,57 @@ services:
                 await control.close()
 
 
+async def test_a_reload_parses_the_config_off_the_event_loop(tmp_path: Path) -> None:
+    """A big config takes a while to parse and validate; a reload must not stall probing."""
+    many = "\n".join(
+        f"      - {{name: ep{i}, host: 127.0.0.1, ports: [9], role: signalling, probes: [tcp],"
+        " source: t, confidence: C}"
+        for i in range(1500)
+    )
+    slow = "{interval_s: 60, jitter_s: 30, min_spacing_s: 30}"
+    path = write_config(tmp_path / "agent.yaml", 9, 9, schedule=slow)
+    path.write_text(
+        path.read_text().replace("{lines}", "")
+        + f"""
+  - service: many
+    source: t
+    endpoints:
+{many}
+"""
+    )
+    started = time.perf_counter()
+    load_config(path)
+    load_s = time.perf_counter() - started
+    agent = Agent(load_config(path), str(path))
+    try:
+        gap = await max_loop_gap(agent.reload())
+        assert gap < max(0.05, load_s / 3), (gap, load_s)
+    finally:
+        await agent.stop()
+
+
+async def test_a_reload_with_an_alias_bomb_is_rejected_and_the_agent_runs_on(
+    tmp_path: Path,
+) -> None:
+    async with TCPServer("127.0.0.1", mode=TCPMode.CLOSE) as server:
+        with refusing_port() as dead:
+            path = write_config(tmp_path / "agent.yaml", server.port, dead)
+            agent = RecordingAgent(load_config(path), str(path))
+            agent.start()
+            try:
+                anchors = ", ".join(
+                    ["a0: &a0 [x, x]"]
+                    + [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, 26)]
+                )
+                path.write_text(path.read_text().replace("{path: null}", f"{{{anchors}}}"))
+                error = await asyncio.wait_for(agent.reload(), timeout=10)
+                assert error is not None and "aliases expand" in error
+                rounds = len(agent.rounds)
+                await wait_for(lambda: len(agent.rounds) > rounds, "rounds on the old config")
+            finally:
+                await agent.stop()
+
+
 # -- a sink that raises ----------------------------------------------------------------------
 
 

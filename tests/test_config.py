@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from importlib.resources import files
 from pathlib import Path
 
@@ -366,3 +367,41 @@ def test_an_empty_seeds_key_is_an_error_not_a_default(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(path)
     assert str(info.value) == f"{path}:1: seeds: expected a list, got null"
+
+
+def test_deep_nesting_is_a_config_error_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("vantage: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert "nested too deeply" in info.value.message
+
+
+def test_a_recursive_alias_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "loop.yaml"
+    path.write_text(
+        "seeds: []\nresolvers: {system: false}\nservices:\n"
+        "  - service: lab\n    source: t\n    endpoints:\n"
+        "      - {host: 127.0.0.1, ports: [443], role: web, source: t, confidence: C,\n"
+        "         probes: [{transfer: {path: &a [*a]}}]}\n"
+    )
+    with pytest.raises(ConfigError):
+        load(path)
+
+
+def test_an_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    """782 bytes of doubling aliases ("billion laughs") expand to 2**27 nodes: walking them
+    hung check-config, and a reload froze the running agent's event loop for good."""
+    anchors = ["a0: &a0 [x, x]"] + [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, 26)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text(
+        "seeds: []\nresolvers: {system: false}\nservices:\n"
+        "  - service: lab\n    source: t\n    endpoints:\n"
+        "      - {host: 127.0.0.1, ports: [443], role: web, source: t, confidence: C,\n"
+        f"         probes: [{{transfer: {{{', '.join(anchors)}}}}}]}}\n"
+    )
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert time.monotonic() - started < 5
+    assert "aliases expand" in info.value.message
