@@ -29,7 +29,8 @@ from .archive import ArchiveWriter
 from .config import ConfigError, load_config
 from .exporter import make_registry
 from .model import ProbeResult, SkipReason, VantageState, utcnow
-from .results import ResultStore, Snapshot
+from .results import Key, ResultStore, Snapshot
+from .round import resolver_ids
 from .scheduler import Scheduler
 from .settings import AgentConfig, WebSettings
 from .statuspage import render_status_page, results_json
@@ -180,8 +181,8 @@ class Agent:
         self.config = new
         self.store.set_vantage(new.vantage)
         await self._swap_archive(archive)
-        configured = {(ep.service, ep.name) for svc in new.services for ep in svc.endpoints}
-        self.store.replace_targets(k for k in self.store.snapshot().results if k[:2] in configured)
+        configured = _still_configured(new)
+        self.store.replace_targets(k for k in self.store.snapshot().results if configured(k))
         self._judge_soon()  # removed endpoints' verdicts go now, not after the next round
         # The old schedule's start times carry over: a reload never re-tests sooner than
         # min_spacing_s (a reload right after a round would otherwise re-run it at once).
@@ -217,6 +218,25 @@ class Agent:
             self.archive.close()
         for pool in (self.render_pool, self.auth_pool, self._judge_pool):
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _still_configured(config: AgentConfig) -> Callable[[Key], bool]:
+    """Whether a result key still has a place in ``config``: its endpoint, probe, port and
+    (for DNS) resolver.  What a reload removed goes at once, not at the next round."""
+    endpoints = {(ep.service, ep.name): ep for svc in config.services for ep in svc.endpoints}
+    resolvers = set(resolver_ids(config.settings))
+
+    def keep(key: Key) -> bool:
+        service, name, label, where, port = key
+        ep = endpoints.get((service, name))
+        if ep is None:
+            return False
+        probe = label.split("/", 1)[0]  # a swap test or repeat belongs to its probe
+        if probe == "dns":  # every hostname endpoint is resolved, asked for dns or not
+            return not ep.is_ip_literal and where in resolvers
+        return ep.spec(probe) is not None and (not port or int(port) in ep.ports_for(probe))
+
+    return keep
 
 
 def _warn_restart_needed(old: AgentConfig, new: AgentConfig) -> None:

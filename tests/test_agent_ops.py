@@ -198,6 +198,62 @@ async def test_reload_drops_removed_endpoints_and_their_verdicts(tmp_path: Path)
                 await agent.stop()
 
 
+async def test_reload_drops_series_of_removed_ports_probes_and_resolvers(tmp_path: Path) -> None:
+    """Not only whole endpoints: a port, a probe or a resolver taken out of a kept endpoint
+    must vanish at the reload, not at the endpoint's next round minutes later."""
+    table = AnswerTable().host("kept.lab.example", "127.0.0.1")
+    async with (
+        TCPServer("127.0.0.1", mode=TCPMode.CLOSE) as server,
+        DNSServer(table, "127.0.0.1") as dns_a,
+        DNSServer(table, "127.0.0.1") as dns_b,
+    ):
+        with refusing_port() as dead:
+
+            def text(ports: str, probes: str, resolvers: str) -> str:
+                return f"""
+schedule: {{interval_s: 60, jitter_s: 0, min_spacing_s: 30}}
+timeouts: {{connect_s: 1, dns_s: 1}}
+resolvers: {{system: false, udp: [{resolvers}], reply_window_s: 0}}
+seeds: []
+archive: {{path: null}}
+services:
+  - service: controls
+    source: t
+    endpoints:
+      - {{name: ctl, host: 127.0.0.1, ports: [{server.port}], role: control, probes: [tcp],
+          source: t, confidence: C}}
+  - service: lab
+    source: t
+    prefixes: [{{cidr: 127.0.0.0/8, source: t, confidence: C}}]
+    endpoints:
+      - {{host: kept.lab.example, ports: [{ports}], role: signalling, probes: [{probes}],
+          source: t, confidence: C}}
+"""
+
+            both = f'"127.0.0.1:{dns_a.port}", "127.0.0.1:{dns_b.port}"'
+            path = tmp_path / "agent.yaml"
+            path.write_text(text(f"{server.port}, {dead}", "dns, tcp, mtproto", both))
+            agent = Agent(load_config(path), str(path))
+            agent.start()
+            try:
+
+                def keys() -> set[tuple[str, ...]]:
+                    return {k[2:] for k in agent.store.snapshot().results if k[0] == "lab"}
+
+                await wait_for(lambda: len(keys()) >= 6, "the first round")
+                assert ("tcp", "127.0.0.1", str(dead)) in keys()
+                path.write_text(text(str(server.port), "dns, tcp", f'"127.0.0.1:{dns_a.port}"'))
+                assert await agent.reload() is None
+                kept = keys()
+                assert ("tcp", "127.0.0.1", str(server.port)) in kept
+                assert ("dns", f"udp:127.0.0.1:{dns_a.port}", "") in kept
+                assert not [k for k in kept if k[0].startswith("mtproto")]  # probe removed
+                assert not [k for k in kept if k[2] == str(dead)]  # port removed
+                assert not [k for k in kept if k[1] == f"udp:127.0.0.1:{dns_b.port}"]
+            finally:
+                await agent.stop()
+
+
 async def test_reload_moves_the_archive_and_rejects_one_it_cannot_create(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
