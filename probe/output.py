@@ -84,8 +84,17 @@ def _row(result: ProbeResult) -> tuple[str, ...]:
     return (t.service, t.endpoint.name, where, str(t.port or ""), t.label, outcome, failure, ms)
 
 
+def _printable(text: str) -> str:
+    """Control characters as ``\\xNN``: failure messages and evidence can quote a peer, and
+    an escape sequence or a carriage return would drive the terminal or forge a row."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
 def _aligned(columns: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
     """A header, a rule and the rows, each column padded to its widest cell."""
+    rows = [tuple(_printable(cell) for cell in row) for row in rows]
     every = [columns, *rows]
     widths = [max(len(row[i]) for row in every) for i in range(len(columns))]
     lines = [
@@ -117,7 +126,7 @@ def verdict_lines(verdicts: tuple[EndpointVerdict | ServiceVerdict, ...]) -> lis
     lines = aligned[:2]
     for row, v in zip(aligned[2:], verdicts, strict=True):
         lines.append(row)
-        lines += [f"    {e}" for e in v.evidence]
+        lines += [f"    {_printable(e)}" for e in v.evidence]
     return lines
 
 
