@@ -70,8 +70,14 @@ def settings(
     **timeouts: float,
 ) -> ProbeSettings:
     fast = {
-        "dns_s": 2.0, "connect_s": 2.0, "tls_s": 2.0, "quic_s": 2.0, "udp_s": 2.0,
-        "app_s": 2.0, "transfer_s": 10.0, "stall_s": 1.0,
+        "dns_s": 2.0,
+        "connect_s": 2.0,
+        "tls_s": 2.0,
+        "quic_s": 2.0,
+        "udp_s": 2.0,
+        "app_s": 2.0,
+        "transfer_s": 10.0,
+        "stall_s": 1.0,
     }
     fast.update(timeouts)
     return ProbeSettings(
