@@ -66,6 +66,8 @@ class Agent:
         self.store.set_config_reload(True, utcnow())
         self._stats_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
+        self._queued_reload: asyncio.Future[str | None] | None = None
+        self._stopping = False
         self._judge_wanted = asyncio.Event()
         self._judge_task: asyncio.Task[None] | None = None
         # One thread each: a flood of scrapes or of wrong passwords queues there and can
@@ -158,11 +160,21 @@ class Agent:
 
         One reload at a time: a burst of SIGHUPs must not interleave two reloads, each
         starting a scheduler of its own (duplicate, overlapping rounds that never stop).
+        Requests that arrive while a reload waits its turn share it: it reads the file
+        after they were made.  So a storm costs at most two reloads, not one per signal.
         """
+        if self._queued_reload is None:
+            self._queued_reload = asyncio.ensure_future(self._reload_in_turn())
+        return await asyncio.shield(self._queued_reload)
+
+    async def _reload_in_turn(self) -> str | None:
         async with self._reload_lock:
+            self._queued_reload = None  # from here on, a request may find a newer file
             return await self._reload()
 
     async def _reload(self) -> str | None:
+        if self._stopping:  # a reload queued behind a SIGTERM must not start a schedule
+            return "the agent is stopping"
         try:
             # Parsing and validating a big config takes a while: not on the probes' loop.
             new = await asyncio.to_thread(load_config, self.config_path)
@@ -209,11 +221,13 @@ class Agent:
             await asyncio.get_running_loop().run_in_executor(self.render_pool, old.close)
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in (self._stats_task, self._judge_task):
             if task is not None:
                 task.cancel()
-        if self.scheduler is not None:
-            await self.scheduler.stop(SHUTDOWN_GRACE_S)
+        async with self._reload_lock:  # a reload under way finishes (or gives up) first
+            if self.scheduler is not None:
+                await self.scheduler.stop(SHUTDOWN_GRACE_S)
         if self.archive is not None:
             self.archive.close()
         for pool in (self.render_pool, self.auth_pool, self._judge_pool):

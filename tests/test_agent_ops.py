@@ -130,19 +130,30 @@ async def max_loop_gap(work: Awaitable[Any]) -> float:
 # -- reload -------------------------------------------------------------------------------
 
 
-async def test_a_reload_storm_leaves_one_schedule_and_stop_ends_it(tmp_path: Path) -> None:
-    """Five reloads at once (a SIGHUP storm): one loop per endpoint afterwards, none after stop."""
+async def test_a_reload_storm_leaves_one_schedule_and_stop_ends_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twenty reloads at once (a SIGHUP storm): one loop per endpoint afterwards, none after
+    stop, and the requests that queued up together share one reload (each reload cancels
+    rounds in flight and re-runs the offline gate)."""
     async with TCPServer("127.0.0.1", mode=TCPMode.CLOSE) as server:
         with refusing_port() as dead:
             path = write_config(tmp_path / "agent.yaml", server.port, dead)
             agent = RecordingAgent(load_config(path), str(path))
             agent.start()
             try:
-                assert await asyncio.gather(*(agent.reload() for _ in range(5))) == [None] * 5
+                with caplog.at_level("INFO", logger="probe.daemon"):
+                    storm = await asyncio.gather(*(agent.reload() for _ in range(20)))
+                assert storm == [None] * 20
+                reloads = [r for r in caplog.records if r.getMessage() == "config reloaded"]
+                assert 1 <= len(reloads) <= 2, len(reloads)
                 assert len(endpoint_loops()) == 3  # ctl, up, down: exactly one loop each
+                late = [asyncio.ensure_future(agent.reload()) for _ in range(3)]
+                await asyncio.sleep(0)  # SIGTERM arrives while those reloads are pending
             finally:
                 await agent.stop()
-            assert endpoint_loops() == []
+            await asyncio.gather(*late)
+            assert endpoint_loops() == []  # no reload started a schedule after the stop
             recorded = len(agent.rounds)
             await asyncio.sleep(1.2)  # longer than an interval: a leaked loop would record
             assert len(agent.rounds) == recorded
