@@ -376,9 +376,10 @@ async def serve(config: AgentConfig, config_path: str | None) -> int:
     runner = web.AppRunner(build_app(agent), access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(
-            runner, config.listen.host, config.listen.port, ssl_context=_server_ssl(config.web)
-        )
+        # asyncio makes an IPv6 listener IPv6-only: for "[::]" (every address) listen on
+        # every address of both families, as the docs promise, not on IPv6 alone.
+        host = None if config.listen.host == "::" else config.listen.host
+        site = web.TCPSite(runner, host, config.listen.port, ssl_context=_server_ssl(config.web))
         await site.start()
     except OSError as exc:  # port taken, address not ours, unreadable TLS key (ssl.SSLError)
         log.error("cannot listen", extra={"listen": str(config.listen), "error": str(exc)})

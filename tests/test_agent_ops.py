@@ -639,6 +639,35 @@ def test_a_taken_listen_port_is_a_one_line_error(tmp_path: Path) -> None:
     assert any("address already in use" in json.dumps(e) for e in events), done.stderr
 
 
+def test_listen_on_the_ipv6_wildcard_takes_ipv4_too(tmp_path: Path) -> None:
+    """docs/configuration.md: `[::]:PORT` listens on all addresses.  asyncio sets IPV6_V6ONLY
+    on an IPv6 listener, so Prometheus scraping over IPv4 was refused."""
+    port = free_port()
+    path = write_config(tmp_path / "agent.yaml", 9, 9, extra=f'listen: "[::]:{port}"')
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "probe", "run", "-c", str(path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        answers = {}
+        for host in ("[::1]", "127.0.0.1"):
+            deadline = time.monotonic() + 20
+            while host not in answers and time.monotonic() < deadline:
+                try:
+                    with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=2) as r:
+                        answers[host] = r.status
+                except OSError:
+                    if agent.poll() is not None:
+                        break
+                    time.sleep(0.2)
+        assert answers == {"[::1]": 200, "127.0.0.1": 200}, answers
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+
+
 FULL_DISK_DRIVER = r"""
 import json, signal, subprocess, sys, time, urllib.request
 mnt, config, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
