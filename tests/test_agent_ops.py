@@ -373,7 +373,7 @@ async def test_a_reload_parses_the_config_off_the_event_loop(tmp_path: Path) -> 
     many = "\n".join(
         f"      - {{name: ep{i}, host: 127.0.0.1, ports: [9], role: signalling, probes: [tcp],"
         " source: t, confidence: C}"
-        for i in range(1500)
+        for i in range(800)
     )
     slow = "{interval_s: 60, jitter_s: 30, min_spacing_s: 30}"
     path = write_config(tmp_path / "agent.yaml", 9, 9, schedule=slow)
