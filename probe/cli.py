@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -119,7 +120,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_archive(args: argparse.Namespace) -> int:
     import json
-    from datetime import datetime
 
     from .archive import ReadStats, iter_archive
 
@@ -127,7 +127,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
     if directory is None:
         print("probe: the archive is disabled in this config", file=sys.stderr)
         return EXIT_USAGE
-    since = datetime.fromisoformat(args.since) if args.since else None
+    since = args.since
     stats = ReadStats()
     for record in iter_archive(
         directory, since, args.service, args.probe, args.failed, stats=stats
@@ -138,6 +138,16 @@ def cmd_archive(args: argparse.Namespace) -> int:
             f"probe: skipped {stats.torn} torn and {stats.corrupt} corrupt line(s)", file=sys.stderr
         )
     return EXIT_OK
+
+
+def _iso_time(text: str) -> datetime:
+    """argparse type: an ISO 8601 time (UTC when no offset is given)."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time like 2025-08-01 or 2025-08-01T12:00Z"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     arch = sub.add_parser("archive", help="read the measurement archive back (JSON Lines)")
     arch.add_argument("-c", "--config", help="config whose archive.path to read")
     arch.add_argument("--dir", help="archive directory (overrides the config)")
-    arch.add_argument("--since", help="ISO 8601 time (UTC if no offset)")
+    arch.add_argument("--since", type=_iso_time, help="ISO 8601 time (UTC if no offset)")
     arch.add_argument("--service")
     arch.add_argument("--probe")
     arch.add_argument("--failed", action="store_true", help="only failed measurements")

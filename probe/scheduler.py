@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .model import Endpoint, ProbeResult, VantageState
+from .model import Endpoint, ProbeResult, VantageState, utcnow
 from .round import Runner, all_endpoints, check_config_vantage, measure_endpoint
 from .settings import AgentConfig
 
@@ -89,7 +89,11 @@ class Scheduler:
 
     async def _gate_loop(self) -> None:
         while True:
-            state = await check_config_vantage(self.config)
+            try:
+                state = await check_config_vantage(self.config)
+            except Exception as exc:  # a gate bug must not stop every endpoint from starting
+                log.exception("vantage check failed; treating the vantage as offline")
+                state = VantageState(False, False, utcnow(), {"error": type(exc).__name__})
             if self._state is None or state.online != self._state.online:
                 log.info("vantage state", extra={"state": state.state, "ipv6": state.ipv6})
             self._state = state

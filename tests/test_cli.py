@@ -199,3 +199,14 @@ async def test_once_reports_failures_with_exit_code_1_and_a_readable_table(
     assert any(" dead " in line and " tcp/repeat " in line for line in out.splitlines())
     assert "    tcp 127.0.0.1:1 connection_refused (connect)" in out.splitlines()
     assert out.splitlines()[-1].startswith("vantage test-box: online")
+
+
+def test_archive_since_rejects_a_non_iso_time_in_one_usage_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["archive", "--dir", str(tmp_path), "--since", "yesterday"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --since: 'yesterday' is not an ISO 8601 time" in err
+    assert "Traceback" not in err

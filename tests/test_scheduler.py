@@ -8,8 +8,10 @@ import random
 import time
 from collections.abc import Sequence
 
+import pytest
+
 from probe.lab.servers.tcp import FullBacklogListener, TCPMode, TCPServer
-from probe.model import ProbeResult, Service, VantageState
+from probe.model import ProbeResult, Service, SkipReason, VantageState
 from probe.scheduler import Scheduler
 from probe.settings import AgentConfig, Schedule, Timeouts
 from tests.helpers import endpoint
@@ -111,3 +113,28 @@ async def test_stop_cancels_promptly_even_with_probes_in_flight() -> None:
         started = time.monotonic()
         await scheduler.stop(grace_s=3.0)
         assert time.monotonic() - started < 3.0
+
+
+async def test_a_failing_vantage_check_means_offline_not_a_dead_agent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fault injection into our own gate: endpoints still run, and count nothing as blocked."""
+
+    async def broken(_config: AgentConfig) -> VantageState:
+        raise RuntimeError("bug in the gate")
+
+    monkeypatch.setattr("probe.scheduler.check_config_vantage", broken)
+    async with TCPServer("127.0.0.1", mode=TCPMode.CLOSE) as server:
+        sched = Schedule(interval_s=5, jitter_s=0, min_spacing_s=1)
+        rec = Recorder()
+        results: list[ProbeResult] = []
+
+        def keep(batch: Sequence[ProbeResult]) -> None:
+            results.extend(batch)
+            rec.results(batch)
+
+        scheduler = Scheduler(config(server.port, sched), keep, rec.vantage)
+        await run_for(scheduler, 0.5)
+    assert rec.states and not rec.states[0].online
+    assert rec.states[0].evidence == {"error": "RuntimeError"}
+    assert results and {r.skipped for r in results} == {SkipReason.VANTAGE_OFFLINE}
