@@ -240,11 +240,26 @@ class Behaviour(ABC):
         return f"{self.id} {type(self).__name__}"
 
 
-class NftBehaviour(Behaviour):
+class _MarkingBehaviour(Behaviour):
+    """A behaviour that may hold conntrack mark bits while applied (freed on remove)."""
+
+    _marks: list[int]
+
+    def mark(self, censor: Censor) -> int:
+        bit = censor.mark_bit()
+        self._marks.append(bit)
+        return bit
+
+    def _free(self, censor: Censor) -> None:
+        for bit in getattr(self, "_marks", []):
+            censor.free_mark(bit)
+        self._marks = []
+
+
+class NftBehaviour(_MarkingBehaviour):
     """A behaviour that is one nftables table with a forward base chain (and sets)."""
 
     _table: str | None = None
-    _marks: list[int]
 
     @abstractmethod
     def rules(self, censor: Censor) -> list[str]: ...
@@ -273,22 +288,11 @@ class NftBehaviour(Behaviour):
             self._table = None
         self._free(censor)
 
-    def mark(self, censor: Censor) -> int:
-        bit = censor.mark_bit()
-        self._marks.append(bit)
-        return bit
 
-    def _free(self, censor: Censor) -> None:
-        for bit in getattr(self, "_marks", []):
-            censor.free_mark(bit)
-        self._marks = []
-
-
-class IptBehaviour(Behaviour):
+class IptBehaviour(_MarkingBehaviour):
     """A behaviour that is one iptables chain (v4 and v6) jumped to from FORWARD."""
 
     _chain: str | None = None
-    _marks: list[int]
 
     @abstractmethod
     def rules(self, censor: Censor, chain: str, family: int) -> list[str]:
@@ -330,15 +334,40 @@ class IptBehaviour(Behaviour):
         script = f"*filter\n-D FORWARD -j {chain}\n-F {chain}\n-X {chain}\nCOMMIT\n"
         censor.iptables(script, script)
 
-    def mark(self, censor: Censor) -> int:
-        bit = censor.mark_bit()
-        self._marks.append(bit)
-        return bit
 
-    def _free(self, censor: Censor) -> None:
-        for bit in getattr(self, "_marks", []):
-            censor.free_mark(bit)
-        self._marks = []
+@dataclass(eq=False)
+class QueueBehaviour(IptBehaviour):
+    """An iptables behaviour whose rules send packets to NFQUEUE, where a handler process
+    (`probe.lab.nfq`, spawned in the censor namespace) decides their fate.  The queue
+    number and the handler live exactly as long as the rules."""
+
+    handler: LabProcess | None = field(default=None, init=False)
+    _queue: int = field(default=0, init=False)
+
+    @abstractmethod
+    def handler_spec(self) -> dict[str, Any]:
+        """The handler's spec for `probe.lab.nfq` (its ``mode`` and options; not the queue)."""
+
+    def apply(self, censor: Censor) -> None:
+        self._queue = censor.queue_num()
+        try:
+            self.handler = censor.spawn({**self.handler_spec(), "queue": self._queue})
+            super().apply(censor)
+        except BaseException:
+            self._stop(censor)
+            raise
+
+    def remove(self, censor: Censor) -> None:
+        try:
+            super().remove(censor)
+        finally:
+            self._stop(censor)
+
+    def _stop(self, censor: Censor) -> None:
+        if self.handler is not None:
+            censor.lab.stop(self.handler)
+            self.handler = None
+        censor.free_queue(self._queue)
 
 
 def _ipt_peer(
@@ -367,7 +396,7 @@ def _ipt_ports(ports: Sequence[int], direction: Literal["up", "down"]) -> str:
 
 
 @dataclass(eq=False)
-class DNSInjection(IptBehaviour):
+class DNSInjection(QueueBehaviour):
     """B1, on-path injector: UDP DNS queries crossing the censor go to an NFQUEUE handler
     (`probe.lab.nfq` ``dnsinject``) that answers scripted names itself, spoofing the
     resolver's address, and then lets the query continue (``drop_query=False``: the real
@@ -384,35 +413,9 @@ class DNSInjection(IptBehaviour):
     resolvers: Sequence[str] = ()  # only queries to these resolvers; empty = any
     drop_query: bool = False
     port: int = 53
-    handler: LabProcess | None = field(default=None, init=False)
-    _queue: int = field(default=0, init=False)
 
-    def apply(self, censor: Censor) -> None:
-        self._queue = censor.queue_num()
-        spec = {
-            "mode": "dnsinject",
-            "queue": self._queue,
-            "rules": list(self.answers),
-            "drop_query": self.drop_query,
-        }
-        try:
-            self.handler = censor.spawn(spec)
-            super().apply(censor)
-        except BaseException:
-            self._stop(censor)
-            raise
-
-    def remove(self, censor: Censor) -> None:
-        try:
-            super().remove(censor)
-        finally:
-            self._stop(censor)
-
-    def _stop(self, censor: Censor) -> None:
-        if self.handler is not None:
-            censor.lab.stop(self.handler)
-            self.handler = None
-        censor.free_queue(self._queue)
+    def handler_spec(self) -> dict[str, Any]:
+        return {"mode": "dnsinject", "rules": list(self.answers), "drop_query": self.drop_query}
 
     def rules(self, censor: Censor, chain: str, family: int) -> list[str]:
         peer = _ipt_peer(self.resolvers, family, "up")
@@ -883,7 +886,7 @@ class FlowCutoff(NftBehaviour):
 
 
 @dataclass(eq=False)
-class Delay(IptBehaviour):
+class Delay(QueueBehaviour):
     """Added latency (no netem here): packets to/from ``addresses`` go through NFQUEUE to a
     handler (`probe.lab.nfq` ``delay``) that holds each for ``ms`` milliseconds, in
     order.  Not a censor behaviour of its own: a slow path to compare against."""
@@ -892,31 +895,9 @@ class Delay(IptBehaviour):
     ms: float = 100.0
     addresses: Sequence[str] = ()
     direction: Direction = "down"
-    handler: LabProcess | None = field(default=None, init=False)
-    _queue: int = field(default=0, init=False)
 
-    def apply(self, censor: Censor) -> None:
-        self._queue = censor.queue_num()
-        try:
-            self.handler = censor.spawn(
-                {"mode": "delay", "queue": self._queue, "delay_ms": self.ms}
-            )
-            super().apply(censor)
-        except BaseException:
-            self._stop(censor)
-            raise
-
-    def remove(self, censor: Censor) -> None:
-        try:
-            super().remove(censor)
-        finally:
-            self._stop(censor)
-
-    def _stop(self, censor: Censor) -> None:
-        if self.handler is not None:
-            censor.lab.stop(self.handler)
-            self.handler = None
-        censor.free_queue(self._queue)
+    def handler_spec(self) -> dict[str, Any]:
+        return {"mode": "delay", "delay_ms": self.ms}
 
     def rules(self, censor: Censor, chain: str, family: int) -> list[str]:
         out = []

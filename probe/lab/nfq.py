@@ -25,13 +25,13 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import signal
 import socket
 import struct
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from .helperproc import answer_commands, emit, stop_on_signals
 from .serve import table_from_rules
 from .servers.dns import Behaviour, decode_query, plan_replies, question_of
 
@@ -39,6 +39,7 @@ __all__ = ["main", "parse_udp"]
 
 _IP_TRANSPARENT = 19
 _IPV6_TRANSPARENT = 75
+_MAX_COMMAND = 1 << 16  # a stdin command line ({"cmd": "stats"})
 _MAX_QUEUE = 4096  # packets the kernel may hold for us; beyond that it drops (tail drop)
 _MAX_SOCKETS = 64  # spoofing sockets kept, one per (resolver address, port)
 
@@ -222,11 +223,6 @@ def build_handler(spec: Mapping[str, Any]) -> Handler:
     raise ValueError(f"unknown nfq mode {mode!r}")
 
 
-def _emit(obj: Mapping[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 async def _run(spec: Mapping[str, Any]) -> int:
     from netfilterqueue import NetfilterQueue  # only the lab needs it (extra "lab")
 
@@ -235,41 +231,28 @@ async def _run(spec: Mapping[str, Any]) -> int:
     nfq = NetfilterQueue()
     nfq.bind(queue_num, handler.on_packet, max_len=_MAX_QUEUE)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     # run(block=False) handles what is pending on the netlink socket and returns.
     loop.add_reader(nfq.get_fd(), nfq.run, False)
-    _emit({"ready": True, "queue": queue_num, "mode": spec.get("mode")})
-    reader = asyncio.StreamReader(limit=1 << 16)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    commands = asyncio.create_task(_commands(handler, reader, stop))
+    emit({"ready": True, "queue": queue_num, "mode": spec.get("mode")})
     try:
-        await stop.wait()
+        await answer_commands(
+            lambda cmd: _answer(handler, cmd),
+            stop,
+            errors=(ValueError, AttributeError),
+            limit=_MAX_COMMAND,
+        )
     finally:
-        commands.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await commands
         loop.remove_reader(nfq.get_fd())
         handler.close()
         nfq.unbind()
     return 0
 
 
-async def _commands(handler: Handler, reader: asyncio.StreamReader, stop: asyncio.Event) -> None:
-    try:
-        while line := await reader.readline():
-            try:
-                cmd = json.loads(line)
-                if cmd.get("cmd") != "stats":
-                    raise ValueError(f"unknown command {cmd.get('cmd')!r}")
-                _emit(handler.stats())
-            except (ValueError, AttributeError) as exc:
-                _emit({"error": f"{type(exc).__name__}: {exc}"})
-    except (ValueError, OSError):
-        pass
-    finally:
-        stop.set()
+def _answer(handler: Handler, cmd: Any) -> dict[str, Any]:
+    if cmd.get("cmd") != "stats":
+        raise ValueError(f"unknown command {cmd.get('cmd')!r}")
+    return handler.stats()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -280,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = json.loads(args[0])
         return asyncio.run(_run(spec))
     except (ValueError, KeyError, TypeError, OSError, ImportError) as exc:
-        _emit({"error": f"{type(exc).__name__}: {exc}"})
+        emit({"error": f"{type(exc).__name__}: {exc}"})
         return 1
 
 

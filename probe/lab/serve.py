@@ -47,13 +47,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .certs import LeafCert
+from .helperproc import answer_commands, emit, stop_on_signals
 from .servers.dns import AnswerTable, Behaviour, DNSServer
 from .servers.doh import DoHServer
 from .servers.https_bulk import BulkBehaviour, HTTPSBulkServer
@@ -258,64 +258,37 @@ class Serving:
         raise SpecError(f"no server named {name!r}")
 
 
-def _emit(obj: Mapping[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-async def _stdin_reader() -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=_MAX_COMMAND)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    return reader
-
-
 async def _serve(specs: Sequence[Mapping[str, Any]]) -> int:
     try:
         serving = Serving(specs)
     except (SpecError, KeyError, TypeError, ValueError, OSError) as exc:
-        _emit({"error": f"{type(exc).__name__}: {exc}"})
+        emit({"error": f"{type(exc).__name__}: {exc}"})
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     try:
         bound = await serving.start()
     except (OSError, RuntimeError) as exc:
         await serving.close()
-        _emit({"error": f"{type(exc).__name__}: {exc}"})
+        emit({"error": f"{type(exc).__name__}: {exc}"})
         return 1
-    _emit({"ready": True, "servers": bound})
-    reader = await _stdin_reader()
-    commands = asyncio.create_task(_command_loop(serving, reader, stop))
+    emit({"ready": True, "servers": bound})
+
+    def answer(cmd: Any) -> dict[str, Any]:
+        if cmd.get("cmd") == "stop":
+            stop.set()
+            return {"ok": True}
+        return serving.command(cmd)
+
     try:
-        await stop.wait()
+        await answer_commands(
+            answer,
+            stop,
+            errors=(SpecError, KeyError, TypeError, ValueError, AttributeError),
+            limit=_MAX_COMMAND,
+        )
     finally:
-        commands.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await commands
         await serving.close()
     return 0
-
-
-async def _command_loop(
-    serving: Serving, reader: asyncio.StreamReader, stop: asyncio.Event
-) -> None:
-    try:
-        while line := await reader.readline():
-            try:
-                cmd = json.loads(line)
-                if cmd.get("cmd") == "stop":
-                    _emit({"ok": True})
-                    break
-                _emit(serving.command(cmd))
-            except (SpecError, KeyError, TypeError, ValueError, AttributeError) as exc:
-                _emit({"error": f"{type(exc).__name__}: {exc}"})
-    except (ValueError, OSError):  # an over-long line or a broken pipe: stop serving
-        pass
-    finally:
-        stop.set()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -327,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = json.loads(args[0])
         specs = spec["servers"]
     except (ValueError, KeyError, TypeError) as exc:
-        _emit({"error": f"bad spec: {exc}"})
+        emit({"error": f"bad spec: {exc}"})
         return 2
     return asyncio.run(_serve(specs))
 
