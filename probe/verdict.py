@@ -113,6 +113,10 @@ _TLS_INTERFERENCE = frozenset(
     {Failure.CONNECTION_RESET, Failure.GENERIC_TIMEOUT, Failure.EOF, Failure.SSL_FAILED_HANDSHAKE}
 )
 _SILENCE = frozenset({Failure.GENERIC_TIMEOUT, Failure.UDP_NO_RESPONSE})
+# ICMP answered a UDP datagram: the address/port is dropped, whatever the payload was
+_ICMP = frozenset(
+    {Failure.CONNECTION_REFUSED, Failure.HOST_UNREACHABLE, Failure.NETWORK_UNREACHABLE}
+)
 _NEGATIVE_DNS = frozenset({Failure.DNS_NXDOMAIN, Failure.DNS_NO_ANSWER})
 _UDP_PROBES = frozenset({"quic", "quic_vn", "stun"})
 _CLEAN_RESOLVERS = frozenset({"tcp", "doh"})  # what a censor cannot (or hardly) rewrite
@@ -293,7 +297,7 @@ def _hostport(address: str | None, port: int | None) -> str:
 
 def describe(o: Observation) -> str:
     """One short evidence line: ``tls 10.0.0.5:443 connection_reset (tls_handshake)``."""
-    where = o.resolver if o.base == "dns" else _hostport(o.address, o.port)
+    where = (o.resolver or "system") if o.base == "dns" else _hostport(o.address, o.port)
     if o.skipped:
         return f"{o.probe} {where} skipped ({o.skipped})"
     if o.ok:
@@ -319,11 +323,19 @@ def _bounded(lines: Iterable[str]) -> tuple[str, ...]:
     return (*unique[: _MAX_EVIDENCE - 1], f"… and {len(unique) - _MAX_EVIDENCE + 1} more")
 
 
+def _mapping(o: Observation, key: str) -> Mapping[str, Any]:
+    """``details[key]`` if it is a mapping: archived or hand-made records may differ."""
+    value = o.details.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _sequence(value: object) -> Sequence[Any]:
+    return value if isinstance(value, list | tuple) else ()
+
+
 def _answers(o: Observation) -> frozenset[str]:
-    answers = o.details.get("answers") or {}
-    if not isinstance(answers, Mapping):
-        return frozenset()
-    return frozenset(str(a) for qt in ("A", "AAAA") for a in answers.get(qt, ()) or ())
+    answers = _mapping(o, "answers")
+    return frozenset(str(a) for qt in ("A", "AAAA") for a in _sequence(answers.get(qt)))
 
 
 # --------------------------------------------------------------------------- context
@@ -337,7 +349,8 @@ def _succeeded(c: Observation) -> bool:
 
 
 def _connected(c: Observation) -> bool:
-    return c.ok or c.failed_operation != "connect"
+    # a failure without its operation (a trimmed control record) proves no connect
+    return c.ok or c.failed_operation not in (None, "connect")
 
 
 @dataclass(frozen=True)
@@ -436,7 +449,7 @@ def _tls_interference_rule(ctx: _Context, o: Observation) -> _Finding:
     ctl = ctx.control_for(o)
     if ctl is not None and not ctl.ok:
         return _down(o, ctl)
-    stage = (o.details.get("handshake") or {}).get("stage")
+    stage = _mapping(o, "handshake").get("stage")
     lines = [describe(o) + (f", {stage}" if stage else "")]
     if ctl is not None:
         lines.append(_control(ctl))
@@ -472,10 +485,8 @@ def _tls_interference_rule(ctx: _Context, o: Observation) -> _Finding:
 
 
 def _fingerprint(o: Observation) -> str | None:
-    cert = o.details.get("certificate")
-    if isinstance(cert, Mapping) and cert.get("sha256"):
-        return str(cert["sha256"])
-    return None
+    sha = _mapping(o, "certificate").get("sha256")
+    return str(sha) if sha else None
 
 
 def _certificate_rule(ctx: _Context, o: Observation) -> _Finding:
@@ -483,9 +494,9 @@ def _certificate_rule(ctx: _Context, o: Observation) -> _Finding:
     ctl = ctx.control_for(o)
     mine = _fingerprint(o)
     lines = [describe(o)]
-    cert = o.details.get("certificate")
-    if isinstance(cert, Mapping) and cert.get("issuer"):
-        lines.append(f"certificate issuer {str(cert['issuer'])[:80]}")
+    issuer = _mapping(o, "certificate").get("issuer")
+    if issuer:
+        lines.append(f"certificate issuer {str(issuer)[:80]}")
     if ctl is None:
         if o.kind == Failure.SSL_UNKNOWN_AUTHORITY:
             lines.append("untrusted issuer on a public service; no control to compare")
@@ -536,9 +547,7 @@ def _quic_rule(ctx: _Context, o: Observation) -> _Finding:
         return _Finding(Verdict.INCONCLUSIVE, NONE, (*lines, "silence alone proves nothing"))
     if ctl is not None:
         lines.append("the control completes the QUIC handshake")
-        verdict = (
-            Verdict.UDP_BLOCKING if o.kind == Failure.CONNECTION_REFUSED else Verdict.QUIC_FILTERING
-        )
+        verdict = Verdict.UDP_BLOCKING if o.kind in _ICMP else Verdict.QUIC_FILTERING
         return _Finding(verdict, GOOD, tuple(lines))
     return _Finding(Verdict.INCONCLUSIVE, NONE, (*lines, "no control vantage to compare"))
 
@@ -562,7 +571,7 @@ def _quic_vn_rule(ctx: _Context, o: Observation) -> _Finding:
     ctl = ctx.control_for(o)
     if ctl is not None and not ctl.ok:
         return _down(o, ctl)
-    if o.kind in _SILENCE or o.kind == Failure.CONNECTION_REFUSED:
+    if o.kind in _SILENCE or o.kind in _ICMP:
         lines = [describe(o)] + ([_control(ctl)] if ctl is not None else [])
         return _udp_silence(ctx, o, lines, ctl)
     return _by_control(
@@ -581,7 +590,7 @@ def _stun_rule(ctx: _Context, o: Observation) -> _Finding:
             ctx, o, Verdict.UDP_BLOCKING, with_control=CERTAIN, without=GOOD, why=why
         )
     if o.kind != Failure.UDP_NO_RESPONSE:
-        if o.kind == Failure.CONNECTION_REFUSED:
+        if o.kind in _ICMP:
             return _by_control(
                 ctx,
                 o,
@@ -606,7 +615,7 @@ def _stun_rule(ctx: _Context, o: Observation) -> _Finding:
     random_udp = [o, *ctx.swaps("stun", "random_udp", o)]
     for r in random_udp[1:]:
         lines.append(describe(r))
-    replied = [r for r in random_udp if (r.details.get("control") or {}).get("replied")]
+    replied = [r for r in random_udp if _mapping(r, "control").get("replied")]
     if replied:
         lines.append("random UDP of the same size to the same port is answered, STUN is not")
         return _Finding(Verdict.UDP_BLOCKING, GOOD, tuple(lines))
@@ -621,7 +630,7 @@ def _transfer_rule(ctx: _Context, o: Observation) -> _Finding:
     """B7 freeze, B5 post-handshake stall, B6 throttling."""
     d = o.details
     if o.kind == Failure.STALL_AFTER_BYTES:
-        stalled = d.get("stalled_at_wire_bytes") or d.get("stalled_at_bytes") or []
+        stalled = _sequence(d.get("stalled_at_wire_bytes") or d.get("stalled_at_bytes"))
         why = f"{d.get('stalled_connections', '?')} of {d.get('connections_attempted', '?')} "
         why += f"connections stalled at {', '.join(str(b) for b in stalled[:4])} bytes"
         return _by_control(
@@ -697,9 +706,13 @@ def _judge_attempts(ctx: _Context, attempts: Sequence[Observation]) -> _Finding:
         if finding.blocking:
             return finding.weaker(_DISAGREE_FACTOR, note)
         return _Finding(Verdict.OK, FAIR, (*finding.evidence, note))
-    if len(failed) > 1:
+    if len(failed) == 1:
+        return finding
+    if all(_same_failure(a, failed[0]) for a in failed):
         return finding.stronger(f"{len(failed)} of {len(attempts)} attempts failed the same way")
-    return finding
+    # no agreement bonus: the attempts disagree on what failed
+    note = f"{len(failed)} of {len(attempts)} attempts failed, in different ways"
+    return _Finding(finding.verdict, finding.confidence, (*finding.evidence, note))
 
 
 def _rank(f: _Finding) -> tuple[int, float]:
@@ -928,8 +941,11 @@ def judge_service(endpoint_verdicts: Sequence[EndpointVerdict]) -> ServiceVerdic
     if blocked:
         counts = Counter(v.verdict for v in blocked)
         top = min(counts, key=lambda k: (-counts[k], _PRIORITY.index(k)))
+        # down or inconclusive endpoints next to blocked ones: name the block, but the
+        # confidence says how much of the service shows it (as for ``ok`` below)
         confidence = _mean(v.confidence for v in blocked if v.verdict == top)
-        return ServiceVerdict(service, top, confidence, evidence)
+        confidence *= len(blocked) / len(measured)
+        return ServiceVerdict(service, top, round(confidence, 2), evidence)
     if passed:
         # down or inconclusive endpoints next to working ones: the service works; the
         # confidence says how much of it could be seen

@@ -729,3 +729,213 @@ def test_docs_describe_every_verdict() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "verdicts.md").read_text()
     for value in Verdict:
         assert f"| `{value}` |" in doc, value
+
+
+# --- review: inputs that used to mislead the engine -----------------------------------
+
+
+def test_a_failed_control_without_its_operation_does_not_confirm_an_ip_block() -> None:
+    # a control record that lost ``failed_operation`` (hand-made or older JSON) says
+    # nothing about whether it connected: it must not count as "the control connects"
+    control = {
+        "service": "svc",
+        "endpoint": "g",
+        "probe": "tcp",
+        "address": A,
+        "port": 443,
+        "ok": False,
+        "failure": "generic_timeout_error",
+    }
+    v = judge_endpoint([run("tcp", failure="generic_timeout_error", op=CONN)], [control])
+    assert v.verdict not in BLOCKING, v.evidence
+
+
+def test_attempts_failing_in_different_ways_are_not_called_the_same_way() -> None:
+    first = run("tls", failure="connection_reset", op=HS)
+    repeat = run("tls", failure="generic_timeout_error", op=CONN, variant="repeat")
+    control = [run("tls")]
+    v = judge_endpoint([first, repeat], control)
+    alone = judge_endpoint([repeat], control)
+    assert not any("the same way" in e for e in v.evidence), v.evidence
+    assert any("2 of 2 attempts failed, in different ways" in e for e in v.evidence)
+    assert v.confidence <= alone.confidence  # no agreement bonus for a disagreement
+
+
+def test_one_blocked_endpoint_among_unknown_ones_claims_only_its_share() -> None:
+    # 1 of 5 endpoints blocked, the others down or inconclusive: the service verdict may
+    # name the block, but not with the confidence of a service-wide block
+    eps = [EndpointVerdict("svc", "e0", Verdict.IP_BLOCKING, 0.85)] + [
+        EndpointVerdict("svc", f"e{i}", v, 0.85)
+        for i, v in enumerate([Verdict.ENDPOINT_DOWN] * 2 + [Verdict.INCONCLUSIVE] * 2, 1)
+    ]
+    service = judge_service(eps)
+    assert service.verdict == Verdict.IP_BLOCKING
+    assert service.confidence == round(0.85 / 5, 2)
+    every = judge_service(
+        [EndpointVerdict("svc", f"e{i}", Verdict.IP_BLOCKING, 0.85) for i in range(5)]
+    )
+    assert every.confidence == 0.85
+
+
+@pytest.mark.parametrize("failure", ["host_unreachable", "network_unreachable"])
+def test_icmp_unreachable_on_udp_is_udp_blocking_not_a_content_filter(failure: str) -> None:
+    stun = judge_endpoint(
+        [run("stun", A, 3478, failure=failure, op=READ, mode="binding", transport="udp")],
+        [run("stun", A, 3478, mode="binding", transport="udp")],
+    )
+    assert stun.verdict == Verdict.UDP_BLOCKING, stun.evidence
+    assert not any("not a STUN reply" in e for e in stun.evidence)
+    quic = judge_endpoint([run("quic", failure=failure, op=QHS)], [run("quic")])
+    assert quic.verdict == Verdict.UDP_BLOCKING, quic.evidence
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        {"handshake": "awaiting_server_hello"},
+        {"control": True},
+        {"stalled_at_bytes": 16384},
+        {"answers": {"A": "192.0.2.10"}},
+        {"certificate": "aa"},
+    ],
+    ids=["handshake_str", "control_bool", "stalled_int", "answers_str", "certificate_str"],
+)
+def test_unexpected_details_shapes_never_crash_the_engine(details: dict[str, Any]) -> None:
+    # archived or hand-made records are judged too; a crash in the daemon's judge loop
+    # would leave every exported verdict stale
+    results = [
+        run("tls", failure="connection_reset", op=HS, **details),
+        run("stun", A, 3478, failure="udp_no_response", op=READ, **details),
+        run("transfer", failure="stall_after_bytes", op=READ, **details),
+        run("dns", None, resolver=SYSTEM, failure="dns_bogon_error", op=RES, **details),
+        run("quic", failure="ssl_unknown_authority", op=QHS, **details),
+    ]
+    v = judge_endpoint(results, [run("tls", **details), run("quic", **details)])
+    assert v.verdict in set(Verdict)
+    assert not any(",0 …" in e or ".,1" in e for e in v.evidence), v.evidence
+
+
+def test_system_resolver_evidence_names_the_system_resolver() -> None:
+    v = judge_endpoint([run("dns", None, failure="dns_nxdomain_error", op=RES), dns(DOH, A)])
+    assert v.verdict == Verdict.DNS_TAMPERING
+    assert "dns system dns_nxdomain_error (resolve)" in v.evidence
+
+
+# --- docs/verdicts.md rule table rows that no case above pinned -----------------------
+
+DOC_ROWS = [
+    Case(
+        "bogon_alone_is_fair",
+        [dns(SYSTEM, "127.0.0.1", failure="dns_bogon_error")],
+        Verdict.DNS_TAMPERING,
+        min_conf=0.6,
+        max_conf=0.6,
+    ),
+    Case(
+        "mismatch_disjoint_from_clean_in_prefix_answers_is_fair",
+        [dns(SYSTEM, "198.51.100.7", flags=["dns_doh_mismatch"]), dns(DOH, A)],
+        Verdict.DNS_TAMPERING,
+        min_conf=0.6,
+        max_conf=0.6,
+        evidence=("inconsistent with the clean resolvers",),
+    ),
+    Case(
+        "held_tcp_reset_after_handshake_with_control",
+        [run("tcp", failure="connection_reset", op=READ, hold_s=5.0)],
+        Verdict.IP_BLOCKING,
+        control=[run("tcp")],
+        min_conf=0.7,
+        max_conf=0.7,
+        evidence=("killed after the TCP handshake",),
+    ),
+    Case(
+        "same_certificate_as_the_control_is_our_trust_store",
+        [run("tls", failure="ssl_unknown_authority", op=HS, certificate=cert("aa" * 32))],
+        Verdict.INCONCLUSIVE,
+        control=[run("tls", certificate=cert("aa" * 32))],
+        min_conf=0.45,
+        max_conf=0.45,
+        evidence=("trust store differs",),
+    ),
+    Case(
+        "certificate_errors_at_both_ends_with_different_certificates",
+        [run("tls", failure="ssl_unknown_authority", op=HS, certificate=cert("aa" * 32))],
+        Verdict.TLS_MITM,
+        control=[run("tls", failure="ssl_invalid_hostname", op=HS, certificate=cert("bb" * 32))],
+        min_conf=0.7,
+        max_conf=0.7,
+    ),
+    Case(
+        "hostname_mismatch_without_control_is_inconclusive",
+        [run("tls", failure="ssl_invalid_hostname", op=HS, certificate=cert("aa" * 32))],
+        Verdict.INCONCLUSIVE,
+    ),
+    Case(
+        "quic_silent_but_the_server_offers_no_v1",
+        [
+            run("quic", failure="generic_timeout_error", op=QHS),
+            run("quic_vn", variant="swap", offers_quic_v1=False),
+        ],
+        Verdict.INCONCLUSIVE,
+        evidence=("does not offer QUIC v1",),
+    ),
+    Case(
+        "quic_silent_vn_offering_unknown_is_fair",
+        [run("quic", failure="generic_timeout_error", op=QHS), run("quic_vn", variant="swap")],
+        Verdict.QUIC_FILTERING,
+        min_conf=0.6,
+        max_conf=0.6,
+    ),
+    Case(
+        "quic_silent_no_vn_with_control",
+        [run("quic", failure="generic_timeout_error", op=QHS)],
+        Verdict.QUIC_FILTERING,
+        control=[run("quic")],
+        min_conf=0.6,
+        max_conf=0.6,
+        evidence=("no version-negotiation probe",),
+    ),
+    Case(
+        "stun_answered_on_the_follow_up_is_transient",
+        [
+            run("stun", A, 3478, failure="udp_no_response", op=READ),
+            run("stun", A, 3478, variant="random_udp", control={"sent": 3, "replied": False}),
+        ],
+        Verdict.INCONCLUSIVE,
+        evidence=("STUN answered on the follow-up",),
+    ),
+    Case(
+        "stun_bad_response_with_control",
+        [run("stun", A, 3478, failure="bad_response", op=READ)],
+        Verdict.PROTOCOL_FILTERING,
+        control=[run("stun", A, 3478)],
+        min_conf=0.6,
+        max_conf=0.6,
+    ),
+    Case(
+        "transfer_read_timeout_without_control_is_weak_b5",
+        [run("transfer", failure="generic_timeout_error", op=READ)],
+        Verdict.STALL_AFTER_BYTES,
+        min_conf=0.45,
+        max_conf=0.45,
+        evidence=("B5 stall",),
+    ),
+    Case(
+        "transfer_reset_in_read_with_control",
+        [run("transfer", failure="connection_reset", op=READ)],
+        Verdict.PROTOCOL_FILTERING,
+        control=[run("transfer")],
+        min_conf=0.7,
+        max_conf=0.7,
+    ),
+    Case(
+        "transfer_reset_in_read_without_control",
+        [run("transfer", failure="connection_reset", op=READ)],
+        Verdict.INCONCLUSIVE,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", DOC_ROWS, ids=[c.id for c in DOC_ROWS])
+def test_doc_rule_rows(case: Case) -> None:
+    test_endpoint_verdicts(case)
