@@ -10,11 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import random
-import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -36,10 +33,16 @@ from probe.probes.base import Recorder
 from probe.scheduler import Scheduler
 from probe.settings import AgentConfig, Schedule, Timeouts
 from probe.verdict import judge_round
+from tests.agentproc import (
+    REPO,
+    free_port,
+    needs_unshare,
+    run_driver,
+    run_probe,
+    sample,
+    start_agent,
+)
 from tests.helpers import endpoint, refusing_port, target
-from tests.test_daemon import free_port, sample
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_config(
@@ -125,6 +128,15 @@ async def max_loop_gap(work: Awaitable[Any]) -> float:
         done.set()
         await ticker
     return max(gaps)
+
+
+async def serve_app(agent: Agent) -> tuple[web.AppRunner, int]:
+    """The agent's web app on an ephemeral loopback port; the caller cleans the runner up."""
+    runner = web.AppRunner(build_app(agent))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, runner.addresses[0][1]
 
 
 # -- reload -------------------------------------------------------------------------------
@@ -478,11 +490,7 @@ async def test_a_slow_scrape_does_not_stall_the_event_loop(tmp_path: Path) -> No
     started = time.perf_counter()
     generate_latest(agent.registry)
     scrape_s = time.perf_counter() - started
-    runner = web.AppRunner(build_app(agent))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await serve_app(agent)
     try:
         for path_ in ("/metrics", "/", "/api/results"):
 
@@ -527,11 +535,7 @@ async def test_basic_auth_checks_do_not_stall_the_event_loop(tmp_path: Path) -> 
     web_cfg = f'web: {{basic_auth_users: {{admin: "{hashed.decode()}"}}}}'
     path = write_config(tmp_path / "agent.yaml", 9, 9, extra=web_cfg)
     agent = Agent(load_config(path), str(path))
-    runner = web.AppRunner(build_app(agent))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await serve_app(agent)
 
     def get(password: str) -> int:
         request = urllib.request.Request(f"http://127.0.0.1:{port}/healthz")
@@ -590,11 +594,7 @@ async def test_hostile_evidence_never_reaches_the_status_page_as_markup(tmp_path
     )
     agent.store.record_many([rec.fail("unknown_failure <svg onload=alert(1)>", Operation.READ)])
     agent.store.set_verdicts(judge_round(agent.store.snapshot().results.values()))
-    runner = web.AppRunner(build_app(agent))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await serve_app(agent)
 
     def get(p: str) -> tuple[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{p}", timeout=30) as r:
@@ -626,13 +626,7 @@ def test_a_taken_listen_port_is_a_one_line_error(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         path = write_config(tmp_path / "agent.yaml", 9, 9, extra=f"listen: 127.0.0.1:{port}")
-        done = subprocess.run(
-            [sys.executable, "-m", "probe", "run", "-c", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-        )
+        done = run_probe("run", "-c", str(path))
     assert done.returncode != 0
     assert "Traceback" not in done.stderr, done.stderr
     events = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
@@ -644,12 +638,7 @@ def test_listen_on_the_ipv6_wildcard_takes_ipv4_too(tmp_path: Path) -> None:
     on an IPv6 listener, so Prometheus scraping over IPv4 was refused."""
     port = free_port()
     path = write_config(tmp_path / "agent.yaml", 9, 9, extra=f'listen: "[::]:{port}"')
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "probe", "run", "-c", str(path)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    agent = start_agent(path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         answers = {}
         for host in ("[::1]", "127.0.0.1"):
@@ -698,10 +687,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(
-    shutil.which("unshare") is None or os.geteuid() != 0,
-    reason="needs root and unshare(1) to mount a tiny tmpfs in a private mount namespace",
-)
+@needs_unshare("to mount a tiny tmpfs in a private mount namespace")
 def test_a_full_disk_loses_lines_not_the_agent(tmp_path: Path) -> None:
     mnt = tmp_path / "disk"
     mnt.mkdir()
@@ -717,18 +703,16 @@ def test_a_full_disk_loses_lines_not_the_agent(tmp_path: Path) -> None:
         "archive: {path: null}", f"archive: {{path: {mnt / 'a'}, max_bytes: 4096, keep: 50}}"
     )
     config.write_text(text)
-    driver = tmp_path / "driver.py"
-    driver.write_text(FULL_DISK_DRIVER)
-    done = subprocess.run(
-        ["unshare", "-m", sys.executable, str(driver), str(mnt), str(config), str(port)],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    out = run_driver(
+        FULL_DISK_DRIVER,
+        "-m",
+        str(mnt),
+        str(config),
+        str(port),
+        workdir=tmp_path,
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout_s=120,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout)
     log = (tmp_path / "disk.log").read_text()
     assert out["errors"], log[-3000:]  # the operator can see (and alert on) lost lines
     assert out["attempts_grew"]  # and the agent keeps measuring

@@ -10,9 +10,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -22,20 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.agentproc import (
+    free_port,
+    needs_unshare,
+    run_driver,
+    run_probe,
+    sample,
+    samples,
+    start_agent,
+)
+
 IN_CI = os.environ.get("CI") == "true"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def closed_port() -> int:
-    return free_port()  # bound then released: nothing listens there
 
 
 def config_text(port: int, archive: Path, dead_port: int, extra: str = "") -> str:
@@ -88,26 +84,11 @@ def wait_until(check: Callable[[], Any], what: str, limit_s: float = 20) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    for (n, lbls), value in samples(text).items():
-        if n == name and set(labels.items()) <= set(lbls):
-            return value
-    return None
-
-
 class AgentProcess:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.port = free_port()
-        self.dead_port = closed_port()
+        self.dead_port = free_port()  # bound then released: nothing listens there
         self.archive = workdir / "archive"
         self.config = workdir / "agent.yaml"
         self.write_config()
@@ -126,14 +107,13 @@ class AgentProcess:
         )
         self.config.write_text(body)
 
-    def start(self) -> None:
+    def spawn(self) -> None:
+        """Start ``probe run`` without waiting for it (its log goes to ``self.log``)."""
         log = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "probe", "run", "-c", str(self.config)],
-            cwd=REPO,
-            stdout=log,
-            stderr=log,
-        )
+        self.proc = start_agent(self.config, stdout=log, stderr=log)
+
+    def start(self) -> None:
+        self.spawn()
         wait_until(lambda: http(self.url + "/-/ready")[0] == 200, "agent ready")
 
     def metrics(self) -> str:
@@ -347,13 +327,7 @@ def test_kill_9_loses_no_completed_measurement(agent: AgentProcess) -> None:
     agent.proc.wait()
     lines_at_kill = current.read_bytes().count(b"\n")
 
-    read = subprocess.run(
-        [sys.executable, "-m", "probe", "archive", "--dir", str(agent.archive)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    read = run_probe("archive", "--dir", str(agent.archive))
     assert read.returncode == 0, read.stderr
     records = [json.loads(line) for line in read.stdout.splitlines()]
     assert len(records) == lines_at_kill  # every complete line is readable
@@ -361,13 +335,7 @@ def test_kill_9_loses_no_completed_measurement(agent: AgentProcess) -> None:
 
     agent.start()  # a restart appends after whatever the crash left
     wait_until(lambda: current.read_bytes().count(b"\n") > lines_at_kill, "new measurements")
-    again = subprocess.run(
-        [sys.executable, "-m", "probe", "archive", "--dir", str(agent.archive), "--failed"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    again = run_probe("archive", "--dir", str(agent.archive), "--failed")
     failed = [json.loads(line) for line in again.stdout.splitlines()]
     assert failed and all(r["test_keys"]["probe_result"]["failure"] for r in failed)
 
@@ -412,13 +380,7 @@ def test_web_tls_and_basic_auth(tmp_path: Path) -> None:
         except urllib.error.HTTPError as err:
             return err.code
 
-    log = agent.log.open("ab")
-    agent.proc = subprocess.Popen(
-        [sys.executable, "-m", "probe", "run", "-c", str(agent.config)],
-        cwd=REPO,
-        stdout=log,
-        stderr=log,
-    )
+    agent.spawn()  # not start(): its readiness check speaks plain HTTP
     try:
         assert wait_until(lambda: get("admin:s3cret") == 200, "the TLS server to answer")
         assert get(None) == 401
@@ -455,25 +417,11 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(
-    shutil.which("unshare") is None or os.geteuid() != 0,
-    reason="needs root and unshare(1) for an empty network namespace",
-)
+@needs_unshare("for an empty network namespace")
 def test_run_on_the_default_config_in_an_empty_namespace(tmp_path: Path) -> None:
     """The README's main job as a daemon, where nothing can leave: offline, but serving."""
-    driver = tmp_path / "driver.py"
-    driver.write_text(DEFAULT_CONFIG_DRIVER)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        ["unshare", "-n", sys.executable, str(driver)],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        cwd=tmp_path,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout)
+    # cwd: the default config's relative archive path lands in tmp_path
+    out = run_driver(DEFAULT_CONFIG_DRIVER, "-n", workdir=tmp_path, cwd=tmp_path, timeout_s=90)
     assert out["rc"] == 0
     assert out["api"]["vantage"]["state"] == "offline"
     assert {r["skipped"] for r in out["api"]["results"]} == {"vantage_offline"}
