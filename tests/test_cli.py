@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import re
-import shutil
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,19 +16,7 @@ from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.dns import AnswerTable, DNSServer
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.lab.servers.tls import TLSServer
-
-REPO = Path(__file__).resolve().parents[1]
-PROBE = [sys.executable, "-m", "probe"]
-
-
-async def run_cli(*args: str, timeout_s: float = 60) -> tuple[int, str, str]:
-    """Run `probe ARGS` without blocking the event loop that serves the test servers."""
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+from tests.agentproc import PROBE, REPO, needs_unshare, run_cli
 
 
 async def test_version_and_help() -> None:
@@ -82,10 +66,7 @@ async def test_missing_config_file_is_a_clear_error() -> None:
     assert "no/such/file.yaml" in err and "Traceback" not in err
 
 
-@pytest.mark.skipif(
-    shutil.which("unshare") is None or os.geteuid() != 0,
-    reason="needs root and unshare(1) for an empty network namespace",
-)
+@needs_unshare("for an empty network namespace")
 async def test_default_config_in_an_empty_namespace_is_offline_and_sends_nothing() -> None:
     """The README's main command, exactly as CI smoke-tests it: no route out, so the
     offline gate must stop everything and mark every result offline."""

@@ -8,9 +8,7 @@ control saw there decides between a block and an outage.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,7 @@ from typing import Any
 import pytest
 
 from probe.lab.servers.tcp import TCPMode, TCPServer
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.agentproc import PROBE, run_cli
 
 
 @pytest.fixture
@@ -53,25 +50,10 @@ services:
 
 async def once(config: Path, *extra: str) -> tuple[int, dict[Any, dict[str, Any]], str]:
     """Run ``probe once --format json``; (exit code, verdicts by (service, endpoint), stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "probe",
-        "once",
-        "-c",
-        str(config),
-        "--format",
-        "json",
-        *extra,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    records = [json.loads(line) for line in out.decode().splitlines()]
+    rc, out, err = await run_cli(*PROBE, "once", "-c", str(config), "--format", "json", *extra)
+    records = [json.loads(line) for line in out.splitlines()]
     verdicts = {(r["service"], r["endpoint"]): r for r in records if r["type"] == "verdict"}
-    return proc.returncode, verdicts, err.decode()
+    return rc, verdicts, err
 
 
 def control_record(ok: bool) -> dict[str, Any]:

@@ -9,10 +9,8 @@ the whole pipeline (gate, DNS, fan-out, swaps, verdicts, output).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,8 @@ import pytest
 
 from probe.lab.certs import CertificateAuthority
 from probe.lab.serve import build_server
+from tests.agentproc import PROBE, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 NAMES = ("web.lab.test", "quic.lab.test", "bulk.lab.test")
 
 
@@ -115,27 +113,14 @@ async def test_every_probe_type_succeeds_through_probe_once(
 ) -> None:
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(config(servers))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "probe",
-        "once",
-        "-c",
-        str(cfg),
-        "--format",
-        "json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    records = [json.loads(line) for line in out.decode().splitlines()]
+    rc, out, err = await run_cli(*PROBE, "once", "-c", str(cfg), "--format", "json", timeout_s=120)
+    records = [json.loads(line) for line in out.splitlines()]
     results = [r for r in records if r["type"] == "result"]
     verdicts = [r for r in records if r["type"] == "verdict"]
     failed = [
         (r["endpoint"], r["probe"], r["failure"] or r["skipped"]) for r in results if not r["ok"]
     ]
-    assert proc.returncode == 0, (failed, err.decode()[-2000:])
+    assert rc == 0, (failed, err[-2000:])
     assert not failed
     probes = {r["probe"] for r in results}
     assert probes == {
