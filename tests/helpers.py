@@ -1,13 +1,15 @@
-"""Builders for targets and settings pointing at local test servers (loopback only)."""
+"""Builders for targets and settings pointing at local test servers (loopback only), and
+for probe results as data (no socket)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
-from probe.model import Endpoint, ProbeSpec, Target, freeze
+from probe.model import Endpoint, Operation, ProbeResult, ProbeSpec, SkipReason, Target, freeze
 from probe.settings import ProbeSettings, Resolvers, Timeouts, TLSOptions
 
 
@@ -85,6 +87,33 @@ def settings(
         resolvers=resolvers or Resolvers(system=True, reply_window_s=0.3),
         tls=TLSOptions(ca_file=ca_file),
     )
+
+
+T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)  # when the built results were measured
+
+
+def ok(t: Target, at: datetime = T0, **phases: float) -> ProbeResult:
+    """A success with these phase durations (seconds)."""
+    return ProbeResult(t, True, at, sum(phases.values()) or 0.01, phases=freeze(phases))
+
+
+def failed(
+    t: Target,
+    failure: str = "connection_reset",
+    op: Operation = Operation.CONNECT,
+    at: datetime = T0,
+    **phases: float,
+) -> ProbeResult:
+    """A failure that took 2.5 s in all, with these phase durations."""
+    return ProbeResult(
+        t, False, at, 2.5, failure=failure, failed_operation=op, phases=freeze(phases)
+    )
+
+
+def skipped(
+    t: Target, reason: SkipReason = SkipReason.VANTAGE_OFFLINE, at: datetime = T0
+) -> ProbeResult:
+    return ProbeResult(t, False, at, 0.0, skipped=reason)
 
 
 @contextlib.contextmanager

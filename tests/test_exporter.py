@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,14 @@ from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.model import (
     Failure,
     Operation,
-    ProbeResult,
     SkipReason,
     Target,
     Vantage,
     VantageState,
-    freeze,
 )
 from probe.probes import PROBES, tcp
 from probe.results import PHASE_BUCKETS, VERDICTS, ResultStore, series_key
-from tests.helpers import settings, target
-
-T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+from tests.helpers import T0, failed, ok, refusing_port, settings, skipped, target
 
 # Data only: nothing in this file opens a socket.
 DC1 = target("mtproto", "192.0.2.10", 443, service="telegram", name="dc1")
@@ -46,22 +41,6 @@ DNS = target(
 
 def labels(t: Target, **extra: str) -> dict[str, str]:
     return {**series_key(t)._asdict(), **extra}
-
-
-def ok(t: Target, at: datetime = T0, **phases: float) -> ProbeResult:
-    return ProbeResult(t, True, at, sum(phases.values()) or 0.01, phases=freeze(phases))
-
-
-def failed(
-    t: Target,
-    failure: str,
-    op: Operation = Operation.CONNECT,
-    at: datetime = T0,
-    **phases: float,
-) -> ProbeResult:
-    return ProbeResult(
-        t, False, at, 2.5, failure=failure, failed_operation=op, phases=freeze(phases)
-    )
 
 
 def scrape(store: ResultStore) -> tuple[CollectorRegistry, str]:
@@ -176,7 +155,7 @@ def test_dns_probe_series_carry_the_resolver_and_the_lookup_time() -> None:
 def test_skipped_results_never_report_probe_success(reason: SkipReason) -> None:
     store = ResultStore()
     store.record(failed(G_V6, "generic_timeout_error", at=T0))
-    store.record(ProbeResult(G_V6, False, T0 + timedelta(minutes=5), 0.0, skipped=reason))
+    store.record(skipped(G_V6, reason, at=T0 + timedelta(minutes=5)))
     registry, text = scrape(store)
     lab = labels(G_V6)
     assert registry.get_sample_value("probe_success", lab) is None
@@ -314,20 +293,13 @@ def test_every_failure_label_value_is_in_the_closed_vocabulary() -> None:
     assert values == {str(f) for f in Failure}
 
 
-def _closed_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 async def test_real_tcp_probe_results_end_to_end(host: str) -> None:
     fast = settings(connect_s=2.0)
     async with TCPServer(host, mode=TCPMode.HOLD) as server:
         up = await tcp.probe(target("tcp", host, server.port, service="lab", name="up"), fast)
-    refused_port = _closed_port(host)
-    down = await tcp.probe(target("tcp", host, refused_port, service="lab", name="down"), fast)
+    with refusing_port(host) as refused_port:
+        down = await tcp.probe(target("tcp", host, refused_port, service="lab", name="down"), fast)
     store = ResultStore()
     store.record_many([up, down])
     registry = make_registry(store)
@@ -347,7 +319,7 @@ def _rich_store() -> ResultStore:
             ok(DC1, connect=0.03, app=0.04),
             ok(G_V4A, connect=0.02, tls=0.04),
             failed(G_V4B, "unknown_failure x", Operation.TLS_HANDSHAKE, connect=0.02, tls=0.3),
-            ProbeResult(G_V6, False, T0, 0.0, skipped=SkipReason.IPV6_UNAVAILABLE),
+            skipped(G_V6, SkipReason.IPV6_UNAVAILABLE),
             failed(DNS, "dns_nxdomain_error", Operation.RESOLVE, resolve=0.01),
         ]
     )

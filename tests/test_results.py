@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import FrozenInstanceError, replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from probe.model import (
     Failure,
-    Operation,
     ProbeResult,
     SkipReason,
     Target,
@@ -20,34 +19,10 @@ from probe.model import (
     freeze,
 )
 from probe.results import PHASE_BUCKETS, Histogram, ResultStore, SeriesKey, series_key
-from tests.helpers import target
-
-T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+from tests.helpers import T0, failed, ok, skipped, target
 
 # Data only: nothing in this file opens a socket.
 DC1 = target("tcp", "192.0.2.10", 443, service="telegram", name="dc1")
-
-
-def ok(t: Target, at: datetime = T0, **phases: float) -> ProbeResult:
-    return ProbeResult(t, True, at, sum(phases.values()) or 0.01, phases=freeze(phases))
-
-
-def failed(
-    t: Target, failure: str = "connection_reset", at: datetime = T0, **phases: float
-) -> ProbeResult:
-    return ProbeResult(
-        t,
-        False,
-        at,
-        1.0,
-        failure=failure,
-        failed_operation=Operation.CONNECT,
-        phases=freeze(phases),
-    )
-
-
-def skipped(t: Target, reason: SkipReason = SkipReason.VANTAGE_OFFLINE, at: datetime = T0) -> Any:
-    return ProbeResult(t, False, at, 0.0, skipped=reason)
 
 
 def hostname_target(address: str) -> Target:
