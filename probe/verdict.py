@@ -383,11 +383,16 @@ class _Context:
     def control_for(self, o: Observation, prefer: Passes = _succeeded) -> Observation | None:
         """The control's run of the same probe and port: the same address if it has one
         (seed addresses are probed from both vantages), else any address (hostname
-        endpoints resolve differently per vantage); one that ``prefer``s is preferred."""
+        endpoints resolve differently per vantage); one that ``prefer``s is preferred,
+        then one that failed like ``o`` (so the pick does not depend on input order)."""
         runs = [c for c in self.control if c.base == o.base and not c.variant and c.port == o.port]
         exact = [c for c in runs if c.address == o.address]
         pool = exact or runs
-        return next((c for c in pool if prefer(c)), pool[0] if pool else None)
+        for wanted in (prefer, lambda c: _same_failure(o, c)):
+            found = next((c for c in pool if wanted(c)), None)
+            if found is not None:
+                return found
+        return pool[0] if pool else None
 
 
 def _same_failure(a: Observation, b: Observation) -> bool:
@@ -581,8 +586,6 @@ def _quic_vn_rule(ctx: _Context, o: Observation) -> _Finding:
 
 def _stun_rule(ctx: _Context, o: Observation) -> _Finding:
     """B9: STUN silence, a flow cut off after t seconds, STUN-shaped vs random UDP."""
-    if o.l4 == "tcp":
-        return _app_rule(ctx, o)
     cutoff = o.details.get("cutoff_s")
     if o.details.get("mode") == "flow" and isinstance(cutoff, int | float) and cutoff > 0:
         why = f"replies stopped for good {cutoff} s into the flow"

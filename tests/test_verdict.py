@@ -939,3 +939,15 @@ DOC_ROWS = [
 @pytest.mark.parametrize("case", DOC_ROWS, ids=[c.id for c in DOC_ROWS])
 def test_doc_rule_rows(case: Case) -> None:
     test_endpoint_verdicts(case)
+
+
+def test_the_control_picked_does_not_depend_on_its_order() -> None:
+    # the control failed twice (two rounds, or a first run and a repeat): the run that
+    # failed our way is the one compared, whichever came first
+    ours = [run("tcp", failure="generic_timeout_error", op=CONN)]
+    timeout = run("tcp", failure="generic_timeout_error", op=CONN)
+    refused = run("tcp", failure="connection_refused", op=CONN)
+    first = judge_endpoint(ours, [timeout, refused])
+    second = judge_endpoint(ours, [refused, timeout])
+    assert first == second
+    assert first.verdict == Verdict.ENDPOINT_DOWN and first.confidence == 0.85
