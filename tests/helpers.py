@@ -124,3 +124,13 @@ def refusing_port(host: str = "127.0.0.1") -> Iterator[int]:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         yield int(sock.getsockname()[1])
+
+
+def unbound_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port nothing is bound to (bound to learn a free one, then released): loopback
+    answers a datagram to it with ICMP port unreachable, which a connected socket hears as
+    connection refused.  Unlike TCP, a bound UDP socket would swallow the datagram."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

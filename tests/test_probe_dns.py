@@ -27,7 +27,7 @@ from probe.probes import PROBES
 from probe.probes.dns import dns_consistency, parse_resolver, probe
 from probe.settings import ProbeSettings, Resolvers
 from probe.wire.dnsmsg import build_query, parse_message
-from tests.helpers import settings, target
+from tests.helpers import refusing_port, settings, target
 
 NET = ipaddress.ip_network
 LAB_PREFIXES = (NET("127.0.0.0/8"), NET("::1/128"))  # lab services live on loopback
@@ -246,20 +246,14 @@ async def test_stream_resolver_dropping_the_connection(
     assert result.failed_operation == Operation.RESOLVE
 
 
-def _closed_port(host: str) -> int:
-    """A port with no UDP or TCP listener (bound, then released)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_resolver_down_is_connection_refused(lab: Lab, transport: str) -> None:
     hostport = f"[{lab.host}]" if ":" in lab.host else lab.host
-    resolver = f"{transport}:{hostport}:{_closed_port(lab.host)}"
-    start = time.monotonic()
-    result = await probe(dns_target(resolver), fast(lab))
+    # TCP: bound, not listening (RST); UDP: nothing bound to that number (ICMP)
+    with refusing_port(lab.host) as port:
+        resolver = f"{transport}:{hostport}:{port}"
+        start = time.monotonic()
+        result = await probe(dns_target(resolver), fast(lab))
     assert result.failure == Failure.CONNECTION_REFUSED
     assert result.failed_operation == Operation.RESOLVE
     assert time.monotonic() - start < 1.5  # ICMP / RST, not the 2 s timeout
@@ -267,8 +261,9 @@ async def test_resolver_down_is_connection_refused(lab: Lab, transport: str) -> 
 
 async def test_doh_resolver_down_is_connection_refused(lab: Lab) -> None:
     hostport = f"[{lab.host}]" if ":" in lab.host else lab.host
-    resolver = f"doh:https://{hostport}:{_closed_port(lab.host)}/dns-query"
-    result = await probe(dns_target(resolver), fast(lab))
+    with refusing_port(lab.host) as port:
+        resolver = f"doh:https://{hostport}:{port}/dns-query"
+        result = await probe(dns_target(resolver), fast(lab))
     assert result.failure == Failure.CONNECTION_REFUSED
 
 

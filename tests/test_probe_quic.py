@@ -29,7 +29,7 @@ from probe.probes import PROBES, quic, quic_vn
 from probe.probes.quic import _trust
 from probe.settings import ProbeSettings
 from probe.wire.quic import QUIC_V1, QUIC_V2, is_reserved_version
-from tests.helpers import settings, target
+from tests.helpers import settings, target, unbound_udp_port
 
 NAME = "quic.example"
 HOSTS = ["127.0.0.1", "::1"]
@@ -49,14 +49,6 @@ def st(ca_file: str) -> ProbeSettings:
 
 def fingerprint(pem: bytes) -> str:
     return x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256()).hex()
-
-
-def unbound_port(host: str) -> int:
-    """A port nothing listens on: bind to learn a free one, then release it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -242,7 +234,7 @@ async def test_a_certificate_alert_from_the_peer_is_not_a_certificate_finding(
 async def test_no_server_is_refused(host: str, st: ProbeSettings) -> None:
     # Loopback answers an unbound UDP port with ICMP port unreachable at once, and only a
     # connected socket hears it: refused, not a timeout.
-    result = await run_quic(host, unbound_port(host), st)
+    result = await run_quic(host, unbound_udp_port(host), st)
     assert_failed(result, Failure.CONNECTION_REFUSED)
     assert result.duration_s < QUIC_S / 2
     assert result.details["datagrams_received"] == 0
@@ -356,7 +348,7 @@ async def test_vn_probe_silence_is_udp_no_response_after_three_sends() -> None:
 
 
 async def test_vn_probe_no_server_is_refused(host: str, st: ProbeSettings) -> None:
-    result = await quic_vn.probe(target("quic_vn", host, unbound_port(host)), st)
+    result = await quic_vn.probe(target("quic_vn", host, unbound_udp_port(host)), st)
     assert_failed(result, Failure.CONNECTION_REFUSED)
     assert result.duration_s < QUIC_S / 2
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -14,7 +13,7 @@ from probe.model import Failure, Operation, ProbeResult
 from probe.probes import PROBES
 from probe.probes import stun as stun_probe
 from probe.wire import stun as wire
-from tests.helpers import settings, target
+from tests.helpers import refusing_port, settings, target, unbound_udp_port
 
 HOSTS = ["127.0.0.1", "::1"]
 UDP_S = 0.6  # every silent case waits this long: keep it short
@@ -35,13 +34,6 @@ async def start() -> AsyncIterator[Start]:
 async def run(server: StunServer, udp_s: float = UDP_S, **params: Any) -> ProbeResult:
     t = target("stun", server.host, server.port, params=params, transport="udp")
     return await stun_probe.probe(t, settings(udp_s=udp_s))
-
-
-def closed_port(host: str, kind: socket.SocketKind) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def test_registered() -> None:
@@ -199,7 +191,7 @@ async def test_an_echo_reflecting_our_request_is_bad_response(start: Start) -> N
 
 @pytest.mark.parametrize("host", HOSTS)
 async def test_icmp_port_unreachable_is_connection_refused(host: str) -> None:
-    port = closed_port(host, socket.SOCK_DGRAM)
+    port = unbound_udp_port(host)
     t = target("stun", host, port, params={})
     result = await stun_probe.probe(t, settings(udp_s=2.0))
     assert result.failure == Failure.CONNECTION_REFUSED
@@ -277,9 +269,9 @@ async def test_tcp_failures(start: Start, behavior: str, framing: str, failure: 
 
 
 async def test_tcp_refused_fails_at_connect() -> None:
-    port = closed_port("127.0.0.1", socket.SOCK_STREAM)
-    t = target("stun", "127.0.0.1", port, params={"transport": "tcp"})
-    result = await stun_probe.probe(t, settings(udp_s=UDP_S))
+    with refusing_port() as port:
+        t = target("stun", "127.0.0.1", port, params={"transport": "tcp"})
+        result = await stun_probe.probe(t, settings(udp_s=UDP_S))
     assert result.failure == Failure.CONNECTION_REFUSED
     assert result.failed_operation == Operation.CONNECT
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import pytest
@@ -11,17 +10,9 @@ import pytest
 from probe.lab.servers.tcp import FullBacklogListener, TCPMode, TCPServer, abort_with_rst
 from probe.model import Operation
 from probe.probes import PROBES, tcp
-from tests.helpers import settings, target
+from tests.helpers import refusing_port, settings, target
 
 HOSTS = pytest.mark.parametrize(("host", "family"), [("127.0.0.1", "ipv4"), ("::1", "ipv6")])
-
-
-def closed_port(host: str) -> int:
-    """A port that had a listener-less socket a moment ago: connecting to it is refused."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def test_registered() -> None:
@@ -51,7 +42,8 @@ async def test_probe_closes_with_fin_not_rst(host: str, family: str) -> None:
 
 @HOSTS
 async def test_refused_when_nothing_listens(host: str, family: str) -> None:
-    result = await tcp.probe(target("tcp", host, closed_port(host)), settings())
+    with refusing_port(host) as port:
+        result = await tcp.probe(target("tcp", host, port), settings())
     assert not result.ok
     assert result.failure == "connection_refused"
     assert result.failed_operation is Operation.CONNECT

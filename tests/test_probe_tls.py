@@ -8,7 +8,6 @@ within the TLS timeout.
 from __future__ import annotations
 
 import hashlib
-import socket
 import ssl
 import time
 from datetime import UTC, datetime
@@ -20,7 +19,7 @@ from probe.lab.certs import CertificateAuthority, LeafCert
 from probe.lab.servers.tls import TLSMode, TLSServer
 from probe.model import Operation, ProbeResult
 from probe.probes import PROBES, tls
-from tests.helpers import settings, target
+from tests.helpers import refusing_port, settings, target
 
 HOSTS = pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 NAME = "chat.lab.example"
@@ -28,13 +27,6 @@ NAME = "chat.lab.example"
 
 def fingerprint(cert: LeafCert) -> str:
     return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.cert_pem.decode())).hexdigest()
-
-
-def closed_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 async def run(host: str, server: TLSServer, ca_file: str | None, **kw: object) -> ProbeResult:
@@ -278,7 +270,8 @@ async def test_giant_server_hello_is_refused_without_reading_it(ca_file: str) ->
 
 @HOSTS
 async def test_refused_is_a_connect_failure(host: str) -> None:
-    result = await tls.probe(target("tls", host, closed_port(host), host=NAME), settings())
+    with refusing_port(host) as port:
+        result = await tls.probe(target("tls", host, port, host=NAME), settings())
     assert result.failure == "connection_refused"
     assert result.failed_operation is Operation.CONNECT
     assert "tls" not in result.phases

@@ -18,7 +18,7 @@ from probe.lab.servers.tls import TLSMode, TLSServer, server_context
 from probe.model import Failure, Operation, ProbeResult
 from probe.probes import PROBES, transfer
 from probe.probes.transfer import parse_params
-from tests.helpers import settings, target
+from tests.helpers import refusing_port, settings, target
 
 HOST = "bulk.test"
 KIB = 1024
@@ -345,11 +345,9 @@ async def test_handshake_blocked_by_a_censor(mode: TLSMode, failure: Failure, ca
 
 
 async def test_closed_port_is_connection_refused(ca_file: str) -> None:
-    with socket.socket() as sock:  # a port that was free a moment ago, now closed
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    tgt = target("transfer", "127.0.0.1", port, host=HOST)
-    result = await transfer.probe(tgt, settings(ca_file=ca_file))
+    with refusing_port() as port:
+        tgt = target("transfer", "127.0.0.1", port, host=HOST)
+        result = await transfer.probe(tgt, settings(ca_file=ca_file))
     assert result.failure == Failure.CONNECTION_REFUSED
     assert result.failed_operation is Operation.CONNECT
     assert result.details["connections_attempted"] == 1
