@@ -32,6 +32,14 @@ def load(path: str | Path | None) -> AgentConfig:
     return load_config(path, probe_names=PROBES)
 
 
+def load_error(path: Path, text: str) -> ConfigError:
+    """Write TEXT to PATH and load it: the ConfigError it must raise."""
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    return info.value
+
+
 # (file, line, field, message); "{testdata}" and "{shipped}" are filled in below.
 INVALID: list[tuple[str, int | None, str, str]] = [
     ("invalid-yaml-syntax.yaml", 4, "<yaml>",
@@ -143,21 +151,17 @@ def test_directory_and_non_utf8_files_are_errors(tmp_path: Path) -> None:
 
 
 def test_python_tags_are_rejected_not_executed(tmp_path: Path) -> None:
-    path = tmp_path / "evil.yaml"
-    path.write_text("seeds: [controls]\nvantage: !!python/object/apply:os.system [echo]\n")
-    with pytest.raises(ConfigError) as info:
-        load(path)
-    assert info.value.field == "vantage"
-    assert info.value.line == 2
-    assert "unsupported YAML tag" in info.value.message
+    text = "seeds: [controls]\nvantage: !!python/object/apply:os.system [echo]\n"
+    err = load_error(tmp_path / "evil.yaml", text)
+    assert err.field == "vantage"
+    assert err.line == 2
+    assert "unsupported YAML tag" in err.message
 
 
 def test_first_error_in_file_order_is_reported(tmp_path: Path) -> None:
-    path = tmp_path / "two-errors.yaml"
-    path.write_text("log_format: xml\nseeds: [controls]\ntimeouts: {dns_s: -1}\n")
-    with pytest.raises(ConfigError) as info:
-        load(path)
-    assert info.value.field == "log_format"
+    text = "log_format: xml\nseeds: [controls]\ntimeouts: {dns_s: -1}\n"
+    err = load_error(tmp_path / "two-errors.yaml", text)
+    assert err.field == "log_format"
 
 
 def test_embedded_default_config_loads() -> None:
@@ -345,11 +349,8 @@ services:
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-1", "1" + "0" * 400, "true", "[1]"])
 def test_a_timeout_must_be_a_finite_positive_number(tmp_path: Path, value: str) -> None:
-    path = tmp_path / "agent.yaml"
-    path.write_text(f"seeds: [controls]\ntimeouts:\n  tls_s: {value}\n")
-    with pytest.raises(ConfigError) as info:
-        load(path)
-    assert (info.value.line, info.value.field) == (3, "timeouts.tls_s")
+    err = load_error(tmp_path / "agent.yaml", f"seeds: [controls]\ntimeouts:\n  tls_s: {value}\n")
+    assert (err.line, err.field) == (3, "timeouts.tls_s")
 
 
 def test_an_empty_section_means_its_defaults(tmp_path: Path) -> None:
@@ -363,30 +364,23 @@ def test_an_empty_section_means_its_defaults(tmp_path: Path) -> None:
 def test_an_empty_seeds_key_is_an_error_not_a_default(tmp_path: Path) -> None:
     # `seeds:` with nothing after it is ambiguous (none? the defaults?): refuse it.
     path = tmp_path / "agent.yaml"
-    path.write_text("seeds:\n")
-    with pytest.raises(ConfigError) as info:
-        load(path)
-    assert str(info.value) == f"{path}:1: seeds: expected a list, got null"
+    err = load_error(path, "seeds:\n")
+    assert str(err) == f"{path}:1: seeds: expected a list, got null"
 
 
 def test_deep_nesting_is_a_config_error_not_a_traceback(tmp_path: Path) -> None:
-    path = tmp_path / "deep.yaml"
-    path.write_text("vantage: " + "[" * 5000 + "]" * 5000 + "\n")
-    with pytest.raises(ConfigError) as info:
-        load(path)
-    assert "nested too deeply" in info.value.message
+    err = load_error(tmp_path / "deep.yaml", "vantage: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert "nested too deeply" in err.message
 
 
 def test_a_recursive_alias_is_a_config_error(tmp_path: Path) -> None:
-    path = tmp_path / "loop.yaml"
-    path.write_text(
+    load_error(
+        tmp_path / "loop.yaml",
         "seeds: []\nresolvers: {system: false}\nservices:\n"
         "  - service: lab\n    source: t\n    endpoints:\n"
         "      - {host: 127.0.0.1, ports: [443], role: web, source: t, confidence: C,\n"
-        "         probes: [{transfer: {path: &a [*a]}}]}\n"
+        "         probes: [{transfer: {path: &a [*a]}}]}\n",
     )
-    with pytest.raises(ConfigError):
-        load(path)
 
 
 def test_an_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
