@@ -34,10 +34,10 @@ from probe.lab.scenarios import (
     check,
 )
 from probe.lab.topology import lab_available
+from tests.agentproc import REPO, run_probe
 
 pytestmark = pytest.mark.lab
 
-REPO = Path(__file__).resolve().parents[1]
 Outcomes = Callable[[str], Outcome]
 
 
@@ -180,14 +180,7 @@ def test_b1_injection_is_seen_as_two_replies(outcomes: Outcomes) -> None:
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "probe", "lab", "demo", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    return run_probe("lab", "demo", *args, timeout_s=240)
 
 
 def test_demo_shows_scenarios_live_in_a_table() -> None:
@@ -250,14 +243,7 @@ def test_demo_without_root_says_so_and_exits_2() -> None:
 
 
 def test_lab_cleanup_leaves_live_labs_alone(runner: ScenarioLab) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "probe", "lab", "cleanup"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_probe("lab", "cleanup")
     assert done.returncode == 0, done.stderr
     assert runner.lab.id not in done.stdout  # its owner (this process) is alive
     assert all(
