@@ -132,6 +132,18 @@ class AgentProcess:
         return self.proc.returncode
 
 
+def required_tool(name: str, *, package: str) -> str:
+    """The tool's path; without it the test is skipped, or fails in CI (where
+    scripts/test installs it, so its absence is a broken CI image, not a reason to skip)."""
+    path = shutil.which(name)
+    if path is None:
+        if IN_CI:
+            installs = "it" if package == name else package
+            pytest.fail(f"{name} missing in CI (scripts/test installs {installs})")
+        pytest.skip(f"{name} not installed (Debian package {package})")
+    return path
+
+
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[AgentProcess]:
     a = AgentProcess(tmp_path)
@@ -167,11 +179,7 @@ def test_metrics_report_success_failure_and_vantage(agent: AgentProcess) -> None
 
 
 def test_promtool_accepts_the_exposition(agent: AgentProcess) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if IN_CI:
-            pytest.fail("promtool missing in CI (scripts/test installs prometheus)")
-        pytest.skip("promtool not installed (Debian package prometheus)")
+    promtool = required_tool("promtool", package="prometheus")
     wait_until(
         lambda: sample(agent.metrics(), "probe_success", endpoint="down") is not None,
         "a measurement",
@@ -208,11 +216,7 @@ def test_no_endpoint_accepts_a_target(agent: AgentProcess) -> None:
 
 
 def test_status_page_in_headless_chromium(agent: AgentProcess, tmp_path: Path) -> None:
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        if IN_CI:
-            pytest.fail("chromium missing in CI (scripts/test installs it)")
-        pytest.skip("chromium not installed (Debian package chromium)")
+    chromium = required_tool("chromium", package="chromium")
     wait_until(lambda: "connection_refused" in http(agent.url + "/")[1], "a failure on the page")
     dom = subprocess.run(
         [
@@ -241,11 +245,7 @@ def test_status_page_in_headless_chromium(agent: AgentProcess, tmp_path: Path) -
 
 
 def test_real_prometheus_scrapes_the_agent(agent: AgentProcess, tmp_path: Path) -> None:
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        if IN_CI:
-            pytest.fail("prometheus missing in CI (scripts/test installs it)")
-        pytest.skip("prometheus not installed (Debian package prometheus)")
+    prometheus = required_tool("prometheus", package="prometheus")
     prom_port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
