@@ -20,6 +20,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -327,7 +328,12 @@ def build_app(agent: Agent) -> web.Application:
         html = await render(render_status_page, agent.store.snapshot(), agent.config)
         return web.Response(text=html, content_type="text/html")
 
-    async def reload(_: web.Request) -> web.Response:
+    async def reload(request: web.Request) -> web.Response:
+        # A web page in the operator's browser could POST here (a "simple" cross-site
+        # request needs no preflight); browsers always send Origin on such a POST.
+        origin = request.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc != request.host:
+            return web.Response(status=403, text="cross-origin reload refused\n")
         error = await agent.reload()
         if error:
             return web.Response(status=400, text=f"reload rejected: {error}\n")

@@ -198,6 +198,15 @@ def from_result(result: ProbeResult) -> Observation:
     )
 
 
+def _flags(value: Any) -> tuple[str, ...]:
+    """Flags from a JSON record: a list of strings (a lone string is one flag, not letters)."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple):
+        return tuple(str(v) for v in value)
+    return ()
+
+
 def from_record(record: Mapping[str, Any]) -> Observation:
     """From a flat result record (`probe.output.result_record`, ``/api/results``, JSON Lines)."""
     port = record.get("port")
@@ -214,7 +223,7 @@ def from_record(record: Mapping[str, Any]) -> Observation:
         skipped=record.get("skipped"),
         role=str(record.get("role") or ""),
         details=freeze(record.get("details") or {}),
-        flags=tuple(record.get("flags") or ()),
+        flags=_flags(record.get("flags")),
     )
 
 

@@ -61,8 +61,10 @@ services:
 """
 
 
-def http(url: str, *, method: str = "GET", timeout: float = 5) -> tuple[int, str]:
-    request = urllib.request.Request(url, method=method)
+def http(
+    url: str, *, method: str = "GET", timeout: float = 5, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read().decode()
@@ -305,6 +307,21 @@ def test_reload_rejects_a_bad_config_and_applies_a_good_one(agent: AgentProcess)
     agent.write_config(text="seeds: [nope]\n")
     status, body = http(agent.url + "/-/reload", method="POST")
     assert status == 400 and "agent.yaml" in body
+
+
+def test_reload_from_another_origin_is_refused(agent: AgentProcess) -> None:
+    """A page on another site in the operator's browser must not be able to POST a reload."""
+    before = sample(agent.metrics(), "probe_config_last_reload_success_timestamp_seconds")
+    status, body = http(
+        agent.url + "/-/reload", method="POST", headers={"Origin": "https://evil.example"}
+    )
+    assert (status, body) == (403, "cross-origin reload refused\n")
+    same = http(
+        agent.url + "/-/reload", method="POST", headers={"Origin": f"http://127.0.0.1:{agent.port}"}
+    )
+    assert same[0] == 200
+    after = sample(agent.metrics(), "probe_config_last_reload_success_timestamp_seconds")
+    assert before is not None and after is not None and after > before  # only that one ran
 
 
 def test_sigterm_stops_cleanly_within_five_seconds(agent: AgentProcess) -> None:

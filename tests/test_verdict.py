@@ -26,6 +26,7 @@ from probe.verdict import (
     ServiceVerdict,
     Verdict,
     from_api,
+    from_record,
     judge_endpoint,
     judge_round,
     judge_service,
@@ -951,3 +952,18 @@ def test_the_control_picked_does_not_depend_on_its_order() -> None:
     second = judge_endpoint(ours, [refused, timeout])
     assert first == second
     assert first.verdict == Verdict.ENDPOINT_DOWN and first.confidence == 0.85
+
+
+def test_a_lone_flag_string_in_a_control_record_is_one_flag() -> None:
+    record = {
+        "service": "s",
+        "endpoint": "e",
+        "probe": "dns",
+        "address": None,
+        "port": None,
+        "ok": True,
+        "failure": None,
+        "flags": "dns_injection_suspected",
+    }
+    assert from_record(record).flags == ("dns_injection_suspected",)
+    assert from_record({**record, "flags": ["a", "b"]}).flags == ("a", "b")
