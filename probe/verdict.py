@@ -386,6 +386,11 @@ class _Context:
             r for r in self.results if r.base == base and (r.address, r.port) == (o.address, o.port)
         ]
 
+    def sibling_connects(self, o: Observation) -> bool:
+        """Another address of this same endpoint accepts TCP from this vantage: the service
+        is up and reachable here, so this address failing is not a dead vantage."""
+        return any(r.connected and r.address != o.address for r in self.results)
+
     def tcp_connected(self, address: str | None) -> list[Observation]:
         return [r for r in self.results if r.address == address and r.connected]
 
@@ -445,15 +450,25 @@ def _by_control(
 
 
 def _connect_rule(ctx: _Context, o: Observation) -> _Finding:
-    """B2: SYN dropped (timeout) or answered by RST (refused) / ICMP (unreachable)."""
+    """B2: SYN dropped (timeout) or answered by RST (refused) / ICMP (unreachable).
+
+    Without a control, a connect failure counts (weakly) only when something shows this
+    vantage is alive: another endpoint works, or another address of this one does --
+    the latter is how a partial block inside one endpoint is not hidden."""
+    sibling = ctx.sibling_connects(o)
+    alive = ctx.others_ok or sibling
+    why = "connect fails"
+    if sibling:
+        why += "; another address of this endpoint connects"
+    elif ctx.others_ok:
+        why += "; other endpoints reachable from this vantage"
     return _by_control(
         ctx,
         o,
         Verdict.IP_BLOCKING,
         with_control=STRONG,
-        without=WEAK if ctx.others_ok else None,
-        why="connect fails"
-        + ("; other endpoints reachable from this vantage" if ctx.others_ok else ""),
+        without=WEAK if alive else None,
+        why=why,
         passes=_connected,
     )
 

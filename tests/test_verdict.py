@@ -967,3 +967,20 @@ def test_a_lone_flag_string_in_a_control_record_is_one_flag() -> None:
     }
     assert from_record(record).flags == ("dns_injection_suspected",)
     assert from_record({**record, "flags": ["a", "b"]}).flags == ("a", "b")
+
+
+def test_one_address_blocked_while_another_of_the_same_endpoint_works_is_partial() -> None:
+    """No control and no other endpoint: the working sibling address still shows the
+    vantage is alive, so the dead one is not hidden behind "ok" (OONI's any-works rule)."""
+    results = [
+        run("tcp", A),
+        run("tcp", B, failure="generic_timeout_error", op=CONN),
+        run("tcp", B, failure="generic_timeout_error", op=CONN, variant="repeat"),
+    ]
+    v = judge_endpoint(results)
+    assert v.verdict == Verdict.PARTIAL
+    assert v.blocked_fraction == 0.5
+    assert any("another address of this endpoint connects" in e for e in v.evidence)
+    # a single address that fails with nothing else alive proves nothing
+    lone = judge_endpoint([run("tcp", B, failure="generic_timeout_error", op=CONN)])
+    assert lone.verdict == Verdict.INCONCLUSIVE
