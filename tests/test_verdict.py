@@ -89,6 +89,13 @@ def run(
     return rec.fail(failure, op, **details)
 
 
+def stun_silence(**kw: Any) -> ProbeResult:
+    """A STUN binding run over UDP that got no answer (variants and details via ``kw``)."""
+    return run(
+        "stun", A, 3478, failure="udp_no_response", op=READ, mode="binding", transport="udp", **kw
+    )
+
+
 def dns(resolver: str, *addresses: str, failure: str | None = None, **kw: Any) -> ProbeResult:
     answers = {
         "A": [a for a in addresses if ":" not in a],
@@ -344,20 +351,8 @@ CASES = [
     Case(
         "stun_silence_alone_is_inconclusive",
         [
-            run(
-                "stun", A, 3478, failure="udp_no_response", op=READ, mode="binding", transport="udp"
-            ),
-            run(
-                "stun",
-                A,
-                3478,
-                failure="udp_no_response",
-                op=READ,
-                variant="random_udp",
-                mode="binding",
-                transport="udp",
-                control={"sent": 3, "replied": False},
-            ),
+            stun_silence(),
+            stun_silence(variant="random_udp", control={"sent": 3, "replied": False}),
         ],
         Verdict.INCONCLUSIVE,
         evidence=("proves nothing",),
@@ -365,19 +360,9 @@ CASES = [
     Case(
         "stun_silence_while_random_udp_is_answered",
         [
-            run(
-                "stun", A, 3478, failure="udp_no_response", op=READ, mode="binding", transport="udp"
-            ),
-            run(
-                "stun",
-                A,
-                3478,
-                failure="udp_no_response",
-                op=READ,
-                variant="random_udp",
-                mode="binding",
-                transport="udp",
-                control={"sent": 3, "replied": True, "echoed": True},
+            stun_silence(),
+            stun_silence(
+                variant="random_udp", control={"sent": 3, "replied": True, "echoed": True}
             ),
         ],
         Verdict.UDP_BLOCKING,
