@@ -37,6 +37,7 @@ from .settings import (
     AgentConfig,
     ArchiveSettings,
     HostPort,
+    MetricsSettings,
     Resolvers,
     Schedule,
     Timeouts,
@@ -61,9 +62,12 @@ TOP_KEYS = (
     "listen",
     "archive",
     "web",
+    "metrics",
     "log_format",
 )
-_SECTIONS = frozenset({"vantage", "schedule", "timeouts", "resolvers", "tls", "archive", "web"})
+_SECTIONS = frozenset(
+    {"vantage", "schedule", "timeouts", "resolvers", "tls", "archive", "web", "metrics"}
+)
 LOG_FORMATS = ("json", "logfmt")
 VANTAGE_ROLES = ("test", "control")
 
@@ -123,6 +127,7 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
         "listen": lambda n: _hostport(n, ip_only=False),
         "archive": lambda n: _archive(n, base_dir),
         "web": lambda n: _web(n, base_dir),
+        "metrics": _metrics,
         "log_format": lambda n: n.choice(LOG_FORMATS),
     }
     d = {key: decoders[key](node) for key, node in m.items()}
@@ -150,6 +155,7 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
         listen=d.get("listen", default.listen),
         archive=d.get("archive", default.archive),
         web=d.get("web", default.web),
+        metrics=d.get("metrics", default.metrics),
         log_format=d.get("log_format", default.log_format),
         source=file,
     )
@@ -271,6 +277,11 @@ def _archive(n: Node, base_dir: Path) -> ArchiveSettings:
         keep=m["keep"].as_int(0) if "keep" in m else d.keep,
         compress=m["compress"].as_bool() if "compress" in m else d.compress,
     )
+
+
+def _metrics(n: Node) -> MetricsSettings:
+    m = n.mapping(_keys(MetricsSettings))
+    return MetricsSettings(**{key: node.as_bool() for key, node in m.items()})
 
 
 def _web(n: Node, base_dir: Path) -> WebSettings:

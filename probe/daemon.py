@@ -17,9 +17,10 @@ import json
 import logging
 import signal
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -35,15 +36,23 @@ from .round import resolver_ids
 from .scheduler import Scheduler
 from .settings import AgentConfig, WebSettings
 from .statuspage import render_status_page, results_json
-from .verdict import judge_round
+from .verdict import EndpointVerdict, ServiceVerdict, judge_endpoint, judge_service
 
 log = logging.getLogger("probe.daemon")
 _T = TypeVar("_T")
+EndpointKey = tuple[str, str]  # (service, endpoint name)
 
 SHUTDOWN_GRACE_S = 3.0  # in-flight probes get this long before they are cancelled
 # Verdicts are judged over every latest result: O(all targets).  Judging after every
 # endpoint round would be O(targets^2) per interval; coalesce to at most one per second.
 JUDGE_INTERVAL_S = 1.0
+# A scrape, the status page and /api/results are rendered at most once per this long and
+# shared by every request meanwhile: a flood of scrapers costs one render a second, not
+# one each, so the loop and the GIL stay with the probes timing themselves (issue 11).
+RENDER_CACHE_S = 1.0
+# Requests allowed to wait for a render in progress; beyond that, 503 at once: an
+# unbounded queue of waiting requests (each holding a connection) is a flood's lever.
+RENDER_WAITERS = 64
 
 
 class Agent:
@@ -58,7 +67,7 @@ class Agent:
         self.config = config
         self.config_path = config_path
         self.store = ResultStore(config.vantage)
-        self.registry = make_registry(self.store)
+        self.registry = make_registry(self.store, lambda: self.config.metrics)
         self.archive: ArchiveWriter | None = ArchiveWriter.from_settings(
             config.archive, config.vantage
         )
@@ -69,6 +78,7 @@ class Agent:
         self._reload_lock = asyncio.Lock()
         self._queued_reload: asyncio.Future[str | None] | None = None
         self._stopping = False
+        self.reloads = 0  # reload attempts finished: cached renders older than one are stale
         self._judge_wanted = asyncio.Event()
         self._judge_task: asyncio.Task[None] | None = None
         # One thread each: a flood of scrapes or of wrong passwords queues there and can
@@ -76,6 +86,7 @@ class Agent:
         self.render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
         self.auth_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auth")
         self._judge_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verdicts")
+        self._judge = IncrementalJudge()
 
     # -- measurements ----------------------------------------------------------
 
@@ -85,8 +96,9 @@ class Agent:
         if self.archive is not None:
             for result in results:
                 self.archive.write(result)
-        self.store.record_many(results)
-        self._drop_stale(results)
+        # O(this round): the round replaces the endpoint's previous one, and addresses DNS
+        # stopped returning go in the same step.
+        self.store.record_round(results)
         self._judge_soon()
 
     def _offline_onto_known_targets(self, results: Sequence[ProbeResult]) -> Sequence[ProbeResult]:
@@ -98,20 +110,13 @@ class Agent:
         """
         if not results or any(r.skipped is not SkipReason.VANTAGE_OFFLINE for r in results):
             return results
-        endpoint = (results[0].target.service, results[0].target.endpoint.name)
-        known = [r.target for k, r in self.store.snapshot().results.items() if k[:2] == endpoint]
+        target = results[0].target
+        known = [
+            r.target for r in self.store.endpoint_results(target.service, target.endpoint.name)
+        ]
         if not known:
             return results  # never measured yet: the placeholders are all there is
         return [dataclasses.replace(results[0], target=t) for t in known]
-
-    def _drop_stale(self, results: Sequence[ProbeResult]) -> None:
-        """An endpoint's round replaces its previous round: addresses DNS stopped returning go."""
-        endpoints = {(r.target.service, r.target.endpoint.name) for r in results}
-        fresh = {r.target.key() for r in results}
-        keys = self.store.snapshot().results.keys()
-        stale = {k for k in keys if k[:2] in endpoints and k not in fresh}
-        if stale:
-            self.store.replace_targets(k for k in keys if k not in stale)
 
     def _judge_soon(self) -> None:
         self._judge_wanted.set()
@@ -125,9 +130,9 @@ class Agent:
         while True:
             await self._judge_wanted.wait()
             self._judge_wanted.clear()
-            results = list(self.store.snapshot().results.values())
+            snapshot = self.store.snapshot()
             try:
-                verdicts = await loop.run_in_executor(self._judge_pool, judge_round, results)
+                verdicts = await loop.run_in_executor(self._judge_pool, self._judge, snapshot)
                 self.store.set_verdicts(verdicts)
             except Exception:  # a verdict bug must not stop the agent measuring
                 log.exception("judging verdicts failed")
@@ -171,7 +176,10 @@ class Agent:
     async def _reload_in_turn(self) -> str | None:
         async with self._reload_lock:
             self._queued_reload = None  # from here on, a request may find a newer file
-            return await self._reload()
+            try:
+                return await self._reload()
+            finally:
+                self.reloads += 1
 
     async def _reload(self) -> str | None:
         if self._stopping:  # a reload queued behind a SIGTERM must not start a schedule
@@ -235,6 +243,52 @@ class Agent:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+class IncrementalJudge:
+    """`judge_round` over a snapshot, re-judging only the endpoints whose results changed.
+
+    An endpoint's verdict depends on its own results and on one bit of the rest (whether
+    any *other* endpoint was reached); services are re-judged from endpoint verdicts, which
+    is cheap.  At thousands of endpoints judging everything every second was a steady
+    share of a core.  Runs in one worker thread only (no lock needed).
+    """
+
+    def __init__(self) -> None:
+        # endpoint -> (the results judged, others_ok, verdict); holding the results keeps
+        # their identity meaningful (frozen objects: the same object, the same data)
+        self._cache: dict[EndpointKey, tuple[tuple[ProbeResult, ...], bool, EndpointVerdict]] = {}
+
+    def __call__(self, snapshot: Snapshot) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
+        by_endpoint: dict[EndpointKey, list[ProbeResult]] = {}
+        reached: set[EndpointKey] = set()
+        for result in snapshot.results.values():
+            endpoint = (result.target.service, result.target.endpoint.name)
+            by_endpoint.setdefault(endpoint, []).append(result)
+            if result.ok and result.target.probe != "dns":
+                reached.add(endpoint)
+        cache: dict[EndpointKey, tuple[tuple[ProbeResult, ...], bool, EndpointVerdict]] = {}
+        by_service: dict[str, list[EndpointKey]] = {}
+        for endpoint, results in by_endpoint.items():
+            others_ok = len(reached) > 1 or (len(reached) == 1 and endpoint not in reached)
+            cached = self._cache.get(endpoint)
+            if cached is not None and cached[1] == others_ok and _same(cached[0], results):
+                cache[endpoint] = cached
+            else:
+                verdict = judge_endpoint(results, others_ok=others_ok)
+                cache[endpoint] = (tuple(results), others_ok, verdict)
+            by_service.setdefault(endpoint[0], []).append(endpoint)
+        self._cache = cache
+        out: list[EndpointVerdict | ServiceVerdict] = []
+        for service in sorted(by_service):
+            verdicts = [cache[k][2] for k in sorted(by_service[service])]
+            out += verdicts
+            out.append(judge_service(verdicts))
+        return tuple(out)
+
+
+def _same(a: Sequence[ProbeResult], b: Sequence[ProbeResult]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
 def _still_configured(config: AgentConfig) -> Callable[[Key], bool]:
     """Whether a result key still has a place in ``config``: its endpoint, probe, port and
     (for DNS) resolver.  What a reload removed goes at once, not at the next round."""
@@ -268,7 +322,61 @@ def _warn_restart_needed(old: AgentConfig, new: AgentConfig) -> None:
 
 # -- HTTP ----------------------------------------------------------------------
 
+
+class RenderCache(Generic[_T]):
+    """One render at a time, shared by every request that arrives while it runs, and
+    reused for ``ttl_s`` after it.  ``render`` runs in the agent's render thread."""
+
+    def __init__(
+        self,
+        render: Callable[[], Awaitable[_T]],
+        ttl_s: float = RENDER_CACHE_S,
+        version: Callable[[], int] = lambda: 0,
+    ):
+        self._render = render
+        self._ttl_s = ttl_s
+        self._version = version  # a change (a reload) makes the cached value stale at once
+        self._value: tuple[float, int, _T] | None = None
+        self._pending: asyncio.Future[_T] | None = None
+        self._waiters = 0
+        self.renders = 0  # how many renders ran (tests and benches read it)
+
+    async def get(self) -> _T | None:
+        """The cached or a fresh value; None when too many requests already wait."""
+        if self._value is not None:
+            at, version, value = self._value
+            if time.monotonic() - at < self._ttl_s and version == self._version():
+                return value
+        if self._waiters >= RENDER_WAITERS:
+            return None
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._run())
+        self._waiters += 1
+        try:
+            # shield: one impatient client hanging up must not cancel everybody's render
+            return await asyncio.shield(self._pending)
+        finally:
+            self._waiters -= 1
+
+    async def _run(self) -> _T:
+        try:
+            version = self._version()
+            value = await self._render()
+            self.renders += 1
+            self._value = (time.monotonic(), version, value)
+            return value
+        finally:
+            self._pending = None
+
+
+def _busy() -> web.Response:
+    return web.Response(
+        status=503, text="busy: too many requests waiting\n", headers={"Retry-After": "1"}
+    )
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RENDER_CACHES = web.AppKey("render_caches", tuple)  # (metrics, api, page) for tests
 
 
 def _password_ok(users: Mapping[str, str], header: str) -> bool:
@@ -308,8 +416,20 @@ def build_app(agent: Agent) -> web.Application:
         # Thousands of targets make a scrape take a second or more of pure CPU.
         return await asyncio.get_running_loop().run_in_executor(agent.render_pool, fn, *args)
 
+    def version() -> int:
+        return agent.reloads
+
+    scrape = RenderCache(lambda: render(generate_latest, agent.registry), version=version)
+    api = RenderCache(lambda: render(_api_text, agent.store.snapshot()), version=version)
+    page = RenderCache(
+        lambda: render(render_status_page, agent.store.snapshot(), agent.config), version=version
+    )
+    app[RENDER_CACHES] = (scrape, api, page)
+
     async def metrics(_: web.Request) -> web.Response:
-        body = await render(generate_latest, agent.registry)
+        body = await scrape.get()
+        if body is None:
+            return _busy()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
@@ -321,11 +441,15 @@ def build_app(agent: Agent) -> web.Application:
         return web.Response(text="ready\n")
 
     async def api_results(_: web.Request) -> web.Response:
-        text = await render(_api_text, agent.store.snapshot())
+        text = await api.get()
+        if text is None:
+            return _busy()
         return web.Response(text=text, content_type="application/json")
 
     async def status_page(_: web.Request) -> web.Response:
-        html = await render(render_status_page, agent.store.snapshot(), agent.config)
+        html = await page.get()
+        if html is None:
+            return _busy()
         return web.Response(text=html, content_type="text/html")
 
     async def reload(request: web.Request) -> web.Response:

@@ -22,7 +22,7 @@ recent success, so one blocked address is never hidden by a working one
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 
 from prometheus_client.core import (
@@ -36,7 +36,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from .model import ProbeResult
-from .results import Key, ResultStore, SeriesKey, Snapshot, series_key
+from .results import PHASE_BUCKETS, Histogram, Key, ResultStore, SeriesKey, Snapshot, series_key
+from .settings import MetricsSettings
 
 __all__ = ["SERIES_LABELS", "ProbeCollector", "make_registry"]
 
@@ -44,10 +45,19 @@ SERIES_LABELS: tuple[str, ...] = SeriesKey._fields
 TARGET_STATUSES: tuple[str, ...] = ("ok", "failed", "skipped")
 
 
-def make_registry(store: ResultStore) -> CollectorRegistry:
-    """A private registry holding only our collector (nothing process-global)."""
+MetricsOptions = Callable[[], MetricsSettings]
+
+
+def make_registry(
+    store: ResultStore, options: MetricsOptions = MetricsSettings
+) -> CollectorRegistry:
+    """A private registry holding only our collector (nothing process-global).
+
+    ``options`` is read on every scrape, so a reload that changes ``metrics:`` applies
+    to the next one.
+    """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProbeCollector(store))
+    registry.register(ProbeCollector(store, options))
     return registry
 
 
@@ -94,8 +104,9 @@ def _groups(snapshot: Snapshot) -> list[_Group]:
 class ProbeCollector(Collector):
     """Yields every metric family from one snapshot per scrape."""
 
-    def __init__(self, store: ResultStore) -> None:
+    def __init__(self, store: ResultStore, options: MetricsOptions = MetricsSettings) -> None:
         self._store = store
+        self._options = options
 
     def describe(self) -> Iterable[Metric]:
         # Nothing to pre-declare: registering must not trigger a collect().
@@ -103,11 +114,15 @@ class ProbeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._store.snapshot()
+        options = self._options()
         groups = _groups(snapshot)
         yield from _result_metrics(snapshot, groups)
         yield from _counter_metrics(snapshot)
-        yield _latency_histogram(snapshot)
-        yield from _verdict_metrics(snapshot)
+        if options.per_target_histograms:
+            yield _latency_histogram(snapshot)
+        else:
+            yield _aggregate_histogram(snapshot)
+        yield from _verdict_metrics(snapshot, one_hot=options.verdict_one_hot)
         yield from _vantage_metrics(snapshot)
         yield from _agent_metrics(snapshot)
 
@@ -198,23 +213,42 @@ def _counter_metrics(snapshot: Snapshot) -> Iterator[Metric]:
     yield from (attempts, failures, skips)
 
 
+_LATENCY_DOC = "Phase durations of successful probes"
+_BOUNDS = [floatToGoString(b) for b in (*PHASE_BUCKETS, float("inf"))]
+
+
+def _buckets(h: Histogram) -> list[tuple[str, float]]:
+    return [(bound, float(n)) for bound, (_, n) in zip(_BOUNDS, h.cumulative(), strict=True)]
+
+
 def _latency_histogram(snapshot: Snapshot) -> Metric:
+    """Opt-in (``metrics.per_target_histograms``): one histogram per series and phase."""
     hist = HistogramMetricFamily(
-        "probe_phase_latency_seconds",
-        "Phase durations of successful probes",
-        labels=[*SERIES_LABELS, "phase"],
+        "probe_phase_latency_seconds", _LATENCY_DOC, labels=[*SERIES_LABELS, "phase"]
     )
     for (series, phase), h in sorted(snapshot.phase_latency.items()):
-        buckets = [(floatToGoString(bound), float(n)) for bound, n in h.cumulative()]
-        hist.add_metric([*series, phase], buckets, h.total)
+        hist.add_metric([*series, phase], _buckets(h), h.total)
     return hist
 
 
-def _verdict_metrics(snapshot: Snapshot) -> Iterator[Metric]:
+def _aggregate_histogram(snapshot: Snapshot) -> Metric:
+    """The default: one histogram per (service, probe, phase), whatever the endpoint count.
+    Per endpoint it cost 16 series a phase, more than every other family together."""
+    hist = HistogramMetricFamily(
+        "probe_phase_latency_seconds", _LATENCY_DOC, labels=["service", "probe", "phase"]
+    )
+    for labels, h in sorted(snapshot.aggregate_latency.items()):
+        hist.add_metric(list(labels), _buckets(h), h.total)
+    return hist
+
+
+def _verdict_metrics(snapshot: Snapshot, *, one_hot: bool = False) -> Iterator[Metric]:
+    """The current verdict as one series of value 1; with ``one_hot`` also a 0 series for
+    every other value of the vocabulary (queries filter ``== 1`` and work with both)."""
     vocab = snapshot.verdict_vocabulary
     endpoint = GaugeMetricFamily(
         "probe_verdict",
-        "1 for the current verdict of an endpoint, 0 for every other verdict value",
+        "1 for the current verdict of an endpoint (0 for other values only when one-hot)",
         labels=["service", "endpoint", "verdict"],
     )
     endpoint_conf = GaugeMetricFamily(
@@ -224,7 +258,7 @@ def _verdict_metrics(snapshot: Snapshot) -> Iterator[Metric]:
     )
     service = GaugeMetricFamily(
         "probe_service_verdict",
-        "1 for the current verdict of a service, 0 for every other verdict value",
+        "1 for the current verdict of a service (0 for other values only when one-hot)",
         labels=["service", "verdict"],
     )
     service_conf = GaugeMetricFamily(
@@ -233,12 +267,13 @@ def _verdict_metrics(snapshot: Snapshot) -> Iterator[Metric]:
         labels=["service"],
     )
     for v in snapshot.verdicts:
+        values = vocab if one_hot else (str(v.verdict),)
         if v.endpoint is None:
-            for value in vocab:
+            for value in values:
                 service.add_metric([v.service, value], 1 if value == v.verdict else 0)
             service_conf.add_metric([v.service], float(v.confidence))
         else:
-            for value in vocab:
+            for value in values:
                 endpoint.add_metric([v.service, v.endpoint, value], 1 if value == v.verdict else 0)
             endpoint_conf.add_metric([v.service, v.endpoint], float(v.confidence))
     yield from (endpoint, endpoint_conf, service, service_conf)

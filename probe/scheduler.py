@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .model import Endpoint, ProbeResult, VantageState, utcnow
+from .probes import tls
 from .round import Runner, all_endpoints, check_config_vantage, measure_endpoint
 from .settings import AgentConfig
 
@@ -67,6 +68,7 @@ class Scheduler:
         self.history: History = {k: v for k, v in (history or {}).items() if k in configured}
         self._state: VantageState | None = None
         self._state_ready = asyncio.Event()
+        self._warm = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -75,6 +77,7 @@ class Scheduler:
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._gate_loop(), name="gate"))
+        self._tasks.append(asyncio.create_task(self._warm_up(), name="warm-up"))
         for ep in all_endpoints(self.config):
             name = f"endpoint {ep.service}/{ep.name}"
             self._tasks.append(asyncio.create_task(self._endpoint_loop(ep), name=name))
@@ -101,6 +104,19 @@ class Scheduler:
             self.on_vantage(state)
             await asyncio.sleep(self.gate_interval_s)
 
+    async def _warm_up(self) -> None:
+        """TLS contexts are built once, in a thread, before the first round (tls.py)."""
+        alpns = [
+            tls.parse_params(spec.params).alpn
+            for ep in all_endpoints(self.config)
+            if (spec := ep.spec("tls")) is not None
+        ]
+        try:
+            await asyncio.to_thread(tls.warm_contexts, self.config.tls.ca_file, alpns)
+        except Exception:  # an unreadable CA file: the probes report it, one by one
+            log.exception("building TLS contexts failed")
+        self._warm.set()
+
     def _spacing(self) -> float:
         """Start-to-start time to the next round: interval +/- jitter, at least min_spacing."""
         sched = self.config.schedule
@@ -124,6 +140,7 @@ class Scheduler:
         key = (ep.service, ep.name)
         due = self._first_due(key)
         await self._state_ready.wait()
+        await self._warm.wait()
         while True:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             started = time.monotonic()

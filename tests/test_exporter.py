@@ -27,6 +27,7 @@ from probe.model import (
 )
 from probe.probes import PROBES, tcp
 from probe.results import PHASE_BUCKETS, VERDICTS, ResultStore, series_key
+from probe.settings import MetricsSettings
 from tests.helpers import T0, failed, ok, refusing_port, settings, skipped, target
 
 # Data only: nothing in this file opens a socket.
@@ -43,8 +44,10 @@ def labels(t: Target, **extra: str) -> dict[str, str]:
     return {**series_key(t)._asdict(), **extra}
 
 
-def scrape(store: ResultStore) -> tuple[CollectorRegistry, str]:
-    registry = make_registry(store)
+def scrape(
+    store: ResultStore, options: MetricsSettings | None = None
+) -> tuple[CollectorRegistry, str]:
+    registry = make_registry(store, lambda: options or MetricsSettings())
     return registry, generate_latest(registry).decode()
 
 
@@ -185,15 +188,16 @@ def test_removed_targets_vanish_from_the_next_scrape() -> None:
     assert registry.get_sample_value("probe_success", labels(G_V4A)) == 1
 
 
-def test_phase_latency_histogram_from_accumulated_buckets() -> None:
+def _latency_store() -> ResultStore:
     store = ResultStore()
     store.record_many(
         ok(DC1, at=T0 + timedelta(minutes=i), connect=rtt)
         for i, rtt in enumerate([0.004, 0.03, 0.03, 0.2, 40.0])
     )
-    registry, _ = scrape(store)
-    lab = {**labels(DC1), "phase": "connect"}
+    return store
 
+
+def _check_buckets(registry: CollectorRegistry, lab: dict[str, str]) -> None:
     def bucket(le: str) -> float | None:
         return registry.get_sample_value("probe_phase_latency_seconds_bucket", {**lab, "le": le})
 
@@ -208,6 +212,30 @@ def test_phase_latency_histogram_from_accumulated_buckets() -> None:
     )
 
 
+def test_phase_latency_histogram_per_target_when_opted_in() -> None:
+    registry, _ = scrape(_latency_store(), MetricsSettings(per_target_histograms=True))
+    _check_buckets(registry, {**labels(DC1), "phase": "connect"})
+
+
+def test_phase_latency_histogram_is_summed_per_service_probe_and_phase_by_default() -> None:
+    store = _latency_store()
+    other = target("mtproto", "192.0.2.11", 443, service="telegram", name="dc2")
+    store.record(ok(other, connect=0.004))
+    registry, text = scrape(store)
+    lab = {"service": "telegram", "probe": "mtproto", "phase": "connect"}
+    assert registry.get_sample_value("probe_phase_latency_seconds_count", lab) == 6
+    first = {**lab, "le": "0.005"}
+    assert registry.get_sample_value("probe_phase_latency_seconds_bucket", first) == 2
+    assert "dc1" not in "".join(line for line in text.splitlines() if "latency" in line)
+    # The aggregate goes with the last series of its (service, probe), not before.
+    store.replace_targets([other.key()])
+    registry, _ = scrape(store)
+    assert registry.get_sample_value("probe_phase_latency_seconds_count", lab) == 6
+    store.replace_targets([])
+    registry, _ = scrape(store)
+    assert registry.get_sample_value("probe_phase_latency_seconds_count", lab) is None
+
+
 class _Verdict:
     def __init__(self, service: str, endpoint: str | None, verdict: str, confidence: float):
         self.service = service
@@ -217,7 +245,7 @@ class _Verdict:
         self.evidence: dict[str, Any] = {"why": "test"}
 
 
-def test_verdicts_export_one_series_per_possible_value() -> None:
+def _verdict_store() -> ResultStore:
     store = ResultStore()
     store.set_verdicts(
         [
@@ -225,13 +253,19 @@ def test_verdicts_export_one_series_per_possible_value() -> None:
             _Verdict("telegram", None, "ip_blocking", 0.7),
         ]
     )
-    registry, text = scrape(store)
+    return store
+
+
+def test_verdicts_export_only_the_current_value_by_default() -> None:
+    registry, text = scrape(_verdict_store())
     for value in VERDICTS:
-        expected = 1 if value == "ip_blocking" else 0
+        expected = 1 if value == "ip_blocking" else None
         ep = {"service": "telegram", "endpoint": "dc1", "verdict": value}
         assert registry.get_sample_value("probe_verdict", ep) == expected
         svc = {"service": "telegram", "verdict": value}
         assert registry.get_sample_value("probe_service_verdict", svc) == expected
+    assert text.count("probe_verdict{") == 1
+    assert text.count("probe_service_verdict{") == 1
     assert (
         registry.get_sample_value(
             "probe_verdict_confidence", {"service": "telegram", "endpoint": "dc1"}
@@ -243,6 +277,16 @@ def test_verdicts_export_one_series_per_possible_value() -> None:
         == 0.7
     )
     assert "why" not in text  # evidence is never a label
+
+
+def test_verdicts_export_one_series_per_possible_value_when_one_hot() -> None:
+    registry, _ = scrape(_verdict_store(), MetricsSettings(verdict_one_hot=True))
+    for value in VERDICTS:
+        expected = 1 if value == "ip_blocking" else 0
+        ep = {"service": "telegram", "endpoint": "dc1", "verdict": value}
+        assert registry.get_sample_value("probe_verdict", ep) == expected
+        svc = {"service": "telegram", "verdict": value}
+        assert registry.get_sample_value("probe_service_verdict", svc) == expected
 
 
 def test_vantage_config_and_agent_metrics() -> None:
@@ -307,8 +351,13 @@ async def test_real_tcp_probe_results_end_to_end(host: str) -> None:
     assert registry.get_sample_value("probe_success", labels(down.target)) == 0
     info = {**labels(down.target), "failure": "connection_refused", "failed_operation": "connect"}
     assert registry.get_sample_value("probe_failure_info", info) == 1
-    connect = {**labels(up.target), "phase": "connect"}
+    connect = {"service": "lab", "probe": "tcp", "phase": "connect"}
     assert registry.get_sample_value("probe_phase_latency_seconds_count", connect) == 1
+    # The kernel's SYN/SYN-ACK time sits beside the loop-timed connect (Linux TCP_INFO).
+    rtt = registry.get_sample_value(
+        "probe_phase_duration_seconds", {**labels(up.target), "phase": "connect_rtt"}
+    )
+    assert rtt is not None and 0 < rtt <= up.phases["connect"]
     assert labels(up.target)["ip_family"] == ("ipv6" if ":" in host else "ipv4")
 
 

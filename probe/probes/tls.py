@@ -42,7 +42,7 @@ import ipaddress
 import os
 import socket
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +53,7 @@ from ..model import Failure, Operation, ProbeResult, Target
 from ..settings import ProbeSettings
 from .base import Recorder
 from .params import alpn_param, check_keys, sni_param
-from .tcp import connect, require_address, socket_evidence
+from .tcp import connect, record_connect_rtt, require_address, socket_evidence
 
 DEFAULT_ALPN = ("h2", "http/1.1")
 _READ_CHUNK = 16 * 1024
@@ -188,6 +188,18 @@ def client_context(
     return _context(ca_file, _ca_mtime(ca_file), tuple(alpn), verify)
 
 
+def warm_contexts(ca_file: str | None, alpns: Iterable[Sequence[str]]) -> None:
+    """Build the client contexts a config will use, ahead of its first probe.
+
+    Loading the trust store takes ~20-100 ms of CPU: built lazily on the event loop it
+    delayed every probe started alongside the first TLS one, and those probes timed the
+    delay as network latency.  The scheduler calls this in a thread before any round.
+    """
+    for alpn in {tuple(a) for a in alpns}:
+        client_context(ca_file, alpn)
+    client_context(ca_file, DEFAULT_ALPN, verify=False)  # the evidence-only second handshake
+
+
 def server_names(target: Target) -> tuple[str | None, str]:
     """(SNI to send, name to verify the certificate against).
 
@@ -310,6 +322,7 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
             sock = await connect(address, port, settings.timeouts.connect_s)
     except OSError as exc:
         return rec.fail_exc(exc, Operation.CONNECT)
+    record_connect_rtt(rec, sock)
     rec.details.update(socket_evidence(sock), connect_time_s=rec.phases["connect"])
     # With no SNI we still verify against the IP literal; CPython sends no SNI for it.
     hs = Handshake(client_context(settings.tls.ca_file, alpn), verify_name)
