@@ -153,6 +153,7 @@ class Agent:
             if self.scheduler is not None:
                 self.store.set_agent_stats(
                     schedule_lag_s=self.scheduler.stats.last_lag_s,
+                    schedule_lag_quantiles=self.scheduler.stats.lag_quantiles(),
                     in_flight=self.scheduler.in_flight,
                 )
             if self.archive is not None:

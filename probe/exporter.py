@@ -318,6 +318,15 @@ def _agent_metrics(snapshot: Snapshot) -> Iterator[Metric]:
         "How late the scheduler started the latest probe versus its planned time",
         value=snapshot.schedule_lag_s,
     )
+    if snapshot.schedule_lag_quantiles:
+        recent = GaugeMetricFamily(
+            "probe_schedule_lag_recent_seconds",
+            "Schedule lag over the most recent round starts, by quantile (1 = the maximum)",
+            labels=["quantile"],
+        )
+        for q, seconds in snapshot.schedule_lag_quantiles:
+            recent.add_metric([q], seconds)
+        yield recent
     yield GaugeMetricFamily("probe_in_flight", "Probes running right now", value=snapshot.in_flight)
     if snapshot.archive_write_errors is not None:
         yield CounterMetricFamily(

@@ -176,6 +176,7 @@ class Snapshot:
     config_reload_ok: bool | None = None  # None: the daemon has not reported yet
     config_reload_success_at: datetime | None = None
     schedule_lag_s: float = 0.0
+    schedule_lag_quantiles: tuple[tuple[str, float], ...] = ()  # over recent round starts
     in_flight: int = 0
     archive_write_errors: int | None = None  # None: no archive configured
     generation: int = 0  # bumped on every swap
@@ -417,12 +418,15 @@ class ResultStore:
         self,
         *,
         schedule_lag_s: float | None = None,
+        schedule_lag_quantiles: tuple[tuple[str, float], ...] | None = None,
         in_flight: int | None = None,
         archive_write_errors: int | None = None,
     ) -> None:
         changes: dict[str, Any] = {}
         if schedule_lag_s is not None:
             changes["schedule_lag_s"] = schedule_lag_s
+        if schedule_lag_quantiles is not None:
+            changes["schedule_lag_quantiles"] = schedule_lag_quantiles
         if in_flight is not None:
             changes["in_flight"] = in_flight
         if archive_write_errors is not None:

@@ -15,12 +15,18 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .model import Endpoint, ProbeResult, VantageState, utcnow
-from .probes import tls
-from .round import Runner, all_endpoints, check_config_vantage, measure_endpoint
+from .round import (
+    Runner,
+    all_endpoints,
+    check_config_vantage,
+    measure_endpoint,
+    warm_tls_contexts,
+)
 from .settings import AgentConfig
 
 log = logging.getLogger("probe.scheduler")
@@ -33,12 +39,25 @@ EndpointKey = tuple[str, str]  # (service, endpoint name)
 History = dict[EndpointKey, tuple[float, bool]]
 
 
+LAG_WINDOW = 1024  # recent round starts whose lag the quantiles describe
+
+
 @dataclass
 class ScheduleStats:
-    """Self-metrics the exporter reads (lag of the last start, rounds done)."""
+    """Self-metrics the exporter reads (lag of the last start and of recent ones, rounds)."""
 
     last_lag_s: float = 0.0
     rounds: int = 0
+    recent_lags: deque[float] = field(default_factory=lambda: deque(maxlen=LAG_WINDOW))
+
+    def lag_quantiles(self) -> tuple[tuple[str, float], ...]:
+        """(quantile, seconds) over the recent starts: a late loop shows in p99, not p50."""
+        lags = sorted(self.recent_lags)
+        if not lags:
+            return ()
+        return tuple(
+            (str(q), lags[min(len(lags) - 1, int(q * len(lags)))]) for q in (0.5, 0.99, 1.0)
+        )
 
 
 class Scheduler:
@@ -106,15 +125,7 @@ class Scheduler:
 
     async def _warm_up(self) -> None:
         """TLS contexts are built once, in a thread, before the first round (tls.py)."""
-        alpns = [
-            tls.parse_params(spec.params).alpn
-            for ep in all_endpoints(self.config)
-            if (spec := ep.spec("tls")) is not None
-        ]
-        try:
-            await asyncio.to_thread(tls.warm_contexts, self.config.tls.ca_file, alpns)
-        except Exception:  # an unreadable CA file: the probes report it, one by one
-            log.exception("building TLS contexts failed")
+        await warm_tls_contexts(self.config)
         self._warm.set()
 
     def _spacing(self) -> float:
@@ -145,6 +156,7 @@ class Scheduler:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             started = time.monotonic()
             self.stats.last_lag_s = started - due
+            self.stats.recent_lags.append(started - due)
             self.history[key] = (started, False)
             assert self._state is not None  # set before _state_ready
             try:

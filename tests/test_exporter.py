@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_parse
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from probe.exporter import SERIES_LABELS, make_registry
@@ -27,8 +28,10 @@ from probe.model import (
 )
 from probe.probes import PROBES, tcp
 from probe.results import PHASE_BUCKETS, VERDICTS, ResultStore, series_key
+from probe.round import Runner, measure_endpoint
 from probe.settings import MetricsSettings
-from tests.helpers import T0, failed, ok, refusing_port, settings, skipped, target
+from probe.verdict import judge_round
+from tests.helpers import T0, endpoint, failed, ok, refusing_port, settings, skipped, target
 
 # Data only: nothing in this file opens a socket.
 DC1 = target("mtproto", "192.0.2.10", 443, service="telegram", name="dc1")
@@ -440,3 +443,49 @@ def test_archive_write_errors_are_a_counter_only_when_an_archive_is_configured()
     assert registry.get_sample_value("probe_archive_write_errors_total") == 3
     doc = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
     assert "`probe_archive_write_errors_total`" in doc
+
+
+def _series_per_endpoint_and_probe(text: str) -> dict[tuple[str, str, str], int]:
+    """Series of the exposition per (service, endpoint, probe); endpoint-level series (the
+    verdict) under probe ``""``.  Family-level series (aggregates, agent) are not counted."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if "endpoint" in s.labels:
+                key = (s.labels["service"], s.labels["endpoint"], s.labels.get("probe", ""))
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+async def test_series_budget_per_endpoint_and_probe() -> None:
+    """docs/metrics.md "Budget": at most 12 series per endpoint and probe by default, plus 2
+    per endpoint for its verdict; measured on real rounds (a working endpoint, a refused one
+    with its repeat), three rounds each so counters and histograms have accumulated."""
+    runner = Runner(settings(connect_s=2.0))
+    online = VantageState(online=True, ipv6=False, t=T0)
+    store = ResultStore()
+    async with TCPServer("127.0.0.1", mode=TCPMode.HOLD) as server:
+        with refusing_port() as closed:
+            up = endpoint(probes=("tcp",), ports=(server.port,), name="up")
+            down = endpoint(probes=("tcp",), ports=(closed,), name="down")
+            for _ in range(3):
+                for ep in (up, down):
+                    store.record_round(await measure_endpoint(ep, runner, online))
+    store.set_verdicts(judge_round(store.snapshot().results.values()))
+    _, text = scrape(store)
+    counts = _series_per_endpoint_and_probe(text)
+    assert set(counts) == {
+        ("lab", "up", "tcp"),
+        ("lab", "up", ""),
+        ("lab", "down", "tcp"),
+        ("lab", "down", "tcp/repeat"),
+        ("lab", "down", ""),
+    }, counts
+    for (_, _, probe), n in counts.items():
+        assert n <= (2 if probe == "" else 12), counts
+    assert counts[("lab", "up", "tcp")] == 10  # the breakdown docs/metrics.md gives
+    # The expensive forms are opt-in, and they are what the budget keeps out.
+    _, full = scrape(store, MetricsSettings(verdict_one_hot=True, per_target_histograms=True))
+    heavy = _series_per_endpoint_and_probe(full)
+    assert heavy[("lab", "up", "")] == 1 + len(VERDICTS)
+    assert heavy[("lab", "up", "tcp")] == 10 + 2 * (len(PHASE_BUCKETS) + 3)  # 2 phases
