@@ -17,6 +17,8 @@ import json
 import logging
 import signal
 import ssl
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,11 +27,12 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .archive import ArchiveWriter
 from .config import ConfigError, load_config
 from .exporter import make_registry
+from .exposition import text_exposition
 from .model import ProbeResult, SkipReason, VantageState, utcnow
 from .results import Key, ResultStore, Snapshot
 from .round import resolver_ids
@@ -50,9 +53,13 @@ JUDGE_INTERVAL_S = 1.0
 # shared by every request meanwhile: a flood of scrapers costs one render a second, not
 # one each, so the loop and the GIL stay with the probes timing themselves (issue 11).
 RENDER_CACHE_S = 1.0
-# Requests allowed to wait for a render in progress; beyond that, 503 at once: an
-# unbounded queue of waiting requests (each holding a connection) is a flood's lever.
+# Requests allowed to wait (for a render in progress, or for their turn); beyond that,
+# 503 at once: an unbounded queue of waiting requests is a flood's lever.
 RENDER_WAITERS = 64
+# Responses per second per path, however many clients ask: even a cached body costs the
+# HTTP thread (and so the GIL) a fraction of a millisecond per request, and 50 looping
+# scrapers took it hundreds of times a second.  Prometheus scrapes every 15-60 s.
+RESPONSES_PER_S = 10.0
 
 
 class Agent:
@@ -79,6 +86,7 @@ class Agent:
         self._queued_reload: asyncio.Future[str | None] | None = None
         self._stopping = False
         self.reloads = 0  # reload attempts finished: cached renders older than one are stale
+        self.loop: asyncio.AbstractEventLoop | None = None  # the probes' loop, from start()
         self._judge_wanted = asyncio.Event()
         self._judge_task: asyncio.Task[None] | None = None
         # One thread each: a flood of scrapes or of wrong passwords queues there and can
@@ -130,9 +138,8 @@ class Agent:
         while True:
             await self._judge_wanted.wait()
             self._judge_wanted.clear()
-            snapshot = self.store.snapshot()
             try:
-                verdicts = await loop.run_in_executor(self._judge_pool, self._judge, snapshot)
+                verdicts = await loop.run_in_executor(self._judge_pool, self._judge, self.store)
                 self.store.set_verdicts(verdicts)
             except Exception:  # a verdict bug must not stop the agent measuring
                 log.exception("judging verdicts failed")
@@ -144,6 +151,7 @@ class Agent:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.scheduler = Scheduler(self.config, self.on_results, self.on_vantage)
         self.scheduler.start()
         self._stats_task = asyncio.create_task(self._publish_stats())
@@ -173,6 +181,14 @@ class Agent:
         if self._queued_reload is None:
             self._queued_reload = asyncio.ensure_future(self._reload_in_turn())
         return await asyncio.shield(self._queued_reload)
+
+    async def reload_from_any_loop(self) -> str | None:
+        """`reload`, also from the HTTP server's own loop (`HTTPThread`): it runs on the
+        probes' loop, where the scheduler lives."""
+        if self.loop is None or self.loop is asyncio.get_running_loop():
+            return await self.reload()
+        future = asyncio.run_coroutine_threadsafe(self.reload(), self.loop)
+        return await asyncio.wrap_future(future)
 
     async def _reload_in_turn(self) -> str | None:
         async with self._reload_lock:
@@ -245,49 +261,56 @@ class Agent:
 
 
 class IncrementalJudge:
-    """`judge_round` over a snapshot, re-judging only the endpoints whose results changed.
+    """`judge_round` over a store's latest results, judging only what changed.
 
-    An endpoint's verdict depends on its own results and on one bit of the rest (whether
-    any *other* endpoint was reached); services are re-judged from endpoint verdicts, which
-    is cheap.  At thousands of endpoints judging everything every second was a steady
-    share of a core.  Runs in one worker thread only (no lock needed).
+    An endpoint's verdict depends on its own results and on one fact about the others
+    (whether any *other* endpoint was reached); a service's on its endpoints' verdicts.
+    So a pass re-judges the endpoints the store marked dirty (new results, removed keys)
+    and their services, and everything only when that fact changes for some endpoint.
+    At 5,000 endpoints a full pass every second took a tenth of a core.  Runs in one
+    worker thread at a time (the daemon's verdict pool): no lock of its own.
     """
 
     def __init__(self) -> None:
-        # endpoint -> (the results judged, others_ok, verdict); holding the results keeps
-        # their identity meaningful (frozen objects: the same object, the same data)
-        self._cache: dict[EndpointKey, tuple[tuple[ProbeResult, ...], bool, EndpointVerdict]] = {}
+        self._verdicts: dict[str, dict[EndpointKey, EndpointVerdict]] = {}  # by service
+        self._reached: set[EndpointKey] = set()  # endpoints with a success beyond DNS
+        self._regime: tuple[int, EndpointKey | None] = (0, None)
+        self._services: dict[str, tuple[EndpointVerdict | ServiceVerdict, ...]] = {}
 
-    def __call__(self, snapshot: Snapshot) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
-        by_endpoint: dict[EndpointKey, list[ProbeResult]] = {}
-        reached: set[EndpointKey] = set()
-        for result in snapshot.results.values():
-            endpoint = (result.target.service, result.target.endpoint.name)
-            by_endpoint.setdefault(endpoint, []).append(result)
-            if result.ok and result.target.probe != "dns":
-                reached.add(endpoint)
-        cache: dict[EndpointKey, tuple[tuple[ProbeResult, ...], bool, EndpointVerdict]] = {}
-        by_service: dict[str, list[EndpointKey]] = {}
-        for endpoint, results in by_endpoint.items():
-            others_ok = len(reached) > 1 or (len(reached) == 1 and endpoint not in reached)
-            cached = self._cache.get(endpoint)
-            if cached is not None and cached[1] == others_ok and _same(cached[0], results):
-                cache[endpoint] = cached
+    def _others_ok(self, endpoint: EndpointKey) -> bool:
+        return len(self._reached) > 1 or (len(self._reached) == 1 and endpoint not in self._reached)
+
+    def __call__(self, store: ResultStore) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
+        dirty = store.take_dirty()
+        latest = {ep: store.endpoint_results(*ep) for ep in dirty}
+        for ep, results in latest.items():
+            if any(r.ok and r.target.probe != "dns" for r in results):
+                self._reached.add(ep)
             else:
-                verdict = judge_endpoint(results, others_ok=others_ok)
-                cache[endpoint] = (tuple(results), others_ok, verdict)
-            by_service.setdefault(endpoint[0], []).append(endpoint)
-        self._cache = cache
-        out: list[EndpointVerdict | ServiceVerdict] = []
-        for service in sorted(by_service):
-            verdicts = [cache[k][2] for k in sorted(by_service[service])]
-            out += verdicts
-            out.append(judge_service(verdicts))
-        return tuple(out)
-
-
-def _same(a: Sequence[ProbeResult], b: Sequence[ProbeResult]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+                self._reached.discard(ep)
+        single = next(iter(self._reached)) if len(self._reached) == 1 else None
+        regime = (min(len(self._reached), 2), single)
+        if regime != self._regime:  # others_ok changed for some endpoint: judge them all
+            self._regime = regime
+            for ep in store.endpoints():
+                if ep not in latest:
+                    latest[ep] = store.endpoint_results(*ep)
+        services = set()
+        for ep, results in latest.items():
+            services.add(ep[0])
+            of_service = self._verdicts.setdefault(ep[0], {})
+            if results:
+                of_service[ep] = judge_endpoint(results, others_ok=self._others_ok(ep))
+            else:
+                of_service.pop(ep, None)
+        for service in services:
+            of_service = self._verdicts[service]
+            verdicts = [of_service[k] for k in sorted(of_service)]
+            if verdicts:
+                self._services[service] = (*verdicts, judge_service(verdicts))
+            else:
+                self._services.pop(service, None)
+        return tuple(v for service in sorted(self._services) for v in self._services[service])
 
 
 def _still_configured(config: AgentConfig) -> Callable[[Key], bool]:
@@ -326,15 +349,19 @@ def _warn_restart_needed(old: AgentConfig, new: AgentConfig) -> None:
 
 class RenderCache(Generic[_T]):
     """One render at a time, shared by every request that arrives while it runs, and
-    reused for ``ttl_s`` after it.  ``render`` runs in the agent's render thread."""
+    reused for ``ttl_s`` after it; responses paced to ``rate`` a second, at most
+    `RENDER_WAITERS` requests waiting.  ``render`` runs in the agent's render thread."""
 
     def __init__(
         self,
         render: Callable[[], Awaitable[_T]],
         ttl_s: float = RENDER_CACHE_S,
         version: Callable[[], int] = lambda: 0,
+        rate: float = RESPONSES_PER_S,
     ):
         self._render = render
+        self._spacing_s = 1.0 / rate
+        self._next_slot = 0.0
         self._ttl_s = ttl_s
         self._version = version  # a change (a reload) makes the cached value stale at once
         self._value: tuple[float, int, _T] | None = None
@@ -343,21 +370,30 @@ class RenderCache(Generic[_T]):
         self.renders = 0  # how many renders ran (tests and benches read it)
 
     async def get(self) -> _T | None:
-        """The cached or a fresh value; None when too many requests already wait."""
+        """The cached or a fresh value, paced to ``rate`` a second; None when too many
+        requests already wait."""
+        if self._waiters >= RENDER_WAITERS:
+            return None
+        self._waiters += 1
+        try:
+            now = time.monotonic()
+            slot = max(now, self._next_slot)
+            self._next_slot = slot + self._spacing_s
+            if slot > now:
+                await asyncio.sleep(slot - now)
+            return await self._fresh()
+        finally:
+            self._waiters -= 1
+
+    async def _fresh(self) -> _T:
         if self._value is not None:
             at, version, value = self._value
             if time.monotonic() - at < self._ttl_s and version == self._version():
                 return value
-        if self._waiters >= RENDER_WAITERS:
-            return None
         if self._pending is None:
             self._pending = asyncio.ensure_future(self._run())
-        self._waiters += 1
-        try:
-            # shield: one impatient client hanging up must not cancel everybody's render
-            return await asyncio.shield(self._pending)
-        finally:
-            self._waiters -= 1
+        # shield: one impatient client hanging up must not cancel everybody's render
+        return await asyncio.shield(self._pending)
 
     async def _run(self) -> _T:
         try:
@@ -420,7 +456,7 @@ def build_app(agent: Agent) -> web.Application:
     def version() -> int:
         return agent.reloads
 
-    scrape = RenderCache(lambda: render(generate_latest, agent.registry), version=version)
+    scrape = RenderCache(lambda: render(text_exposition, agent.registry), version=version)
     api = RenderCache(lambda: render(_api_text, agent.store.snapshot()), version=version)
     page = RenderCache(
         lambda: render(render_status_page, agent.store.snapshot(), agent.config), version=version
@@ -459,7 +495,7 @@ def build_app(agent: Agent) -> web.Application:
         origin = request.headers.get("Origin")
         if origin is not None and urlsplit(origin).netloc != request.host:
             return web.Response(status=403, text="cross-origin reload refused\n")
-        error = await agent.reload()
+        error = await agent.reload_from_any_loop()
         if error:
             return web.Response(status=400, text=f"reload rejected: {error}\n")
         return web.Response(text="reloaded\n")
@@ -497,6 +533,61 @@ def _server_ssl(settings: WebSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+class HTTPThread:
+    """The HTTP server on an event loop of its own, in a thread of its own.
+
+    Probes time their phases on the probes' loop.  Served there too, a flood of requests
+    (50 concurrent scrapers) kept that loop busy enough to add tens of milliseconds to
+    every measured connect, even with renders cached.  Here the probes' loop never runs
+    HTTP code; the two threads share only the GIL, which `serve` makes change hands
+    every millisecond (Python's default is 5 ms).
+    """
+
+    def __init__(self, agent: Agent, config: AgentConfig) -> None:
+        self._agent = agent
+        self._config = config
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), name="http")
+
+    async def start(self) -> BaseException | None:
+        """Start serving; the error that prevented it (port taken, bad TLS key), else None."""
+        self._thread.start()
+        await asyncio.to_thread(self._ready.wait)
+        return self.error
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        runner = web.AppRunner(build_app(self._agent), access_log=None)
+        await runner.setup()
+        try:
+            # asyncio makes an IPv6 listener IPv6-only: for "[::]" (every address) listen on
+            # every address of both families, as the docs promise, not on IPv6 alone.
+            listen = self._config.listen
+            host = None if listen.host == "::" else listen.host
+            ssl_context = _server_ssl(self._config.web)
+            site = web.TCPSite(runner, host, listen.port, ssl_context=ssl_context)
+            await site.start()
+        except OSError as exc:  # port taken, address not ours, unreadable TLS key (SSLError)
+            self.error = exc
+        self._ready.set()
+        if self.error is None:
+            await self._stop.wait()
+        await runner.cleanup()
+
+    async def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already ended
+                self._loop.call_soon_threadsafe(self._stop.set)
+        await asyncio.to_thread(self._thread.join, 10.0)
+
+
+GIL_SWITCH_INTERVAL_S = 0.001
+
+
 async def serve(config: AgentConfig, config_path: str | None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads.  Returns the process exit code."""
     try:
@@ -504,17 +595,13 @@ async def serve(config: AgentConfig, config_path: str | None) -> int:
     except OSError as exc:  # e.g. the archive directory cannot be created
         log.error("cannot open the archive", extra={"error": str(exc)})
         return 1
-    runner = web.AppRunner(build_app(agent), access_log=None)
-    await runner.setup()
-    try:
-        # asyncio makes an IPv6 listener IPv6-only: for "[::]" (every address) listen on
-        # every address of both families, as the docs promise, not on IPv6 alone.
-        host = None if config.listen.host == "::" else config.listen.host
-        site = web.TCPSite(runner, host, config.listen.port, ssl_context=_server_ssl(config.web))
-        await site.start()
-    except OSError as exc:  # port taken, address not ours, unreadable TLS key (ssl.SSLError)
-        log.error("cannot listen", extra={"listen": str(config.listen), "error": str(exc)})
-        await runner.cleanup()
+    # The HTTP thread holds the GIL for at most this long when the probes' loop wants it.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    http = HTTPThread(agent, config)
+    error = await http.start()
+    if error is not None:
+        log.error("cannot listen", extra={"listen": str(config.listen), "error": str(error)})
+        await http.stop()
         await agent.stop()
         return 1
     log.info("listening", extra={"listen": str(config.listen), "config": config.source})
@@ -534,7 +621,7 @@ async def serve(config: AgentConfig, config_path: str | None) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info("shutting down")
+    await http.stop()  # first: no request may reach the render pools agent.stop() closes
     await agent.stop()
-    await runner.cleanup()
     log.info("stopped")
     return 0

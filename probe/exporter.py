@@ -95,8 +95,9 @@ class _Group:
 
 def _groups(snapshot: Snapshot) -> list[_Group]:
     groups: dict[SeriesKey, _Group] = {}
+    known = snapshot.series  # computed once per recorded result, not once per scrape
     for key, result in snapshot.results.items():
-        series = series_key(result.target)
+        series = known.get(key) or series_key(result.target)
         groups.setdefault(series, _Group(series)).add(key, result)
     return [groups[s] for s in sorted(groups)]  # stable order: readable diffs of scrapes
 

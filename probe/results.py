@@ -167,6 +167,7 @@ class Snapshot:
     failures: Mapping[tuple[SeriesKey, Failure], int] = field(default_factory=_empty)
     skips: Mapping[tuple[SeriesKey, SkipReason], int] = field(default_factory=_empty)
     phase_latency: Mapping[tuple[SeriesKey, str], Histogram] = field(default_factory=_empty)
+    series: Mapping[Key, SeriesKey] = field(default_factory=_empty)  # series_key() per key
     # The same phase durations summed per (service, probe, phase): the default export.
     aggregate_latency: Mapping[tuple[str, str, str], Histogram] = field(default_factory=_empty)
     vantage: Vantage = field(default_factory=Vantage)
@@ -192,6 +193,7 @@ _MAPS: tuple[str, ...] = (
     "skips",
     "phase_latency",
     "aggregate_latency",
+    "series",
 )
 
 
@@ -224,6 +226,7 @@ class ResultStore:
         self._series_keys: dict[SeriesKey, set[Key]] = {}
         self._series_slots: dict[SeriesKey, set[Any]] = {}  # failure/skip/phase map keys
         self._probe_series: dict[tuple[str, str], int] = {}  # live series per (service, probe)
+        self._dirty: set[EndpointKey] = set()  # endpoints changed since take_dirty()
         self._data_generation = 0
         self._frozen: Snapshot | None = None  # maps frozen at _frozen_generation
         self._frozen_generation = -1
@@ -241,6 +244,7 @@ class ResultStore:
                     skips=_frozen(dict(self._skips)),
                     phase_latency=_frozen(dict(self._phase_latency)),
                     aggregate_latency=_frozen(dict(self._aggregate_latency)),
+                    series=_frozen(dict(self._series_of)),
                 )
                 self._frozen_generation = self._data_generation
             meta, maps = self._meta, self._frozen
@@ -287,6 +291,17 @@ class ResultStore:
             keys = self._by_endpoint.get((service, endpoint), {})
             return [self._results[k] for k in keys]
 
+    def take_dirty(self) -> set[EndpointKey]:
+        """The endpoints whose results changed since the last call (for incremental
+        judging), and forget them."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            return dirty
+
+    def endpoints(self) -> list[EndpointKey]:
+        with self._lock:
+            return list(self._by_endpoint)
+
     def replace_targets(self, keys: Iterable[Key]) -> None:
         """Forget every key not in ``keys`` (config reload, changed DNS answers).
 
@@ -318,6 +333,7 @@ class ResultStore:
             self._probe_series[probe] = self._probe_series.get(probe, 0) + 1
         keys.add(key)
         self._by_endpoint.setdefault((key[0], key[1]), {})[key] = None
+        self._dirty.add((key[0], key[1]))
         if result.skipped is None:
             state: State = (result.ok, result.failure_kind)
             if self._states.get(key) != state:
@@ -354,6 +370,7 @@ class ResultStore:
         self._changed_at.pop(key, None)
         self._states.pop(key, None)
         endpoint_key = (key[0], key[1])
+        self._dirty.add(endpoint_key)
         endpoint = self._by_endpoint.get(endpoint_key)
         if endpoint is not None:
             endpoint.pop(key, None)
