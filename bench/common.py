@@ -81,7 +81,9 @@ def tcp_endpoints(n: int, port: int, *, silent_every: int = 0, probes: str = "tc
     ``silent_every``-th one on 127.20/16 (silent once `drop_to` ran)."""
     lines = []
     for i in range(n):
-        host = address(i, 20) if silent_every and i % silent_every == silent_every - 1 else address(i)
+        host = (
+            address(i, 20) if silent_every and i % silent_every == silent_every - 1 else address(i)
+        )
         lines.append(
             f"      - {{name: e{i}, host: {host}, ports: [{port}], role: signalling,"
             f" probes: [{probes}], source: bench, confidence: C}}"
@@ -104,10 +106,11 @@ def agent_config(
     extra: str = "",
 ) -> Path:
     archive_yaml = f"{{path: {archive}}}" if archive else "{path: null}"
+    spacing = min(interval_s, 60) / 2
     path.write_text(
         f"""
 vantage: {{name: bench, country: ZZ, asn: AS64500, role: test}}
-schedule: {{interval_s: {interval_s}, jitter_s: {jitter_s}, min_spacing_s: {min(interval_s, 60) / 2},
+schedule: {{interval_s: {interval_s}, jitter_s: {jitter_s}, min_spacing_s: {spacing},
             concurrency: {concurrency}, per_destination: {per_destination}}}
 timeouts: {{connect_s: {connect_s}, tls_s: {connect_s}}}
 resolvers: {{system: false, udp: ["127.0.0.1:9"]}}

@@ -164,7 +164,8 @@ def run_blackbox(kind: str, port: int, config: Path, n: int, count: int) -> floa
 
 BARE = """
 import asyncio, ssl, sys, time
-kind, port, n, count, ca = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+kind, ca = sys.argv[1], sys.argv[5]
+port, n, count = (int(a) for a in sys.argv[2:5])
 def address(i): return f"127.10.{i // 250 % 250 + 1}.{i % 250 + 1}"
 ctx = ssl.create_default_context(cafile=ca) if kind == "tls" else None
 async def one(i, bound):
@@ -204,7 +205,7 @@ def main() -> None:
     if args.smoke:
         args.repeats, args.endpoints, args.window = 1, 20, 2.0
     enter_private_netns()
-    count = 200 if args.smoke else 2000
+    count = 100 if args.smoke else 2000
     with tempfile.TemporaryDirectory(prefix="bench-cost-") as tmpdir:
         tmp = Path(tmpdir)
         ca = CertificateAuthority("bench CA")

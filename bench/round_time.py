@@ -87,7 +87,9 @@ def measure(n: int, every: int, concurrency: int, timeout_s: float, tmp: Path) -
         "startup_s": round(base_wall, 2),
         "bound_s": math.ceil(2 * silent / concurrency) * timeout_s,
         "naive_s": math.ceil(probes / concurrency) * timeout_s,
-        "over_bound_s": round(wall - base_wall - math.ceil(2 * silent / concurrency) * timeout_s, 2),
+        "over_bound_s": round(
+            wall - base_wall - math.ceil(2 * silent / concurrency) * timeout_s, 2
+        ),
         "cpu_s": round(cpu, 2),
         "cpu_us_per_probe": round(1e6 * (cpu - base_cpu) / probes, 1),
     }

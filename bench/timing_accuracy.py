@@ -99,18 +99,28 @@ services:
 
 def run_agent(lab: Lab, n: int, delay_ms: float) -> dict[str, Any]:
     config = agent_config(lab, n, lab.workdir / f"agent-{n}.yaml")
-    done = lab.exec("client", [PYTHON, "-m", "probe", "once", "-c", str(config), "--format", "json"], 300)
+    done = lab.exec(
+        "client", [PYTHON, "-m", "probe", "once", "-c", str(config), "--format", "json"], 300
+    )
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    ok = [r for r in records if r.get("ok") and r.get("service") == "bench" and r.get("probe") == "tcp"]
+    ok = [
+        r
+        for r in records
+        if r.get("ok") and r.get("service") == "bench" and r.get("probe") == "tcp"
+    ]
     loop = [1000 * r["phases"]["connect"] - delay_ms for r in ok]
-    kernel = [1000 * r["phases"]["connect_rtt"] - delay_ms for r in ok if "connect_rtt" in r["phases"]]
+    kernel = [
+        1000 * r["phases"]["connect_rtt"] - delay_ms for r in ok if "connect_rtt" in r["phases"]
+    ]
     own = [
         1000 * (r["phases"]["connect"] - r["phases"]["connect_rtt"])
         for r in ok
         if "connect_rtt" in r["phases"]
     ]
     if len(ok) < n:
-        print(f"agent: {n - len(ok)} of {n} probes failed (exit {done.returncode})", file=sys.stderr)
+        print(
+            f"agent: {n - len(ok)} of {n} probes failed (exit {done.returncode})", file=sys.stderr
+        )
     return {
         "agent_ok": len(ok),
         "agent_loop_connect_error_ms_p50": round(median(loop), 3),
@@ -150,8 +160,10 @@ def main() -> None:
         sys.exit(f"bench: {reason}")
     with Lab(services=ADDRESSES + 2) as lab:
         lab.serve(
-            [{"kind": "tcp", "host": lab.addr.service(i), "port": PORT, "mode": "echo"}
-             for i in range(1, ADDRESSES + 2)]
+            [
+                {"kind": "tcp", "host": lab.addr.service(i), "port": PORT, "mode": "echo"}
+                for i in range(1, ADDRESSES + 2)
+            ]
         )
         delayed = [lab.addr.service(i) for i in range(1, ADDRESSES + 2)]
         with lab.censor.active(c.Delay(args.delay_ms, delayed, direction="down")):
