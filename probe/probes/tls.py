@@ -246,6 +246,17 @@ def parse_params(params: Mapping[str, Any]) -> TLSParams:
 
 def certificate_evidence(der: bytes) -> dict[str, Any]:
     """Fingerprint and identity of a leaf certificate; parse errors are evidence too."""
+    evidence = dict(_certificate_evidence(der))
+    if "sans" in evidence:
+        evidence["sans"] = list(evidence["sans"])  # a fresh list: the cached tuple stays
+    return evidence
+
+
+@functools.lru_cache(maxsize=1024)
+def _certificate_evidence(der: bytes) -> tuple[tuple[str, Any], ...]:
+    # Memoised on the DER bytes (a pure function of them): an endpoint serves the same
+    # certificate round after round, and parsing it in full on every success cost more
+    # CPU than the handshake's own Python work.  A changed certificate is parsed anew.
     evidence: dict[str, Any] = {"sha256": hashlib.sha256(der).hexdigest(), "der_bytes": len(der)}
     try:
         cert = x509.load_der_x509_certificate(der)
@@ -255,11 +266,11 @@ def certificate_evidence(der: bytes) -> dict[str, Any]:
             serial=format(cert.serial_number, "x"),
             not_before=cert.not_valid_before_utc.isoformat(),
             not_after=cert.not_valid_after_utc.isoformat(),
-            sans=_sans(cert),
+            sans=tuple(_sans(cert)),
         )
     except Exception as exc:  # a hostile peer's DER can break the parser in many ways
         evidence["parse_error"] = f"{type(exc).__name__}: {scrub(str(exc))}"[:200]
-    return evidence
+    return tuple(evidence.items())
 
 
 def _sans(cert: x509.Certificate) -> list[str]:
