@@ -5,13 +5,14 @@ servers on distinct 127/8 addresses), concurrency 20, whole-process CPU of the p
 (user + system, all threads) divided by the probes it ran:
 
 - agent: `probe run` in steady state (scheduler, store, verdicts, archive, exporter
-  self-metrics all included), probes counted from `probe_attempts_total`;
+  self-metrics all included), probes counted from `probe_attempts_total`; once more with
+  the archive off (``agent_no_archive``), to show what the OONI-format archive costs;
 - blackbox_exporter (Debian `prometheus-blackbox-exporter`): `/probe?module=...` requests,
   20 at a time; the exporter's CPU only (the HTTP client is this script);
 - bare asyncio: `open_connection` (with a prebuilt SSLContext for TLS) in a subprocess that
   times only its probe loop: the floor for a Python prober.
 
-    sudo .venv/bin/python bench/probe_cost.py            # 3 alternations
+    sudo .venv/bin/python bench/probe_cost.py            # 2 alternations
     sudo .venv/bin/python bench/probe_cost.py --smoke    # seconds, for CI
 """
 
@@ -81,7 +82,9 @@ def endpoints_yaml(kind: str, n: int, port: int) -> str:
     )
 
 
-def run_agent(kind: str, port: int, ca_file: Path, n: int, window_s: float, tmp: Path) -> float:
+def run_agent(
+    kind: str, port: int, ca_file: Path, n: int, window_s: float, tmp: Path, archive: bool = True
+) -> float:
     listen = free_port()
     interval = max(2.0, n / 50)  # ~50 probes a second
     config = agent_config(
@@ -92,7 +95,7 @@ def run_agent(kind: str, port: int, ca_file: Path, n: int, window_s: float, tmp:
         interval_s=interval,
         jitter_s=interval / 2,
         concurrency=CONCURRENCY,
-        archive=tmp / f"archive-{kind}",
+        archive=tmp / f"archive-{kind}" if archive else None,
         extra=f"tls: {{ca_file: {ca_file}}}",
     )
     proc = start_agent(config, tmp / f"agent-{kind}.log")
@@ -197,9 +200,9 @@ def run_bare(kind: str, port: int, ca_file: Path, n: int, count: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--endpoints", type=int, default=500)
-    parser.add_argument("--window", type=float, default=20.0, help="agent seconds measured")
+    parser.add_argument("--window", type=float, default=15.0, help="agent seconds measured")
     parser.add_argument("--smoke", action="store_true", help="a few seconds, for CI")
     args = parser.parse_args()
     if args.smoke:
@@ -217,8 +220,13 @@ def main() -> None:
         figures: dict[str, dict[str, list[float]]] = {}
         for _ in range(args.repeats):
             for kind, port in ports.items():
-                f = figures.setdefault(kind, {"agent": [], "blackbox": [], "bare": []})
+                f = figures.setdefault(
+                    kind, {"agent": [], "agent_no_archive": [], "blackbox": [], "bare": []}
+                )
                 f["agent"].append(run_agent(kind, port, ca_file, args.endpoints, args.window, tmp))
+                f["agent_no_archive"].append(
+                    run_agent(kind, port, ca_file, args.endpoints, args.window, tmp, archive=False)
+                )
                 f["blackbox"].append(run_blackbox(kind, port, bb, args.endpoints, count))
                 f["bare"].append(run_bare(kind, port, ca_file, args.endpoints, count))
         for kind, f in figures.items():

@@ -46,8 +46,8 @@ _T = TypeVar("_T")
 EndpointKey = tuple[str, str]  # (service, endpoint name)
 
 SHUTDOWN_GRACE_S = 3.0  # in-flight probes get this long before they are cancelled
-# Verdicts are judged over every latest result: O(all targets).  Judging after every
-# endpoint round would be O(targets^2) per interval; coalesce to at most one per second.
+# Verdicts are judged for the endpoints whose results changed (`IncrementalJudge`), at
+# most once a second: the endpoint rounds that finished meanwhile share one pass.
 JUDGE_INTERVAL_S = 1.0
 # A scrape, the status page and /api/results are rendered at most once per this long and
 # shared by every request meanwhile: a flood of scrapers costs one render a second, not
@@ -281,6 +281,14 @@ class IncrementalJudge:
         return len(self._reached) > 1 or (len(self._reached) == 1 and endpoint not in self._reached)
 
     def __call__(self, store: ResultStore) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
+        try:
+            return self._judge(store)
+        except BaseException:
+            # The endpoints taken as dirty were not judged: judge everything next time.
+            self._regime = (-1, None)
+            raise
+
+    def _judge(self, store: ResultStore) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
         dirty = store.take_dirty()
         latest = {ep: store.endpoint_results(*ep) for ep in dirty}
         for ep, results in latest.items():
