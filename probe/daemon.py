@@ -31,8 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .archive import ArchiveWriter
 from .config import ConfigError, load_config
-from .exporter import make_registry
-from .exposition import text_exposition
+from .exporter import TextRenderer, make_registry
 from .model import ProbeResult, SkipReason, VantageState, utcnow
 from .results import Key, ResultStore, Snapshot
 from .round import resolver_ids
@@ -75,6 +74,8 @@ class Agent:
         self.config_path = config_path
         self.store = ResultStore(config.vantage)
         self.registry = make_registry(self.store, lambda: self.config.metrics)
+        # What /metrics serves: the registry's exposition, re-formatting changed series only.
+        self.exposition = TextRenderer(self.store, lambda: self.config.metrics)
         self.archive: ArchiveWriter | None = ArchiveWriter.from_settings(
             config.archive, config.vantage
         )
@@ -464,7 +465,7 @@ def build_app(agent: Agent) -> web.Application:
     def version() -> int:
         return agent.reloads
 
-    scrape = RenderCache(lambda: render(text_exposition, agent.registry), version=version)
+    scrape = RenderCache(lambda: render(agent.exposition.render), version=version)
     api = RenderCache(lambda: render(_api_text, agent.store.snapshot()), version=version)
     page = RenderCache(
         lambda: render(render_status_page, agent.store.snapshot(), agent.config), version=version

@@ -16,7 +16,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["text_exposition"]
+__all__ = ["family_lines", "text_exposition"]
 
 _TYPES = {"counter": "counter", "gauge": "gauge", "histogram": "histogram", "info": "gauge"}
 _SUFFIX = {"counter": "_total", "info": "_info"}
@@ -43,10 +43,12 @@ def _template(keys: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
     return order, ",".join(f'{k}="{{}}"' for k in order)
 
 
-def _family(metric: Metric, out: list[str]) -> None:
-    name = metric.name + _SUFFIX.get(metric.type, "")
-    doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
-    out.append(f"# HELP {name} {doc}\n# TYPE {name} {_TYPES.get(metric.type, 'untyped')}\n")
+def family_lines(metric: Metric, out: list[str], *, header: bool = True) -> None:
+    """Append the lines of one metric family to ``out``; ``header=False``: samples only."""
+    if header:
+        name = metric.name + _SUFFIX.get(metric.type, "")
+        doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {_TYPES.get(metric.type, 'untyped')}\n")
     # Every sample of a family has one of a few label sets (a histogram adds "le" to its
     # buckets): one format template per label set, in sorted label order.
     templates: dict[tuple[str, ...], tuple[tuple[str, ...], str]] = {}
@@ -72,5 +74,5 @@ def text_exposition(collector: Collector) -> bytes:
     """The exposition of ``collector`` (a registry or a collector)."""
     out: list[str] = []
     for metric in collector.collect():
-        _family(metric, out)
+        family_lines(metric, out)
     return "".join(out).encode()

@@ -9,7 +9,7 @@ from datetime import timedelta
 from prometheus_client import generate_latest
 
 from probe.daemon import IncrementalJudge
-from probe.exporter import make_registry
+from probe.exporter import TextRenderer, make_registry
 from probe.exposition import text_exposition
 from probe.model import Operation, ProbeResult
 from probe.results import ResultStore
@@ -65,3 +65,27 @@ def test_the_fast_exposition_is_byte_for_byte_prometheus_clients() -> None:
     for options in (MetricsSettings(), MetricsSettings(True, True)):
         registry = make_registry(store, lambda o=options: o)  # type: ignore[misc]
         assert text_exposition(registry) == generate_latest(registry)
+
+
+def test_incremental_text_equals_prometheus_client_and_reformats_only_changed_series() -> None:
+    """What /metrics serves (`TextRenderer`, per-series lines cached while their results
+    are unchanged) stays byte-for-byte `generate_latest` through rounds, removals, new
+    verdicts and a switch of the metric options."""
+    rng = random.Random(5)
+    store = ResultStore()
+    options = [MetricsSettings()]
+    renderer = TextRenderer(store, lambda: options[0])
+    registry = make_registry(store, lambda: options[0])
+    for i in range(20):
+        store.record_round(_round(rng, "svc", i, 0))
+    assert renderer.render() == generate_latest(registry)
+    first = renderer.groups_rendered
+    for i in (3, 7):  # two endpoints' next rounds
+        store.record_round(_round(rng, "svc", i, 1))
+    store.set_verdicts(judge_round(store.snapshot().results.values()))
+    assert renderer.render() == generate_latest(registry)
+    assert 2 <= renderer.groups_rendered - first <= 4  # their 1-2 series each, no others
+    store.replace_targets(k for k in store.snapshot().results if k[1] != "e5")
+    assert renderer.render() == generate_latest(registry)
+    options[0] = MetricsSettings(verdict_one_hot=True, per_target_histograms=True)
+    assert renderer.render() == generate_latest(registry)
