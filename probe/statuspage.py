@@ -59,7 +59,12 @@ def results_json(snapshot: Snapshot) -> dict[str, Any]:
             for k, r in sorted(snapshot.results.items())
         ],
         "verdicts": [_verdict_record(v) for v in snapshot.verdicts],
+        "controls": [_control_record(c) for c in snapshot.controls],
     }
+
+
+def _control_record(c: Any) -> dict[str, Any]:
+    return {"url": c.url, "up": c.up, "newest": _iso(c.newest), "error": c.error}
 
 
 @dataclass

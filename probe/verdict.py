@@ -988,13 +988,33 @@ def judge_service(endpoint_verdicts: Sequence[EndpointVerdict]) -> ServiceVerdic
 # --------------------------------------------------------------------------- round
 
 
+def _as_control_vantage(v: EndpointVerdict, others_ok: bool) -> EndpointVerdict:
+    """On a control vantage a failure is never censorship: nothing censors a control
+    (that is what makes it one), so what would read as a block is the endpoint being
+    down, or, when nothing else works from here either, the control itself broken."""
+    if v.verdict not in BLOCKING and v.verdict != Verdict.PARTIAL:
+        return v
+    if others_ok:
+        verdict, confidence = Verdict.ENDPOINT_DOWN, FAIR
+        why = "control vantage: a failure here means the endpoint is down, never censorship"
+    else:
+        verdict, confidence = Verdict.INCONCLUSIVE, NONE
+        why = "control vantage and nothing else works from here: the control may be broken"
+    return EndpointVerdict(v.service, v.endpoint, verdict, confidence, _bounded((why, *v.evidence)))
+
+
 def judge_round(
-    results: Iterable[Item], control: Iterable[Item] | None = None
+    results: Iterable[Item],
+    control: Iterable[Item] | None = None,
+    *,
+    vantage_role: str = "test",
 ) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
     """Every endpoint's verdict, then its service's, service by service (sorted).
 
     Works on any set of results: one round, several rounds, or the lab's; ``control``
     is the control vantage's results for the same endpoints, in any accepted form.
+    ``vantage_role`` ``control``: these results come from a control vantage, whose
+    failures mean ``endpoint_down`` / ``inconclusive``, never a censorship verdict.
     """
     obs = normalise(results)
     ctl = [c for c in normalise(control or ()) if c.skipped is None]
@@ -1014,6 +1034,10 @@ def judge_round(
             )
             for key in sorted(k for k in by_endpoint if k[0] == service)
         ]
+        if vantage_role == "control":
+            verdicts = [
+                _as_control_vantage(v, bool(reached - {(v.service, v.endpoint)})) for v in verdicts
+            ]
         out += verdicts
         out.append(judge_service(verdicts))
     return tuple(out)
