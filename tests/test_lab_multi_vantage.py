@@ -196,10 +196,11 @@ class Processes:
                 raise AssertionError(f"{name} exited with {proc.returncode}:\n{tail}")
 
     def stop(self) -> None:
-        for _, proc in self.procs:
+        # Last started first: an agent-mode Prometheus flushes to the central one on
+        # SIGTERM, and would wait for it (then be killed) if the central one went first.
+        for _, proc in reversed(self.procs):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-        for _, proc in self.procs:
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
