@@ -10,9 +10,13 @@ The fetch bounds are checked against a real aiohttp server playing a hostile con
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
+import signal
+import ssl
 import subprocess
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,10 +29,11 @@ from aiohttp import web
 from probe.config import load_config
 from probe.control import ControlError, ControlPoller, fetch, parse_document
 from probe.decode import ConfigError
+from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.settings import ControlSettings
 from tests.agentproc import free_port, sample
-from tests.test_daemon import http, wait_until
+from tests.test_daemon import wait_until
 
 CENSORSHIP = {
     "dns_tampering",
@@ -85,8 +90,11 @@ services:
 class Agent:
     """``probe run`` in the background; its log in the work directory."""
 
-    def __init__(self, workdir: Path, name: str, text: str, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(
+        self, workdir: Path, name: str, text: str, port: int, tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        self.tls = tls
         self.config = workdir / f"{name}.yaml"
         self.config.write_text(text)
         self.log = (workdir / f"{name}.log").open("ab")
@@ -104,16 +112,17 @@ class Agent:
                 self.proc.wait()
         self.log.close()
 
-    def api(self, auth: tuple[str, str] | None = None) -> dict[str, Any]:
+    def get(self, path: str, auth: tuple[str, str] | None = None) -> str:
         headers = {}
         if auth:
-            import base64
-
             token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
             headers["Authorization"] = f"Basic {token}"
-        status, body = http(self.url + "/api/results", headers=headers)
-        assert status == 200, body
-        result: dict[str, Any] = json.loads(body)
+        request = urllib.request.Request(self.url + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=5, context=self.tls) as response:
+            return str(response.read().decode())
+
+    def api(self, auth: tuple[str, str] | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.get("/api/results", auth))
         return result
 
     def verdicts(self, auth: tuple[str, str] | None = None) -> dict[str, dict[str, Any]]:
@@ -140,11 +149,16 @@ async def wait_for(check: Any, what: str, limit_s: float = 30) -> Any:
     return await asyncio.to_thread(wait_until, check, what, limit_s)
 
 
-async def test_two_agents_block_vs_outage_through_a_control_with_basic_auth(
-    tmp_path: Path, agents: list[Agent], live_on_127_0_0_2: int
+async def test_two_agents_block_vs_outage_through_a_tls_control_with_basic_auth(
+    tmp_path: Path,
+    agents: list[Agent],
+    live_on_127_0_0_2: int,
+    ca: CertificateAuthority,
+    ca_file: str,
 ) -> None:
     dead, control_port, test_port = free_port(), free_port(), free_port()
     hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
+    cert, key = ca.issue("127.0.0.1").write(tmp_path, "control-web")
     control_text = agent_config(
         name="ctl-1",
         role="control",
@@ -152,11 +166,16 @@ async def test_two_agents_block_vs_outage_through_a_control_with_basic_auth(
         blocked="127.0.0.2",
         blocked_port=live_on_127_0_0_2,
         dead_port=dead,
-        extra=f'web: {{basic_auth_users: {{watcher: "{hashed}"}}}}',
+        extra=f"web: {{tls_cert_file: {cert}, tls_key_file: {key}, "
+        f'basic_auth_users: {{watcher: "{hashed}"}}}}',
     )
     auth_file = tmp_path / "control.auth"
     auth_file.write_text("watcher:s3cret\n")
-    url = f"http://127.0.0.1:{control_port}/api/results"
+    url = f"https://127.0.0.1:{control_port}/api/results"
+    control_section = (
+        f"control: {{urls: ['{url}'], ca_file: {ca_file}, basic_auth_file: control.auth, "
+        "poll_interval_s: 1, max_age_s: 30, timeout_s: 2}"
+    )
     test_text = agent_config(
         name="test-1",
         role="test",
@@ -164,10 +183,10 @@ async def test_two_agents_block_vs_outage_through_a_control_with_basic_auth(
         blocked="127.0.0.1",
         blocked_port=live_on_127_0_0_2,
         dead_port=dead,
-        extra=f"control: {{urls: ['{url}'], basic_auth_file: control.auth, "
-        "poll_interval_s: 1, max_age_s: 30, timeout_s: 2}",
+        extra=control_section,
     )
-    control = Agent(tmp_path, "control", control_text, control_port)
+    client_tls = ssl.create_default_context(cafile=ca_file)
+    control = Agent(tmp_path, "control", control_text, control_port, tls=client_tls)
     agents.append(control)
     test = Agent(tmp_path, "test", test_text, test_port)
     agents.append(test)
@@ -186,7 +205,7 @@ async def test_two_agents_block_vs_outage_through_a_control_with_basic_auth(
     assert down["verdict"] == "endpoint_down", down  # fails at the control too: an outage
     assert not any("judged without" in line for line in blocked["evidence"])
 
-    metrics = http(test.url + "/metrics")[1]
+    metrics = test.get("/metrics")
     assert sample(metrics, "probe_control_up", control=url) == 1
     age = sample(metrics, "probe_control_age_seconds", control=url)
     assert age is not None and 0 <= age < 30
@@ -199,15 +218,24 @@ async def test_two_agents_block_vs_outage_through_a_control_with_basic_auth(
     assert mine["dead"]["verdict"] == "endpoint_down", mine["dead"]
     assert mine["blocked"]["verdict"] == "ok"
     assert not {v["verdict"] for v in control.api(creds)["verdicts"]} & CENSORSHIP
-    assert (
-        sample(http(control.url + "/metrics", headers=_basic(creds))[1], "probe_control_up") is None
-    )
+    assert sample(control.get("/metrics", creds), "probe_control_up") is None
 
+    # Reload with the control moved to where nothing listens: the new control is polled
+    # from scratch (the old one's results go with it), the old URL's series vanish.
+    nowhere = f"http://127.0.0.1:{free_port()}/api/results"
+    test.config.write_text(test_text.replace(control_section, f"control: {{urls: ['{nowhere}']}}"))
+    test.proc.send_signal(signal.SIGHUP)
 
-def _basic(creds: tuple[str, str]) -> dict[str, str]:
-    import base64
+    def alone_after_reload() -> dict[str, dict[str, Any]] | None:
+        verdicts = test.verdicts()
+        lines = verdicts.get("blocked", {}).get("evidence", ())
+        return verdicts if "judged without a control vantage: connection_refused" in lines else None
 
-    return {"Authorization": "Basic " + base64.b64encode(":".join(creds).encode()).decode()}
+    verdicts = await wait_for(alone_after_reload, "verdicts judged alone after the reload")
+    assert verdicts["dead"]["verdict"] != "endpoint_down"
+    metrics = test.get("/metrics")
+    assert sample(metrics, "probe_control_up", control=nowhere) == 0
+    assert sample(metrics, "probe_control_up", control=url) is None
 
 
 async def test_offline_and_unreachable_controls_are_never_used_and_it_says_so(
@@ -244,7 +272,7 @@ async def test_offline_and_unreachable_controls_are_never_used_and_it_says_so(
 
     def offline_reported() -> str | None:
         state = offline.api()["vantage"]["state"]
-        metrics = http(test.url + "/metrics")[1]
+        metrics = test.get("/metrics")
         polled = sample(metrics, "probe_control_up", control=offline_url) is not None
         return metrics if state == "offline" and polled and "dead" in test.verdicts() else None
 
@@ -266,7 +294,7 @@ async def test_offline_and_unreachable_controls_are_never_used_and_it_says_so(
             "own offline gate; connection_refused"
         ], v["evidence"]
         assert not any(line.startswith("control ") for line in v["evidence"])
-    metrics = http(test.url + "/metrics")[1]
+    metrics = test.get("/metrics")
     assert sample(metrics, "probe_control_up", control=offline_url) == 0
     assert sample(metrics, "probe_control_up", control=nobody_url) == 0
     assert sample(metrics, "probe_control_age_seconds", control=nobody_url) is None
