@@ -212,6 +212,7 @@ async def test_two_agents_block_vs_outage_through_a_tls_control_with_basic_auth(
     (status,) = test.api()["controls"]
     assert (status["url"], status["up"], status["error"]) == (url, True, None)
     assert status["newest"].endswith("Z")
+    assert f"Control: {url} usable" in test.get("/")  # the status page says it too
 
     # The control itself: a dead server is down there, never a censorship verdict.
     mine = control.verdicts(creds)
@@ -298,6 +299,8 @@ async def test_offline_and_unreachable_controls_are_never_used_and_it_says_so(
     assert sample(metrics, "probe_control_up", control=offline_url) == 0
     assert sample(metrics, "probe_control_up", control=nobody_url) == 0
     assert sample(metrics, "probe_control_age_seconds", control=nobody_url) is None
+    page = test.get("/")
+    assert f"{nobody_url} <span class=offline>not usable</span>: connection_refused" in page
 
 
 # -- the fetch bounds, against a hostile control ------------------------------------------
