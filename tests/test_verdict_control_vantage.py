@@ -8,7 +8,7 @@ vantage reaches other endpoints) or ``inconclusive`` (nothing works from here) o
 from __future__ import annotations
 
 from probe.model import Operation
-from probe.verdict import BLOCKING, Verdict, judge_round
+from probe.verdict import BLOCKING, EndpointVerdict, ServiceVerdict, Verdict, judge_round
 from tests.helpers import endpoint
 from tests.test_verdict import run
 
@@ -20,27 +20,29 @@ NEUTRAL = endpoint(
 REFUSED = {"failure": "connection_refused", "op": Operation.CONNECT}
 
 
-def by_key(verdicts: tuple[object, ...]) -> dict[tuple[str, str | None], object]:
-    return {(v.service, v.endpoint): v for v in verdicts}  # type: ignore[attr-defined]
+def by_key(
+    verdicts: tuple[EndpointVerdict | ServiceVerdict, ...],
+) -> dict[tuple[str, str | None], EndpointVerdict | ServiceVerdict]:
+    return {(v.service, v.endpoint): v for v in verdicts}
 
 
 def test_a_dead_server_is_a_block_on_a_test_vantage_but_down_on_a_control() -> None:
     results = [run("tcp", "192.0.2.1", ep=DC1, **REFUSED), run("tcp", "198.51.100.1", ep=NEUTRAL)]
     as_test = by_key(judge_round(results))
-    assert as_test[("tg", "dc1")].verdict == Verdict.IP_BLOCKING  # type: ignore[attr-defined]
+    assert as_test[("tg", "dc1")].verdict == Verdict.IP_BLOCKING
     as_control = by_key(judge_round(results, vantage_role="control"))
     dc1 = as_control[("tg", "dc1")]
-    assert dc1.verdict == Verdict.ENDPOINT_DOWN  # type: ignore[attr-defined]
-    assert dc1.evidence[0].startswith("control vantage: ")  # type: ignore[attr-defined]
-    assert "tcp 192.0.2.1:443 connection_refused (connect)" in dc1.evidence  # type: ignore[attr-defined]
-    assert as_control[("tg", None)].verdict == Verdict.ENDPOINT_DOWN  # type: ignore[attr-defined]
-    assert as_control[("ctl", "neutral")].verdict == Verdict.OK  # type: ignore[attr-defined]
+    assert dc1.verdict == Verdict.ENDPOINT_DOWN
+    assert dc1.evidence[0].startswith("control vantage: ")
+    assert "tcp 192.0.2.1:443 connection_refused (connect)" in dc1.evidence
+    assert as_control[("tg", None)].verdict == Verdict.ENDPOINT_DOWN
+    assert as_control[("ctl", "neutral")].verdict == Verdict.OK
 
 
 def test_a_control_that_reaches_nothing_is_inconclusive_not_down() -> None:
     results = [run("tcp", "192.0.2.1", ep=DC1, **REFUSED)]
     dc1 = by_key(judge_round(results, vantage_role="control"))[("tg", "dc1")]
-    assert dc1.verdict == Verdict.INCONCLUSIVE  # type: ignore[attr-defined]
+    assert dc1.verdict == Verdict.INCONCLUSIVE
 
 
 def test_partial_and_tls_failures_on_a_control_are_never_censorship() -> None:
