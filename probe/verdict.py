@@ -1019,6 +1019,10 @@ def judge_round(
     by_endpoint: dict[tuple[str, str], list[Observation]] = {}
     for o in obs:
         by_endpoint.setdefault((o.service, o.endpoint), []).append(o)
+    # grouped once: a scan of every control result per endpoint is O(endpoints x results)
+    ctl_by_endpoint: dict[tuple[str, str], list[Observation]] = {}
+    for c in ctl:
+        ctl_by_endpoint.setdefault((c.service, c.endpoint), []).append(c)
     # Which endpoints show this vantage can reach *something*: a success beyond DNS.
     reached = {(o.service, o.endpoint) for o in obs if o.ok and o.base != "dns"}
     out: list[EndpointVerdict | ServiceVerdict] = []
@@ -1027,7 +1031,7 @@ def judge_round(
         verdicts = [
             judge_endpoint(
                 by_endpoint[key],
-                [c for c in ctl if (c.service, c.endpoint) == key],
+                ctl_by_endpoint.get(key, []),
                 others_ok=bool(reached - {key}),
             )
             for key in sorted(k for k in by_endpoint if k[0] == service)
