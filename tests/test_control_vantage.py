@@ -335,7 +335,7 @@ async def hostile() -> AsyncIterator[str]:
         return response
 
     async def slow(_: web.Request) -> web.Response:
-        await asyncio.sleep(5)
+        await asyncio.sleep(1.5)  # past the 0.5 s timeout; short, the teardown waits for it
         return web.json_response({})
 
     async def gzipped(_: web.Request) -> web.Response:
