@@ -85,13 +85,13 @@ def measure(n: int, interval_s: float, window_s: float, workdir: Path) -> dict[s
         "cpu_pct_of_one_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 2),
         "rss_max_mib": round(rss_max, 1),
         "lag_p50_ms": round(
-            1000 * (sample(text, "probe_schedule_lag_recent_seconds", quantile="0.5") or 0), 2
+            1000 * (sample(text, "probe_schedule_lag_recent_seconds", percentile="50") or 0), 2
         ),
         "lag_p99_ms": round(
-            1000 * (sample(text, "probe_schedule_lag_recent_seconds", quantile="0.99") or 0), 2
+            1000 * (sample(text, "probe_schedule_lag_recent_seconds", percentile="99") or 0), 2
         ),
         "lag_max_ms": round(
-            1000 * (sample(text, "probe_schedule_lag_recent_seconds", quantile="1.0") or 0), 2
+            1000 * (sample(text, "probe_schedule_lag_recent_seconds", percentile="100") or 0), 2
         ),
         "metrics_render_s_max": round(max(renders), 3),
         "metrics_render_s_median": round(median(renders), 3),

@@ -20,7 +20,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 from urllib.parse import urlsplit
@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .archive import ArchiveWriter
 from .config import ConfigError, load_config
+from .control import ControlPoller, judged_alone
 from .exporter import TextRenderer, make_registry
 from .model import ProbeResult, SkipReason, VantageState, utcnow
 from .results import Key, ResultStore, Snapshot
@@ -38,7 +39,18 @@ from .round import resolver_ids
 from .scheduler import Scheduler
 from .settings import AgentConfig, WebSettings
 from .statuspage import render_status_page, results_json
-from .verdict import EndpointVerdict, ServiceVerdict, judge_endpoint, judge_service
+from .verdict import (
+    EndpointVerdict,
+    Item,
+    Observation,
+    ServiceVerdict,
+    judge_endpoint,
+    judge_service,
+    normalise,
+)
+from .verdict import (
+    _as_control_vantage as as_control_vantage,
+)
 
 log = logging.getLogger("probe.daemon")
 _T = TypeVar("_T")
@@ -96,6 +108,7 @@ class Agent:
         self.auth_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auth")
         self._judge_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verdicts")
         self._judge = IncrementalJudge()
+        self.control: ControlPoller | None = None
 
     # -- measurements ----------------------------------------------------------
 
@@ -139,15 +152,40 @@ class Agent:
         while True:
             await self._judge_wanted.wait()
             self._judge_wanted.clear()
+            control, why_alone = self._control_now()
+            role = self.config.vantage.role
             try:
-                verdicts = await loop.run_in_executor(self._judge_pool, self._judge, self.store)
+                verdicts = await loop.run_in_executor(
+                    self._judge_pool, self._judge, self.store, control, why_alone, role
+                )
                 self.store.set_verdicts(verdicts)
             except Exception:  # a verdict bug must not stop the agent measuring
                 log.exception("judging verdicts failed")
             await asyncio.sleep(JUDGE_INTERVAL_S)
 
+    def _control_now(self) -> tuple[list[Observation] | None, str | None]:
+        """The fresh control results to judge with, or None and why there are none
+        (None, None: no control configured, nothing to say)."""
+        if self.control is None:
+            return None, None
+        fresh = self.control.fresh()
+        return (fresh, None) if fresh else (None, self.control.why_alone())
+
     def on_vantage(self, state: VantageState) -> None:
         self.store.record_vantage(state)
+
+    def on_control(self) -> None:
+        """A control poll finished: publish its state and judge again with what it gave."""
+        if self.control is not None:
+            self.store.set_controls(self.control.statuses())
+        self._judge_soon()
+
+    def _start_control(self) -> None:
+        settings = self.config.control
+        self.control = ControlPoller(settings, self.on_control) if settings else None
+        self.store.set_controls(self.control.statuses() if self.control else ())
+        if self.control is not None:
+            self.control.start()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -155,6 +193,7 @@ class Agent:
         self.loop = asyncio.get_running_loop()
         self.scheduler = Scheduler(self.config, self.on_results, self.on_vantage)
         self.scheduler.start()
+        self._start_control()
         self._stats_task = asyncio.create_task(self._publish_stats())
 
     async def _publish_stats(self) -> None:
@@ -217,8 +256,12 @@ class Agent:
         if self.scheduler is not None:
             await self.scheduler.stop(SHUTDOWN_GRACE_S)
             history = self.scheduler.history
-        self.config = new
+        old_control, self.config = self.config.control, new
         self.store.set_vantage(new.vantage)
+        if new.control != old_control:  # unchanged: keep polling (and the results it has)
+            if self.control is not None:
+                await self.control.stop()
+            self._start_control()
         await self._swap_archive(archive)
         configured = _still_configured(new)
         self.store.replace_targets(k for k in self.store.snapshot().results if configured(k))
@@ -255,6 +298,8 @@ class Agent:
         async with self._reload_lock:  # a reload under way finishes (or gives up) first
             if self.scheduler is not None:
                 await self.scheduler.stop(SHUTDOWN_GRACE_S)
+            if self.control is not None:
+                await self.control.stop()
         if self.archive is not None:
             self.archive.close()
         for pool in (self.render_pool, self.auth_pool, self._judge_pool):
@@ -277,20 +322,45 @@ class IncrementalJudge:
         self._reached: set[EndpointKey] = set()  # endpoints with a success beyond DNS
         self._regime: tuple[int, EndpointKey | None] = (0, None)
         self._services: dict[str, tuple[EndpointVerdict | ServiceVerdict, ...]] = {}
+        self._control: dict[EndpointKey, list[Observation]] = {}  # as last judged with
+        self._role = "test"
 
     def _others_ok(self, endpoint: EndpointKey) -> bool:
         return len(self._reached) > 1 or (len(self._reached) == 1 and endpoint not in self._reached)
 
-    def __call__(self, store: ResultStore) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
+    def __call__(
+        self,
+        store: ResultStore,
+        control: Iterable[Item] | None = None,
+        why_alone: str | None = None,
+        vantage_role: str = "test",
+    ) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
+        """What ``judge_round(latest results, control, vantage_role=...)`` gives, with
+        ``judged_alone`` applied when ``why_alone`` says why there is no control."""
         try:
-            return self._judge(store)
+            verdicts = self._judge(store, control, vantage_role)
         except BaseException:
             # The endpoints taken as dirty were not judged: judge everything next time.
             self._regime = (-1, None)
             raise
+        return verdicts if why_alone is None else judged_alone(verdicts, why_alone)
 
-    def _judge(self, store: ResultStore) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
+    def _judge(
+        self, store: ResultStore, control: Iterable[Item] | None, vantage_role: str
+    ) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
         dirty = store.take_dirty()
+        ctl: dict[EndpointKey, list[Observation]] = {}
+        for c in normalise(control or ()):
+            if c.skipped is None:
+                ctl.setdefault((c.service, c.endpoint), []).append(c)
+        # An endpoint whose control results changed is judged again, like a dirty one.
+        dirty |= {
+            ep for ep in ctl.keys() | self._control.keys() if ctl.get(ep) != self._control.get(ep)
+        }
+        self._control = ctl
+        if vantage_role != self._role:
+            self._role = vantage_role
+            self._regime = (-1, None)  # everything again
         latest = {ep: store.endpoint_results(*ep) for ep in dirty}
         for ep, results in latest.items():
             if any(r.ok and r.target.probe != "dns" for r in results):
@@ -309,7 +379,11 @@ class IncrementalJudge:
             services.add(ep[0])
             of_service = self._verdicts.setdefault(ep[0], {})
             if results:
-                of_service[ep] = judge_endpoint(results, others_ok=self._others_ok(ep))
+                others_ok = self._others_ok(ep)
+                verdict = judge_endpoint(results, ctl.get(ep, []), others_ok=others_ok)
+                if vantage_role == "control":
+                    verdict = as_control_vantage(verdict, others_ok)
+                of_service[ep] = verdict
             else:
                 of_service.pop(ep, None)
         for service in services:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -129,6 +130,7 @@ class ProbeCollector(Collector):
             yield _aggregate_histogram(snapshot)
         yield from _verdict_metrics(snapshot, one_hot=options.verdict_one_hot)
         yield from _vantage_metrics(snapshot)
+        yield from _control_metrics(snapshot)
         yield from _agent_metrics(snapshot)
 
 
@@ -305,6 +307,29 @@ def _vantage_metrics(snapshot: Snapshot) -> Iterator[Metric]:
     )
 
 
+def _control_metrics(snapshot: Snapshot) -> Iterator[Metric]:
+    """Only on a test vantage with a ``control:`` section (label: the configured URL)."""
+    if not snapshot.controls:
+        return
+    up = GaugeMetricFamily(
+        "probe_control_up",
+        "1 if the latest poll of this control vantage gave usable results",
+        labels=["control"],
+    )
+    age = GaugeMetricFamily(
+        "probe_control_age_seconds",
+        "Seconds since the newest usable measurement of this control vantage",
+        labels=["control"],
+    )
+    now = time.time()
+    for status in snapshot.controls:
+        up.add_metric([status.url], 1 if status.up else 0)
+        seconds = status.age_s(now)
+        if seconds is not None:
+            age.add_metric([status.url], seconds)
+    yield from (up, age)
+
+
 def _agent_metrics(snapshot: Snapshot) -> Iterator[Metric]:
     if snapshot.config_reload_ok is not None:
         yield GaugeMetricFamily(
@@ -326,8 +351,8 @@ def _agent_metrics(snapshot: Snapshot) -> Iterator[Metric]:
     if snapshot.schedule_lag_quantiles:
         recent = GaugeMetricFamily(
             "probe_schedule_lag_recent_seconds",
-            "Schedule lag over the most recent round starts, by quantile (1 = the maximum)",
-            labels=["quantile"],
+            "Schedule lag over the most recent round starts, by percentile (100 = the maximum)",
+            labels=["percentile"],
         )
         for q, seconds in snapshot.schedule_lag_quantiles:
             recent.add_metric([q], seconds)
@@ -397,6 +422,7 @@ class TextRenderer:
             rest.append(_aggregate_histogram(snapshot))
         rest += _verdict_metrics(snapshot, one_hot=options.verdict_one_hot)
         rest += _vantage_metrics(snapshot)
+        rest += _control_metrics(snapshot)
         rest += _agent_metrics(snapshot)
         for metric in rest:
             family_lines(metric, out)

@@ -35,7 +35,7 @@ def _value(v: float) -> str:
         return "0.0"
     if v == 1:
         return "1.0"
-    return floatToGoString(v)
+    return str(floatToGoString(v))
 
 
 def _template(keys: tuple[str, ...]) -> tuple[tuple[str, ...], str]:

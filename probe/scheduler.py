@@ -51,12 +51,12 @@ class ScheduleStats:
     recent_lags: deque[float] = field(default_factory=lambda: deque(maxlen=LAG_WINDOW))
 
     def lag_quantiles(self) -> tuple[tuple[str, float], ...]:
-        """(quantile, seconds) over the recent starts: a late loop shows in p99, not p50."""
+        """(percentile, seconds) over the recent starts: a late loop shows in p99, not p50."""
         lags = sorted(self.recent_lags)
         if not lags:
             return ()
         return tuple(
-            (str(q), lags[min(len(lags) - 1, int(q * len(lags)))]) for q in (0.5, 0.99, 1.0)
+            (str(p), lags[min(len(lags) - 1, p * len(lags) // 100)]) for p in (50, 99, 100)
         )
 
 

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 from prometheus_client import generate_latest
 
+from probe.control import judged_alone
 from probe.daemon import IncrementalJudge
 from probe.exporter import TextRenderer, make_registry
 from probe.exposition import text_exposition
@@ -35,22 +36,35 @@ def _round(rng: random.Random, service: str, i: int, minute: int) -> list[ProbeR
 
 
 def test_incremental_verdicts_equal_judging_the_whole_store_every_time() -> None:
-    """Random rounds, removals and reloads: after every step the incremental judge gives
-    exactly `judge_round` over every latest result (the daemon's previous behaviour)."""
+    """Random rounds, removals, reloads, control results coming and going and a role
+    change: after every step the incremental judge gives exactly `judge_round` over every
+    latest result (the daemon's previous behaviour), `judged_alone` when told why."""
     rng = random.Random(13)
     store = ResultStore()
     judge = IncrementalJudge()
     endpoints = [(s, i) for s in ("alpha", "beta") for i in range(12)]
-    for step in range(120):
+    control: list[ProbeResult] = []
+    role = "test"
+    for step in range(160):
         action = rng.random()
-        if action < 0.85:
+        if action < 0.75:
             service, i = rng.choice(endpoints)
             store.record_round(_round(rng, service, i, step))
+        elif action < 0.85:  # a control poll: new results for a few endpoints, or none
+            picked = rng.sample(endpoints, rng.choice((0, 3)))
+            control = [r for service, i in picked for r in _round(rng, service, i, step)]
+        elif action < 0.88:
+            role = "control" if role == "test" else "test"
         else:  # a reload that drops a random share of the keys
             keys = list(store.snapshot().results)
             store.replace_targets(k for k in keys if rng.random() < 0.8)
-        expected = judge_round(store.snapshot().results.values())
-        assert judge(store) == expected, f"step {step}"
+        why = "no fresh control" if step % 7 == 0 else None
+        expected = judge_round(
+            store.snapshot().results.values(), control=control, vantage_role=role
+        )
+        if why is not None:
+            expected = judged_alone(expected, why)
+        assert judge(store, control, why, role) == expected, f"step {step}"
 
 
 def test_the_fast_exposition_is_byte_for_byte_prometheus_clients() -> None:
