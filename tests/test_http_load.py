@@ -172,4 +172,8 @@ def test_a_metrics_flood_does_not_bend_recorded_connect_times(lab: Lab, tmp_path
     # the flood runs: it was tens of milliseconds before.
     excess = sorted(loop - k for loop, k in pairs)
     p50, p90 = statistics.median(excess), excess[int(0.9 * len(excess))]
+    print(  # the figures, for docs (pytest -s)
+        f"flood: {served} scrapes served; kernel connect p50 {kernel:.2f} ms;"
+        f" loop over kernel p50 {p50:.2f} ms, p90 {p90:.2f} ms, n={len(excess)}"
+    )
     assert p50 < 5 and p90 < 20, (p50, p90, served, len(pairs))
