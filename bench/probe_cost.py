@@ -206,9 +206,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few seconds, for CI")
     args = parser.parse_args()
     if args.smoke:
-        args.repeats, args.endpoints, args.window = 1, 20, 2.0
+        args.repeats, args.endpoints, args.window = 1, 20, 1.0
     enter_private_netns()
-    count = 100 if args.smoke else 2000
+    count = 60 if args.smoke else 2000
     with tempfile.TemporaryDirectory(prefix="bench-cost-") as tmpdir:
         tmp = Path(tmpdir)
         ca = CertificateAuthority("bench CA")

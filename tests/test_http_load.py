@@ -35,7 +35,7 @@ DELAY_MS = 50.0
 PORT = 7
 ENDPOINTS = 60
 FLOODERS = 50
-FLOOD_S = 8.0
+FLOOD_S = 6.0
 
 FLOOD = """
 import sys, threading, time, urllib.request
@@ -142,7 +142,7 @@ def test_a_metrics_flood_does_not_bend_recorded_connect_times(lab: Lab, tmp_path
             stderr=subprocess.PIPE,
         )
         try:
-            time.sleep(4)  # first rounds done, the store full
+            time.sleep(3)  # first rounds done, the store full
             before = len(_records(archive))
             flood = lab.exec(
                 "client",
