@@ -113,6 +113,8 @@ class DashboardSpec:
 OK_FAILED = {"1": ("ok", "green"), "0": ("failed", "red")}
 ONLINE = {"1": ("yes", "green"), "0": ("no", "red")}
 HELD = {"1": ("held", "red")}
+BLOCKED = {"1": ("blocked", "red")}
+FAILING = {"1": ("failing", "red")}
 GREEN_RED = ((None, "green"), (1, "red"))
 
 
@@ -164,6 +166,7 @@ OVERVIEW = DashboardSpec(
                     instant=True,
                 ),
             ),
+            unit="none",
             merge=True,
             no_value="none blocked",
             width=12,
@@ -332,6 +335,7 @@ CALLS = DashboardSpec(
             "Relays whose verdict is a censorship verdict while their STUN probe fails "
             "(recording rule `probe:relay_blocked`, alert CallRelaysUnreachable).",
             (Query(f"probe:relay_blocked{{{VSE}}}", instant=True),),
+            mappings=BLOCKED,
             no_value="none blocked",
         ),
         PanelSpec(
@@ -411,6 +415,7 @@ TAMPERING = DashboardSpec(
             "Failing DNS series with the failure (`dns_nxdomain_error`, `dns_bogon_error` "
             "for an answer outside the service's prefixes or a private address, ...).",
             (Query(f'probe_failure_info{{{VSE}, probe="dns"}} == 1', instant=True),),
+            mappings=FAILING,
             no_value="none",
         ),
         PanelSpec(
@@ -437,6 +442,7 @@ TAMPERING = DashboardSpec(
                     instant=True,
                 ),
             ),
+            mappings=FAILING,
             no_value="none",
         ),
         PanelSpec(
@@ -469,6 +475,7 @@ TAMPERING = DashboardSpec(
                     instant=True,
                 ),
             ),
+            mappings=BLOCKED,
             no_value="none",
         ),
         PanelSpec(
@@ -516,6 +523,7 @@ THROUGHPUT = DashboardSpec(
                     instant=True,
                 ),
             ),
+            mappings=FAILING,
             no_value="none",
         ),
         PanelSpec(
@@ -559,6 +567,7 @@ THROUGHPUT = DashboardSpec(
                     instant=True,
                 ),
             ),
+            mappings=BLOCKED,
             no_value="none",
         ),
         PanelSpec(
