@@ -37,19 +37,15 @@ from typing import Any
 
 import pytest
 import yaml
+from grafana_foundation_sdk.cog import plugins
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import dashboard as dm
 
+from dashboards.generate import DASHBOARDS, outputs
 from probe.lab import censor, scenarios
 from probe.lab.topology import ADDR, lab_available, ns_argv
 from tests.agentproc import REPO
 from tests.test_daemon import required_tool
-
-sdk = pytest.importorskip("grafana_foundation_sdk", reason="pip install -e '.[test]'")
-
-from grafana_foundation_sdk.cog import plugins  # noqa: E402
-from grafana_foundation_sdk.cog.encoder import JSONEncoder  # noqa: E402
-from grafana_foundation_sdk.models import dashboard as dm  # noqa: E402
-
-from dashboards.generate import DASHBOARDS, outputs  # noqa: E402
 
 BOARDS = {
     spec.uid: json.loads((REPO / "dashboards" / spec.filename).read_text()) for spec in DASHBOARDS
@@ -283,6 +279,23 @@ def _panel_queries() -> list[tuple[str, str, str]]:
     ]
 
 
+def _rule_queries() -> list[tuple[str, str, str]]:
+    """Every recording rule, and the expression of every alert that reads verdicts (the
+    agent-health alerts need a broken agent): real label sets must make their joins match."""
+    rules = yaml.safe_load((REPO / "configs" / "alerts.yml").read_text())
+    out = []
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if "record" in rule:
+                out.append(("alerts.yml", f"record {rule['record']}", rule["record"]))
+            elif rule["alert"] not in HEALTH_ALERTS:
+                out.append(("alerts.yml", f"alert {rule['alert']}", rule["expr"]))
+    return out
+
+
+HEALTH_ALERTS = {"VantageOffline", "AgentDown", "ConfigReloadFailed", "ArchiveWriteErrors"}
+
+
 def _variable_queries() -> list[tuple[str, str, str]]:
     """Variable queries ``label_values(SELECTOR, LABEL)`` as PromQL (``group by (LABEL)``)."""
     out = []
@@ -436,7 +449,7 @@ def test_every_panel_query_returns_data_in_some_lab_scenario() -> None:
     if reason is not None:
         pytest.skip(reason)  # a failure under CI=true (conftest hook)
     prometheus = required_tool("prometheus", package="prometheus")
-    queries = _panel_queries() + _variable_queries()
+    queries = _panel_queries() + _variable_queries() + _rule_queries()
     pending = [q for q in queries if any(m in q[2] for m in PENDING_METRICS)]
     assert len(pending) == 2  # exactly the two control panels of the agent-health dashboard
 
