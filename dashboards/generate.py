@@ -309,7 +309,8 @@ SERVICE = DashboardSpec(
 CALLS = DashboardSpec(
     uid="probe-calls",
     title="Messenger reachability: calls",
-    description="Call relays: STUN reachability, relay blocking, round trips, failure kinds.",
+    description="Call relays: STUN reachability, relay blocking, round trips, flow loss, "
+    "jitter and cut-off, failure kinds.",
     panels=(
         PanelSpec(
             1,
@@ -343,8 +344,7 @@ CALLS = DashboardSpec(
             "timeseries",
             "STUN round trip (median)",
             "Median duration of the STUN exchange of successful probes (phases `stun`, "
-            "`reflector`, `flow`). Jitter and loss of a flow are in the archive "
-            "(`probe archive --service S`), not in metrics.",
+            "`reflector`, `flow`).",
             (
                 Query(
                     _quantile(0.5, f'{VS}, phase=~"stun|reflector|flow"'), "{{service}} {{phase}}"
@@ -372,6 +372,61 @@ CALLS = DashboardSpec(
             thresholds=GREEN_RED,
         ),
         PanelSpec(
+            6,
+            "timeseries",
+            "Flow loss",
+            "Share of the packets of the latest call-like flow (`stun` with `mode: flow`: "
+            "STUN-shaped packets at a call's rate) that got no answer "
+            "(`probe_flow_loss_ratio`). Random loss shows as a fraction; a cut-off flow as a "
+            "large share together with *Flow cut-off*.",
+            (
+                Query(
+                    f"probe_flow_loss_ratio{{{VSE}}}",
+                    "{{service}}/{{endpoint}} {{port}}",
+                ),
+            ),
+            unit="percentunit",
+            thresholds=((None, "green"), (0.05, "orange"), (0.3, "red")),
+            min=0,
+            max=1,
+            width=8,
+        ),
+        PanelSpec(
+            7,
+            "timeseries",
+            "Flow jitter",
+            "RFC 3550 interarrival jitter of the latest flow's round trips "
+            "(`probe_flow_jitter_seconds`).",
+            (
+                Query(
+                    f"probe_flow_jitter_seconds{{{VSE}}}",
+                    "{{service}}/{{endpoint}} {{port}}",
+                ),
+            ),
+            unit="s",
+            thresholds=((None, "green"), (0.03, "orange"), (0.1, "red")),
+            width=8,
+        ),
+        PanelSpec(
+            8,
+            "timeseries",
+            "Flow cut-off",
+            "When the latest flow was cut off: seconds into the flow after which answers "
+            "stopped for good (`probe_flow_cutoff_seconds`, present only for cut-off flows). "
+            "A censor that lets the first seconds of a call through and then blackholes it "
+            "shows here at a steady value.",
+            (
+                Query(
+                    f"probe_flow_cutoff_seconds{{{VSE}}}",
+                    "{{service}}/{{endpoint}} {{port}}",
+                ),
+            ),
+            unit="s",
+            thresholds=((None, "red"),),
+            no_value="no cut-off",
+            width=8,
+        ),
+        PanelSpec(
             5,
             "text",
             "What this cannot prove",
@@ -382,8 +437,9 @@ CALLS = DashboardSpec(
                 "call gets (they are chosen per call), that TURN allocation works, or how a "
                 "call sounds. Silence alone proves nothing: compare with the control vantage "
                 "(Overview, *Blocked here, fine at the control*) and the random-UDP swap. "
-                "Flow loss, jitter and the cut-off time of a call-like flow are kept per "
-                "measurement in the archive: `probe archive --service whatsapp --failed`. "
+                "Loss, jitter and cut-off above describe our own flow to one relay, not a "
+                "call; every flow's full details are in the archive: "
+                "`probe archive --service whatsapp --failed`. "
                 "See docs/probes/stun.md and docs/runbooks.md#callrelaysunreachable."
             ),
             width=24,
