@@ -93,6 +93,8 @@ class PanelSpec:
     no_value: str = ""
     # table only: merge the queries' frames into one row per label set
     merge: bool = False
+    # series whose display name matches a regexp get their own value mappings
+    recolor: tuple[tuple[str, dict[str, tuple[str, str]]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -243,11 +245,17 @@ SERVICE = DashboardSpec(
             1,
             "state-timeline",
             "Endpoint verdicts over time",
-            "One row per endpoint and verdict it held; a bar shows when the endpoint held it. "
+            "One row per endpoint and verdict it held; a bar shows when the endpoint held it: "
+            "green `ok`, blue the verdicts that are not censorship (`endpoint_down`, "
+            "`inconclusive`, `vantage_offline`), red every censorship verdict. "
             "A censorship verdict that lasts less than two probe intervals does not page "
             "(see docs/runbooks.md).",
             (Query(f"probe_verdict{{{VSE}}} == 1", "{{endpoint}}: {{verdict}}"),),
             mappings=HELD,
+            recolor=(
+                (".*: ok$", {"1": ("ok", "green")}),
+                (".*: (endpoint_down|inconclusive|vantage_offline)$", {"1": ("held", "blue")}),
+            ),
             width=24,
         ),
         PanelSpec(
@@ -846,19 +854,24 @@ def _panel(p: PanelSpec, y: int, x: int) -> Any:
         .steps([dm.Threshold(value=v, color=c) for v, c in steps])
     )
     if p.mappings:
-        b = b.mappings(
-            [
-                dm.ValueMap(
-                    options={
-                        value: dm.ValueMappingResult(text=label, color=color, index=i)
-                        for i, (value, (label, color)) in enumerate(p.mappings.items())
-                    }
-                )
-            ]
+        b = b.mappings([_value_map(p.mappings)])
+    for regexp, mapping in p.recolor:
+        b = b.override_by_regexp(
+            regexp,
+            [dm.DynamicConfigValue(id_val="mappings", value=[_value_map(mapping).to_json()])],
         )
     if p.merge:
         b = b.with_transformation(dm.DataTransformerConfig(id_val="merge", options={}))
     return b
+
+
+def _value_map(mapping: dict[str, tuple[str, str]]) -> dm.ValueMap:
+    return dm.ValueMap(
+        options={
+            value: dm.ValueMappingResult(text=label, color=color, index=i)
+            for i, (value, (label, color)) in enumerate(mapping.items())
+        }
+    )
 
 
 def build(spec: DashboardSpec) -> dict[str, Any]:
