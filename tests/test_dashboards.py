@@ -220,6 +220,15 @@ def _schema_errors(board: dict[str, Any]) -> list[str]:
     lost = _lost(board, again)
     if lost:
         errors.append(f"keys the schema does not know, or values it reads differently: {lost}")
+    # ... and what decoding adds is a required field the board lacks, except a panel
+    # plugin's field-config defaults (Grafana fills those in the same way)
+    missing = [
+        path
+        for path in _added(board, again)
+        if not re.fullmatch(r"\.panels\[\d+\]\.fieldConfig\.defaults\.custom", path)
+    ]
+    if missing:
+        errors.append(f"required by the schema, missing: {missing}")
     _check(model, dm.Dashboard, "dashboard", errors)
     for panel in model.panels or []:
         if panel.type_val not in PANEL_TYPES:
@@ -228,6 +237,23 @@ def _schema_errors(board: dict[str, Any]) -> list[str]:
         if panel.options is not None and isinstance(panel.options, dict):
             errors.append(f"panel {panel.title}: options not decoded by plugin {panel.type_val}")
     return errors
+
+
+def _added(a: Any, b: Any, where: str = "") -> list[str]:
+    """Paths of keys B has and A lacks."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            p
+            for k, v in b.items()
+            for p in ([f"{where}.{k}"] if k not in a else _added(a[k], v, f"{where}.{k}"))
+        ]
+    if isinstance(a, list) and isinstance(b, list):
+        return [
+            p
+            for i, (x, y) in enumerate(zip(a, b, strict=False))
+            for p in _added(x, y, f"{where}[{i}]")
+        ]
+    return []
 
 
 def _lost(a: Any, b: Any, where: str = "") -> str:
@@ -264,6 +290,9 @@ def test_schema_check_rejects_what_grafana_would_not_take() -> None:
     board = json.loads(json.dumps(BOARDS["probe-overview"]))
     board["panels"][0]["fieldConfig"]["defaults"]["thresholds"]["mode"] = "relative"
     assert any("ThresholdsMode" in e for e in _schema_errors(board))
+    board = json.loads(json.dumps(BOARDS["probe-overview"]))
+    del board["schemaVersion"]
+    assert any("missing: ['.schemaVersion']" in e for e in _schema_errors(board))
 
 
 # --- every query against a real Prometheus in the lab ---------------------------------------
