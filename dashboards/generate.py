@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from grafana_foundation_sdk.builders import (
     bargauge,
     stat,
@@ -946,14 +948,32 @@ How they are checked (tests/test_dashboards.py, no Grafana server needed):
 """
 
 
+def _alert_links() -> dict[tuple[str, int], list[str]]:
+    """(dashboard uid, panel id) -> the alerts whose `dashboard` annotation opens it."""
+    links: dict[tuple[str, int], list[str]] = {}
+    rules = yaml.safe_load((ROOT / "configs" / "alerts.yml").read_text(encoding="utf-8"))
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            url = rule.get("annotations", {}).get("dashboard")
+            m = re.search(r"/d/([\w-]+)\?.*viewPanel=(\d+)", url or "")
+            if m:
+                links.setdefault((m[1], int(m[2])), []).append(rule["alert"])
+    return links
+
+
 def render_doc() -> str:
     out = [_DOC_HEAD]
+    links = _alert_links()
     for spec in DASHBOARDS:
         out.append(f"\n## {spec.title} (`{spec.filename}`, uid `{spec.uid}`)\n\n")
         out.append(f"{spec.description}\n")
         for p in spec.panels:
             unit = f", unit `{p.unit}`" if p.unit else ""
             out.append(f"\n**{p.id}. {p.title}** ({p.kind}{unit}). {p.description}\n")
+            alerts = links.get((spec.uid, p.id))
+            if alerts:
+                names = ", ".join(f"[{a}](runbooks.md#{a.lower()})" for a in alerts)
+                out.append(f"Alerts that link here: {names}.\n")
             for q in p.queries:
                 out.append(f"\n```promql\n{q.expr}\n```\n")
     return "".join(out)
