@@ -897,6 +897,18 @@ def build(spec: DashboardSpec) -> dict[str, Any]:
             .keep_time(True)
         )
     )
+    # Grafana's own annotations and alert events, as Grafana itself writes them (an empty
+    # annotations object is not a list Grafana can add them to)
+    d = d.annotation(
+        db.AnnotationQuery()
+        .name("Annotations & Alerts")
+        .datasource(dm.DataSourceRef(type_val="grafana", uid="-- Grafana --"))
+        .enable(True)
+        .hide(True)
+        .icon_color("rgba(0, 211, 255, 1)")
+        .type("dashboard")
+        .built_in(1)
+    )
     for v in _variables(spec):
         d = d.with_variable(v)
     x = y = row_h = 0

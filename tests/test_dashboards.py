@@ -92,6 +92,8 @@ def test_every_dashboard_listed_in_issue_9_exists() -> None:
 def test_datasource_and_filter_variables(uid: str) -> None:
     board = BOARDS[uid]
     assert "DS_PROMETHEUS" not in json.dumps(board)  # import-time placeholder: breaks provisioning
+    # Grafana appends its built-in annotation to this list on load: it must be one
+    assert [a["name"] for a in board["annotations"]["list"]] == ["Annotations & Alerts"]
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
