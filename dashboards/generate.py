@@ -946,9 +946,9 @@ How they are checked (tests/test_dashboards.py, no Grafana server needed):
   vantage, while the censor goes through a clean network, then a DNS lie, an RST block of
   two DCs, the 16 KB byte freeze and a call-flow cut-off at once, then an SNI filter.
   Every panel query, variable query and recording rule (variables substituted: one
-  vantage, `.*` for the others) must return data in that window. The two panels on
-  `probe_control_up` / `probe_control_age_seconds` (the control-vantage work) are listed
-  as pending in the test until that work is merged.
+  vantage, `.*` for the others) must return data in that window. The test vantage polls
+  the control's `/api/results` (its `control:` section), so the control panels have data
+  too.
 - **Schema.** grafana-foundation-sdk is generated (by Grafana's `cog`) from the schemas
   Grafana publishes per version: the dashboard kind and each panel plugin's options and
   field config. The wheel carries them as typed model classes, not as a schema file, so
