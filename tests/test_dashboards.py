@@ -321,7 +321,13 @@ def _rule_queries() -> list[tuple[str, str, str]]:
     return out
 
 
-HEALTH_ALERTS = {"VantageOffline", "AgentDown", "ConfigReloadFailed", "ArchiveWriteErrors"}
+HEALTH_ALERTS = {
+    "VantageOffline",
+    "ControlVantageUnreachable",
+    "AgentDown",
+    "ConfigReloadFailed",
+    "ArchiveWriteErrors",
+}
 
 
 def _variable_queries() -> list[tuple[str, str, str]]:
