@@ -7,6 +7,7 @@ within the TLS timeout.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ssl
 import time
@@ -14,6 +15,7 @@ from datetime import UTC, datetime
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from probe.lab.certs import CertificateAuthority, LeafCert
 from probe.lab.servers.tls import TLSMode, TLSServer
@@ -81,13 +83,13 @@ async def test_wrong_hostname_keeps_the_certificate(
     cert = ca.issue("someone-else.example")
     async with TLSServer(host, cert=cert) as server:
         result = await run(host, server, ca_file)
-        # the second, unverified handshake asks for the same name as the first
-        assert list(server.sni_seen) == [NAME, NAME]
+        # the evidence comes from the verifying handshake: no second connection
+        assert list(server.sni_seen) == [NAME]
     assert result.failure == "ssl_invalid_hostname"
     assert result.failed_operation is Operation.TLS_HANDSHAKE
-    assert_evidence(result, cert, "unverified_second_handshake")
+    assert_evidence(result, cert, "handshake")
     assert result.details["certificate"]["sans"] == ["DNS:someone-else.example"]
-    assert set(result.phases) == {"connect", "tls", "certificate_evidence"}
+    assert set(result.phases) == {"connect", "tls"}
 
 
 @HOSTS
@@ -103,8 +105,51 @@ async def test_unknown_authority_keeps_the_certificate(
         result = await run(host, server, ca_file)
     assert result.failure == "ssl_unknown_authority"
     assert result.failed_operation is Operation.TLS_HANDSHAKE
-    assert_evidence(result, cert, "unverified_second_handshake")
+    assert_evidence(result, cert, "handshake")
     assert result.details["certificate"]["issuer"] == f"CN={ca_name}"
+
+
+async def test_certificate_failure_keeps_the_whole_chain_from_the_same_handshake(
+    ca_file: str,
+) -> None:
+    rogue = CertificateAuthority("Interceptor CA")
+    cert = rogue.issue(NAME, chain=True)  # leaf + the rogue CA, as a MITM box sends it
+    async with TLSServer("127.0.0.1", cert=cert) as server:
+        result = await run("127.0.0.1", server, ca_file)
+        assert server.client_hellos == 1  # no second, unverified connection was needed
+    assert result.failure == "ssl_unknown_authority"
+    chain = [base64.b64decode(c) for c in result.details["peer_certificates"]]
+    assert chain == [
+        ssl.PEM_cert_to_DER_cert(cert.cert_pem.decode()),  # the leaf: first PEM block
+        rogue.cert.public_bytes(serialization.Encoding.DER),
+    ]
+    assert hashlib.sha256(chain[0]).hexdigest() == result.details["certificate"]["sha256"]
+
+
+async def test_valid_handshake_keeps_the_leaf_fingerprint_not_the_chain(
+    ca: CertificateAuthority, ca_file: str
+) -> None:
+    async with TLSServer("127.0.0.1", cert=ca.issue(NAME, chain=True)) as server:
+        result = await run("127.0.0.1", server, ca_file)
+    assert result.ok
+    assert "peer_certificates" not in result.details  # small results snapshot on success
+    assert result.details["certificate"]["issuer"] == "CN=probe lab CA"
+
+
+async def test_without_the_chain_api_a_second_handshake_reads_the_certificate(
+    ca_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What an interpreter without get_unverified_chain does (the API is private before 3.13).
+    monkeypatch.setattr(tls.Handshake, "peer_chain", lambda self: [])
+    cert = CertificateAuthority("Interceptor CA").issue(NAME)
+    async with TLSServer("127.0.0.1", cert=cert) as server:
+        result = await run("127.0.0.1", server, ca_file)
+        assert list(server.sni_seen) == [NAME, NAME]
+    assert result.failure == "ssl_unknown_authority"
+    assert_evidence(result, cert, "unverified_second_handshake")
+    [der] = [base64.b64decode(c) for c in result.details["peer_certificates"]]
+    assert der == ssl.PEM_cert_to_DER_cert(cert.cert_pem.decode())
+    assert set(result.phases) == {"connect", "tls", "certificate_evidence"}
 
 
 @HOSTS
@@ -116,7 +161,7 @@ async def test_expired_certificate_keeps_the_certificate(
         result = await run(host, server, ca_file)
     assert result.failure == "ssl_invalid_certificate"
     assert result.details["verify_message"] == "certificate has expired"
-    assert_evidence(result, cert, "unverified_second_handshake")
+    assert_evidence(result, cert, "handshake")
     not_after = datetime.fromisoformat(result.details["certificate"]["not_after"])
     assert not_after < datetime.now(UTC)
 
@@ -129,7 +174,7 @@ async def test_system_store_alone_does_not_trust_the_lab_ca(
     async with TLSServer(host, cert=cert) as server:
         result = await run(host, server, ca_file=None)
     assert result.failure == "ssl_unknown_authority"
-    assert_evidence(result, cert, "unverified_second_handshake")
+    assert_evidence(result, cert, "handshake")
 
 
 @HOSTS

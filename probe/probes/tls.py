@@ -21,12 +21,15 @@ silence right after the ClientHello" from "stalled after the ServerHello", which
 exactly the difference between an SNI filter and a slow or broken server.
 
 Certificate evidence is kept even when verification fails: a MITM certificate is the
-finding.  Python 3.11's ``SSLObject`` exposes no certificate after a failed verification
-(``get_unverified_chain`` only arrived in 3.13), so the probe then makes a *second*
-connection with verification disabled, used only to read the leaf certificate;
-``details.certificate_source`` says which connection the evidence came from
-(``handshake`` or ``unverified_second_handshake``).  The verdict always comes from the
-first, verifying handshake.
+finding.  ``getpeercert`` returns nothing after a failed verification, but OpenSSL still
+holds the chain the peer sent (``SSLObject.get_unverified_chain``, public since 3.13 and
+present on the underlying ``_ssl`` object since 3.10), so the leaf evidence and the whole
+chain (``details.peer_certificates``, base64 DER, leaf first: the archive's OONI
+``tls_handshakes[].peer_certificates``) come from the verifying handshake itself.  Only if
+that chain is unavailable does the probe make a *second* connection with verification
+disabled, used only to read the certificate; ``details.certificate_source`` says which
+connection the evidence came from (``handshake`` or ``unverified_second_handshake``).
+The verdict always comes from the first, verifying handshake.
 
 Params: ``sni`` (override the server name; ``null`` = send none), ``alpn`` (list,
 default ``["h2", "http/1.1"]``).
@@ -35,6 +38,7 @@ default ``["h2", "http/1.1"]``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import hashlib
@@ -61,6 +65,7 @@ _READ_CHUNK = 16 * 1024
 # peer is feeding us something else and we stop reading rather than buffer it.
 _MAX_HANDSHAKE_BYTES = 256 * 1024
 _MAX_SANS = 100  # evidence, not an archive of a hostile certificate
+_MAX_CHAIN = 8  # real chains have 2-4 certificates; a hostile peer may send dozens
 
 
 class HandshakeTooLarge(Exception):
@@ -146,11 +151,37 @@ class Handshake:
             "cipher": cipher[0] if cipher else None,
         }
 
+    def peer_chain(self) -> list[bytes]:
+        """The DER chain the peer sent (leaf first), also after a failed verification.
+
+        Python 3.13 made ``get_unverified_chain`` public; 3.10-3.12 have it on the
+        underlying ``_ssl`` object only.  Evidence only: no API -> an empty list.
+        """
+        getter = getattr(self.tls, "get_unverified_chain", None)
+        if getter is None:
+            getter = getattr(getattr(self.tls, "_sslobj", None), "get_unverified_chain", None)
+        try:
+            chain = getter() if getter is not None else None
+        except (ssl.SSLError, ValueError):
+            return []
+        return [_der(c) for c in list(chain or [])[:_MAX_CHAIN]]
+
     def close_notify(self, sock: socket.socket) -> None:
         """Send close_notify without waiting for the peer's: a clean, bounded goodbye."""
         with contextlib.suppress(ssl.SSLError, OSError):
             self.tls.unwrap()
         self.flush_nowait(sock)
+
+
+def _der(cert: Any) -> bytes:
+    if isinstance(cert, bytes):  # 3.13's public API returns DER already
+        return cert
+    return bytes(cert.public_bytes(ssl._ssl.ENCODING_DER))  # type: ignore[attr-defined]
+
+
+def chain_evidence(chain: Sequence[bytes]) -> list[str]:
+    """``details.peer_certificates``: base64 DER, leaf first (OONI's archival form)."""
+    return [base64.b64encode(der).decode("ascii") for der in list(chain)[:_MAX_CHAIN]]
 
 
 def _ca_mtime(ca_file: str | None) -> int | None:
@@ -289,6 +320,7 @@ async def unverified_certificate(
     return {
         "certificate": certificate_evidence(der),
         "certificate_source": "unverified_second_handshake",
+        "peer_certificates": chain_evidence(hs.peer_chain() or [der]),
     }
 
 
@@ -335,7 +367,17 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     if isinstance(failure, ssl.SSLCertVerificationError):
         rec.details["verify_code"] = failure.verify_code
         rec.details["verify_message"] = scrub(str(failure.verify_message))
-        with rec.phase("certificate_evidence"):
-            evidence = await unverified_certificate(target, settings, sni or verify_name, alpn)
-        rec.details.update(evidence)
+        # The chain is the finding (a MITM's forged issuer): keep all of it.  On success
+        # the leaf's fingerprint is enough and the results snapshot stays small.
+        chain = hs.peer_chain()
+        if chain:
+            rec.details.update(
+                certificate=certificate_evidence(chain[0]),
+                certificate_source="handshake",
+                peer_certificates=chain_evidence(chain),
+            )
+        else:
+            with rec.phase("certificate_evidence"):
+                evidence = await unverified_certificate(target, settings, sni or verify_name, alpn)
+            rec.details.update(evidence)
     return rec.fail(_handshake_failure(failure), Operation.TLS_HANDSHAKE)
