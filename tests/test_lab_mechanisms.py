@@ -12,6 +12,7 @@ All traffic stays inside the lab's namespaces (10.200.0.0/16, fd00:200::/32).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -374,6 +375,54 @@ def test_b4_clienthello_shape_filter(lab: Lab, servers: ServeHandle) -> None:
     assert default_shape == "reset"
     assert other_shape.startswith("ok"), "same SNI, same address, other ClientHello: passes"
     assert control["ok"]
+
+
+# --- TLS interception (MITM) -------------------------------------------------------------------
+
+
+def _der_chain(result: dict[str, Any]) -> list[bytes]:
+    return [base64.b64decode(c) for c in result["details"]["peer_certificates"]]
+
+
+def test_tls_interception_forges_one_sni_and_relays_the_rest(
+    lab: Lab, servers: ServeHandle
+) -> None:
+    mitm = c.TLSIntercept(["e1.whatsapp.net"], addresses=[v4(BULK), v6(BULK)])
+    bulk = {"connections": 1, "max_bytes": BODY}
+    with lab.censor.active(mitm):
+        forged4, forged6, neutral = lab.probe_many(
+            "client",
+            [
+                job("tls", v4(BULK), 443, "e1.whatsapp.net"),
+                job("tls", v6(BULK), 443, "e1.whatsapp.net"),
+                job("tls", v4(BULK), 443, "neutral.example"),
+            ],
+        )
+        # a client that trusts the interceptor's CA (as users were told to install it):
+        # the interceptor relays the plaintext to the real server
+        trusting = lab.probe(
+            "client",
+            {**job("transfer", v4(BULK), 443, "e1.whatsapp.net", **bulk), "ca_file": mitm.ca_file},
+        )
+        control = lab.probe("control", job("tls", v4(BULK), 443, "e1.whatsapp.net"))
+        stats = mitm.stats()
+    assert mitm.ca_file is not None
+    interceptor_ca = ssl.PEM_cert_to_DER_cert(open(mitm.ca_file).read())  # noqa: SIM115
+    for forged in (forged4, forged6):
+        assert (forged["failure"], forged["failed_operation"]) == (
+            "ssl_unknown_authority",
+            "tls_handshake",
+        )
+        assert forged["details"]["certificate"]["issuer"] == "CN=Lab Interceptor CA"
+        leaf, ca = _der_chain(forged)
+        assert ca == interceptor_ca
+    assert neutral["ok"], "another SNI to the same address passes through untouched"
+    assert neutral["details"]["certificate"]["issuer"].startswith("CN=probe lab CA")
+    assert trusting["ok"] and trusting["details"]["connections"][0]["body_bytes"] == BODY
+    assert control["ok"] and control["details"]["certificate"]["issuer"].startswith(
+        "CN=probe lab CA"
+    )
+    assert stats["intercepted"] == 3 and stats["passed"] == 1 and stats["upstream_errors"] == 0
 
 
 # --- B5 ---------------------------------------------------------------------------------------
