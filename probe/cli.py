@@ -12,12 +12,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from . import __version__, logs
 from .config import ConfigError, load_config
 from .round import RoundReport, run_round
+from .settings import AgentConfig
 from .verdict import Observation, from_api, from_record, judge_round
+
+if TYPE_CHECKING:
+    from .archive import ArchiveWriter
 
 EXIT_OK = 0  # round done, nothing failed
 EXIT_FAILURES = 1  # round done, at least one probe failed (see the results)
@@ -61,7 +65,10 @@ def cmd_once(args: argparse.Namespace) -> int:
     logs.setup(config.log_format, args.log_level or "warning")
     log.info("round starting", extra={"config": config.source, "vantage": config.vantage.name})
     control = _control_results(args.control_results) if args.control_results else None
+    archive = _open_archive(config, args.archive) if args.archive else None
     report = asyncio.run(run_round(config, progress=_progress(sys.stderr)))
+    if archive is not None:
+        _archive(archive, report)
     if control is not None:
         # The same round, judged again next to what the control vantage saw.
         report = replace(report, verdicts=judge_round(report.results, control=control))
@@ -72,6 +79,27 @@ def cmd_once(args: argparse.Namespace) -> int:
         sys.stdout.write(table(report))
     log.info("round finished", extra={"summary": summary(report)})
     return _exit_code(report)
+
+
+def _open_archive(config: AgentConfig, directory: str) -> ArchiveWriter:
+    """Opened before the round, so a bad directory costs no measuring."""
+    from .archive import ArchiveWriter
+
+    try:
+        settings = replace(config.archive, path=directory)
+        writer = ArchiveWriter.from_settings(settings, config.vantage)
+    except OSError as exc:
+        raise UsageError(f"--archive {directory}: {exc.strerror or exc}") from exc
+    assert writer is not None  # the path is set
+    return writer
+
+
+def _archive(writer: ArchiveWriter, report: RoundReport) -> None:
+    with writer:
+        for result in report.results:
+            writer.write(result)
+    if writer.write_errors:
+        log.warning("archive write errors", extra={"lost": writer.write_errors})
 
 
 class UsageError(Exception):
@@ -184,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="judge verdicts next to a control vantage's results: its `probe once "
         "--format json` output or its /api/results document",
+    )
+    once.add_argument(
+        "--archive",
+        metavar="DIR",
+        help="also append the round's measurements to the archive in DIR (OONI-style "
+        "JSON Lines, docs/archive.md; rotation settings from the config's archive:)",
     )
     once.set_defaults(func=cmd_once)
 

@@ -13,6 +13,7 @@ All traffic stays inside the lab's namespaces (10.200.0.0/16, fd00:200::/32).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import socket
@@ -415,6 +416,7 @@ def test_tls_interception_forges_one_sni_and_relays_the_rest(
         )
         assert forged["details"]["certificate"]["issuer"] == "CN=Lab Interceptor CA"
         leaf, ca = _der_chain(forged)
+        assert hashlib.sha256(leaf).hexdigest() == forged["details"]["certificate"]["sha256"]
         assert ca == interceptor_ca
     assert neutral["ok"], "another SNI to the same address passes through untouched"
     assert neutral["details"]["certificate"]["issuer"].startswith("CN=probe lab CA")

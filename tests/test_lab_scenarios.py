@@ -14,6 +14,7 @@ All traffic stays inside the lab's namespaces (10.200.0.0/16).
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from probe.lab.scenarios import (
     CATALOGUE,
@@ -74,7 +76,7 @@ def test_scenario_gets_its_verdicts_and_failure_strings(
 
 def test_catalogue_covers_every_behaviour_and_the_two_baselines() -> None:
     behaviours = {s.behaviour for s in CATALOGUE}
-    assert behaviours == {*(f"B{i}" for i in range(1, 10)), "clean", "server_down"}
+    assert behaviours >= {*(f"B{i}" for i in range(1, 10)), "clean", "server_down", "mitm"}
     assert len({s.name for s in CATALOGUE}) == len(CATALOGUE)
     for s in CATALOGUE:
         unknown = set(s.verdicts) - {*ENDPOINTS, *SERVICES}
@@ -174,6 +176,29 @@ def test_b1_injection_is_seen_as_two_replies(outcomes: Outcomes) -> None:
     assert "dns_injection_suspected" in udp["flags"]
     answers = [r["answers"] for r in udp["details"]["replies"] if r["qtype"] == "A"]
     assert answers[0] == ["10.10.34.35"] and len(answers) == 2  # forged first, real second
+
+
+def test_mitm_chain_reaches_the_archive_and_the_control_sees_the_real_certificate(
+    outcomes: Outcomes,
+) -> None:
+    rnd = outcomes("tls_mitm").rounds[0]
+    verdict = rnd.verdicts["whatsapp/web"]
+    assert verdict["confidence"] >= 0.95
+    assert "certificate issuer CN=Lab Interceptor CA" in verdict["evidence"]
+    (record,) = rnd.archived("whatsapp/web/tls")
+    (handshake,) = record["test_keys"]["tls_handshakes"]
+    assert handshake["failure"] == "ssl_unknown_authority"
+    assert handshake["server_name"] == "web.whatsapp.com"
+    chain = [
+        x509.load_der_x509_certificate(base64.b64decode(c["data"]))
+        for c in handshake["peer_certificates"]
+    ]
+    assert [c.issuer.rfc4514_string() for c in chain] == ["CN=Lab Interceptor CA"] * 2
+    assert chain[0].subject.rfc4514_string() == "CN=web.whatsapp.com"
+    assert chain[1].subject.rfc4514_string() == "CN=Lab Interceptor CA"  # the forging CA
+    (control,) = [r for r in rnd.control if (r["endpoint"], r["probe"]) == ("web", "tls")]
+    assert control["ok"]
+    assert control["details"]["certificate"]["issuer"].startswith("CN=probe lab CA")
 
 
 # --- probe lab demo ----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from typing import Any, Self
 
 import yaml
 
+from ..archive import iter_archive
 from . import censor as c
 from .topology import ADDR, Lab, LabError, ServeHandle
 
@@ -513,6 +514,23 @@ CATALOGUE: tuple[Scenario, ...] = (
         "the random-payload swap cannot show that only STUN is classified",
     ),
     Scenario(
+        name="tls_mitm",
+        behaviour="mitm",
+        description="a censor-side TLS interceptor with its own CA answers ClientHellos "
+        "naming web.whatsapp.com with a forged chain; the control sees the real certificate",
+        mechanism="nft nat prerouting: ip daddr WEB tcp dport 443 redirect to :8443 (conntrack "
+        "flushed); probe.lab.intercept forges leaf + 'Lab Interceptor CA' for the SNI",
+        censor=lambda: (c.TLSIntercept([WEB_NAME], addresses=[WEB]),),
+        verdicts={"whatsapp/web": Expect("tls_mitm"), "whatsapp": ONE_OF_THREE},
+        failures={
+            "whatsapp/web/tcp": None,
+            "whatsapp/web/tls": "ssl_unknown_authority",
+            "whatsapp/web/tls/repeat": "ssl_unknown_authority",
+            "whatsapp/web/transfer": "ssl_unknown_authority",
+            "whatsapp/web/quic": None,
+        },
+    ),
+    Scenario(
         name="server_down",
         behaviour="server_down",
         description="the DC5 server is stopped: the control fails the same way, so it is an "
@@ -545,6 +563,13 @@ class RoundOutcome:
     verdicts: Mapping[str, dict[str, Any]]  # "service/endpoint" or "service" -> record
     exit_code: int
     control_exit_code: int
+    archive: tuple[dict[str, Any], ...] = ()  # the client's archived measurements
+    control: tuple[dict[str, Any], ...] = ()  # the control vantage's result records
+
+    def archived(self, key: str) -> list[dict[str, Any]]:
+        """Archive envelopes of ``service/endpoint/probe-label`` (OONI-style records)."""
+        wanted = tuple(key.split("/", 2))
+        return [a for a in self.archive if _archived_key(a) == wanted]
 
     def observed(self, key: str) -> Expect | None:
         record = self.verdicts.get(key)
@@ -635,6 +660,12 @@ def check(scenario: Scenario, outcome: Outcome) -> list[str]:
 
 
 # --- running scenarios on one lab -------------------------------------------------------------
+
+
+def _archived_key(envelope: Mapping[str, Any]) -> tuple[str, str, str]:
+    t = envelope["test_keys"]["probe_result"]["target"]
+    label = f"{t['probe']}/{t['variant']}" if t.get("variant") else t["probe"]
+    return t["service"], t["endpoint"], label
 
 
 def _key(record: Mapping[str, Any]) -> str:
@@ -740,8 +771,18 @@ class ScenarioLab:
         control_rc, control_out = self._once("control")
         control_file = self.lab.workdir / f"control-{self._round}.jsonl"
         control_file.write_text(control_out)
-        rc, out = self._once("client", "--control-results", str(control_file))
+        archive = self.lab.workdir / f"archive-{self._round}"
+        rc, out = self._once(
+            "client", "--control-results", str(control_file), "--archive", str(archive)
+        )
         records = [json.loads(line) for line in out.splitlines() if line.strip()]
         results = tuple(r for r in records if r.get("type") == "result")
         verdicts = {_key(r): r for r in records if r.get("type") == "verdict"}
-        return RoundOutcome(results, verdicts, rc, control_rc)
+        control = tuple(
+            r
+            for r in (json.loads(line) for line in control_out.splitlines() if line.strip())
+            if r.get("type") == "result"
+        )
+        return RoundOutcome(
+            results, verdicts, rc, control_rc, tuple(iter_archive(archive)), control
+        )
