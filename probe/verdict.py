@@ -42,6 +42,7 @@ from typing import Any
 from .model import Failure, ProbeResult, SkipReason, failure_kind, freeze
 
 __all__ = [
+    "ALLOWLIST_FLAG",
     "BLOCKING",
     "EndpointVerdict",
     "Observation",
@@ -75,6 +76,8 @@ class Verdict(StrEnum):
     PARTIAL = "partial"  # some paths/endpoints blocked, others not (blocked_fraction)
     ENDPOINT_DOWN = "endpoint_down"  # the control vantage fails the same way
     VANTAGE_OFFLINE = "vantage_offline"
+    # only domestic destinations answer (FIELD.md B10): a state of the network, not a block
+    ALLOWLIST_REGIME = "allowlist_regime"
     INCONCLUSIVE = "inconclusive"
 
 
@@ -880,7 +883,7 @@ def judge_endpoint(
         if (c.service, c.endpoint) == (service, endpoint) and c.skipped is None
     )
     ctx = _Context(tuple(measured), ctl, others_ok)
-    return _endpoint_verdict(service, endpoint, ctx)
+    return _under_allowlist(_endpoint_verdict(service, endpoint, ctx), measured)
 
 
 def _endpoint_verdict(service: str, endpoint: str, ctx: _Context) -> EndpointVerdict:
@@ -920,6 +923,40 @@ def _endpoint_verdict(service: str, endpoint: str, ctx: _Context) -> EndpointVer
     return verdict(_Finding(best.verdict, best.confidence, (*best.evidence, *extra)))
 
 
+# --------------------------------------------------------------------------- allowlist
+
+ALLOWLIST_FLAG = "vantage_allowlist"  # set by the round on every result (FIELD.md B10)
+# What the regime does not explain: a resolver's lie is an act of its own.
+_NOT_THE_REGIME = frozenset({Verdict.OK, Verdict.DNS_TAMPERING})
+
+
+def _under_allowlist(v: EndpointVerdict, measured: Sequence[Observation]) -> EndpointVerdict:
+    """On a vantage where only domestic controls answer, a failing endpoint is the
+    regime's doing, not a block of that service: ``allowlist_regime``, with what the
+    rules would have said kept as evidence.  A working endpoint is allowlisted: ``ok``."""
+    if v.verdict in _NOT_THE_REGIME or not any(ALLOWLIST_FLAG in o.flags for o in measured):
+        return v
+    why = (
+        "allowlist regime: only domestic controls answer from this vantage (FIELD.md B10)",
+        f"the rules alone would say {v.verdict} {v.confidence:.2f}",
+    )
+    return EndpointVerdict(
+        v.service, v.endpoint, Verdict.ALLOWLIST_REGIME, STRONG, _bounded([*why, *v.evidence])
+    )
+
+
+def _allowlist_service(
+    service: str, measured: Sequence[EndpointVerdict], evidence: tuple[str, ...]
+) -> ServiceVerdict | None:
+    """Any endpoint failing under the regime makes the service's state the regime's."""
+    regime = [v for v in measured if v.verdict == Verdict.ALLOWLIST_REGIME]
+    if not regime:
+        return None
+    return ServiceVerdict(
+        service, Verdict.ALLOWLIST_REGIME, _mean(v.confidence for v in regime), evidence
+    )
+
+
 # --------------------------------------------------------------------------- service
 
 
@@ -950,6 +987,9 @@ def judge_service(endpoint_verdicts: Sequence[EndpointVerdict]) -> ServiceVerdic
     measured = [v for v in endpoint_verdicts if v.verdict != Verdict.VANTAGE_OFFLINE]
     if not measured:
         return ServiceVerdict(service, Verdict.VANTAGE_OFFLINE, 1.0, evidence)
+    regime = _allowlist_service(service, measured, evidence)
+    if regime is not None:
+        return regime
     kinds = {v.verdict for v in measured}
     blocked = [v for v in measured if v.verdict in BLOCKING or v.verdict == Verdict.PARTIAL]
     passed = [v for v in measured if v.verdict == Verdict.OK]

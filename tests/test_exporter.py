@@ -259,6 +259,10 @@ def test_vantage_config_and_agent_metrics() -> None:
     assert registry.get_sample_value("probe_vantage_info", info) == 1
     assert registry.get_sample_value("probe_vantage_online") == 1
     assert registry.get_sample_value("probe_vantage_ipv6") == 0
+    assert registry.get_sample_value("probe_vantage_allowlist") == 0
+    store.record_vantage(VantageState(online=True, ipv6=False, t=T0, allowlist=True))
+    assert registry.get_sample_value("probe_vantage_allowlist") == 1
+    assert registry.get_sample_value("probe_vantage_online") == 1
     assert registry.get_sample_value("probe_vantage_check_timestamp_seconds") == T0.timestamp()
     assert registry.get_sample_value("probe_config_last_reload_successful") == 0
     assert (

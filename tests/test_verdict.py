@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from probe.probes.base import Recorder
 from probe.results import VERDICTS, ResultStore
 from probe.statuspage import results_json
 from probe.verdict import (
+    ALLOWLIST_FLAG,
     BLOCKING,
     EndpointVerdict,
     Observation,
@@ -438,6 +439,15 @@ CASES = [
         Verdict.VANTAGE_OFFLINE,
     ),
     Case(
+        "failure_under_an_allowlist_regime_is_the_regime",
+        [run("tcp", failure="generic_timeout_error", op=CONN, flags=[ALLOWLIST_FLAG])],
+        Verdict.ALLOWLIST_REGIME,
+        control=[run("tcp")],
+        min_conf=0.85,
+        max_conf=0.85,
+        evidence=("allowlist regime",),
+    ),
+    Case(
         "ipv6_unavailable_never_counts",
         [run("tls"), skipped("tls", V6, SkipReason.IPV6_UNAVAILABLE)],
         Verdict.OK,
@@ -622,6 +632,43 @@ def test_offline_round_is_vantage_offline_for_endpoints_and_services() -> None:
     ]
     verdicts = judge_round(results)
     assert [v.verdict for v in verdicts] == [Verdict.VANTAGE_OFFLINE, Verdict.VANTAGE_OFFLINE]
+
+
+def test_allowlist_regime_is_the_vantage_state_not_a_block_of_each_service() -> None:
+    """FIELD.md B10: the round flags every result; failures read as the regime's."""
+    dc1 = endpoint("192.0.2.1", probes=("tcp",), ports=(443,), service="tg", name="dc1")
+    dc2 = endpoint("192.0.2.2", probes=("tcp",), ports=(443,), service="tg", name="dc2")
+    ya = endpoint("198.51.100.1", probes=("tcp",), ports=(443,), service="ctl", role="control")
+    regime = [ALLOWLIST_FLAG]
+    timeout = {"failure": "generic_timeout_error", "op": CONN, "flags": regime}
+    results = [
+        run("tcp", "192.0.2.1", ep=dc1, **timeout),
+        run("tcp", "192.0.2.2", ep=dc2, flags=regime),  # an allowlisted (working) endpoint
+        run("tcp", "198.51.100.1", ep=ya, flags=regime),
+    ]
+    control = [run("tcp", "192.0.2.1", ep=dc1)]  # the control connects: ip_blocking alone
+    by_key = {(v.service, v.endpoint): v for v in judge_round(results, control)}
+    blocked = by_key[("tg", "dc1")]
+    assert blocked.verdict == Verdict.ALLOWLIST_REGIME and blocked.blocked_fraction is None
+    assert blocked.evidence[0].startswith("allowlist regime: only domestic controls answer")
+    assert blocked.evidence[1].startswith("the rules alone would say ip_blocking")
+    assert by_key[("tg", "dc2")].verdict == Verdict.OK
+    assert by_key[("tg", None)].verdict == Verdict.ALLOWLIST_REGIME  # never "partial"
+    assert by_key[("ctl", None)].verdict == Verdict.OK
+    # the same results without the flag: an ordinary block
+    plain = [replace(r, flags=()) for r in results]
+    by_key = {(v.service, v.endpoint): v for v in judge_round(plain, control)}
+    assert by_key[("tg", "dc1")].verdict == Verdict.IP_BLOCKING
+    assert by_key[("tg", None)].verdict == Verdict.PARTIAL
+
+
+def test_a_lying_resolver_under_an_allowlist_is_still_dns_tampering() -> None:
+    flags = [ALLOWLIST_FLAG]
+    results = [
+        dns(SYSTEM, failure="dns_nxdomain_error", flags=flags),
+        dns("tcp:192.0.2.53:53", A, flags=flags),
+    ]
+    assert judge_endpoint(results).verdict == Verdict.DNS_TAMPERING
 
 
 def test_without_control_other_services_working_lets_a_block_count() -> None:
