@@ -76,7 +76,7 @@ def test_scenario_gets_its_verdicts_and_failure_strings(
 
 def test_catalogue_covers_every_behaviour_and_the_two_baselines() -> None:
     behaviours = {s.behaviour for s in CATALOGUE}
-    assert behaviours >= {*(f"B{i}" for i in range(1, 10)), "clean", "server_down", "mitm"}
+    assert behaviours >= {*(f"B{i}" for i in range(1, 11)), "clean", "server_down", "mitm"}
     assert len({s.name for s in CATALOGUE}) == len(CATALOGUE)
     for s in CATALOGUE:
         unknown = set(s.verdicts) - {*ENDPOINTS, *SERVICES}
@@ -201,6 +201,16 @@ def test_mitm_chain_reaches_the_archive_and_the_control_sees_the_real_certificat
     assert control["details"]["certificate"]["issuer"].startswith("CN=probe lab CA")
 
 
+def test_b10_allowlist_is_a_vantage_state_not_offline(outcomes: Outcomes) -> None:
+    rnd = outcomes("B10_allowlist").rounds[0]
+    assert {r["vantage_state"] for r in rnd.results} == {"allowlist"}  # measured, not skipped
+    assert all(r["skipped"] is None for r in rnd.results)
+    assert rnd.verdicts["controls/domestic"]["verdict"] == "ok"
+    dc1 = rnd.verdicts["telegram/dc1"]
+    assert dc1["evidence"][0].startswith("allowlist regime: only domestic controls answer")
+    assert any(e.startswith("the rules alone would say ip_blocking") for e in dc1["evidence"])
+
+
 # --- probe lab demo ----------------------------------------------------------------------------
 
 
@@ -223,7 +233,7 @@ def test_demo_shows_scenarios_live_in_a_table() -> None:
         "observed",
         "result",
     ]
-    assert any(line.split()[:6] == ["clean", "clean", "all", "12", "ok", "ok"] for line in lines)
+    assert any(line.split()[:6] == ["clean", "clean", "all", "13", "ok", "ok"] for line in lines)
     b3 = next(line for line in lines if line.startswith("B3_sni_filter"))
     assert b3.split() == [
         "B3_sni_filter",

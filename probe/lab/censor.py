@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from .topology import Lab
 
 __all__ = [
+    "Allowlist",
     "Behaviour",
     "ByteFreeze",
     "Censor",
@@ -470,6 +471,33 @@ class IPBlock(NftBehaviour):
                 out.append(f"{match}meta l4proto tcp counter reject with tcp reset")
             out.append(f"{match}counter drop")
         return out
+
+
+@dataclass(eq=False)
+class Allowlist(NftBehaviour):
+    """B10, allowlist regime (regional shutdowns): every packet from the client to an
+    address outside ``allowed`` is dropped, IPv4 and IPv6 alike (a family with no allowed
+    address is cut off entirely).  Only the "domestic" destinations answer."""
+
+    id: ClassVar[str] = "B10"
+    allowed: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if not self.allowed:
+            raise ValueError("an allowlist needs allowed addresses (else it is an outage)")
+        _split(self.allowed)  # validates
+
+    def rules(self, censor: Censor) -> list[str]:
+        v4, v6 = _split(self.allowed)
+        up = f"iifname {CENSOR_CLIENT_IF} "
+        return [
+            f"{up}meta nfproto ipv4 ip daddr != {_set(v4)} counter drop"
+            if v4
+            else f"{up}meta nfproto ipv4 counter drop",
+            f"{up}meta nfproto ipv6 ip6 daddr != {_set(v6)} counter drop"
+            if v6
+            else f"{up}meta nfproto ipv6 counter drop",
+        ]
 
 
 @dataclass(eq=False)

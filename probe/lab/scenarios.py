@@ -58,11 +58,13 @@ CHAT = ADDR.service(6)  # g.whatsapp.net: WhatsApp Noise :5222
 WEB = ADDR.service(7)  # web.whatsapp.com: HTTPS bulk (TCP 443), QUIC (UDP 443)
 RELAY = ADDR.service(8)  # call relay: STUN :3478 (UDP)
 CONTROL = ADDR.service(10)  # the control endpoint: TLS :443, SNI control.example
+DOMESTIC = ADDR.service(11)  # a domestic control (domestic: true): TLS :443
 CONTROL_RESOLVER = ADDR.service(16)  # the control vantage's own (honest) resolver
 
 CHAT_NAME = "g.whatsapp.net"
 WEB_NAME = "web.whatsapp.com"
 CONTROL_NAME = "control.example"
+DOMESTIC_NAME = "domestic.example"
 BULK_PATH = "/static/bulk.bin"
 BULK_BYTES = 64 * 1024
 FORGED = "10.10.34.35"  # an ISP-stub-like answer: a bogon, so the agent never dials it
@@ -146,7 +148,16 @@ def services() -> list[dict[str, Any]]:
             role="control",
             sni=CONTROL_NAME,
             probes=["tcp", "tls"],
-        )
+        ),
+        _endpoint(
+            name="domestic",
+            host=DOMESTIC,
+            ports=[443],
+            role="control",
+            sni=DOMESTIC_NAME,
+            domestic=True,  # answers under B10: tells the regime from an outage
+            probes=["tcp", "tls"],
+        ),
     ]
     return [
         {
@@ -216,6 +227,7 @@ def server_specs(cert: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         {"kind": "quic", "name": "web-quic", "host": WEB, "port": 443, "cert": cert},
         {"kind": "stun", "name": "relay", "host": RELAY, "port": 3478},
         {"kind": "tls", "name": "control", "host": CONTROL, "port": 443, "cert": cert},
+        {"kind": "tls", "name": "domestic", "host": DOMESTIC, "port": 443, "cert": cert},
         {"kind": "dns", "name": "dns", "host": ADDR.resolver4, "port": 53, "rules": BASE_DNS},
         {
             "kind": "dns",
@@ -253,6 +265,7 @@ ENDPOINTS: tuple[str, ...] = (
     "whatsapp/web",
     "whatsapp/relay",
     "controls/control",
+    "controls/domestic",
 )
 SERVICES: tuple[str, ...] = ("telegram", "whatsapp", "controls")
 ONE_OF_THREE = Expect("partial", 0.333)  # one whatsapp endpoint of three blocked
@@ -514,6 +527,32 @@ CATALOGUE: tuple[Scenario, ...] = (
         "the random-payload swap cannot show that only STUN is classified",
     ),
     Scenario(
+        name="B10_allowlist",
+        behaviour="B10",
+        description="a regional shutdown: only the domestic control and the ISP's resolver "
+        "answer, every other destination is dropped",
+        mechanism="nft: iifname cli0 ip daddr != { DOMESTIC, RESOLVER } drop; ip6: drop",
+        censor=lambda: (c.Allowlist([DOMESTIC, ADDR.resolver4]),),
+        verdicts={
+            **{
+                k: Expect("allowlist_regime")
+                for k in (*ENDPOINTS, *SERVICES)
+                if k != "controls/domestic"
+            },
+        },
+        failures={
+            **_each(_ALL_DCS, ["tcp", "mtproto"], "generic_timeout_error"),
+            "whatsapp/chat/dns@system": None,  # the domestic resolver answers
+            "whatsapp/chat/tcp": "generic_timeout_error",
+            "whatsapp/relay/stun": "udp_no_response",
+            "controls/control/tcp": "generic_timeout_error",
+            "controls/domestic/tcp": None,
+            "controls/domestic/tls": None,
+        },
+        note="the gate's domestic control answers while the foreign one fails: vantage "
+        "state 'allowlist'; every failure is the regime's, not a block of its service",
+    ),
+    Scenario(
         name="tls_mitm",
         behaviour="mitm",
         description="a censor-side TLS interceptor with its own CA answers ClientHellos "
@@ -703,7 +742,7 @@ class ScenarioLab:
         if self._own:
             self.lab.start()
         try:
-            cert = self.lab.issue(CHAT_NAME, WEB_NAME, CONTROL_NAME)
+            cert = self.lab.issue(CHAT_NAME, WEB_NAME, CONTROL_NAME, DOMESTIC_NAME)
             main, dc5 = server_specs(cert)
             self.servers = self.lab.serve(main)
             self._dc5_specs = dc5
