@@ -26,8 +26,14 @@ from cryptography import x509
 
 from probe.lab.scenarios import (
     CATALOGUE,
+    CHAT,
     DCS,
+    DOH_URL,
     ENDPOINTS,
+    FORGED,
+    FORGED2,
+    MEDIA,
+    MEDIA6,
     SERVICES,
     Outcome,
     Scenario,
@@ -209,6 +215,54 @@ def test_b10_allowlist_is_a_vantage_state_not_offline(outcomes: Outcomes) -> Non
     dc1 = rnd.verdicts["telegram/dc1"]
     assert dc1["evidence"][0].startswith("allowlist regime: only domestic controls answer")
     assert any(e.startswith("the rules alone would say ip_blocking") for e in dc1["evidence"])
+
+
+def test_ipv6_only_block_is_partial_and_names_the_family(outcomes: Outcomes) -> None:
+    rnd = outcomes("ipv6_only_block").rounds[0]
+    by_family = {
+        (r["address"], r["probe"]): r["failure"]
+        for r in rnd.results
+        if r["endpoint"] == "media" and r["probe"] in ("tcp", "tls")
+    }
+    assert by_family == {
+        (MEDIA, "tcp"): None,
+        (MEDIA, "tls"): None,
+        (MEDIA6, "tcp"): "generic_timeout_error",
+        (MEDIA6, "tls"): "generic_timeout_error",
+    }
+    summary = rnd.verdicts["whatsapp/media"]["evidence"][0]
+    assert summary.endswith("only IPv6 is blocked, IPv4 works"), summary
+
+
+def test_doh_is_the_truthful_path_when_udp_and_tcp_dns_lie(outcomes: Outcomes) -> None:
+    rnd = outcomes("B1_doh_truth").rounds[0]
+    evidence = rnd.verdicts["whatsapp/chat"]["evidence"]
+    assert f"dns doh:{DOH_URL} ok {CHAT}" in evidence  # the DoH answer is the evidence
+    assert any("DoH and the control answer; TCP lies too" in e for e in evidence), evidence
+    (tcp,) = rnd.runs("whatsapp/chat/tcp")
+    assert tcp["address"] == CHAT and tcp["address_source"] == "doh"
+
+
+def test_sustained_call_loss_is_a_verdict_with_the_loss_figure(outcomes: Outcomes) -> None:
+    rnd = outcomes("B9_call_loss").rounds[0]
+    (flow,) = rnd.runs("whatsapp/call/stun")
+    loss = flow["details"]["loss"]
+    assert loss >= 0.2  # 40% each way: ~64% of round trips
+    verdict = rnd.verdicts["whatsapp/call"]
+    assert verdict["confidence"] == 0.85
+    assert any(e.startswith(f"sustained loss: {loss:.0%} of ") for e in verdict["evidence"])
+    assert any("the control lost 0%" in e for e in verdict["evidence"])
+
+
+def test_racing_injectors_are_seen_as_three_replies(outcomes: Outcomes) -> None:
+    rnd = outcomes("B1_injection_race").rounds[0]
+    (udp,) = rnd.runs("whatsapp/chat/dns@udp")
+    answers = [r["answers"] for r in udp["details"]["replies"] if r["qtype"] == "A"]
+    assert answers == [[FORGED], [FORGED2], [CHAT]]  # both forged replies first
+    evidence = rnd.verdicts["whatsapp/chat"]["evidence"]
+    assert f"3 differing replies to one A query ({FORGED}; {FORGED2}; {CHAT}): injected" in (
+        evidence
+    )
 
 
 # --- probe lab demo ----------------------------------------------------------------------------

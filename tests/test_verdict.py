@@ -671,6 +671,76 @@ def test_a_lying_resolver_under_an_allowlist_is_still_dns_tampering() -> None:
     assert judge_endpoint(results).verdict == Verdict.DNS_TAMPERING
 
 
+def flow(loss: float, sent: int = 50, **kw: Any) -> ProbeResult:
+    return run("stun", A, 3479, mode="flow", sent=sent, loss=loss, cutoff_s=None, **kw)
+
+
+@pytest.mark.parametrize(
+    ("ours", "sent", "theirs", "expected"),
+    [
+        (0.4, 50, 0.0, Verdict.UDP_BLOCKING),  # sustained loss, the control sees none
+        (0.2, 50, 0.04, Verdict.UDP_BLOCKING),  # at the threshold, control nearly clean
+        (0.19, 50, 0.0, Verdict.OK),  # below the threshold
+        (0.5, 10, 0.0, Verdict.OK),  # 5 packets lost: too few to call it sustained
+        (0.4, 50, 0.2, Verdict.OK),  # the control loses too: the path, not a censor
+        (0.4, 50, None, Verdict.OK),  # no control: loss alone proves nothing
+    ],
+)
+def test_sustained_call_flow_loss_is_udp_blocking_only_next_to_a_clean_control(
+    ours: float, sent: int, theirs: float | None, expected: Verdict
+) -> None:
+    control = [] if theirs is None else [flow(theirs)]
+    verdict = judge_endpoint([flow(ours, sent)], control)
+    assert verdict.verdict == expected
+    if expected == Verdict.UDP_BLOCKING:
+        assert verdict.confidence == 0.85
+        assert any(e.startswith(f"sustained loss: {ours:.0%} of {sent}") for e in verdict.evidence)
+
+
+def test_a_partial_split_by_address_family_is_named() -> None:
+    v4_ok, v6_blocked = run("tcp", A), run("tcp", V6, failure="generic_timeout_error", op=CONN)
+    verdict = judge_endpoint([v4_ok, v6_blocked], [run("tcp", V6)])
+    assert verdict.verdict == Verdict.PARTIAL
+    assert (
+        verdict.evidence[0]
+        == "1 of 2 paths blocked (ip_blocking): only IPv6 is blocked, IPv4 works"
+    )
+    same_family = judge_endpoint(
+        [v4_ok, run("tcp", B, failure="generic_timeout_error", op=CONN)], [run("tcp", B)]
+    )
+    assert same_family.evidence[0] == "1 of 2 paths blocked (ip_blocking)"
+
+
+def test_more_than_one_forged_reply_is_counted_in_the_evidence() -> None:
+    replies = [
+        {"qtype": "A", "answers": ["10.10.34.35"]},
+        {"qtype": "A", "answers": ["10.10.34.36"]},
+        {"qtype": "A", "answers": [A]},
+    ]
+    udp = dns(
+        "udp:192.0.2.53:53", "10.10.34.35", flags=["dns_injection_suspected"], replies=replies
+    )
+    verdict = judge_endpoint([udp, dns(DOH, A)])
+    assert verdict.verdict == Verdict.DNS_TAMPERING
+    assert f"3 differing replies to one A query (10.10.34.35; 10.10.34.36; {A}): injected" in (
+        verdict.evidence
+    )
+
+
+def test_tcp_lying_with_udp_leaves_doh_as_the_evidence() -> None:
+    results = [
+        dns("udp:192.0.2.53:53", "10.10.34.35", failure="dns_bogon_error"),
+        dns("tcp:192.0.2.53:53", "10.10.34.35", failure="dns_bogon_error"),
+        dns(DOH, A),
+    ]
+    verdict = judge_endpoint(results)
+    assert verdict.verdict == Verdict.DNS_TAMPERING and verdict.confidence == 0.95
+    assert f"dns {DOH} ok {A}" in verdict.evidence
+    assert verdict.evidence[-1] == (
+        "bogon from the system/UDP resolver; DoH answer; TCP lies too (10.10.34.35)"
+    )
+
+
 def test_without_control_other_services_working_lets_a_block_count() -> None:
     blocked_ep = endpoint("192.0.2.1", probes=("tcp",), ports=(443,), service="tg", name="dc1")
     other = endpoint(
