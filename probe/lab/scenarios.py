@@ -670,7 +670,6 @@ CATALOGUE: tuple[Scenario, ...] = (
             "whatsapp/chat/dns@system": None,  # the domestic resolver answers
             "whatsapp/chat/tcp": "generic_timeout_error",
             "whatsapp/relay/stun": "udp_no_response",
-            "controls/control/tcp": "generic_timeout_error",
             "controls/domestic/tcp": None,
             "controls/domestic/tls": None,
         },
