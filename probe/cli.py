@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from . import __version__, logs
 from .config import ConfigError, load_config
+from .model import Endpoint
 from .round import RoundReport, run_round
 from .settings import AgentConfig
 from .verdict import Observation, from_api, from_record, judge_round
@@ -129,6 +130,30 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if args.action == "cleanup":
         return cleanup(force=args.force)
     return demo(args.only or ())
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .trace import TraceError
+    from .tracecmd import main as trace_main
+
+    endpoints: list[Endpoint] = []
+    if not _looks_like_ip(args.target):
+        config = load_config(args.config)
+        endpoints = [ep for svc in config.services for ep in svc.endpoints]
+    try:
+        return trace_main(args, endpoints)
+    except TraceError as exc:
+        raise UsageError(f"trace: {exc}") from exc
+
+
+def _looks_like_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -251,6 +276,26 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--only", action="append", metavar="NAME", help="run only this scenario")
     lab.add_argument("--force", action="store_true", help="cleanup: also labs of live owners")
     lab.set_defaults(func=cmd_lab)
+
+    trace = sub.add_parser(
+        "trace",
+        help="locate the censor: repeat a path's triggering packet with increasing TTL",
+        description="Censor localisation (docs/trace.md): sends the triggering packet of "
+        "a path (TCP SYN, TLS ClientHello, STUN request, DNS query) with TTL 1, 2, ... and "
+        "reports the hop at which the block appears.  No privileges needed.  Sends real "
+        "packets to TARGET: never part of `probe run`.",
+    )
+    trace.add_argument("target", help="service/endpoint from the config, or an IP address")
+    trace.add_argument("-c", "--config", help="config file (default: the embedded default)")
+    trace.add_argument("--probe", choices=["tcp", "tls", "stun", "dns"], help="the trigger")
+    trace.add_argument("--port", type=int, help="default: the endpoint's (443, 3478, 53)")
+    trace.add_argument("--sni", help="tls: the SNI (default: the endpoint's)")
+    trace.add_argument("--name", help="dns: the name to query")
+    trace.add_argument("--max-hops", type=int, default=12, help="1..32 (default 12)")
+    trace.add_argument("--timeout", type=float, default=1.0, help="seconds per TTL")
+    trace.add_argument("--interval", type=float, default=0.1, help="seconds between probes")
+    trace.add_argument("--format", choices=["table", "json"], default="table")
+    trace.set_defaults(func=cmd_trace)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")

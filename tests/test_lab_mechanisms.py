@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from probe.lab.topology import (
     Lab,
     ServeHandle,
     cleanup_stale,
+    ns_argv,
     run,
 )
 from probe.wire import stun as stun_wire
@@ -425,6 +427,75 @@ def test_tls_interception_forges_one_sni_and_relays_the_rest(
         "CN=probe lab CA"
     )
     assert stats["intercepted"] == 3 and stats["passed"] == 1 and stats["upstream_errors"] == 0
+
+
+# --- censor localisation (probe trace) ----------------------------------------------------------
+
+
+def _quiet_icmp_limits(lab: Lab) -> None:
+    # The censor is a Linux router: it rate-limits time-exceeded (a token bucket per
+    # client).  The trace reads a rate-limited hop correctly (tests/test_trace.py), but
+    # naming the censor's address needs one answer from it per walk, so the lab's
+    # censor answers every expired packet, as a router without rate limiting does.
+    run(
+        ns_argv(
+            lab.ns("censor"),
+            ["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"],
+        )
+    )
+
+
+def test_trace_names_the_censor_hop(lab: Lab, servers: ServeHandle) -> None:
+    from probe import trace as tr
+
+    _quiet_icmp_limits(lab)
+
+    def factory(family: socket.AddressFamily, kind: socket.SocketKind) -> socket.socket:
+        return lab.socket("client", family, kind)
+
+    bounds = {"max_hops": 5, "timeout_s": 0.5, "interval_s": 0.02, "factory": factory}
+    hello = tr.client_hello("blocked.example")
+    with lab.censor.active(
+        c.SNIFilter(["blocked.example"]),
+        c.UDPBlock([v4(RELAY)]),
+        c.IPBlock([v4(BLOCKED)], action="drop"),
+    ):
+        sni4 = tr.trace_tcp(v4(TLS), 443, hello, "tls", **bounds)  # type: ignore[arg-type]
+        sni6 = tr.trace_tcp(v6(TLS), 443, hello, "tls", **bounds)  # type: ignore[arg-type]
+        neutral = tr.trace_tcp(
+            v4(TLS),
+            443,
+            tr.client_hello("neutral.example"),
+            "tls",
+            **bounds,  # type: ignore[arg-type]
+        )
+        udp = tr.trace_udp(v4(RELAY), 3478, tr.stun_trigger(), "stun", **bounds)  # type: ignore[arg-type]
+        syn = tr.trace_tcp(v4(BLOCKED), 443, None, "syn", **bounds)  # type: ignore[arg-type]
+    # the client is one router (the censor) away from the servers
+    for trace, censor, outcome in (
+        (sni4, ADDR.censor_client4, "reset"),
+        (sni6, ADDR.censor_client6, "reset"),
+        (udp, ADDR.censor_client4, "silence"),
+        (syn, ADDR.censor_client4, "silence"),
+    ):
+        assert trace.blocked_at_ttl == 2, trace
+        assert trace.censor_hop is not None and trace.censor_hop.responder == censor, trace
+        assert trace.hops[trace.blocked_at_ttl - 1].outcome == outcome
+        assert f"at hop 1 ({censor})" in trace.conclusion
+    assert neutral.reached_ttl == 2 and neutral.blocked_at_ttl is None
+
+
+def test_probe_trace_command_in_the_client_namespace(lab: Lab, servers: ServeHandle) -> None:
+    _quiet_icmp_limits(lab)
+    argv = ["-m", "probe", "trace", v4(TLS), "--probe", "tls", "--sni", "blocked.example"]
+    argv += ["--max-hops", "4", "--timeout", "0.5", "--format", "json"]
+    with lab.censor.active(c.SNIFilter(["blocked.example"])):
+        done = lab.exec("client", [sys.executable, *argv], timeout_s=60)
+    assert done.returncode == 1, done.stderr  # a block was located
+    (record,) = done.json_lines()
+    assert record["blocked_at_ttl"] == 2
+    assert record["censor_hop"]["responder"] == ADDR.censor_client4
+    assert record["trigger"] == "tls ClientHello, SNI blocked.example"
 
 
 # --- B5 ---------------------------------------------------------------------------------------
