@@ -516,6 +516,49 @@ def _tls_interference_rule(ctx: _Context, o: Observation) -> _Finding:
     return _Finding(Verdict.TLS_SNI_FILTERING, FAIR, tuple(lines))
 
 
+def _client_hello_tests(ctx: _Context, o: Observation, finding: _Finding) -> _Finding:
+    """B4: the same SNI in another ClientHello shape (``tls/other_shape``) and the same
+    ClientHello in two TCP segments (``tls/split_hello``), read next to the neutral-SNI
+    swap: SNI-keyed or fingerprint-keyed, and does the censor reassemble?"""
+    shape = ctx.swaps("tls", "other_shape", o)
+    split = ctx.swaps("tls", "split_hello", o)
+    if (not shape and not split) or finding.verdict in (Verdict.OK, Verdict.ENDPOINT_DOWN):
+        return finding
+    notes: list[str] = []  # read first: the evidence list is bounded
+    verdict, confidence = finding.verdict, finding.confidence
+    shape_through = any(s.ok or s.kind in _CERT for s in shape)
+    if shape and finding.verdict == Verdict.TLS_SNI_FILTERING:
+        notes.append(
+            "another ClientHello shape with the same SNI gets through: the filter keys on "
+            "the ClientHello fingerprint together with the SNI"
+            if shape_through
+            else "another ClientHello shape with the same SNI is blocked too: the filter "
+            "keys on the SNI"
+        )
+    elif shape_through:
+        # The neutral SNI failed as well (or did not run), yet the blocked name passes in
+        # another ClientHello: only the shape differs, so the shape is the trigger (B4).
+        notes.append(
+            "another ClientHello shape (other cipher suites and extensions) with the same "
+            "SNI gets through: the filter keys on the ClientHello fingerprint (B4)"
+        )
+        verdict = Verdict.PROTOCOL_FILTERING
+        confidence = CERTAIN if ctx.control_for(o) is not None else STRONG
+    if any(s.ok or s.kind in _CERT for s in split):
+        notes.append(
+            "the same ClientHello split across two TCP segments gets through: the censor "
+            "matches per packet and does not reassemble"
+        )
+    elif split:
+        notes.append(
+            "the same ClientHello split across two TCP segments is blocked too: the censor "
+            "reassembles, or what it keys on sits in one segment"
+        )
+    tried = [describe(s) for s in (*shape, *split)]
+    head, rest = finding.evidence[:1], finding.evidence[1:]
+    return _Finding(verdict, confidence, (*head, *notes, *tried, *rest))
+
+
 def _fingerprint(o: Observation) -> str | None:
     sha = _mapping(o, "certificate").get("sha256")
     return str(sha) if sha else None
@@ -754,7 +797,7 @@ def _judge_failure(ctx: _Context, o: Observation) -> _Finding:
         if o.kind in _CERT:
             return _certificate_rule(ctx, o)
         if o.kind in _TLS_INTERFERENCE:
-            return _tls_interference_rule(ctx, o)
+            return _client_hello_tests(ctx, o, _tls_interference_rule(ctx, o))
     if o.base == "transfer":
         return _transfer_rule(ctx, o)
     return _app_rule(ctx, o)

@@ -148,6 +148,17 @@ def _transfer(outcome: Outcome) -> dict:
     return transfer
 
 
+def test_b3_and_b4_are_told_apart_by_the_client_hello_swaps(outcomes: Outcomes) -> None:
+    sni = outcomes("B3_sni_filter").rounds[0].verdicts["whatsapp/web"]["evidence"]
+    assert any(e.endswith("the filter keys on the SNI") for e in sni), sni
+    assert any("does not reassemble" in e for e in sni), sni
+    (split,) = outcomes("B3_sni_filter").rounds[0].runs("whatsapp/web/tls/split_hello")
+    assert split["ok"] and split["details"]["client_hello_split_at"] > 0
+    b4 = outcomes("B4_tls_fingerprint").rounds[0].verdicts["whatsapp/web"]
+    assert b4["verdict"] == "protocol_filtering" and b4["confidence"] >= 0.95
+    assert any("keys on the ClientHello fingerprint (B4)" in e for e in b4["evidence"])
+
+
 def test_b5_and_b7_share_a_verdict_but_not_a_signature(outcomes: Outcomes) -> None:
     """The engine says stall_after_bytes for both; where the flow stopped tells them apart."""
     b5 = _transfer(outcomes("B5_post_handshake_stall"))["details"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import ssl
 import time
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from probe.lab.certs import CertificateAuthority, LeafCert
 from probe.lab.servers.tls import TLSMode, TLSServer
 from probe.model import Operation, ProbeResult
 from probe.probes import PROBES, tls
+from probe.probes.params import ParamError
 from tests.helpers import refusing_port, settings, target
 
 HOSTS = pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
@@ -150,6 +152,47 @@ async def test_without_the_chain_api_a_second_handshake_reads_the_certificate(
     [der] = [base64.b64decode(c) for c in result.details["peer_certificates"]]
     assert der == ssl.PEM_cert_to_DER_cert(cert.cert_pem.decode())
     assert set(result.phases) == {"connect", "tls", "certificate_evidence"}
+
+
+@HOSTS
+async def test_split_client_hello_is_cut_inside_the_name_and_still_completes(
+    host: str, ca: CertificateAuthority, ca_file: str
+) -> None:
+    async with TLSServer(host, cert=ca.issue(NAME)) as server:
+        result = await run(host, server, ca_file, params={"split_hello": True})
+        assert server.client_hellos == 1 and list(server.sni_seen) == [NAME]
+    assert result.ok, result.failure
+    # the same context builds a ClientHello of the same layout: the cut is mid-name
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    probe_like = tls.client_context(ca_file, tls.DEFAULT_ALPN)
+    obj = probe_like.wrap_bio(incoming, outgoing, server_hostname=NAME)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    at = outgoing.read().find(NAME.encode())
+    assert result.details["client_hello_split_at"] == at + len(NAME) // 2
+
+
+async def test_alt_shape_changes_the_cipher_suite_vector_and_still_completes(
+    ca: CertificateAuthority, ca_file: str
+) -> None:
+    default = tls.client_context(ca_file, tls.DEFAULT_ALPN)
+    alt = tls.client_context(ca_file, tls.DEFAULT_ALPN, shape="alt")
+    assert [c["name"] for c in default.get_ciphers()] != [c["name"] for c in alt.get_ciphers()]
+    async with TLSServer("127.0.0.1", cert=ca.issue(NAME), alpn=["h2", "http/1.1"]) as server:
+        result = await run("127.0.0.1", server, ca_file, params={"shape": "alt"})
+    assert result.ok and result.details["client_hello_shape"] == "alt"
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"shape": "chrome"}, "must be one of default, alt, got 'chrome'"),
+        ({"split_hello": "yes"}, "must be true or false, got 'yes'"),
+    ],
+)
+def test_bad_client_hello_params_are_named(params: dict, message: str) -> None:
+    with pytest.raises(ParamError, match=re.escape(message)):
+        tls.parse_params(params)
 
 
 @HOSTS

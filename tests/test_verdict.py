@@ -741,6 +741,39 @@ def test_tcp_lying_with_udp_leaves_doh_as_the_evidence() -> None:
     )
 
 
+def hello_swaps(shape: str | None, split: str | None) -> list[ProbeResult]:
+    """The B4 swaps: ``tls/other_shape`` and ``tls/split_hello`` failing (or not)."""
+    return [
+        run("tls", failure=failure, op=HS if failure else None, variant=variant)
+        for variant, failure in (("other_shape", shape), ("split_hello", split))
+    ]
+
+
+def test_another_client_hello_shape_getting_through_is_b4_even_without_control() -> None:
+    reset = run("tls", failure="connection_reset", op=HS, handshake=RESET_AFTER_HELLO)
+    neutral = run("tls", failure="connection_reset", op=HS, variant="neutral_sni")
+    before = judge_endpoint([reset, neutral])
+    assert before.verdict == Verdict.INCONCLUSIVE  # without the shape swap: nothing to say
+    after = judge_endpoint([reset, neutral, *hello_swaps(None, "connection_reset")])
+    assert after.verdict == Verdict.PROTOCOL_FILTERING and after.confidence == 0.85
+    assert any("keys on the ClientHello fingerprint (B4)" in e for e in after.evidence)
+    assert any("censor reassembles" in e for e in after.evidence)
+    with_control = judge_endpoint([reset, neutral, *hello_swaps(None, None)], [run("tls")])
+    assert with_control.confidence == 0.95
+
+
+def test_sni_filter_with_the_client_hello_swaps_says_what_it_keys_on() -> None:
+    reset = run("tls", failure="connection_reset", op=HS, handshake=RESET_AFTER_HELLO)
+    neutral = run("tls", variant="neutral_sni")
+    sni_only = judge_endpoint([reset, neutral, *hello_swaps("connection_reset", None)])
+    assert sni_only.verdict == Verdict.TLS_SNI_FILTERING
+    assert sni_only.evidence[1].endswith("the filter keys on the SNI")
+    assert "does not reassemble" in sni_only.evidence[2]
+    both = judge_endpoint([reset, neutral, *hello_swaps(None, "connection_reset")])
+    assert both.verdict == Verdict.TLS_SNI_FILTERING
+    assert "fingerprint together with the SNI" in both.evidence[1]
+
+
 def test_without_control_other_services_working_lets_a_block_count() -> None:
     blocked_ep = endpoint("192.0.2.1", probes=("tcp",), ports=(443,), service="tg", name="dc1")
     other = endpoint(

@@ -526,9 +526,15 @@ CATALOGUE: tuple[Scenario, ...] = (
             "whatsapp/web/tls/repeat": "connection_reset",
             # the neutral SNI reaches the server, which answers with its own certificate
             "whatsapp/web/tls/neutral_sni": "ssl_invalid_hostname",
+            # the string match is per packet: the name in another ClientHello is still
+            # reset, the same ClientHello cut inside the name in two segments passes
+            "whatsapp/web/tls/other_shape": "connection_reset",
+            "whatsapp/web/tls/split_hello": None,
             "whatsapp/web/transfer": "connection_reset",
             "whatsapp/web/quic": None,
         },
+        note="the ClientHello swaps say the filter keys on the SNI (another shape is reset) "
+        "and does not reassemble (a split ClientHello passes)",
     ),
     Scenario(
         name="B4_tls_fingerprint",
@@ -543,11 +549,15 @@ CATALOGUE: tuple[Scenario, ...] = (
             "whatsapp/web/tcp": None,
             "whatsapp/web/tls": "connection_reset",
             "whatsapp/web/tls/neutral_sni": "connection_reset",
+            # another cipher-suite vector passes with the blocked name: the shape is the
+            # trigger; the split ClientHello keeps the vector in its first segment
+            "whatsapp/web/tls/other_shape": None,
+            "whatsapp/web/tls/split_hello": "connection_reset",
             "whatsapp/web/transfer": "connection_reset",
             "whatsapp/web/quic": None,
         },
-        note="the agent has one ClientHello shape, so a fingerprint filter reads as "
-        "protocol_filtering (the neutral SNI fails too, the control passes), not as B4 by name",
+        note="B4 reads protocol_filtering (the verdict for 'the first bytes, not the name'); "
+        "the evidence names the ClientHello fingerprint, isolated by the other-shape swap",
     ),
     Scenario(
         name="B5_post_handshake_stall",
