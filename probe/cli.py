@@ -325,13 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
         "trace",
         help="locate the censor: repeat a path's triggering packet with increasing TTL",
         description="Censor localisation (docs/trace.md): sends the triggering packet of "
-        "a path (TCP SYN, TLS ClientHello, STUN request, DNS query) with TTL 1, 2, ... and "
-        "reports the hop at which the block appears.  No privileges needed.  Sends real "
-        "packets to TARGET: never part of `probe run`.",
+        "a path (TCP SYN, TLS ClientHello, QUIC Initial, STUN request, DNS query) with "
+        "TTL 1, 2, ... and reports the hop at which the block appears.  No privileges "
+        "needed.  Sends real packets to TARGET: never part of `probe run`.",
     )
     trace.add_argument("target", help="service/endpoint from the config, or an IP address")
     trace.add_argument("-c", "--config", help="config file (default: the embedded default)")
-    trace.add_argument("--probe", choices=["tcp", "tls", "stun", "dns"], help="the trigger")
+    trace.add_argument("--probe", choices=["tcp", "tls", "quic", "stun", "dns"], help="the trigger")
     trace.add_argument("--port", type=int, help="default: the endpoint's (443, 3478, 53)")
     trace.add_argument("--sni", help="tls: the SNI (default: the endpoint's)")
     trace.add_argument("--name", help="dns: the name to query")

@@ -3,8 +3,8 @@
 TARGET is ``service/endpoint`` of the config (its first address of each family, its port
 and SNI), or an IP address with ``--probe`` and ``--port``.  The trigger follows the
 probe: ``tcp`` steps the SYN (an IP block), ``tls`` the ClientHello with the endpoint's
-SNI (an SNI or fingerprint filter), ``stun`` a Binding request, ``dns`` a query for
-``--name`` to the resolver at TARGET.
+SNI (an SNI or fingerprint filter), ``quic`` a QUIC v1 Initial, ``stun`` a Binding
+request, ``dns`` a query for ``--name`` to the resolver at TARGET.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from .trace import (
     TraceError,
     client_hello,
     dns_trigger,
+    quic_trigger,
     stun_trigger,
     trace_tcp,
     trace_udp,
 )
 
-PROBES = ("tcp", "tls", "stun", "dns")
-_DEFAULT_PORT = {"tcp": 443, "tls": 443, "stun": 3478, "dns": 53}
+PROBES = ("tcp", "tls", "quic", "stun", "dns")
+_DEFAULT_PORT = {"tcp": 443, "tls": 443, "quic": 443, "stun": 3478, "dns": 53}
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,9 @@ def run(p: Plan, max_hops: int, timeout_s: float, interval_s: float) -> Trace:
         )  # fmt: skip
     if p.probe == "stun":
         payload, what = stun_trigger(), "stun Binding request"
+    elif p.probe == "quic":
+        payload = quic_trigger(p.sni, p.address, p.port)
+        what = f"quic v1 Initial ({len(payload)} bytes), SNI {p.sni or '(none)'}"
     else:
         assert p.name is not None  # plan() checked
         payload, what = dns_trigger(p.name), f"dns A {p.name}"

@@ -459,6 +459,7 @@ def test_trace_names_the_censor_hop(lab: Lab, servers: ServeHandle) -> None:
         c.SNIFilter(["blocked.example"]),
         c.UDPBlock([v4(RELAY)]),
         c.IPBlock([v4(BLOCKED)], action="drop"),
+        c.QUICFilter([v4(TLS)]),
     ):
         sni4 = tr.trace_tcp(v4(TLS), 443, hello, "tls", **bounds)  # type: ignore[arg-type]
         sni6 = tr.trace_tcp(v6(TLS), 443, hello, "tls", **bounds)  # type: ignore[arg-type]
@@ -471,12 +472,15 @@ def test_trace_names_the_censor_hop(lab: Lab, servers: ServeHandle) -> None:
         )
         udp = tr.trace_udp(v4(RELAY), 3478, tr.stun_trigger(), "stun", **bounds)  # type: ignore[arg-type]
         syn = tr.trace_tcp(v4(BLOCKED), 443, None, "syn", **bounds)  # type: ignore[arg-type]
+        initial = tr.quic_trigger("e1.whatsapp.net", v4(TLS), 443)
+        quic = tr.trace_udp(v4(TLS), 443, initial, "quic", **bounds)  # type: ignore[arg-type]
     # the client is one router (the censor) away from the servers
     for trace, censor, outcome in (
         (sni4, ADDR.censor_client4, "reset"),
         (sni6, ADDR.censor_client6, "reset"),
         (udp, ADDR.censor_client4, "silence"),
         (syn, ADDR.censor_client4, "silence"),
+        (quic, ADDR.censor_client4, "silence"),
     ):
         assert trace.blocked_at_ttl == 2, trace
         assert trace.censor_hop is not None and trace.censor_hop.responder == censor, trace
