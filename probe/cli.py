@@ -163,11 +163,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from .tracecmd import main as trace_main
 
     endpoints: list[Endpoint] = []
-    if not _looks_like_ip(args.target):
+    vantage_asn = args.vantage_asn
+    if not _looks_like_ip(args.target) or args.config:
         config = load_config(args.config)
         endpoints = [ep for svc in config.services for ep in svc.endpoints]
+        vantage_asn = vantage_asn or config.vantage.asn or None
     try:
-        return trace_main(args, endpoints)
+        return trace_main(args, endpoints, vantage_asn)
     except TraceError as exc:
         raise UsageError(f"trace: {exc}") from exc
 
@@ -338,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--max-hops", type=int, default=12, help="1..32 (default 12)")
     trace.add_argument("--timeout", type=float, default=1.0, help="seconds per TTL")
     trace.add_argument("--interval", type=float, default=0.1, help="seconds between probes")
+    trace.add_argument(
+        "--asn-map",
+        metavar="FILE",
+        help="prefix-to-AS table ('PREFIX ASN' lines or a RouteViews pfx2as dump): names the "
+        "censor hop's AS and whether it is the vantage's own",
+    )
+    trace.add_argument("--vantage-asn", help="the vantage's AS (default: the config's)")
     trace.add_argument("--format", choices=["table", "json"], default="table")
     trace.set_defaults(func=cmd_trace)
 

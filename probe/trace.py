@@ -24,9 +24,10 @@ Bounded and rate-limited: at most ``max_hops`` TTLs (default 12, at most 32), on
 per TTL, ``interval_s`` apart (default 0.1 s), each waiting at most ``timeout_s``.  Never
 part of ``probe run``: only the ``probe trace`` command sends these packets.
 
-What it cannot tell: whether a hop is in the vantage's own AS (no IP-to-AS data is
-shipped; the report lists addresses only), or a censor that does not decrement the TTL
-and sits behind a router that drops expired packets silently.
+Whether the censor's hop is in the vantage's own AS needs IP-to-AS data, which is not
+shipped: ``probe trace --asn-map FILE`` reads a prefix-to-AS table (`AsnMap`).  What it
+cannot tell: a censor that does not decrement the TTL and sits behind a router that drops
+expired packets silently.
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ import ssl
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from .wire import stun as stun_wire
 from .wire.dnsmsg import build_query
 
 __all__ = [
+    "AsnMap",
     "Hop",
     "Trace",
     "TraceError",
@@ -57,6 +59,7 @@ __all__ = [
     "trace_tcp",
     "trace_udp",
     "udp_path",
+    "with_asn",
 ]
 
 SocketFactory = Callable[[socket.AddressFamily, socket.SocketKind], socket.socket]
@@ -105,9 +108,75 @@ class Trace:
     reached_ttl: int | None = None
     conclusion: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    censor_asn: str | None = None  # from an --asn-map, when given
+    in_vantage_as: bool | None = None  # the censor's hop is in the vantage's own AS
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# --------------------------------------------------------------------------- AS data
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class AsnMap:
+    """Longest-prefix match over a prefix-to-AS table.  ``load`` reads either
+    ``PREFIX/LEN ASN`` lines or RouteViews' pfx2as dump (``ADDRESS<tab>LEN<tab>ASN``);
+    ``#`` comments and blank lines are skipped; a bad line is an error naming it."""
+
+    entries: tuple[tuple[Network, str], ...]
+
+    @classmethod
+    def load(cls, path: str) -> AsnMap:
+        entries: list[tuple[Network, str]] = []
+        try:
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    text = line.split("#", 1)[0].split()
+                    if text:
+                        entries.append(_asn_entry(path, number, text))
+        except OSError as exc:
+            raise TraceError(f"{path}: {exc.strerror or exc}") from exc
+        entries.sort(key=lambda e: e[0].prefixlen, reverse=True)
+        return cls(tuple(entries))
+
+    def lookup(self, address: str) -> str | None:
+        ip = ipaddress.ip_address(address)
+        return next((asn for net, asn in self.entries if ip in net), None)
+
+
+def _asn_entry(path: str, number: int, fields: list[str]) -> tuple[Network, str]:
+    try:
+        if len(fields) == 3:  # pfx2as: address, length, AS (or an AS set "1_2")
+            net = ipaddress.ip_network(f"{fields[0]}/{fields[1]}", strict=False)
+        elif len(fields) == 2:
+            net = ipaddress.ip_network(fields[0], strict=False)
+        else:
+            raise ValueError("expected 'PREFIX ASN' or 'ADDRESS LEN ASN'")
+        # an AS set or a multi-origin prefix ("64502_64503", "1,2"): its first member
+        asn = fields[-1].split("_")[0].split(",")[0].upper().removeprefix("AS")
+        if not asn.isdigit():
+            raise ValueError(f"{fields[-1]!r} is not an AS number")
+    except ValueError as exc:
+        raise TraceError(f"{path}:{number}: {exc}") from exc
+    return net, f"AS{int(asn)}"
+
+
+def with_asn(trace: Trace, asn_map: AsnMap, vantage_asn: str | None) -> Trace:
+    """The trace with the censor hop's AS and whether it is the vantage's own."""
+    hop = trace.censor_hop
+    if hop is None or hop.responder is None:
+        return trace
+    asn = asn_map.lookup(hop.responder)
+    own = None if asn is None or not vantage_asn else asn == vantage_asn.upper()
+    where = "unknown AS" if asn is None else asn
+    if own is not None:
+        where += " (the vantage's own AS)" if own else f" (not the vantage's {vantage_asn})"
+    conclusion = f"{trace.conclusion}; that hop is in {where}"
+    return replace(trace, censor_asn=asn, in_vantage_as=own, conclusion=conclusion)
 
 
 # --------------------------------------------------------------------------- triggers

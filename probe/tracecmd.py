@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from .model import Endpoint
 from .trace import (
     MAX_HOPS,
+    AsnMap,
     Trace,
     TraceError,
     client_hello,
@@ -28,6 +29,7 @@ from .trace import (
     stun_trigger,
     trace_tcp,
     trace_udp,
+    with_asn,
 )
 
 PROBES = ("tcp", "tls", "quic", "stun", "dns")
@@ -132,16 +134,21 @@ def table(t: Trace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(args: argparse.Namespace, endpoints: Sequence[Endpoint]) -> int:
+def main(
+    args: argparse.Namespace, endpoints: Sequence[Endpoint], vantage_asn: str | None = None
+) -> int:
     """Exit 0: every trace reached its server; 1: a block was located (or not reached)."""
     if not 1 <= args.max_hops <= MAX_HOPS:
         raise TraceError(f"--max-hops must be in 1..{MAX_HOPS}")
     if not 0.05 <= args.timeout <= 10 or not 0.02 <= args.interval <= 10:
         raise TraceError("--timeout must be in 0.05..10 s and --interval in 0.02..10 s")
+    asn_map = AsnMap.load(args.asn_map) if args.asn_map else None  # before any packet
     try:
         traces = [run(p, args.max_hops, args.timeout, args.interval) for p in plan(args, endpoints)]
     except OSError as exc:  # no route, no such family on this host: say so, no traceback
         raise TraceError(f"{args.target}: {exc.strerror or exc}") from exc
+    if asn_map is not None:
+        traces = [with_asn(t, asn_map, vantage_asn) for t in traces]
     for t in traces:
         if args.format == "json":
             sys.stdout.write(json.dumps(t.to_json()) + "\n")

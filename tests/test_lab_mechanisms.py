@@ -493,6 +493,9 @@ def test_probe_trace_command_in_the_client_namespace(lab: Lab, servers: ServeHan
     _quiet_icmp_limits(lab)
     argv = ["-m", "probe", "trace", v4(TLS), "--probe", "tls", "--sni", "blocked.example"]
     argv += ["--max-hops", "4", "--timeout", "0.5", "--format", "json"]
+    asn_map = lab.workdir / "asn.txt"
+    asn_map.write_text("10.200.1.0/24 AS64500\n10.200.100.0/24 AS64511\n")
+    argv += ["--asn-map", str(asn_map), "--vantage-asn", "AS64500"]
     with lab.censor.active(c.SNIFilter(["blocked.example"])):
         done = lab.exec("client", [sys.executable, *argv], timeout_s=60)
     assert done.returncode == 1, done.stderr  # a block was located
@@ -500,6 +503,8 @@ def test_probe_trace_command_in_the_client_namespace(lab: Lab, servers: ServeHan
     assert record["blocked_at_ttl"] == 2
     assert record["censor_hop"]["responder"] == ADDR.censor_client4
     assert record["trigger"] == "tls ClientHello, SNI blocked.example"
+    # the censor's hop is in the client's own (lab) AS: a domestic censor
+    assert (record["censor_asn"], record["in_vantage_as"]) == ("AS64500", True)
 
 
 # --- B5 ---------------------------------------------------------------------------------------

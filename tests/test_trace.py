@@ -9,12 +9,14 @@ import json
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.tls import TLSServer
 from probe.trace import (
+    AsnMap,
     Hop,
     TraceError,
     _conclude,
@@ -22,6 +24,7 @@ from probe.trace import (
     stun_trigger,
     trace_tcp,
     trace_udp,
+    with_asn,
 )
 from tests.agentproc import PROBE, run_cli
 
@@ -137,3 +140,35 @@ async def test_cli_traces_a_loopback_address_as_json(udp_echo: int) -> None:
     assert rc == 0, err
     (record,) = [json.loads(line) for line in out.splitlines()]
     assert record["reached_ttl"] == 1 and record["trigger"] == "stun Binding request"
+
+
+def test_asn_map_reads_both_formats_and_matches_the_longest_prefix(tmp_path: Path) -> None:
+    table = tmp_path / "pfx2as.txt"
+    table.write_text(
+        "# prefix-to-AS\n10.0.0.0/8 AS64500\n10.1.0.0\t16\t64501\n2001:db8::/32 64502_64503\n"
+    )
+    asn = AsnMap.load(str(table))
+    assert asn.lookup("10.1.2.3") == "AS64501"  # the /16 wins over the /8
+    assert asn.lookup("10.2.0.1") == "AS64500"
+    assert asn.lookup("2001:db8::1") == "AS64502"  # an AS set: its first member
+    assert asn.lookup("192.0.2.1") is None
+
+
+def test_a_bad_asn_map_line_is_named(tmp_path: Path) -> None:
+    table = tmp_path / "bad.txt"
+    table.write_text("10.0.0.0/8 AS64500\n10.0.0.0/8 cloudflare\n")
+    with pytest.raises(TraceError, match=r"bad\.txt:2: 'cloudflare' is not an AS number"):
+        AsnMap.load(str(table))
+
+
+def test_the_censor_hop_is_placed_in_or_out_of_the_vantages_as(tmp_path: Path) -> None:
+    hops = [_te(1, "10.0.0.1"), _te(2, "198.51.100.1"), Hop(3, "reset")]
+    blocked = _conclude("192.0.2.1", 443, "tcp", "tls", hops, [])
+    table = tmp_path / "asn.txt"
+    table.write_text("10.0.0.0/8 AS64500\n198.51.100.0/24 AS64511\n")
+    placed = with_asn(blocked, AsnMap.load(str(table)), "AS64511")
+    assert (placed.censor_asn, placed.in_vantage_as) == ("AS64511", True)
+    assert placed.conclusion.endswith("that hop is in AS64511 (the vantage's own AS)")
+    elsewhere = with_asn(blocked, AsnMap.load(str(table)), "AS12389")
+    assert elsewhere.in_vantage_as is False
+    assert elsewhere.conclusion.endswith("(not the vantage's AS12389)")
