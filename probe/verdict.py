@@ -701,7 +701,7 @@ def _stun_rule(ctx: _Context, o: Observation) -> _Finding:
 # its packets (and at least LOSS_MIN_LOST packets, so a short flow's noise cannot
 # trigger it) while the control's flow to the same peer loses at most CONTROL_LOSS_MAX.
 # Only with a control: loss alone is as likely a bad uplink as a censor.
-LOSS_THRESHOLD = 0.2
+LOSS_THRESHOLD = 0.15
 LOSS_MIN_LOST = 10
 CONTROL_LOSS_MAX = 0.05
 

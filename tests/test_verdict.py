@@ -679,8 +679,8 @@ def flow(loss: float, sent: int = 50, **kw: Any) -> ProbeResult:
     ("ours", "sent", "theirs", "expected"),
     [
         (0.4, 50, 0.0, Verdict.UDP_BLOCKING),  # sustained loss, the control sees none
-        (0.2, 50, 0.04, Verdict.UDP_BLOCKING),  # at the threshold, control nearly clean
-        (0.19, 50, 0.0, Verdict.OK),  # below the threshold
+        (0.2, 50, 0.04, Verdict.UDP_BLOCKING),  # past the threshold, control nearly clean
+        (0.14, 100, 0.0, Verdict.OK),  # below the threshold (15%)
         (0.5, 10, 0.0, Verdict.OK),  # 5 packets lost: too few to call it sustained
         (0.4, 50, 0.2, Verdict.OK),  # the control loses too: the path, not a censor
         (0.4, 50, None, Verdict.OK),  # no control: loss alone proves nothing
