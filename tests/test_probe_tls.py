@@ -122,7 +122,8 @@ async def test_certificate_failure_keeps_the_whole_chain_from_the_same_handshake
     assert result.failure == "ssl_unknown_authority"
     chain = [base64.b64decode(c) for c in result.details["peer_certificates"]]
     assert chain == [
-        ssl.PEM_cert_to_DER_cert(cert.cert_pem.decode()),  # the leaf: first PEM block
+        # the leaf: the first PEM block (load_pem reads only that one)
+        x509.load_pem_x509_certificate(cert.cert_pem).public_bytes(serialization.Encoding.DER),
         rogue.cert.public_bytes(serialization.Encoding.DER),
     ]
     assert hashlib.sha256(chain[0]).hexdigest() == result.details["certificate"]["sha256"]
