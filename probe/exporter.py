@@ -295,6 +295,11 @@ def _vantage_metrics(snapshot: Snapshot) -> Iterator[Metric]:
         "probe_vantage_online", "1 if the offline gate reached a control target", value=state.online
     )
     yield GaugeMetricFamily(
+        "probe_vantage_allowlist",
+        "1 if only domestic controls answer: an allowlist regime (FIELD.md B10)",
+        value=state.allowlist,
+    )
+    yield GaugeMetricFamily(
         "probe_vantage_ipv6", "1 if an IPv6 connect to a control target worked", value=state.ipv6
     )
     yield GaugeMetricFamily(

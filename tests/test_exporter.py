@@ -29,6 +29,8 @@ from probe.model import (
 )
 from probe.probes import PROBES, tcp
 from probe.results import PHASE_BUCKETS, VERDICTS, ResultStore, series_key
+from probe.settings import AgentConfig
+from probe.statuspage import render_status_page
 from tests.helpers import T0, failed, ok, refusing_port, settings, skipped, target
 
 # Data only: nothing in this file opens a socket.
@@ -301,6 +303,13 @@ def test_vantage_config_and_agent_metrics() -> None:
     assert registry.get_sample_value("probe_vantage_info", info) == 1
     assert registry.get_sample_value("probe_vantage_online") == 1
     assert registry.get_sample_value("probe_vantage_ipv6") == 0
+    assert registry.get_sample_value("probe_vantage_allowlist") == 0
+    store.record_vantage(VantageState(online=True, ipv6=False, t=T0, allowlist=True))
+    assert registry.get_sample_value("probe_vantage_allowlist") == 1
+    assert registry.get_sample_value("probe_vantage_online") == 1
+    # the status page says so too: a network state, not a list of blocked services
+    page = render_status_page(store.snapshot(), AgentConfig())
+    assert "ALLOWLIST REGIME" in page and "only domestic controls answer" in page
     assert registry.get_sample_value("probe_vantage_check_timestamp_seconds") == T0.timestamp()
     assert registry.get_sample_value("probe_config_last_reload_successful") == 0
     assert (
