@@ -99,7 +99,9 @@ class Agent:
         self._queued_reload: asyncio.Future[str | None] | None = None
         self._stopping = False
         self.reloads = 0  # reload attempts finished: cached renders older than one are stale
-        self.loop: asyncio.AbstractEventLoop | None = None  # the probes' loop, from start()
+        # The probes' loop: the one this agent is built on (start() confirms it), so a reload
+        # requested on the HTTP thread's loop always runs here, even before start().
+        self.loop: asyncio.AbstractEventLoop | None = _running_loop()
         self._judge_wanted = asyncio.Event()
         self._judge_task: asyncio.Task[None] | None = None
         # One thread each: a flood of scrapes or of wrong passwords queues there and can
@@ -304,6 +306,13 @@ class Agent:
             self.archive.close()
         for pool in (self.render_pool, self.auth_pool, self._judge_pool):
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # built outside a loop (tests): start() sets it
+        return None
 
 
 class IncrementalJudge:
