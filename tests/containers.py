@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +69,6 @@ class Containers:
     """podman and buildah on a private store under ``workdir``."""
 
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="probe-ctr-")))
-    figures: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._preexisting = {p for p in (*SYSTEM_PATHS, RUNC_ROOT, BLOB_CACHE) if p.exists()}
@@ -128,7 +126,8 @@ class Containers:
             try:
                 RUNC_ROOT.rmdir()
             except OSError:
-                appeared.append(f"{RUNC_ROOT}/{','.join(os.listdir(RUNC_ROOT))}")
+                leftover = ", ".join(os.listdir(RUNC_ROOT))
+                appeared.append(f"{RUNC_ROOT} (not empty: {leftover}; left in place)")
         for path in map(Path, appeared):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
@@ -191,10 +190,8 @@ def build_image(c: Containers) -> str:
     digest = context_digest(base)
     ref = f"localhost/probe:{digest}"
     cached = CACHE_DIR / f"probe-image-{digest}.tar"
-    started = time.monotonic()
     if cached.is_file() and os.environ.get("PROBE_IMAGE_REBUILD") != "1":
         c.podman("load", "--quiet", "--input", str(cached), timeout_s=120)
-        c.figures["image_load_s"] = time.monotonic() - started
         return ref
     c.podman("import", "--quiet", str(base), "localhost/probe-base:ci", timeout_s=120)
     c.buildah(
@@ -214,7 +211,6 @@ def build_image(c: Containers) -> str:
         str(REPO),
         timeout_s=BUILD_TIMEOUT_S,
     )
-    c.figures["image_build_s"] = time.monotonic() - started
     _cache_image(c, ref, cached)
     return ref
 
