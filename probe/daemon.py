@@ -84,7 +84,9 @@ class Agent:
     def __init__(self, config: AgentConfig, config_path: str | None) -> None:
         self.config = config
         self.config_path = config_path
-        self.store = ResultStore(config.vantage)
+        self.store = ResultStore(
+            config.vantage, series_latency=config.metrics.per_target_histograms
+        )
         self.registry = make_registry(self.store, lambda: self.config.metrics)
         # What /metrics serves: the registry's exposition, re-formatting changed series only.
         self.exposition = TextRenderer(self.store, lambda: self.config.metrics)
@@ -263,6 +265,7 @@ class Agent:
             history = self.scheduler.history
         old_control, self.config = self.config.control, new
         self.store.set_vantage(new.vantage)
+        self.store.keep_series_latency(new.metrics.per_target_histograms)
         if new.control != old_control:  # unchanged: keep polling (and the results it has)
             if self.control is not None:
                 await self.control.stop()

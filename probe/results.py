@@ -213,8 +213,12 @@ class ResultStore:
     state for as long as it likes, and never a half-applied round.
     """
 
-    def __init__(self, vantage: Vantage | None = None) -> None:
+    def __init__(self, vantage: Vantage | None = None, *, series_latency: bool = True) -> None:
         self._lock = threading.Lock()
+        # Per-series latency histograms (the opt-in export): the daemon turns them off
+        # when only the aggregate is exported, where they were 15k histograms at 5,000
+        # endpoints, copied into every snapshot, that nothing read.
+        self._series_latency = series_latency
         self._results: dict[Key, ProbeResult] = {}
         self._changed_at: dict[Key, datetime] = {}
         self._states: dict[Key, State] = {}
@@ -360,9 +364,11 @@ class ResultStore:
             # Only completed probes feed the latency histogram: a failed phase's
             # time is time-to-reset or a timeout, not a round-trip time.
             for phase, seconds in result.phases.items():
-                slot = (series, phase)
-                self._phase_latency[slot] = self._phase_latency.get(slot, _EMPTY).observe(seconds)
-                slots.add(("phase", slot))
+                if self._series_latency:
+                    slot = (series, phase)
+                    latency = self._phase_latency.get(slot, _EMPTY)
+                    self._phase_latency[slot] = latency.observe(seconds)
+                    slots.add(("phase", slot))
                 agg = (series.service, series.probe, phase)
                 self._aggregate_latency[agg] = self._aggregate_latency.get(agg, _EMPTY).observe(
                     seconds
@@ -403,6 +409,20 @@ class ResultStore:
             del self._probe_series[probe]
             for agg in [a for a in self._aggregate_latency if a[:2] == probe]:
                 del self._aggregate_latency[agg]
+
+    def keep_series_latency(self, keep: bool) -> None:
+        """Whether to keep a latency histogram per series (``per_target_histograms``).
+        Turned off, the ones kept go; turned on, they count from then on."""
+        with self._lock:
+            if keep == self._series_latency:
+                return
+            self._series_latency = keep
+            if keep:
+                return
+            self._phase_latency.clear()
+            for slots in self._series_slots.values():
+                slots.difference_update([s for s in slots if s[0] == "phase"])
+            self._changed()
 
     # -- everything else the exporter shows ------------------------------------
 

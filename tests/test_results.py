@@ -163,6 +163,25 @@ def test_histogram_counts_only_successful_phases_with_le_buckets() -> None:
     assert cumulative[float("inf")] == 3
 
 
+def test_per_series_histograms_are_kept_only_when_asked_for() -> None:
+    """Off (only the aggregate is exported): none kept, the aggregate unchanged; turned
+    off later, the kept ones go; turned on again, they count from then on."""
+    rounds = [ok(DC1, connect=0.02), ok(hostname_target("192.0.2.1"), connect=0.3)]
+    kept, lean = ResultStore(), ResultStore(series_latency=False)
+    for store in (kept, lean):
+        store.record_many(rounds)
+    assert len(kept.snapshot().phase_latency) == 2
+    assert lean.snapshot().phase_latency == {}
+    assert dict(lean.snapshot().aggregate_latency) == dict(kept.snapshot().aggregate_latency)
+    kept.keep_series_latency(False)
+    assert kept.snapshot().phase_latency == {}
+    kept.replace_targets([DC1.key()])  # forgetting a series finds no histogram slot to drop
+    lean.keep_series_latency(True)
+    lean.record(ok(DC1, connect=0.05))
+    hist = lean.snapshot().phase_latency[(series_key(DC1), "connect")]
+    assert (hist.count, hist.total) == (1, 0.05)
+
+
 def test_histogram_observe_returns_a_new_value() -> None:
     empty = Histogram()
     one = empty.observe(0.05)
