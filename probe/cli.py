@@ -192,9 +192,38 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# glibc mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+# Blocks from this size up get their own mapping, returned to the system when freed.
+MMAP_THRESHOLD = 1 << 20
+MALLOC_ARENAS = 2
+
+
+def tune_malloc() -> bool:
+    """Keep the daemon's resident memory near what it uses (glibc only; True if applied).
+
+    By default glibc gives every thread that allocates an arena of its own (render,
+    verdicts, archive, HTTP), and after the first multi-megabyte ``/metrics`` body is
+    freed it raises its mmap threshold, so later bodies come from those arenas and their
+    freed pages stay resident.  Two arenas and a fixed 1 MiB threshold measured 76 MiB
+    instead of 84 MiB at 1,000 endpoints (bench/README.md)."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS) and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import serve
 
+    tune_malloc()  # before the daemon's threads start allocating
     config = load_config(args.config)
     logs.setup(config.log_format, args.log_level or "info")
     return asyncio.run(serve(config, args.config))

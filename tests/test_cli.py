@@ -250,3 +250,17 @@ async def test_lab_demo_without_its_extra_names_the_fix_before_starting() -> Non
     assert (rc, out) == (2, "")
     assert err.count("\n") == 1, err  # one line, before anything is built
     assert "pip install '.[lab]'" in err and "libnetfilter-queue-dev" in err
+
+
+def test_run_tunes_glibc_malloc_where_there_is_one() -> None:
+    """`probe run` caps malloc arenas and fixes the mmap threshold (bench/README.md: the
+    RSS at 1,000 endpoints); elsewhere (musl, macOS) it says it did nothing."""
+    import platform
+    import subprocess
+    import sys
+
+    code = "from probe.cli import tune_malloc; print(tune_malloc())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == str(platform.libc_ver()[0] == "glibc")
