@@ -40,7 +40,10 @@ from .verdict import judge_round
 log = logging.getLogger("probe.daemon")
 _T = TypeVar("_T")
 
-SHUTDOWN_GRACE_S = 3.0  # in-flight probes get this long before they are cancelled
+SHUTDOWN_GRACE_S = 3.0  # at shutdown, in-flight probes get this long before they are cancelled
+# At most one reload per this many seconds: requests in between share the next one.  A
+# reload never cancels a measurement, but it re-reads and re-validates the whole config.
+RELOAD_MIN_INTERVAL_S = 1.0
 # Verdicts are judged over every latest result: O(all targets).  Judging after every
 # endpoint round would be O(targets^2) per interval; coalesce to at most one per second.
 JUDGE_INTERVAL_S = 1.0
@@ -68,7 +71,9 @@ class Agent:
         self._stats_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
         self._queued_reload: asyncio.Future[str | None] | None = None
+        self._last_reload = float("-inf")  # monotonic time the latest reload started
         self._stopping = False
+        self._configured = _still_configured(config)
         self._judge_wanted = asyncio.Event()
         self._judge_task: asyncio.Task[None] | None = None
         # One thread each: a flood of scrapes or of wrong passwords queues there and can
@@ -80,11 +85,17 @@ class Agent:
     # -- measurements ----------------------------------------------------------
 
     def on_results(self, results: Sequence[ProbeResult]) -> None:
-        """Archive first (nothing observed is lost), then publish to the store."""
+        """Archive first (nothing observed is lost), then publish to the store.
+
+        A round that started before a reload ends after it: the archive keeps all of it,
+        the store only what the running config still has a place for."""
         results = self._offline_onto_known_targets(results)
         if self.archive is not None:
             for result in results:
                 self.archive.write(result)
+        results = [r for r in results if self._configured(r.target.key())]
+        if not results:
+            return
         self.store.record_many(results)
         self._drop_stale(results)
         self._judge_soon()
@@ -162,7 +173,8 @@ class Agent:
         One reload at a time: a burst of SIGHUPs must not interleave two reloads, each
         starting a scheduler of its own (duplicate, overlapping rounds that never stop).
         Requests that arrive while a reload waits its turn share it: it reads the file
-        after they were made.  So a storm costs at most two reloads, not one per signal.
+        after they were made.  Reloads start at most once per `RELOAD_MIN_INTERVAL_S`,
+        so a storm costs one reload a second, not one per signal.
         """
         if self._queued_reload is None:
             self._queued_reload = asyncio.ensure_future(self._reload_in_turn())
@@ -170,7 +182,11 @@ class Agent:
 
     async def _reload_in_turn(self) -> str | None:
         async with self._reload_lock:
+            wait = self._last_reload + RELOAD_MIN_INTERVAL_S - asyncio.get_running_loop().time()
+            if wait > 0:
+                await asyncio.sleep(wait)  # requests meanwhile join this reload
             self._queued_reload = None  # from here on, a request may find a newer file
+            self._last_reload = asyncio.get_running_loop().time()
             return await self._reload()
 
     async def _reload(self) -> str | None:
@@ -186,24 +202,45 @@ class Agent:
                 "config reload rejected; keeping the running config", extra={"error": str(exc)}
             )
             return str(exc)
+        if new == self.config and archive is self.archive:
+            # Nothing changed: the schedule, the store and the rounds in flight go on.
+            self.store.set_config_reload(True, utcnow())
+            log.info("config reloaded: unchanged", extra={"config": new.source})
+            return None
         _warn_restart_needed(self.config, new)
-        history = {}
-        if self.scheduler is not None:
-            await self.scheduler.stop(SHUTDOWN_GRACE_S)
-            history = self.scheduler.history
         self.config = new
+        self._configured = _still_configured(new)
         self.store.set_vantage(new.vantage)
         await self._swap_archive(archive)
-        configured = _still_configured(new)
+        configured = self._configured
         self.store.replace_targets(k for k in self.store.snapshot().results if configured(k))
         self._judge_soon()  # removed endpoints' verdicts go now, not after the next round
-        # The old schedule's start times carry over: a reload never re-tests sooner than
-        # min_spacing_s (a reload right after a round would otherwise re-run it at once).
-        self.scheduler = Scheduler(new, self.on_results, self.on_vantage, history=history)
-        self.scheduler.start()
+        self._replace_scheduler(new)
         self.store.set_config_reload(True, utcnow())
         log.info("config reloaded", extra={"config": new.source})
         return None
+
+    def _replace_scheduler(self, new: AgentConfig) -> None:
+        """The new config applies to what comes next; nothing in flight is cancelled.
+
+        The old schedule's start times carry over (a reload never re-tests sooner than
+        min_spacing_s), and so do its rounds still measuring: they finish and are
+        published, and the same endpoint's next round waits for them."""
+        old = self.scheduler
+        if old is None:
+            self.scheduler = Scheduler(new, self.on_results, self.on_vantage)
+        else:
+            runner = old.runner if old.can_share_runner(new) else None
+            self.scheduler = Scheduler(
+                new,
+                self.on_results,
+                self.on_vantage,
+                history=old.history,
+                in_flight=old.retire(),
+                state=old.vantage_state,
+                runner=runner,
+            )
+        self.scheduler.start()
 
     def _archive_for(self, new: AgentConfig) -> ArchiveWriter | None:
         """The archive writer for ``new``: the running one unless ``archive:`` changed.

@@ -146,8 +146,7 @@ async def test_a_reload_storm_leaves_one_schedule_and_stop_ends_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Twenty reloads at once (a SIGHUP storm): one loop per endpoint afterwards, none after
-    stop, and the requests that queued up together share one reload (each reload cancels
-    rounds in flight and re-runs the offline gate)."""
+    stop, and the requests that queued up together share one reload."""
     async with TCPServer("127.0.0.1", mode=TCPMode.CLOSE) as server:
         with refusing_port() as dead:
             path = write_config(tmp_path / "agent.yaml", server.port, dead)
@@ -157,7 +156,9 @@ async def test_a_reload_storm_leaves_one_schedule_and_stop_ends_it(
                 with caplog.at_level("INFO", logger="probe.daemon"):
                     storm = await asyncio.gather(*(agent.reload() for _ in range(20)))
                 assert storm == [None] * 20
-                reloads = [r for r in caplog.records if r.getMessage() == "config reloaded"]
+                reloads = [
+                    r for r in caplog.records if r.getMessage().startswith("config reloaded")
+                ]
                 assert 1 <= len(reloads) <= 2, len(reloads)
                 assert len(endpoint_loops()) == 3  # ctl, up, down: exactly one loop each
                 late = [asyncio.ensure_future(agent.reload()) for _ in range(3)]
