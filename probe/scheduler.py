@@ -6,9 +6,9 @@ last start (re-testing too fast can trigger residual blocking).  A config reload
 replaces the scheduler without cancelling a measurement: the old one `retire`s
 (its loops stop, its rounds in flight run to the end and are published), and the
 new one takes over its `history` (spacing) and those rounds (an endpoint's next
-round waits for the one in flight, so they never overlap).  The offline gate runs in a loop of its own and every
-endpoint round uses its latest finding.  Global and per-destination concurrency
-bounds come from the shared `Runner`.
+round waits for the one in flight, so they never overlap).  The offline gate runs
+in a loop of its own and every endpoint round uses its latest finding.  Global and
+per-destination concurrency bounds come from the shared `Runner`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ In-process, against real loopback servers; nothing leaves loopback.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 
@@ -123,5 +124,5 @@ async def test_reloads_are_coalesced_and_rate_limited(
             await agent.stop()
     loaded = [r.created for r in caplog.records if r.getMessage() == "config reloaded"]
     assert 1 <= len(loaded) <= 3, loaded
-    gaps = [b - a for a, b in zip(loaded, loaded[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(loaded)]
     assert all(g >= 0.9 for g in gaps), gaps
