@@ -288,10 +288,14 @@ def _web(n: Node, base_dir: Path) -> WebSettings:
     if "basic_auth_users" in m:
         for user, node in m["basic_auth_users"].free_mapping().items():
             users[user] = node.matching(_BCRYPT, "a bcrypt hash ($2b$...; never a plain password)")
+    allowed: tuple[str, ...] = ()
+    if "allowed_hosts" in m:
+        allowed = tuple(m["allowed_hosts"].unique_list_of(lambda item: item.host()))
     return WebSettings(
         tls_cert_file=files_.get("tls_cert_file"),
         tls_key_file=files_.get("tls_key_file"),
         basic_auth_users=freeze(users),
+        allowed_hosts=allowed,
     )
 
 

@@ -13,6 +13,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import signal
@@ -333,9 +334,55 @@ def _basic_auth(users: dict[str, str], pool: ThreadPoolExecutor) -> Middleware:
     return check
 
 
+# Host names a browser uses for this machine's loopback; any other Host must be configured.
+LOOPBACK_HOSTS = frozenset({"localhost", "localhost.localdomain", "127.0.0.1", "::1"})
+
+
+def allowed_hosts(config: AgentConfig) -> frozenset[str]:
+    """Host header values served: loopback, the listen host (unless a wildcard), and
+    ``web.allowed_hosts``.  Everything lower-case, IPs canonical, no port."""
+    hosts = set(LOOPBACK_HOSTS) | set(config.web.allowed_hosts)
+    if config.listen.host not in ("0.0.0.0", "::"):
+        hosts.add(config.listen.host.lower())
+    return frozenset(hosts)
+
+
+def _host_name(value: str) -> str | None:
+    """The host of a Host header or an Origin's netloc, lower-case, without port or
+    brackets; None when it does not parse."""
+    try:
+        name = urlsplit(f"//{value}").hostname
+    except ValueError:
+        return None
+    if name is None:
+        return None
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(name))
+    return name.lower()
+
+
+def _host_check(hosts: frozenset[str]) -> Middleware:
+    """Refuse a request whose Host is not a name this agent answers to, on every path.
+
+    A DNS-rebinding page (evil.example re-resolved to 127.0.0.1) makes the operator's
+    browser send ``Host: evil.example:9464`` with the matching Origin: comparing one with
+    the other proves nothing, comparing Host with the names the agent answers to does
+    (and then the reload's Origin check holds too).  A request without Host (HTTP/1.0
+    tools) comes from no browser and is served."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if host is not None and _host_name(host) not in hosts:
+            return web.Response(status=403, text="host not allowed (see web.allowed_hosts)\n")
+        return await handler(request)
+
+    return check
+
+
 def build_app(agent: Agent) -> web.Application:
     web_settings: WebSettings = agent.config.web
-    middlewares: list[Middleware] = []
+    middlewares: list[Middleware] = [_host_check(allowed_hosts(agent.config))]
     if web_settings.basic_auth_users:
         middlewares.append(_basic_auth(dict(web_settings.basic_auth_users), agent.auth_pool))
     app = web.Application(middlewares=middlewares)
