@@ -13,11 +13,14 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import logging
+import os
 import signal
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -309,26 +312,82 @@ def _warn_restart_needed(old: AgentConfig, new: AgentConfig) -> None:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _password_ok(users: Mapping[str, str], header: str) -> bool:
-    import bcrypt  # only needed when auth is configured
+# A right password is remembered this long (as a hash of the header): a scrape every 15 s
+# then costs one bcrypt a minute, and a flood of wrong passwords cannot delay it.
+AUTH_CACHE_S = 60.0
+AUTH_CACHE_SIZE = 256  # distinct right headers remembered; beyond, the cache starts over
+# bcrypt checks waiting or running at once; beyond, 429 at once (a flood must not queue
+# minutes of CPU ahead of the operator's own requests).
+AUTH_MAX_PENDING = 4
 
-    with contextlib.suppress(binascii.Error, UnicodeDecodeError, ValueError):
-        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-        hashed = users.get(user)
-        return bool(hashed and bcrypt.checkpw(password.encode(), hashed.encode()))
-    return False
+
+def _bcrypt_cost(hashed: str) -> int:
+    return int(hashed.split("$")[2])
 
 
-def _basic_auth(users: dict[str, str], pool: ThreadPoolExecutor) -> Middleware:
+class BasicAuth:
+    """Basic auth against bcrypt hashes, in a worker thread, in constant time per user.
+
+    An unknown user is checked against a dummy hash of the same cost as the real ones:
+    otherwise a missing user answers in 1 ms and an existing one in 200 ms, and one request
+    tells which users exist."""
+
+    def __init__(self, users: Mapping[str, str], pool: ThreadPoolExecutor) -> None:
+        import bcrypt  # only needed when auth is configured
+
+        self.users = dict(users)
+        self.pool = pool
+        cost = max(_bcrypt_cost(h) for h in self.users.values())
+        self._dummy = bcrypt.hashpw(os.urandom(16).hex().encode(), bcrypt.gensalt(cost)).decode()
+        self._ok: dict[bytes, float] = {}  # sha256(header) -> monotonic expiry
+        self._pending = 0
+
+    def password_ok(self, header: str) -> bool:
+        """In a worker thread: bcrypt always runs, for known and unknown users alike."""
+        import bcrypt
+
+        with contextlib.suppress(binascii.Error, UnicodeDecodeError, ValueError):
+            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+            hashed = self.users.get(user)
+            matched = bcrypt.checkpw(password.encode(), (hashed or self._dummy).encode())
+            return matched and hashed is not None
+        return False
+
+    async def check(self, header: str) -> bool | None:
+        """True or False; None when too many checks are already waiting (answer 429)."""
+        if not header.startswith("Basic "):
+            return False
+        key = hashlib.sha256(header.encode()).digest()
+        now = time.monotonic()
+        if self._ok.get(key, 0.0) > now:
+            return True
+        if self._pending >= AUTH_MAX_PENDING:
+            return None
+        self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(self.pool, self.password_ok, header)
+        finally:
+            self._pending -= 1
+        if ok:
+            if len(self._ok) >= AUTH_CACHE_SIZE:
+                self._ok.clear()
+            self._ok[key] = time.monotonic() + AUTH_CACHE_S
+        return ok
+
+
+def _basic_auth(auth: BasicAuth) -> Middleware:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        header = request.headers.get("Authorization", "")
         # bcrypt takes ~0.3 s at cost 12 (by design): in a thread, so that a scrape or a
         # stream of wrong passwords never stalls the loop the probes time themselves on.
-        if header.startswith("Basic ") and await asyncio.get_running_loop().run_in_executor(
-            pool, _password_ok, users, header
-        ):
+        ok = await auth.check(request.headers.get("Authorization", ""))
+        if ok:
             return await handler(request)
+        if ok is None:
+            return web.Response(
+                status=429, text="too many requests\n", headers={"Retry-After": "1"}
+            )
         return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="probe"'})
 
     return check
@@ -384,7 +443,7 @@ def build_app(agent: Agent) -> web.Application:
     web_settings: WebSettings = agent.config.web
     middlewares: list[Middleware] = [_host_check(allowed_hosts(agent.config))]
     if web_settings.basic_auth_users:
-        middlewares.append(_basic_auth(dict(web_settings.basic_auth_users), agent.auth_pool))
+        middlewares.append(_basic_auth(BasicAuth(web_settings.basic_auth_users, agent.auth_pool)))
     app = web.Application(middlewares=middlewares)
     app.on_response_prepare.append(_security_headers)
 
