@@ -127,6 +127,9 @@ def cmd_archive(args: argparse.Namespace) -> int:
     if directory is None:
         print("probe: the archive is disabled in this config", file=sys.stderr)
         return EXIT_USAGE
+    if not os.path.isdir(directory):  # a typo must not read as "nothing archived"
+        print(f"probe: no archive directory at {directory}", file=sys.stderr)
+        return EXIT_USAGE
     since = args.since
     stats = ReadStats()
     for record in iter_archive(

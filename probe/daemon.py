@@ -263,6 +263,12 @@ class Agent:
             await asyncio.get_running_loop().run_in_executor(self.render_pool, old.close)
 
     async def stop(self) -> None:
+        await self.stop_measuring()
+        self.close()
+
+    async def stop_measuring(self) -> None:
+        """End the schedule (rounds in flight get `SHUTDOWN_GRACE_S`) and the background
+        tasks; the HTTP side may still be answering meanwhile."""
         self._stopping = True
         for task in (self._stats_task, self._judge_task):
             if task is not None:
@@ -270,6 +276,10 @@ class Agent:
         async with self._reload_lock:  # a reload under way finishes (or gives up) first
             if self.scheduler is not None:
                 await self.scheduler.stop(SHUTDOWN_GRACE_S)
+
+    def close(self) -> None:
+        """Close the archive and the worker threads: after the HTTP server has stopped,
+        or requests still being answered would hit a shut-down pool."""
         if self.archive is not None:
             self.archive.close()
         for pool in (self.render_pool, self.auth_pool, self._judge_pool):
@@ -449,7 +459,15 @@ def build_app(agent: Agent) -> web.Application:
 
     async def render(fn: Callable[..., _T], *args: object) -> _T:
         # Thousands of targets make a scrape take a second or more of pure CPU.
-        return await asyncio.get_running_loop().run_in_executor(agent.render_pool, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(agent.render_pool, fn, *args)
+        except RuntimeError:  # the pool is shut down: a request that came in at shutdown
+            raise web.HTTPServiceUnavailable(text="shutting down\n") from None
+
+    def trusted(request: web.Request) -> bool:
+        """May see the config's path and a reload's error text: an authenticated user
+        (with auth on, every request that gets here is one) or a loopback client."""
+        return bool(web_settings.basic_auth_users) or _is_loopback(request.remote)
 
     async def metrics(_: web.Request) -> web.Response:
         body = await render(generate_latest, agent.registry)
@@ -467,8 +485,9 @@ def build_app(agent: Agent) -> web.Application:
         text = await render(_api_text, agent.store.snapshot())
         return web.Response(text=text, content_type="application/json")
 
-    async def status_page(_: web.Request) -> web.Response:
-        html = await render(render_status_page, agent.store.snapshot(), agent.config)
+    async def status_page(request: web.Request) -> web.Response:
+        snapshot, config = agent.store.snapshot(), agent.config
+        html = await render(render_status_page, snapshot, config, trusted(request))
         return web.Response(text=html, content_type="text/html")
 
     async def reload(request: web.Request) -> web.Response:
@@ -479,7 +498,9 @@ def build_app(agent: Agent) -> web.Application:
             return web.Response(status=403, text="cross-origin reload refused\n")
         error = await agent.reload()
         if error:
-            return web.Response(status=400, text=f"reload rejected: {error}\n")
+            # The error names the config file (and quotes it): not for anyone on the network.
+            detail = error if trusted(request) else "the reason is in the agent's log"
+            return web.Response(status=400, text=f"reload rejected: {detail}\n")
         return web.Response(text="reloaded\n")
 
     app.router.add_get("/metrics", metrics)
@@ -503,6 +524,13 @@ async def _security_headers(_: web.Request, response: web.StreamResponse) -> Non
         response.headers["Content-Security-Policy"] = _PAGE_CSP
 
 
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False  # a Unix socket peer or an unparsable name: not known to be local
+
+
 def _api_text(snapshot: Snapshot) -> str:
     return json.dumps(results_json(snapshot))
 
@@ -522,7 +550,7 @@ async def serve(config: AgentConfig, config_path: str | None) -> int:
     except OSError as exc:  # e.g. the archive directory cannot be created
         log.error("cannot open the archive", extra={"error": str(exc)})
         return 1
-    runner = web.AppRunner(build_app(agent), access_log=None)
+    runner = web.AppRunner(build_app(agent), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     try:
         # asyncio makes an IPv6 listener IPv6-only: for "[::]" (every address) listen on
@@ -552,7 +580,8 @@ async def serve(config: AgentConfig, config_path: str | None) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info("shutting down")
-    await agent.stop()
-    await runner.cleanup()
+    # The HTTP server and the schedule wind down together; the pools they share close last.
+    await asyncio.gather(runner.cleanup(), agent.stop_measuring())
+    agent.close()
     log.info("stopped")
     return 0
