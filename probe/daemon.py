@@ -18,12 +18,13 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TypeVar, cast
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -535,6 +536,62 @@ def _api_text(snapshot: Snapshot) -> str:
     return json.dumps(results_json(snapshot))
 
 
+# HTTP connections open at once; beyond, a new one is closed as soon as it is accepted.
+# 1,100 idle connections at nofile 1024 used to starve the probes of descriptors.
+MAX_HTTP_CONNECTIONS = 128
+# Idle time allowed before a request's headers are in, and between requests on a
+# keep-alive connection (aiohttp's default keep-alive is an hour).
+HTTP_IDLE_TIMEOUT_S = 5.0
+HTTP_ACCEPT_BURST = 32
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (no privilege needed); (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft, hard
+
+
+class _Refused(asyncio.Protocol):
+    """Stands in for a connection over the cap: closed at once, its descriptor freed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).abort()
+
+
+def capped(server: web.Server, limit: int) -> Callable[[], asyncio.BaseProtocol]:
+    """aiohttp's protocol factory, refusing connections beyond ``limit`` open ones."""
+
+    def factory() -> asyncio.BaseProtocol:
+        if len(server.connections) >= limit:
+            return _Refused()
+        return server()
+
+    return factory
+
+
+async def _listen(runner: web.AppRunner, config: AgentConfig, fd_soft: int) -> asyncio.Server:
+    """Listen with the connection cap (a quarter of the descriptors at most)."""
+    assert runner.server is not None
+    limit = max(8, min(MAX_HTTP_CONNECTIONS, fd_soft // 4))
+    # asyncio makes an IPv6 listener IPv6-only: for "[::]" (every address) listen on
+    # every address of both families, as the docs promise, not on IPv6 alone.
+    host = None if config.listen.host == "::" else config.listen.host
+    return await asyncio.get_running_loop().create_server(
+        capped(runner.server, limit),
+        host,
+        config.listen.port,
+        ssl=_server_ssl(config.web),
+        # asyncio accepts up to `backlog` connections per wake-up before any is refused:
+        # keep that burst of descriptors small too.
+        backlog=HTTP_ACCEPT_BURST,
+        reuse_address=True,
+    )
+
+
 def _server_ssl(settings: WebSettings) -> ssl.SSLContext | None:
     if not settings.tls_cert_file:
         return None
@@ -550,20 +607,30 @@ async def serve(config: AgentConfig, config_path: str | None) -> int:
     except OSError as exc:  # e.g. the archive directory cannot be created
         log.error("cannot open the archive", extra={"error": str(exc)})
         return 1
-    runner = web.AppRunner(build_app(agent), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+    fd_soft, fd_hard = raise_fd_limit()
+    runner = web.AppRunner(
+        build_app(agent),
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        keepalive_timeout=HTTP_IDLE_TIMEOUT_S,
+    )
     await runner.setup()
     try:
-        # asyncio makes an IPv6 listener IPv6-only: for "[::]" (every address) listen on
-        # every address of both families, as the docs promise, not on IPv6 alone.
-        host = None if config.listen.host == "::" else config.listen.host
-        site = web.TCPSite(runner, host, config.listen.port, ssl_context=_server_ssl(config.web))
-        await site.start()
+        listener = await _listen(runner, config, fd_soft)
     except OSError as exc:  # port taken, address not ours, unreadable TLS key (ssl.SSLError)
         log.error("cannot listen", extra={"listen": str(config.listen), "error": str(exc)})
         await runner.cleanup()
         await agent.stop()
         return 1
-    log.info("listening", extra={"listen": str(config.listen), "config": config.source})
+    log.info(
+        "listening",
+        extra={
+            "listen": str(config.listen),
+            "config": config.source,
+            "nofile": fd_soft,
+            "nofile_hard": fd_hard,
+        },
+    )
     agent.start()
 
     stop = asyncio.Event()
@@ -581,6 +648,7 @@ async def serve(config: AgentConfig, config_path: str | None) -> int:
     await stop.wait()
     log.info("shutting down")
     # The HTTP server and the schedule wind down together; the pools they share close last.
+    listener.close()
     await asyncio.gather(runner.cleanup(), agent.stop_measuring())
     agent.close()
     log.info("stopped")

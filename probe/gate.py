@@ -21,7 +21,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from .classify import classify_exception
+from .classify import AGENT_RESOURCES, classify_exception
 from .model import Endpoint, VantageState, utcnow
 from .wire.dnsmsg import suspect_bogon
 
@@ -96,5 +96,26 @@ async def check_vantage(controls: Sequence[Endpoint], timeout_s: float) -> Vanta
     online = bool(reached)
     ipv6 = any(ipaddress.ip_address(a).version == 6 for a in reached)
     dns_ok = any(r.get("resolve") == "ok" for r in records)
-    evidence = {"controls": records, "system_dns_ok": dns_ok, "reached": len(reached)}
+    evidence: dict[str, Any] = {
+        "controls": records,
+        "system_dns_ok": dns_ok,
+        "reached": len(reached),
+    }
+    if not online and _agent_side(records):
+        # Out of descriptors here, not offline: the caller keeps its previous finding.
+        evidence[AGENT_SIDE_EVIDENCE] = True
     return VantageState(online=online, ipv6=ipv6, t=t, evidence=evidence)
+
+
+AGENT_SIDE_EVIDENCE = "agent_resources_exhausted"
+
+
+def _agent_side(records: Sequence[dict[str, Any]]) -> bool:
+    outcomes = [r.get("resolve") for r in records]
+    outcomes += [o for r in records for o in r["connect"].values()]
+    return AGENT_RESOURCES in outcomes
+
+
+def inconclusive(state: VantageState) -> bool:
+    """An offline finding the agent's own resource exhaustion may have caused."""
+    return not state.online and bool(state.evidence.get(AGENT_SIDE_EVIDENCE))

@@ -20,11 +20,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .gate import inconclusive
 from .model import Endpoint, ProbeResult, VantageState, utcnow
 from .round import Runner, all_endpoints, check_config_vantage, measure_endpoint
 from .settings import AgentConfig
 
 log = logging.getLogger("probe.scheduler")
+
+INCONCLUSIVE_RETRY_S = 5.0  # a gate run spoilt by the agent's own fd exhaustion is re-run
 
 ResultSink = Callable[[Sequence[ProbeResult]], None]
 VantageSink = Callable[[VantageState], None]
@@ -134,6 +137,12 @@ class Scheduler:
             except Exception as exc:  # a gate bug must not stop every endpoint from starting
                 log.exception("vantage check failed; treating the vantage as offline")
                 state = VantageState(False, False, utcnow(), {"error": type(exc).__name__})
+            if inconclusive(state) and self._state is not None:
+                # The controls failed because this process is out of descriptors: that
+                # says nothing about the uplink.  Keep the last finding, check again soon.
+                log.warning("vantage check inconclusive: the agent is out of file descriptors")
+                await asyncio.sleep(min(self.gate_interval_s, INCONCLUSIVE_RETRY_S))
+                continue
             if self._state is None or state.online != self._state.online:
                 log.info("vantage state", extra={"state": state.state, "ipv6": state.ipv6})
             self._state = state
