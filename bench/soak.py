@@ -129,8 +129,9 @@ async def soak(duration_s: float, endpoints: int, workdir: Path) -> dict[str, An
     config = workdir / "agent.yaml"
     config.write_text(config_text(ports, endpoints, 0))
     log = (workdir / "agent.log").open("wb")
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "probe", "run", "-c", str(config)],
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "probe", "run", "-c", str(config)),
         cwd=REPO,
         stdout=log,
         stderr=log,
@@ -193,10 +194,10 @@ async def soak(duration_s: float, endpoints: int, workdir: Path) -> dict[str, An
     finally:
         agent.terminate()
         try:
-            agent.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+            await asyncio.wait_for(agent.wait(), 15)
+        except TimeoutError:
             agent.kill()
-            agent.wait()
+            await agent.wait()
         log.close()
         ok_server.close()
         silent.close()
