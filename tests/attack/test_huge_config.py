@@ -63,7 +63,7 @@ def test_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     done, _ = check_config(fifo, timeout_s=30)  # before: blocked in open() until the timeout
     assert done.returncode == 2
-    assert done.stderr == f"probe: config error: {fifo}:None: <file>: not a regular file\n"
+    assert done.stderr == f"probe: config error: {fifo}: <file>: not a regular file\n"
 
 
 def test_a_device_is_refused_too(tmp_path: Path) -> None:

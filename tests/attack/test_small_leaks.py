@@ -34,7 +34,7 @@ def test_probe_archive_reads_past_records_with_odd_annotations(tmp_path: Path) -
 def test_probe_archive_on_a_missing_directory_is_an_error(tmp_path: Path) -> None:
     done = run_probe("archive", "--dir", str(tmp_path / "nope"))
     assert done.returncode == 2
-    assert done.stderr == f"probe: no archive directory at {tmp_path / 'nope'}\n"
+    assert done.stderr == f"probe: archive: no archive directory at {tmp_path / 'nope'}\n"
 
 
 def test_sigterm_during_a_scrape_flood_logs_no_errors(tmp_path: Path) -> None:
