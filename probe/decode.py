@@ -425,18 +425,20 @@ def _compose(text: str, file: str) -> yaml.Node | None:
 
     The pure-Python loader stays the reference: it reads anything libyaml cannot take
     (characters its reader refuses), and it re-reads a file libyaml rejects, so that an
-    error message is the same word for word whichever parser PyYAML has here."""
+    error message is the same word for word whichever parser PyYAML has here.  Except for
+    a file past the value bound: re-reading that in pure Python would cost what the bound
+    is there to prevent, so libyaml's own message is reported."""
     loader = _FAST_LOADER
     if loader is None or Reader.NON_PRINTABLE.search(text):
         loader = yaml.SafeLoader
+    big = _node_bound(text) > _MAX_NODES
     try:
-        if _node_bound(text) > _MAX_NODES:
+        if big:
             _count_nodes(text, file, loader)
         return yaml.compose(text, Loader=loader)
     except yaml.YAMLError:
-        if loader is yaml.SafeLoader:
+        if loader is yaml.SafeLoader or big:
             raise
-    _count_nodes(text, file, yaml.SafeLoader)
     return yaml.compose(text, Loader=yaml.SafeLoader)  # raises the reference error
 
 
