@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import yaml
+
 import probe.decode
 from probe.config import load_config
 
@@ -62,6 +64,17 @@ def per_endpoint_us(path: Path, endpoints: int, repeat: int, fast: bool) -> floa
     return statistics.median(times) / endpoints * 1e6
 
 
+def parse_us(path: Path, endpoints: int, repeat: int, loader: type[yaml.SafeLoader]) -> float:
+    """The YAML parse alone (``yaml.compose``), without decoding and validation."""
+    text = path.read_text()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        yaml.compose(text, Loader=loader)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) / endpoints * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--endpoints", type=int, default=2000)
@@ -76,13 +89,22 @@ def main(argv: list[str] | None = None) -> int:
         has_c = probe.decode._FAST_LOADER is not None
         fast = per_endpoint_us(path, endpoints, repeat, fast=True) if has_c else None
         slow = per_endpoint_us(path, endpoints, repeat, fast=False)
+        c_loader = probe.decode._FAST_LOADER
+        parse_fast = parse_us(path, endpoints, repeat, c_loader) if c_loader else None
+        parse_slow = parse_us(path, endpoints, repeat, yaml.SafeLoader)
     if fast is not None:
         verdict = "meets" if fast <= TARGET_US else "misses"
         print(f"libyaml (CSafeLoader): {fast:.1f} us/endpoint ({verdict} target {TARGET_US:g})")
         print(f"pure Python (SafeLoader): {slow:.1f} us/endpoint ({slow / fast:.1f}x libyaml)")
+        assert parse_fast is not None
+        print(
+            f"of which the YAML parse alone: libyaml {parse_fast:.1f}, pure Python "
+            f"{parse_slow:.1f} us/endpoint ({parse_slow / parse_fast:.1f}x)"
+        )
     else:
         print("libyaml: not available in this PyYAML")
         print(f"pure Python (SafeLoader): {slow:.1f} us/endpoint")
+        print(f"of which the YAML parse alone: {parse_slow:.1f} us/endpoint")
     return 0
 
 
