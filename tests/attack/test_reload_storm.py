@@ -26,7 +26,10 @@ SLOW_S = 1.0  # the silent endpoint's TLS handshake times out after this long
 
 def storm_config(path: Path, up: int, silent: int, concurrency: int) -> Path:
     """ctl and up answer at once; `silent` accepts TCP and never says a word (TLS waits)."""
-    path.write_text(
+    # Written aside and renamed into place: a reload reading the file meanwhile sees the
+    # old or the new config, never a half-written one.
+    fresh = path.with_suffix(".new")
+    fresh.write_text(
         f"""
 schedule: {{interval_s: 1, jitter_s: 0, min_spacing_s: 0.5, concurrency: {concurrency}}}
 timeouts: {{connect_s: 1, tls_s: {SLOW_S}}}
@@ -48,6 +51,7 @@ services:
           source: t, confidence: C}}
 """
     )
+    fresh.replace(path)
     return path
 
 
