@@ -409,8 +409,8 @@ LOOPBACK_HOSTS = frozenset({"localhost", "localhost.localdomain", "127.0.0.1", "
 
 
 def allowed_hosts(config: AgentConfig) -> frozenset[str]:
-    """Host header values served: loopback, the listen host (unless a wildcard), and
-    ``web.allowed_hosts``.  Everything lower-case, IPs canonical, no port."""
+    """Host names served besides IP addresses: loopback, the listen host (unless a
+    wildcard), and ``web.allowed_hosts``.  Lower-case, IPs canonical, no port."""
     hosts = set(LOOPBACK_HOSTS) | set(config.web.allowed_hosts)
     if config.listen.host not in ("0.0.0.0", "::"):
         hosts.add(config.listen.host.lower())
@@ -431,6 +431,21 @@ def _host_name(value: str) -> str | None:
     return name.lower()
 
 
+def _host_allowed(name: str | None, hosts: frozenset[str]) -> bool:
+    """A configured name, or any IP address: a page can only rebind a *name* (the Host a
+    browser sends is the name in the page's URL); a page at http://192.0.2.1:9464/ is
+    another origin than the agent's and cannot read its answers."""
+    if name is None:
+        return False
+    if name in hosts:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _host_check(hosts: frozenset[str]) -> Middleware:
     """Refuse a request whose Host is not a name this agent answers to, on every path.
 
@@ -443,7 +458,7 @@ def _host_check(hosts: frozenset[str]) -> Middleware:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         host = request.headers.get("Host")
-        if host is not None and _host_name(host) not in hosts:
+        if host is not None and not _host_allowed(_host_name(host), hosts):
             return web.Response(status=403, text="host not allowed (see web.allowed_hosts)\n")
         return await handler(request)
 

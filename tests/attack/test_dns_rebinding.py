@@ -39,10 +39,17 @@ async def test_a_rebinding_host_is_refused_on_every_path(
     agent = Agent(load_config(config), str(config))
     runner, port = await serve_app(agent)
     try:
-        for host in (f"evil.example:{port}", "evil.example", f"127.0.0.2:{port}"):
+        for host in (f"evil.example:{port}", "evil.example", f"localhost.evil.example:{port}"):
             status = await asyncio.to_thread(request, port, method, path, host, True)
             assert status == 403, (host, status)
-        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST"):
+        # IP addresses always pass: a rebinding page can only send its own *name* as Host.
+        for host in (
+            f"127.0.0.1:{port}",
+            f"localhost:{port}",
+            f"[::1]:{port}",
+            "LOCALHOST",
+            f"192.0.2.9:{port}",
+        ):
             status = await asyncio.to_thread(request, port, method, path, host, method == "POST")
             assert status == 200, (host, status)
     finally:
@@ -51,12 +58,12 @@ async def test_a_rebinding_host_is_refused_on_every_path(
 
 
 async def test_allowed_hosts_admits_the_names_an_operator_configures(tmp_path: Path) -> None:
-    extra = 'web: {allowed_hosts: [probe.example.net, "192.0.2.7", "2001:DB8::1"]}'
+    extra = "web: {allowed_hosts: [probe.example.net, agent]}"
     config = write_config(tmp_path / "agent.yaml", 9, 9, extra=extra)
     agent = Agent(load_config(config), str(config))
     runner, port = await serve_app(agent)
     try:
-        for host in ("probe.example.net:9464", "PROBE.example.net", "192.0.2.7", "[2001:db8::1]"):
+        for host in ("probe.example.net:9464", "PROBE.example.net", "agent:9464"):
             assert await asyncio.to_thread(request, port, "GET", "/metrics", host, False) == 200
         assert await asyncio.to_thread(request, port, "GET", "/", "example.net", False) == 403
     finally:
