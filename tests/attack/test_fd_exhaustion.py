@@ -95,6 +95,11 @@ def test_idle_connections_cannot_starve_the_probes(tmp_path: Path) -> None:
         for s in idle:
             s.close()
         text = wait_until(lambda: http(url + "/metrics", timeout=2)[1], "/metrics again", 15)
+        # One more idle connection: the agent closes it after 5 s (before: kept for an
+        # hour; recv() would time out after 15 s).
+        lingering = socket.create_connection(("127.0.0.1", port), timeout=15)
+        idle.append(lingering)
+        assert lingering.recv(1) == b""  # end of stream: closed by the agent
     finally:
         for s in idle:
             s.close()
