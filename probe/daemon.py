@@ -90,17 +90,11 @@ class Agent:
     # -- measurements ----------------------------------------------------------
 
     def on_results(self, results: Sequence[ProbeResult]) -> None:
-        """Archive first (nothing observed is lost), then publish to the store.
-
-        A round that started before a reload ends after it: the archive keeps all of it,
-        the store only what the running config still has a place for."""
+        """Archive first (nothing observed is lost), then publish to the store."""
         results = self._offline_onto_known_targets(results)
         if self.archive is not None:
             for result in results:
                 self.archive.write(result)
-        results = [r for r in results if self._configured(r.target.key())]
-        if not results:
-            return
         self.store.record_many(results)
         self._drop_stale(results)
         self._judge_soon()
@@ -225,6 +219,19 @@ class Agent:
         log.info("config reloaded", extra={"config": new.source})
         return None
 
+    def _on_late_results(self, results: Sequence[ProbeResult]) -> None:
+        """A round that started before a reload and ended after it: the archive keeps all
+        of it, the store only what the running config still has a place for."""
+        kept: list[ProbeResult] = []
+        gone: list[ProbeResult] = []
+        for result in results:
+            (kept if self._configured(result.target.key()) else gone).append(result)
+        if self.archive is not None:
+            for result in gone:  # observed, so archived; no longer exported
+                self.archive.write(result)
+        if kept:
+            self.on_results(kept)
+
     def _replace_scheduler(self, new: AgentConfig) -> None:
         """The new config applies to what comes next; nothing in flight is cancelled.
 
@@ -236,6 +243,7 @@ class Agent:
             self.scheduler = Scheduler(new, self.on_results, self.on_vantage)
         else:
             runner = old.runner if old.can_share_runner(new) else None
+            old.on_results = self._on_late_results
             self.scheduler = Scheduler(
                 new,
                 self.on_results,
