@@ -90,7 +90,8 @@ def cmd_once(args: argparse.Namespace) -> int:
     report = asyncio.run(run_round(config, progress=_progress(sys.stderr)))
     if control is not None:
         # The same round, judged again next to what the control vantage saw.
-        report = replace(report, verdicts=judge_round(report.results, control=control))
+        verdicts = judge_round(report.results, control=control, vantage_role=config.vantage.role)
+        report = replace(report, verdicts=verdicts)
     if args.format == "json":
         for line in json_lines(report):
             sys.stdout.write(line + "\n")

@@ -22,6 +22,7 @@ recent success, so one blocked address is never hidden by a working one
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 
@@ -109,6 +110,7 @@ class ProbeCollector(Collector):
         yield _latency_histogram(snapshot)
         yield from _verdict_metrics(snapshot)
         yield from _vantage_metrics(snapshot)
+        yield from _control_metrics(snapshot)
         yield from _agent_metrics(snapshot)
 
 
@@ -263,6 +265,29 @@ def _vantage_metrics(snapshot: Snapshot) -> Iterator[Metric]:
         "When the offline gate last ran",
         value=_ts(state.t),
     )
+
+
+def _control_metrics(snapshot: Snapshot) -> Iterator[Metric]:
+    """Only on a test vantage with a ``control:`` section (label: the configured URL)."""
+    if not snapshot.controls:
+        return
+    up = GaugeMetricFamily(
+        "probe_control_up",
+        "1 if the latest poll of this control vantage gave usable results",
+        labels=["control"],
+    )
+    age = GaugeMetricFamily(
+        "probe_control_age_seconds",
+        "Seconds since the newest usable measurement of this control vantage",
+        labels=["control"],
+    )
+    now = time.time()
+    for status in snapshot.controls:
+        up.add_metric([status.url], 1 if status.up else 0)
+        seconds = status.age_s(now)
+        if seconds is not None:
+            age.add_metric([status.url], seconds)
+    yield from (up, age)
 
 
 def _agent_metrics(snapshot: Snapshot) -> Iterator[Metric]:

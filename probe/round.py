@@ -295,5 +295,5 @@ async def run_round(
         tuple(results),
         started,
         time.monotonic() - t0,
-        verdicts=judge_round(results),
+        verdicts=judge_round(results, vantage_role=config.vantage.role),
     )

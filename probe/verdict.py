@@ -986,19 +986,43 @@ def judge_service(endpoint_verdicts: Sequence[EndpointVerdict]) -> ServiceVerdic
 # --------------------------------------------------------------------------- round
 
 
+def _as_control_vantage(v: EndpointVerdict, others_ok: bool) -> EndpointVerdict:
+    """On a control vantage a failure is never censorship: nothing censors a control
+    (that is what makes it one), so what would read as a block is the endpoint being
+    down, or, when nothing else works from here either, the control itself broken."""
+    if v.verdict not in BLOCKING and v.verdict != Verdict.PARTIAL:
+        return v
+    if others_ok:
+        verdict, confidence = Verdict.ENDPOINT_DOWN, FAIR
+        why = "control vantage: a failure here means the endpoint is down, never censorship"
+    else:
+        verdict, confidence = Verdict.INCONCLUSIVE, NONE
+        why = "control vantage and nothing else works from here: the control may be broken"
+    return EndpointVerdict(v.service, v.endpoint, verdict, confidence, _bounded((why, *v.evidence)))
+
+
 def judge_round(
-    results: Iterable[Item], control: Iterable[Item] | None = None
+    results: Iterable[Item],
+    control: Iterable[Item] | None = None,
+    *,
+    vantage_role: str = "test",
 ) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
     """Every endpoint's verdict, then its service's, service by service (sorted).
 
     Works on any set of results: one round, several rounds, or the lab's; ``control``
     is the control vantage's results for the same endpoints, in any accepted form.
+    ``vantage_role`` ``control``: these results come from a control vantage, whose
+    failures mean ``endpoint_down`` / ``inconclusive``, never a censorship verdict.
     """
     obs = normalise(results)
     ctl = [c for c in normalise(control or ()) if c.skipped is None]
     by_endpoint: dict[tuple[str, str], list[Observation]] = {}
     for o in obs:
         by_endpoint.setdefault((o.service, o.endpoint), []).append(o)
+    # grouped once: a scan of every control result per endpoint is O(endpoints x results)
+    ctl_by_endpoint: dict[tuple[str, str], list[Observation]] = {}
+    for c in ctl:
+        ctl_by_endpoint.setdefault((c.service, c.endpoint), []).append(c)
     # Which endpoints show this vantage can reach *something*: a success beyond DNS.
     reached = {(o.service, o.endpoint) for o in obs if o.ok and o.base != "dns"}
     out: list[EndpointVerdict | ServiceVerdict] = []
@@ -1007,11 +1031,15 @@ def judge_round(
         verdicts = [
             judge_endpoint(
                 by_endpoint[key],
-                [c for c in ctl if (c.service, c.endpoint) == key],
+                ctl_by_endpoint.get(key, []),
                 others_ok=bool(reached - {key}),
             )
             for key in sorted(k for k in by_endpoint if k[0] == service)
         ]
+        if vantage_role == "control":
+            verdicts = [
+                _as_control_vantage(v, bool(reached - {(v.service, v.endpoint)})) for v in verdicts
+            ]
         out += verdicts
         out.append(judge_service(verdicts))
     return tuple(out)
