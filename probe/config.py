@@ -334,6 +334,7 @@ def _control(n: Node, base_dir: Path) -> ControlSettings:
     ca_file = None
     if "ca_file" in m and not m["ca_file"].is_null:
         ca_file = _existing_file(m["ca_file"], base_dir)
+        _check_ca_file(m["ca_file"], ca_file)
     auth_file, auth = None, None
     if "basic_auth_file" in m and not m["basic_auth_file"].is_null:
         auth_file = _existing_file(m["basic_auth_file"], base_dir)
