@@ -66,6 +66,8 @@ def _pick(addresses: Sequence[str]) -> list[str]:
 async def _check_control(control: Endpoint, timeout_s: float) -> dict[str, Any]:
     port = control.ports[0] if control.ports else 443
     record: dict[str, Any] = {"control": control.name, "port": port}
+    if control.domestic:
+        record["domestic"] = True
     if control.is_ip_literal:
         addresses = [control.host]
     else:
@@ -101,10 +103,15 @@ async def check_vantage(controls: Sequence[Endpoint], timeout_s: float) -> Vanta
         "system_dns_ok": dns_ok,
         "reached": len(reached),
     }
-    if not online and _agent_side(records):
-        # Out of descriptors here, not offline: the caller keeps its previous finding.
+    allowlist = _allowlist(records)
+    if (not online or allowlist) and _agent_side(records):
+        # Controls failed because this process is out of descriptors, not because the
+        # uplink (or a foreign-traffic allowlist) stopped them: the caller keeps its
+        # previous finding.
         evidence[AGENT_SIDE_EVIDENCE] = True
-    return VantageState(online=online, ipv6=ipv6, t=t, evidence=evidence)
+    if allowlist:
+        evidence["regime"] = "allowlist: only domestic controls answer"
+    return VantageState(online=online, ipv6=ipv6, t=t, evidence=evidence, allowlist=allowlist)
 
 
 AGENT_SIDE_EVIDENCE = "agent_resources_exhausted"
@@ -117,5 +124,19 @@ def _agent_side(records: Sequence[dict[str, Any]]) -> bool:
 
 
 def inconclusive(state: VantageState) -> bool:
-    """An offline finding the agent's own resource exhaustion may have caused."""
-    return not state.online and bool(state.evidence.get(AGENT_SIDE_EVIDENCE))
+    """An offline or allowlist finding the agent's own resource exhaustion may have caused."""
+    suspect = not state.online or state.allowlist
+    return suspect and bool(state.evidence.get(AGENT_SIDE_EVIDENCE))
+
+
+def _allowlist(records: Sequence[dict[str, Any]]) -> bool:
+    """Domestic controls answer and every foreign one fails (FIELD.md B10).  Needs both
+    kinds configured: without domestic controls an allowlist looks like an outage, and
+    without foreign ones there is nothing to tell it by."""
+
+    def reached(record: dict[str, Any]) -> bool:
+        return any(outcome == "ok" for outcome in record["connect"].values())
+
+    domestic = [r for r in records if r.get("domestic")]
+    foreign = [r for r in records if not r.get("domestic")]
+    return bool(foreign) and any(map(reached, domestic)) and not any(map(reached, foreign))

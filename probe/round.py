@@ -34,7 +34,7 @@ from .probes.dns import dns_consistency
 from .probes.params import ParamError
 from .settings import AgentConfig, ProbeSettings
 from .swaps import followups
-from .verdict import EndpointVerdict, ServiceVerdict, judge_round
+from .verdict import ALLOWLIST_FLAG, EndpointVerdict, ServiceVerdict, judge_round
 from .wire.dnsmsg import suspect_bogon
 
 Progress = Callable[[int, int], None]
@@ -256,7 +256,16 @@ async def measure_endpoint(ep: Endpoint, runner: Runner, state: VantageState) ->
     runnable = [t for t in planned if t not in no_v6]
     results = await runner.many(runnable)
     results += await runner.many(followups(results))
-    return dns_results + results + _skipped(no_v6, SkipReason.IPV6_UNAVAILABLE)
+    return _regime(state, dns_results + results + _skipped(no_v6, SkipReason.IPV6_UNAVAILABLE))
+
+
+def _regime(state: VantageState, results: list[ProbeResult]) -> list[ProbeResult]:
+    """Under an allowlist regime every result says so (flag ``vantage_allowlist``): the
+    verdict engine, which sees results and not the gate, then judges failures as the
+    regime's, also when the results come back through JSON (a control, /api/results)."""
+    if not state.allowlist:
+        return results
+    return [replace(r, flags=(*r.flags, ALLOWLIST_FLAG)) for r in results]
 
 
 def all_endpoints(config: AgentConfig) -> list[Endpoint]:

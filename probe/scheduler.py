@@ -143,7 +143,7 @@ class Scheduler:
                 log.warning("vantage check inconclusive: the agent is out of file descriptors")
                 await asyncio.sleep(min(self.gate_interval_s, INCONCLUSIVE_RETRY_S))
                 continue
-            if self._state is None or state.online != self._state.online:
+            if self._state is None or state.state != self._state.state:
                 log.info("vantage state", extra={"state": state.state, "ipv6": state.ipv6})
             self._state = state
             self._state_ready.set()

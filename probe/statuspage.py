@@ -130,6 +130,11 @@ def _banner(snapshot: Snapshot, config: AgentConfig, show_source: bool) -> str:
     v, state = snapshot.vantage, snapshot.vantage_state
     if state is None:
         status = "first check pending"
+    elif state.allowlist:
+        status = (
+            f"<span class=offline>ALLOWLIST REGIME</span> (checked {_iso(state.t)}): only "
+            "domestic controls answer; failures read allowlist_regime"
+        )
     elif state.online:
         status = f"online, IPv6 {'yes' if state.ipv6 else 'no'} (checked {_iso(state.t)})"
     else:
