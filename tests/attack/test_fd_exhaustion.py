@@ -17,6 +17,7 @@ import os
 import resource
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -128,3 +129,39 @@ async def test_emfile_in_a_probe_is_an_agent_side_skip_not_a_target_failure() ->
     result = await runner.one(target("tcp", "127.0.0.1", 9))
     assert result.skipped is SkipReason.AGENT_RESOURCES
     assert result.failure is None and not result.ok
+
+
+GATE_DRIVER = r"""
+import asyncio, json, os, resource, socket, sys
+from probe.gate import check_vantage, inconclusive
+from tests.helpers import endpoint
+server = socket.create_server(("127.0.0.1", 0))  # a control that accepts
+control = endpoint("127.0.0.1", ports=(server.getsockname()[1],), service="controls",
+                   name="ctl", role="control")
+async def main():
+    before = await check_vantage([control], 2.0)
+    # Leave no descriptor free: every socket() the gate opens fails with EMFILE.
+    used = len(os.listdir("/proc/self/fd")) - 1  # not the one listdir itself held
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (used, hard))
+    starved = await check_vantage([control], 2.0)
+    return {"before": before.online, "starved_online": starved.online,
+            "inconclusive": inconclusive(starved)}
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def test_a_gate_run_starved_of_descriptors_is_inconclusive_not_offline() -> None:
+    """Before: the controls' connects failed with EMFILE and the vantage read offline (every
+    endpoint then skipped as vantage_offline for rounds).  Now the scheduler keeps the last
+    finding when the gate says its run was spoilt by the agent's own exhaustion."""
+    done = subprocess.run(
+        [sys.executable, "-c", GATE_DRIVER],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    assert out == {"before": True, "starved_online": False, "inconclusive": True}, out
