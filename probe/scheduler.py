@@ -17,12 +17,19 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .gate import inconclusive
 from .model import Endpoint, ProbeResult, VantageState, utcnow
-from .round import Runner, all_endpoints, check_config_vantage, measure_endpoint
+from .round import (
+    Runner,
+    all_endpoints,
+    check_config_vantage,
+    measure_endpoint,
+    warm_tls_contexts,
+)
 from .settings import AgentConfig
 
 log = logging.getLogger("probe.scheduler")
@@ -39,12 +46,25 @@ History = dict[EndpointKey, tuple[float, bool]]
 InFlight = dict[EndpointKey, asyncio.Task[None]]
 
 
+LAG_WINDOW = 1024  # recent round starts whose lag the quantiles describe
+
+
 @dataclass
 class ScheduleStats:
-    """Self-metrics the exporter reads (lag of the last start, rounds done)."""
+    """Self-metrics the exporter reads (lag of the last start and of recent ones, rounds)."""
 
     last_lag_s: float = 0.0
     rounds: int = 0
+    recent_lags: deque[float] = field(default_factory=lambda: deque(maxlen=LAG_WINDOW))
+
+    def lag_quantiles(self) -> tuple[tuple[str, float], ...]:
+        """(percentile, seconds) over the recent starts: a late loop shows in p99, not p50."""
+        lags = sorted(self.recent_lags)
+        if not lags:
+            return ()
+        return tuple(
+            (str(p), lags[min(len(lags) - 1, p * len(lags) // 100)]) for p in (50, 99, 100)
+        )
 
 
 class Scheduler:
@@ -83,6 +103,7 @@ class Scheduler:
         self._state_ready = asyncio.Event()
         if state is not None:
             self._state_ready.set()
+        self._warm = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._rounds: InFlight = {}
 
@@ -97,6 +118,7 @@ class Scheduler:
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._gate_loop(), name="gate"))
+        self._tasks.append(asyncio.create_task(self._warm_up(), name="warm-up"))
         for ep in all_endpoints(self.config):
             name = f"endpoint {ep.service}/{ep.name}"
             self._tasks.append(asyncio.create_task(self._endpoint_loop(ep), name=name))
@@ -150,6 +172,11 @@ class Scheduler:
             self.on_vantage(state)
             await asyncio.sleep(self.gate_interval_s)
 
+    async def _warm_up(self) -> None:
+        """TLS contexts are built once, in a thread, before the first round (tls.py)."""
+        await warm_tls_contexts(self.config)
+        self._warm.set()
+
     def _spacing(self) -> float:
         """Start-to-start time to the next round: interval +/- jitter, at least min_spacing."""
         sched = self.config.schedule
@@ -180,10 +207,12 @@ class Scheduler:
                 self.history[key] = (self.history[key][0], True)
         due = self._first_due(key)
         await self._state_ready.wait()
+        await self._warm.wait()
         while True:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             started = time.monotonic()
             self.stats.last_lag_s = started - due
+            self.stats.recent_lags.append(started - due)
             self.history[key] = (started, False)
             assert self._state is not None  # set before _state_ready
             # The round is a task of its own: a reload cancels this loop, never the
