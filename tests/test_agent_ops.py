@@ -406,8 +406,11 @@ async def test_a_reload_parses_the_config_off_the_event_loop(tmp_path: Path) -> 
     load_s = time.perf_counter() - started
     agent = Agent(load_config(path), str(path))
     try:
+        # What this busy machine does to a loop that only sleeps, over as long a time: a
+        # worker thread's parse adds GIL hand-overs to it, a parse on the loop adds load_s.
+        noise = await max_loop_gap(asyncio.sleep(load_s))
         gap = await max_loop_gap(agent.reload())
-        assert gap < max(0.05, load_s / 3), (gap, load_s)
+        assert gap < noise + max(0.05, load_s / 3), (gap, noise, load_s)
     finally:
         await agent.stop()
 
