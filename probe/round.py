@@ -137,8 +137,58 @@ def probe_deadline(settings: ProbeSettings, target: Target | None = None) -> flo
         return cap  # the probe rejects them itself, at once (run_guarded reports it)
 
 
+# Probes that saturate the path they measure: they run alone (see `Runner`).
+EXCLUSIVE_PROBES = frozenset({"transfer"})
+
+
+class Lane:
+    """An asyncio readers-writer lock, writer first: `shared()` runs alongside other shared
+    holders, `exclusive()` alone.  A waiting writer holds new readers back, so a bulk
+    transfer is never starved by a stream of handshakes."""
+
+    def __init__(self) -> None:
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._writer and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._readers -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._writers_waiting += 1
+            try:
+                await self._changed.wait_for(lambda: not self._writer and not self._readers)
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._writer = False
+                self._changed.notify_all()
+
+
 class Runner:
-    """Runs targets with a global bound and a per-destination bound, counting progress."""
+    """Runs targets with a global bound and a per-destination bound, counting progress.
+
+    Bulk transfers (`EXCLUSIVE_PROBES`) have a lane of their own: one at a time per
+    vantage, and alone on their destination.  On a shaped path, a download running next
+    to another would starve it, and a handshake queued behind it would time out: either
+    would be read as a freeze or a filter (docs/verdicts.md, "Congestion").
+    """
 
     def __init__(
         self,
@@ -156,27 +206,40 @@ class Runner:
         self.per_destination = per_destination
         # destination -> (its bound, runs holding or awaiting it); dropped when idle, since
         # the daemon's one Runner sees new addresses (CDN answers) for as long as it lives
-        self._destinations: dict[str, tuple[asyncio.Semaphore, int]] = {}
+        self._destinations: dict[str, tuple[asyncio.Semaphore, Lane, int]] = {}
+        self._transfers = asyncio.Semaphore(1)
         self.in_flight = 0
         self.done = 0
         self.total = 0
 
     @contextlib.asynccontextmanager
     async def _slot(self, target: Target) -> AsyncIterator[None]:
-        """The destination's bound first, then the global one: a run queueing behind a
-        busy (say, blackholed) destination must not sit on a global slot meanwhile."""
+        """The lane first (a transfer waits for the vantage's transfer lane, then for its
+        destination to be idle), then the destination's bound, then the global one: a run
+        queueing behind a busy (say, blackholed) destination must not sit on a global
+        slot meanwhile."""
         key = target.address or target.resolver or ""
-        bound, users = self._destinations.get(key) or (asyncio.Semaphore(self.per_destination), 0)
-        self._destinations[key] = (bound, users + 1)
+        bound, lane, users = self._destinations.get(key) or (
+            asyncio.Semaphore(self.per_destination),
+            Lane(),
+            0,
+        )
+        self._destinations[key] = (bound, lane, users + 1)
         try:
-            async with bound, self.limit:
-                yield
+            async with contextlib.AsyncExitStack() as stack:
+                if target.probe in EXCLUSIVE_PROBES:
+                    await stack.enter_async_context(self._transfers)
+                    await stack.enter_async_context(lane.exclusive())
+                else:
+                    await stack.enter_async_context(lane.shared())
+                async with bound, self.limit:
+                    yield
         finally:
-            bound, users = self._destinations[key]
+            bound, lane, users = self._destinations[key]
             if users == 1:
                 del self._destinations[key]
             else:
-                self._destinations[key] = (bound, users - 1)
+                self._destinations[key] = (bound, lane, users - 1)
 
     async def one(self, target: Target) -> ProbeResult:
         async with self._slot(target):

@@ -225,11 +225,16 @@ async def test_reset_after_client_hello(host: str) -> None:
 async def test_silence_after_client_hello_times_out(host: str) -> None:
     result, took = await hostile(host, TLSMode.HANG_AFTER_HELLO, tls_s=0.3)
     assert result.failure == "generic_timeout_error"
-    assert result.details["handshake"] == {
+    hs = result.details["handshake"]
+    assert hs == {
         "stage": "awaiting_server_hello",
-        "bytes_sent": result.details["handshake"]["bytes_sent"],
+        "bytes_sent": hs["bytes_sent"],
         "bytes_received": 0,
+        "server_messages": [],  # no server byte: the B3 signature, not a slow path
+        "timeout_s": hs["timeout_s"],
     }
+    # no progress: the configured timeout is not stretched (a blackhole costs no more)
+    assert 0.3 <= hs["timeout_s"] < 1.0
     assert 0.3 <= result.phases["tls"] < 1.0
     assert took < 1.5
 
@@ -239,6 +244,7 @@ async def test_garbage_instead_of_server_hello(host: str) -> None:
     result, took = await hostile(host, TLSMode.GARBAGE_AFTER_HELLO)
     assert result.failure == "ssl_failed_handshake"
     assert result.details["handshake"]["bytes_received"] > 0
+    assert result.details["handshake"]["server_messages"] == ["not_tls"]
     assert took < 1.5  # on the peer's action, not at the 3 s timeout
 
 
@@ -254,6 +260,7 @@ async def test_fin_after_client_hello_is_eof(host: str) -> None:
 async def test_alert_after_client_hello(host: str) -> None:
     result, took = await hostile(host, TLSMode.ALERT_AFTER_HELLO)
     assert result.failure == "ssl_failed_handshake"
+    assert result.details["handshake"]["server_messages"] == ["alert"]
     assert took < 1.5  # on the peer's action, not at the 3 s timeout
 
 
