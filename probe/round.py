@@ -31,7 +31,7 @@ from .probes import EXTRA_TIME, PROBES
 from .probes.base import ProbeFn, Recorder, default_operation, run_guarded
 from .probes.dns import dns_consistency
 from .probes.params import ParamError
-from .settings import AgentConfig, ProbeSettings
+from .settings import AgentConfig, ProbeSettings, SwapSettings
 from .swaps import followups
 from .verdict import EndpointVerdict, ServiceVerdict, judge_round
 from .wire.dnsmsg import suspect_bogon
@@ -88,7 +88,12 @@ def _usable(address: str, ep: Endpoint) -> bool:
 
 
 def collect_addresses(ep: Endpoint, dns_results: Sequence[ProbeResult]) -> dict[str, str]:
-    """address -> where it came from, best source first, capped per family."""
+    """address -> where it came from (its first source), capped per family.
+
+    The sources take turns (literal, system, DoH, other resolvers, seed), so a system
+    resolver returning many addresses cannot crowd out the DoH and seed (known-good)
+    ones, which are exactly the ones that expose a DNS lie.
+    """
     found: dict[str, str] = {}
     if ep.is_ip_literal:
         found[ep.host] = "literal"
@@ -99,14 +104,23 @@ def collect_addresses(ep: Endpoint, dns_results: Sequence[ProbeResult]) -> dict[
                 found.setdefault(address, _source_of(result.target.resolver or ""))
     for address in ep.addresses:
         found.setdefault(address, "seed")
-    ranked = sorted(found.items(), key=lambda kv: _SOURCE_ORDER.index(kv[1]))
     capped: dict[str, str] = {}
-    per_family: dict[int, int] = {}
-    for address, source in ranked:
-        version = ipaddress.ip_address(address).version
-        if per_family.get(version, 0) < MAX_ADDRESSES_PER_FAMILY:
-            per_family[version] = per_family.get(version, 0) + 1
-            capped[address] = source
+    for version in (4, 6):
+        queues = [
+            [
+                a
+                for a, s in found.items()
+                if s == source and ipaddress.ip_address(a).version == version
+            ]
+            for source in _SOURCE_ORDER
+        ]
+        taken = 0
+        while taken < MAX_ADDRESSES_PER_FAMILY and any(queues):  # each pass takes >= 1
+            for queue in queues:
+                if queue and taken < MAX_ADDRESSES_PER_FAMILY:
+                    address = queue.pop(0)
+                    capped[address] = found[address]
+                    taken += 1
     return capped
 
 
@@ -198,8 +212,10 @@ class Runner:
         per_destination: int = 4,
         probes: Mapping[str, ProbeFn] = PROBES,
         progress: Progress | None = None,
+        swaps: SwapSettings | None = None,
     ) -> None:
         self.settings = settings
+        self.swaps = swaps or SwapSettings()
         self.probes = probes
         self.progress = progress
         self.limit = asyncio.Semaphore(concurrency)
@@ -312,7 +328,8 @@ async def measure_endpoint(ep: Endpoint, runner: Runner, state: VantageState) ->
     no_v6 = [t for t in planned if t.family == "ipv6" and not state.ipv6]
     runnable = [t for t in planned if t not in no_v6]
     results = await runner.many(runnable)
-    results += await runner.many(followups(results))
+    neutral = runner.swaps.neutral_for(ep.service)
+    results += await runner.many(followups(results, neutral_sni=neutral))
     return dns_results + results + _skipped(no_v6, SkipReason.IPV6_UNAVAILABLE)
 
 
@@ -340,6 +357,7 @@ async def run_round(
         per_destination=config.schedule.per_destination,
         probes=probes,
         progress=progress,
+        swaps=config.swaps,
     )
     per_endpoint = await asyncio.gather(
         *(measure_endpoint(ep, runner, state) for ep in all_endpoints(config))

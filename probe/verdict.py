@@ -487,9 +487,7 @@ def _connect_rule(ctx: _Context, o: Observation) -> _Finding:
     Without a control, a connect failure counts (weakly) only when something shows this
     vantage is alive: another endpoint works, or another address of this one does --
     the latter is how a partial block inside one endpoint is not hidden."""
-    through = [
-        r for r in ctx.results if r.connected and (r.address, r.port) == (o.address, o.port)
-    ]
+    through = [r for r in ctx.results if r.connected and (r.address, r.port) == (o.address, o.port)]
     if through:
         # an IP block stops every connection to the address and port, not one of several
         why = "another connection to the same address and port got through in this round"
