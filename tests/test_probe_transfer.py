@@ -141,7 +141,9 @@ async def test_freeze_after_16k_is_stall_after_bytes(leaf: LeafCert, ca_file: st
     for conn in _conns(result):
         assert conn["outcome"] == "stalled"
         assert conn["stage"] == "body"
-        assert STALL_S <= conn["duration_s"] < 4 * STALL_S  # stall_s, not the deadline
+        # watched for stall_s and then the confirm window: it never resumed
+        assert conn["silent_s"] >= (1 + transfer.CONFIRM_FACTOR) * STALL_S
+        assert conn["duration_s"] < 30  # not the (default) deadline
     assert result.failure == "stall_after_bytes"  # bounded: the byte counts live in details
 
 
@@ -389,3 +391,39 @@ async def test_ip_literal_target_verifies_the_address(
     assert result.ok, result
     assert result.details["sni"] is None
     assert _conns(result)[0]["body_bytes"] == 1000
+
+
+async def test_a_gap_longer_than_stall_s_that_resumes_is_no_stall(
+    leaf: LeafCert, ca_file: str
+) -> None:
+    # a retransmission back-off on a shaped path: silence past stall_s, then the rest
+    behaviour = BulkBehaviour(mode="pause", cut_after=16 * KIB, pause_s=2 * STALL_S)
+    result, server = await _run(
+        ca_file,
+        cert=leaf,
+        behaviour=behaviour,
+        params={"connections": 1, "throttle_kbps": 1},
+        stall_s=STALL_S,
+    )
+    assert result.ok, result.details
+    (conn,) = _conns(result)
+    assert conn["outcome"] == "complete"
+    assert conn["body_bytes"] == behaviour.body_bytes  # it counts toward throughput
+    assert conn["long_gaps"] == 1
+    assert conn["longest_gap_s"] >= 2 * STALL_S
+    assert result.details["stalled_connections"] == 0
+    assert server.cut == [1]
+
+
+@pytest.mark.parametrize("cut_after", [12 * KIB, 24 * KIB, 36 * KIB])
+async def test_freezes_across_the_reported_range_give_their_byte_counts(
+    cut_after: int, leaf: LeafCert, ca_file: str
+) -> None:
+    behaviour = BulkBehaviour(mode="freeze", cut_after=cut_after)
+    result, _ = await _run(
+        ca_file, cert=leaf, behaviour=behaviour, params={"connections": 1}, stall_s=STALL_S
+    )
+    assert result.failure == Failure.STALL_AFTER_BYTES
+    assert result.details["stalled_at_bytes"] == [cut_after]
+    for wire in result.details["stalled_at_wire_bytes"]:
+        assert cut_after < wire < cut_after + 8 * KIB  # body + handshake + TLS framing
