@@ -7,6 +7,7 @@ within the TLS timeout.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ssl
 import time
@@ -314,3 +315,31 @@ def test_unparseable_certificate_keeps_its_fingerprint() -> None:
     assert evidence["sha256"] == hashlib.sha256(b"\x30\x03not a certificate").hexdigest()
     assert evidence["parse_error"]
     assert "subject" not in evidence
+
+
+# --- path-aware handshake timeout ------------------------------------------------------------
+
+
+async def test_a_handshake_still_receiving_gets_more_time_a_silent_one_does_not() -> None:
+    received = [0]
+
+    async def dribble(pieces: int) -> str:
+        for _ in range(pieces):  # bounded
+            await asyncio.sleep(0.05)
+            received[0] += 1
+        return "done"
+
+    # 1.5 s of steady progress outlasts its 0.5 s floor: the floor is not a cliff
+    assert await tls.while_progressing(dribble(30), 0.5, 5.0, lambda: received[0]) == "done"
+    with pytest.raises(TimeoutError):  # no byte at all: ends at the floor
+        await tls.while_progressing(asyncio.sleep(30), 0.2, 5.0, lambda: 0)
+    received[0] = 0
+    with pytest.raises(TimeoutError):  # progress forever: bounded by the cap
+        await tls.while_progressing(dribble(10_000), 0.2, 0.6, lambda: received[0])
+
+
+def test_a_slow_connect_stretches_the_handshake_timeout_within_bounds() -> None:
+    assert tls.handshake_timeout(3.0, 0.001) == (3.0, 3.0 * tls.STRETCH_MAX)
+    first, cap = tls.handshake_timeout(3.0, 0.6)
+    assert first == 0.6 * tls.HANDSHAKE_RTTS and cap == 9.0
+    assert tls.handshake_timeout(3.0, 5.0) == (9.0, 9.0)  # never beyond the bound
