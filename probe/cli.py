@@ -100,7 +100,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     if args.action == "cleanup":
         return cleanup(force=args.force)
-    return demo(args.only or ())
+    return demo(args.only or (), repeat=args.repeat)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -216,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("action", choices=["demo", "cleanup"])
     lab.add_argument("--only", action="append", metavar="NAME", help="run only this scenario")
     lab.add_argument("--force", action="store_true", help="cleanup: also labs of live owners")
+    lab.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        choices=range(1, 51),
+        metavar="N",
+        help="demo: run each scenario N times in a row (1-50); a tally per scenario at the end",
+    )
     lab.set_defaults(func=cmd_lab)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")

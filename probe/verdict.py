@@ -746,6 +746,10 @@ def _app_rule(ctx: _Context, o: Observation) -> _Finding:
             without=WEAK if reset and ctx.others_ok else None,
             why="connection killed after the TCP handshake",
         )
+    received = o.details.get("bytes_received")
+    if o.kind == Failure.GENERIC_TIMEOUT and isinstance(received, int) and received > 0:
+        # part of the server's answer arrived before the time ran out: a slow path
+        return _progressed(o, f"{received} bytes of the reply")
     telling = o.kind in (Failure.CONNECTION_RESET, Failure.GENERIC_TIMEOUT)
     return _by_control(
         ctx,

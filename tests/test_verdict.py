@@ -1043,3 +1043,12 @@ def test_one_address_blocked_while_another_of_the_same_endpoint_works_is_partial
     # a single address that fails with nothing else alive proves nothing
     lone = judge_endpoint([run("tcp", B, failure="generic_timeout_error", op=CONN)])
     assert lone.verdict == Verdict.INCONCLUSIVE
+
+
+def test_an_app_handshake_that_got_part_of_its_reply_is_not_protocol_filtering() -> None:
+    def verdict(received: int) -> Verdict:
+        failed = run("mtproto", failure="generic_timeout_error", op=READ, bytes_received=received)
+        return judge_endpoint([run("tcp"), failed], [run("mtproto")]).verdict
+
+    assert verdict(0) == Verdict.PROTOCOL_FILTERING
+    assert verdict(40) not in BLOCKING
