@@ -31,7 +31,7 @@ from .probes import EXTRA_TIME, PROBES
 from .probes.base import ProbeFn, Recorder, default_operation, run_guarded
 from .probes.dns import dns_consistency
 from .probes.params import ParamError
-from .settings import AgentConfig, ProbeSettings, SwapSettings
+from .settings import AgentConfig, ProbeSettings, SwapSettings, Timeouts
 from .swaps import followups
 from .verdict import EndpointVerdict, ServiceVerdict, judge_round
 from .wire.dnsmsg import suspect_bogon
@@ -153,6 +153,38 @@ def probe_deadline(settings: ProbeSettings, target: Target | None = None) -> flo
 
 # Probes that saturate the path they measure: they run alone (see `Runner`).
 EXCLUSIVE_PROBES = frozenset({"transfer"})
+# Path-aware timeouts: once a transfer showed an address's path to be slow (throttled, or
+# gaps it had to resume from), later probes to that address get their connect, handshake
+# and application timeouts multiplied by this (the configured values are floors), for
+# PATH_MEMORY_S.  A shaper's queue can still hold the transfer's tail when they start.
+SLOW_PATH_STRETCH = 3.0
+PATH_MEMORY_S = 900.0
+SLOW_PATH_FLAG = "timeouts_stretched_slow_path"
+
+
+def _shows_slow_path(result: ProbeResult) -> bool:
+    if result.target.probe != "transfer":
+        return False
+    connections = result.details.get("connections") or ()
+    gaps = any(isinstance(c, Mapping) and c.get("long_gaps") for c in connections)
+    return (
+        result.failure == "throttled"
+        or gaps
+        or "transfer_connection_failed_after_measured" in (result.flags)
+    )
+
+
+def stretched(timeouts: Timeouts, factor: float = SLOW_PATH_STRETCH) -> Timeouts:
+    """Handshake-level timeouts times ``factor``; the transfer's own clocks are not
+    touched (its stall confirm window is path-aware already)."""
+    return replace(
+        timeouts,
+        connect_s=timeouts.connect_s * factor,
+        tls_s=timeouts.tls_s * factor,
+        quic_s=timeouts.quic_s * factor,
+        udp_s=timeouts.udp_s * factor,
+        app_s=timeouts.app_s * factor,
+    )
 
 
 class Lane:
@@ -224,6 +256,7 @@ class Runner:
         # the daemon's one Runner sees new addresses (CDN answers) for as long as it lives
         self._destinations: dict[str, tuple[asyncio.Semaphore, Lane, int]] = {}
         self._transfers = asyncio.Semaphore(1)
+        self._slow_paths: dict[str, float] = {}  # address -> when a transfer found it slow
         self.in_flight = 0
         self.done = 0
         self.total = 0
@@ -257,16 +290,31 @@ class Runner:
             else:
                 self._destinations[key] = (bound, lane, users - 1)
 
+    def _settings_for(self, target: Target) -> ProbeSettings:
+        """The configured settings, or stretched timeouts on a path known to be slow."""
+        seen = self._slow_paths.get(target.address or "")
+        if seen is None:
+            return self.settings
+        if time.monotonic() - seen > PATH_MEMORY_S:
+            del self._slow_paths[target.address or ""]
+            return self.settings
+        return replace(self.settings, timeouts=stretched(self.settings.timeouts))
+
     async def one(self, target: Target) -> ProbeResult:
         async with self._slot(target):
             self.in_flight += 1
+            settings = self._settings_for(target)
             try:
-                async with asyncio.timeout(probe_deadline(self.settings, target)):
-                    result = await run_guarded(self.probes[target.probe], target, self.settings)
+                async with asyncio.timeout(probe_deadline(settings, target)):
+                    result = await run_guarded(self.probes[target.probe], target, settings)
             except TimeoutError:
                 result = Recorder(target).fail_exc(TimeoutError(), default_operation(target))
             finally:
                 self.in_flight -= 1
+        if settings is not self.settings:
+            result = replace(result, flags=(*result.flags, SLOW_PATH_FLAG))
+        if target.address and _shows_slow_path(result):
+            self._slow_paths[target.address] = time.monotonic()
         self.done += 1
         if self.progress:
             self.progress(self.done, self.total)

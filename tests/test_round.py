@@ -13,6 +13,8 @@ from probe.model import Failure, Operation, ProbeResult, Target, VantageState, f
 from probe.probes.base import Recorder
 from probe.round import (
     MAX_ADDRESSES_PER_FAMILY,
+    SLOW_PATH_FLAG,
+    SLOW_PATH_STRETCH,
     Runner,
     collect_addresses,
     measure_endpoint,
@@ -234,3 +236,24 @@ def test_address_sources_take_turns_so_doh_and_seeds_are_not_crowded_out() -> No
     assert found["157.240.1.5"] == "doh"
     assert found["157.240.2.9"] == "seed"
     assert sum(source == "system" for source in found.values()) == MAX_ADDRESSES_PER_FAMILY - 2
+
+
+async def test_a_path_a_transfer_found_slow_gets_stretched_timeouts_after_it() -> None:
+    seen: list[float] = []
+
+    async def transfer(t: Target, s: ProbeSettings) -> ProbeResult:
+        return Recorder(t).fail(Failure.THROTTLED, Operation.READ, connections=[])
+
+    async def tcp(t: Target, s: ProbeSettings) -> ProbeResult:
+        seen.append(s.timeouts.connect_s)
+        return Recorder(t).ok()
+
+    base = settings(connect_s=1.0)
+    runner = Runner(base, probes={"transfer": transfer, "tcp": tcp})
+    before = await runner.one(target("tcp", "192.0.2.5", 443))
+    await runner.one(target("transfer", "192.0.2.5", 443))
+    after = await runner.one(target("tcp", "192.0.2.5", 443))
+    elsewhere = await runner.one(target("tcp", "192.0.2.6", 443))
+    assert seen == [1.0, 1.0 * SLOW_PATH_STRETCH, 1.0]  # a floor, stretched on that path only
+    assert SLOW_PATH_FLAG in after.flags  # said in the evidence
+    assert SLOW_PATH_FLAG not in before.flags and SLOW_PATH_FLAG not in elsewhere.flags

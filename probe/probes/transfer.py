@@ -74,7 +74,13 @@ from ..wire.tlsrec import server_messages
 from .base import Recorder
 from .params import ParamError, check_keys, number_param, shown, sni_param
 from .tcp import connect, require_address
-from .tls import client_context, handshake_timeout, server_names, while_progressing
+from .tls import (
+    STRETCH_MAX,
+    client_context,
+    handshake_timeout,
+    server_names,
+    while_progressing,
+)
 
 __all__ = ["ConnectionRecord", "TransferParams", "extra_time_s", "parse_params", "probe"]
 
@@ -468,6 +474,7 @@ class _Transfer:
         self.t: Timeouts = settings.timeouts
         self.p = params
         self.longest_gap = 0.0  # over this probe's connections: how slow the path showed
+        self.slow = False  # an earlier connection was throttled or had to resume after a gap
 
     @property
     def confirm_s(self) -> float:
@@ -554,6 +561,8 @@ class _Transfer:
                     rec.longest_gap_s = conn.longest_gap
                 if rec.outcome != "stalled":  # a stall's silence is not a resumed gap
                     self.longest_gap = max(self.longest_gap, conn.longest_gap)
+                slow_rate = rec.kbps is not None and rec.kbps < self.p.throttle_kbps
+                self.slow = self.slow or rec.long_gaps > 0 or (rec.measured and slow_rate)
             if sock is not None:
                 sock.close()  # FIN (RST if unread data remains): we are done either way
         return rec
@@ -561,7 +570,10 @@ class _Transfer:
     async def _connect(self, rec: ConnectionRecord, deadline: float) -> socket.socket:
         start = time.monotonic()
         try:
-            return await connect(self.address, self.port, _left(deadline, self.t.connect_s))
+            # On a path an earlier connection showed to be slow, the shaper's queue may still
+            # hold that connection's tail: the SYN-ACK can wait for a retransmission.
+            limit = self.t.connect_s * (STRETCH_MAX if self.slow else 1.0)
+            return await connect(self.address, self.port, _left(deadline, limit))
         except OSError as exc:  # TimeoutError included
             raise _Failed(classify_exception(exc), Operation.CONNECT) from exc
         finally:
@@ -749,7 +761,18 @@ def _verdict(
 
     if any(c.failure == Failure.STALL_AFTER_BYTES for c in downloads):
         return rec.fail(Failure.STALL_AFTER_BYTES, Operation.READ)
-    failed = next((c for c in downloads + uploads if c.failure is not None), None)
+    # A later connection that could not connect or finish its handshake after an earlier
+    # one was measured met the path's congestion (the shaper's queue), not a block: the
+    # measured throughput stands, the failure stays in its connection record.
+    measured_before = False
+    counted: list[ConnectionRecord] = []
+    for c in downloads + uploads:
+        if measured_before and _ends_probe(c):
+            rec.flag("transfer_connection_failed_after_measured")
+            continue
+        measured_before = measured_before or c.measured
+        counted.append(c)
+    failed = next((c for c in counted if c.failure is not None), None)
     if failed is not None and failed.failed_operation == Operation.TLS_HANDSHAKE:
         # the same shape as the tls probe's, for the verdict's handshake-progress rule
         rec.details["handshake"] = {
