@@ -12,11 +12,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from . import __version__, logs
 from .config import ConfigError, load_config
 from .round import RoundReport, run_round
+from .seeds import known_probes
 from .verdict import Observation, from_api, from_record, judge_round
 
 EXIT_OK = 0  # round done, nothing failed
@@ -31,7 +32,32 @@ _EPILOG = """exit codes:
   3  the vantage is offline: no control target reachable, nothing was measured
 """
 
+# the services the shipped seed lists define (seeds/*.yaml), named in --help
+SHIPPED_SERVICES = ("whatsapp", "telegram", "controls", "controls-ru")
+
 log = logging.getLogger("probe")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog can be computed when help is shown, so listing the
+    lab scenarios costs nothing to commands that never print that help."""
+
+    def __init__(self, *args: Any, epilog_from: Callable[[], str] | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self._epilog_from = epilog_from
+
+    def format_help(self) -> str:
+        if self._epilog_from is not None:
+            self.epilog = self._epilog_from()
+        return super().format_help()
+
+
+def _lab_scenarios() -> str:
+    from .lab.scenarios import CATALOGUE
+
+    return "scenarios (--only NAME):\n" + "\n".join(
+        f"  {s.name:<26} {s.description}" for s in CATALOGUE
+    )
 
 
 def _progress(stream: TextIO) -> Callable[[int, int], None] | None:
@@ -127,6 +153,9 @@ def cmd_archive(args: argparse.Namespace) -> int:
     if directory is None:
         print("probe: the archive is disabled in this config", file=sys.stderr)
         return EXIT_USAGE
+    if not Path(directory).is_dir():
+        print(f"probe: archive: no archive directory at {directory}", file=sys.stderr)
+        return EXIT_USAGE
     since = args.since
     stats = ReadStats()
     for record in iter_archive(
@@ -137,6 +166,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
         print(
             f"probe: skipped {stats.torn} torn and {stats.corrupt} corrupt line(s)", file=sys.stderr
         )
+    if stats.records == 0:
+        print(f"probe: archive: no measurement in {directory} matches", file=sys.stderr)
     return EXIT_OK
 
 
@@ -151,7 +182,7 @@ def _iso_time(text: str) -> datetime:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="probe",
         description="Measure reachability and censorship of WhatsApp and Telegram endpoints.",
         epilog=_EPILOG,
@@ -164,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="default: info for run, warning otherwise",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     once = sub.add_parser(
         "once",
@@ -201,20 +234,31 @@ def build_parser() -> argparse.ArgumentParser:
     arch.add_argument("-c", "--config", help="config whose archive.path to read")
     arch.add_argument("--dir", help="archive directory (overrides the config)")
     arch.add_argument("--since", type=_iso_time, help="ISO 8601 time (UTC if no offset)")
-    arch.add_argument("--service")
-    arch.add_argument("--probe")
+    arch.add_argument(
+        "--service",
+        help="only this service, as named in the config (the shipped lists: "
+        f"{', '.join(SHIPPED_SERVICES)})",
+    )
+    arch.add_argument("--probe", help=f"only this probe type ({', '.join(sorted(known_probes()))})")
     arch.add_argument("--failed", action="store_true", help="only failed measurements")
     arch.set_defaults(func=cmd_archive)
 
     lab = sub.add_parser(
         "lab",
+        epilog_from=_lab_scenarios,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="the censorship lab (root): watch the agent classify each censor behaviour",
         description="demo: build the network-namespace lab, run every scenario (or --only) "
         "and print expected vs observed verdicts; exit 0 if all match.  cleanup: remove "
         "labs left by crashed runs.  See docs/lab.md.",
     )
     lab.add_argument("action", choices=["demo", "cleanup"])
-    lab.add_argument("--only", action="append", metavar="NAME", help="run only this scenario")
+    lab.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="run only this scenario (repeatable; the names are listed below)",
+    )
     lab.add_argument("--force", action="store_true", help="cleanup: also labs of live owners")
     lab.add_argument(
         "--repeat",

@@ -45,7 +45,8 @@ _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
 class ConfigError(Exception):
-    """A configuration or seed file is unusable.  ``str()`` is ``file:line: field: message``."""
+    """A configuration or seed file is unusable.  ``str()`` is ``file:line: field: message``
+    (``file: field: message`` when no line applies, e.g. a missing file)."""
 
     def __init__(self, file: str, line: int | None, field: str, message: str) -> None:
         super().__init__(file, line, field, message)
@@ -55,7 +56,8 @@ class ConfigError(Exception):
         self.message = message
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.field}: {self.message}"
 
 
 def did_you_mean(word: str, known: Collection[str]) -> str:

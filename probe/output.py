@@ -126,8 +126,19 @@ def verdict_lines(verdicts: tuple[EndpointVerdict | ServiceVerdict, ...]) -> lis
     lines = aligned[:2]
     for row, v in zip(aligned[2:], verdicts, strict=True):
         lines.append(row)
-        lines += [f"    {_printable(e)}" for e in v.evidence]
+        lines += [f"    {_printable(e)}" for e in shown_evidence(v.evidence)]
     return lines
+
+
+MAX_SHOWN_EVIDENCE = 12
+
+
+def shown_evidence(evidence: Sequence[str], limit: int = MAX_SHOWN_EVIDENCE) -> list[str]:
+    """What a person reads: the first LIMIT-1 lines and a count of the rest.  Only the
+    table shortens evidence; JSON and the API carry every line."""
+    if len(evidence) <= limit:
+        return list(evidence)
+    return [*evidence[: limit - 1], f"… and {len(evidence) - limit + 1} more"]
 
 
 def table(report: RoundReport) -> str:

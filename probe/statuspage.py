@@ -33,6 +33,7 @@ def _verdict_record(v: Any) -> dict[str, Any]:
         "endpoint": v.endpoint,
         "verdict": v.verdict,
         "confidence": v.confidence,
+        "blocked_fraction": v.blocked_fraction,
         "evidence": to_jsonable(v.evidence),
     }
 

@@ -103,7 +103,6 @@ WEAK = 0.45  # consistent with censorship; an outage explains it as well
 NONE = 0.3  # inconclusive
 _AGREE_BONUS = 0.05  # a repeat on a fresh connection failed the same way
 _MAX_CONFIDENCE = 0.99
-_MAX_EVIDENCE = 12
 
 _CERT = frozenset(
     {Failure.SSL_INVALID_HOSTNAME, Failure.SSL_UNKNOWN_AUTHORITY, Failure.SSL_INVALID_CERTIFICATE}
@@ -325,10 +324,9 @@ def _control(o: Observation) -> str:
 
 
 def _bounded(lines: Iterable[str]) -> tuple[str, ...]:
-    unique = list(dict.fromkeys(lines))
-    if len(unique) <= _MAX_EVIDENCE:
-        return tuple(unique)
-    return (*unique[: _MAX_EVIDENCE - 1], f"… and {len(unique) - _MAX_EVIDENCE + 1} more")
+    """Evidence lines without repeats, in order.  Never truncated here: JSON output and the
+    API are for machines; the table shortens what it shows (``output.shown_evidence``)."""
+    return tuple(dict.fromkeys(lines))
 
 
 def _mapping(o: Observation, key: str) -> Mapping[str, Any]:

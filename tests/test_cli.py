@@ -48,7 +48,8 @@ def test_check_config_rejects_broken_files_in_one_line(
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     # file:line: field: message -- the file may be a seed file the config refers to
-    assert re.match(r"probe: config error: \S+\.ya?ml:(\d+|None): \S+: .+", lines[0]), lines[0]
+    assert re.match(r"probe: config error: \S+\.ya?ml(:\d+)?: \S+: .+", lines[0]), lines[0]
+    assert "None" not in lines[0]
 
 
 async def test_check_config_error_as_a_process_has_no_traceback() -> None:
@@ -191,3 +192,42 @@ def test_archive_since_rejects_a_non_iso_time_in_one_usage_line(
     err = capsys.readouterr().err
     assert "argument --since: 'yesterday' is not an ISO 8601 time" in err
     assert "Traceback" not in err
+
+
+async def test_help_lists_the_values_archive_and_lab_accept() -> None:
+    from probe.lab.scenarios import CATALOGUE
+    from probe.probes import PROBES
+
+    rc, out, _ = await run_cli(*PROBE, "archive", "--help")
+    assert rc == 0
+    assert all(name in out for name in PROBES)
+    assert "whatsapp" in out and "telegram" in out
+    rc, out, _ = await run_cli(*PROBE, "lab", "--help")
+    assert rc == 0
+    assert all(s.name in out for s in CATALOGUE)
+
+
+async def test_archive_says_when_there_is_nothing_to_show(tmp_path: Path) -> None:
+    rc, out, err = await run_cli(*PROBE, "archive", "--dir", str(tmp_path / "nowhere"))
+    assert (rc, out) == (2, "")
+    assert err == f"probe: archive: no archive directory at {tmp_path / 'nowhere'}\n"
+    rc, out, err = await run_cli(*PROBE, "archive", "--dir", str(tmp_path))
+    assert (rc, out) == (0, "")
+    assert err == f"probe: archive: no measurement in {tmp_path} matches\n"
+
+
+LAB_WITHOUT_NFQUEUE = (
+    "import sys; sys.modules['netfilterqueue'] = None  # as if the lab extra were missing\n"
+    "from probe.cli import main; sys.exit(main(['lab', 'demo']))"
+)
+
+
+async def test_lab_demo_without_its_extra_names_the_fix_before_starting() -> None:
+    from probe.lab.topology import lab_available
+
+    if lab_available() is not None:
+        pytest.skip(f"the lab cannot run here anyway: {lab_available()}")
+    rc, out, err = await run_cli(PROBE[0], "-c", LAB_WITHOUT_NFQUEUE)
+    assert (rc, out) == (2, "")
+    assert err.count("\n") == 1, err  # one line, before anything is built
+    assert "pip install '.[lab]'" in err and "libnetfilter-queue-dev" in err

@@ -775,13 +775,15 @@ def test_judge_endpoint_refuses_mixed_or_empty_input() -> None:
         judge_service([])
 
 
-def test_verdicts_are_frozen_and_evidence_is_bounded() -> None:
+def test_verdicts_are_frozen_and_keep_every_evidence_line_once() -> None:
     many = [
         run("tcp", f"192.0.2.{i}", failure="generic_timeout_error", op=CONN) for i in range(1, 40)
     ]
-    v = judge_endpoint(many, [run("tcp", f"192.0.2.{i}") for i in range(1, 40)])
+    v = judge_endpoint(many + many[:5], [run("tcp", f"192.0.2.{i}") for i in range(1, 40)])
     assert v.verdict == Verdict.IP_BLOCKING
-    assert len(v.evidence) <= 12 and v.evidence[-1].startswith("… and ")
+    assert len(v.evidence) > 39  # every address, none cut off for display
+    assert len(set(v.evidence)) == len(v.evidence)  # repeats dropped
+    assert not any(e.startswith("… and ") for e in v.evidence)
     with pytest.raises(AttributeError):
         v.verdict = Verdict.OK  # type: ignore[misc]
 
@@ -1052,3 +1054,14 @@ def test_an_app_handshake_that_got_part_of_its_reply_is_not_protocol_filtering()
 
     assert verdict(0) == Verdict.PROTOCOL_FILTERING
     assert verdict(40) not in BLOCKING
+
+
+def test_api_verdicts_carry_the_blocked_fraction() -> None:
+    """/api/results shows the same verdict fields as `probe once --format json`."""
+    results = [run("tcp", "192.0.2.1", failure="generic_timeout_error", op=CONN), run("tcp")]
+    store = ResultStore()
+    store.record_many(results)
+    store.set_verdicts(judge_round(results))
+    verdicts = results_json(store.snapshot())["verdicts"]
+    assert verdicts and all("blocked_fraction" in v for v in verdicts)
+    assert any(v["blocked_fraction"] not in (None, 0) for v in verdicts)

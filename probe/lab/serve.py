@@ -97,9 +97,11 @@ def behaviour_from_json(obj: Mapping[str, Any]) -> Behaviour:
     if kind == "wrong_id":
         return Behaviour.wrong_id(*addresses, ttl=ttl, delay_s=delay)
     if kind in ("nxdomain", "servfail", "refused", "nodata"):
-        return getattr(Behaviour, kind)(delay_s=delay)
+        rcode: Behaviour = getattr(Behaviour, kind)(delay_s=delay)
+        return rcode
     if kind in ("silence", "close", "reset"):
-        return getattr(Behaviour, kind)()
+        quiet: Behaviour = getattr(Behaviour, kind)()
+        return quiet
     if kind == "garbage":
         if "payload_hex" in obj:
             return Behaviour.garbage(bytes.fromhex(obj["payload_hex"]), delay_s=delay)

@@ -40,6 +40,7 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import importlib.util
 import json
 import logging
 import os
@@ -172,6 +173,13 @@ def lab_available() -> str | None:
             return f"{tool} not installed (apt-get install iproute2 nftables iptables)"
     if not Path("/proc/self/ns/net").exists():
         return "this kernel has no network namespaces"
+    if importlib.util.find_spec("netfilterqueue") is None:
+        # the NFQUEUE handlers (delays, freezes, injection) would fail one scenario in
+        return (
+            "the lab needs the netfilterqueue module: pip install '.[lab]' "
+            "(it builds against Debian's libnetfilter-queue-dev: "
+            "apt-get install libnetfilter-queue-dev build-essential python3-dev)"
+        )
     return None
 
 

@@ -141,7 +141,7 @@ def decode_header(header: bytes, max_len: int = MAX_PACKET) -> int | TransportEr
     """
     if len(header) != 4:
         raise WireError(f"packet header must be 4 bytes, got {len(header)}")
-    (length,) = struct.unpack("<i", header)
+    length: int = struct.unpack("<i", header)[0]
     if length < 0:
         if length >= _MIN_TRANSPORT_ERROR:
             return TransportError(length, framed=False)
