@@ -558,7 +558,7 @@ def test_quic_silence_after_server_datagrams_is_not_quic_filtering() -> None:
     assert verdict(3) not in BLOCKING
 
 
-def test_one_stalled_transfer_connection_among_completed_ones_is_no_freeze() -> None:
+def test_one_stalled_transfer_connection_reads_by_the_others_speed() -> None:
     def verdict(stalled: int, median: float) -> Verdict:
         t = run(
             "transfer",
@@ -574,8 +574,10 @@ def test_one_stalled_transfer_connection_among_completed_ones_is_no_freeze() -> 
 
     assert verdict(3, 900.0) == Verdict.STALL_AFTER_BYTES
     assert verdict(2, 900.0) == Verdict.STALL_AFTER_BYTES
+    # the others crawled: a slow path, where a long silence is congestion's doing
     assert verdict(1, 120.0) == Verdict.THROTTLING
-    assert verdict(1, 900.0) == Verdict.INCONCLUSIVE
+    # the others were fast: a confirmed silence there is B7 hitting one connection
+    assert verdict(1, 900.0) == Verdict.STALL_AFTER_BYTES
 
 
 def test_clean_results_over_several_rounds_are_only_ok() -> None:
