@@ -351,14 +351,23 @@ _PROGRESS_MESSAGES = frozenset(
 )
 
 
+_QUIC_PROGRESS = frozenset({"initial", "handshake", "0RTT", "1RTT"})
+
+
 def _server_progress(o: Observation) -> str | None:
     """What the server sent in a failed TLS/QUIC handshake, when it proves the handshake
     got past the ClientHello (``None``: no server byte, only an alert, or not recorded).
     An SNI filter (B3) or a QUIC v1 filter (B8) acts right after the first packet; a
     handshake the server answered and that then ran out of time met a slow path."""
     if o.base == "quic":
-        received = o.details.get("datagrams_received")
-        if isinstance(received, int) and received > 0:
+        # A version negotiation is no handshake progress (a v1 filter lets it through)
+        types = o.details.get("server_packet_types")
+        if isinstance(types, list | tuple):
+            handshake = [str(t) for t in types if t in _QUIC_PROGRESS]
+            return f"QUIC {', '.join(handshake)} packets from the server" if handshake else None
+        received = o.details.get("datagrams_received")  # a record without packet types
+        vn_only = "quic_vn_lists_our_version" in o.flags
+        if isinstance(received, int) and received > 0 and not vn_only:
             return f"{received} datagrams from the server"
         return None
     hs = _mapping(o, "handshake")
