@@ -385,9 +385,16 @@ def all_endpoints(config: AgentConfig) -> list[Endpoint]:
     return [ep for svc in config.services for ep in svc.endpoints]
 
 
+# The gate's connect waits at least this long: past the SYN retransmissions at 1 s and
+# 3 s, so a lossy uplink is not taken for an offline one (a dead one fails at once, or
+# costs these seconds once per round).
+GATE_CONNECT_FLOOR_S = 3.5
+
+
 async def check_config_vantage(config: AgentConfig) -> VantageState:
     controls = [ep for ep in all_endpoints(config) if ep.role == "control"]
-    return await check_vantage(controls, min(config.timeouts.connect_s, 5.0))
+    timeout = max(min(config.timeouts.connect_s, 5.0), GATE_CONNECT_FLOOR_S)
+    return await check_vantage(controls, timeout)
 
 
 async def run_round(

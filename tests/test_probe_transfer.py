@@ -427,3 +427,23 @@ async def test_freezes_across_the_reported_range_give_their_byte_counts(
     assert result.details["stalled_at_bytes"] == [cut_after]
     for wire in result.details["stalled_at_wire_bytes"]:
         assert cut_after < wire < cut_after + 8 * KIB  # body + handshake + TLS framing
+
+
+async def test_a_flow_the_deadline_cut_short_is_measured_whatever_its_size(
+    leaf: LeafCert, ca_file: str
+) -> None:
+    # a very slow path: far below throttle_min_bytes arrive before transfer_s runs out
+    behaviour = BulkBehaviour(rate_kbps=40, burst_bytes=1024)
+    result, _ = await _run(
+        ca_file,
+        cert=leaf,
+        behaviour=behaviour,
+        params={"connections": 1},
+        transfer_s=1.5,
+        stall_s=1.0,
+    )
+    (conn,) = _conns(result)
+    assert conn["outcome"] == "deadline"
+    assert conn["body_bytes"] < 64 * KIB  # the default throttle_min_bytes
+    assert result.failure == Failure.THROTTLED, result.details
+    assert result.details["measured_connections"] == 1

@@ -730,10 +730,14 @@ def _verdict(
     uploads: list[ConnectionRecord],
 ) -> ProbeResult:
     stalled = [c for c in downloads if c.outcome == "stalled"]
+    # A connection the deadline cut short is measured whatever its size: it ran for the
+    # whole of transfer_s without reaching max_bytes, which is itself the finding.
     down_kbps = [
         c.kbps
         for c in downloads
-        if c.measured and c.kbps is not None and c.body_bytes >= params.throttle_min_bytes
+        if c.measured
+        and c.kbps is not None
+        and (c.body_bytes >= params.throttle_min_bytes or c.outcome == "deadline")
     ]
     up_kbps = [
         c.upload_kbps
