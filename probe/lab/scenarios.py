@@ -608,6 +608,8 @@ CATALOGUE += (
         description="after 28 KiB server->client in one connection to the web address, the "
         "server's packets stop; and a 200 kbit/s policer on the same path",
         mechanism="nft: ct reply bytes >= 28672 drop; tc htb 200kbit + pfifo limit 5",
+        note="stalls just under 28 KiB of IP bytes; the stall is confirmed (no byte for "
+        "stall_s and twice that again) before it counts",
         censor=lambda: (
             c.ByteFreeze([WEB], after_bytes=28 * 1024),
             c.Throttle([WEB], rate_kbit=200, queue_packets=5),
