@@ -284,9 +284,6 @@ class _Finding:
     def blocking(self) -> bool:
         return self.verdict in BLOCKING
 
-    def weaker(self, factor: float, note: str) -> _Finding:
-        return _Finding(self.verdict, self.confidence * factor, (*self.evidence, note))
-
     def stronger(self, note: str) -> _Finding:
         confidence = min(_MAX_CONFIDENCE, self.confidence + _AGREE_BONUS)
         return _Finding(self.verdict, confidence, (*self.evidence, note))
@@ -712,7 +709,7 @@ def _transfer_rule(ctx: _Context, o: Observation) -> _Finding:
         why = f"{count if count is not None else '?'} of {attempted or '?'} "
         why += f"connections stalled at {', '.join(str(b) for b in stalled[:4])} bytes"
         if count == 1 and isinstance(attempted, int) and attempted > 1:
-            return _lone_stall(ctx, o, why)
+            return _lone_stall(o, why)
         return _by_control(
             ctx, o, Verdict.STALL_AFTER_BYTES, with_control=CERTAIN, without=GOOD, why=why
         )
@@ -729,22 +726,17 @@ def _transfer_rule(ctx: _Context, o: Observation) -> _Finding:
     )
 
 
-def _lone_stall(ctx: _Context, o: Observation, why: str) -> _Finding:
-    """One confirmed stall next to connections that did not stall.  On a slow path (their
-    median rate below the threshold) that is the path's congestion, read as throttling;
-    on a fast one congestion cannot explain a silence that never ended: B7 hitting some
-    connections and not others, claimed with less confidence."""
+def _lone_stall(o: Observation, why: str) -> _Finding:
+    """One confirmed stall next to connections that did not stall: not reproduced, so no
+    freeze is claimed.  On a slow path (their median rate below the threshold) the
+    silence is the path's congestion: throttling."""
     d = o.details
     median, limit = d.get("median_kbps"), d.get("throttle_kbps")
-    why += "; the other connections did not stall"
+    why += "; the other connections did not stall: not reproduced"
     if isinstance(median, int | float) and isinstance(limit, int | float) and median < limit:
-        why += f" and ran at a median {median} kbps, below {limit} kbps: a slow path"
+        why += f"; they ran at a median {median} kbps, below {limit} kbps: a slow path"
         return _Finding(Verdict.THROTTLING, FAIR, (describe(o), why))
-    if not isinstance(median, int | float):
-        why += ", but no rate was measured to show the path is fast: not reproduced"
-        return _Finding(Verdict.INCONCLUSIVE, NONE, (describe(o), why))
-    why += f" and ran at a median {median} kbps: the path is fast, the silence never ended"
-    return _by_control(ctx, o, Verdict.STALL_AFTER_BYTES, with_control=GOOD, without=FAIR, why=why)
+    return _Finding(Verdict.INCONCLUSIVE, NONE, (describe(o), why))
 
 
 def _app_rule(ctx: _Context, o: Observation) -> _Finding:

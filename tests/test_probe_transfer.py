@@ -23,6 +23,9 @@ from tests.helpers import refusing_port, settings, target
 HOST = "bulk.test"
 KIB = 1024
 STALL_S = 0.5
+# A server that stops writing on loopback still answers keepalives from its kernel, so the
+# probe watches such a silence to the deadline (the path works): keep that short here.
+FROZEN_DEADLINE_S = 2.0
 
 
 def _ipv6_loopback() -> bool:
@@ -130,7 +133,9 @@ async def test_max_bytes_stops_reading(leaf: LeafCert, ca_file: str) -> None:
 
 async def test_freeze_after_16k_is_stall_after_bytes(leaf: LeafCert, ca_file: str) -> None:
     behaviour = BulkBehaviour(mode="freeze", cut_after=16 * KIB)
-    result, server = await _run(ca_file, cert=leaf, behaviour=behaviour, stall_s=STALL_S)
+    result, server = await _run(
+        ca_file, cert=leaf, behaviour=behaviour, stall_s=STALL_S, transfer_s=FROZEN_DEADLINE_S
+    )
     assert result.failure == Failure.STALL_AFTER_BYTES
     assert result.failed_operation is Operation.READ
     assert result.details["stalled_at_bytes"] == [16 * KIB] * 3
@@ -143,7 +148,9 @@ async def test_freeze_after_16k_is_stall_after_bytes(leaf: LeafCert, ca_file: st
         assert conn["stage"] == "body"
         # watched for stall_s and then the confirm window: it never resumed
         assert conn["silent_s"] >= (1 + transfer.CONFIRM_FACTOR) * STALL_S
-        assert conn["duration_s"] < 30  # not the (default) deadline
+        # the server's kernel kept answering keepalives: the path works, so the silence
+        # was watched up to the deadline before it counted
+        assert conn["acks_in_silence"] is True
     assert result.failure == "stall_after_bytes"  # bounded: the byte counts live in details
 
 
@@ -151,7 +158,9 @@ async def test_freeze_on_some_connections_is_reported_with_its_fraction(
     leaf: LeafCert, ca_file: str
 ) -> None:
     behaviour = BulkBehaviour(mode="freeze", cut_after=16 * KIB, cut_every=2, body_bytes=128 * KIB)
-    result, server = await _run(ca_file, cert=leaf, behaviour=behaviour, stall_s=STALL_S)
+    result, server = await _run(
+        ca_file, cert=leaf, behaviour=behaviour, stall_s=STALL_S, transfer_s=FROZEN_DEADLINE_S
+    )
     assert result.failure == Failure.STALL_AFTER_BYTES
     assert [c["outcome"] for c in _conns(result)] == ["complete", "stalled", "complete"]
     assert result.details["stalled_connections"] == 1
@@ -178,6 +187,7 @@ async def test_stall_beyond_the_window_is_a_timeout(
         behaviour=behaviour,
         params={"connections": 1, **params},
         stall_s=STALL_S,
+        transfer_s=FROZEN_DEADLINE_S,
     )
     assert result.failure == failure
     assert result.failed_operation is Operation.READ
@@ -205,6 +215,7 @@ async def test_silent_server_after_handshake(
         params={"connections": 1},
         app_s=STALL_S,
         stall_s=STALL_S,
+        transfer_s=FROZEN_DEADLINE_S,
     )
     assert result.failure == failure
     assert result.failed_operation is Operation.READ
@@ -404,6 +415,7 @@ async def test_a_gap_longer_than_stall_s_that_resumes_is_no_stall(
         behaviour=behaviour,
         params={"connections": 1, "throttle_kbps": 1},
         stall_s=STALL_S,
+        transfer_s=FROZEN_DEADLINE_S,
     )
     assert result.ok, result.details
     (conn,) = _conns(result)
@@ -421,7 +433,12 @@ async def test_freezes_across_the_reported_range_give_their_byte_counts(
 ) -> None:
     behaviour = BulkBehaviour(mode="freeze", cut_after=cut_after)
     result, _ = await _run(
-        ca_file, cert=leaf, behaviour=behaviour, params={"connections": 1}, stall_s=STALL_S
+        ca_file,
+        cert=leaf,
+        behaviour=behaviour,
+        params={"connections": 1},
+        stall_s=STALL_S,
+        transfer_s=FROZEN_DEADLINE_S,
     )
     assert result.failure == Failure.STALL_AFTER_BYTES
     assert result.details["stalled_at_bytes"] == [cut_after]

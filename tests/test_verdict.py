@@ -590,8 +590,8 @@ def test_one_stalled_transfer_connection_reads_by_the_others_speed() -> None:
     assert verdict(2, 900.0) == Verdict.STALL_AFTER_BYTES
     # the others crawled: a slow path, where a long silence is congestion's doing
     assert verdict(1, 120.0) == Verdict.THROTTLING
-    # the others were fast: a confirmed silence there is B7 hitting one connection
-    assert verdict(1, 900.0) == Verdict.STALL_AFTER_BYTES
+    # one stall the other connections do not reproduce accuses no one (loss can do it)
+    assert verdict(1, 900.0) == Verdict.INCONCLUSIVE
 
 
 def test_clean_results_over_several_rounds_are_only_ok() -> None:

@@ -73,7 +73,7 @@ from ..wire.http1 import (
 from ..wire.tlsrec import server_messages
 from .base import Recorder
 from .params import ParamError, check_keys, number_param, shown, sni_param
-from .tcp import connect, require_address
+from .tcp import connect, require_address, since_last_ack, watch_path
 from .tls import (
     STRETCH_MAX,
     client_context,
@@ -93,6 +93,7 @@ _MAX_INTERIM = 4  # 1xx responses tolerated before the real one
 # longest gap that resumed): an exponential retransmission back-off doubles each gap, so
 # a flow that is merely shaped resumes within twice its last gap.
 CONFIRM_FACTOR = 2.0
+_ACK_MARGIN_S = 0.1  # an ACK this long after the last data byte was not part of it
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ class ConnectionRecord:
     stalled_at_bytes: int | None = None  # body bytes when the flow stopped
     stalled_at_wire_bytes: int | None = None
     silent_s: float | None = None  # a stall: how long the flow was watched without a byte
+    acks_in_silence: bool | None = None  # a stall: the server's kernel still answered
     longest_gap_s: float | None = None  # longest silence that ended with a byte (response)
     long_gaps: int = 0  # silences of at least stall_s that resumed: not stalls
     kbps: float | None = None  # server->client, over the response's wire bytes
@@ -339,6 +341,9 @@ class _TLSConn:
         except OSError:
             pass
 
+    def since_last_ack(self) -> float | None:
+        return since_last_ack(self._sock)
+
     async def _receive(self) -> None:
         if self._raw_eof:  # OpenSSL wants more after EOF: never spin on a closed socket
             raise EOFError("peer closed the connection")
@@ -382,7 +387,8 @@ class _Reader:
         self.t_sent = time.monotonic()
         self.first_byte_by = self.t_sent + first_byte_s
         self.stall_s = stall_s
-        self.silence_limit = stall_s + confirm_s  # a stall, confirmed
+        self.confirm_s = confirm_s
+        self.watch_to_deadline = False  # the path answers keepalives: watch it to the end
         # uploads: bytes still queued in buffers may take long to drain, so the stall clock
         # starts only once the server has answered, not at the first TCP byte back
         self.stall_from_plaintext = stall_from_plaintext
@@ -406,24 +412,40 @@ class _Reader:
     def _budget(self) -> float:
         now = time.monotonic()
         left = self.deadline - now
+        # The confirm window grows with the longest gap that already resumed on this very
+        # connection: each retransmission back-off doubles the gap.
+        confirm = max(self.confirm_s, CONFIRM_FACTOR * self.conn.longest_gap)
         clock, limit = (
-            ("stall", self.silence_limit)
+            ("stall", self.stall_s + confirm)
             if self.started
             else ("first_byte", self.first_byte_by - now)
         )
+        if self.watch_to_deadline:
+            clock, limit = "deadline", left
         if left <= limit:
             self.clock = "deadline"
             return max(left, 0.0)
         self.clock = clock
         return limit
 
+    def path_alive(self) -> bool:
+        """An ACK came back from the server's kernel during this silence (a keepalive's
+        answer): the path works both ways, so the flow may yet resume."""
+        since = self.conn.since_last_ack()
+        return since is not None and since < self.silent_s() - _ACK_MARGIN_S
+
     async def next(self) -> bytes:
-        try:
-            data = await self.conn.recv(self._budget)
-        except TimeoutError:
-            raise _Timeout(self.clock) from None
-        except (OSError, EOFError) as exc:  # RST, TLS alert or bad record mid-stream
-            raise _Failed(classify_exception(exc), Operation.READ) from exc
+        while True:  # bounded: the second pass runs to the deadline at most
+            try:
+                data = await self.conn.recv(self._budget)
+                break
+            except TimeoutError:
+                if self.clock == "stall" and not self.watch_to_deadline and self.path_alive():
+                    self.watch_to_deadline = True
+                    continue
+                raise _Timeout(self.clock) from None
+            except (OSError, EOFError) as exc:  # RST, TLS alert or bad record mid-stream
+                raise _Failed(classify_exception(exc), Operation.READ) from exc
         if data and self.t_first_plaintext is None:
             self.t_first_plaintext = time.monotonic()
         return data
@@ -541,6 +563,7 @@ class _Transfer:
         conn: _TLSConn | None = None
         try:
             sock = await self._connect(rec, deadline)
+            watch_path(sock)
             conn = _TLSConn(sock, self.ctx, self.verify_name)
             await self._handshake(rec, conn, deadline)
             await exchange(conn, deadline)
@@ -671,6 +694,7 @@ class _Transfer:
                 return
             raise _Failed(Failure.GENERIC_TIMEOUT, Operation.READ, stage)
         rec.silent_s = silent
+        rec.acks_in_silence = reader.watch_to_deadline
         rec.stalled_at_bytes = rec.body_bytes
         rec.stalled_at_wire_bytes = reader.conn.wire_in
         in_window = reader.conn.wire_in <= self.p.stall_max_bytes
