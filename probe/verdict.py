@@ -522,6 +522,9 @@ def _tls_interference_rule(ctx: _Context, o: Observation) -> _Finding:
     progress = _server_progress(o)
     if progress is not None:
         return _progressed(o, progress)
+    unreproduced = _unreproduced_handshake_failure(ctx, o)
+    if unreproduced is not None:
+        return unreproduced
     stage = _mapping(o, "handshake").get("stage")
     lines = [describe(o) + (f", {stage}" if stage else "")]
     if ctl is not None:
@@ -555,6 +558,38 @@ def _tls_interference_rule(ctx: _Context, o: Observation) -> _Finding:
         return _Finding(Verdict.INCONCLUSIVE, NONE, tuple(lines))
     lines.append("no neutral-SNI swap: SNI filtering is the usual cause, not proven")
     return _Finding(Verdict.TLS_SNI_FILTERING, FAIR, tuple(lines))
+
+
+def _unreproduced_handshake_failure(ctx: _Context, o: Observation) -> _Finding | None:
+    """Agreement before accusation, across every handshake with the same name to the same
+    address and port in the round (``tls``, its repeat, ``transfer``'s connections): one
+    that completed, or a failure nothing reproduced, is no filter (random loss can starve
+    one handshake of every server byte).  None when the failures agree."""
+    same = [
+        r
+        for r in ctx.results
+        if r.base in ("tls", "transfer")
+        and _is_repeat(r)
+        and (r.address, r.port) == (o.address, o.port)
+        and r.details.get("sni", o.details.get("sni")) == o.details.get("sni", r.details.get("sni"))
+    ]
+    completed = [
+        r for r in same if r.ok or r.failed_operation not in (None, "connect", "tls_handshake")
+    ]
+    if completed:
+        why = "the same name's handshake completes on this address in this round: not a filter"
+        return _Finding(Verdict.INCONCLUSIVE, NONE, (describe(o), describe(completed[0]), why))
+    failed = [
+        r
+        for r in same
+        if r.failed_operation == "tls_handshake"
+        and r.kind in _TLS_INTERFERENCE
+        and _server_progress(r) is None
+    ]
+    if len(failed) < 2:
+        why = "one handshake failed and nothing reproduced it (no repeat failed alike)"
+        return _Finding(Verdict.INCONCLUSIVE, NONE, (describe(o), why))
+    return None
 
 
 def _fingerprint(o: Observation) -> str | None:

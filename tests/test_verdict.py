@@ -237,6 +237,7 @@ CASES = [
         [
             run("tcp"),
             run("tls", failure="connection_reset", op=HS, **RESET_AFTER_HELLO),
+            run("tls", failure="connection_reset", op=HS, variant="repeat", **RESET_AFTER_HELLO),
             run("tls", variant="neutral_sni", overrides={"sni": "example.com"}),
         ],
         Verdict.TLS_SNI_FILTERING,
@@ -247,6 +248,7 @@ CASES = [
         "sni_filter_neutral_swap_with_name_mismatch_still_confirms",
         [
             run("tls", failure="generic_timeout_error", op=HS, **RESET_AFTER_HELLO),
+            run("transfer", failure="generic_timeout_error", op=HS),  # the same name, alike
             run("tls", failure="ssl_invalid_hostname", op=HS, variant="neutral_sni"),
         ],
         Verdict.TLS_SNI_FILTERING,
@@ -257,6 +259,7 @@ CASES = [
         "sni_filter_confirmed_by_control_too",
         [
             run("tls", failure="eof_error", op=HS),
+            run("tls", failure="eof_error", op=HS, variant="repeat"),
             run("tls", variant="neutral_sni"),
         ],
         Verdict.TLS_SNI_FILTERING,
@@ -267,6 +270,7 @@ CASES = [
         "neutral_swap_fails_too_with_control_is_not_sni_specific",
         [
             run("tls", failure="connection_reset", op=HS),
+            run("tls", failure="connection_reset", op=HS, variant="repeat"),
             run("tls", failure="connection_reset", op=HS, variant="neutral_sni"),
         ],
         Verdict.PROTOCOL_FILTERING,
@@ -758,9 +762,13 @@ def test_minimal_normalised_form_is_enough_for_a_control() -> None:
 def test_control_of_a_hostname_endpoint_at_another_address_still_counts() -> None:
     # the control vantage's DNS gave it another address of the same CDN
     control = [run("tls", "198.51.100.20")]
-    v = judge_endpoint([run("tls", failure="connection_reset", op=HS)], control)
+    failed = [
+        run("tls", failure="connection_reset", op=HS),
+        run("tls", failure="connection_reset", op=HS, variant="repeat"),
+    ]
+    v = judge_endpoint(failed, control)
     assert v.verdict == Verdict.TLS_SNI_FILTERING  # no swap: the lower-confidence reading
-    assert v.confidence == 0.6
+    assert v.confidence == 0.65  # 0.6, and the repeat agreed
 
 
 def test_control_results_of_other_endpoints_are_ignored() -> None:
@@ -1081,3 +1089,16 @@ def test_api_verdicts_carry_the_blocked_fraction() -> None:
     verdicts = results_json(store.snapshot())["verdicts"]
     assert verdicts and all("blocked_fraction" in v for v in verdicts)
     assert any(v["blocked_fraction"] not in (None, 0) for v in verdicts)
+
+
+def test_one_handshake_failure_nothing_reproduced_is_no_sni_filter() -> None:
+    # 15 % loss: the transfer's handshake got no server byte, the neutral SNI got through
+    # by luck, and the tls probe's handshake with the same name completed
+    swap = run("tls", failure="ssl_invalid_hostname", op=HS, variant="neutral_sni")
+    lone = run("transfer", failure="generic_timeout_error", op=HS, handshake=SILENT)
+    v = judge_endpoint([run("tls"), lone, swap], [run("transfer"), run("tls")])
+    assert v.verdict not in BLOCKING, v.evidence
+    assert any("handshake completes on this address" in e for e in v.evidence)
+    alone = judge_endpoint([lone, swap], [run("transfer")])
+    assert alone.verdict not in BLOCKING, alone.evidence
+    assert any("nothing reproduced it" in e for e in alone.evidence)
