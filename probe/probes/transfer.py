@@ -510,10 +510,12 @@ class _Transfer:
 
         async def exchange(conn: _TLSConn, deadline: float) -> None:
             await self._send(conn, request, deadline, self.t.app_s)
+            # app_s is a floor for the first byte too: after a slow connect, it grows
+            first_byte_s, _ = handshake_timeout(self.t.app_s, rec.connect_s)
             reader = _Reader(
                 conn,
                 deadline,
-                self.t.app_s,
+                first_byte_s,
                 self.t.stall_s,
                 confirm_s=self.confirm_s,
                 stall_from_plaintext=False,
