@@ -312,7 +312,9 @@ def _handshake(
     if not any(p in result.phases for p in phases) and result.failed_operation != operation:
         return []
     details = result.details
-    certs = details.get("peer_certificates", details.get("peer_certificate"))
+    # The tls and quic probes keep the chain (base64 DER, leaf first) when verification
+    # failed: that is where a MITM's forged certificate reaches the archive.
+    certs = details.get("peer_certificates")
     t0, t = _span(timeline, phases, result.duration_s)
     return [
         {
@@ -321,7 +323,9 @@ def _handshake(
             "cipher_suite": str(details.get("cipher_suite") or details.get("cipher") or ""),
             "failure": _failure_at(result, operation),
             "negotiated_protocol": str(details.get("alpn") or ""),
-            "no_tls_verify": bool(details.get("no_tls_verify", False)),
+            # Our handshakes always verify; the evidence-only second connection of the
+            # tls probe is not a handshake of the measurement.
+            "no_tls_verify": False,
             "peer_certificates": [_certificate(c) for c in _as_list(certs)],
             "server_name": target.server_name or "",
             "t0": t0,

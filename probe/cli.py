@@ -12,13 +12,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__, logs
 from .config import ConfigError, load_config
+from .model import Endpoint
 from .round import RoundReport, run_round
 from .seeds import known_probes
+from .settings import AgentConfig
 from .verdict import Observation, from_api, from_record, judge_round
+
+if TYPE_CHECKING:
+    from .archive import ArchiveWriter
 
 EXIT_OK = 0  # round done, nothing failed
 EXIT_FAILURES = 1  # round done, at least one probe failed (see the results)
@@ -87,10 +92,14 @@ def cmd_once(args: argparse.Namespace) -> int:
     logs.setup(config.log_format, args.log_level or "warning")
     log.info("round starting", extra={"config": config.source, "vantage": config.vantage.name})
     control = _control_results(args.control_results) if args.control_results else None
+    archive = _open_archive(config, args.archive) if args.archive else None
     report = asyncio.run(run_round(config, progress=_progress(sys.stderr)))
+    if archive is not None:
+        _archive(archive, report)
     if control is not None:
         # The same round, judged again next to what the control vantage saw.
-        report = replace(report, verdicts=judge_round(report.results, control=control))
+        verdicts = judge_round(report.results, control=control, vantage_role=config.vantage.role)
+        report = replace(report, verdicts=verdicts)
     if args.format == "json":
         for line in json_lines(report):
             sys.stdout.write(line + "\n")
@@ -98,6 +107,27 @@ def cmd_once(args: argparse.Namespace) -> int:
         sys.stdout.write(table(report))
     log.info("round finished", extra={"summary": summary(report)})
     return _exit_code(report)
+
+
+def _open_archive(config: AgentConfig, directory: str) -> ArchiveWriter:
+    """Opened before the round, so a bad directory costs no measuring."""
+    from .archive import ArchiveWriter
+
+    try:
+        settings = replace(config.archive, path=directory)
+        writer = ArchiveWriter.from_settings(settings, config.vantage)
+    except OSError as exc:
+        raise UsageError(f"--archive {directory}: {exc.strerror or exc}") from exc
+    assert writer is not None  # the path is set
+    return writer
+
+
+def _archive(writer: ArchiveWriter, report: RoundReport) -> None:
+    with writer:
+        for result in report.results:
+            writer.write(result)
+    if writer.write_errors:
+        log.warning("archive write errors", extra={"lost": writer.write_errors})
 
 
 class UsageError(Exception):
@@ -127,6 +157,32 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if args.action == "cleanup":
         return cleanup(force=args.force)
     return demo(args.only or (), repeat=args.repeat)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .trace import TraceError
+    from .tracecmd import main as trace_main
+
+    endpoints: list[Endpoint] = []
+    vantage_asn = args.vantage_asn
+    if not _looks_like_ip(args.target) or args.config:
+        config = load_config(args.config)
+        endpoints = [ep for svc in config.services for ep in svc.endpoints]
+        vantage_asn = vantage_asn or config.vantage.asn or None
+    try:
+        return trace_main(args, endpoints, vantage_asn)
+    except TraceError as exc:
+        raise UsageError(f"trace: {exc}") from exc
+
+
+def _looks_like_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -218,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="judge verdicts next to a control vantage's results: its `probe once "
         "--format json` output or its /api/results document",
     )
+    once.add_argument(
+        "--archive",
+        metavar="DIR",
+        help="also append the round's measurements to the archive in DIR (OONI-style "
+        "JSON Lines, docs/archive.md; rotation settings from the config's archive:)",
+    )
     once.set_defaults(func=cmd_once)
 
     run = sub.add_parser(
@@ -269,6 +331,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="demo: run each scenario N times in a row (1-50); a tally per scenario at the end",
     )
     lab.set_defaults(func=cmd_lab)
+
+    trace = sub.add_parser(
+        "trace",
+        help="locate the censor: repeat a path's triggering packet with increasing TTL",
+        description="Censor localisation (docs/trace.md): sends the triggering packet of "
+        "a path (TCP SYN, TLS ClientHello, QUIC Initial, STUN request, DNS query) with "
+        "TTL 1, 2, ... and reports the hop at which the block appears.  No privileges "
+        "needed.  Sends real packets to TARGET: never part of `probe run`.",
+    )
+    trace.add_argument("target", help="service/endpoint from the config, or an IP address")
+    trace.add_argument("-c", "--config", help="config file (default: the embedded default)")
+    trace.add_argument("--probe", choices=["tcp", "tls", "quic", "stun", "dns"], help="the trigger")
+    trace.add_argument("--port", type=int, help="default: the endpoint's (443, 3478, 53)")
+    trace.add_argument("--sni", help="tls: the SNI (default: the endpoint's)")
+    trace.add_argument("--name", help="dns: the name to query")
+    trace.add_argument("--max-hops", type=int, default=12, help="1..32 (default 12)")
+    trace.add_argument("--timeout", type=float, default=1.0, help="seconds per TTL")
+    trace.add_argument("--interval", type=float, default=0.1, help="seconds between probes")
+    trace.add_argument(
+        "--asn-map",
+        metavar="FILE",
+        help="prefix-to-AS table ('PREFIX ASN' lines or a RouteViews pfx2as dump): names the "
+        "censor hop's AS and whether it is the vantage's own",
+    )
+    trace.add_argument("--vantage-asn", help="the vantage's AS (default: the config's)")
+    trace.add_argument("--format", choices=["table", "json"], default="table")
+    trace.set_defaults(func=cmd_trace)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")

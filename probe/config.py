@@ -36,6 +36,7 @@ from .seeds import _load_resource, decode_service, known_probes, load_seed_file,
 from .settings import (
     AgentConfig,
     ArchiveSettings,
+    ControlSettings,
     HostPort,
     Resolvers,
     Schedule,
@@ -63,10 +64,20 @@ TOP_KEYS = (
     "listen",
     "archive",
     "web",
+    "control",
     "log_format",
 )
 _SECTIONS = frozenset(
-    {"vantage", "schedule", "timeouts", "resolvers", "tls", "swaps", "archive", "web"}
+    {"vantage", "schedule", "timeouts", "resolvers", "tls", "swaps", "archive", "web", "control"}
+)
+CONTROL_KEYS = (
+    "urls",
+    "ca_file",
+    "basic_auth_file",
+    "poll_interval_s",
+    "max_age_s",
+    "timeout_s",
+    "max_bytes",
 )
 LOG_FORMATS = ("json", "logfmt")
 VANTAGE_ROLES = ("test", "control")
@@ -128,6 +139,7 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
         "listen": lambda n: _hostport(n, ip_only=False),
         "archive": lambda n: _archive(n, base_dir),
         "web": lambda n: _web(n, base_dir),
+        "control": lambda n: _control(n, base_dir),
         "log_format": lambda n: n.choice(LOG_FORMATS),
     }
     d = {key: decoders[key](node) for key, node in m.items()}
@@ -146,6 +158,11 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
     resolvers: Resolvers = d.get("resolvers", Resolvers())
     _check_resolvable(m.get("resolvers") or root, resolvers, services)
 
+    vantage = d.get("vantage", AgentConfig().vantage)
+    if "control" in m and vantage.role == "control":
+        # A control is the reference others are judged against; it judges alone.
+        m["control"].fail("a vantage with role: control takes no control vantage of its own")
+
     default = AgentConfig()
     return AgentConfig(
         vantage=d.get("vantage", default.vantage),
@@ -159,6 +176,7 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
         listen=d.get("listen", default.listen),
         archive=d.get("archive", default.archive),
         web=d.get("web", default.web),
+        control=d.get("control"),
         log_format=d.get("log_format", default.log_format),
         source=file,
     )
@@ -327,6 +345,64 @@ def _web(n: Node, base_dir: Path) -> WebSettings:
         tls_key_file=files_.get("tls_key_file"),
         basic_auth_users=freeze(users),
     )
+
+
+def _control(n: Node, base_dir: Path) -> ControlSettings:
+    m = n.mapping(CONTROL_KEYS, required=("urls",))
+    d = ControlSettings()
+    urls = tuple(m["urls"].unique_list_of(_control_url, nonempty=True))
+    ca_file = None
+    if "ca_file" in m and not m["ca_file"].is_null:
+        ca_file = _existing_file(m["ca_file"], base_dir)
+    auth_file, auth = None, None
+    if "basic_auth_file" in m and not m["basic_auth_file"].is_null:
+        auth_file = _existing_file(m["basic_auth_file"], base_dir)
+        auth = _credentials(m["basic_auth_file"], Path(auth_file))
+    poll = m["poll_interval_s"].seconds() if "poll_interval_s" in m else d.poll_interval_s
+    max_age = m["max_age_s"].seconds() if "max_age_s" in m else d.max_age_s
+    if max_age < poll:
+        # Results would expire between two polls: half the time there would be no control.
+        (m.get("max_age_s") or m["poll_interval_s"]).fail(
+            f"max_age_s ({max_age:g}) must be at least poll_interval_s ({poll:g})"
+        )
+    return ControlSettings(
+        urls=urls,
+        ca_file=ca_file,
+        basic_auth_file=auth_file,
+        basic_auth=auth,
+        poll_interval_s=poll,
+        max_age_s=max_age,
+        timeout_s=m["timeout_s"].seconds() if "timeout_s" in m else d.timeout_s,
+        max_bytes=m["max_bytes"].as_int(1024) if "max_bytes" in m else d.max_bytes,
+    )
+
+
+def _control_url(n: Node) -> str:
+    value = n.as_str()
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        n.fail(
+            f"{value!r} is not a control agent URL like https://control.example:9464/api/results"
+        )
+    if parts.username is not None or parts.password is not None:
+        n.fail("credentials never go in the URL: put USER:PASSWORD in control.basic_auth_file")
+    try:
+        parts.port  # noqa: B018  # raises on a non-numeric or out-of-range port
+    except ValueError:
+        n.fail(f"{value!r} has an invalid port")
+    return value
+
+
+def _credentials(n: Node, path: Path) -> tuple[str, str]:
+    """USER:PASSWORD, the first line of the file.  Errors never quote the file's content."""
+    try:
+        line = path.read_text(encoding="utf-8").splitlines()[0] if path.stat().st_size else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        n.fail(f"cannot read {path}: {type(exc).__name__}")
+    user, sep, password = line.strip().partition(":")
+    if not sep or not user or not password:
+        n.fail(f"{path}: the first line must be USER:PASSWORD")
+    return user, password
 
 
 def _existing_file(n: Node, base_dir: Path) -> str:

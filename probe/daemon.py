@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .archive import ArchiveWriter
 from .config import ConfigError, load_config
+from .control import ControlPoller, judged_alone
 from .exporter import make_registry
 from .model import ProbeResult, SkipReason, VantageState, utcnow
 from .results import Key, ResultStore, Snapshot
@@ -35,7 +36,7 @@ from .round import resolver_ids
 from .scheduler import Scheduler
 from .settings import AgentConfig, WebSettings
 from .statuspage import render_status_page, results_json
-from .verdict import judge_round
+from .verdict import EndpointVerdict, Observation, ServiceVerdict, judge_round
 
 log = logging.getLogger("probe.daemon")
 _T = TypeVar("_T")
@@ -76,6 +77,7 @@ class Agent:
         self.render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
         self.auth_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auth")
         self._judge_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verdicts")
+        self.control: ControlPoller | None = None
 
     # -- measurements ----------------------------------------------------------
 
@@ -126,21 +128,47 @@ class Agent:
             await self._judge_wanted.wait()
             self._judge_wanted.clear()
             results = list(self.store.snapshot().results.values())
+            control, why_alone = self._control_now()
+            role = self.config.vantage.role
             try:
-                verdicts = await loop.run_in_executor(self._judge_pool, judge_round, results)
+                verdicts = await loop.run_in_executor(
+                    self._judge_pool, _judge, results, control, why_alone, role
+                )
                 self.store.set_verdicts(verdicts)
             except Exception:  # a verdict bug must not stop the agent measuring
                 log.exception("judging verdicts failed")
             await asyncio.sleep(JUDGE_INTERVAL_S)
 
+    def _control_now(self) -> tuple[list[Observation] | None, str | None]:
+        """The fresh control results to judge with, or None and why there are none
+        (None, None: no control configured, nothing to say)."""
+        if self.control is None:
+            return None, None
+        fresh = self.control.fresh()
+        return (fresh, None) if fresh else (None, self.control.why_alone())
+
     def on_vantage(self, state: VantageState) -> None:
         self.store.record_vantage(state)
+
+    def on_control(self) -> None:
+        """A control poll finished: publish its state and judge again with what it gave."""
+        if self.control is not None:
+            self.store.set_controls(self.control.statuses())
+        self._judge_soon()
+
+    def _start_control(self) -> None:
+        settings = self.config.control
+        self.control = ControlPoller(settings, self.on_control) if settings else None
+        self.store.set_controls(self.control.statuses() if self.control else ())
+        if self.control is not None:
+            self.control.start()
 
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
         self.scheduler = Scheduler(self.config, self.on_results, self.on_vantage)
         self.scheduler.start()
+        self._start_control()
         self._stats_task = asyncio.create_task(self._publish_stats())
 
     async def _publish_stats(self) -> None:
@@ -191,8 +219,12 @@ class Agent:
         if self.scheduler is not None:
             await self.scheduler.stop(SHUTDOWN_GRACE_S)
             history = self.scheduler.history
-        self.config = new
+        old_control, self.config = self.config.control, new
         self.store.set_vantage(new.vantage)
+        if new.control != old_control:  # unchanged: keep polling (and the results it has)
+            if self.control is not None:
+                await self.control.stop()
+            self._start_control()
         await self._swap_archive(archive)
         configured = _still_configured(new)
         self.store.replace_targets(k for k in self.store.snapshot().results if configured(k))
@@ -229,10 +261,23 @@ class Agent:
         async with self._reload_lock:  # a reload under way finishes (or gives up) first
             if self.scheduler is not None:
                 await self.scheduler.stop(SHUTDOWN_GRACE_S)
+            if self.control is not None:
+                await self.control.stop()
         if self.archive is not None:
             self.archive.close()
         for pool in (self.render_pool, self.auth_pool, self._judge_pool):
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _judge(
+    results: Sequence[ProbeResult],
+    control: Sequence[Observation] | None,
+    why_alone: str | None,
+    vantage_role: str,
+) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
+    """Verdicts with the control's fresh results, or alone and saying so (``why_alone``)."""
+    verdicts = judge_round(results, control=control, vantage_role=vantage_role)
+    return verdicts if why_alone is None else judged_alone(verdicts, why_alone)
 
 
 def _still_configured(config: AgentConfig) -> Callable[[Key], bool]:

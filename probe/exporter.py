@@ -22,6 +22,7 @@ recent success, so one blocked address is never hidden by a working one
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 
@@ -109,6 +110,7 @@ class ProbeCollector(Collector):
         yield _latency_histogram(snapshot)
         yield from _verdict_metrics(snapshot)
         yield from _vantage_metrics(snapshot)
+        yield from _control_metrics(snapshot)
         yield from _agent_metrics(snapshot)
 
 
@@ -145,6 +147,7 @@ def _result_metrics(snapshot: Snapshot, groups: list[_Group]) -> Iterator[Metric
     targets = _gauge(
         "probe_targets", "Targets (addresses) behind the series by latest status", ["status"]
     )
+    flow = _FlowGauges()
 
     for g in groups:
         counts = dict.fromkeys(TARGET_STATUSES, 0)
@@ -164,6 +167,7 @@ def _result_metrics(snapshot: Snapshot, groups: list[_Group]) -> Iterator[Metric
             phases.add_metric([*g.labels, phase], seconds)
         if "resolve" in rep.phases:
             dns_lookup.add_metric(g.labels, rep.phases["resolve"])
+        flow.add(g.labels, rep)
         if not rep.ok:
             failure.add_metric(
                 g.labels,
@@ -177,6 +181,41 @@ def _result_metrics(snapshot: Snapshot, groups: list[_Group]) -> Iterator[Metric
             changed.add_metric(g.labels, _ts(max(change_times)))
     yield from (success, duration, dns_lookup, phases, failure, last_run, changed, skipped)
     yield targets
+    yield from flow.families()
+
+
+class _FlowGauges:
+    """Loss, jitter and cut-off of the latest call-like flow (``stun`` with ``mode:
+    flow``), from the result's details: numbers the probe already computed, so a
+    dashboard can show call-path quality without reading the archive."""
+
+    def __init__(self) -> None:
+        self.loss = _gauge(
+            "probe_flow_loss_ratio", "Share of the latest flow's packets that got no answer"
+        )
+        self.jitter = _gauge(
+            "probe_flow_jitter_seconds", "RFC 3550 interarrival jitter of the latest flow"
+        )
+        self.cutoff = _gauge(
+            "probe_flow_cutoff_seconds",
+            "Seconds into the latest flow when its answers stopped for good (cut-off flows only)",
+        )
+
+    def add(self, labels: list[str], result: ProbeResult) -> None:
+        details = result.details
+        if details.get("mode") != "flow":
+            return
+        for gauge, key in (
+            (self.loss, "loss"),
+            (self.jitter, "jitter_s"),
+            (self.cutoff, "cutoff_s"),
+        ):
+            value = details.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                gauge.add_metric(labels, float(value))
+
+    def families(self) -> tuple[Metric, ...]:
+        return (self.loss, self.jitter, self.cutoff)
 
 
 def _counter_metrics(snapshot: Snapshot) -> Iterator[Metric]:
@@ -256,6 +295,11 @@ def _vantage_metrics(snapshot: Snapshot) -> Iterator[Metric]:
         "probe_vantage_online", "1 if the offline gate reached a control target", value=state.online
     )
     yield GaugeMetricFamily(
+        "probe_vantage_allowlist",
+        "1 if only domestic controls answer: an allowlist regime (FIELD.md B10)",
+        value=state.allowlist,
+    )
+    yield GaugeMetricFamily(
         "probe_vantage_ipv6", "1 if an IPv6 connect to a control target worked", value=state.ipv6
     )
     yield GaugeMetricFamily(
@@ -263,6 +307,29 @@ def _vantage_metrics(snapshot: Snapshot) -> Iterator[Metric]:
         "When the offline gate last ran",
         value=_ts(state.t),
     )
+
+
+def _control_metrics(snapshot: Snapshot) -> Iterator[Metric]:
+    """Only on a test vantage with a ``control:`` section (label: the configured URL)."""
+    if not snapshot.controls:
+        return
+    up = GaugeMetricFamily(
+        "probe_control_up",
+        "1 if the latest poll of this control vantage gave usable results",
+        labels=["control"],
+    )
+    age = GaugeMetricFamily(
+        "probe_control_age_seconds",
+        "Seconds since the newest usable measurement of this control vantage",
+        labels=["control"],
+    )
+    now = time.time()
+    for status in snapshot.controls:
+        up.add_metric([status.url], 1 if status.up else 0)
+        seconds = status.age_s(now)
+        if seconds is not None:
+            age.add_metric([status.url], seconds)
+    yield from (up, age)
 
 
 def _agent_metrics(snapshot: Snapshot) -> Iterator[Metric]:

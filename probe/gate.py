@@ -66,6 +66,8 @@ def _pick(addresses: Sequence[str]) -> list[str]:
 async def _check_control(control: Endpoint, timeout_s: float) -> dict[str, Any]:
     port = control.ports[0] if control.ports else 443
     record: dict[str, Any] = {"control": control.name, "port": port}
+    if control.domestic:
+        record["domestic"] = True
     if control.is_ip_literal:
         addresses = [control.host]
     else:
@@ -96,5 +98,25 @@ async def check_vantage(controls: Sequence[Endpoint], timeout_s: float) -> Vanta
     online = bool(reached)
     ipv6 = any(ipaddress.ip_address(a).version == 6 for a in reached)
     dns_ok = any(r.get("resolve") == "ok" for r in records)
-    evidence = {"controls": records, "system_dns_ok": dns_ok, "reached": len(reached)}
-    return VantageState(online=online, ipv6=ipv6, t=t, evidence=evidence)
+    evidence: dict[str, Any] = {
+        "controls": records,
+        "system_dns_ok": dns_ok,
+        "reached": len(reached),
+    }
+    allowlist = _allowlist(records)
+    if allowlist:
+        evidence["regime"] = "allowlist: only domestic controls answer"
+    return VantageState(online=online, ipv6=ipv6, t=t, evidence=evidence, allowlist=allowlist)
+
+
+def _allowlist(records: Sequence[dict[str, Any]]) -> bool:
+    """Domestic controls answer and every foreign one fails (FIELD.md B10).  Needs both
+    kinds configured: without domestic controls an allowlist looks like an outage, and
+    without foreign ones there is nothing to tell it by."""
+
+    def reached(record: dict[str, Any]) -> bool:
+        return any(outcome == "ok" for outcome in record["connect"].values())
+
+    domestic = [r for r in records if r.get("domestic")]
+    foreign = [r for r in records if not r.get("domestic")]
+    return bool(foreign) and any(map(reached, domestic)) and not any(map(reached, foreign))

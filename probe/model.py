@@ -145,6 +145,9 @@ class Endpoint:
     sni: str | None = None
     source: str = ""
     confidence: str = ""
+    # a control inside the country (seed key ``domestic``): it keeps answering under an
+    # allowlist regime (FIELD.md B10), which tells that regime from a dead uplink
+    domestic: bool = False
 
     @property
     def is_ip_literal(self) -> bool:
@@ -276,7 +279,12 @@ class VantageState:
     ipv6: bool
     t: datetime
     evidence: Mapping[str, Any] = field(default_factory=_empty)
+    # Online, but only domestic controls answer while every foreign one fails: an
+    # allowlist regime (FIELD.md B10), a state of the vantage, not a per-service block.
+    allowlist: bool = False
 
     @property
-    def state(self) -> Literal["online", "offline"]:
-        return "online" if self.online else "offline"
+    def state(self) -> Literal["online", "offline", "allowlist"]:
+        if not self.online:
+            return "offline"
+        return "allowlist" if self.allowlist else "online"

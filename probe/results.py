@@ -174,6 +174,7 @@ class Snapshot:
     schedule_lag_s: float = 0.0
     in_flight: int = 0
     archive_write_errors: int | None = None  # None: no archive configured
+    controls: tuple[Any, ...] = ()  # probe.control.ControlStatus, one per configured control
     generation: int = 0  # bumped on every swap
 
 
@@ -257,6 +258,10 @@ class ResultStore:
             if v.verdict not in vocab:
                 raise ValueError(f"verdict {v.verdict!r} is not in the vocabulary {vocab}")
         self._update(verdicts=tuple(verdicts), verdict_vocabulary=vocab)
+
+    def set_controls(self, statuses: Sequence[Any]) -> None:
+        """The configured control vantages' state (`probe.control.ControlStatus`)."""
+        self._update(controls=tuple(statuses))
 
     def set_config_reload(self, ok: bool, at: datetime) -> None:
         """Report a config (re)load; ``at`` becomes the success time only when ok."""

@@ -33,7 +33,7 @@ from .probes.dns import dns_consistency
 from .probes.params import ParamError
 from .settings import AgentConfig, ProbeSettings, SwapSettings, Timeouts
 from .swaps import followups
-from .verdict import EndpointVerdict, ServiceVerdict, judge_round
+from .verdict import ALLOWLIST_FLAG, EndpointVerdict, ServiceVerdict, judge_round
 from .wire.dnsmsg import suspect_bogon
 
 Progress = Callable[[int, int], None]
@@ -378,7 +378,16 @@ async def measure_endpoint(ep: Endpoint, runner: Runner, state: VantageState) ->
     results = await runner.many(runnable)
     neutral = runner.swaps.neutral_for(ep.service)
     results += await runner.many(followups(results, neutral_sni=neutral))
-    return dns_results + results + _skipped(no_v6, SkipReason.IPV6_UNAVAILABLE)
+    return _regime(state, dns_results + results + _skipped(no_v6, SkipReason.IPV6_UNAVAILABLE))
+
+
+def _regime(state: VantageState, results: list[ProbeResult]) -> list[ProbeResult]:
+    """Under an allowlist regime every result says so (flag ``vantage_allowlist``): the
+    verdict engine, which sees results and not the gate, then judges failures as the
+    regime's, also when the results come back through JSON (a control, /api/results)."""
+    if not state.allowlist:
+        return results
+    return [replace(r, flags=(*r.flags, ALLOWLIST_FLAG)) for r in results]
 
 
 def all_endpoints(config: AgentConfig) -> list[Endpoint]:
@@ -425,5 +434,5 @@ async def run_round(
         tuple(results),
         started,
         time.monotonic() - t0,
-        verdicts=judge_round(results),
+        verdicts=judge_round(results, vantage_role=config.vantage.role),
     )

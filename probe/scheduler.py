@@ -95,7 +95,7 @@ class Scheduler:
             except Exception as exc:  # a gate bug must not stop every endpoint from starting
                 log.exception("vantage check failed; treating the vantage as offline")
                 state = VantageState(False, False, utcnow(), {"error": type(exc).__name__})
-            if self._state is None or state.online != self._state.online:
+            if self._state is None or state.state != self._state.state:
                 log.info("vantage state", extra={"state": state.state, "ipv6": state.ipv6})
             self._state = state
             self._state_ready.set()

@@ -54,6 +54,7 @@ ENDPOINT_KEYS = (
     "sni",
     "source",
     "confidence",
+    "domestic",
 )
 
 # Service ids and endpoint names become metric label values: keep them tame.
@@ -226,6 +227,9 @@ def _endpoint(
     probes = _probes(m["probes"], ports, probe_names, is_ip)
     addresses = tuple(m["addresses"].unique_list_of(Node.ip)) if "addresses" in m else ()
     sni = m["sni"].hostname() if "sni" in m and not m["sni"].is_null else None
+    domestic = m["domestic"].as_bool() if "domestic" in m else False
+    if domestic and role != "control":
+        m["domestic"].fail("only a control endpoint (role: control) can be domestic")
     return Endpoint(
         service=service,
         name=name,
@@ -239,6 +243,7 @@ def _endpoint(
         sni=sni,
         source=source,
         confidence=confidence,
+        domestic=domestic,
     )
 
 

@@ -91,6 +91,24 @@ class WebSettings:
 
 
 @dataclass(frozen=True)
+class ControlSettings:
+    """A test vantage's control vantages (`probe.control`): their agents' ``/api/results``.
+
+    URLs come only from the config, never from a request.  ``basic_auth`` is read from
+    ``basic_auth_file`` at load (never written inline in the config, kept out of repr).
+    """
+
+    urls: tuple[str, ...] = ()
+    ca_file: str | None = None  # trust anchors for https URLs (a control's own CA)
+    basic_auth_file: str | None = None  # one line USER:PASSWORD
+    basic_auth: tuple[str, str] | None = field(default=None, repr=False)
+    poll_interval_s: float = 60.0
+    max_age_s: float = 900.0  # older control measurements are never judged with
+    timeout_s: float = 10.0  # one fetch, redirects and body included
+    max_bytes: int = 32 * 1024 * 1024  # response body limit (a big agent's results fit)
+
+
+@dataclass(frozen=True)
 class ProbeSettings:
     """What a probe may read: timeouts, resolvers and TLS trust. Nothing else."""
 
@@ -112,6 +130,7 @@ class AgentConfig:
     listen: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 9464))
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    control: ControlSettings | None = None  # no control vantage: judged alone
     log_format: Literal["json", "logfmt"] = "json"
     source: str = "<defaults>"  # where this config was read from
 

@@ -60,7 +60,12 @@ def results_json(snapshot: Snapshot) -> dict[str, Any]:
             for k, r in sorted(snapshot.results.items())
         ],
         "verdicts": [_verdict_record(v) for v in snapshot.verdicts],
+        "controls": [_control_record(c) for c in snapshot.controls],
     }
+
+
+def _control_record(c: Any) -> dict[str, Any]:
+    return {"url": c.url, "up": c.up, "newest": _iso(c.newest), "error": c.error}
 
 
 @dataclass
@@ -125,6 +130,11 @@ def _banner(snapshot: Snapshot, config: AgentConfig) -> str:
     v, state = snapshot.vantage, snapshot.vantage_state
     if state is None:
         status = "first check pending"
+    elif state.allowlist:
+        status = (
+            f"<span class=offline>ALLOWLIST REGIME</span> (checked {_iso(state.t)}): only "
+            "domestic controls answer; failures read allowlist_regime"
+        )
     elif state.online:
         status = f"online, IPv6 {'yes' if state.ipv6 else 'no'} (checked {_iso(state.t)})"
     else:
@@ -132,9 +142,21 @@ def _banner(snapshot: Snapshot, config: AgentConfig) -> str:
     return (
         f"<div class=banner><b>Vantage {escape(v.name)}</b> "
         f"({escape(v.country)}, {escape(v.asn)}, role {escape(v.role)}): {status}<br>"
+        f"{_controls_line(snapshot)}"
         f"<small>config {escape(config.source)} · probe {escape(__version__)} · "
         f"page refreshes every {REFRESH_S} s</small></div>"
     )
+
+
+def _controls_line(snapshot: Snapshot) -> str:
+    """A test vantage's control vantages: usable, or why not (verdicts are judged alone)."""
+    parts = []
+    for c in snapshot.controls:
+        state = (
+            "usable" if c.up else f"<span class=offline>not usable</span>: {escape(c.error or '')}"
+        )
+        parts.append(f"{escape(c.url)} {state}")
+    return f"Control: {' · '.join(parts)}<br>" if parts else ""
 
 
 def render_status_page(snapshot: Snapshot, config: AgentConfig) -> str:

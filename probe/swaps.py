@@ -11,6 +11,11 @@ alert in ``tls_handshake``                SNI = a neutral name.  A completed han
                                           (or one failing only on the certificate
                                           name) proves the path carries TLS: the SNI
                                           was the trigger (B3)
+same                                      ``tls/other_shape`` (param ``shape: alt``) and
+                                          ``tls/split_hello`` (``split_hello: true``):
+                                          the same SNI in another ClientHello, and the
+                                          same ClientHello in two TCP segments (B4:
+                                          fingerprint filter? does the censor reassemble?)
 quic: anything but a certificate error    ``quic_vn/swap``: a version-negotiation probe
                                           to the same address and port (B8 vs UDP
                                           blocking), unless a ``quic_vn`` already ran
@@ -40,8 +45,10 @@ from .model import Failure, Operation, ProbeResult, Target, freeze
 __all__ = [
     "DEFAULT_NEUTRAL_SNI",
     "NEUTRAL_SNI",
+    "OTHER_SHAPE",
     "RANDOM_UDP",
     "REPEAT",
+    "SPLIT_HELLO",
     "SWAP",
     "followups",
 ]
@@ -52,6 +59,8 @@ __all__ = [
 DEFAULT_NEUTRAL_SNI = "example.com"
 
 NEUTRAL_SNI = "neutral_sni"
+OTHER_SHAPE = "other_shape"
+SPLIT_HELLO = "split_hello"
 SWAP = "swap"
 RANDOM_UDP = "random_udp"
 REPEAT = "repeat"
@@ -93,6 +102,32 @@ def _neutral_sni(r: ProbeResult, neutral: str) -> list[Target]:
             address_source=t.address_source,
             variant=NEUTRAL_SNI,
             overrides=freeze({"sni": neutral}),
+        )
+    ]
+
+
+def _client_hello(r: ProbeResult) -> list[Target]:
+    """B4: the same SNI in another ClientHello shape, and the same ClientHello split in
+    two TCP segments.  With the neutral-SNI swap they tell an SNI filter from a
+    fingerprint filter, and a censor that reassembles from one that matches per packet."""
+    t = r.target
+    if t.probe not in ("tls", "transfer") or r.failed_operation != Operation.TLS_HANDSHAKE:
+        return []
+    if r.failure_kind not in _TLS_TRIGGERS:
+        return []
+    return [
+        Target(
+            t.endpoint,
+            "tls",
+            t.address,
+            t.port,
+            address_source=t.address_source,
+            variant=variant,
+            overrides=freeze(override),  # over the endpoint's tls params (its SNI)
+        )
+        for variant, override in (
+            (OTHER_SHAPE, {"shape": "alt"}),
+            (SPLIT_HELLO, {"split_hello": True}),
         )
     ]
 
@@ -185,6 +220,7 @@ def followups(
             continue  # a success needs no follow-up (a DNS success may carry tamper flags)
         for t in (
             *_neutral_sni(r, neutral_sni),
+            *_client_hello(r),
             *_version_negotiation(r, ran),
             *_dns(r, resolvers, asked),
             *_random_udp(r),

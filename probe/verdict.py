@@ -42,6 +42,7 @@ from typing import Any
 from .model import Failure, ProbeResult, SkipReason, failure_kind, freeze
 
 __all__ = [
+    "ALLOWLIST_FLAG",
     "BLOCKING",
     "EndpointVerdict",
     "Observation",
@@ -75,6 +76,8 @@ class Verdict(StrEnum):
     PARTIAL = "partial"  # some paths/endpoints blocked, others not (blocked_fraction)
     ENDPOINT_DOWN = "endpoint_down"  # the control vantage fails the same way
     VANTAGE_OFFLINE = "vantage_offline"
+    # only domestic destinations answer (FIELD.md B10): a state of the network, not a block
+    ALLOWLIST_REGIME = "allowlist_regime"
     INCONCLUSIVE = "inconclusive"
 
 
@@ -592,6 +595,49 @@ def _unreproduced_handshake_failure(ctx: _Context, o: Observation) -> _Finding |
     return None
 
 
+def _client_hello_tests(ctx: _Context, o: Observation, finding: _Finding) -> _Finding:
+    """B4: the same SNI in another ClientHello shape (``tls/other_shape``) and the same
+    ClientHello in two TCP segments (``tls/split_hello``), read next to the neutral-SNI
+    swap: SNI-keyed or fingerprint-keyed, and does the censor reassemble?"""
+    shape = ctx.swaps("tls", "other_shape", o)
+    split = ctx.swaps("tls", "split_hello", o)
+    if (not shape and not split) or finding.verdict in (Verdict.OK, Verdict.ENDPOINT_DOWN):
+        return finding
+    notes: list[str] = []  # read first: the evidence list is bounded
+    verdict, confidence = finding.verdict, finding.confidence
+    shape_through = any(s.ok or s.kind in _CERT for s in shape)
+    if shape and finding.verdict == Verdict.TLS_SNI_FILTERING:
+        notes.append(
+            "another ClientHello shape with the same SNI gets through: the filter keys on "
+            "the ClientHello fingerprint together with the SNI"
+            if shape_through
+            else "another ClientHello shape with the same SNI is blocked too: the filter "
+            "keys on the SNI"
+        )
+    elif shape_through:
+        # The neutral SNI failed as well (or did not run), yet the blocked name passes in
+        # another ClientHello: only the shape differs, so the shape is the trigger (B4).
+        notes.append(
+            "another ClientHello shape (other cipher suites and extensions) with the same "
+            "SNI gets through: the filter keys on the ClientHello fingerprint (B4)"
+        )
+        verdict = Verdict.PROTOCOL_FILTERING
+        confidence = CERTAIN if ctx.control_for(o) is not None else STRONG
+    if any(s.ok or s.kind in _CERT for s in split):
+        notes.append(
+            "the same ClientHello split across two TCP segments gets through: the censor "
+            "matches per packet and does not reassemble"
+        )
+    elif split:
+        notes.append(
+            "the same ClientHello split across two TCP segments is blocked too: the censor "
+            "reassembles, or what it keys on sits in one segment"
+        )
+    tried = [describe(s) for s in (*shape, *split)]
+    head, rest = finding.evidence[:1], finding.evidence[1:]
+    return _Finding(verdict, confidence, (*head, *notes, *tried, *rest))
+
+
 def _fingerprint(o: Observation) -> str | None:
     sha = _mapping(o, "certificate").get("sha256")
     return str(sha) if sha else None
@@ -735,6 +781,45 @@ def _stun_rule(ctx: _Context, o: Observation) -> _Finding:
     return _Finding(Verdict.INCONCLUSIVE, NONE, tuple(lines))
 
 
+# B9's "30-60% loss" on call traffic: a call-like flow that loses at least this share of
+# its packets (and at least LOSS_MIN_LOST packets, so a short flow's noise cannot
+# trigger it) while the control's flow to the same peer loses at most CONTROL_LOSS_MAX.
+# Only with a control: loss alone is as likely a bad uplink as a censor.
+LOSS_THRESHOLD = 0.15
+LOSS_MIN_LOST = 10
+CONTROL_LOSS_MAX = 0.05
+
+
+def _flow_loss(o: Observation) -> tuple[float, int] | None:
+    """(loss share, packets sent) of a completed call-like flow, or None."""
+    d = o.details
+    loss, sent = d.get("loss"), d.get("sent")
+    if d.get("mode") != "flow" or not isinstance(loss, int | float):
+        return None
+    if not isinstance(sent, int) or isinstance(sent, bool) or sent <= 0:
+        return None
+    return float(loss), sent
+
+
+def _sustained_loss(ctx: _Context, attempts: Sequence[Observation]) -> _Finding | None:
+    """A call flow that worked, but lost a sustained share of packets the control did not."""
+    for o in attempts:
+        mine = _flow_loss(o) if o.base == "stun" else None
+        if mine is None or mine[0] < LOSS_THRESHOLD or mine[0] * mine[1] < LOSS_MIN_LOST:
+            continue
+        ctl = ctx.control_for(o)
+        theirs = _flow_loss(ctl) if ctl is not None and ctl.ok else None
+        if theirs is None or theirs[0] > CONTROL_LOSS_MAX:
+            continue
+        why = (
+            f"sustained loss: {mine[0]:.0%} of {mine[1]} packets of a call-like flow lost "
+            f"(threshold {LOSS_THRESHOLD:.0%}); the control lost {theirs[0]:.0%} of {theirs[1]}"
+        )
+        assert ctl is not None  # theirs came from it
+        return _Finding(Verdict.UDP_BLOCKING, STRONG, (describe(o), _control(ctl), why))
+    return None
+
+
 def _transfer_rule(ctx: _Context, o: Observation) -> _Finding:
     """B7 freeze, B5 post-handshake stall, B6 throttling."""
     d = o.details
@@ -814,7 +899,7 @@ def _judge_failure(ctx: _Context, o: Observation) -> _Finding:
         if o.kind in _CERT:
             return _certificate_rule(ctx, o)
         if o.kind in _TLS_INTERFERENCE:
-            return _tls_interference_rule(ctx, o)
+            return _client_hello_tests(ctx, o, _tls_interference_rule(ctx, o))
     if o.base == "transfer":
         return _transfer_rule(ctx, o)
     return _app_rule(ctx, o)
@@ -826,7 +911,8 @@ def _judge_attempts(ctx: _Context, attempts: Sequence[Observation]) -> _Finding:
     failed = [a for a in attempts if not a.ok]
     passed = [a for a in attempts if a.ok]
     if not failed:
-        return _Finding(Verdict.OK, CERTAIN, tuple(describe(a) for a in attempts))
+        lossy = _sustained_loss(ctx, attempts)
+        return lossy or _Finding(Verdict.OK, CERTAIN, tuple(describe(a) for a in attempts))
     findings = [_judge_failure(ctx, a) for a in failed]
     finding = _strongest(findings)
     if passed:
@@ -921,6 +1007,46 @@ def _dns_lie(o: Observation, clean: Sequence[Observation]) -> tuple[str, float] 
     return None
 
 
+def _injection_note(injected: Sequence[Observation]) -> str | None:
+    """``3 differing replies to one A query (…): injected``, from the kept replies: more
+    than one forged reply means more than one injector (or one that repeats itself)."""
+    best: tuple[int, str, list[str]] | None = None
+    for o in injected:
+        by_type: dict[str, list[str]] = {}
+        for reply in _sequence(o.details.get("replies")):
+            if isinstance(reply, Mapping) and reply.get("answers"):
+                text = ",".join(str(a) for a in _sequence(reply["answers"]))
+                by_type.setdefault(str(reply.get("qtype", "?")), []).append(text)
+        for qtype, texts in by_type.items():
+            distinct = list(dict.fromkeys(texts))
+            if len(distinct) > 1 and (best is None or len(distinct) > best[0]):
+                best = (len(distinct), qtype, distinct)
+    if best is None:
+        return None
+    n, qtype, distinct = best
+    shown = "; ".join(distinct[:4]) + (" …" if n > 4 else "")
+    return f"{n} differing replies to one {qtype} query ({shown}): injected"
+
+
+_RESOLVER_NAME = {"doh": "DoH", "tcp": "TCP"}
+
+
+def _clean_note(clean: Sequence[Observation], control: Sequence[Observation]) -> str:
+    """Which clean resolvers answered, and which of them lied too (a censor that also
+    rewrites DNS over TCP leaves DoH as the only truthful path)."""
+    answered = [o for o in clean if o.ok]
+    names = sorted({_RESOLVER_NAME.get(_resolver_kind(o), _resolver_kind(o)) for o in answered})
+    if any(o.ok for o in control):
+        names.append("the control")
+    note = f"; {' and '.join(names)} answer" if names else ""
+    liars = [o for o in clean if not o.ok and _dns_lie(o, answered) is not None]
+    if liars:
+        kinds = sorted({_RESOLVER_NAME.get(_resolver_kind(o), _resolver_kind(o)) for o in liars})
+        shown = ",".join(sorted(_answers(liars[0]))) or str(liars[0].failure)
+        note += f"; {'/'.join(kinds)} lies too ({shown})"
+    return note
+
+
 def _judge_dns(ctx: _Context) -> _Finding | None:
     dns = [o for o in ctx.results if o.base == "dns"]
     if not dns:
@@ -932,13 +1058,13 @@ def _judge_dns(ctx: _Context) -> _Finding | None:
     evidence = [describe(o) for o in dns] + [_control(o) for o in control]
     injected = [o for o in dns if "dns_injection_suspected" in o.flags]
     if injected:
-        why = "two differing replies to one query: injected"
+        why = _injection_note(injected) or "two differing replies to one query: injected"
         return _Finding(Verdict.DNS_TAMPERING, STRONG, _bounded([*evidence, why]))
     lies = [(o, lie) for o in suspect if (lie := _dns_lie(o, answered)) is not None]
     if lies:
         what, confidence = max((lie for _, lie in lies), key=lambda lie: lie[1])
         why = f"{what} from the system/UDP resolver"
-        why += "; DoH/TCP/control answer" if answered else "; no clean resolver to compare"
+        why += _clean_note(clean, control) if answered else "; no clean resolver to compare"
         return _Finding(Verdict.DNS_TAMPERING, confidence, _bounded([*evidence, why]))
     failed = [o for o in dns if not o.ok]
     if not failed:
@@ -990,7 +1116,7 @@ def judge_endpoint(
         if (c.service, c.endpoint) == (service, endpoint) and c.skipped is None
     )
     ctx = _Context(tuple(measured), ctl, others_ok)
-    return _endpoint_verdict(service, endpoint, ctx)
+    return _under_allowlist(_endpoint_verdict(service, endpoint, ctx), measured)
 
 
 def _endpoint_verdict(service: str, endpoint: str, ctx: _Context) -> EndpointVerdict:
@@ -1020,6 +1146,7 @@ def _endpoint_verdict(service: str, endpoint: str, ctx: _Context) -> EndpointVer
         total = len(blocked) + len(passed)
         worst = _strongest([f for _, f in blocked])
         summary = f"{len(blocked)} of {total} paths blocked ({worst.verdict})"
+        summary += _blocked_family([k for k, _ in blocked], [k for k, _ in passed])
         confidence = sum(f.confidence for _, f in blocked) / len(blocked)
         evidence = _bounded([summary, *(e for _, f in blocked + passed for e in f.evidence)])
         return verdict(
@@ -1028,6 +1155,55 @@ def _endpoint_verdict(service: str, endpoint: str, ctx: _Context) -> EndpointVer
     best = _strongest(findings)
     extra = dns.evidence if dns is not None else ()
     return verdict(_Finding(best.verdict, best.confidence, (*best.evidence, *extra)))
+
+
+# --------------------------------------------------------------------------- allowlist
+
+ALLOWLIST_FLAG = "vantage_allowlist"  # set by the round on every result (FIELD.md B10)
+# What the regime does not explain: a resolver's lie is an act of its own.
+_NOT_THE_REGIME = frozenset({Verdict.OK, Verdict.DNS_TAMPERING})
+
+
+def _under_allowlist(v: EndpointVerdict, measured: Sequence[Observation]) -> EndpointVerdict:
+    """On a vantage where only domestic controls answer, a failing endpoint is the
+    regime's doing, not a block of that service: ``allowlist_regime``, with what the
+    rules would have said kept as evidence.  A working endpoint is allowlisted: ``ok``."""
+    if v.verdict in _NOT_THE_REGIME or not any(ALLOWLIST_FLAG in o.flags for o in measured):
+        return v
+    why = (
+        "allowlist regime: only domestic controls answer from this vantage (FIELD.md B10)",
+        f"the rules alone would say {v.verdict} {v.confidence:.2f}",
+    )
+    return EndpointVerdict(
+        v.service, v.endpoint, Verdict.ALLOWLIST_REGIME, STRONG, _bounded([*why, *v.evidence])
+    )
+
+
+def _allowlist_service(
+    service: str, measured: Sequence[EndpointVerdict], evidence: tuple[str, ...]
+) -> ServiceVerdict | None:
+    """Any endpoint failing under the regime makes the service's state the regime's."""
+    regime = [v for v in measured if v.verdict == Verdict.ALLOWLIST_REGIME]
+    if not regime:
+        return None
+    return ServiceVerdict(
+        service, Verdict.ALLOWLIST_REGIME, _mean(v.confidence for v in regime), evidence
+    )
+
+
+def _family(path: tuple[str, str, int | None]) -> str:
+    return "IPv6" if ":" in path[1] else "IPv4"
+
+
+def _blocked_family(
+    blocked: Sequence[tuple[str, str, int | None]], passed: Sequence[tuple[str, str, int | None]]
+) -> str:
+    """``: only IPv6 is blocked, IPv4 works`` when the split follows the address family
+    (a censor, or a broken IPv6 path, that treats the families apart), else nothing."""
+    down, up = {_family(k) for k in blocked}, {_family(k) for k in passed}
+    if len(down) == 1 and len(up) == 1 and down != up:
+        return f": only {down.pop()} is blocked, {up.pop()} works"
+    return ""
 
 
 # --------------------------------------------------------------------------- service
@@ -1060,6 +1236,9 @@ def judge_service(endpoint_verdicts: Sequence[EndpointVerdict]) -> ServiceVerdic
     measured = [v for v in endpoint_verdicts if v.verdict != Verdict.VANTAGE_OFFLINE]
     if not measured:
         return ServiceVerdict(service, Verdict.VANTAGE_OFFLINE, 1.0, evidence)
+    regime = _allowlist_service(service, measured, evidence)
+    if regime is not None:
+        return regime
     kinds = {v.verdict for v in measured}
     blocked = [v for v in measured if v.verdict in BLOCKING or v.verdict == Verdict.PARTIAL]
     passed = [v for v in measured if v.verdict == Verdict.OK]
@@ -1098,19 +1277,43 @@ def judge_service(endpoint_verdicts: Sequence[EndpointVerdict]) -> ServiceVerdic
 # --------------------------------------------------------------------------- round
 
 
+def _as_control_vantage(v: EndpointVerdict, others_ok: bool) -> EndpointVerdict:
+    """On a control vantage a failure is never censorship: nothing censors a control
+    (that is what makes it one), so what would read as a block is the endpoint being
+    down, or, when nothing else works from here either, the control itself broken."""
+    if v.verdict not in BLOCKING and v.verdict != Verdict.PARTIAL:
+        return v
+    if others_ok:
+        verdict, confidence = Verdict.ENDPOINT_DOWN, FAIR
+        why = "control vantage: a failure here means the endpoint is down, never censorship"
+    else:
+        verdict, confidence = Verdict.INCONCLUSIVE, NONE
+        why = "control vantage and nothing else works from here: the control may be broken"
+    return EndpointVerdict(v.service, v.endpoint, verdict, confidence, _bounded((why, *v.evidence)))
+
+
 def judge_round(
-    results: Iterable[Item], control: Iterable[Item] | None = None
+    results: Iterable[Item],
+    control: Iterable[Item] | None = None,
+    *,
+    vantage_role: str = "test",
 ) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
     """Every endpoint's verdict, then its service's, service by service (sorted).
 
     Works on any set of results: one round, several rounds, or the lab's; ``control``
     is the control vantage's results for the same endpoints, in any accepted form.
+    ``vantage_role`` ``control``: these results come from a control vantage, whose
+    failures mean ``endpoint_down`` / ``inconclusive``, never a censorship verdict.
     """
     obs = normalise(results)
     ctl = [c for c in normalise(control or ()) if c.skipped is None]
     by_endpoint: dict[tuple[str, str], list[Observation]] = {}
     for o in obs:
         by_endpoint.setdefault((o.service, o.endpoint), []).append(o)
+    # grouped once: a scan of every control result per endpoint is O(endpoints x results)
+    ctl_by_endpoint: dict[tuple[str, str], list[Observation]] = {}
+    for c in ctl:
+        ctl_by_endpoint.setdefault((c.service, c.endpoint), []).append(c)
     # Which endpoints show this vantage can reach *something*: a success beyond DNS.
     reached = {(o.service, o.endpoint) for o in obs if o.ok and o.base != "dns"}
     out: list[EndpointVerdict | ServiceVerdict] = []
@@ -1119,11 +1322,15 @@ def judge_round(
         verdicts = [
             judge_endpoint(
                 by_endpoint[key],
-                [c for c in ctl if (c.service, c.endpoint) == key],
+                ctl_by_endpoint.get(key, []),
                 others_ok=bool(reached - {key}),
             )
             for key in sorted(k for k in by_endpoint if k[0] == service)
         ]
+        if vantage_role == "control":
+            verdicts = [
+                _as_control_vantage(v, bool(reached - {(v.service, v.endpoint)})) for v in verdicts
+            ]
         out += verdicts
         out.append(judge_service(verdicts))
     return tuple(out)

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = [sys.executable, "-m", "probe"]
+IN_CI = os.environ.get("CI") == "true"
 
 
 def needs_unshare(why: str) -> pytest.MarkDecorator:
@@ -27,6 +28,18 @@ def needs_unshare(why: str) -> pytest.MarkDecorator:
         shutil.which("unshare") is None or os.geteuid() != 0,
         reason=f"needs root and unshare(1) {why}",
     )
+
+
+def required_tool(name: str, *, package: str) -> str:
+    """The tool's path; without it the test is skipped, or fails in CI (where
+    scripts/test installs it, so its absence is a broken CI image, not a reason to skip)."""
+    path = shutil.which(name)
+    if path is None:
+        if IN_CI:
+            installs = "it" if package == name else package
+            pytest.fail(f"{name} missing in CI (scripts/test installs {installs})")
+        pytest.skip(f"{name} not installed (Debian package {package})")
+    return path
 
 
 def free_port() -> int:

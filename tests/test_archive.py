@@ -291,9 +291,10 @@ async def test_real_dns_probe_results_map_to_queries() -> None:
         assert q["rcode"] == 3
 
 
-async def test_real_tls_probe_failure_maps_to_a_handshake(tmp_path: Path) -> None:
-    stranger = CertificateAuthority("not the lab CA")  # a certificate nobody trusts
-    async with TLSServer("127.0.0.1", cert=stranger.issue("chat.lab.example")) as server:
+async def test_real_tls_probe_failure_archives_the_peer_chain(tmp_path: Path) -> None:
+    stranger = CertificateAuthority("not the lab CA")  # a MITM-like CA nobody trusts
+    leaf = stranger.issue("chat.lab.example", chain=True)  # the server sends leaf + CA
+    async with TLSServer("127.0.0.1", cert=leaf) as server:
         r = await tls_probe(
             target("tls", "127.0.0.1", server.port, host="chat.lab.example"), settings()
         )
@@ -304,7 +305,15 @@ async def test_real_tls_probe_failure_maps_to_a_handshake(tmp_path: Path) -> Non
     assert hs["failure"] == "ssl_unknown_authority"
     assert hs["server_name"] == "chat.lab.example"
     assert hs["address"] == f"127.0.0.1:{server.port}"
+    assert hs["no_tls_verify"] is False  # the measured handshake verified
     assert keys["probe_result"]["details"]["certificate"]["sha256"]
+    # OONI's peer_certificates: the whole chain as sent, leaf first, base64 DER
+    sent = [
+        ssl.PEM_cert_to_DER_cert(p + "-----END CERTIFICATE-----\n")
+        for p in leaf.cert_pem.decode().split("-----END CERTIFICATE-----\n")[:-1]
+    ]
+    assert [c["format"] for c in hs["peer_certificates"]] == ["base64", "base64"]
+    assert [base64.b64decode(c["data"]) for c in hs["peer_certificates"]] == sent
 
 
 def test_udp_silence_maps_to_read_from_with_byte_counts() -> None:

@@ -170,8 +170,16 @@ async def test_once_reports_failures_with_exit_code_1_and_a_readable_table(
     dead = """      - {host: 127.0.0.1, name: dead, ports: [1], role: signalling, probes: [tcp],
           source: test, confidence: C}"""
     cfg = write_config(tmp_path / "agent.yaml", lab, dead)
-    rc, out, _ = await run_cli(*PROBE, "once", "-c", str(cfg))
+    archive = tmp_path / "archive"
+    rc, out, _ = await run_cli(*PROBE, "once", "-c", str(cfg), "--archive", str(archive))
     assert rc == 1
+    # --archive: the round's measurements, readable with `probe archive`
+    rc_read, archived, err = await run_cli(*PROBE, "archive", "--dir", str(archive), "--failed")
+    assert rc_read == 0, err
+    failed = [json.loads(line)["test_keys"]["probe_result"] for line in archived.splitlines()]
+    assert {(r["target"]["endpoint"], r["failure"]) for r in failed} == {
+        ("dead", "connection_refused")
+    }
     header = out.splitlines()[0].split()
     assert header == ["service", "endpoint", "address", "port", "probe", "result", "failure", "ms"]
     dead_rows = [line for line in out.splitlines() if " dead " in line and " tcp " in line]
@@ -181,6 +189,17 @@ async def test_once_reports_failures_with_exit_code_1_and_a_readable_table(
     assert any(" dead " in line and " tcp/repeat " in line for line in out.splitlines())
     assert "    tcp 127.0.0.1:1 connection_refused (connect)" in out.splitlines()
     assert out.splitlines()[-1].startswith("vantage test-box: online")
+
+
+async def test_once_archive_into_an_unusable_directory_is_one_line_before_any_probe(
+    lab: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "agent.yaml", lab)
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file" / "archive"  # a directory under a regular file
+    rc, out, err = await run_cli(*PROBE, "once", "-c", str(cfg), "--archive", str(bad))
+    assert rc == 2 and out == ""
+    assert err.strip() == f"probe: --archive {bad}: Not a directory"
 
 
 def test_archive_since_rejects_a_non_iso_time_in_one_usage_line(

@@ -7,8 +7,6 @@ closed port (a target that fails).  Nothing leaves the machine.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -25,14 +23,13 @@ from tests.agentproc import (
     REPO,
     free_port,
     needs_unshare,
+    required_tool,
     run_driver,
     run_probe,
     sample,
     samples,
     start_agent,
 )
-
-IN_CI = os.environ.get("CI") == "true"
 
 
 def config_text(port: int, archive: Path, dead_port: int, extra: str = "") -> str:
@@ -133,18 +130,6 @@ class AgentProcess:
                 self.proc.wait()
                 raise
         return self.proc.returncode
-
-
-def required_tool(name: str, *, package: str) -> str:
-    """The tool's path; without it the test is skipped, or fails in CI (where
-    scripts/test installs it, so its absence is a broken CI image, not a reason to skip)."""
-    path = shutil.which(name)
-    if path is None:
-        if IN_CI:
-            installs = "it" if package == name else package
-            pytest.fail(f"{name} missing in CI (scripts/test installs {installs})")
-        pytest.skip(f"{name} not installed (Debian package {package})")
-    return path
 
 
 @pytest.fixture

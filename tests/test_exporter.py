@@ -20,13 +20,17 @@ from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.model import (
     Failure,
     Operation,
+    ProbeResult,
     SkipReason,
     Target,
     Vantage,
     VantageState,
+    freeze,
 )
 from probe.probes import PROBES, tcp
 from probe.results import PHASE_BUCKETS, VERDICTS, ResultStore, series_key
+from probe.settings import AgentConfig
+from probe.statuspage import render_status_page
 from tests.helpers import T0, failed, ok, refusing_port, settings, skipped, target
 
 # Data only: nothing in this file opens a socket.
@@ -37,6 +41,26 @@ G_V6 = target("tls", "2001:db8::21", 443, host="g.whatsapp.example", service="wh
 DNS = target(
     "dns", None, None, host="web.whatsapp.example", resolver="udp:127.0.0.1:53", service="whatsapp"
 )
+RELAY = target("stun", "192.0.2.30", 3478, service="whatsapp", name="relay")
+
+
+def flow(cutoff_s: float | None) -> ProbeResult:
+    """A call-like STUN flow (details as the stun probe writes them)."""
+    details = {"mode": "flow", "sent": 60, "loss": 0.25, "jitter_s": 0.002, "cutoff_s": cutoff_s}
+    if cutoff_s is None:
+        return ProbeResult(
+            RELAY, True, T0, 3.2, phases=freeze({"flow": 3.2}), details=freeze(details)
+        )
+    return ProbeResult(
+        RELAY,
+        False,
+        T0,
+        3.2,
+        failure=Failure.UDP_NO_RESPONSE,
+        failed_operation=Operation.READ,
+        phases=freeze({"flow": 3.2}),
+        details=freeze(details),
+    )
 
 
 def labels(t: Target, **extra: str) -> dict[str, str]:
@@ -132,6 +156,26 @@ def test_hostname_endpoints_export_the_family_never_resolved_addresses() -> None
     v6 = labels(G_V6)
     assert v6["ip_family"] == "ipv6"
     assert registry.get_sample_value("probe_success", v6) == 1
+
+
+def test_a_call_like_flow_exports_loss_jitter_and_its_cutoff() -> None:
+    store = ResultStore()
+    store.record(flow(cutoff_s=None))
+    registry, _ = scrape(store)
+    lab = labels(RELAY)
+    assert registry.get_sample_value("probe_flow_loss_ratio", lab) == 0.25
+    assert registry.get_sample_value("probe_flow_jitter_seconds", lab) == 0.002
+    assert registry.get_sample_value("probe_flow_cutoff_seconds", lab) is None  # not cut off
+    store.record(flow(cutoff_s=1.05))
+    registry, _ = scrape(store)
+    assert registry.get_sample_value("probe_flow_cutoff_seconds", lab) == 1.05
+    assert registry.get_sample_value("probe_success", lab) == 0
+    # a binding-mode STUN result (no flow) exports none of them
+    store = ResultStore()
+    store.record(ok(RELAY, stun=0.01))
+    registry, _ = scrape(store)
+    sampled = {sample.name for family in registry.collect() for sample in family.samples}
+    assert not {name for name in sampled if name.startswith("probe_flow_")}
 
 
 def test_dns_probe_series_carry_the_resolver_and_the_lookup_time() -> None:
@@ -259,6 +303,13 @@ def test_vantage_config_and_agent_metrics() -> None:
     assert registry.get_sample_value("probe_vantage_info", info) == 1
     assert registry.get_sample_value("probe_vantage_online") == 1
     assert registry.get_sample_value("probe_vantage_ipv6") == 0
+    assert registry.get_sample_value("probe_vantage_allowlist") == 0
+    store.record_vantage(VantageState(online=True, ipv6=False, t=T0, allowlist=True))
+    assert registry.get_sample_value("probe_vantage_allowlist") == 1
+    assert registry.get_sample_value("probe_vantage_online") == 1
+    # the status page says so too: a network state, not a list of blocked services
+    page = render_status_page(store.snapshot(), AgentConfig())
+    assert "ALLOWLIST REGIME" in page and "only domestic controls answer" in page
     assert registry.get_sample_value("probe_vantage_check_timestamp_seconds") == T0.timestamp()
     assert registry.get_sample_value("probe_config_last_reload_successful") == 0
     assert (
@@ -321,6 +372,7 @@ def _rich_store() -> ResultStore:
             failed(G_V4B, "unknown_failure x", Operation.TLS_HANDSHAKE, connect=0.02, tls=0.3),
             skipped(G_V6, SkipReason.IPV6_UNAVAILABLE),
             failed(DNS, "dns_nxdomain_error", Operation.RESOLVE, resolve=0.01),
+            flow(cutoff_s=1.05),
         ]
     )
     store.record_vantage(VantageState(online=True, ipv6=False, t=T0))

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
@@ -72,6 +73,46 @@ async def test_partial_controls_still_online(listener: dict[str, int]) -> None:
     controls = [control("127.0.0.1", _closed_port("127.0.0.1")), control("::1", listener["::1"])]
     state = await check_vantage(controls, timeout_s=2)
     assert state.online and state.ipv6
+
+
+def domestic(host: str, port: int):  # type: ignore[no-untyped-def]
+    return replace(control(host, port), domestic=True, name=f"domestic-{host}")
+
+
+async def test_only_domestic_controls_answering_is_an_allowlist_regime(
+    listener: dict[str, int],
+) -> None:
+    controls = [
+        control("127.0.0.1", _closed_port("127.0.0.1")),  # foreign: fails
+        domestic("::1", listener["::1"]),  # domestic: answers
+    ]
+    state = await check_vantage(controls, timeout_s=2)
+    assert state.online and state.allowlist
+    assert state.state == "allowlist"
+    assert state.evidence["regime"] == "allowlist: only domestic controls answer"
+    assert [r.get("domestic", False) for r in state.evidence["controls"]] == [False, True]
+
+
+@pytest.mark.parametrize("foreign_answers", [True, False])
+async def test_no_allowlist_regime_without_the_contrast(
+    listener: dict[str, int], foreign_answers: bool
+) -> None:
+    # a foreign control that answers: online; no foreign control at all: nothing to tell
+    # the regime by, so plain online too
+    controls = [domestic("::1", listener["::1"])]
+    if foreign_answers:
+        controls.append(control("127.0.0.1", listener["127.0.0.1"]))
+    state = await check_vantage(controls, timeout_s=2)
+    assert state.online and not state.allowlist and state.state == "online"
+
+
+async def test_every_control_failing_is_offline_not_allowlist() -> None:
+    controls = [
+        control("127.0.0.1", _closed_port("127.0.0.1")),
+        domestic("::1", _closed_port("::1")),
+    ]
+    state = await check_vantage(controls, timeout_s=2)
+    assert state.state == "offline" and not state.allowlist
 
 
 async def test_no_controls_means_unchecked_online() -> None:

@@ -13,7 +13,7 @@ def _round(**verdicts: str) -> RoundOutcome:
     records: dict[str, dict[str, Any]] = {}
     for key in (*ENDPOINTS, *SERVICES):
         verdict = verdicts.get(key.replace("/", "__"), "ok")
-        fraction = 0.333 if verdict == "partial" else None
+        fraction = 0.2 if verdict == "partial" else None
         records[key] = {"verdict": verdict, "blocked_fraction": fraction}
     return RoundOutcome((), records, 0, 0)
 

@@ -12,10 +12,13 @@ All traffic stays inside the lab's namespaces (10.200.0.0/16, fd00:200::/32).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +35,7 @@ from probe.lab.topology import (
     Lab,
     ServeHandle,
     cleanup_stale,
+    ns_argv,
     run,
 )
 from probe.wire import stun as stun_wire
@@ -377,6 +381,133 @@ def test_b4_clienthello_shape_filter(lab: Lab, servers: ServeHandle) -> None:
     assert default_shape == "reset"
     assert other_shape.startswith("ok"), "same SNI, same address, other ClientHello: passes"
     assert control["ok"]
+
+
+# --- TLS interception (MITM) -------------------------------------------------------------------
+
+
+def _der_chain(result: dict[str, Any]) -> list[bytes]:
+    return [base64.b64decode(c) for c in result["details"]["peer_certificates"]]
+
+
+def test_tls_interception_forges_one_sni_and_relays_the_rest(
+    lab: Lab, servers: ServeHandle
+) -> None:
+    mitm = c.TLSIntercept(["e1.whatsapp.net"], addresses=[v4(BULK), v6(BULK)])
+    bulk = {"connections": 1, "max_bytes": BODY}
+    with lab.censor.active(mitm):
+        forged4, forged6, neutral = lab.probe_many(
+            "client",
+            [
+                job("tls", v4(BULK), 443, "e1.whatsapp.net"),
+                job("tls", v6(BULK), 443, "e1.whatsapp.net"),
+                job("tls", v4(BULK), 443, "neutral.example"),
+            ],
+        )
+        # a client that trusts the interceptor's CA (as users were told to install it):
+        # the interceptor relays the plaintext to the real server
+        trusting = lab.probe(
+            "client",
+            {**job("transfer", v4(BULK), 443, "e1.whatsapp.net", **bulk), "ca_file": mitm.ca_file},
+        )
+        control = lab.probe("control", job("tls", v4(BULK), 443, "e1.whatsapp.net"))
+        stats = mitm.stats()
+    assert mitm.ca_file is not None
+    interceptor_ca = ssl.PEM_cert_to_DER_cert(open(mitm.ca_file).read())  # noqa: SIM115
+    for forged in (forged4, forged6):
+        assert (forged["failure"], forged["failed_operation"]) == (
+            "ssl_unknown_authority",
+            "tls_handshake",
+        )
+        assert forged["details"]["certificate"]["issuer"] == "CN=Lab Interceptor CA"
+        leaf, ca = _der_chain(forged)
+        assert hashlib.sha256(leaf).hexdigest() == forged["details"]["certificate"]["sha256"]
+        assert ca == interceptor_ca
+    assert neutral["ok"], "another SNI to the same address passes through untouched"
+    assert neutral["details"]["certificate"]["issuer"].startswith("CN=probe lab CA")
+    assert trusting["ok"] and trusting["details"]["connections"][0]["body_bytes"] == BODY
+    assert control["ok"] and control["details"]["certificate"]["issuer"].startswith(
+        "CN=probe lab CA"
+    )
+    assert stats["intercepted"] == 3 and stats["passed"] == 1 and stats["upstream_errors"] == 0
+
+
+# --- censor localisation (probe trace) ----------------------------------------------------------
+
+
+def _quiet_icmp_limits(lab: Lab) -> None:
+    # The censor is a Linux router: it rate-limits time-exceeded (a token bucket per
+    # client).  The trace reads a rate-limited hop correctly (tests/test_trace.py), but
+    # naming the censor's address needs one answer from it per walk, so the lab's
+    # censor answers every expired packet, as a router without rate limiting does.
+    run(
+        ns_argv(
+            lab.ns("censor"),
+            ["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"],
+        )
+    )
+
+
+def test_trace_names_the_censor_hop(lab: Lab, servers: ServeHandle) -> None:
+    from probe import trace as tr
+
+    _quiet_icmp_limits(lab)
+
+    def factory(family: socket.AddressFamily, kind: socket.SocketKind) -> socket.socket:
+        return lab.socket("client", family, kind)
+
+    bounds = {"max_hops": 5, "timeout_s": 0.5, "interval_s": 0.02, "factory": factory}
+    hello = tr.client_hello("blocked.example")
+    with lab.censor.active(
+        c.SNIFilter(["blocked.example"]),
+        c.UDPBlock([v4(RELAY)]),
+        c.IPBlock([v4(BLOCKED)], action="drop"),
+        c.QUICFilter([v4(TLS)]),
+    ):
+        sni4 = tr.trace_tcp(v4(TLS), 443, hello, "tls", **bounds)  # type: ignore[arg-type]
+        sni6 = tr.trace_tcp(v6(TLS), 443, hello, "tls", **bounds)  # type: ignore[arg-type]
+        neutral = tr.trace_tcp(
+            v4(TLS),
+            443,
+            tr.client_hello("neutral.example"),
+            "tls",
+            **bounds,  # type: ignore[arg-type]
+        )
+        udp = tr.trace_udp(v4(RELAY), 3478, tr.stun_trigger(), "stun", **bounds)  # type: ignore[arg-type]
+        syn = tr.trace_tcp(v4(BLOCKED), 443, None, "syn", **bounds)  # type: ignore[arg-type]
+        initial = tr.quic_trigger("e1.whatsapp.net", v4(TLS), 443)
+        quic = tr.trace_udp(v4(TLS), 443, initial, "quic", **bounds)  # type: ignore[arg-type]
+    # the client is one router (the censor) away from the servers
+    for trace, censor, outcome in (
+        (sni4, ADDR.censor_client4, "reset"),
+        (sni6, ADDR.censor_client6, "reset"),
+        (udp, ADDR.censor_client4, "silence"),
+        (syn, ADDR.censor_client4, "silence"),
+        (quic, ADDR.censor_client4, "silence"),
+    ):
+        assert trace.blocked_at_ttl == 2, trace
+        assert trace.censor_hop is not None and trace.censor_hop.responder == censor, trace
+        assert trace.hops[trace.blocked_at_ttl - 1].outcome == outcome
+        assert f"at hop 1 ({censor})" in trace.conclusion
+    assert neutral.reached_ttl == 2 and neutral.blocked_at_ttl is None
+
+
+def test_probe_trace_command_in_the_client_namespace(lab: Lab, servers: ServeHandle) -> None:
+    _quiet_icmp_limits(lab)
+    argv = ["-m", "probe", "trace", v4(TLS), "--probe", "tls", "--sni", "blocked.example"]
+    argv += ["--max-hops", "4", "--timeout", "0.5", "--format", "json"]
+    asn_map = lab.workdir / "asn.txt"
+    asn_map.write_text("10.200.1.0/24 AS64500\n10.200.100.0/24 AS64511\n")
+    argv += ["--asn-map", str(asn_map), "--vantage-asn", "AS64500"]
+    with lab.censor.active(c.SNIFilter(["blocked.example"])):
+        done = lab.exec("client", [sys.executable, *argv], timeout_s=60)
+    assert done.returncode == 1, done.stderr  # a block was located
+    (record,) = done.json_lines()
+    assert record["blocked_at_ttl"] == 2
+    assert record["censor_hop"]["responder"] == ADDR.censor_client4
+    assert record["trigger"] == "tls ClientHello, SNI blocked.example"
+    # the censor's hop is in the client's own (lab) AS: a domestic censor
+    assert (record["censor_asn"], record["in_vantage_as"]) == ("AS64500", True)
 
 
 # --- B5 ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ All traffic stays inside the lab's namespaces (10.200.0.0/16).
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -21,11 +22,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from probe.lab.scenarios import (
     CATALOGUE,
+    CHAT,
     DCS,
+    DOH_URL,
     ENDPOINTS,
+    FORGED,
+    FORGED2,
+    MEDIA,
+    MEDIA6,
     SERVICES,
     Outcome,
     Scenario,
@@ -74,7 +82,13 @@ def test_scenario_gets_its_verdicts_and_failure_strings(
 
 def test_catalogue_covers_every_behaviour_and_the_two_baselines() -> None:
     behaviours = {s.behaviour for s in CATALOGUE}
-    assert behaviours == {*(f"B{i}" for i in range(1, 10)), "clean", "server_down", "congestion"}
+    assert behaviours >= {
+        *(f"B{i}" for i in range(1, 11)),
+        "clean",
+        "server_down",
+        "mitm",
+        "congestion",
+    }
     assert len({s.name for s in CATALOGUE}) == len(CATALOGUE)
     for s in CATALOGUE:
         unknown = set(s.verdicts) - {*ENDPOINTS, *SERVICES}
@@ -138,6 +152,17 @@ def test_b3_neutral_sni_gets_through_where_the_real_name_is_reset(outcomes: Outc
 def _transfer(outcome: Outcome) -> dict:
     (transfer,) = outcome.rounds[0].runs("whatsapp/web/transfer")
     return transfer
+
+
+def test_b3_and_b4_are_told_apart_by_the_client_hello_swaps(outcomes: Outcomes) -> None:
+    sni = outcomes("B3_sni_filter").rounds[0].verdicts["whatsapp/web"]["evidence"]
+    assert any(e.endswith("the filter keys on the SNI") for e in sni), sni
+    assert any("does not reassemble" in e for e in sni), sni
+    (split,) = outcomes("B3_sni_filter").rounds[0].runs("whatsapp/web/tls/split_hello")
+    assert split["ok"] and split["details"]["client_hello_split_at"] > 0
+    b4 = outcomes("B4_tls_fingerprint").rounds[0].verdicts["whatsapp/web"]
+    assert b4["verdict"] == "protocol_filtering" and b4["confidence"] >= 0.95
+    assert any("keys on the ClientHello fingerprint (B4)" in e for e in b4["evidence"])
 
 
 def test_b5_and_b7_share_a_verdict_but_not_a_signature(outcomes: Outcomes) -> None:
@@ -212,6 +237,87 @@ def test_b1_injection_is_seen_as_two_replies(outcomes: Outcomes) -> None:
     assert answers[0] == ["10.10.34.35"] and len(answers) == 2  # forged first, real second
 
 
+def test_mitm_chain_reaches_the_archive_and_the_control_sees_the_real_certificate(
+    outcomes: Outcomes,
+) -> None:
+    rnd = outcomes("tls_mitm").rounds[0]
+    verdict = rnd.verdicts["whatsapp/web"]
+    assert verdict["confidence"] >= 0.95
+    assert "certificate issuer CN=Lab Interceptor CA" in verdict["evidence"]
+    (record,) = rnd.archived("whatsapp/web/tls")
+    (handshake,) = record["test_keys"]["tls_handshakes"]
+    assert handshake["failure"] == "ssl_unknown_authority"
+    assert handshake["server_name"] == "web.whatsapp.com"
+    chain = [
+        x509.load_der_x509_certificate(base64.b64decode(c["data"]))
+        for c in handshake["peer_certificates"]
+    ]
+    assert [c.issuer.rfc4514_string() for c in chain] == ["CN=Lab Interceptor CA"] * 2
+    assert chain[0].subject.rfc4514_string() == "CN=web.whatsapp.com"
+    assert chain[1].subject.rfc4514_string() == "CN=Lab Interceptor CA"  # the forging CA
+    (control,) = [r for r in rnd.control if (r["endpoint"], r["probe"]) == ("web", "tls")]
+    assert control["ok"]
+    assert control["details"]["certificate"]["issuer"].startswith("CN=probe lab CA")
+
+
+def test_b10_allowlist_is_a_vantage_state_not_offline(outcomes: Outcomes) -> None:
+    rnd = outcomes("B10_allowlist").rounds[0]
+    assert {r["vantage_state"] for r in rnd.results} == {"allowlist"}  # measured, not skipped
+    assert not any(r["skipped"] == "vantage_offline" for r in rnd.results)
+    assert rnd.verdicts["controls/domestic"]["verdict"] == "ok"
+    dc1 = rnd.verdicts["telegram/dc1"]
+    assert dc1["evidence"][0].startswith("allowlist regime: only domestic controls answer")
+    assert any(e.startswith("the rules alone would say ip_blocking") for e in dc1["evidence"])
+
+
+def test_ipv6_only_block_is_partial_and_names_the_family(outcomes: Outcomes) -> None:
+    rnd = outcomes("ipv6_only_block").rounds[0]
+    by_family = {
+        (r["address"], r["probe"]): r["failure"]
+        for r in rnd.results
+        if r["endpoint"] == "media" and r["probe"] in ("tcp", "tls")
+    }
+    assert by_family == {
+        (MEDIA, "tcp"): None,
+        (MEDIA, "tls"): None,
+        (MEDIA6, "tcp"): "generic_timeout_error",
+        (MEDIA6, "tls"): "generic_timeout_error",
+    }
+    summary = rnd.verdicts["whatsapp/media"]["evidence"][0]
+    assert summary.endswith("only IPv6 is blocked, IPv4 works"), summary
+
+
+def test_doh_is_the_truthful_path_when_udp_and_tcp_dns_lie(outcomes: Outcomes) -> None:
+    rnd = outcomes("B1_doh_truth").rounds[0]
+    evidence = rnd.verdicts["whatsapp/chat"]["evidence"]
+    assert f"dns doh:{DOH_URL} ok {CHAT}" in evidence  # the DoH answer is the evidence
+    assert any("DoH and the control answer; TCP lies too" in e for e in evidence), evidence
+    (tcp,) = rnd.runs("whatsapp/chat/tcp")
+    assert tcp["address"] == CHAT and tcp["address_source"] == "doh"
+
+
+def test_sustained_call_loss_is_a_verdict_with_the_loss_figure(outcomes: Outcomes) -> None:
+    rnd = outcomes("B9_call_loss").rounds[0]
+    (flow,) = rnd.runs("whatsapp/call/stun")
+    loss = flow["details"]["loss"]
+    assert loss >= 0.15  # 40% each way: ~64% of round trips
+    verdict = rnd.verdicts["whatsapp/call"]
+    assert verdict["confidence"] == 0.85
+    assert any(e.startswith(f"sustained loss: {loss:.0%} of ") for e in verdict["evidence"])
+    assert any("the control lost 0%" in e for e in verdict["evidence"])
+
+
+def test_racing_injectors_are_seen_as_three_replies(outcomes: Outcomes) -> None:
+    rnd = outcomes("B1_injection_race").rounds[0]
+    (udp,) = rnd.runs("whatsapp/chat/dns@udp")
+    answers = [r["answers"] for r in udp["details"]["replies"] if r["qtype"] == "A"]
+    assert answers == [[FORGED], [FORGED2], [CHAT]]  # both forged replies first
+    evidence = rnd.verdicts["whatsapp/chat"]["evidence"]
+    assert f"3 differing replies to one A query ({FORGED}; {FORGED2}; {CHAT}): injected" in (
+        evidence
+    )
+
+
 # --- probe lab demo ----------------------------------------------------------------------------
 
 
@@ -234,7 +340,7 @@ def test_demo_shows_scenarios_live_in_a_table() -> None:
         "observed",
         "result",
     ]
-    assert any(line.split()[:6] == ["clean", "clean", "all", "12", "ok", "ok"] for line in lines)
+    assert any(line.split()[:6] == ["clean", "clean", "all", "15", "ok", "ok"] for line in lines)
     b3 = next(line for line in lines if line.startswith("B3_sni_filter"))
     assert b3.split() == [
         "B3_sni_filter",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import socket
 import ssl
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import crypto as openssl_crypto
 
 from probe.classify import classify_exception, classify_quic_close
@@ -172,10 +174,16 @@ async def test_wrong_hostname_is_invalid_hostname_and_keeps_the_certificate(
 @pytest.mark.parametrize("ca_name", ["probe lab CA", "another CA"])
 async def test_unknown_ca_is_unknown_authority(host: str, ca_name: str, st: ProbeSettings) -> None:
     # Same name as the trusted CA (a MITM copying a root's name) or a different one.
-    async with QUICServer(host, cert=CertificateAuthority(ca_name).issue(NAME)) as server:
+    rogue = CertificateAuthority(ca_name)
+    leaf = rogue.issue(NAME, chain=True)  # leaf + the rogue CA, as a MITM box sends it
+    async with QUICServer(host, cert=leaf) as server:
         result = await run_quic(host, server.port, st)
     assert_failed(result, Failure.SSL_UNKNOWN_AUTHORITY)
     assert result.details["quic_error_code"] == "0x12a"
+    # the chain as sent, for the archive's quic_handshakes[].peer_certificates
+    chain = [base64.b64decode(c) for c in result.details["peer_certificates"]]
+    assert hashlib.sha256(chain[0]).hexdigest() == fingerprint(leaf.cert_pem)
+    assert chain[1:] == [rogue.cert.public_bytes(serialization.Encoding.DER)]
 
 
 async def test_expired_certificate_is_invalid_certificate(

@@ -8,18 +8,22 @@ within the TLS timeout.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import re
 import ssl
 import time
 from datetime import UTC, datetime
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from probe.lab.certs import CertificateAuthority, LeafCert
 from probe.lab.servers.tls import TLSMode, TLSServer
 from probe.model import Operation, ProbeResult
 from probe.probes import PROBES, tls
+from probe.probes.params import ParamError
 from tests.helpers import refusing_port, settings, target
 
 HOSTS = pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
@@ -82,13 +86,13 @@ async def test_wrong_hostname_keeps_the_certificate(
     cert = ca.issue("someone-else.example")
     async with TLSServer(host, cert=cert) as server:
         result = await run(host, server, ca_file)
-        # the second, unverified handshake asks for the same name as the first
-        assert list(server.sni_seen) == [NAME, NAME]
+        # the evidence comes from the verifying handshake: no second connection
+        assert list(server.sni_seen) == [NAME]
     assert result.failure == "ssl_invalid_hostname"
     assert result.failed_operation is Operation.TLS_HANDSHAKE
-    assert_evidence(result, cert, "unverified_second_handshake")
+    assert_evidence(result, cert, "handshake")
     assert result.details["certificate"]["sans"] == ["DNS:someone-else.example"]
-    assert set(result.phases) == {"connect", "tls", "certificate_evidence"}
+    assert set(result.phases) == {"connect", "tls"}
 
 
 @HOSTS
@@ -104,8 +108,93 @@ async def test_unknown_authority_keeps_the_certificate(
         result = await run(host, server, ca_file)
     assert result.failure == "ssl_unknown_authority"
     assert result.failed_operation is Operation.TLS_HANDSHAKE
-    assert_evidence(result, cert, "unverified_second_handshake")
+    assert_evidence(result, cert, "handshake")
     assert result.details["certificate"]["issuer"] == f"CN={ca_name}"
+
+
+async def test_certificate_failure_keeps_the_whole_chain_from_the_same_handshake(
+    ca_file: str,
+) -> None:
+    rogue = CertificateAuthority("Interceptor CA")
+    cert = rogue.issue(NAME, chain=True)  # leaf + the rogue CA, as a MITM box sends it
+    async with TLSServer("127.0.0.1", cert=cert) as server:
+        result = await run("127.0.0.1", server, ca_file)
+        assert server.client_hellos == 1  # no second, unverified connection was needed
+    assert result.failure == "ssl_unknown_authority"
+    chain = [base64.b64decode(c) for c in result.details["peer_certificates"]]
+    assert chain == [
+        # the leaf: the first PEM block (load_pem reads only that one)
+        x509.load_pem_x509_certificate(cert.cert_pem).public_bytes(serialization.Encoding.DER),
+        rogue.cert.public_bytes(serialization.Encoding.DER),
+    ]
+    assert hashlib.sha256(chain[0]).hexdigest() == result.details["certificate"]["sha256"]
+
+
+async def test_valid_handshake_keeps_the_leaf_fingerprint_not_the_chain(
+    ca: CertificateAuthority, ca_file: str
+) -> None:
+    async with TLSServer("127.0.0.1", cert=ca.issue(NAME, chain=True)) as server:
+        result = await run("127.0.0.1", server, ca_file)
+    assert result.ok
+    assert "peer_certificates" not in result.details  # small results snapshot on success
+    assert result.details["certificate"]["issuer"] == "CN=probe lab CA"
+
+
+async def test_without_the_chain_api_a_second_handshake_reads_the_certificate(
+    ca_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What an interpreter without get_unverified_chain does (the API is private before 3.13).
+    monkeypatch.setattr(tls.Handshake, "peer_chain", lambda self: [])
+    cert = CertificateAuthority("Interceptor CA").issue(NAME)
+    async with TLSServer("127.0.0.1", cert=cert) as server:
+        result = await run("127.0.0.1", server, ca_file)
+        assert list(server.sni_seen) == [NAME, NAME]
+    assert result.failure == "ssl_unknown_authority"
+    assert_evidence(result, cert, "unverified_second_handshake")
+    [der] = [base64.b64decode(c) for c in result.details["peer_certificates"]]
+    assert der == ssl.PEM_cert_to_DER_cert(cert.cert_pem.decode())
+    assert set(result.phases) == {"connect", "tls", "certificate_evidence"}
+
+
+@HOSTS
+async def test_split_client_hello_is_cut_inside_the_name_and_still_completes(
+    host: str, ca: CertificateAuthority, ca_file: str
+) -> None:
+    async with TLSServer(host, cert=ca.issue(NAME)) as server:
+        result = await run(host, server, ca_file, params={"split_hello": True})
+        assert server.client_hellos == 1 and list(server.sni_seen) == [NAME]
+    assert result.ok, result.failure
+    # the same context builds a ClientHello of the same layout: the cut is mid-name
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    probe_like = tls.client_context(ca_file, tls.DEFAULT_ALPN)
+    obj = probe_like.wrap_bio(incoming, outgoing, server_hostname=NAME)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    at = outgoing.read().find(NAME.encode())
+    assert result.details["client_hello_split_at"] == at + len(NAME) // 2
+
+
+async def test_alt_shape_changes_the_cipher_suite_vector_and_still_completes(
+    ca: CertificateAuthority, ca_file: str
+) -> None:
+    default = tls.client_context(ca_file, tls.DEFAULT_ALPN)
+    alt = tls.client_context(ca_file, tls.DEFAULT_ALPN, shape="alt")
+    assert [c["name"] for c in default.get_ciphers()] != [c["name"] for c in alt.get_ciphers()]
+    async with TLSServer("127.0.0.1", cert=ca.issue(NAME), alpn=["h2", "http/1.1"]) as server:
+        result = await run("127.0.0.1", server, ca_file, params={"shape": "alt"})
+    assert result.ok and result.details["client_hello_shape"] == "alt"
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"shape": "chrome"}, "must be one of default, alt, got 'chrome'"),
+        ({"split_hello": "yes"}, "must be true or false, got 'yes'"),
+    ],
+)
+def test_bad_client_hello_params_are_named(params: dict, message: str) -> None:
+    with pytest.raises(ParamError, match=re.escape(message)):
+        tls.parse_params(params)
 
 
 @HOSTS
@@ -117,7 +206,7 @@ async def test_expired_certificate_keeps_the_certificate(
         result = await run(host, server, ca_file)
     assert result.failure == "ssl_invalid_certificate"
     assert result.details["verify_message"] == "certificate has expired"
-    assert_evidence(result, cert, "unverified_second_handshake")
+    assert_evidence(result, cert, "handshake")
     not_after = datetime.fromisoformat(result.details["certificate"]["not_after"])
     assert not_after < datetime.now(UTC)
 
@@ -130,7 +219,7 @@ async def test_system_store_alone_does_not_trust_the_lab_ca(
     async with TLSServer(host, cert=cert) as server:
         result = await run(host, server, ca_file=None)
     assert result.failure == "ssl_unknown_authority"
-    assert_evidence(result, cert, "unverified_second_handshake")
+    assert_evidence(result, cert, "handshake")
 
 
 @HOSTS

@@ -87,6 +87,8 @@ INVALID: list[tuple[str, int, str, str]] = [
      "did you mean 'signalling'?"),
     ("invalid-seedfile-bad-transport.yaml", 7, "endpoints[0].transport",
      "'sctp' is not one of tcp, udp"),
+    ("invalid-seedfile-domestic-not-control.yaml", 7, "endpoints[0].domestic",
+     "only a control endpoint (role: control) can be domestic"),
     ("invalid-seedfile-bad-host.yaml", 7, "endpoints[0].host",
      "'web_whatsapp.com' is neither an IP address nor a valid hostname"),
     ("invalid-seedfile-bad-address.yaml", 7, "endpoints[0].addresses[1]",
@@ -351,6 +353,11 @@ def test_controls_are_role_control_on_tcp_443_with_tls() -> None:
         assert ep.spec("tls") is not None
         # an IP literal needs an SNI its certificate names, or TLS proves nothing
         assert ep.sni or not ep.is_ip_literal
+
+
+def test_domestic_controls_are_marked_so_the_gate_can_tell_an_allowlist() -> None:
+    assert all(ep.domestic and ep.role == "control" for ep in load_shipped("controls-ru").endpoints)
+    assert not any(ep.domestic for ep in load_shipped("controls").endpoints)
 
 
 def test_endpoint_names_are_unique_across_the_default_lists() -> None:

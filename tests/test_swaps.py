@@ -65,6 +65,9 @@ def ok(
     return rec.ok()
 
 
+HELLO = ["tls/other_shape", "tls/split_hello"]  # the B4 ClientHello swaps
+
+
 def labels(targets: list[Target]) -> list[str]:
     return sorted(t.label for t in targets)
 
@@ -74,7 +77,7 @@ def labels(targets: list[Target]) -> list[str]:
 
 def test_tls_reset_in_handshake_gets_a_neutral_sni_swap_and_a_repeat() -> None:
     out = followups([failed("tls", "connection_reset", Operation.TLS_HANDSHAKE)])
-    assert labels(out) == ["tls/neutral_sni", "tls/repeat"]
+    assert labels(out) == sorted(["tls/neutral_sni", *HELLO, "tls/repeat"])
     swap = next(t for t in out if t.variant == "neutral_sni")
     assert (swap.address, swap.port, swap.address_source) == (A, 443, "system")
     # the override replaces only the SNI: the spec's other params stay
@@ -106,12 +109,14 @@ def test_neutral_name_is_configurable_and_never_swapped_for_itself() -> None:
     already = failed(
         "tls", "connection_reset", Operation.TLS_HANDSHAKE, overrides={"sni": "neutral.test"}
     )
-    assert labels(followups([already], neutral_sni="neutral.test")) == ["tls/repeat"]
+    assert labels(followups([already], neutral_sni="neutral.test")) == sorted(
+        [*HELLO, "tls/repeat"]
+    )
 
 
 def test_transfer_handshake_failure_gets_a_tls_swap_but_no_repeat() -> None:
     out = followups([failed("transfer", "connection_reset", Operation.TLS_HANDSHAKE)])
-    assert labels(out) == ["tls/neutral_sni"]
+    assert labels(out) == ["tls/neutral_sni", *HELLO]
     assert followups([failed("transfer", "stall_after_bytes", Operation.READ)]) == []
 
 
@@ -194,7 +199,7 @@ def test_app_failures_are_repeated_once() -> None:
 def test_bounded_never_a_follow_up_of_a_follow_up_and_one_of_each_kind() -> None:
     reset = failed("tls", "connection_reset", Operation.TLS_HANDSHAKE)
     first = followups([reset, reset])  # the same target twice (e.g. two rounds)
-    assert labels(first) == ["tls/neutral_sni", "tls/repeat"]
+    assert labels(first) == sorted(["tls/neutral_sni", *HELLO, "tls/repeat"])
     # their own failures ask for nothing more
     second_pass = [
         failed("tls", "connection_reset", Operation.TLS_HANDSHAKE, variant=t.variant) for t in first
@@ -248,6 +253,8 @@ async def test_round_runs_the_swap_and_judges_sni_filtering(
     assert set(by_label) == {
         ("filtered", "tls"),
         ("filtered", "tls/neutral_sni"),
+        ("filtered", "tls/other_shape"),
+        ("filtered", "tls/split_hello"),
         ("filtered", "tls/repeat"),
         ("open", "tls"),
     }
@@ -256,7 +263,12 @@ async def test_round_runs_the_swap_and_judges_sni_filtering(
     # certificate for the blocked name: a mismatch, which still proves the path carries TLS
     assert by_label[("filtered", "tls/neutral_sni")].failure == "ssl_invalid_hostname"
     assert by_label[("filtered", "tls/neutral_sni")].details["sni"] == DEFAULT_NEUTRAL_SNI
-    assert censor.blocked_hellos == 2 and censor.relayed >= 1
+    # the relay reads the whole first record: another shape with the blocked name, and the
+    # same ClientHello in two segments, are reset too (it reassembles)
+    for label in HELLO:
+        assert by_label[("filtered", label)].failure == "connection_reset"
+    assert by_label[("filtered", "tls/split_hello")].details["client_hello_split_at"] > 0
+    assert censor.blocked_hellos == 4 and censor.relayed >= 1
     assert by_label[("open", "tls")].ok
 
     verdicts = {(v.service, v.endpoint): v for v in report.verdicts}
@@ -272,7 +284,7 @@ async def test_round_runs_the_swap_and_judges_sni_filtering(
     assert "tls_sni_filtering" in text and text.splitlines()[-1].startswith("vantage ")
     records = [json.loads(line) for line in json_lines(report)]
     kinds = [r["type"] for r in records]
-    assert kinds == ["result"] * 4 + ["verdict"] * 3
+    assert kinds == ["result"] * 6 + ["verdict"] * 3
     assert records[-1] == {
         **records[-1],
         "level": "service",

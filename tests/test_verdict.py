@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from probe.probes.base import Recorder
 from probe.results import VERDICTS, ResultStore
 from probe.statuspage import results_json
 from probe.verdict import (
+    ALLOWLIST_FLAG,
     BLOCKING,
     EndpointVerdict,
     Observation,
@@ -442,6 +443,15 @@ CASES = [
         Verdict.VANTAGE_OFFLINE,
     ),
     Case(
+        "failure_under_an_allowlist_regime_is_the_regime",
+        [run("tcp", failure="generic_timeout_error", op=CONN, flags=[ALLOWLIST_FLAG])],
+        Verdict.ALLOWLIST_REGIME,
+        control=[run("tcp")],
+        min_conf=0.85,
+        max_conf=0.85,
+        evidence=("allowlist regime",),
+    ),
+    Case(
         "ipv6_unavailable_never_counts",
         [run("tls"), skipped("tls", V6, SkipReason.IPV6_UNAVAILABLE)],
         Verdict.OK,
@@ -717,6 +727,146 @@ def test_offline_round_is_vantage_offline_for_endpoints_and_services() -> None:
     ]
     verdicts = judge_round(results)
     assert [v.verdict for v in verdicts] == [Verdict.VANTAGE_OFFLINE, Verdict.VANTAGE_OFFLINE]
+
+
+def test_allowlist_regime_is_the_vantage_state_not_a_block_of_each_service() -> None:
+    """FIELD.md B10: the round flags every result; failures read as the regime's."""
+    dc1 = endpoint("192.0.2.1", probes=("tcp",), ports=(443,), service="tg", name="dc1")
+    dc2 = endpoint("192.0.2.2", probes=("tcp",), ports=(443,), service="tg", name="dc2")
+    ya = endpoint("198.51.100.1", probes=("tcp",), ports=(443,), service="ctl", role="control")
+    regime = [ALLOWLIST_FLAG]
+    timeout = {"failure": "generic_timeout_error", "op": CONN, "flags": regime}
+    results = [
+        run("tcp", "192.0.2.1", ep=dc1, **timeout),
+        run("tcp", "192.0.2.2", ep=dc2, flags=regime),  # an allowlisted (working) endpoint
+        run("tcp", "198.51.100.1", ep=ya, flags=regime),
+    ]
+    control = [run("tcp", "192.0.2.1", ep=dc1)]  # the control connects: ip_blocking alone
+    by_key = {(v.service, v.endpoint): v for v in judge_round(results, control)}
+    blocked = by_key[("tg", "dc1")]
+    assert blocked.verdict == Verdict.ALLOWLIST_REGIME and blocked.blocked_fraction is None
+    assert blocked.evidence[0].startswith("allowlist regime: only domestic controls answer")
+    assert blocked.evidence[1].startswith("the rules alone would say ip_blocking")
+    assert by_key[("tg", "dc2")].verdict == Verdict.OK
+    assert by_key[("tg", None)].verdict == Verdict.ALLOWLIST_REGIME  # never "partial"
+    assert by_key[("ctl", None)].verdict == Verdict.OK
+    # the same results without the flag: an ordinary block
+    plain = [replace(r, flags=()) for r in results]
+    by_key = {(v.service, v.endpoint): v for v in judge_round(plain, control)}
+    assert by_key[("tg", "dc1")].verdict == Verdict.IP_BLOCKING
+    assert by_key[("tg", None)].verdict == Verdict.PARTIAL
+
+
+def test_a_lying_resolver_under_an_allowlist_is_still_dns_tampering() -> None:
+    flags = [ALLOWLIST_FLAG]
+    results = [
+        dns(SYSTEM, failure="dns_nxdomain_error", flags=flags),
+        dns("tcp:192.0.2.53:53", A, flags=flags),
+    ]
+    assert judge_endpoint(results).verdict == Verdict.DNS_TAMPERING
+
+
+def flow(loss: float, sent: int = 50, **kw: Any) -> ProbeResult:
+    return run("stun", A, 3479, mode="flow", sent=sent, loss=loss, cutoff_s=None, **kw)
+
+
+@pytest.mark.parametrize(
+    ("ours", "sent", "theirs", "expected"),
+    [
+        (0.4, 50, 0.0, Verdict.UDP_BLOCKING),  # sustained loss, the control sees none
+        (0.2, 50, 0.04, Verdict.UDP_BLOCKING),  # past the threshold, control nearly clean
+        (0.14, 100, 0.0, Verdict.OK),  # below the threshold (15%)
+        (0.5, 10, 0.0, Verdict.OK),  # 5 packets lost: too few to call it sustained
+        (0.4, 50, 0.2, Verdict.OK),  # the control loses too: the path, not a censor
+        (0.4, 50, None, Verdict.OK),  # no control: loss alone proves nothing
+    ],
+)
+def test_sustained_call_flow_loss_is_udp_blocking_only_next_to_a_clean_control(
+    ours: float, sent: int, theirs: float | None, expected: Verdict
+) -> None:
+    control = [] if theirs is None else [flow(theirs)]
+    verdict = judge_endpoint([flow(ours, sent)], control)
+    assert verdict.verdict == expected
+    if expected == Verdict.UDP_BLOCKING:
+        assert verdict.confidence == 0.85
+        assert any(e.startswith(f"sustained loss: {ours:.0%} of {sent}") for e in verdict.evidence)
+
+
+def test_a_partial_split_by_address_family_is_named() -> None:
+    v4_ok, v6_blocked = run("tcp", A), run("tcp", V6, failure="generic_timeout_error", op=CONN)
+    verdict = judge_endpoint([v4_ok, v6_blocked], [run("tcp", V6)])
+    assert verdict.verdict == Verdict.PARTIAL
+    assert (
+        verdict.evidence[0]
+        == "1 of 2 paths blocked (ip_blocking): only IPv6 is blocked, IPv4 works"
+    )
+    same_family = judge_endpoint(
+        [v4_ok, run("tcp", B, failure="generic_timeout_error", op=CONN)], [run("tcp", B)]
+    )
+    assert same_family.evidence[0] == "1 of 2 paths blocked (ip_blocking)"
+
+
+def test_more_than_one_forged_reply_is_counted_in_the_evidence() -> None:
+    replies = [
+        {"qtype": "A", "answers": ["10.10.34.35"]},
+        {"qtype": "A", "answers": ["10.10.34.36"]},
+        {"qtype": "A", "answers": [A]},
+    ]
+    udp = dns(
+        "udp:192.0.2.53:53", "10.10.34.35", flags=["dns_injection_suspected"], replies=replies
+    )
+    verdict = judge_endpoint([udp, dns(DOH, A)])
+    assert verdict.verdict == Verdict.DNS_TAMPERING
+    assert f"3 differing replies to one A query (10.10.34.35; 10.10.34.36; {A}): injected" in (
+        verdict.evidence
+    )
+
+
+def test_tcp_lying_with_udp_leaves_doh_as_the_evidence() -> None:
+    results = [
+        dns("udp:192.0.2.53:53", "10.10.34.35", failure="dns_bogon_error"),
+        dns("tcp:192.0.2.53:53", "10.10.34.35", failure="dns_bogon_error"),
+        dns(DOH, A),
+    ]
+    verdict = judge_endpoint(results)
+    assert verdict.verdict == Verdict.DNS_TAMPERING and verdict.confidence == 0.95
+    assert f"dns {DOH} ok {A}" in verdict.evidence
+    assert verdict.evidence[-1] == (
+        "bogon from the system/UDP resolver; DoH answer; TCP lies too (10.10.34.35)"
+    )
+
+
+def hello_swaps(shape: str | None, split: str | None) -> list[ProbeResult]:
+    """The B4 swaps: ``tls/other_shape`` and ``tls/split_hello`` failing (or not)."""
+    return [
+        run("tls", failure=failure, op=HS if failure else None, variant=variant)
+        for variant, failure in (("other_shape", shape), ("split_hello", split))
+    ]
+
+
+def test_another_client_hello_shape_getting_through_is_b4_even_without_control() -> None:
+    reset = run("tls", failure="connection_reset", op=HS, handshake=RESET_AFTER_HELLO)
+    neutral = run("tls", failure="connection_reset", op=HS, variant="neutral_sni")
+    before = judge_endpoint([reset, neutral])
+    assert before.verdict == Verdict.INCONCLUSIVE  # without the shape swap: nothing to say
+    after = judge_endpoint([reset, neutral, *hello_swaps(None, "connection_reset")])
+    assert after.verdict == Verdict.PROTOCOL_FILTERING and after.confidence == 0.85
+    assert any("keys on the ClientHello fingerprint (B4)" in e for e in after.evidence)
+    assert any("censor reassembles" in e for e in after.evidence)
+    with_control = judge_endpoint([reset, neutral, *hello_swaps(None, None)], [run("tls")])
+    assert with_control.confidence == 0.95
+
+
+def test_sni_filter_with_the_client_hello_swaps_says_what_it_keys_on() -> None:
+    reset = run("tls", failure="connection_reset", op=HS, handshake=RESET_AFTER_HELLO)
+    neutral = run("tls", variant="neutral_sni")
+    sni_only = judge_endpoint([reset, neutral, *hello_swaps("connection_reset", None)])
+    assert sni_only.verdict == Verdict.TLS_SNI_FILTERING
+    assert sni_only.evidence[1].endswith("the filter keys on the SNI")
+    assert "does not reassemble" in sni_only.evidence[2]
+    both = judge_endpoint([reset, neutral, *hello_swaps(None, "connection_reset")])
+    assert both.verdict == Verdict.TLS_SNI_FILTERING
+    assert "fingerprint together with the SNI" in both.evidence[1]
 
 
 def test_without_control_other_services_working_lets_a_block_count() -> None:

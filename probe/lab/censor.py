@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from .topology import Lab
 
 __all__ = [
+    "Allowlist",
     "Behaviour",
     "ByteFreeze",
     "Censor",
@@ -63,6 +64,7 @@ __all__ = [
     "SNIFilter",
     "StunBlackhole",
     "TLSFingerprintFilter",
+    "TLSIntercept",
     "Throttle",
     "UDPBlock",
     "client_hello_cipher_vector",
@@ -206,6 +208,10 @@ class Censor:
 
     def tc(self, script: str, *, check: bool = True) -> str:
         return run(ns_argv(self.ns, ["tc", "-batch", "-"]), input=script, check=check)
+
+    def flush_conntrack(self) -> None:
+        """Forget every tracked flow in the censor (NAT is decided per new flow)."""
+        run(ns_argv(self.ns, ["conntrack", "-F"]), check=False)
 
     def spawn(self, spec: dict[str, Any]) -> LabProcess:
         import json
@@ -468,6 +474,33 @@ class IPBlock(NftBehaviour):
 
 
 @dataclass(eq=False)
+class Allowlist(NftBehaviour):
+    """B10, allowlist regime (regional shutdowns): every packet from the client to an
+    address outside ``allowed`` is dropped, IPv4 and IPv6 alike (a family with no allowed
+    address is cut off entirely).  Only the "domestic" destinations answer."""
+
+    id: ClassVar[str] = "B10"
+    allowed: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if not self.allowed:
+            raise ValueError("an allowlist needs allowed addresses (else it is an outage)")
+        _split(self.allowed)  # validates
+
+    def rules(self, censor: Censor) -> list[str]:
+        v4, v6 = _split(self.allowed)
+        up = f"iifname {CENSOR_CLIENT_IF} "
+        return [
+            f"{up}meta nfproto ipv4 ip daddr != {_set(v4)} counter drop"
+            if v4
+            else f"{up}meta nfproto ipv4 counter drop",
+            f"{up}meta nfproto ipv6 ip6 daddr != {_set(v6)} counter drop"
+            if v6
+            else f"{up}meta nfproto ipv6 counter drop",
+        ]
+
+
+@dataclass(eq=False)
 class UDPBlock(IPBlock):
     """B9, call blocking by address: every UDP packet to ``addresses`` (optionally only
     ``ports``) is dropped; the client sees silence.  TCP to the same addresses passes."""
@@ -524,6 +557,84 @@ class SNIFilter(IptBehaviour):
             *(f"{up}{m}-j CONNMARK --or-mark {bit:#x}" for m in self.matches()),
             f"-A {chain} -m connmark --mark {bit:#x}/{bit:#x} -j DROP",
         ]
+
+
+@dataclass(eq=False)
+class TLSIntercept(Behaviour):
+    """TLS interception (a MITM box with its own CA; Kazakhstan 2019): TCP connections to
+    ``addresses``:``ports`` crossing the censor are redirected (nft ``redirect`` in the
+    NAT prerouting hook) to an interceptor process in the censor namespace
+    (`probe.lab.intercept`).  A ClientHello naming one of ``names`` gets a forged chain
+    for that name (leaf + the interceptor's CA, named ``issuer``), and the plaintext is
+    relayed over TLS to the real server; any other ClientHello passes through untouched.
+    The control vantage never crosses the censor, so it sees the real certificate.
+
+    The conntrack table is flushed after the redirect goes in (and after it comes out):
+    NAT is decided on a connection's first packet, so a flow already tracked would keep
+    its old fate."""
+
+    id: ClassVar[str] = "mitm"
+    names: Sequence[str] = ()
+    addresses: Sequence[str] = ()
+    ports: Sequence[int] = (443,)
+    issuer: str = "Lab Interceptor CA"
+    port: int = 8443  # the interceptor's listening port inside the censor namespace
+    handler: LabProcess | None = field(default=None, init=False)
+    ca_file: str | None = field(default=None, init=False)  # the interceptor's CA (PEM)
+    _table: str | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        _split(self.addresses)  # validates
+        if not self.names:
+            raise ValueError("an interceptor needs names")
+
+    def apply(self, censor: Censor) -> None:
+        import json
+
+        from .certs import CertificateAuthority
+
+        ca = CertificateAuthority(self.issuer)
+        name = censor.name("mitm")
+        ca.issue(*self.names, chain=True).write(censor.lab.workdir, name)
+        self.ca_file = str(ca.write_ca(censor.lab.workdir / f"{name}-ca.pem"))
+        spec = {
+            "port": self.port,
+            "names": list(self.names),
+            "cert": str(censor.lab.workdir / name),
+            "upstream_ca": censor.lab.ca_file,
+        }
+        argv = [sys.executable, "-m", "probe.lab.intercept", json.dumps(spec)]
+        self.handler = censor.lab.spawn("censor", argv, name="intercept")
+        try:
+            rules = "".join(
+                f"    iifname {CENSOR_CLIENT_IF} {peer}{_nft_ports('tcp', self.ports, 'up')}"
+                f"redirect to :{self.port}\n"
+                for peer in _nft_peer(self.addresses, "up")
+            )
+            censor.nft(
+                f"table inet {name} {{\n  chain pre {{\n    type nat hook prerouting "
+                f"priority dstnat; policy accept;\n{rules}  }}\n}}\n"
+            )
+            self._table = name
+            censor.flush_conntrack()
+        except BaseException:
+            self.remove(censor)
+            raise
+
+    def remove(self, censor: Censor) -> None:
+        if self._table is not None:
+            censor.nft(f"delete table inet {self._table}\n")
+            self._table = None
+            censor.flush_conntrack()
+        if self.handler is not None:
+            censor.lab.stop(self.handler)
+            self.handler = None
+
+    def stats(self) -> dict[str, Any]:
+        """The interceptor's counters: intercepted, passed, upstream_errors."""
+        if self.handler is None:
+            raise LabError("not applied")
+        return self.handler.command({"cmd": "stats"})
 
 
 def client_hello_cipher_vector(ctx: ssl.SSLContext | None = None) -> bytes:

@@ -94,8 +94,12 @@ class CertificateAuthority:
         path.write_bytes(self.cert_pem)
         return path
 
-    def issue(self, *names: str, expired: bool = False) -> LeafCert:
-        """A leaf for DNS names and/or IP literals; ``expired`` makes it a day past validity."""
+    def issue(self, *names: str, expired: bool = False, chain: bool = False) -> LeafCert:
+        """A leaf for DNS names and/or IP literals; ``expired`` makes it a day past validity.
+
+        ``chain``: the PEM also carries this CA's certificate after the leaf, so a server
+        loading it sends a two-certificate chain (as real servers and MITM boxes do).
+        """
         key = _key()
         now = dt.datetime.now(dt.UTC)
         if expired:
@@ -121,4 +125,5 @@ class CertificateAuthority:
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(self._key, hashes.SHA256())
         )
-        return LeafCert(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        return LeafCert(pem + self.cert_pem if chain else pem, _pem_key(key))

@@ -73,7 +73,7 @@ from ..wire.quic import (
 from .base import Recorder
 from .params import ParamError, alpn_param, check_keys, shown, sni_param
 from .tcp import require_address
-from .tls import certificate_evidence, server_names
+from .tls import certificate_evidence, chain_evidence, server_names
 
 __all__ = ["QuicParams", "parse_params", "probe"]
 
@@ -460,6 +460,12 @@ def _outcome(
         # after a failed verification, so unlike the tls probe no second handshake.
         der = cert.public_bytes(serialization.Encoding.DER)
         rec.details.update(certificate=certificate_evidence(der), certificate_source="handshake")
+    if cert is not None and proto.completed is None:
+        # As in the tls probe: on a failed handshake the chain is the evidence (a MITM's
+        # forged issuer), archived as OONI's quic_handshakes[].peer_certificates.
+        rec.details["peer_certificates"] = chain_evidence(
+            [c.public_bytes(serialization.Encoding.DER) for c in [cert, *chain]]
+        )
     op = Operation.QUIC_HANDSHAKE
 
     if proto.completed is not None:

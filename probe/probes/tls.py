@@ -21,12 +21,15 @@ silence right after the ClientHello" from "stalled after the ServerHello", which
 exactly the difference between an SNI filter and a slow or broken server.
 
 Certificate evidence is kept even when verification fails: a MITM certificate is the
-finding.  Python 3.11's ``SSLObject`` exposes no certificate after a failed verification
-(``get_unverified_chain`` only arrived in 3.13), so the probe then makes a *second*
-connection with verification disabled, used only to read the leaf certificate;
-``details.certificate_source`` says which connection the evidence came from
-(``handshake`` or ``unverified_second_handshake``).  The verdict always comes from the
-first, verifying handshake.
+finding.  ``getpeercert`` returns nothing after a failed verification, but OpenSSL still
+holds the chain the peer sent (``SSLObject.get_unverified_chain``, public since 3.13 and
+present on the underlying ``_ssl`` object since 3.10), so the leaf evidence and the whole
+chain (``details.peer_certificates``, base64 DER, leaf first: the archive's OONI
+``tls_handshakes[].peer_certificates``) come from the verifying handshake itself.  Only if
+that chain is unavailable does the probe make a *second* connection with verification
+disabled, used only to read the certificate; ``details.certificate_source`` says which
+connection the evidence came from (``handshake`` or ``unverified_second_handshake``).
+The verdict always comes from the first, verifying handshake.
 
 Path-aware timeout: ``tls_s`` is a floor, not a cliff.  On a visibly slow path (the TCP
 connect took long) the handshake gets up to ``HANDSHAKE_RTTS`` connect times, and a
@@ -37,12 +40,17 @@ way, the server's messages seen (``server_hello``, ``certificate``, ``encrypted`
 ...; `probe.wire.tlsrec`) and the time allowed (``timeout_s``).
 
 Params: ``sni`` (override the server name; ``null`` = send none), ``alpn`` (list,
-default ``["h2", "http/1.1"]``).
+default ``["h2", "http/1.1"]``), ``shape`` (``default`` or ``alt``: another ClientHello,
+with other TLS 1.2 cipher suites, no session-ticket extension and the ALPN list reversed)
+and ``split_hello`` (send the ClientHello in two TCP segments, cut inside the SNI).  The
+last two are the B4 swap tests (`probe.swaps`): does a filter key on the ClientHello's
+shape rather than its SNI, and does it reassemble segments?
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import hashlib
@@ -61,7 +69,7 @@ from ..model import Failure, Operation, ProbeResult, Target
 from ..settings import ProbeSettings
 from ..wire.tlsrec import server_messages
 from .base import Recorder
-from .params import alpn_param, check_keys, sni_param
+from .params import ParamError, alpn_param, check_keys, shown, sni_param
 from .tcp import connect, require_address, socket_evidence
 
 T = TypeVar("T")
@@ -71,6 +79,12 @@ _READ_CHUNK = 16 * 1024
 # peer is feeding us something else and we stop reading rather than buffer it.
 _MAX_HANDSHAKE_BYTES = 256 * 1024
 _MAX_SANS = 100  # evidence, not an archive of a hostile certificate
+_MAX_CHAIN = 8  # real chains have 2-4 certificates; a hostile peer may send dozens
+_SPLIT_PAUSE_S = 0.05  # between the two halves of a split ClientHello
+# The ``alt`` ClientHello shape: TLS 1.2 suites in another order and set (the cipher-suite
+# vector is the fingerprint detail DPI keys on most), no session-ticket extension.
+_ALT_CIPHERS = "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:ECDHE+AESGCM"
+SHAPES = ("default", "alt")
 _KEEP_BYTES = 16 * 1024  # the start of the server's flight, to name its messages
 STRETCH_MAX = 3.0  # a handshake timeout may grow to this many times the configured one
 HANDSHAKE_RTTS = 10.0  # a slow path's handshake gets this many connect times
@@ -151,11 +165,16 @@ class Progress:
 class Handshake:
     """A client TLS handshake over a connected non-blocking socket, driven through memory BIOs."""
 
-    def __init__(self, ctx: ssl.SSLContext, server_hostname: str | None) -> None:
+    def __init__(
+        self, ctx: ssl.SSLContext, server_hostname: str | None, *, split_hello: bool = False
+    ) -> None:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.tls = ctx.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
         self.progress = Progress()
+        self.split_at: int | None = None  # where the ClientHello was cut (split_hello)
+        self._split = split_hello
+        self._name = (server_hostname or "").encode()
 
     async def run(self, sock: socket.socket) -> None:
         """Complete the handshake or raise (SSLError, OSError, EOFError, HandshakeTooLarge)."""
@@ -175,9 +194,25 @@ class Handshake:
 
     async def _flush(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         data = self._outgoing.read()
-        if data:
+        if data and self._split and self.progress.sent == 0:
+            await self._send_split(loop, sock, data)
+        elif data:
             await loop.sock_sendall(sock, data)
             self.progress.sent += len(data)
+
+    async def _send_split(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, hello: bytes
+    ) -> None:
+        """The ClientHello in two TCP segments, cut in the middle of the server name (or
+        of the record): a censor matching per packet sees neither half of the name."""
+        at = hello.find(self._name) if self._name else -1
+        cut = at + len(self._name) // 2 if at > 0 else len(hello) // 2
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.sock_sendall(sock, hello[:cut])
+        await asyncio.sleep(_SPLIT_PAUSE_S)  # the first half leaves alone
+        await loop.sock_sendall(sock, hello[cut:])
+        self.progress.sent += len(hello)
+        self.split_at = cut
 
     def flush_nowait(self, sock: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -209,11 +244,37 @@ class Handshake:
             "cipher": cipher[0] if cipher else None,
         }
 
+    def peer_chain(self) -> list[bytes]:
+        """The DER chain the peer sent (leaf first), also after a failed verification.
+
+        Python 3.13 made ``get_unverified_chain`` public; 3.10-3.12 have it on the
+        underlying ``_ssl`` object only.  Evidence only: no API -> an empty list.
+        """
+        getter = getattr(self.tls, "get_unverified_chain", None)
+        if getter is None:
+            getter = getattr(getattr(self.tls, "_sslobj", None), "get_unverified_chain", None)
+        try:
+            chain = getter() if getter is not None else None
+        except (ssl.SSLError, ValueError):
+            return []
+        return [_der(c) for c in list(chain or [])[:_MAX_CHAIN]]
+
     def close_notify(self, sock: socket.socket) -> None:
         """Send close_notify without waiting for the peer's: a clean, bounded goodbye."""
         with contextlib.suppress(ssl.SSLError, OSError):
             self.tls.unwrap()
         self.flush_nowait(sock)
+
+
+def _der(cert: Any) -> bytes:
+    if isinstance(cert, bytes):  # 3.13's public API returns DER already
+        return cert
+    return bytes(cert.public_bytes(ssl._ssl.ENCODING_DER))  # type: ignore[attr-defined]
+
+
+def chain_evidence(chain: Sequence[bytes]) -> list[str]:
+    """``details.peer_certificates``: base64 DER, leaf first (OONI's archival form)."""
+    return [base64.b64encode(der).decode("ascii") for der in list(chain)[:_MAX_CHAIN]]
 
 
 def _ca_mtime(ca_file: str | None) -> int | None:
@@ -227,7 +288,7 @@ def _ca_mtime(ca_file: str | None) -> int | None:
 
 @functools.lru_cache(maxsize=16)
 def _context(
-    ca_file: str | None, _mtime: int | None, alpn: tuple[str, ...], verify: bool
+    ca_file: str | None, _mtime: int | None, alpn: tuple[str, ...], verify: bool, shape: str
 ) -> ssl.SSLContext:
     # Cached: loading the system store takes ~0.1 s; the CA file's mtime is part of the key
     # so a regenerated lab CA is picked up.
@@ -239,16 +300,21 @@ def _context(
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    if shape == "alt":
+        ctx.set_ciphers(_ALT_CIPHERS)
+        ctx.options |= ssl.OP_NO_TICKET
+        alpn = tuple(reversed(alpn))
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
 def client_context(
-    ca_file: str | None, alpn: Sequence[str], *, verify: bool = True
+    ca_file: str | None, alpn: Sequence[str], *, verify: bool = True, shape: str = "default"
 ) -> ssl.SSLContext:
-    """Client context: system trust store plus ``ca_file``; ``verify=False`` only for evidence."""
-    return _context(ca_file, _ca_mtime(ca_file), tuple(alpn), verify)
+    """Client context: system trust store plus ``ca_file``; ``verify=False`` only for evidence.
+    ``shape="alt"``: another ClientHello (the B4 swap test)."""
+    return _context(ca_file, _ca_mtime(ca_file), tuple(alpn), verify, shape)
 
 
 def server_names(target: Target) -> tuple[str | None, str]:
@@ -283,15 +349,26 @@ class TLSParams:
     alpn: tuple[str, ...] = DEFAULT_ALPN
     sni: str | None = None
     sni_given: bool = False
+    shape: str = "default"
+    split_hello: bool = False
 
 
 def parse_params(params: Mapping[str, Any]) -> TLSParams:
-    """Validate ``sni`` and ``alpn`` (unknown keys are errors); raises `ParamError`."""
-    check_keys("tls", params, ("sni", "alpn"))
+    """Validate ``sni``, ``alpn``, ``shape``, ``split_hello`` (unknown keys are errors);
+    raises `ParamError`."""
+    check_keys("tls", params, ("sni", "alpn", "shape", "split_hello"))
+    shape = params.get("shape", "default")
+    if shape not in SHAPES:
+        raise ParamError("tls", "shape", f"must be one of {', '.join(SHAPES)}, got {shown(shape)}")
+    split = params.get("split_hello", False)
+    if not isinstance(split, bool):
+        raise ParamError("tls", "split_hello", f"must be true or false, got {shown(split)}")
     return TLSParams(
         alpn=alpn_param("tls", params, DEFAULT_ALPN),
         sni=sni_param("tls", params),
         sni_given="sni" in params,
+        shape=str(shape),
+        split_hello=split,
     )
 
 
@@ -352,6 +429,7 @@ async def unverified_certificate(
     return {
         "certificate": certificate_evidence(der),
         "certificate_source": "unverified_second_handshake",
+        "peer_certificates": chain_evidence(hs.peer_chain() or [der]),
     }
 
 
@@ -364,10 +442,13 @@ def _handshake_failure(exc: BaseException) -> str:
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     """TCP connect to the target, then a verifying TLS handshake with the chosen SNI."""
     rec = Recorder(target)
-    alpn = parse_params(target.params).alpn  # a bad param is a config bug: raises
+    params = parse_params(target.params)  # a bad param is a config bug: raises
+    alpn = params.alpn
     address, port = require_address(target)
     sni, verify_name = server_names(target)
     rec.details.update(sni=sni, alpn_offered=list(alpn))
+    if params.shape != "default":
+        rec.details["client_hello_shape"] = params.shape
     try:
         with rec.phase("connect"):
             sock = await connect(address, port, settings.timeouts.connect_s)
@@ -375,7 +456,8 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
         return rec.fail_exc(exc, Operation.CONNECT)
     rec.details.update(socket_evidence(sock), connect_time_s=rec.phases["connect"])
     # With no SNI we still verify against the IP literal; CPython sends no SNI for it.
-    hs = Handshake(client_context(settings.tls.ca_file, alpn), verify_name)
+    ctx = client_context(settings.tls.ca_file, alpn, shape=params.shape)
+    hs = Handshake(ctx, verify_name, split_hello=params.split_hello)
     first_s, cap_s = handshake_timeout(settings.timeouts.tls_s, rec.phases["connect"])
     failure: BaseException | None = None
     t0 = asyncio.get_running_loop().time()
@@ -390,6 +472,8 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     if failure is not None and isinstance(failure, TimeoutError):
         hs.progress.timeout_s = asyncio.get_running_loop().time() - t0
     rec.details["handshake"] = hs.progress.as_dict()
+    if hs.split_at is not None:
+        rec.details["client_hello_split_at"] = hs.split_at
     if failure is None:
         der = hs.tls.getpeercert(binary_form=True)
         rec.details.update(hs.negotiated())
@@ -401,7 +485,17 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     if isinstance(failure, ssl.SSLCertVerificationError):
         rec.details["verify_code"] = failure.verify_code
         rec.details["verify_message"] = scrub(str(failure.verify_message))
-        with rec.phase("certificate_evidence"):
-            evidence = await unverified_certificate(target, settings, sni or verify_name, alpn)
-        rec.details.update(evidence)
+        # The chain is the finding (a MITM's forged issuer): keep all of it.  On success
+        # the leaf's fingerprint is enough and the results snapshot stays small.
+        chain = hs.peer_chain()
+        if chain:
+            rec.details.update(
+                certificate=certificate_evidence(chain[0]),
+                certificate_source="handshake",
+                peer_certificates=chain_evidence(chain),
+            )
+        else:
+            with rec.phase("certificate_evidence"):
+                evidence = await unverified_certificate(target, settings, sni or verify_name, alpn)
+            rec.details.update(evidence)
     return rec.fail(_handshake_failure(failure), Operation.TLS_HANDSHAKE)
