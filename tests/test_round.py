@@ -217,7 +217,7 @@ async def test_the_neutral_sni_comes_from_the_config_per_service() -> None:
     runner = Runner(settings(), probes={"tls": tls}, swaps=swaps)
     online = VantageState(True, False, utcnow())
     results = await measure_endpoint(ep, runner, online)
-    assert sorted(r.target.label for r in results) == ["tls", "tls/neutral_sni", "tls/repeat"]
+    assert {"tls", "tls/neutral_sni", "tls/repeat"} <= {r.target.label for r in results}
     assert "tg.example" in seen and "default.example" not in seen
 
 

@@ -859,12 +859,13 @@ def test_another_client_hello_shape_getting_through_is_b4_even_without_control()
 
 def test_sni_filter_with_the_client_hello_swaps_says_what_it_keys_on() -> None:
     reset = run("tls", failure="connection_reset", op=HS, handshake=RESET_AFTER_HELLO)
+    again = run("tls", failure="connection_reset", op=HS, variant="repeat")
     neutral = run("tls", variant="neutral_sni")
-    sni_only = judge_endpoint([reset, neutral, *hello_swaps("connection_reset", None)])
+    sni_only = judge_endpoint([reset, again, neutral, *hello_swaps("connection_reset", None)])
     assert sni_only.verdict == Verdict.TLS_SNI_FILTERING
     assert sni_only.evidence[1].endswith("the filter keys on the SNI")
     assert "does not reassemble" in sni_only.evidence[2]
-    both = judge_endpoint([reset, neutral, *hello_swaps(None, "connection_reset")])
+    both = judge_endpoint([reset, again, neutral, *hello_swaps(None, "connection_reset")])
     assert both.verdict == Verdict.TLS_SNI_FILTERING
     assert "fingerprint together with the SNI" in both.evidence[1]
 
