@@ -190,7 +190,6 @@ def test_b7_freeze_at_28k_under_a_policer_stalls_below_its_trigger(
         assert 2 * 1024 < wire < 28 * 1024, wire
     for conn in details["connections"]:
         assert conn["silent_s"] >= 1.5 * 3  # stall_s, then the confirm window: confirmed
-        assert conn["acks_in_silence"] is False  # the freeze lets nothing back
 
 
 # Never under congestion alone: each of these would accuse a censor that is not there.
