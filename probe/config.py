@@ -38,6 +38,7 @@ from .settings import (
     ArchiveSettings,
     ControlSettings,
     HostPort,
+    MetricsSettings,
     Resolvers,
     Schedule,
     SwapSettings,
@@ -64,11 +65,23 @@ TOP_KEYS = (
     "listen",
     "archive",
     "web",
+    "metrics",
     "control",
     "log_format",
 )
 _SECTIONS = frozenset(
-    {"vantage", "schedule", "timeouts", "resolvers", "tls", "swaps", "archive", "web", "control"}
+    {
+        "vantage",
+        "schedule",
+        "timeouts",
+        "resolvers",
+        "tls",
+        "swaps",
+        "archive",
+        "web",
+        "control",
+        "metrics",
+    }
 )
 CONTROL_KEYS = (
     "urls",
@@ -139,6 +152,7 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
         "listen": lambda n: _hostport(n, ip_only=False),
         "archive": lambda n: _archive(n, base_dir),
         "web": lambda n: _web(n, base_dir),
+        "metrics": _metrics,
         "control": lambda n: _control(n, base_dir),
         "log_format": lambda n: n.choice(LOG_FORMATS),
     }
@@ -176,6 +190,7 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
         listen=d.get("listen", default.listen),
         archive=d.get("archive", default.archive),
         web=d.get("web", default.web),
+        metrics=d.get("metrics", default.metrics),
         control=d.get("control"),
         log_format=d.get("log_format", default.log_format),
         source=file,
@@ -323,6 +338,11 @@ def _archive(n: Node, base_dir: Path) -> ArchiveSettings:
         keep=m["keep"].as_int(0) if "keep" in m else d.keep,
         compress=m["compress"].as_bool() if "compress" in m else d.compress,
     )
+
+
+def _metrics(n: Node) -> MetricsSettings:
+    m = n.mapping(_keys(MetricsSettings))
+    return MetricsSettings(**{key: node.as_bool() for key, node in m.items()})
 
 
 def _web(n: Node, base_dir: Path) -> WebSettings:

@@ -17,34 +17,60 @@ import json
 import logging
 import signal
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .archive import ArchiveWriter
 from .config import ConfigError, load_config
 from .control import ControlPoller, judged_alone
-from .exporter import make_registry
+from .exporter import TextRenderer, make_registry
 from .model import ProbeResult, SkipReason, VantageState, utcnow
 from .results import Key, ResultStore, Snapshot
 from .round import resolver_ids
 from .scheduler import Scheduler
 from .settings import AgentConfig, WebSettings
 from .statuspage import render_status_page, results_json
-from .verdict import EndpointVerdict, Observation, ServiceVerdict, judge_round
+from .verdict import (
+    EndpointVerdict,
+    Item,
+    Observation,
+    ServiceVerdict,
+    judge_endpoint,
+    judge_service,
+    normalise,
+)
+from .verdict import (
+    _as_control_vantage as as_control_vantage,
+)
 
 log = logging.getLogger("probe.daemon")
 _T = TypeVar("_T")
+EndpointKey = tuple[str, str]  # (service, endpoint name)
 
 SHUTDOWN_GRACE_S = 3.0  # in-flight probes get this long before they are cancelled
-# Verdicts are judged over every latest result: O(all targets).  Judging after every
-# endpoint round would be O(targets^2) per interval; coalesce to at most one per second.
+# Verdicts are judged for the endpoints whose results changed (`IncrementalJudge`), at
+# most once a second: the endpoint rounds that finished meanwhile share one pass.
 JUDGE_INTERVAL_S = 1.0
+# A scrape, the status page and /api/results are rendered at most once per this long and
+# shared by every request meanwhile: a flood of scrapers costs one render a second, not
+# one each, so the loop and the GIL stay with the probes timing themselves (issue 11).
+RENDER_CACHE_S = 1.0
+# Requests allowed to wait (for a render in progress, or for their turn); beyond that,
+# 503 at once: an unbounded queue of waiting requests is a flood's lever.
+RENDER_WAITERS = 64
+# Responses per second per path, however many clients ask: even a cached body costs the
+# HTTP thread (and so the GIL) a fraction of a millisecond per request, and 50 looping
+# scrapers took it hundreds of times a second.  Prometheus scrapes every 15-60 s.
+RESPONSES_PER_S = 10.0
 
 
 class Agent:
@@ -59,7 +85,9 @@ class Agent:
         self.config = config
         self.config_path = config_path
         self.store = ResultStore(config.vantage)
-        self.registry = make_registry(self.store)
+        self.registry = make_registry(self.store, lambda: self.config.metrics)
+        # What /metrics serves: the registry's exposition, re-formatting changed series only.
+        self.exposition = TextRenderer(self.store, lambda: self.config.metrics)
         self.archive: ArchiveWriter | None = ArchiveWriter.from_settings(
             config.archive, config.vantage
         )
@@ -70,6 +98,10 @@ class Agent:
         self._reload_lock = asyncio.Lock()
         self._queued_reload: asyncio.Future[str | None] | None = None
         self._stopping = False
+        self.reloads = 0  # reload attempts finished: cached renders older than one are stale
+        # The probes' loop: the one this agent is built on (start() confirms it), so a reload
+        # requested on the HTTP thread's loop always runs here, even before start().
+        self.loop: asyncio.AbstractEventLoop | None = _running_loop()
         self._judge_wanted = asyncio.Event()
         self._judge_task: asyncio.Task[None] | None = None
         # One thread each: a flood of scrapes or of wrong passwords queues there and can
@@ -77,6 +109,7 @@ class Agent:
         self.render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
         self.auth_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auth")
         self._judge_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verdicts")
+        self._judge = IncrementalJudge()
         self.control: ControlPoller | None = None
 
     # -- measurements ----------------------------------------------------------
@@ -87,8 +120,9 @@ class Agent:
         if self.archive is not None:
             for result in results:
                 self.archive.write(result)
-        self.store.record_many(results)
-        self._drop_stale(results)
+        # O(this round): the round replaces the endpoint's previous one, and addresses DNS
+        # stopped returning go in the same step.
+        self.store.record_round(results)
         self._judge_soon()
 
     def _offline_onto_known_targets(self, results: Sequence[ProbeResult]) -> Sequence[ProbeResult]:
@@ -100,20 +134,13 @@ class Agent:
         """
         if not results or any(r.skipped is not SkipReason.VANTAGE_OFFLINE for r in results):
             return results
-        endpoint = (results[0].target.service, results[0].target.endpoint.name)
-        known = [r.target for k, r in self.store.snapshot().results.items() if k[:2] == endpoint]
+        target = results[0].target
+        known = [
+            r.target for r in self.store.endpoint_results(target.service, target.endpoint.name)
+        ]
         if not known:
             return results  # never measured yet: the placeholders are all there is
         return [dataclasses.replace(results[0], target=t) for t in known]
-
-    def _drop_stale(self, results: Sequence[ProbeResult]) -> None:
-        """An endpoint's round replaces its previous round: addresses DNS stopped returning go."""
-        endpoints = {(r.target.service, r.target.endpoint.name) for r in results}
-        fresh = {r.target.key() for r in results}
-        keys = self.store.snapshot().results.keys()
-        stale = {k for k in keys if k[:2] in endpoints and k not in fresh}
-        if stale:
-            self.store.replace_targets(k for k in keys if k not in stale)
 
     def _judge_soon(self) -> None:
         self._judge_wanted.set()
@@ -127,12 +154,11 @@ class Agent:
         while True:
             await self._judge_wanted.wait()
             self._judge_wanted.clear()
-            results = list(self.store.snapshot().results.values())
             control, why_alone = self._control_now()
             role = self.config.vantage.role
             try:
                 verdicts = await loop.run_in_executor(
-                    self._judge_pool, _judge, results, control, why_alone, role
+                    self._judge_pool, self._judge, self.store, control, why_alone, role
                 )
                 self.store.set_verdicts(verdicts)
             except Exception:  # a verdict bug must not stop the agent measuring
@@ -166,6 +192,7 @@ class Agent:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.scheduler = Scheduler(self.config, self.on_results, self.on_vantage)
         self.scheduler.start()
         self._start_control()
@@ -176,6 +203,7 @@ class Agent:
             if self.scheduler is not None:
                 self.store.set_agent_stats(
                     schedule_lag_s=self.scheduler.stats.last_lag_s,
+                    schedule_lag_quantiles=self.scheduler.stats.lag_quantiles(),
                     in_flight=self.scheduler.in_flight,
                 )
             if self.archive is not None:
@@ -196,10 +224,21 @@ class Agent:
             self._queued_reload = asyncio.ensure_future(self._reload_in_turn())
         return await asyncio.shield(self._queued_reload)
 
+    async def reload_from_any_loop(self) -> str | None:
+        """`reload`, also from the HTTP server's own loop (`HTTPThread`): it runs on the
+        probes' loop, where the scheduler lives."""
+        if self.loop is None or self.loop is asyncio.get_running_loop():
+            return await self.reload()
+        future = asyncio.run_coroutine_threadsafe(self.reload(), self.loop)
+        return await asyncio.wrap_future(future)
+
     async def _reload_in_turn(self) -> str | None:
         async with self._reload_lock:
             self._queued_reload = None  # from here on, a request may find a newer file
-            return await self._reload()
+            try:
+                return await self._reload()
+            finally:
+                self.reloads += 1
 
     async def _reload(self) -> str | None:
         if self._stopping:  # a reload queued behind a SIGTERM must not start a schedule
@@ -269,15 +308,101 @@ class Agent:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _judge(
-    results: Sequence[ProbeResult],
-    control: Sequence[Observation] | None,
-    why_alone: str | None,
-    vantage_role: str,
-) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
-    """Verdicts with the control's fresh results, or alone and saying so (``why_alone``)."""
-    verdicts = judge_round(results, control=control, vantage_role=vantage_role)
-    return verdicts if why_alone is None else judged_alone(verdicts, why_alone)
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # built outside a loop (tests): start() sets it
+        return None
+
+
+class IncrementalJudge:
+    """`judge_round` over a store's latest results, judging only what changed.
+
+    An endpoint's verdict depends on its own results and on one fact about the others
+    (whether any *other* endpoint was reached); a service's on its endpoints' verdicts.
+    So a pass re-judges the endpoints the store marked dirty (new results, removed keys)
+    and their services, and everything only when that fact changes for some endpoint.
+    At 5,000 endpoints a full pass every second took a tenth of a core.  Runs in one
+    worker thread at a time (the daemon's verdict pool): no lock of its own.
+    """
+
+    def __init__(self) -> None:
+        self._verdicts: dict[str, dict[EndpointKey, EndpointVerdict]] = {}  # by service
+        self._reached: set[EndpointKey] = set()  # endpoints with a success beyond DNS
+        self._regime: tuple[int, EndpointKey | None] = (0, None)
+        self._services: dict[str, tuple[EndpointVerdict | ServiceVerdict, ...]] = {}
+        self._control: dict[EndpointKey, list[Observation]] = {}  # as last judged with
+        self._role = "test"
+
+    def _others_ok(self, endpoint: EndpointKey) -> bool:
+        return len(self._reached) > 1 or (len(self._reached) == 1 and endpoint not in self._reached)
+
+    def __call__(
+        self,
+        store: ResultStore,
+        control: Iterable[Item] | None = None,
+        why_alone: str | None = None,
+        vantage_role: str = "test",
+    ) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
+        """What ``judge_round(latest results, control, vantage_role=...)`` gives, with
+        ``judged_alone`` applied when ``why_alone`` says why there is no control."""
+        try:
+            verdicts = self._judge(store, control, vantage_role)
+        except BaseException:
+            # The endpoints taken as dirty were not judged: judge everything next time.
+            self._regime = (-1, None)
+            raise
+        return verdicts if why_alone is None else judged_alone(verdicts, why_alone)
+
+    def _judge(
+        self, store: ResultStore, control: Iterable[Item] | None, vantage_role: str
+    ) -> tuple[EndpointVerdict | ServiceVerdict, ...]:
+        dirty = store.take_dirty()
+        ctl: dict[EndpointKey, list[Observation]] = {}
+        for c in normalise(control or ()):
+            if c.skipped is None:
+                ctl.setdefault((c.service, c.endpoint), []).append(c)
+        # An endpoint whose control results changed is judged again, like a dirty one.
+        dirty |= {
+            ep for ep in ctl.keys() | self._control.keys() if ctl.get(ep) != self._control.get(ep)
+        }
+        self._control = ctl
+        if vantage_role != self._role:
+            self._role = vantage_role
+            self._regime = (-1, None)  # everything again
+        latest = {ep: store.endpoint_results(*ep) for ep in dirty}
+        for ep, results in latest.items():
+            if any(r.ok and r.target.probe != "dns" for r in results):
+                self._reached.add(ep)
+            else:
+                self._reached.discard(ep)
+        single = next(iter(self._reached)) if len(self._reached) == 1 else None
+        regime = (min(len(self._reached), 2), single)
+        if regime != self._regime:  # others_ok changed for some endpoint: judge them all
+            self._regime = regime
+            for ep in store.endpoints():
+                if ep not in latest:
+                    latest[ep] = store.endpoint_results(*ep)
+        services = set()
+        for ep, results in latest.items():
+            services.add(ep[0])
+            of_service = self._verdicts.setdefault(ep[0], {})
+            if results:
+                others_ok = self._others_ok(ep)
+                verdict = judge_endpoint(results, ctl.get(ep, []), others_ok=others_ok)
+                if vantage_role == "control":
+                    verdict = as_control_vantage(verdict, others_ok)
+                of_service[ep] = verdict
+            else:
+                of_service.pop(ep, None)
+        for service in services:
+            of_service = self._verdicts[service]
+            verdicts = [of_service[k] for k in sorted(of_service)]
+            if verdicts:
+                self._services[service] = (*verdicts, judge_service(verdicts))
+            else:
+                self._services.pop(service, None)
+        return tuple(v for service in sorted(self._services) for v in self._services[service])
 
 
 def _still_configured(config: AgentConfig) -> Callable[[Key], bool]:
@@ -313,7 +438,74 @@ def _warn_restart_needed(old: AgentConfig, new: AgentConfig) -> None:
 
 # -- HTTP ----------------------------------------------------------------------
 
+
+class RenderCache(Generic[_T]):
+    """One render at a time, shared by every request that arrives while it runs, and
+    reused for ``ttl_s`` after it; responses paced to ``rate`` a second, at most
+    `RENDER_WAITERS` requests waiting.  ``render`` runs in the agent's render thread."""
+
+    def __init__(
+        self,
+        render: Callable[[], Awaitable[_T]],
+        ttl_s: float = RENDER_CACHE_S,
+        version: Callable[[], int] = lambda: 0,
+        rate: float = RESPONSES_PER_S,
+    ):
+        self._render = render
+        self._spacing_s = 1.0 / rate
+        self._next_slot = 0.0
+        self._ttl_s = ttl_s
+        self._version = version  # a change (a reload) makes the cached value stale at once
+        self._value: tuple[float, int, _T] | None = None
+        self._pending: asyncio.Future[_T] | None = None
+        self._waiters = 0
+        self.renders = 0  # how many renders ran (tests and benches read it)
+
+    async def get(self) -> _T | None:
+        """The cached or a fresh value, paced to ``rate`` a second; None when too many
+        requests already wait."""
+        if self._waiters >= RENDER_WAITERS:
+            return None
+        self._waiters += 1
+        try:
+            now = time.monotonic()
+            slot = max(now, self._next_slot)
+            self._next_slot = slot + self._spacing_s
+            if slot > now:
+                await asyncio.sleep(slot - now)
+            return await self._fresh()
+        finally:
+            self._waiters -= 1
+
+    async def _fresh(self) -> _T:
+        if self._value is not None:
+            at, version, value = self._value
+            if time.monotonic() - at < self._ttl_s and version == self._version():
+                return value
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._run())
+        # shield: one impatient client hanging up must not cancel everybody's render
+        return await asyncio.shield(self._pending)
+
+    async def _run(self) -> _T:
+        try:
+            version = self._version()
+            value = await self._render()
+            self.renders += 1
+            self._value = (time.monotonic(), version, value)
+            return value
+        finally:
+            self._pending = None
+
+
+def _busy() -> web.Response:
+    return web.Response(
+        status=503, text="busy: too many requests waiting\n", headers={"Retry-After": "1"}
+    )
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RENDER_CACHES = web.AppKey("render_caches", tuple)  # (metrics, api, page) for tests
 
 
 def _password_ok(users: Mapping[str, str], header: str) -> bool:
@@ -353,8 +545,20 @@ def build_app(agent: Agent) -> web.Application:
         # Thousands of targets make a scrape take a second or more of pure CPU.
         return await asyncio.get_running_loop().run_in_executor(agent.render_pool, fn, *args)
 
+    def version() -> int:
+        return agent.reloads
+
+    scrape = RenderCache(lambda: render(agent.exposition.render), version=version)
+    api = RenderCache(lambda: render(_api_text, agent.store.snapshot()), version=version)
+    page = RenderCache(
+        lambda: render(render_status_page, agent.store.snapshot(), agent.config), version=version
+    )
+    app[RENDER_CACHES] = (scrape, api, page)
+
     async def metrics(_: web.Request) -> web.Response:
-        body = await render(generate_latest, agent.registry)
+        body = await scrape.get()
+        if body is None:
+            return _busy()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
@@ -366,11 +570,15 @@ def build_app(agent: Agent) -> web.Application:
         return web.Response(text="ready\n")
 
     async def api_results(_: web.Request) -> web.Response:
-        text = await render(_api_text, agent.store.snapshot())
+        text = await api.get()
+        if text is None:
+            return _busy()
         return web.Response(text=text, content_type="application/json")
 
     async def status_page(_: web.Request) -> web.Response:
-        html = await render(render_status_page, agent.store.snapshot(), agent.config)
+        html = await page.get()
+        if html is None:
+            return _busy()
         return web.Response(text=html, content_type="text/html")
 
     async def reload(request: web.Request) -> web.Response:
@@ -379,7 +587,7 @@ def build_app(agent: Agent) -> web.Application:
         origin = request.headers.get("Origin")
         if origin is not None and urlsplit(origin).netloc != request.host:
             return web.Response(status=403, text="cross-origin reload refused\n")
-        error = await agent.reload()
+        error = await agent.reload_from_any_loop()
         if error:
             return web.Response(status=400, text=f"reload rejected: {error}\n")
         return web.Response(text="reloaded\n")
@@ -417,6 +625,61 @@ def _server_ssl(settings: WebSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+class HTTPThread:
+    """The HTTP server on an event loop of its own, in a thread of its own.
+
+    Probes time their phases on the probes' loop.  Served there too, a flood of requests
+    (50 concurrent scrapers) kept that loop busy enough to add tens of milliseconds to
+    every measured connect, even with renders cached.  Here the probes' loop never runs
+    HTTP code; the two threads share only the GIL, which `serve` makes change hands
+    every millisecond (Python's default is 5 ms).
+    """
+
+    def __init__(self, agent: Agent, config: AgentConfig) -> None:
+        self._agent = agent
+        self._config = config
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), name="http")
+
+    async def start(self) -> BaseException | None:
+        """Start serving; the error that prevented it (port taken, bad TLS key), else None."""
+        self._thread.start()
+        await asyncio.to_thread(self._ready.wait)
+        return self.error
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        runner = web.AppRunner(build_app(self._agent), access_log=None)
+        await runner.setup()
+        try:
+            # asyncio makes an IPv6 listener IPv6-only: for "[::]" (every address) listen on
+            # every address of both families, as the docs promise, not on IPv6 alone.
+            listen = self._config.listen
+            host = None if listen.host == "::" else listen.host
+            ssl_context = _server_ssl(self._config.web)
+            site = web.TCPSite(runner, host, listen.port, ssl_context=ssl_context)
+            await site.start()
+        except OSError as exc:  # port taken, address not ours, unreadable TLS key (SSLError)
+            self.error = exc
+        self._ready.set()
+        if self.error is None:
+            await self._stop.wait()
+        await runner.cleanup()
+
+    async def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already ended
+                self._loop.call_soon_threadsafe(self._stop.set)
+        await asyncio.to_thread(self._thread.join, 10.0)
+
+
+GIL_SWITCH_INTERVAL_S = 0.001
+
+
 async def serve(config: AgentConfig, config_path: str | None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads.  Returns the process exit code."""
     try:
@@ -424,17 +687,13 @@ async def serve(config: AgentConfig, config_path: str | None) -> int:
     except OSError as exc:  # e.g. the archive directory cannot be created
         log.error("cannot open the archive", extra={"error": str(exc)})
         return 1
-    runner = web.AppRunner(build_app(agent), access_log=None)
-    await runner.setup()
-    try:
-        # asyncio makes an IPv6 listener IPv6-only: for "[::]" (every address) listen on
-        # every address of both families, as the docs promise, not on IPv6 alone.
-        host = None if config.listen.host == "::" else config.listen.host
-        site = web.TCPSite(runner, host, config.listen.port, ssl_context=_server_ssl(config.web))
-        await site.start()
-    except OSError as exc:  # port taken, address not ours, unreadable TLS key (ssl.SSLError)
-        log.error("cannot listen", extra={"listen": str(config.listen), "error": str(exc)})
-        await runner.cleanup()
+    # The HTTP thread holds the GIL for at most this long when the probes' loop wants it.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    http = HTTPThread(agent, config)
+    error = await http.start()
+    if error is not None:
+        log.error("cannot listen", extra={"listen": str(config.listen), "error": str(error)})
+        await http.stop()
         await agent.stop()
         return 1
     log.info("listening", extra={"listen": str(config.listen), "config": config.source})
@@ -454,7 +713,7 @@ async def serve(config: AgentConfig, config_path: str | None) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info("shutting down")
+    await http.stop()  # first: no request may reach the render pools agent.stop() closes
     await agent.stop()
-    await runner.cleanup()
     log.info("stopped")
     return 0

@@ -143,6 +143,7 @@ class Histogram:
         return out
 
 
+EndpointKey = tuple[str, str]  # (service, endpoint name)
 State = tuple[bool, Failure | None]  # (ok, failure kind) of a non-skipped result
 
 
@@ -152,6 +153,9 @@ def _frozen(d: dict[Any, Any]) -> Mapping[Any, Any]:
 
 def _empty() -> Mapping[Any, Any]:
     return MappingProxyType({})
+
+
+_EMPTY = Histogram()
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,9 @@ class Snapshot:
     failures: Mapping[tuple[SeriesKey, Failure], int] = field(default_factory=_empty)
     skips: Mapping[tuple[SeriesKey, SkipReason], int] = field(default_factory=_empty)
     phase_latency: Mapping[tuple[SeriesKey, str], Histogram] = field(default_factory=_empty)
+    series: Mapping[Key, SeriesKey] = field(default_factory=_empty)  # series_key() per key
+    # The same phase durations summed per (service, probe, phase): the default export.
+    aggregate_latency: Mapping[tuple[str, str, str], Histogram] = field(default_factory=_empty)
     vantage: Vantage = field(default_factory=Vantage)
     vantage_state: VantageState | None = None
     verdicts: tuple[Any, ...] = ()  # VerdictLike objects
@@ -172,26 +179,84 @@ class Snapshot:
     config_reload_ok: bool | None = None  # None: the daemon has not reported yet
     config_reload_success_at: datetime | None = None
     schedule_lag_s: float = 0.0
+    schedule_lag_quantiles: tuple[tuple[str, float], ...] = ()  # over recent round starts
     in_flight: int = 0
     archive_write_errors: int | None = None  # None: no archive configured
     controls: tuple[Any, ...] = ()  # probe.control.ControlStatus, one per configured control
     generation: int = 0  # bumped on every swap
 
 
-class ResultStore:
-    """Holds the current `Snapshot`; every update swaps in a new one.
+# The Snapshot fields the store keeps as maps (the rest is small metadata).
+_MAPS: tuple[str, ...] = (
+    "results",
+    "changed_at",
+    "states",
+    "attempts",
+    "failures",
+    "skips",
+    "phase_latency",
+    "aggregate_latency",
+    "series",
+)
 
-    Writers serialise on a lock (the daemon may record from the event loop while
-    a reload thread sets config status); readers never lock: reading
-    ``self._snapshot`` is one attribute load.
+
+class ResultStore:
+    """Holds the current state; every update is visible to the next `snapshot()`.
+
+    Writers serialise on a lock (the daemon records from the event loop while a reload
+    thread sets config status) and update mutable maps in place, so recording one
+    endpoint's round costs O(that round), not O(store): at thousands of endpoints,
+    copying every map per round made the store the agent's main CPU cost and stalled
+    the loop the probes time themselves on.  `snapshot()` freezes copies of the maps,
+    once per change (cached by data generation), for whoever reads: a scrape, the
+    status page, the verdict judge.  A reader holding a snapshot sees one consistent
+    state for as long as it likes, and never a half-applied round.
     """
 
     def __init__(self, vantage: Vantage | None = None) -> None:
         self._lock = threading.Lock()
-        self._snapshot = Snapshot(vantage=vantage or Vantage())
+        self._results: dict[Key, ProbeResult] = {}
+        self._changed_at: dict[Key, datetime] = {}
+        self._states: dict[Key, State] = {}
+        self._attempts: dict[SeriesKey, int] = {}
+        self._failures: dict[tuple[SeriesKey, Failure], int] = {}
+        self._skips: dict[tuple[SeriesKey, SkipReason], int] = {}
+        self._phase_latency: dict[tuple[SeriesKey, str], Histogram] = {}
+        self._aggregate_latency: dict[tuple[str, str, str], Histogram] = {}
+        # Indexes that make an endpoint's round and a removal O(what they touch).
+        self._by_endpoint: dict[EndpointKey, dict[Key, None]] = {}  # ordered set
+        self._series_of: dict[Key, SeriesKey] = {}
+        self._series_keys: dict[SeriesKey, set[Key]] = {}
+        self._series_slots: dict[SeriesKey, set[Any]] = {}  # failure/skip/phase map keys
+        self._probe_series: dict[tuple[str, str], int] = {}  # live series per (service, probe)
+        self._dirty: set[EndpointKey] = set()  # endpoints changed since take_dirty()
+        self._data_generation = 0
+        self._frozen: Snapshot | None = None  # maps frozen at _frozen_generation
+        self._frozen_generation = -1
+        self._meta = Snapshot(vantage=vantage or Vantage())  # everything but the maps
 
     def snapshot(self) -> Snapshot:
-        return self._snapshot
+        with self._lock:
+            if self._frozen is None or self._frozen_generation != self._data_generation:
+                self._frozen = Snapshot(
+                    results=_frozen(dict(self._results)),
+                    changed_at=_frozen(dict(self._changed_at)),
+                    states=_frozen(dict(self._states)),
+                    attempts=_frozen(dict(self._attempts)),
+                    failures=_frozen(dict(self._failures)),
+                    skips=_frozen(dict(self._skips)),
+                    phase_latency=_frozen(dict(self._phase_latency)),
+                    aggregate_latency=_frozen(dict(self._aggregate_latency)),
+                    series=_frozen(dict(self._series_of)),
+                )
+                self._frozen_generation = self._data_generation
+            meta, maps = self._meta, self._frozen
+        return replace(meta, **{name: getattr(maps, name) for name in _MAPS})
+
+    @property
+    def generation(self) -> int:
+        """Bumped on every change; a reader can tell whether its copy is still current."""
+        return self._meta.generation
 
     # -- results ---------------------------------------------------------------
 
@@ -199,16 +264,46 @@ class ResultStore:
         self.record_many((result,))
 
     def record_many(self, results: Iterable[ProbeResult]) -> None:
-        """Apply a batch (typically one round) in a single swap."""
+        """Apply a batch (typically one round) in one step: O(batch)."""
         batch = list(results)
         if not batch:
             return
         with self._lock:
-            old = self._snapshot
-            acc = _Accumulator(old)
             for result in batch:
-                acc.add(result)
-            self._swap(acc.build())
+                self._add(result)
+            self._changed()
+
+    def record_round(self, results: Sequence[ProbeResult]) -> None:
+        """Record an endpoint's round, which replaces its previous one: the endpoint's keys
+        missing from it (addresses DNS stopped returning) go, in the same step."""
+        if not results:
+            return
+        fresh = {r.target.key() for r in results}
+        endpoints = {(r.target.service, r.target.endpoint.name) for r in results}
+        with self._lock:
+            for result in results:
+                self._add(result)
+            stale = [k for ep in endpoints for k in self._by_endpoint.get(ep, ()) if k not in fresh]
+            for key in stale:
+                self._forget(key)
+            self._changed()
+
+    def endpoint_results(self, service: str, endpoint: str) -> list[ProbeResult]:
+        """The latest results of one endpoint: O(its targets), no snapshot needed."""
+        with self._lock:
+            keys = self._by_endpoint.get((service, endpoint), {})
+            return [self._results[k] for k in keys]
+
+    def take_dirty(self) -> set[EndpointKey]:
+        """The endpoints whose results changed since the last call (for incremental
+        judging), and forget them."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            return dirty
+
+    def endpoints(self) -> list[EndpointKey]:
+        with self._lock:
+            return list(self._by_endpoint)
 
     def replace_targets(self, keys: Iterable[Key]) -> None:
         """Forget every key not in ``keys`` (config reload, changed DNS answers).
@@ -218,23 +313,96 @@ class ResultStore:
         """
         wanted = set(keys)
         with self._lock:
-            old = self._snapshot
-            results = {k: r for k, r in old.results.items() if k in wanted}
-            live = {series_key(r.target) for r in results.values()}
-            self._swap(
-                replace(
-                    old,
-                    results=_frozen(results),
-                    changed_at=_frozen({k: v for k, v in old.changed_at.items() if k in wanted}),
-                    states=_frozen({k: v for k, v in old.states.items() if k in wanted}),
-                    attempts=_frozen({s: n for s, n in old.attempts.items() if s in live}),
-                    failures=_frozen({k: n for k, n in old.failures.items() if k[0] in live}),
-                    skips=_frozen({k: n for k, n in old.skips.items() if k[0] in live}),
-                    phase_latency=_frozen(
-                        {k: h for k, h in old.phase_latency.items() if k[0] in live}
-                    ),
+            for key in [k for k in self._results if k not in wanted]:
+                self._forget(key)
+            self._changed()
+
+    def _add(self, result: ProbeResult) -> None:
+        key = result.target.key()
+        series = series_key(result.target)
+        old_series = self._series_of.get(key)
+        if old_series is not None and old_series != series:
+            self._forget(key)  # same key, another series (an endpoint's params changed)
+        self._count(result, series)
+        # The result recorded last wins, whatever its wall-clock time: one endpoint's
+        # rounds never overlap, and after the clock steps back (NTP on a VM) comparing
+        # times would ignore every new result until the clock caught up.
+        self._results[key] = result
+        self._series_of[key] = series
+        keys = self._series_keys.get(series)
+        if keys is None:
+            keys = self._series_keys[series] = set()
+            probe = (series.service, series.probe)
+            self._probe_series[probe] = self._probe_series.get(probe, 0) + 1
+        keys.add(key)
+        self._by_endpoint.setdefault((key[0], key[1]), {})[key] = None
+        self._dirty.add((key[0], key[1]))
+        if result.skipped is None:
+            state: State = (result.ok, result.failure_kind)
+            if self._states.get(key) != state:
+                self._states[key] = state
+                self._changed_at[key] = result.t
+
+    def _count(self, result: ProbeResult, series: SeriesKey) -> None:
+        slots = self._series_slots.setdefault(series, set())
+        if result.skipped is not None:
+            skip = (series, result.skipped)
+            self._skips[skip] = self._skips.get(skip, 0) + 1
+            slots.add(("skip", skip))
+            return
+        self._attempts[series] = self._attempts.get(series, 0) + 1
+        kind = result.failure_kind
+        if kind is not None:
+            failure = (series, kind)
+            self._failures[failure] = self._failures.get(failure, 0) + 1
+            slots.add(("failure", failure))
+        if result.ok:
+            # Only completed probes feed the latency histogram: a failed phase's
+            # time is time-to-reset or a timeout, not a round-trip time.
+            for phase, seconds in result.phases.items():
+                slot = (series, phase)
+                self._phase_latency[slot] = self._phase_latency.get(slot, _EMPTY).observe(seconds)
+                slots.add(("phase", slot))
+                agg = (series.service, series.probe, phase)
+                self._aggregate_latency[agg] = self._aggregate_latency.get(agg, _EMPTY).observe(
+                    seconds
                 )
-            )
+
+    def _forget(self, key: Key) -> None:
+        self._results.pop(key, None)
+        self._changed_at.pop(key, None)
+        self._states.pop(key, None)
+        endpoint_key = (key[0], key[1])
+        self._dirty.add(endpoint_key)
+        endpoint = self._by_endpoint.get(endpoint_key)
+        if endpoint is not None:
+            endpoint.pop(key, None)
+            if not endpoint:
+                del self._by_endpoint[endpoint_key]
+        series = self._series_of.pop(key, None)
+        if series is None:
+            return
+        keys = self._series_keys.get(series)
+        if keys is not None:
+            keys.discard(key)
+            if keys:
+                return  # another address still feeds this series
+            del self._series_keys[series]
+        self._attempts.pop(series, None)
+        maps: dict[str, dict[Any, Any]] = {
+            "skip": self._skips,
+            "failure": self._failures,
+            "phase": self._phase_latency,
+        }
+        for kind, slot in self._series_slots.pop(series, set()):
+            maps[kind].pop(slot, None)
+        # The aggregate histogram of (service, probe) goes with the last series feeding it.
+        probe = (series.service, series.probe)
+        self._probe_series[probe] = self._probe_series.get(probe, 1) - 1
+        if self._probe_series[probe] <= 0:
+            del self._probe_series[probe]
+            for agg in [a for a in self._aggregate_latency if a[:2] == probe]:
+                del self._aggregate_latency[agg]
 
     # -- everything else the exporter shows ------------------------------------
 
@@ -253,7 +421,7 @@ class ResultStore:
         A value outside it would add an unplanned label value, so it is a bug
         in the verdict engine and raises `ValueError` instead of being exported.
         """
-        vocab = tuple(vocabulary) if vocabulary is not None else self._snapshot.verdict_vocabulary
+        vocab = tuple(vocabulary) if vocabulary is not None else self._meta.verdict_vocabulary
         for v in verdicts:
             if v.verdict not in vocab:
                 raise ValueError(f"verdict {v.verdict!r} is not in the vocabulary {vocab}")
@@ -274,12 +442,15 @@ class ResultStore:
         self,
         *,
         schedule_lag_s: float | None = None,
+        schedule_lag_quantiles: tuple[tuple[str, float], ...] | None = None,
         in_flight: int | None = None,
         archive_write_errors: int | None = None,
     ) -> None:
         changes: dict[str, Any] = {}
         if schedule_lag_s is not None:
             changes["schedule_lag_s"] = schedule_lag_s
+        if schedule_lag_quantiles is not None:
+            changes["schedule_lag_quantiles"] = schedule_lag_quantiles
         if in_flight is not None:
             changes["in_flight"] = in_flight
         if archive_write_errors is not None:
@@ -289,66 +460,9 @@ class ResultStore:
 
     def _update(self, **changes: Any) -> None:
         with self._lock:
-            self._swap(replace(self._snapshot, **changes))
+            self._meta = replace(self._meta, generation=self._meta.generation + 1, **changes)
 
-    def _swap(self, new: Snapshot) -> None:
-        # Called with the lock held; the assignment itself is what readers see.
-        self._snapshot = replace(new, generation=self._snapshot.generation + 1)
-
-
-class _Accumulator:
-    """Mutable copies of one snapshot's maps while a batch is applied."""
-
-    def __init__(self, base: Snapshot) -> None:
-        self.base = base
-        self.results = dict(base.results)
-        self.changed_at = dict(base.changed_at)
-        self.states = dict(base.states)
-        self.attempts = dict(base.attempts)
-        self.failures = dict(base.failures)
-        self.skips = dict(base.skips)
-        self.phase_latency = dict(base.phase_latency)
-
-    def add(self, result: ProbeResult) -> None:
-        key = result.target.key()
-        series = series_key(result.target)
-        self._count(result, series)
-        # The result recorded last wins, whatever its wall-clock time: one endpoint's
-        # rounds never overlap, and after the clock steps back (NTP on a VM) comparing
-        # times would ignore every new result until the clock caught up.
-        self.results[key] = result
-        if result.skipped is None:
-            state: State = (result.ok, result.failure_kind)
-            if self.states.get(key) != state:
-                self.states[key] = state
-                self.changed_at[key] = result.t
-
-    def _count(self, result: ProbeResult, series: SeriesKey) -> None:
-        if result.skipped is not None:
-            skip = (series, result.skipped)
-            self.skips[skip] = self.skips.get(skip, 0) + 1
-            return
-        self.attempts[series] = self.attempts.get(series, 0) + 1
-        kind = result.failure_kind
-        if kind is not None:
-            self.failures[(series, kind)] = self.failures.get((series, kind), 0) + 1
-        if result.ok:
-            # Only completed probes feed the latency histogram: a failed phase's
-            # time is time-to-reset or a timeout, not a round-trip time.
-            for phase, seconds in result.phases.items():
-                slot = (series, phase)
-                self.phase_latency[slot] = self.phase_latency.get(slot, Histogram()).observe(
-                    seconds
-                )
-
-    def build(self) -> Snapshot:
-        return replace(
-            self.base,
-            results=_frozen(self.results),
-            changed_at=_frozen(self.changed_at),
-            states=_frozen(self.states),
-            attempts=_frozen(self.attempts),
-            failures=_frozen(self.failures),
-            skips=_frozen(self.skips),
-            phase_latency=_frozen(self.phase_latency),
-        )
+    def _changed(self) -> None:
+        # Called with the lock held, after the maps changed.
+        self._data_generation += 1
+        self._meta = replace(self._meta, generation=self._meta.generation + 1)

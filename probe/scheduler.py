@@ -15,11 +15,18 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .model import Endpoint, ProbeResult, VantageState, utcnow
-from .round import Runner, all_endpoints, check_config_vantage, measure_endpoint
+from .round import (
+    Runner,
+    all_endpoints,
+    check_config_vantage,
+    measure_endpoint,
+    warm_tls_contexts,
+)
 from .settings import AgentConfig
 
 log = logging.getLogger("probe.scheduler")
@@ -32,12 +39,25 @@ EndpointKey = tuple[str, str]  # (service, endpoint name)
 History = dict[EndpointKey, tuple[float, bool]]
 
 
+LAG_WINDOW = 1024  # recent round starts whose lag the quantiles describe
+
+
 @dataclass
 class ScheduleStats:
-    """Self-metrics the exporter reads (lag of the last start, rounds done)."""
+    """Self-metrics the exporter reads (lag of the last start and of recent ones, rounds)."""
 
     last_lag_s: float = 0.0
     rounds: int = 0
+    recent_lags: deque[float] = field(default_factory=lambda: deque(maxlen=LAG_WINDOW))
+
+    def lag_quantiles(self) -> tuple[tuple[str, float], ...]:
+        """(percentile, seconds) over the recent starts: a late loop shows in p99, not p50."""
+        lags = sorted(self.recent_lags)
+        if not lags:
+            return ()
+        return tuple(
+            (str(p), lags[min(len(lags) - 1, p * len(lags) // 100)]) for p in (50, 99, 100)
+        )
 
 
 class Scheduler:
@@ -68,6 +88,7 @@ class Scheduler:
         self.history: History = {k: v for k, v in (history or {}).items() if k in configured}
         self._state: VantageState | None = None
         self._state_ready = asyncio.Event()
+        self._warm = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -76,6 +97,7 @@ class Scheduler:
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._gate_loop(), name="gate"))
+        self._tasks.append(asyncio.create_task(self._warm_up(), name="warm-up"))
         for ep in all_endpoints(self.config):
             name = f"endpoint {ep.service}/{ep.name}"
             self._tasks.append(asyncio.create_task(self._endpoint_loop(ep), name=name))
@@ -102,6 +124,11 @@ class Scheduler:
             self.on_vantage(state)
             await asyncio.sleep(self.gate_interval_s)
 
+    async def _warm_up(self) -> None:
+        """TLS contexts are built once, in a thread, before the first round (tls.py)."""
+        await warm_tls_contexts(self.config)
+        self._warm.set()
+
     def _spacing(self) -> float:
         """Start-to-start time to the next round: interval +/- jitter, at least min_spacing."""
         sched = self.config.schedule
@@ -125,10 +152,12 @@ class Scheduler:
         key = (ep.service, ep.name)
         due = self._first_due(key)
         await self._state_ready.wait()
+        await self._warm.wait()
         while True:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             started = time.monotonic()
             self.stats.last_lag_s = started - due
+            self.stats.recent_lags.append(started - due)
             self.history[key] = (started, False)
             assert self._state is not None  # set before _state_ready
             try:

@@ -91,6 +91,17 @@ class WebSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Opt-in metric families that cost series per endpoint (docs/metrics.md, budget)."""
+
+    # Also export a 0 series for every verdict value an endpoint/service does not have.
+    verdict_one_hot: bool = False
+    # probe_phase_latency_seconds per series (endpoint, address, port...) instead of
+    # aggregated per (service, probe, phase): 16 series per phase and endpoint.
+    per_target_histograms: bool = False
+
+
+@dataclass(frozen=True)
 class ControlSettings:
     """A test vantage's control vantages (`probe.control`): their agents' ``/api/results``.
 
@@ -130,6 +141,7 @@ class AgentConfig:
     listen: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 9464))
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     control: ControlSettings | None = None  # no control vantage: judged alone
     log_format: Literal["json", "logfmt"] = "json"
     source: str = "<defaults>"  # where this config was read from

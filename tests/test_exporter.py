@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_parse
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from probe.exporter import SERIES_LABELS, make_registry
@@ -29,9 +30,11 @@ from probe.model import (
 )
 from probe.probes import PROBES, tcp
 from probe.results import PHASE_BUCKETS, VERDICTS, ResultStore, series_key
-from probe.settings import AgentConfig
+from probe.round import Runner, measure_endpoint
+from probe.settings import AgentConfig, MetricsSettings
 from probe.statuspage import render_status_page
-from tests.helpers import T0, failed, ok, refusing_port, settings, skipped, target
+from probe.verdict import judge_round
+from tests.helpers import T0, endpoint, failed, ok, refusing_port, settings, skipped, target
 
 # Data only: nothing in this file opens a socket.
 DC1 = target("mtproto", "192.0.2.10", 443, service="telegram", name="dc1")
@@ -67,8 +70,10 @@ def labels(t: Target, **extra: str) -> dict[str, str]:
     return {**series_key(t)._asdict(), **extra}
 
 
-def scrape(store: ResultStore) -> tuple[CollectorRegistry, str]:
-    registry = make_registry(store)
+def scrape(
+    store: ResultStore, options: MetricsSettings | None = None
+) -> tuple[CollectorRegistry, str]:
+    registry = make_registry(store, lambda: options or MetricsSettings())
     return registry, generate_latest(registry).decode()
 
 
@@ -229,15 +234,16 @@ def test_removed_targets_vanish_from_the_next_scrape() -> None:
     assert registry.get_sample_value("probe_success", labels(G_V4A)) == 1
 
 
-def test_phase_latency_histogram_from_accumulated_buckets() -> None:
+def _latency_store() -> ResultStore:
     store = ResultStore()
     store.record_many(
         ok(DC1, at=T0 + timedelta(minutes=i), connect=rtt)
         for i, rtt in enumerate([0.004, 0.03, 0.03, 0.2, 40.0])
     )
-    registry, _ = scrape(store)
-    lab = {**labels(DC1), "phase": "connect"}
+    return store
 
+
+def _check_buckets(registry: CollectorRegistry, lab: dict[str, str]) -> None:
     def bucket(le: str) -> float | None:
         return registry.get_sample_value("probe_phase_latency_seconds_bucket", {**lab, "le": le})
 
@@ -252,6 +258,30 @@ def test_phase_latency_histogram_from_accumulated_buckets() -> None:
     )
 
 
+def test_phase_latency_histogram_per_target_when_opted_in() -> None:
+    registry, _ = scrape(_latency_store(), MetricsSettings(per_target_histograms=True))
+    _check_buckets(registry, {**labels(DC1), "phase": "connect"})
+
+
+def test_phase_latency_histogram_is_summed_per_service_probe_and_phase_by_default() -> None:
+    store = _latency_store()
+    other = target("mtproto", "192.0.2.11", 443, service="telegram", name="dc2")
+    store.record(ok(other, connect=0.004))
+    registry, text = scrape(store)
+    lab = {"service": "telegram", "probe": "mtproto", "phase": "connect"}
+    assert registry.get_sample_value("probe_phase_latency_seconds_count", lab) == 6
+    first = {**lab, "le": "0.005"}
+    assert registry.get_sample_value("probe_phase_latency_seconds_bucket", first) == 2
+    assert "dc1" not in "".join(line for line in text.splitlines() if "latency" in line)
+    # The aggregate goes with the last series of its (service, probe), not before.
+    store.replace_targets([other.key()])
+    registry, _ = scrape(store)
+    assert registry.get_sample_value("probe_phase_latency_seconds_count", lab) == 6
+    store.replace_targets([])
+    registry, _ = scrape(store)
+    assert registry.get_sample_value("probe_phase_latency_seconds_count", lab) is None
+
+
 class _Verdict:
     def __init__(self, service: str, endpoint: str | None, verdict: str, confidence: float):
         self.service = service
@@ -261,7 +291,7 @@ class _Verdict:
         self.evidence: dict[str, Any] = {"why": "test"}
 
 
-def test_verdicts_export_one_series_per_possible_value() -> None:
+def _verdict_store() -> ResultStore:
     store = ResultStore()
     store.set_verdicts(
         [
@@ -269,13 +299,19 @@ def test_verdicts_export_one_series_per_possible_value() -> None:
             _Verdict("telegram", None, "ip_blocking", 0.7),
         ]
     )
-    registry, text = scrape(store)
+    return store
+
+
+def test_verdicts_export_only_the_current_value_by_default() -> None:
+    registry, text = scrape(_verdict_store())
     for value in VERDICTS:
-        expected = 1 if value == "ip_blocking" else 0
+        expected = 1 if value == "ip_blocking" else None
         ep = {"service": "telegram", "endpoint": "dc1", "verdict": value}
         assert registry.get_sample_value("probe_verdict", ep) == expected
         svc = {"service": "telegram", "verdict": value}
         assert registry.get_sample_value("probe_service_verdict", svc) == expected
+    assert text.count("probe_verdict{") == 1
+    assert text.count("probe_service_verdict{") == 1
     assert (
         registry.get_sample_value(
             "probe_verdict_confidence", {"service": "telegram", "endpoint": "dc1"}
@@ -287,6 +323,16 @@ def test_verdicts_export_one_series_per_possible_value() -> None:
         == 0.7
     )
     assert "why" not in text  # evidence is never a label
+
+
+def test_verdicts_export_one_series_per_possible_value_when_one_hot() -> None:
+    registry, _ = scrape(_verdict_store(), MetricsSettings(verdict_one_hot=True))
+    for value in VERDICTS:
+        expected = 1 if value == "ip_blocking" else 0
+        ep = {"service": "telegram", "endpoint": "dc1", "verdict": value}
+        assert registry.get_sample_value("probe_verdict", ep) == expected
+        svc = {"service": "telegram", "verdict": value}
+        assert registry.get_sample_value("probe_service_verdict", svc) == expected
 
 
 def test_vantage_config_and_agent_metrics() -> None:
@@ -358,8 +404,13 @@ async def test_real_tcp_probe_results_end_to_end(host: str) -> None:
     assert registry.get_sample_value("probe_success", labels(down.target)) == 0
     info = {**labels(down.target), "failure": "connection_refused", "failed_operation": "connect"}
     assert registry.get_sample_value("probe_failure_info", info) == 1
-    connect = {**labels(up.target), "phase": "connect"}
+    connect = {"service": "lab", "probe": "tcp", "phase": "connect"}
     assert registry.get_sample_value("probe_phase_latency_seconds_count", connect) == 1
+    # The kernel's SYN/SYN-ACK time sits beside the loop-timed connect (Linux TCP_INFO).
+    rtt = registry.get_sample_value(
+        "probe_phase_duration_seconds", {**labels(up.target), "phase": "connect_rtt"}
+    )
+    assert rtt is not None and 0 < rtt <= up.phases["connect"]
     assert labels(up.target)["ip_family"] == ("ipv6" if ":" in host else "ipv4")
 
 
@@ -443,3 +494,49 @@ def test_archive_write_errors_are_a_counter_only_when_an_archive_is_configured()
     assert registry.get_sample_value("probe_archive_write_errors_total") == 3
     doc = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
     assert "`probe_archive_write_errors_total`" in doc
+
+
+def _series_per_endpoint_and_probe(text: str) -> dict[tuple[str, str, str], int]:
+    """Series of the exposition per (service, endpoint, probe); endpoint-level series (the
+    verdict) under probe ``""``.  Family-level series (aggregates, agent) are not counted."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if "endpoint" in s.labels:
+                key = (s.labels["service"], s.labels["endpoint"], s.labels.get("probe", ""))
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+async def test_series_budget_per_endpoint_and_probe() -> None:
+    """docs/metrics.md "Budget": at most 12 series per endpoint and probe by default, plus 2
+    per endpoint for its verdict; measured on real rounds (a working endpoint, a refused one
+    with its repeat), three rounds each so counters and histograms have accumulated."""
+    runner = Runner(settings(connect_s=2.0))
+    online = VantageState(online=True, ipv6=False, t=T0)
+    store = ResultStore()
+    async with TCPServer("127.0.0.1", mode=TCPMode.HOLD) as server:
+        with refusing_port() as closed:
+            up = endpoint(probes=("tcp",), ports=(server.port,), name="up")
+            down = endpoint(probes=("tcp",), ports=(closed,), name="down")
+            for _ in range(3):
+                for ep in (up, down):
+                    store.record_round(await measure_endpoint(ep, runner, online))
+    store.set_verdicts(judge_round(store.snapshot().results.values()))
+    _, text = scrape(store)
+    counts = _series_per_endpoint_and_probe(text)
+    assert set(counts) == {
+        ("lab", "up", "tcp"),
+        ("lab", "up", ""),
+        ("lab", "down", "tcp"),
+        ("lab", "down", "tcp/repeat"),
+        ("lab", "down", ""),
+    }, counts
+    for (_, _, probe), n in counts.items():
+        assert n <= (2 if probe == "" else 12), counts
+    assert counts[("lab", "up", "tcp")] == 10  # the breakdown docs/metrics.md gives
+    # The expensive forms are opt-in, and they are what the budget keeps out.
+    _, full = scrape(store, MetricsSettings(verdict_one_hot=True, per_target_histograms=True))
+    heavy = _series_per_endpoint_and_probe(full)
+    assert heavy[("lab", "up", "")] == 1 + len(VERDICTS)
+    assert heavy[("lab", "up", "tcp")] == 10 + 2 * (len(PHASE_BUCKETS) + 3)  # 2 phases

@@ -74,7 +74,7 @@ async def test_valid_certificate_records_version_alpn_cipher_and_cert(
     assert result.details["cipher"]
     assert result.details["sni"] == NAME
     assert result.details["handshake"]["bytes_received"] > 0
-    assert set(result.phases) == {"connect", "tls"}
+    assert set(result.phases) == {"connect", "connect_rtt", "tls"}  # rtt: the kernel's
     assert_evidence(result, cert, "handshake")
     assert result.details["certificate"]["sans"] == [f"DNS:{NAME}"]
 
@@ -92,7 +92,7 @@ async def test_wrong_hostname_keeps_the_certificate(
     assert result.failed_operation is Operation.TLS_HANDSHAKE
     assert_evidence(result, cert, "handshake")
     assert result.details["certificate"]["sans"] == ["DNS:someone-else.example"]
-    assert set(result.phases) == {"connect", "tls"}
+    assert set(result.phases) == {"connect", "connect_rtt", "tls"}
 
 
 @HOSTS
@@ -153,7 +153,7 @@ async def test_without_the_chain_api_a_second_handshake_reads_the_certificate(
     assert_evidence(result, cert, "unverified_second_handshake")
     [der] = [base64.b64decode(c) for c in result.details["peer_certificates"]]
     assert der == ssl.PEM_cert_to_DER_cert(cert.cert_pem.decode())
-    assert set(result.phases) == {"connect", "tls", "certificate_evidence"}
+    assert set(result.phases) == {"connect", "connect_rtt", "tls", "certificate_evidence"}
 
 
 @HOSTS

@@ -29,7 +29,7 @@ from ..model import Failure, Operation, ProbeResult, Target
 from ..settings import ProbeSettings
 from ..wire import WireError
 from .base import Recorder
-from .tcp import connect, require_address, socket_evidence
+from .tcp import connect, record_connect_rtt, require_address, socket_evidence
 from .tls import handshake_timeout
 
 T = TypeVar("T")
@@ -96,6 +96,7 @@ async def exchange(
             sock = await connect(address, port, settings.timeouts.connect_s)
     except OSError as exc:  # TimeoutError and ConnectionError are OSErrors
         return rec.fail_exc(exc, Operation.CONNECT)
+    record_connect_rtt(rec, sock)
     rec.details.update(socket_evidence(sock))
     try:
         reader, writer = await asyncio.open_connection(sock=sock)

@@ -25,6 +25,7 @@ import contextlib
 import ipaddress
 import os
 import socket
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,6 +91,41 @@ async def connect(address: str, port: int, timeout_s: float) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+# struct tcp_info (linux/tcp.h): tcpi_rtt is the u32 at byte 68, in microseconds.  Right
+# after the handshake it holds exactly one sample, the SYN -> SYN-ACK round trip as the
+# kernel timed it on arrival: queueing on our event loop cannot bend it.
+_TCPI_RTT_OFFSET = 68
+_TCP_INFO_LEN = 104
+
+
+def kernel_connect_rtt(sock: socket.socket) -> float | None:
+    """The kernel's SYN/SYN-ACK round-trip time in seconds, read right after connect.
+
+    None where TCP_INFO is missing (not Linux) or holds no sample: Karn's rule takes none
+    when the SYN was retransmitted, and an answer to a retransmitted SYN is ambiguous.
+    """
+    option = getattr(socket, "TCP_INFO", None)
+    if option is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, option, _TCP_INFO_LEN)
+    except OSError:
+        return None
+    if len(info) < _TCPI_RTT_OFFSET + 4:
+        return None
+    (rtt_us,) = struct.unpack_from("=I", info, _TCPI_RTT_OFFSET)
+    return rtt_us / 1e6 if rtt_us else None
+
+
+def record_connect_rtt(rec: Recorder, sock: socket.socket) -> None:
+    """Report the kernel's connect time as phase ``connect_rtt``, beside the loop-timed
+    ``connect`` (which also counts how long the loop took to notice the connection)."""
+    rtt = kernel_connect_rtt(sock)
+    if rtt is not None:
+        rec.phases["connect_rtt"] = rtt
+        rec.details["connect_rtt_s"] = rtt
 
 
 def _family(ip: str) -> str:
@@ -176,6 +212,7 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
             sock = await connect(address, port, settings.timeouts.connect_s)
     except OSError as exc:  # TimeoutError and ConnectionError are OSErrors
         return rec.fail_exc(exc, Operation.CONNECT, connect_time_s=rec.phases["connect"])
+    record_connect_rtt(rec, sock)
     # closing() sends our FIN: a clean close, not an RST, so the peer sees a normal client
     with contextlib.closing(sock):
         rec.details.update(socket_evidence(sock), connect_time_s=rec.phases["connect"])

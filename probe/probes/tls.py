@@ -58,7 +58,7 @@ import ipaddress
 import os
 import socket
 import ssl
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -70,7 +70,7 @@ from ..settings import ProbeSettings
 from ..wire.tlsrec import server_messages
 from .base import Recorder
 from .params import ParamError, alpn_param, check_keys, shown, sni_param
-from .tcp import connect, require_address, socket_evidence
+from .tcp import connect, record_connect_rtt, require_address, socket_evidence
 
 T = TypeVar("T")
 DEFAULT_ALPN = ("h2", "http/1.1")
@@ -317,6 +317,19 @@ def client_context(
     return _context(ca_file, _ca_mtime(ca_file), tuple(alpn), verify, shape)
 
 
+def warm_contexts(ca_file: str | None, alpns: Iterable[Sequence[str]]) -> None:
+    """Build the client contexts a config will use, ahead of its first probe.
+
+    Loading the trust store takes ~20-100 ms of CPU: built lazily on the event loop it
+    delayed every probe started alongside the first TLS one, and those probes timed the
+    delay as network latency.  The scheduler calls this in a thread before any round.
+    """
+    for alpn in {tuple(a) for a in alpns}:
+        for shape in SHAPES:  # a swap test may try the other ClientHello shape
+            client_context(ca_file, alpn, shape=shape)
+    client_context(ca_file, DEFAULT_ALPN, verify=False)  # the evidence-only second handshake
+
+
 def server_names(target: Target) -> tuple[str | None, str]:
     """(SNI to send, name to verify the certificate against).
 
@@ -374,6 +387,17 @@ def parse_params(params: Mapping[str, Any]) -> TLSParams:
 
 def certificate_evidence(der: bytes) -> dict[str, Any]:
     """Fingerprint and identity of a leaf certificate; parse errors are evidence too."""
+    evidence = dict(_certificate_evidence(der))
+    if "sans" in evidence:
+        evidence["sans"] = list(evidence["sans"])  # a fresh list: the cached tuple stays
+    return evidence
+
+
+@functools.lru_cache(maxsize=1024)
+def _certificate_evidence(der: bytes) -> tuple[tuple[str, Any], ...]:
+    # Memoised on the DER bytes (a pure function of them): an endpoint serves the same
+    # certificate round after round, and parsing it in full on every success cost more
+    # CPU than the handshake's own Python work.  A changed certificate is parsed anew.
     evidence: dict[str, Any] = {"sha256": hashlib.sha256(der).hexdigest(), "der_bytes": len(der)}
     try:
         cert = x509.load_der_x509_certificate(der)
@@ -383,11 +407,11 @@ def certificate_evidence(der: bytes) -> dict[str, Any]:
             serial=format(cert.serial_number, "x"),
             not_before=cert.not_valid_before_utc.isoformat(),
             not_after=cert.not_valid_after_utc.isoformat(),
-            sans=_sans(cert),
+            sans=tuple(_sans(cert)),
         )
     except Exception as exc:  # a hostile peer's DER can break the parser in many ways
         evidence["parse_error"] = f"{type(exc).__name__}: {scrub(str(exc))}"[:200]
-    return evidence
+    return tuple(evidence.items())
 
 
 def _sans(cert: x509.Certificate) -> list[str]:
@@ -454,6 +478,7 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
             sock = await connect(address, port, settings.timeouts.connect_s)
     except OSError as exc:
         return rec.fail_exc(exc, Operation.CONNECT)
+    record_connect_rtt(rec, sock)
     rec.details.update(socket_evidence(sock), connect_time_s=rec.phases["connect"])
     # With no SNI we still verify against the IP literal; CPython sends no SNI for it.
     ctx = client_context(settings.tls.ca_file, alpn, shape=params.shape)
