@@ -42,6 +42,7 @@ VERDICT_ALERTS = {
     "DNSTampering",
     "BlockedHereFineAtControl",
     "VantageOffline",
+    "VantageAllowlist",
     "ControlVantageUnreachable",
 }
 

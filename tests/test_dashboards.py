@@ -321,8 +321,12 @@ def _rule_queries() -> list[tuple[str, str, str]]:
     return out
 
 
+# vantage-state and agent-health alerts: a healthy lab run cannot trigger them (the B10
+# scenario in tests/test_lab_scenarios.py reads the allowlist state, tests/test_exporter.py
+# the probe_vantage_allowlist gauge)
 HEALTH_ALERTS = {
     "VantageOffline",
+    "VantageAllowlist",
     "ControlVantageUnreachable",
     "AgentDown",
     "ConfigReloadFailed",
