@@ -44,6 +44,7 @@ from .settings import (
     MetricsSettings,
     Resolvers,
     Schedule,
+    SwapSettings,
     Timeouts,
     TLSOptions,
     WebSettings,
@@ -61,6 +62,7 @@ TOP_KEYS = (
     "timeouts",
     "resolvers",
     "tls",
+    "swaps",
     "seeds",
     "services",
     "listen",
@@ -71,7 +73,18 @@ TOP_KEYS = (
     "log_format",
 )
 _SECTIONS = frozenset(
-    {"vantage", "schedule", "timeouts", "resolvers", "tls", "archive", "web", "control", "metrics"}
+    {
+        "vantage",
+        "schedule",
+        "timeouts",
+        "resolvers",
+        "tls",
+        "swaps",
+        "archive",
+        "web",
+        "control",
+        "metrics",
+    }
 )
 CONTROL_KEYS = (
     "urls",
@@ -136,6 +149,7 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
         "timeouts": _timeouts,
         "resolvers": _resolvers,
         "tls": lambda n: _tls(n, base_dir),
+        "swaps": _swaps,
         "seeds": lambda n: _load_seeds(n, base_dir, probe_names),
         "services": lambda n: _user_services(n, probe_names),
         "listen": _listen,
@@ -155,6 +169,9 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
     tls: TLSOptions = d.get("tls", TLSOptions())
     if "tls" in m:
         services = _apply_sni_overrides(m["tls"], tls, services)
+    swaps: SwapSettings = d.get("swaps", SwapSettings())
+    if "swaps" in m:
+        _check_swap_services(m["swaps"], swaps, services)
     resolvers: Resolvers = d.get("resolvers", Resolvers())
     _check_resolvable(m.get("resolvers") or root, resolvers, services)
 
@@ -170,6 +187,7 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
         timeouts=d.get("timeouts", default.timeouts),
         resolvers=resolvers,
         tls=tls,
+        swaps=swaps,
         seeds=_seed_names(m.get("seeds")),
         services=services,
         listen=d.get("listen", default.listen),
@@ -284,6 +302,31 @@ def _tls(n: Node, base_dir: Path) -> TLSOptions:
             key: node.hostname() for key, node in m["sni_overrides"].free_mapping().items()
         }
     return TLSOptions(ca_file=ca_file, sni_overrides=freeze(overrides))
+
+
+def _swaps(n: Node) -> SwapSettings:
+    m = n.mapping(_keys(SwapSettings))
+    neutral = m["neutral_sni"].hostname() if "neutral_sni" in m else SwapSettings.neutral_sni
+    per_service = {}
+    if "per_service" in m:
+        per_service = {
+            key: node.hostname() for key, node in m["per_service"].free_mapping().items()
+        }
+    return SwapSettings(neutral_sni=neutral, per_service=freeze(per_service))
+
+
+def _check_swap_services(
+    swaps_node: Node, swaps: SwapSettings, services: tuple[Service, ...]
+) -> None:
+    """``swaps.per_service`` keys must name services that exist (a typo would silently
+    send the default neutral name)."""
+    if not swaps.per_service:
+        return
+    names = {s.name for s in services}
+    nodes = swaps_node.mapping(_keys(SwapSettings))["per_service"].free_mapping()
+    for key, node in nodes.items():
+        if key not in names:
+            _fail_key(node, f"no service named {key!r}{did_you_mean(key, names)}")
 
 
 def _archive(n: Node, base_dir: Path) -> ArchiveSettings:

@@ -93,6 +93,7 @@ class Scheduler:
             config.settings,
             concurrency=sched.concurrency,
             per_destination=sched.per_destination,
+            swaps=config.swaps,
         )
         self.stats = ScheduleStats()
         configured = {(ep.service, ep.name) for ep in all_endpoints(config)}

@@ -402,3 +402,40 @@ def test_an_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
         load(path)
     assert time.monotonic() - started < 5
     assert "aliases expand" in info.value.message
+
+
+def test_neutral_sni_is_configurable_globally_and_per_service(tmp_path: Path) -> None:
+    assert load_config(None).swaps.neutral_sni == "example.com"  # the documented default
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        "seeds: [controls, telegram]\n"
+        "swaps:\n"
+        "  neutral_sni: Research.Example\n"
+        "  per_service:\n"
+        "    telegram: tg-neutral.example\n"
+    )
+    swaps = load(path).swaps
+    assert swaps.neutral_sni == "research.example"
+    assert swaps.neutral_for("telegram") == "tg-neutral.example"
+    assert swaps.neutral_for("controls") == "research.example"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field", "message"),
+    [
+        (
+            "seeds: [controls]\nswaps:\n  per_service:\n    telegramm: n.example\n",
+            4,
+            "swaps.per_service.telegramm",
+            "no service named 'telegramm'",
+        ),
+        ("seeds: [controls]\nswaps:\n  neutral_sni: 'not a name'\n", 3, "swaps.neutral_sni", ""),
+        ("seeds: [controls]\nswaps:\n  neutral: x.example\n", 3, "swaps.neutral", ""),
+    ],
+)
+def test_bad_swap_settings_name_file_line_and_field(
+    tmp_path: Path, text: str, line: int, field: str, message: str
+) -> None:
+    err = load_error(tmp_path / "agent.yaml", text)
+    assert (err.line, err.field) == (line, field), str(err)
+    assert message in str(err)
