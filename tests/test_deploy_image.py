@@ -155,9 +155,12 @@ def test_run_read_only_serves_metrics_outside_and_stops_on_sigterm(
     # what ships has no pip (nor a build backend) ...
     listing = c.podman("exec", "agent", "ls", "/opt/probe/bin").stdout.split()
     assert "probe" in listing and not {"pip", "pip3"} & set(listing)
-    # ... and its root filesystem is read-only even for root inside the container
-    write = c.podman("exec", "--user", "0", "agent", "touch", "/opt/probe/x", check=False)
-    assert write.returncode != 0 and "Read-only file system" in write.stderr
+    # ... and its root filesystem is read-only even for root inside the container, /tmp
+    # included: compose's read_only: true mounts no tmpfs there (podman's --read-only
+    # would: RUN_FLAGS turns that off), and the agent must not need one
+    for path in ("/opt/probe/x", "/tmp/x"):
+        write = c.podman("exec", "--user", "0", "agent", "touch", path, check=False)
+        assert write.returncode != 0 and "Read-only file system" in write.stderr, path
 
     started = time.monotonic()
     c.podman("kill", "--signal", "TERM", "agent")
