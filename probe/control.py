@@ -93,23 +93,31 @@ class ControlStatus:
 # -- one document ------------------------------------------------------------------------
 
 
-def _measured_at(record: Mapping[str, Any]) -> datetime:
+def _measured_at(record: Mapping[str, Any], received: datetime) -> datetime:
+    """When a control result was measured, never later than when we received it: a
+    control whose clock runs ahead (or a hostile one) must not keep its last document
+    "fresh" past max_age_s after it stops answering."""
     t = datetime.fromisoformat(str(record["t"]))
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+    t = t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+    return min(t, received)
 
 
-def parse_document(body: bytes) -> Document:
+def parse_document(body: bytes, received: datetime | None = None) -> Document:
     """A control agent's ``/api/results`` (`probe.statuspage.results_json`), checked for
-    usability.  Skipped results are left out (they measured nothing)."""
+    usability.  Skipped results are left out (they measured nothing).  ``received``
+    (default: now) caps every measurement time."""
+    received = received or datetime.now(UTC)
     try:
         payload = json.loads(body)
         vantage = payload["vantage"]
         state = vantage.get("state")
         records = [r for r in payload["results"] if r.get("type", "result") == "result"]
         observations = tuple(
-            (_measured_at(r), from_record(r)) for r in records if r.get("skipped") is None
+            (_measured_at(r, received), from_record(r)) for r in records if r.get("skipped") is None
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    # RecursionError: JSON nested past the parser's depth; OverflowError: a number such
+    # as 1e400 where an integer belongs
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
         raise ControlError(f"not a /api/results document ({type(exc).__name__})") from None
     if state != "online":
         raise ControlError("the control vantage is not online by its own offline gate")

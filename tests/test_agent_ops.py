@@ -501,7 +501,9 @@ async def test_a_slow_scrape_does_not_stall_the_event_loop(tmp_path: Path) -> No
 
             gap = await max_loop_gap(asyncio.to_thread(get))
             # Probes time their phases on this loop: a stall is a fake RTT or a fake timeout.
-            assert gap < max(0.05, scrape_s / 4), (path_, gap, scrape_s)
+            # A render on the loop stalls it for the whole scrape_s; half of that (and at
+            # least 0.1 s) leaves room for a busy 2-core CI machine's scheduling noise.
+            assert gap < max(0.1, scrape_s / 2), (path_, gap, scrape_s)
     finally:
         await runner.cleanup()
 

@@ -16,8 +16,10 @@ import json
 import signal
 import ssl
 import subprocess
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -425,11 +427,35 @@ async def test_results_older_than_max_age_are_not_judged_with(hostile: str) -> N
         await poller.stop()
     ((status),) = poller.statuses()
     assert status.up and status.error is None
-    # /good is dated 2030: fresh "now" is any time before then plus max_age
-    assert len(poller.fresh(now=parse_time("2030-01-01T00:00:30Z"))) == 1
-    assert poller.fresh(now=parse_time("2030-01-01T00:05:00Z")) == []
+    # /good is dated 2030, which counts as the moment it was received: fresh now and
+    # until max_age_s later, never for years
+    assert len(poller.fresh()) == 1
+    assert poller.fresh(now=time.time() + 120) == []
     assert poller.why_alone() == "results older than max_age_s (60)"
     assert parse_document(old.encode()).newest.year == 2020
+
+
+def test_a_control_clock_running_ahead_cannot_keep_its_results_fresh() -> None:
+    """A future date (a fast clock, or a hostile control) is capped at the receive time,
+    so a control that stops answering ages out after max_age_s like any other."""
+    received = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    future = json.dumps(_results_document("2099-01-01T00:00:00Z")).encode()
+    assert parse_document(future, received).newest == received
+
+
+HUGE_PORT = json.dumps(_results_document("2026-01-01T00:00:00Z")).replace("443", "1e400")
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "RecursionError"),  # nested past the parser
+        (HUGE_PORT.encode(), "OverflowError"),  # a port of 1e400 is inf, no integer
+    ],
+)
+def test_odd_json_is_not_a_results_document(body: bytes, why: str) -> None:
+    with pytest.raises(ControlError, match=rf"not a /api/results document \({why}\)"):
+        parse_document(body)
 
 
 def parse_time(text: str) -> float:

@@ -142,7 +142,11 @@ def test_a_metrics_flood_does_not_bend_recorded_connect_times(lab: Lab, tmp_path
             stderr=subprocess.PIPE,
         )
         try:
-            time.sleep(3)  # first rounds done, the store full
+            deadline = time.monotonic() + 30  # first round done: the store is full
+            while len(_connects(_records(archive))) < ENDPOINTS:
+                assert time.monotonic() < deadline, "no first round within 30 s"
+                assert agent.poll() is None, "the agent exited"
+                time.sleep(0.2)
             before = len(_records(archive))
             flood = lab.exec(
                 "client",
@@ -167,13 +171,15 @@ def test_a_metrics_flood_does_not_bend_recorded_connect_times(lab: Lab, tmp_path
     # The path's own delay is what the kernel timed: the injected one, plus the NFQUEUE
     # handler's queueing when the machine is busy (that is the path, not the agent).
     kernel = statistics.median(k for _, k in pairs)
-    assert DELAY_MS - 1 < kernel < DELAY_MS + 30, kernel
+    assert DELAY_MS - 1 < kernel < DELAY_MS + 100, kernel
     # What the agent adds on top (its loop noticing the connection) must stay small while
-    # the flood runs: it was tens of milliseconds before.
+    # the flood runs.  With the flood served on the probing loop it was p50 81 ms, p90
+    # 214 ms; the bounds sit well below that and well above today's ~0.4 / ~1.3 ms, so a
+    # busy CI machine does not trip them but the old behaviour does.
     excess = sorted(loop - k for loop, k in pairs)
     p50, p90 = statistics.median(excess), excess[int(0.9 * len(excess))]
     print(  # the figures, for docs (pytest -s)
         f"flood: {served} scrapes served; kernel connect p50 {kernel:.2f} ms;"
         f" loop over kernel p50 {p50:.2f} ms, p90 {p90:.2f} ms, n={len(excess)}"
     )
-    assert p50 < 5 and p90 < 20, (p50, p90, served, len(pairs))
+    assert p50 < 20 and p90 < 60, (p50, p90, served, len(pairs))
