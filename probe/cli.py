@@ -209,7 +209,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
     if directory is None:
         print("probe: the archive is disabled in this config", file=sys.stderr)
         return EXIT_USAGE
-    if not Path(directory).is_dir():
+    if not Path(directory).is_dir():  # a typo must not read as "nothing archived"
         print(f"probe: archive: no archive directory at {directory}", file=sys.stderr)
         return EXIT_USAGE
     since = args.since

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+from .classify import AGENT_RESOURCES
 from .gate import check_vantage
 from .model import (
     Endpoint,
@@ -190,6 +191,11 @@ class Runner:
                 result = Recorder(target).fail_exc(TimeoutError(), default_operation(target))
             finally:
                 self.in_flight -= 1
+        if result.failure == AGENT_RESOURCES:
+            # Out of descriptors here (a flood of connections to the agent, say): the
+            # target was not measured; a failure would blame it (and read as blocking).
+            skipped = SkipReason.AGENT_RESOURCES
+            result = replace(result, failure=None, failed_operation=None, skipped=skipped)
         self.done += 1
         if self.progress:
             self.progress(self.done, self.total)

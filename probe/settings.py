@@ -77,6 +77,9 @@ class WebSettings:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     basic_auth_users: Mapping[str, str] = field(default_factory=_empty)  # user -> bcrypt hash
+    # Host header values (names or IPs, no port) served besides the loopback names and the
+    # listen address: a DNS-rebinding page can choose both Host and Origin, never these.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

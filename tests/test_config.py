@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from probe.config import DEFAULT_SEEDS, TOP_KEYS, ConfigError, load_config
+from probe.lab.certs import CertificateAuthority
 from probe.model import ProbeSpec
 from probe.seeds import known_probes
 from probe.settings import AgentConfig, HostPort
@@ -222,7 +223,8 @@ def test_values_are_decoded(tmp_path: Path) -> None:
     path = tmp_path / "agent.yaml"
     key = tmp_path / "keys" / "web.key"
     key.parent.mkdir()
-    key.write_text("not parsed by the loader\n")
+    leaf = CertificateAuthority().issue("probe.example")
+    key.write_bytes(leaf.key_pem)  # the pair is loaded and checked: real PEM
     text = """
 vantage: {name: ams-ctl, country: NL, asn: AS1136, role: control}
 schedule: {interval_s: 120, jitter_s: 0, min_spacing_s: 0, concurrency: 8, per_destination: 1}
@@ -243,7 +245,7 @@ web:
   basic_auth_users: {prometheus: "$2b$12$ZnxLMxmw4kEXJ0MnxBHlJuWqWb6Mhfw9hIhJSWtD0LgzMGK5RjPFK"}
 """
     path.write_text(text.replace("KEYFILE", str(key)))
-    (tmp_path / "web.crt").write_text("not parsed by the loader\n")
+    (tmp_path / "web.crt").write_bytes(leaf.cert_pem)
     config = load(path)
     assert config.vantage.role == "control"
     assert config.schedule.concurrency == 8
@@ -268,7 +270,7 @@ def test_relative_paths_resolve_against_the_config_directory(
     conf_dir = tmp_path / "etc" / "probe"
     (conf_dir / "certs").mkdir(parents=True)
     (conf_dir / "lists").mkdir()
-    (conf_dir / "certs" / "lab-ca.pem").write_text("not parsed by the loader\n")
+    CertificateAuthority().write_ca(conf_dir / "certs" / "lab-ca.pem")  # parsed: real PEM
     (conf_dir / "lists" / "lab.yaml").write_text(
         "service: lab\nsource: lab\nendpoints:\n"
         "  - {host: 127.0.0.1, ports: [8443], role: web, probes: [tcp], source: lab,"
