@@ -65,14 +65,19 @@ def yaml_files() -> list[Path]:
     return sorted(TESTDATA.glob("*.yaml")) + seeds + [REPO / "configs" / "agent.yaml"]
 
 
+def _is_yaml(path: Path) -> bool:
+    try:
+        yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return False  # an error file: compared by message in the tests below
+    return True
+
+
 @needs_libyaml
-@pytest.mark.parametrize("path", yaml_files(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in yaml_files() if _is_yaml(p)], ids=lambda p: p.name)
 def test_libyaml_composes_the_same_tree_as_pure_python(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
-    try:
-        reference = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        pytest.skip("not valid YAML (an error file: compared by message below)")
+    reference = yaml.compose(text, Loader=yaml.SafeLoader)
     assert probe.decode._FAST_LOADER is not None
     fast = yaml.compose(text, Loader=probe.decode._FAST_LOADER)
     if reference is None:
