@@ -2,21 +2,24 @@
 # on a read-only root filesystem with one writable volume (/var/lib/probe: the archive).
 # Deployment guide: docs/deploy.md.  Build:
 #   docker build -t probe .                       (base: the official Python slim image)
-#   buildah bud --build-arg BASE_IMAGE=localhost/debian-python3 ...   (a local base: CI)
+#   buildah bud --build-arg BASE_IMAGE=localhost/debian-python3 ...   (a local base: CI;
+#   offline with WHEELS, below)
 # Any base with python3 >= 3.11 and the venv module works; both stages use the same one.
 ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
+# Offline builds (the test suite, tests/containers.py): bind-mount a directory holding the
+# locks' wheels (scripts/container-wheels) and name it here, e.g.
+#   buildah bud --network none --volume DIR:/wheels:ro --build-arg WHEELS=/wheels ...
+# pip then installs from that directory alone.  Empty (the default): from PyPI.
+ARG WHEELS=""
 WORKDIR /src
 # Dependencies first (their layer survives code changes), pinned with hashes, wheels only:
 # nothing is compiled and nothing unpinned can slip in.  /opt/build holds pip and the
 # hash-pinned build backend (requirements/build.lock); /opt/probe, the runtime venv that
 # the image ships, never gets pip at all (pip --python installs into it from outside).
-# Behind a TLS-intercepting proxy, hand its CA over as a build secret (never a layer):
-#   --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt
 COPY requirements/ requirements/
-RUN --mount=type=secret,id=pip_ca \
-    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+RUN if [ -n "$WHEELS" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS="$WHEELS"; fi \
  && python3 -m venv /opt/build \
  && python3 -m venv --without-pip /opt/probe \
  && export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \

@@ -822,7 +822,9 @@ def _matches(
     probe: str | None,
     failed_only: bool,
 ) -> bool:
-    annotations = record.get("annotations") or {}
+    annotations = record.get("annotations")
+    if not isinstance(annotations, Mapping):  # a damaged or foreign record: no annotations
+        annotations = {}
     if service is not None and annotations.get("service") != service:
         return False
     if probe is not None and annotations.get("probe") != probe:

@@ -52,6 +52,18 @@ _ERRNO: dict[int, Failure] = {
     errno.EPIPE: Failure.CONNECTION_RESET,
 }
 
+# Errors that say the agent is out of resources, not that the network failed.  Classified
+# as this marker, which the runner turns into a skip (`SkipReason.AGENT_RESOURCES`) and
+# the offline gate into "no finding"; it never stays a target's failure.
+_AGENT_SIDE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+AGENT_RESOURCES = f"{Failure.UNKNOWN} agent_resources_exhausted"
+
+
+def is_agent_side(exc: BaseException) -> bool:
+    """Whether ``exc`` is the agent running out of descriptors or buffers."""
+    return isinstance(exc, OSError) and exc.errno in _AGENT_SIDE_ERRNOS
+
+
 _GAI: dict[int, Failure] = {
     socket.EAI_NONAME: Failure.DNS_NXDOMAIN,
     socket.EAI_AGAIN: Failure.DNS_TEMPORARY_FAILURE,
@@ -186,6 +198,8 @@ def classify_exception(exc: BaseException) -> str:
     if isinstance(exc, openssl_crypto.X509StoreContextError):
         return classify_x509_verify_code(exc.errors[0] if exc.errors else None)
     if isinstance(exc, OSError):
+        if exc.errno in _AGENT_SIDE_ERRNOS:
+            return AGENT_RESOURCES
         if exc.errno in _ERRNO:
             return _ERRNO[exc.errno]
         if isinstance(exc, ConnectionRefusedError):

@@ -156,7 +156,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     if args.action == "cleanup":
         return cleanup(force=args.force)
-    return demo(args.only or ())
+    return demo(args.only or (), repeat=args.repeat)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -238,7 +238,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
     if directory is None:
         print("probe: the archive is disabled in this config", file=sys.stderr)
         return EXIT_USAGE
-    if not Path(directory).is_dir():
+    if not Path(directory).is_dir():  # a typo must not read as "nothing archived"
         print(f"probe: archive: no archive directory at {directory}", file=sys.stderr)
         return EXIT_USAGE
     since = args.since
@@ -351,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only this scenario (repeatable; the names are listed below)",
     )
     lab.add_argument("--force", action="store_true", help="cleanup: also labs of live owners")
+    lab.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        choices=range(1, 51),
+        metavar="N",
+        help="demo: run each scenario N times in a row (1-50); a tally per scenario at the end",
+    )
     lab.set_defaults(func=cmd_lab)
 
     trace = sub.add_parser(

@@ -11,9 +11,12 @@ are loaded and merged into ``AgentConfig.services``.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import os
 import re
+import socket
+import ssl
 from collections.abc import Callable, Collection
 from importlib.resources import as_file, files
 from importlib.resources.abc import Traversable
@@ -41,6 +44,7 @@ from .settings import (
     MetricsSettings,
     Resolvers,
     Schedule,
+    SwapSettings,
     Timeouts,
     TLSOptions,
     WebSettings,
@@ -58,6 +62,7 @@ TOP_KEYS = (
     "timeouts",
     "resolvers",
     "tls",
+    "swaps",
     "seeds",
     "services",
     "listen",
@@ -68,7 +73,18 @@ TOP_KEYS = (
     "log_format",
 )
 _SECTIONS = frozenset(
-    {"vantage", "schedule", "timeouts", "resolvers", "tls", "archive", "web", "control", "metrics"}
+    {
+        "vantage",
+        "schedule",
+        "timeouts",
+        "resolvers",
+        "tls",
+        "swaps",
+        "archive",
+        "web",
+        "control",
+        "metrics",
+    }
 )
 CONTROL_KEYS = (
     "urls",
@@ -133,9 +149,10 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
         "timeouts": _timeouts,
         "resolvers": _resolvers,
         "tls": lambda n: _tls(n, base_dir),
+        "swaps": _swaps,
         "seeds": lambda n: _load_seeds(n, base_dir, probe_names),
         "services": lambda n: _user_services(n, probe_names),
-        "listen": lambda n: _hostport(n, ip_only=False),
+        "listen": _listen,
         "archive": lambda n: _archive(n, base_dir),
         "web": lambda n: _web(n, base_dir),
         "metrics": _metrics,
@@ -152,6 +169,9 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
     tls: TLSOptions = d.get("tls", TLSOptions())
     if "tls" in m:
         services = _apply_sni_overrides(m["tls"], tls, services)
+    swaps: SwapSettings = d.get("swaps", SwapSettings())
+    if "swaps" in m:
+        _check_swap_services(m["swaps"], swaps, services)
     resolvers: Resolvers = d.get("resolvers", Resolvers())
     _check_resolvable(m.get("resolvers") or root, resolvers, services)
 
@@ -167,6 +187,7 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
         timeouts=d.get("timeouts", default.timeouts),
         resolvers=resolvers,
         tls=tls,
+        swaps=swaps,
         seeds=_seed_names(m.get("seeds")),
         services=services,
         listen=d.get("listen", default.listen),
@@ -274,6 +295,7 @@ def _tls(n: Node, base_dir: Path) -> TLSOptions:
     ca_file = None
     if "ca_file" in m and not m["ca_file"].is_null:
         ca_file = _existing_file(m["ca_file"], base_dir)
+        _check_ca_file(m["ca_file"], ca_file)
     overrides = {}
     if "sni_overrides" in m:
         overrides = {
@@ -282,12 +304,39 @@ def _tls(n: Node, base_dir: Path) -> TLSOptions:
     return TLSOptions(ca_file=ca_file, sni_overrides=freeze(overrides))
 
 
+def _swaps(n: Node) -> SwapSettings:
+    m = n.mapping(_keys(SwapSettings))
+    neutral = m["neutral_sni"].hostname() if "neutral_sni" in m else SwapSettings.neutral_sni
+    per_service = {}
+    if "per_service" in m:
+        per_service = {
+            key: node.hostname() for key, node in m["per_service"].free_mapping().items()
+        }
+    return SwapSettings(neutral_sni=neutral, per_service=freeze(per_service))
+
+
+def _check_swap_services(
+    swaps_node: Node, swaps: SwapSettings, services: tuple[Service, ...]
+) -> None:
+    """``swaps.per_service`` keys must name services that exist (a typo would silently
+    send the default neutral name)."""
+    if not swaps.per_service:
+        return
+    names = {s.name for s in services}
+    nodes = swaps_node.mapping(_keys(SwapSettings))["per_service"].free_mapping()
+    for key, node in nodes.items():
+        if key not in names:
+            _fail_key(node, f"no service named {key!r}{did_you_mean(key, names)}")
+
+
 def _archive(n: Node, base_dir: Path) -> ArchiveSettings:
     m = n.mapping(_keys(ArchiveSettings))
     d = ArchiveSettings()
     path = d.path
     if "path" in m:
         path = None if m["path"].is_null else str(_relative(m["path"].nonempty_str(), base_dir))
+        if path is not None:
+            _check_directory(m["path"], Path(path))
     return ArchiveSettings(
         path=path,
         # below a few KiB the archive would rotate on nearly every round
@@ -313,14 +362,20 @@ def _web(n: Node, base_dir: Path) -> WebSettings:
         # one without the other cannot serve TLS; refuse rather than fall back to plain HTTP
         (missing,) = {"tls_cert_file", "tls_key_file"} - set(files_)
         n.fail(f"tls_cert_file and tls_key_file go together: {missing} is missing")
+    if files_:
+        _check_key_pair(m["tls_key_file"], files_["tls_cert_file"], files_["tls_key_file"])
     users = {}
     if "basic_auth_users" in m:
         for user, node in m["basic_auth_users"].free_mapping().items():
             users[user] = node.matching(_BCRYPT, "a bcrypt hash ($2b$...; never a plain password)")
+    allowed: tuple[str, ...] = ()
+    if "allowed_hosts" in m:
+        allowed = tuple(m["allowed_hosts"].unique_list_of(lambda item: item.host()))
     return WebSettings(
         tls_cert_file=files_.get("tls_cert_file"),
         tls_key_file=files_.get("tls_key_file"),
         basic_auth_users=freeze(users),
+        allowed_hosts=allowed,
     )
 
 
@@ -331,6 +386,7 @@ def _control(n: Node, base_dir: Path) -> ControlSettings:
     ca_file = None
     if "ca_file" in m and not m["ca_file"].is_null:
         ca_file = _existing_file(m["ca_file"], base_dir)
+        _check_ca_file(m["ca_file"], ca_file)
     auth_file, auth = None, None
     if "basic_auth_file" in m and not m["basic_auth_file"].is_null:
         auth_file = _existing_file(m["basic_auth_file"], base_dir)
@@ -385,8 +441,79 @@ def _credentials(n: Node, path: Path) -> tuple[str, str]:
 def _existing_file(n: Node, base_dir: Path) -> str:
     path = _relative(n.nonempty_str(), base_dir)
     if not path.is_file():
-        n.fail(f"no such file: {path}")
+        n.fail(f"not a regular file: {path}" if path.exists() else f"no such file: {path}")
     return str(path)
+
+
+# What a config points at is loaded here, not where it is used: a CA file that is not one
+# made every TLS probe fail as ssl_failed_handshake (which reads as TLS blocking) after
+# check-config and a reload had accepted it.
+
+
+def _check_ca_file(n: Node, path: str) -> None:
+    """The CA file must hold PEM certificates that OpenSSL accepts as trust anchors."""
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        n.fail(f"{path}: not a PEM CA certificate file ({exc.reason or 'malformed PEM'})")
+    except OSError as exc:
+        n.fail(f"{path}: cannot read: {exc.strerror}")
+
+
+def _no_password() -> bytes:
+    raise ValueError("encrypted")
+
+
+def _check_key_pair(n: Node, cert: str, key: str) -> None:
+    """The web certificate and key must load together, as the HTTP server loads them."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except ValueError:  # asked for a password: the agent has none to give (and no prompt)
+        n.fail(f"{key}: an encrypted private key is not supported")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            n.fail(f"{key} is not the private key of {cert}")
+        reason = exc.reason or "malformed PEM"
+        n.fail(f"{cert} and {key}: not a PEM certificate and private key ({reason})")
+    except OSError as exc:
+        n.fail(f"cannot read {cert} or {key}: {exc.strerror}")
+
+
+def _check_directory(n: Node, path: Path) -> None:
+    """A directory the agent can write into, or one it can create (its nearest existing
+    ancestor is a writable directory)."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "" if existing == path else f" (it would go under {existing}, a file)"
+        n.fail(f"{path}: not a directory{what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "" if existing == path else f" (cannot create it under {existing})"
+        n.fail(f"{path}: not writable{what}")
+
+
+def _listen(n: Node) -> HostPort:
+    """HOST:PORT where HOST is an address of this machine (or a wildcard).  Only the
+    address is checked here: whether the port is free can change until the agent starts."""
+    listen = _hostport(n, ip_only=False)
+    host = listen.host
+    if host in ("0.0.0.0", "::"):
+        return listen  # every address: nothing to check
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        n.fail(f"{str(listen)!r}: {host!r} does not resolve")
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    n.fail(f"{str(listen)!r}: {host} is not an address of this machine")
+                n.fail(f"{str(listen)!r}: cannot listen on {host}: {exc.strerror}")
+    return listen
 
 
 def _relative(value: str, base_dir: Path) -> Path:

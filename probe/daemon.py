@@ -13,8 +13,12 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import hashlib
+import ipaddress
 import json
 import logging
+import os
+import resource
 import signal
 import ssl
 import sys
@@ -22,7 +26,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -56,7 +60,10 @@ log = logging.getLogger("probe.daemon")
 _T = TypeVar("_T")
 EndpointKey = tuple[str, str]  # (service, endpoint name)
 
-SHUTDOWN_GRACE_S = 3.0  # in-flight probes get this long before they are cancelled
+SHUTDOWN_GRACE_S = 3.0  # at shutdown, in-flight probes get this long before they are cancelled
+# At most one reload per this many seconds: requests in between share the next one.  A
+# reload never cancels a measurement, but it re-reads and re-validates the whole config.
+RELOAD_MIN_INTERVAL_S = 1.0
 # Verdicts are judged for the endpoints whose results changed (`IncrementalJudge`), at
 # most once a second: the endpoint rounds that finished meanwhile share one pass.
 JUDGE_INTERVAL_S = 1.0
@@ -99,7 +106,9 @@ class Agent:
         self._stats_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
         self._queued_reload: asyncio.Future[str | None] | None = None
+        self._last_reload = float("-inf")  # monotonic time the latest reload started
         self._stopping = False
+        self._configured = _still_configured(config)
         self.reloads = 0  # reload attempts finished: cached renders older than one are stale
         # The probes' loop: the one this agent is built on (start() confirms it), so a reload
         # requested on the HTTP thread's loop always runs here, even before start().
@@ -223,7 +232,8 @@ class Agent:
         One reload at a time: a burst of SIGHUPs must not interleave two reloads, each
         starting a scheduler of its own (duplicate, overlapping rounds that never stop).
         Requests that arrive while a reload waits its turn share it: it reads the file
-        after they were made.  So a storm costs at most two reloads, not one per signal.
+        after they were made.  Reloads start at most once per `RELOAD_MIN_INTERVAL_S`,
+        so a storm costs one reload a second, not one per signal.
         """
         if self._queued_reload is None:
             self._queued_reload = asyncio.ensure_future(self._reload_in_turn())
@@ -239,7 +249,11 @@ class Agent:
 
     async def _reload_in_turn(self) -> str | None:
         async with self._reload_lock:
+            wait = self._last_reload + RELOAD_MIN_INTERVAL_S - asyncio.get_running_loop().time()
+            if wait > 0:
+                await asyncio.sleep(wait)  # requests meanwhile join this reload
             self._queued_reload = None  # from here on, a request may find a newer file
+            self._last_reload = asyncio.get_running_loop().time()
             try:
                 return await self._reload()
             finally:
@@ -258,12 +272,14 @@ class Agent:
                 "config reload rejected; keeping the running config", extra={"error": str(exc)}
             )
             return str(exc)
+        if new == self.config and archive is self.archive:
+            # Nothing changed: the schedule, the store and the rounds in flight go on.
+            self.store.set_config_reload(True, utcnow())
+            log.info("config reloaded: unchanged", extra={"config": new.source})
+            return None
         _warn_restart_needed(self.config, new)
-        history = {}
-        if self.scheduler is not None:
-            await self.scheduler.stop(SHUTDOWN_GRACE_S)
-            history = self.scheduler.history
         old_control, self.config = self.config.control, new
+        self._configured = _still_configured(new)
         self.store.set_vantage(new.vantage)
         self.store.keep_series_latency(new.metrics.per_target_histograms)
         if new.control != old_control:  # unchanged: keep polling (and the results it has)
@@ -271,16 +287,49 @@ class Agent:
                 await self.control.stop()
             self._start_control()
         await self._swap_archive(archive)
-        configured = _still_configured(new)
+        configured = self._configured
         self.store.replace_targets(k for k in self.store.snapshot().results if configured(k))
         self._judge_soon()  # removed endpoints' verdicts go now, not after the next round
-        # The old schedule's start times carry over: a reload never re-tests sooner than
-        # min_spacing_s (a reload right after a round would otherwise re-run it at once).
-        self.scheduler = Scheduler(new, self.on_results, self.on_vantage, history=history)
-        self.scheduler.start()
+        self._replace_scheduler(new)
         self.store.set_config_reload(True, utcnow())
         log.info("config reloaded", extra={"config": new.source})
         return None
+
+    def _on_late_results(self, results: Sequence[ProbeResult]) -> None:
+        """A round that started before a reload and ended after it: the archive keeps all
+        of it, the store only what the running config still has a place for."""
+        kept: list[ProbeResult] = []
+        gone: list[ProbeResult] = []
+        for result in results:
+            (kept if self._configured(result.target.key()) else gone).append(result)
+        if self.archive is not None:
+            for result in gone:  # observed, so archived; no longer exported
+                self.archive.write(result)
+        if kept:
+            self.on_results(kept)
+
+    def _replace_scheduler(self, new: AgentConfig) -> None:
+        """The new config applies to what comes next; nothing in flight is cancelled.
+
+        The old schedule's start times carry over (a reload never re-tests sooner than
+        min_spacing_s), and so do its rounds still measuring: they finish and are
+        published, and the same endpoint's next round waits for them."""
+        old = self.scheduler
+        if old is None:
+            self.scheduler = Scheduler(new, self.on_results, self.on_vantage)
+        else:
+            runner = old.runner if old.can_share_runner(new) else None
+            old.on_results = self._on_late_results
+            self.scheduler = Scheduler(
+                new,
+                self.on_results,
+                self.on_vantage,
+                history=old.history,
+                in_flight=old.retire(),
+                state=old.vantage_state,
+                runner=runner,
+            )
+        self.scheduler.start()
 
     def _archive_for(self, new: AgentConfig) -> ArchiveWriter | None:
         """The archive writer for ``new``: the running one unless ``archive:`` changed.
@@ -299,6 +348,12 @@ class Agent:
             await asyncio.get_running_loop().run_in_executor(self.render_pool, old.close)
 
     async def stop(self) -> None:
+        await self.stop_measuring()
+        self.close()
+
+    async def stop_measuring(self) -> None:
+        """End the schedule (rounds in flight get `SHUTDOWN_GRACE_S`) and the background
+        tasks; the HTTP side may still be answering meanwhile."""
         self._stopping = True
         for task in (self._stats_task, self._judge_task):
             if task is not None:
@@ -308,6 +363,10 @@ class Agent:
                 await self.scheduler.stop(SHUTDOWN_GRACE_S)
             if self.control is not None:
                 await self.control.stop()
+
+    def close(self) -> None:
+        """Close the archive and the worker threads: after the HTTP server has stopped,
+        or requests still being answered would hit a shut-down pool."""
         if self.archive is not None:
             self.archive.close()
         for pool in (self.render_pool, self.auth_pool, self._judge_pool):
@@ -525,45 +584,170 @@ def _busy() -> web.Response:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RENDER_CACHES = web.AppKey("render_caches", tuple)  # (metrics, api, page) for tests
+RENDER_CACHES = web.AppKey("render_caches", tuple)  # (metrics, api, page, public page) for tests
 
 
-def _password_ok(users: Mapping[str, str], header: str) -> bool:
-    import bcrypt  # only needed when auth is configured
+# A right password is remembered this long (as a hash of the header): a scrape every 15 s
+# then costs one bcrypt a minute, and a flood of wrong passwords cannot delay it.
+AUTH_CACHE_S = 60.0
+AUTH_CACHE_SIZE = 256  # distinct right headers remembered; beyond, the cache starts over
+# bcrypt checks waiting or running at once; beyond, 429 at once (a flood must not queue
+# minutes of CPU ahead of the operator's own requests).
+AUTH_MAX_PENDING = 4
 
-    with contextlib.suppress(binascii.Error, UnicodeDecodeError, ValueError):
-        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-        hashed = users.get(user)
-        return bool(hashed and bcrypt.checkpw(password.encode(), hashed.encode()))
-    return False
+
+def _bcrypt_cost(hashed: str) -> int:
+    return int(hashed.split("$")[2])
 
 
-def _basic_auth(users: dict[str, str], pool: ThreadPoolExecutor) -> Middleware:
+class BasicAuth:
+    """Basic auth against bcrypt hashes, in a worker thread, in constant time per user.
+
+    An unknown user is checked against a dummy hash of the same cost as the real ones:
+    otherwise a missing user answers in 1 ms and an existing one in 200 ms, and one request
+    tells which users exist."""
+
+    def __init__(self, users: Mapping[str, str], pool: ThreadPoolExecutor) -> None:
+        import bcrypt  # only needed when auth is configured
+
+        self.users = dict(users)
+        self.pool = pool
+        cost = max(_bcrypt_cost(h) for h in self.users.values())
+        self._dummy = bcrypt.hashpw(os.urandom(16).hex().encode(), bcrypt.gensalt(cost)).decode()
+        self._ok: dict[bytes, float] = {}  # sha256(header) -> monotonic expiry
+        self._pending = 0
+
+    def password_ok(self, header: str) -> bool:
+        """In a worker thread: bcrypt always runs, for known and unknown users alike."""
+        import bcrypt
+
+        with contextlib.suppress(binascii.Error, UnicodeDecodeError, ValueError):
+            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+            hashed = self.users.get(user)
+            matched = bcrypt.checkpw(password.encode(), (hashed or self._dummy).encode())
+            return matched and hashed is not None
+        return False
+
+    async def check(self, header: str) -> bool | None:
+        """True or False; None when too many checks are already waiting (answer 429)."""
+        if not header.startswith("Basic "):
+            return False
+        key = hashlib.sha256(header.encode()).digest()
+        now = time.monotonic()
+        if self._ok.get(key, 0.0) > now:
+            return True
+        if self._pending >= AUTH_MAX_PENDING:
+            return None
+        self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(self.pool, self.password_ok, header)
+        finally:
+            self._pending -= 1
+        if ok:
+            if len(self._ok) >= AUTH_CACHE_SIZE:
+                self._ok.clear()
+            self._ok[key] = time.monotonic() + AUTH_CACHE_S
+        return ok
+
+
+def _basic_auth(auth: BasicAuth) -> Middleware:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        header = request.headers.get("Authorization", "")
         # bcrypt takes ~0.3 s at cost 12 (by design): in a thread, so that a scrape or a
         # stream of wrong passwords never stalls the loop the probes time themselves on.
-        if header.startswith("Basic ") and await asyncio.get_running_loop().run_in_executor(
-            pool, _password_ok, users, header
-        ):
+        ok = await auth.check(request.headers.get("Authorization", ""))
+        if ok:
             return await handler(request)
+        if ok is None:
+            return web.Response(
+                status=429, text="too many requests\n", headers={"Retry-After": "1"}
+            )
         return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="probe"'})
+
+    return check
+
+
+# Host names a browser uses for this machine's loopback; any other Host must be configured.
+LOOPBACK_HOSTS = frozenset({"localhost", "localhost.localdomain", "127.0.0.1", "::1"})
+
+
+def allowed_hosts(config: AgentConfig) -> frozenset[str]:
+    """Host names served besides IP addresses: loopback, the listen host (unless a
+    wildcard), and ``web.allowed_hosts``.  Lower-case, IPs canonical, no port."""
+    hosts = set(LOOPBACK_HOSTS) | set(config.web.allowed_hosts)
+    if config.listen.host not in ("0.0.0.0", "::"):
+        hosts.add(config.listen.host.lower())
+    return frozenset(hosts)
+
+
+def _host_name(value: str) -> str | None:
+    """The host of a Host header or an Origin's netloc, lower-case, without port or
+    brackets; None when it does not parse."""
+    try:
+        name = urlsplit(f"//{value}").hostname
+    except ValueError:
+        return None
+    if name is None:
+        return None
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(name))
+    return name.lower()
+
+
+def _host_allowed(name: str | None, hosts: frozenset[str]) -> bool:
+    """A configured name, or any IP address: a page can only rebind a *name* (the Host a
+    browser sends is the name in the page's URL); a page at http://192.0.2.1:9464/ is
+    another origin than the agent's and cannot read its answers."""
+    if name is None:
+        return False
+    if name in hosts:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_check(hosts: frozenset[str]) -> Middleware:
+    """Refuse a request whose Host is not a name this agent answers to, on every path.
+
+    A DNS-rebinding page (evil.example re-resolved to 127.0.0.1) makes the operator's
+    browser send ``Host: evil.example:9464`` with the matching Origin: comparing one with
+    the other proves nothing, comparing Host with the names the agent answers to does
+    (and then the reload's Origin check holds too).  A request without Host (HTTP/1.0
+    tools) comes from no browser and is served."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if host is not None and not _host_allowed(_host_name(host), hosts):
+            return web.Response(status=403, text="host not allowed (see web.allowed_hosts)\n")
+        return await handler(request)
 
     return check
 
 
 def build_app(agent: Agent) -> web.Application:
     web_settings: WebSettings = agent.config.web
-    middlewares: list[Middleware] = []
+    middlewares: list[Middleware] = [_host_check(allowed_hosts(agent.config))]
     if web_settings.basic_auth_users:
-        middlewares.append(_basic_auth(dict(web_settings.basic_auth_users), agent.auth_pool))
+        middlewares.append(_basic_auth(BasicAuth(web_settings.basic_auth_users, agent.auth_pool)))
     app = web.Application(middlewares=middlewares)
     app.on_response_prepare.append(_security_headers)
 
     async def render(fn: Callable[..., _T], *args: object) -> _T:
         # Thousands of targets make a scrape take a second or more of pure CPU.
-        return await asyncio.get_running_loop().run_in_executor(agent.render_pool, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(agent.render_pool, fn, *args)
+        except RuntimeError:  # the pool is shut down: a request that came in at shutdown
+            raise web.HTTPServiceUnavailable(text="shutting down\n") from None
+
+    def trusted(request: web.Request) -> bool:
+        """May see the config's path and a reload's error text: an authenticated user
+        (with auth on, every request that gets here is one) or a loopback client."""
+        return bool(web_settings.basic_auth_users) or _is_loopback(request.remote)
 
     def version() -> int:
         return agent.reloads
@@ -573,7 +757,12 @@ def build_app(agent: Agent) -> web.Application:
     page = RenderCache(
         lambda: render(render_status_page, agent.store.snapshot(), agent.config), version=version
     )
-    app[RENDER_CACHES] = (scrape, api, page)
+    # The same page without the config's path, for a remote client without auth.
+    public_page = RenderCache(
+        lambda: render(render_status_page, agent.store.snapshot(), agent.config, False),
+        version=version,
+    )
+    app[RENDER_CACHES] = (scrape, api, page, public_page)
 
     async def metrics(_: web.Request) -> web.Response:
         body = await scrape.get()
@@ -595,8 +784,8 @@ def build_app(agent: Agent) -> web.Application:
             return _busy()
         return web.Response(text=text, content_type="application/json")
 
-    async def status_page(_: web.Request) -> web.Response:
-        html = await page.get()
+    async def status_page(request: web.Request) -> web.Response:
+        html = await (page if trusted(request) else public_page).get()
         if html is None:
             return _busy()
         return web.Response(text=html, content_type="text/html")
@@ -609,7 +798,9 @@ def build_app(agent: Agent) -> web.Application:
             return web.Response(status=403, text="cross-origin reload refused\n")
         error = await agent.reload_from_any_loop()
         if error:
-            return web.Response(status=400, text=f"reload rejected: {error}\n")
+            # The error names the config file (and quotes it): not for anyone on the network.
+            detail = error if trusted(request) else "the reason is in the agent's log"
+            return web.Response(status=400, text=f"reload rejected: {detail}\n")
         return web.Response(text="reloaded\n")
 
     app.router.add_get("/metrics", metrics)
@@ -633,8 +824,71 @@ async def _security_headers(_: web.Request, response: web.StreamResponse) -> Non
         response.headers["Content-Security-Policy"] = _PAGE_CSP
 
 
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False  # a Unix socket peer or an unparsable name: not known to be local
+
+
 def _api_text(snapshot: Snapshot) -> str:
     return json.dumps(results_json(snapshot))
+
+
+# HTTP connections open at once; beyond, a new one is closed as soon as it is accepted.
+# 1,100 idle connections at nofile 1024 used to starve the probes of descriptors.
+MAX_HTTP_CONNECTIONS = 128
+# Idle time allowed before a request's headers are in, and between requests on a
+# keep-alive connection (aiohttp's default keep-alive is an hour).
+HTTP_IDLE_TIMEOUT_S = 5.0
+HTTP_ACCEPT_BURST = 32
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (no privilege needed); (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft, hard
+
+
+class _Refused(asyncio.Protocol):
+    """Stands in for a connection over the cap: closed at once, its descriptor freed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).abort()
+
+
+def capped(server: web.Server, limit: int) -> Callable[[], asyncio.BaseProtocol]:
+    """aiohttp's protocol factory, refusing connections beyond ``limit`` open ones."""
+
+    def factory() -> asyncio.BaseProtocol:
+        if len(server.connections) >= limit:
+            return _Refused()
+        return server()
+
+    return factory
+
+
+async def _listen(runner: web.AppRunner, config: AgentConfig, fd_soft: int) -> asyncio.Server:
+    """Listen with the connection cap (a quarter of the descriptors at most)."""
+    assert runner.server is not None
+    limit = max(8, min(MAX_HTTP_CONNECTIONS, fd_soft // 4))
+    # asyncio makes an IPv6 listener IPv6-only: for "[::]" (every address) listen on
+    # every address of both families, as the docs promise, not on IPv6 alone.
+    host = None if config.listen.host == "::" else config.listen.host
+    return await asyncio.get_running_loop().create_server(
+        capped(runner.server, limit),
+        host,
+        config.listen.port,
+        ssl=_server_ssl(config.web),
+        # asyncio accepts up to `backlog` connections per wake-up before any is refused:
+        # keep that burst of descriptors small too.
+        backlog=HTTP_ACCEPT_BURST,
+        reuse_address=True,
+    )
 
 
 def _server_ssl(settings: WebSettings) -> ssl.SSLContext | None:
@@ -655,9 +909,10 @@ class HTTPThread:
     every millisecond (Python's default is 5 ms).
     """
 
-    def __init__(self, agent: Agent, config: AgentConfig) -> None:
+    def __init__(self, agent: Agent, config: AgentConfig, fd_soft: int) -> None:
         self._agent = agent
         self._config = config
+        self._fd_soft = fd_soft
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -673,21 +928,22 @@ class HTTPThread:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        runner = web.AppRunner(build_app(self._agent), access_log=None)
+        runner = web.AppRunner(
+            build_app(self._agent),
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_GRACE_S,
+            keepalive_timeout=HTTP_IDLE_TIMEOUT_S,
+        )
         await runner.setup()
+        listener: asyncio.Server | None = None
         try:
-            # asyncio makes an IPv6 listener IPv6-only: for "[::]" (every address) listen on
-            # every address of both families, as the docs promise, not on IPv6 alone.
-            listen = self._config.listen
-            host = None if listen.host == "::" else listen.host
-            ssl_context = _server_ssl(self._config.web)
-            site = web.TCPSite(runner, host, listen.port, ssl_context=ssl_context)
-            await site.start()
+            listener = await _listen(runner, self._config, self._fd_soft)
         except OSError as exc:  # port taken, address not ours, unreadable TLS key (SSLError)
             self.error = exc
         self._ready.set()
-        if self.error is None:
+        if listener is not None:
             await self._stop.wait()
+            listener.close()
         await runner.cleanup()
 
     async def stop(self) -> None:
@@ -707,16 +963,25 @@ async def serve(config: AgentConfig, config_path: str | None) -> int:
     except OSError as exc:  # e.g. the archive directory cannot be created
         log.error("cannot open the archive", extra={"error": str(exc)})
         return 1
+    fd_soft, fd_hard = raise_fd_limit()
     # The HTTP thread holds the GIL for at most this long when the probes' loop wants it.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    http = HTTPThread(agent, config)
+    http = HTTPThread(agent, config, fd_soft)
     error = await http.start()
     if error is not None:
         log.error("cannot listen", extra={"listen": str(config.listen), "error": str(error)})
         await http.stop()
         await agent.stop()
         return 1
-    log.info("listening", extra={"listen": str(config.listen), "config": config.source})
+    log.info(
+        "listening",
+        extra={
+            "listen": str(config.listen),
+            "config": config.source,
+            "nofile": fd_soft,
+            "nofile_hard": fd_hard,
+        },
+    )
     agent.start()
 
     stop = asyncio.Event()
@@ -733,7 +998,9 @@ async def serve(config: AgentConfig, config_path: str | None) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info("shutting down")
-    await http.stop()  # first: no request may reach the render pools agent.stop() closes
-    await agent.stop()
+    # The HTTP server and the schedule wind down together; the pools they share (render,
+    # auth) close only once no request can reach them.
+    await asyncio.gather(http.stop(), agent.stop_measuring())
+    agent.close()
     log.info("stopped")
     return 0

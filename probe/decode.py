@@ -1,7 +1,8 @@
 """Strict YAML decoding with line-numbered errors, shared by `probe.config` and `probe.seeds`.
 
-A file is parsed with ``yaml.compose`` (SafeLoader rules) into a node tree and
-walked by hand through `Node` cursors, so every value keeps its line and its
+A file is parsed with ``yaml.compose`` (SafeLoader rules; libyaml's `CSafeLoader` where
+PyYAML has it, several times faster and with the same node tree and line numbers) into a
+node tree and walked by hand through `Node` cursors, so every value keeps its line and its
 dotted field path.  Whatever is wrong in a file (syntax, an unknown key, a wrong
 type, a value out of range) becomes one `ConfigError` naming the file, the line
 and the field; callers never see a YAML traceback.
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
+import stat
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -20,7 +23,9 @@ from typing import Any, NoReturn, TypeVar
 
 import yaml
 from yaml.constructor import SafeConstructor
+from yaml.events import AliasEvent, CollectionStartEvent, ScalarEvent
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
+from yaml.reader import Reader
 
 from .model import freeze
 
@@ -41,6 +46,17 @@ _MAX_BYTES = 4 * 1024 * 1024  # a config or seed list is a few KiB; refuse anyth
 # per reference, so a few hundred bytes of doubling aliases ("billion laughs") would
 # otherwise mean 2**27 visits, hanging check-config and a running agent's reload.
 _MAX_EXPANDED_NODES = 1_000_000
+# Values in a file as written.  A node costs a few hundred bytes once composed, so a file
+# of a million one-character list items would take most of a GiB and many seconds: count
+# before composing and refuse early.  A flow-style endpoint is ~17 values, so this admits
+# a list of over 10,000 endpoints.
+_MAX_NODES = 250_000
+_NODE_EVENTS = (ScalarEvent, AliasEvent, CollectionStartEvent)
+_STR_TAG = "tag:yaml.org,2002:str"
+
+# libyaml where PyYAML was built with it (the same node tree, marks and tags: the resolver
+# is PyYAML's own Python one); None where it was not: then pure Python.
+_FAST_LOADER: type[yaml.SafeLoader] | None = getattr(yaml, "CSafeLoader", None)
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
@@ -225,6 +241,8 @@ class Node:
     # -- scalars ------------------------------------------------------------------------
 
     def _construct(self, node: yaml.Node) -> Any:
+        if node.tag == _STR_TAG and isinstance(node, ScalarNode):
+            return node.value  # what SafeConstructor.construct_yaml_str returns, sooner
         try:
             return self.constructor.construct_object(node, deep=True)
         except yaml.MarkedYAMLError as exc:
@@ -387,8 +405,8 @@ def is_hostname(value: str) -> bool:
 def parse_text(text: str, file: str) -> Node:
     """Compose YAML text into a root `Node`; syntax errors become a `ConfigError`."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        if root is not None:
+        root = _compose(text, file)
+        if root is not None and "*" in text:  # without an alias nothing expands or loops
             _check_expansion(root, file)
     except yaml.MarkedYAMLError as exc:
         raise ConfigError(file, _mark_line(exc), YAML_FIELD, _yaml_message(exc)) from None
@@ -399,6 +417,57 @@ def parse_text(text: str, file: str) -> Node:
     if root is None:
         raise ConfigError(file, 1, ROOT_FIELD, "file is empty")
     return Node(root, file, "", SafeConstructor())
+
+
+def _compose(text: str, file: str) -> yaml.Node | None:
+    """The node tree, through libyaml when possible, refusing too many values first.
+
+    The pure-Python loader stays the reference: it reads anything libyaml cannot take
+    (characters its reader refuses), and it re-reads a file libyaml rejects, so that an
+    error message is the same word for word whichever parser PyYAML has here.  Except for
+    a file past the value bound: re-reading that in pure Python would cost what the bound
+    is there to prevent, so libyaml's own message is reported."""
+    loader = _FAST_LOADER
+    if loader is None or Reader.NON_PRINTABLE.search(text):
+        loader = yaml.SafeLoader
+    big = _node_bound(text) > _MAX_NODES
+    try:
+        if big:
+            _count_nodes(text, file, loader)
+        return yaml.compose(text, Loader=loader)
+    except yaml.YAMLError:
+        if loader is yaml.SafeLoader or big:
+            raise
+    return yaml.compose(text, Loader=yaml.SafeLoader)  # raises the reference error
+
+
+def _node_bound(text: str) -> int:
+    """An upper bound on the values in ``text``, in a few fast passes over it: every value
+    but the root comes after one of these indicators (a key and its value share a ``:``)."""
+    return 1 + 2 * sum(text.count(c) for c in ":,-[{?")
+
+
+def _count_nodes(text: str, file: str, loader: type[yaml.SafeLoader]) -> None:
+    """Parse events only (no tree) and refuse at the first value past `_MAX_NODES`."""
+    parser = loader(text)
+    try:
+        count = 0
+        while parser.check_event():
+            event = parser.get_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
+            if isinstance(event, _NODE_EVENTS):
+                count += 1
+                if count > _MAX_NODES:
+                    mark = event.start_mark
+                    line = int(mark.line) + 1 if mark is not None else None
+                    raise ConfigError(
+                        file,
+                        line,
+                        YAML_FIELD,
+                        f"too many values: more than {_MAX_NODES} (a config or seed list "
+                        "has far fewer; split the list)",
+                    )
+    finally:
+        parser.dispose()
 
 
 TOO_DEEP = "invalid YAML: nested too deeply"
@@ -440,11 +509,11 @@ def _check_expansion(root: yaml.Node, file: str) -> None:
 
 
 def parse_file(path: Path, file: str | None = None) -> Node:
-    """Read and compose a YAML file; missing, unreadable or non-UTF-8 files are errors."""
+    """Read and compose a YAML file; missing, unreadable, non-regular (a FIFO would block
+    forever) or non-UTF-8 files are errors."""
     shown = file if file is not None else str(path)
     try:
-        with path.open("rb") as fh:
-            data = fh.read(_MAX_BYTES + 1)
+        data = _read_regular(path, shown)
     except FileNotFoundError:
         raise ConfigError(shown, None, FILE_FIELD, "no such file") from None
     except IsADirectoryError:
@@ -459,6 +528,19 @@ def parse_file(path: Path, file: str | None = None) -> Node:
         line = data[: exc.start].count(b"\n") + 1
         raise ConfigError(shown, line, FILE_FIELD, "not UTF-8 text") from None
     return parse_text(text, shown)
+
+
+def _read_regular(path: Path, shown: str) -> bytes:
+    """Up to `_MAX_BYTES` + 1 bytes of a regular file.  Opened without blocking and checked
+    before reading: a FIFO or a device would hang check-config and a reload."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(mode):
+            raise ConfigError(shown, None, FILE_FIELD, "not a regular file")
+        return fh.read(_MAX_BYTES + 1)
 
 
 def _mark_line(exc: yaml.MarkedYAMLError) -> int | None:

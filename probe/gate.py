@@ -21,7 +21,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from .classify import classify_exception
+from .classify import AGENT_RESOURCES, classify_exception
 from .model import Endpoint, VantageState, utcnow
 from .wire.dnsmsg import suspect_bogon
 
@@ -104,9 +104,29 @@ async def check_vantage(controls: Sequence[Endpoint], timeout_s: float) -> Vanta
         "reached": len(reached),
     }
     allowlist = _allowlist(records)
+    if (not online or allowlist) and _agent_side(records):
+        # Controls failed because this process is out of descriptors, not because the
+        # uplink (or a foreign-traffic allowlist) stopped them: the caller keeps its
+        # previous finding.
+        evidence[AGENT_SIDE_EVIDENCE] = True
     if allowlist:
         evidence["regime"] = "allowlist: only domestic controls answer"
     return VantageState(online=online, ipv6=ipv6, t=t, evidence=evidence, allowlist=allowlist)
+
+
+AGENT_SIDE_EVIDENCE = "agent_resources_exhausted"
+
+
+def _agent_side(records: Sequence[dict[str, Any]]) -> bool:
+    outcomes = [r.get("resolve") for r in records]
+    outcomes += [o for r in records for o in r["connect"].values()]
+    return AGENT_RESOURCES in outcomes
+
+
+def inconclusive(state: VantageState) -> bool:
+    """An offline or allowlist finding the agent's own resource exhaustion may have caused."""
+    suspect = not state.online or state.allowlist
+    return suspect and bool(state.evidence.get(AGENT_SIDE_EVIDENCE))
 
 
 def _allowlist(records: Sequence[dict[str, Any]]) -> bool:

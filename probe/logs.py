@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,9 +45,57 @@ def _logfmt_value(value: Any) -> str:
     return text
 
 
+# Libraries that log per packet or per connection: a hostile peer decides how often.
+# aioquic logged 1,026 lines for one probe against a server flooding Version Negotiation.
+QUIET_LIBRARIES = ("quic", "http3", "asyncio", "aiohttp")
+THIRD_PARTY_BURST = 10  # records per library logger per window; then one notice, then none
+THIRD_PARTY_WINDOW_S = 60.0
+
+
+class ThirdPartyCap(logging.Filter):
+    """At most `THIRD_PARTY_BURST` records per window from each logger outside ``probe``.
+
+    The first record over the cap is replaced by a notice; the first record of the next
+    window says how many were dropped (``suppressed``).  Our own loggers are never capped.
+    """
+
+    def __init__(self, burst: int = THIRD_PARTY_BURST, window_s: float = THIRD_PARTY_WINDOW_S):
+        super().__init__()
+        self.burst = burst
+        self.window_s = window_s
+        self._windows: dict[str, tuple[float, int]] = {}  # logger -> (window start, count)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "probe" or record.name.startswith("probe."):
+            return True
+        now = time.monotonic()
+        start, count = self._windows.get(record.name, (now, 0))
+        if now - start >= self.window_s:
+            if count > self.burst:
+                record.suppressed = count - self.burst - 1
+            start, count = now, 0
+        count += 1
+        self._windows[record.name] = (start, count)
+        if count <= self.burst:
+            return True
+        if count == self.burst + 1:
+            record.msg, record.args, record.exc_info = (
+                f"more than {self.burst} messages from this library: "
+                f"dropping the rest for up to {self.window_s:g} s",
+                (),
+                None,
+            )
+            return True
+        return False
+
+
 def setup(fmt: str = "json", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter() if fmt == "logfmt" else JSONFormatter())
+    handler.addFilter(ThirdPartyCap())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Their info lines are per connection; their warnings still show (capped).
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

@@ -85,6 +85,9 @@ class SkipReason(StrEnum):
 
     VANTAGE_OFFLINE = "vantage_offline"
     IPV6_UNAVAILABLE = "ipv6_unavailable"
+    # The agent itself ran out of file descriptors or buffers (EMFILE, ENFILE, ENOBUFS):
+    # nothing was learnt about the target, which must not read as its failure.
+    AGENT_RESOURCES = "agent_resources"
 
 
 Role = Literal["signalling", "web", "media", "registration", "call-relay", "control"]

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+from .classify import AGENT_RESOURCES
 from .gate import check_vantage
 from .model import (
     Endpoint,
@@ -32,7 +33,7 @@ from .probes import EXTRA_TIME, PROBES, tls
 from .probes.base import ProbeFn, Recorder, default_operation, run_guarded
 from .probes.dns import dns_consistency
 from .probes.params import ParamError
-from .settings import AgentConfig, ProbeSettings
+from .settings import AgentConfig, ProbeSettings, SwapSettings, Timeouts
 from .swaps import followups
 from .verdict import ALLOWLIST_FLAG, EndpointVerdict, ServiceVerdict, judge_round
 from .wire.dnsmsg import suspect_bogon
@@ -90,7 +91,12 @@ def _usable(address: str, ep: Endpoint) -> bool:
 
 
 def collect_addresses(ep: Endpoint, dns_results: Sequence[ProbeResult]) -> dict[str, str]:
-    """address -> where it came from, best source first, capped per family."""
+    """address -> where it came from (its first source), capped per family.
+
+    The sources take turns (literal, system, DoH, other resolvers, seed), so a system
+    resolver returning many addresses cannot crowd out the DoH and seed (known-good)
+    ones, which are exactly the ones that expose a DNS lie.
+    """
     found: dict[str, str] = {}
     if ep.is_ip_literal:
         found[ep.host] = "literal"
@@ -101,14 +107,23 @@ def collect_addresses(ep: Endpoint, dns_results: Sequence[ProbeResult]) -> dict[
                 found.setdefault(address, _source_of(result.target.resolver or ""))
     for address in ep.addresses:
         found.setdefault(address, "seed")
-    ranked = sorted(found.items(), key=lambda kv: _SOURCE_ORDER.index(kv[1]))
     capped: dict[str, str] = {}
-    per_family: dict[int, int] = {}
-    for address, source in ranked:
-        version = ipaddress.ip_address(address).version
-        if per_family.get(version, 0) < MAX_ADDRESSES_PER_FAMILY:
-            per_family[version] = per_family.get(version, 0) + 1
-            capped[address] = source
+    for version in (4, 6):
+        queues = [
+            [
+                a
+                for a, s in found.items()
+                if s == source and ipaddress.ip_address(a).version == version
+            ]
+            for source in _SOURCE_ORDER
+        ]
+        taken = 0
+        while taken < MAX_ADDRESSES_PER_FAMILY and any(queues):  # each pass takes >= 1
+            for queue in queues:
+                if queue and taken < MAX_ADDRESSES_PER_FAMILY:
+                    address = queue.pop(0)
+                    capped[address] = found[address]
+                    taken += 1
     return capped
 
 
@@ -139,8 +154,90 @@ def probe_deadline(settings: ProbeSettings, target: Target | None = None) -> flo
         return cap  # the probe rejects them itself, at once (run_guarded reports it)
 
 
+# Probes that saturate the path they measure: they run alone (see `Runner`).
+EXCLUSIVE_PROBES = frozenset({"transfer"})
+# Path-aware timeouts: once a transfer showed an address's path to be slow (throttled, or
+# gaps it had to resume from), later probes to that address get their connect, handshake
+# and application timeouts multiplied by this (the configured values are floors), for
+# PATH_MEMORY_S.  A shaper's queue can still hold the transfer's tail when they start.
+SLOW_PATH_STRETCH = 3.0
+PATH_MEMORY_S = 900.0
+SLOW_PATH_FLAG = "timeouts_stretched_slow_path"
+
+
+def _shows_slow_path(result: ProbeResult) -> bool:
+    if result.target.probe != "transfer":
+        return False
+    connections = result.details.get("connections") or ()
+    gaps = any(isinstance(c, Mapping) and c.get("long_gaps") for c in connections)
+    return (
+        result.failure == "throttled"
+        or gaps
+        or "transfer_connection_failed_after_measured" in (result.flags)
+    )
+
+
+def stretched(timeouts: Timeouts, factor: float = SLOW_PATH_STRETCH) -> Timeouts:
+    """Handshake-level timeouts times ``factor``; the transfer's own clocks are not
+    touched (its stall confirm window is path-aware already)."""
+    return replace(
+        timeouts,
+        connect_s=timeouts.connect_s * factor,
+        tls_s=timeouts.tls_s * factor,
+        quic_s=timeouts.quic_s * factor,
+        udp_s=timeouts.udp_s * factor,
+        app_s=timeouts.app_s * factor,
+    )
+
+
+class Lane:
+    """An asyncio readers-writer lock, writer first: `shared()` runs alongside other shared
+    holders, `exclusive()` alone.  A waiting writer holds new readers back, so a bulk
+    transfer is never starved by a stream of handshakes."""
+
+    def __init__(self) -> None:
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._writer and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._readers -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._writers_waiting += 1
+            try:
+                await self._changed.wait_for(lambda: not self._writer and not self._readers)
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._writer = False
+                self._changed.notify_all()
+
+
 class Runner:
-    """Runs targets with a global bound and a per-destination bound, counting progress."""
+    """Runs targets with a global bound and a per-destination bound, counting progress.
+
+    Bulk transfers (`EXCLUSIVE_PROBES`) have a lane of their own: one at a time per
+    vantage, and alone on their destination.  On a shaped path, a download running next
+    to another would starve it, and a handshake queued behind it would time out: either
+    would be read as a freeze or a filter (docs/verdicts.md, "Congestion").
+    """
 
     def __init__(
         self,
@@ -150,46 +247,82 @@ class Runner:
         per_destination: int = 4,
         probes: Mapping[str, ProbeFn] = PROBES,
         progress: Progress | None = None,
+        swaps: SwapSettings | None = None,
     ) -> None:
         self.settings = settings
+        self.swaps = swaps or SwapSettings()
         self.probes = probes
         self.progress = progress
         self.limit = asyncio.Semaphore(concurrency)
         self.per_destination = per_destination
         # destination -> (its bound, runs holding or awaiting it); dropped when idle, since
         # the daemon's one Runner sees new addresses (CDN answers) for as long as it lives
-        self._destinations: dict[str, tuple[asyncio.Semaphore, int]] = {}
+        self._destinations: dict[str, tuple[asyncio.Semaphore, Lane, int]] = {}
+        self._transfers = asyncio.Semaphore(1)
+        self._slow_paths: dict[str, float] = {}  # address -> when a transfer found it slow
         self.in_flight = 0
         self.done = 0
         self.total = 0
 
     @contextlib.asynccontextmanager
     async def _slot(self, target: Target) -> AsyncIterator[None]:
-        """The destination's bound first, then the global one: a run queueing behind a
-        busy (say, blackholed) destination must not sit on a global slot meanwhile."""
+        """The lane first (a transfer waits for the vantage's transfer lane, then for its
+        destination to be idle), then the destination's bound, then the global one: a run
+        queueing behind a busy (say, blackholed) destination must not sit on a global
+        slot meanwhile."""
         key = target.address or target.resolver or ""
-        bound, users = self._destinations.get(key) or (asyncio.Semaphore(self.per_destination), 0)
-        self._destinations[key] = (bound, users + 1)
+        bound, lane, users = self._destinations.get(key) or (
+            asyncio.Semaphore(self.per_destination),
+            Lane(),
+            0,
+        )
+        self._destinations[key] = (bound, lane, users + 1)
         try:
-            async with bound, self.limit:
-                yield
+            async with contextlib.AsyncExitStack() as stack:
+                if target.probe in EXCLUSIVE_PROBES:
+                    await stack.enter_async_context(self._transfers)
+                    await stack.enter_async_context(lane.exclusive())
+                else:
+                    await stack.enter_async_context(lane.shared())
+                async with bound, self.limit:
+                    yield
         finally:
-            bound, users = self._destinations[key]
+            bound, lane, users = self._destinations[key]
             if users == 1:
                 del self._destinations[key]
             else:
-                self._destinations[key] = (bound, users - 1)
+                self._destinations[key] = (bound, lane, users - 1)
+
+    def _settings_for(self, target: Target) -> ProbeSettings:
+        """The configured settings, or stretched timeouts on a path known to be slow."""
+        seen = self._slow_paths.get(target.address or "")
+        if seen is None:
+            return self.settings
+        if time.monotonic() - seen > PATH_MEMORY_S:
+            del self._slow_paths[target.address or ""]
+            return self.settings
+        return replace(self.settings, timeouts=stretched(self.settings.timeouts))
 
     async def one(self, target: Target) -> ProbeResult:
         async with self._slot(target):
             self.in_flight += 1
+            settings = self._settings_for(target)
             try:
-                async with asyncio.timeout(probe_deadline(self.settings, target)):
-                    result = await run_guarded(self.probes[target.probe], target, self.settings)
+                async with asyncio.timeout(probe_deadline(settings, target)):
+                    result = await run_guarded(self.probes[target.probe], target, settings)
             except TimeoutError:
                 result = Recorder(target).fail_exc(TimeoutError(), default_operation(target))
             finally:
                 self.in_flight -= 1
+        if result.failure == AGENT_RESOURCES:
+            # Out of descriptors here (a flood of connections to the agent, say): the
+            # target was not measured; a failure would blame it (and read as blocking).
+            skipped = SkipReason.AGENT_RESOURCES
+            result = replace(result, failure=None, failed_operation=None, skipped=skipped)
+        if settings is not self.settings:
+            result = replace(result, flags=(*result.flags, SLOW_PATH_FLAG))
+        if target.address and _shows_slow_path(result):
+            self._slow_paths[target.address] = time.monotonic()
         self.done += 1
         if self.progress:
             self.progress(self.done, self.total)
@@ -257,7 +390,8 @@ async def measure_endpoint(ep: Endpoint, runner: Runner, state: VantageState) ->
     no_v6 = [t for t in planned if t.family == "ipv6" and not state.ipv6]
     runnable = [t for t in planned if t not in no_v6]
     results = await runner.many(runnable)
-    results += await runner.many(followups(results))
+    neutral = runner.swaps.neutral_for(ep.service)
+    results += await runner.many(followups(results, neutral_sni=neutral))
     return _regime(state, dns_results + results + _skipped(no_v6, SkipReason.IPV6_UNAVAILABLE))
 
 
@@ -272,6 +406,12 @@ def _regime(state: VantageState, results: list[ProbeResult]) -> list[ProbeResult
 
 def all_endpoints(config: AgentConfig) -> list[Endpoint]:
     return [ep for svc in config.services for ep in svc.endpoints]
+
+
+# The gate's connect waits at least this long: past the SYN retransmissions at 1 s and
+# 3 s, so a lossy uplink is not taken for an offline one (a dead one fails at once, or
+# costs these seconds once per round).
+GATE_CONNECT_FLOOR_S = 3.5
 
 
 async def warm_tls_contexts(config: AgentConfig) -> None:
@@ -291,7 +431,8 @@ async def warm_tls_contexts(config: AgentConfig) -> None:
 
 async def check_config_vantage(config: AgentConfig) -> VantageState:
     controls = [ep for ep in all_endpoints(config) if ep.role == "control"]
-    return await check_vantage(controls, min(config.timeouts.connect_s, 5.0))
+    timeout = max(min(config.timeouts.connect_s, 5.0), GATE_CONNECT_FLOOR_S)
+    return await check_vantage(controls, timeout)
 
 
 async def run_round(
@@ -310,6 +451,7 @@ async def run_round(
         per_destination=config.schedule.per_destination,
         probes=probes,
         progress=progress,
+        swaps=config.swaps,
     )
     per_endpoint = await asyncio.gather(
         *(measure_endpoint(ep, runner, state) for ep in all_endpoints(config))

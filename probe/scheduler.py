@@ -3,10 +3,12 @@
 Each endpoint runs in its own loop, so rounds for one endpoint never overlap:
 interval plus or minus jitter, and never sooner than ``min_spacing_s`` after its
 last start (re-testing too fast can trigger residual blocking).  A config reload
-replaces the scheduler; passing the old one's `Scheduler.history` keeps that
-spacing across the swap.  The offline gate runs in a loop of its own and every
-endpoint round uses its latest finding.  Global and per-destination concurrency
-bounds come from the shared `Runner`.
+replaces the scheduler without cancelling a measurement: the old one `retire`s
+(its loops stop, its rounds in flight run to the end and are published), and the
+new one takes over its `history` (spacing) and those rounds (an endpoint's next
+round waits for the one in flight, so they never overlap).  The offline gate runs
+in a loop of its own and every endpoint round uses its latest finding.  Global and
+per-destination concurrency bounds come from the shared `Runner`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .gate import inconclusive
 from .model import Endpoint, ProbeResult, VantageState, utcnow
 from .round import (
     Runner,
@@ -31,12 +34,16 @@ from .settings import AgentConfig
 
 log = logging.getLogger("probe.scheduler")
 
+INCONCLUSIVE_RETRY_S = 5.0  # a gate run spoilt by the agent's own fd exhaustion is re-run
+
 ResultSink = Callable[[Sequence[ProbeResult]], None]
 VantageSink = Callable[[VantageState], None]
 EndpointKey = tuple[str, str]  # (service, endpoint name)
 # When an endpoint's latest round started (monotonic clock) and whether it finished
-# (False: a reload or shutdown cancelled it, so nothing of it was recorded).
+# (False: still running, or a shutdown cancelled it, so nothing of it was recorded).
 History = dict[EndpointKey, tuple[float, bool]]
+# Rounds still measuring when their scheduler retired, handed to its successor.
+InFlight = dict[EndpointKey, asyncio.Task[None]]
 
 
 LAG_WINDOW = 1024  # recent round starts whose lag the quantiles describe
@@ -70,6 +77,9 @@ class Scheduler:
         rng: random.Random | None = None,
         gate_interval_s: float | None = None,
         history: History | None = None,
+        in_flight: InFlight | None = None,
+        state: VantageState | None = None,
+        runner: Runner | None = None,
     ) -> None:
         self.config = config
         self.on_results = on_results
@@ -77,18 +87,31 @@ class Scheduler:
         self.rng = rng or random.Random()
         sched = config.schedule
         self.gate_interval_s = gate_interval_s or min(sched.interval_s, 60.0)
-        self.runner = Runner(
+        # The predecessor's runner when the bounds are the same: its rounds still in
+        # flight then count against the same concurrency limits as the new ones.
+        self.runner = runner or Runner(
             config.settings,
             concurrency=sched.concurrency,
             per_destination=sched.per_destination,
+            swaps=config.swaps,
         )
         self.stats = ScheduleStats()
         configured = {(ep.service, ep.name) for ep in all_endpoints(config)}
         self.history: History = {k: v for k, v in (history or {}).items() if k in configured}
-        self._state: VantageState | None = None
+        self._inherited: InFlight = {k: t for k, t in (in_flight or {}).items() if not t.done()}
+        # The predecessor's finding: endpoints need not wait for a fresh gate run.
+        self._state: VantageState | None = state
         self._state_ready = asyncio.Event()
+        if state is not None:
+            self._state_ready.set()
         self._warm = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._rounds: InFlight = {}
+
+    @property
+    def vantage_state(self) -> VantageState | None:
+        """The offline gate's latest finding (None before its first run)."""
+        return self._state
 
     @property
     def in_flight(self) -> int:
@@ -101,13 +124,34 @@ class Scheduler:
             name = f"endpoint {ep.service}/{ep.name}"
             self._tasks.append(asyncio.create_task(self._endpoint_loop(ep), name=name))
 
-    async def stop(self, grace_s: float = 3.0) -> None:
-        """Cancel every loop; in-flight probes are cancelled, nothing half-recorded."""
+    def can_share_runner(self, config: AgentConfig) -> bool:
+        """Whether a successor for ``config`` may keep this scheduler's runner."""
+        old, new = self.config, config
+        return (old.settings, old.schedule.concurrency, old.schedule.per_destination) == (
+            new.settings,
+            new.schedule.concurrency,
+            new.schedule.per_destination,
+        )
+
+    def retire(self) -> InFlight:
+        """Stop scheduling (a reload): the loops end, every round in flight runs on to the
+        end and is published.  Returns those rounds for the successor to wait on."""
         for task in self._tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=grace_s)
         self._tasks.clear()
+        running = {**self._inherited, **self._rounds}
+        return {k: t for k, t in running.items() if not t.done()}
+
+    async def stop(self, grace_s: float = 3.0) -> None:
+        """Shutdown: end every loop; rounds in flight get ``grace_s`` to finish (and be
+        published), then they are cancelled and nothing of them is recorded."""
+        rounds = list(self.retire().values())
+        if rounds:
+            _, pending = await asyncio.wait(rounds, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=grace_s)
 
     async def _gate_loop(self) -> None:
         while True:
@@ -116,6 +160,12 @@ class Scheduler:
             except Exception as exc:  # a gate bug must not stop every endpoint from starting
                 log.exception("vantage check failed; treating the vantage as offline")
                 state = VantageState(False, False, utcnow(), {"error": type(exc).__name__})
+            if inconclusive(state) and self._state is not None:
+                # The controls failed because this process is out of descriptors: that
+                # says nothing about the uplink.  Keep the last finding, check again soon.
+                log.warning("vantage check inconclusive: the agent is out of file descriptors")
+                await asyncio.sleep(min(self.gate_interval_s, INCONCLUSIVE_RETRY_S))
+                continue
             if self._state is None or state.state != self._state.state:
                 log.info("vantage state", extra={"state": state.state, "ipv6": state.ipv6})
             self._state = state
@@ -149,6 +199,13 @@ class Scheduler:
 
     async def _endpoint_loop(self, ep: Endpoint) -> None:
         key = (ep.service, ep.name)
+        inherited = self._inherited.get(key)
+        if inherited is not None:
+            # The predecessor's round of this endpoint is still measuring: never overlap
+            # it; once it is done, it counts as this endpoint's latest finished round.
+            await asyncio.wait([inherited])
+            if key in self.history:
+                self.history[key] = (self.history[key][0], True)
         due = self._first_due(key)
         await self._state_ready.wait()
         await self._warm.wait()
@@ -159,14 +216,22 @@ class Scheduler:
             self.stats.recent_lags.append(started - due)
             self.history[key] = (started, False)
             assert self._state is not None  # set before _state_ready
-            try:
-                results = await measure_endpoint(ep, self.runner, self._state)
-                if results:
-                    self.on_results(results)
-            except Exception:
-                # A bug in a round, or in publishing it (archive, store, verdicts), must
-                # stop neither this endpoint's loop nor the others.
-                log.exception("endpoint round failed", extra={"endpoint": ep.name})
+            # The round is a task of its own: a reload cancels this loop, never the
+            # measurement (cancelling it would hide exactly the slow, blackholed targets).
+            task = asyncio.create_task(self._round(ep, self._state), name=f"round {ep.name}")
+            self._rounds[key] = task
+            await asyncio.shield(task)
+            del self._rounds[key]
             self.history[key] = (started, True)
             self.stats.rounds += 1
             due = max(started + self._spacing(), time.monotonic())
+
+    async def _round(self, ep: Endpoint, state: VantageState) -> None:
+        try:
+            results = await measure_endpoint(ep, self.runner, state)
+            if results:
+                self.on_results(results)
+        except Exception:
+            # A bug in a round, or in publishing it (archive, store, verdicts), must
+            # stop neither this endpoint's loop nor the others.
+            log.exception("endpoint round failed", extra={"endpoint": ep.name})

@@ -52,6 +52,17 @@ class TLSOptions:
 
 
 @dataclass(frozen=True)
+class SwapSettings:
+    """Swap tests (`probe.swaps`): the neutral SNI, globally and per service."""
+
+    neutral_sni: str = "example.com"  # only ever sent as SNI, never resolved
+    per_service: Mapping[str, str] = field(default_factory=_empty)  # service -> neutral SNI
+
+    def neutral_for(self, service: str) -> str:
+        return self.per_service.get(service, self.neutral_sni)
+
+
+@dataclass(frozen=True)
 class Schedule:
     interval_s: float = 300.0
     jitter_s: float = 30.0
@@ -77,6 +88,9 @@ class WebSettings:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     basic_auth_users: Mapping[str, str] = field(default_factory=_empty)  # user -> bcrypt hash
+    # Host header values (names or IPs, no port) served besides the loopback names and the
+    # listen address: a DNS-rebinding page can choose both Host and Origin, never these.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,7 @@ class AgentConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     resolvers: Resolvers = field(default_factory=Resolvers)
     tls: TLSOptions = field(default_factory=TLSOptions)
+    swaps: SwapSettings = field(default_factory=SwapSettings)
     seeds: tuple[str, ...] = ()  # shipped list names or file paths, as configured
     services: tuple[Service, ...] = ()  # seeds and user services, loaded and merged
     listen: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 9464))

@@ -126,7 +126,7 @@ def _verdicts_by_endpoint(snapshot: Snapshot) -> dict[tuple[str, str | None], An
     return {(v.service, v.endpoint): v for v in snapshot.verdicts}
 
 
-def _banner(snapshot: Snapshot, config: AgentConfig) -> str:
+def _banner(snapshot: Snapshot, config: AgentConfig, show_source: bool) -> str:
     v, state = snapshot.vantage, snapshot.vantage_state
     if state is None:
         status = "first check pending"
@@ -143,7 +143,8 @@ def _banner(snapshot: Snapshot, config: AgentConfig) -> str:
         f"<div class=banner><b>Vantage {escape(v.name)}</b> "
         f"({escape(v.country)}, {escape(v.asn)}, role {escape(v.role)}): {status}<br>"
         f"{_controls_line(snapshot)}"
-        f"<small>config {escape(config.source)} · probe {escape(__version__)} · "
+        f"<small>config {escape(config.source) if show_source else '(path hidden)'} · "
+        f"probe {escape(__version__)} · "
         f"page refreshes every {REFRESH_S} s</small></div>"
     )
 
@@ -159,7 +160,9 @@ def _controls_line(snapshot: Snapshot) -> str:
     return f"Control: {' · '.join(parts)}<br>" if parts else ""
 
 
-def render_status_page(snapshot: Snapshot, config: AgentConfig) -> str:
+def render_status_page(snapshot: Snapshot, config: AgentConfig, show_source: bool = True) -> str:
+    """The page; ``show_source=False`` leaves out the config file's path (a page served
+    to a remote client without authentication)."""
     probes, rows = _matrix(snapshot)
     verdicts = _verdicts_by_endpoint(snapshot)
     head = "".join(f"<th>{escape(p)}</th>" for p in probes)
@@ -183,7 +186,7 @@ def render_status_page(snapshot: Snapshot, config: AgentConfig) -> str:
         "<title>probe: messenger reachability</title>"
         f"<style>{_CSS}</style></head><body>"
         "<h1>Messenger reachability</h1>"
-        f"{_banner(snapshot, config)}"
+        f"{_banner(snapshot, config, show_source)}"
         "<table id=matrix><thead><tr><th>service</th><th>endpoint</th><th>verdict</th>"
         f"{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
         "<p><small>Cells count addresses x ports (or resolvers for dns). "

@@ -24,7 +24,7 @@ tampering flag                            DoH resolver not already asked (B1)
 stun binding over UDP: silence            ``stun/random_udp``: ``control: true``, random
                                           datagrams of the same sizes first (B9:
                                           content filter vs address block)
-tcp, tls, mtproto, whatsapp: any failure  ``<probe>/repeat`` on a fresh connection
+tcp, tls, quic, mtproto, whatsapp:  ``<probe>/repeat`` on a fresh connection
                                           (censors are inconsistent)
 ========================================  ==========================================
 
@@ -71,7 +71,7 @@ _TLS_TRIGGERS = frozenset(
 _CERT = frozenset(
     {Failure.SSL_INVALID_HOSTNAME, Failure.SSL_UNKNOWN_AUTHORITY, Failure.SSL_INVALID_CERTIFICATE}
 )
-_REPEATED = frozenset({"tcp", "tls", "mtproto", "whatsapp"})
+_REPEATED = frozenset({"tcp", "tls", "quic", "mtproto", "whatsapp"})
 _DNS_FLAGS = frozenset(
     {
         "dns_injection_suspected",

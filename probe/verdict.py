@@ -105,7 +105,6 @@ FAIR = 0.6  # consistent with censorship; an outage explains it less well
 WEAK = 0.45  # consistent with censorship; an outage explains it as well
 NONE = 0.3  # inconclusive
 _AGREE_BONUS = 0.05  # a repeat on a fresh connection failed the same way
-_DISAGREE_FACTOR = 0.6  # a repeat (or another round) disagreed: intermittent
 _MAX_CONFIDENCE = 0.99
 
 _CERT = frozenset(
@@ -288,9 +287,6 @@ class _Finding:
     def blocking(self) -> bool:
         return self.verdict in BLOCKING
 
-    def weaker(self, factor: float, note: str) -> _Finding:
-        return _Finding(self.verdict, self.confidence * factor, (*self.evidence, note))
-
     def stronger(self, note: str) -> _Finding:
         confidence = min(_MAX_CONFIDENCE, self.confidence + _AGREE_BONUS)
         return _Finding(self.verdict, confidence, (*self.evidence, note))
@@ -346,6 +342,48 @@ def _sequence(value: object) -> Sequence[Any]:
 def _answers(o: Observation) -> frozenset[str]:
     answers = _mapping(o, "answers")
     return frozenset(str(a) for qt in ("A", "AAAA") for a in _sequence(answers.get(qt)))
+
+
+# Server messages that prove the handshake got past the ClientHello: the server answered
+# it.  An alert or non-TLS bytes alone do not (a censor can inject those).
+_PROGRESS_MESSAGES = frozenset(
+    {"server_hello", "certificate", "encrypted", "server_key_exchange", "server_hello_done"}
+)
+
+
+_QUIC_PROGRESS = frozenset({"initial", "handshake", "0RTT", "1RTT"})
+
+
+def _server_progress(o: Observation) -> str | None:
+    """What the server sent in a failed TLS/QUIC handshake, when it proves the handshake
+    got past the ClientHello (``None``: no server byte, only an alert, or not recorded).
+    An SNI filter (B3) or a QUIC v1 filter (B8) acts right after the first packet; a
+    handshake the server answered and that then ran out of time met a slow path."""
+    if o.base == "quic":
+        # A version negotiation is no handshake progress (a v1 filter lets it through)
+        types = o.details.get("server_packet_types")
+        if isinstance(types, list | tuple):
+            handshake = [str(t) for t in types if t in _QUIC_PROGRESS]
+            return f"QUIC {', '.join(handshake)} packets from the server" if handshake else None
+        received = o.details.get("datagrams_received")  # a record without packet types
+        vn_only = "quic_vn_lists_our_version" in o.flags
+        if isinstance(received, int) and received > 0 and not vn_only:
+            return f"{received} datagrams from the server"
+        return None
+    hs = _mapping(o, "handshake")
+    messages = [str(m) for m in _sequence(hs.get("server_messages"))]
+    received = hs.get("bytes_received")
+    if _PROGRESS_MESSAGES & set(messages):
+        return f"{received} server bytes ({', '.join(messages[:4])})"
+    if not messages and isinstance(received, int) and received > 0 and o.kind in _SILENCE:
+        return f"{received} server bytes"  # a record without message names
+    return None
+
+
+def _progressed(o: Observation, progress: str) -> _Finding:
+    why = f"the server answered ({progress}), then the handshake ran out of time or broke"
+    why += ": a slow path or an outage, not a filter acting on the first packet"
+    return _Finding(Verdict.INCONCLUSIVE, NONE, (describe(o), why))
 
 
 # --------------------------------------------------------------------------- context
@@ -456,6 +494,11 @@ def _connect_rule(ctx: _Context, o: Observation) -> _Finding:
     Without a control, a connect failure counts (weakly) only when something shows this
     vantage is alive: another endpoint works, or another address of this one does --
     the latter is how a partial block inside one endpoint is not hidden."""
+    through = [r for r in ctx.results if r.connected and (r.address, r.port) == (o.address, o.port)]
+    if through:
+        # an IP block stops every connection to the address and port, not one of several
+        why = "another connection to the same address and port got through in this round"
+        return _Finding(Verdict.INCONCLUSIVE, NONE, (describe(o), describe(through[0]), why))
     sibling = ctx.sibling_connects(o)
     alive = ctx.others_ok or sibling
     why = "connect fails"
@@ -479,6 +522,12 @@ def _tls_interference_rule(ctx: _Context, o: Observation) -> _Finding:
     ctl = ctx.control_for(o)
     if ctl is not None and not ctl.ok:
         return _down(o, ctl)
+    progress = _server_progress(o)
+    if progress is not None:
+        return _progressed(o, progress)
+    unreproduced = _unreproduced_handshake_failure(ctx, o)
+    if unreproduced is not None:
+        return unreproduced
     stage = _mapping(o, "handshake").get("stage")
     lines = [describe(o) + (f", {stage}" if stage else "")]
     if ctl is not None:
@@ -512,6 +561,38 @@ def _tls_interference_rule(ctx: _Context, o: Observation) -> _Finding:
         return _Finding(Verdict.INCONCLUSIVE, NONE, tuple(lines))
     lines.append("no neutral-SNI swap: SNI filtering is the usual cause, not proven")
     return _Finding(Verdict.TLS_SNI_FILTERING, FAIR, tuple(lines))
+
+
+def _unreproduced_handshake_failure(ctx: _Context, o: Observation) -> _Finding | None:
+    """Agreement before accusation, across every handshake with the same name to the same
+    address and port in the round (``tls``, its repeat, ``transfer``'s connections): one
+    that completed, or a failure nothing reproduced, is no filter (random loss can starve
+    one handshake of every server byte).  None when the failures agree."""
+    same = [
+        r
+        for r in ctx.results
+        if r.base in ("tls", "transfer")
+        and _is_repeat(r)
+        and (r.address, r.port) == (o.address, o.port)
+        and r.details.get("sni", o.details.get("sni")) == o.details.get("sni", r.details.get("sni"))
+    ]
+    completed = [
+        r for r in same if r.ok or r.failed_operation not in (None, "connect", "tls_handshake")
+    ]
+    if completed:
+        why = "the same name's handshake completes on this address in this round: not a filter"
+        return _Finding(Verdict.INCONCLUSIVE, NONE, (describe(o), describe(completed[0]), why))
+    failed = [
+        r
+        for r in same
+        if r.failed_operation == "tls_handshake"
+        and r.kind in _TLS_INTERFERENCE
+        and _server_progress(r) is None
+    ]
+    if len(failed) < 2:
+        why = "one handshake failed and nothing reproduced it (no repeat failed alike)"
+        return _Finding(Verdict.INCONCLUSIVE, NONE, (describe(o), why))
+    return None
 
 
 def _client_hello_tests(ctx: _Context, o: Observation, finding: _Finding) -> _Finding:
@@ -598,6 +679,9 @@ def _quic_rule(ctx: _Context, o: Observation) -> _Finding:
     ctl = ctx.control_for(o)
     if ctl is not None and not ctl.ok:
         return _down(o, ctl)
+    progress = _server_progress(o)
+    if progress is not None and o.kind in _SILENCE:
+        return _progressed(o, progress)
     vn = ctx.runs_at("quic_vn", o)
     lines = [describe(o), *(describe(v) for v in vn)]
     if ctl is not None:
@@ -741,8 +825,11 @@ def _transfer_rule(ctx: _Context, o: Observation) -> _Finding:
     d = o.details
     if o.kind == Failure.STALL_AFTER_BYTES:
         stalled = _sequence(d.get("stalled_at_wire_bytes") or d.get("stalled_at_bytes"))
-        why = f"{d.get('stalled_connections', '?')} of {d.get('connections_attempted', '?')} "
+        count, attempted = d.get("stalled_connections"), d.get("connections_attempted")
+        why = f"{count if count is not None else '?'} of {attempted or '?'} "
         why += f"connections stalled at {', '.join(str(b) for b in stalled[:4])} bytes"
+        if count == 1 and isinstance(attempted, int) and attempted > 1:
+            return _lone_stall(o, why)
         return _by_control(
             ctx, o, Verdict.STALL_AFTER_BYTES, with_control=CERTAIN, without=GOOD, why=why
         )
@@ -759,6 +846,19 @@ def _transfer_rule(ctx: _Context, o: Observation) -> _Finding:
     )
 
 
+def _lone_stall(o: Observation, why: str) -> _Finding:
+    """One confirmed stall next to connections that did not stall: not reproduced, so no
+    freeze is claimed.  On a slow path (their median rate below the threshold) the
+    silence is the path's congestion: throttling."""
+    d = o.details
+    median, limit = d.get("median_kbps"), d.get("throttle_kbps")
+    why += "; the other connections did not stall: not reproduced"
+    if isinstance(median, int | float) and isinstance(limit, int | float) and median < limit:
+        why += f"; they ran at a median {median} kbps, below {limit} kbps: a slow path"
+        return _Finding(Verdict.THROTTLING, FAIR, (describe(o), why))
+    return _Finding(Verdict.INCONCLUSIVE, NONE, (describe(o), why))
+
+
 def _app_rule(ctx: _Context, o: Observation) -> _Finding:
     """TCP connected, then the first application bytes (MTProto, Noise) kill the flow."""
     if o.base == "tcp":  # a held connection reset or closed right after the handshake
@@ -771,6 +871,10 @@ def _app_rule(ctx: _Context, o: Observation) -> _Finding:
             without=WEAK if reset and ctx.others_ok else None,
             why="connection killed after the TCP handshake",
         )
+    received = o.details.get("bytes_received")
+    if o.kind == Failure.GENERIC_TIMEOUT and isinstance(received, int) and received > 0:
+        # part of the server's answer arrived before the time ran out: a slow path
+        return _progressed(o, f"{received} bytes of the reply")
     telling = o.kind in (Failure.CONNECTION_RESET, Failure.GENERIC_TIMEOUT)
     return _by_control(
         ctx,
@@ -812,17 +916,25 @@ def _judge_attempts(ctx: _Context, attempts: Sequence[Observation]) -> _Finding:
     findings = [_judge_failure(ctx, a) for a in failed]
     finding = _strongest(findings)
     if passed:
-        note = f"{len(failed)} of {len(attempts)} attempts failed: intermittent"
+        # Agreement before accusation: a failure the repeat does not reproduce is what
+        # loss or congestion produce as well, so it accuses no one (docs/verdicts.md).
+        note = f"{len(failed)} of {len(attempts)} attempts failed: not reproduced"
         note += f" ({describe(passed[0])})"
         if finding.blocking:
-            return finding.weaker(_DISAGREE_FACTOR, note)
+            return _Finding(Verdict.INCONCLUSIVE, NONE, (*finding.evidence, note))
         return _Finding(Verdict.OK, FAIR, (*finding.evidence, note))
     if len(failed) == 1:
         return finding
-    if all(_same_failure(a, failed[0]) for a in failed):
+    same = all(_same_failure(a, failed[0]) for a in failed)
+    if same and finding.blocking and any(f.verdict != finding.verdict for f in findings):
+        # e.g. the first handshake got no server byte and the repeat's did: not reproduced
+        note = f"{len(failed)} of {len(attempts)} attempts failed, judged differently"
+        return _Finding(Verdict.INCONCLUSIVE, NONE, (*finding.evidence, note))
+    if same:
         return finding.stronger(f"{len(failed)} of {len(attempts)} attempts failed the same way")
-    # no agreement bonus: the attempts disagree on what failed
     note = f"{len(failed)} of {len(attempts)} attempts failed, in different ways"
+    if finding.blocking:  # the repeat does not reproduce the failure class: no accusation
+        return _Finding(Verdict.INCONCLUSIVE, NONE, (*finding.evidence, note))
     return _Finding(finding.verdict, finding.confidence, (*finding.evidence, note))
 
 

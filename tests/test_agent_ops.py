@@ -146,8 +146,7 @@ async def test_a_reload_storm_leaves_one_schedule_and_stop_ends_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Twenty reloads at once (a SIGHUP storm): one loop per endpoint afterwards, none after
-    stop, and the requests that queued up together share one reload (each reload cancels
-    rounds in flight and re-runs the offline gate)."""
+    stop, and the requests that queued up together share one reload."""
     async with TCPServer("127.0.0.1", mode=TCPMode.CLOSE) as server:
         with refusing_port() as dead:
             path = write_config(tmp_path / "agent.yaml", server.port, dead)
@@ -157,7 +156,9 @@ async def test_a_reload_storm_leaves_one_schedule_and_stop_ends_it(
                 with caplog.at_level("INFO", logger="probe.daemon"):
                     storm = await asyncio.gather(*(agent.reload() for _ in range(20)))
                 assert storm == [None] * 20
-                reloads = [r for r in caplog.records if r.getMessage() == "config reloaded"]
+                reloads = [
+                    r for r in caplog.records if r.getMessage().startswith("config reloaded")
+                ]
                 assert 1 <= len(reloads) <= 2, len(reloads)
                 assert len(endpoint_loops()) == 3  # ctl, up, down: exactly one loop each
                 late = [asyncio.ensure_future(agent.reload()) for _ in range(3)]
@@ -385,7 +386,9 @@ async def test_a_reload_parses_the_config_off_the_event_loop(tmp_path: Path) -> 
     many = "\n".join(
         f"      - {{name: ep{i}, host: 127.0.0.1, ports: [9], role: signalling, probes: [tcp],"
         " source: t, confidence: C}"
-        for i in range(800)
+        # 2,000: with libyaml the parse is 3-4x faster than it was, while the loop's longest
+        # pause on a busy machine (thread scheduling) is not: a big file keeps them apart.
+        for i in range(2000)
     )
     slow = "{interval_s: 60, jitter_s: 30, min_spacing_s: 30}"
     path = write_config(tmp_path / "agent.yaml", 9, 9, schedule=slow)
@@ -403,8 +406,11 @@ async def test_a_reload_parses_the_config_off_the_event_loop(tmp_path: Path) -> 
     load_s = time.perf_counter() - started
     agent = Agent(load_config(path), str(path))
     try:
+        # What this busy machine does to a loop that only sleeps, over as long a time: a
+        # worker thread's parse adds GIL hand-overs to it, a parse on the loop adds load_s.
+        noise = await max_loop_gap(asyncio.sleep(load_s))
         gap = await max_loop_gap(agent.reload())
-        assert gap < max(0.05, load_s / 3), (gap, load_s)
+        assert gap < noise + max(0.05, load_s / 3), (gap, noise, load_s)
     finally:
         await agent.stop()
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from probe.config import DEFAULT_SEEDS, TOP_KEYS, ConfigError, load_config
+from probe.lab.certs import CertificateAuthority
 from probe.model import ProbeSpec
 from probe.seeds import known_probes
 from probe.settings import AgentConfig, HostPort
@@ -222,7 +223,8 @@ def test_values_are_decoded(tmp_path: Path) -> None:
     path = tmp_path / "agent.yaml"
     key = tmp_path / "keys" / "web.key"
     key.parent.mkdir()
-    key.write_text("not parsed by the loader\n")
+    leaf = CertificateAuthority().issue("probe.example")
+    key.write_bytes(leaf.key_pem)  # the pair is loaded and checked: real PEM
     text = """
 vantage: {name: ams-ctl, country: NL, asn: AS1136, role: control}
 schedule: {interval_s: 120, jitter_s: 0, min_spacing_s: 0, concurrency: 8, per_destination: 1}
@@ -243,7 +245,7 @@ web:
   basic_auth_users: {prometheus: "$2b$12$ZnxLMxmw4kEXJ0MnxBHlJuWqWb6Mhfw9hIhJSWtD0LgzMGK5RjPFK"}
 """
     path.write_text(text.replace("KEYFILE", str(key)))
-    (tmp_path / "web.crt").write_text("not parsed by the loader\n")
+    (tmp_path / "web.crt").write_bytes(leaf.cert_pem)
     config = load(path)
     assert config.vantage.role == "control"
     assert config.schedule.concurrency == 8
@@ -268,7 +270,7 @@ def test_relative_paths_resolve_against_the_config_directory(
     conf_dir = tmp_path / "etc" / "probe"
     (conf_dir / "certs").mkdir(parents=True)
     (conf_dir / "lists").mkdir()
-    (conf_dir / "certs" / "lab-ca.pem").write_text("not parsed by the loader\n")
+    CertificateAuthority().write_ca(conf_dir / "certs" / "lab-ca.pem")  # parsed: real PEM
     (conf_dir / "lists" / "lab.yaml").write_text(
         "service: lab\nsource: lab\nendpoints:\n"
         "  - {host: 127.0.0.1, ports: [8443], role: web, probes: [tcp], source: lab,"
@@ -400,3 +402,40 @@ def test_an_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
         load(path)
     assert time.monotonic() - started < 5
     assert "aliases expand" in info.value.message
+
+
+def test_neutral_sni_is_configurable_globally_and_per_service(tmp_path: Path) -> None:
+    assert load_config(None).swaps.neutral_sni == "example.com"  # the documented default
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        "seeds: [controls, telegram]\n"
+        "swaps:\n"
+        "  neutral_sni: Research.Example\n"
+        "  per_service:\n"
+        "    telegram: tg-neutral.example\n"
+    )
+    swaps = load(path).swaps
+    assert swaps.neutral_sni == "research.example"
+    assert swaps.neutral_for("telegram") == "tg-neutral.example"
+    assert swaps.neutral_for("controls") == "research.example"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field", "message"),
+    [
+        (
+            "seeds: [controls]\nswaps:\n  per_service:\n    telegramm: n.example\n",
+            4,
+            "swaps.per_service.telegramm",
+            "no service named 'telegramm'",
+        ),
+        ("seeds: [controls]\nswaps:\n  neutral_sni: 'not a name'\n", 3, "swaps.neutral_sni", ""),
+        ("seeds: [controls]\nswaps:\n  neutral: x.example\n", 3, "swaps.neutral", ""),
+    ],
+)
+def test_bad_swap_settings_name_file_line_and_field(
+    tmp_path: Path, text: str, line: int, field: str, message: str
+) -> None:
+    err = load_error(tmp_path / "agent.yaml", text)
+    assert (err.line, err.field) == (line, field), str(err)
+    assert message in str(err)

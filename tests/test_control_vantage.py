@@ -195,10 +195,15 @@ async def test_two_agents_block_vs_outage_through_a_tls_control_with_basic_auth(
     creds = ("watcher", "s3cret")
 
     def judged_with_control() -> dict[str, dict[str, Any]] | None:
+        # both endpoints judged next to the control's result for them: the control's
+        # first round may reach one endpoint before the other
         verdicts = test.verdicts()
-        blocked = verdicts.get("blocked", {})
-        done = any(line.startswith("control tcp") for line in blocked.get("evidence", ()))
-        return verdicts if done and "dead" in verdicts else None
+
+        def with_control(name: str) -> bool:
+            evidence = verdicts.get(name, {}).get("evidence", ())
+            return any(line.startswith("control tcp") for line in evidence)
+
+        return verdicts if with_control("blocked") and with_control("dead") else None
 
     verdicts = await wait_for(judged_with_control, "the test agent to judge with the control")
     blocked, down = verdicts["blocked"], verdicts["dead"]

@@ -20,7 +20,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from probe.config import load_config
-from tests.agentproc import REPO, required_tool
+from tests.agentproc import REPO, needs_unshare, required_tool
 
 COMPOSE = REPO / "compose.yaml"
 SCHEMA = REPO / "tests" / "testdata" / "compose" / "compose-spec.json"
@@ -276,3 +276,20 @@ def test_audit_that_checked_nothing_says_not_audited(tmp_path: Path) -> None:
     vulnerable = [dict(partly[0], vulns=[{"id": "GHSA-x", "fix_versions": ["99"]}]), *partly[1:]]
     done = audit(tmp_path, vulnerable)
     assert done.returncode == 1 and "GHSA-x (fixed in 99)" in done.stdout
+
+
+@needs_unshare("to keep pip-audit off the network")
+def test_audit_out_of_time_says_not_audited_for_every_lock_left() -> None:
+    # a budget far below pip-audit's own start-up time: the first lock's run is cut off
+    # (as on a network that drops traffic), the second is never started
+    locks = [REPO / "requirements" / f"{name}.lock" for name in ("build", "runtime")]
+    argv = [sys.executable, str(REPO / "scripts" / "audit"), "--budget", "0.05"]
+    done = subprocess.run(
+        ["unshare", "--net", *argv, *map(str, locks)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2, done.stderr
+    for lock in locks:
+        n = len(lock_pins(lock.stem))
+        assert f"{lock.name}: NOT AUDITED: 0 of {n} packages checked (the 0.05 s budget" in (
+            done.stdout
+        )

@@ -143,10 +143,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 def lab_agent_config(ca_file: str, archive: Path) -> str:
     """The lab's agent config (its servers, resolver and CA) with the deployment's own
-    `listen` (configs/agent-container.yaml) and a schedule fast enough for a test."""
+    `listen` and `web` (configs/agent-container.yaml) and a schedule fast enough for a test."""
     config = yaml.safe_load(agent_config("client", ca_file))
     deployed = yaml.safe_load((CONFIGS / "agent-container.yaml").read_text())
     config["listen"] = deployed["listen"]
+    config["web"] = deployed["web"]  # allowed_hosts: Prometheus scrapes "agent:9464"
     config["schedule"].update({"interval_s": 20, "jitter_s": 1, "min_spacing_s": 5})
     config["archive"] = {"path": str(archive)}
     return yaml.safe_dump(config, sort_keys=False)

@@ -52,6 +52,9 @@ RELAY = 5  # STUN binding :3478, STUN echo :3479 and :3480 (B9)
 DELAYED = 6  # TCP echo :7
 OTHER = 9  # unaffected: TLS :443, HTTPS bulk :8443, STUN binding :3478
 
+# Stability runs (docs/lab.md): PROBE_LAB_REPEAT=10 runs the throttle and freeze tests
+# marked with it that many times in a row; CI runs each once.
+REPEAT = int(os.environ.get("PROBE_LAB_REPEAT", "1"))
 ROLES = ("client", "control")
 NAMES = ("e1.whatsapp.net", "blocked.example", "neutral.example", "stall.example")
 BODY = 256 * 1024
@@ -556,6 +559,33 @@ def test_b6_throttle(lab: Lab, servers: ServeHandle) -> None:
     assert control["ok"] and control["details"]["median_kbps"] > 2000
 
 
+@pytest.mark.parametrize("run", range(REPEAT), ids=lambda n: f"run{n + 1}")
+@pytest.mark.parametrize("rate_kbit", [100, 250])
+def test_b6_throttle_at_two_rates_both_families_is_never_a_stall(
+    lab: Lab, servers: ServeHandle, rate_kbit: int, run: int
+) -> None:
+    # FAST's stall_s (0.6 s) is shorter than a backed-off retransmission gap can be under
+    # tail drop: the confirm window, not a generous stall_s, keeps it from reading as B7.
+    params = {
+        "connections": 2,
+        "max_bytes": 12 * 1024,
+        "throttle_min_bytes": 6 * 1024,
+        "throttle_kbps": 300,
+    }
+    runs = []
+    for addr in (v4, v6):  # one after the other, as the agent's transfer lane runs them
+        # a shaper of its own per family: one family's queued tail does not meet the other
+        with lab.censor.active(c.Throttle([addr(BULK)], rate_kbit=rate_kbit)):
+            runs.append(
+                lab.probe("client", job("transfer", addr(BULK), 443, "e1.whatsapp.net", **params))
+            )
+    for rec in runs:
+        details = rec["details"]
+        assert rec["failure"] == "throttled", (rec["address"], rec["failure"], details)
+        assert details["stalled_connections"] == 0
+        assert details["median_kbps"] < rate_kbit * 1.3, details["median_kbps"]
+
+
 # --- B7 ---------------------------------------------------------------------------------------
 
 
@@ -577,6 +607,24 @@ def test_b7_freeze_after_16_kib(lab: Lab, servers: ServeHandle) -> None:
         # below 16384, never above it, and well past the handshake.
         assert 12 * 1024 < wire < 16384, wire
     assert control["ok"] and control["details"]["connections"][0]["body_bytes"] == BODY
+
+
+@pytest.mark.parametrize("run", range(REPEAT), ids=lambda n: f"run{n + 1}")
+@pytest.mark.parametrize("after_kib", [12, 24, 36])
+def test_b7_freezes_across_the_reported_range_stall_at_their_byte_count(
+    lab: Lab, servers: ServeHandle, after_kib: int, run: int
+) -> None:
+    after = after_kib * 1024
+    params = {"connections": 1, "max_bytes": BODY}
+    with lab.censor.active(c.ByteFreeze([v4(BULK), v6(BULK)], after_bytes=after)):
+        frozen = lab.probe_many(
+            "client",
+            [job("transfer", addr(BULK), 443, "e1.whatsapp.net", **params) for addr in (v4, v6)],
+        )
+    for rec in frozen:
+        assert rec["failure"] == "stall_after_bytes", (rec["address"], rec["details"])
+        (wire,) = rec["details"]["stalled_at_wire_bytes"]
+        assert after - 4 * 1024 < wire < after, wire  # just under the trigger (IP bytes)
 
 
 def test_b7_freezes_only_a_fraction_of_connections(lab: Lab, servers: ServeHandle) -> None:

@@ -82,7 +82,13 @@ def test_scenario_gets_its_verdicts_and_failure_strings(
 
 def test_catalogue_covers_every_behaviour_and_the_two_baselines() -> None:
     behaviours = {s.behaviour for s in CATALOGUE}
-    assert behaviours >= {*(f"B{i}" for i in range(1, 11)), "clean", "server_down", "mitm"}
+    assert behaviours >= {
+        *(f"B{i}" for i in range(1, 11)),
+        "clean",
+        "server_down",
+        "mitm",
+        "congestion",
+    }
     assert len({s.name for s in CATALOGUE}) == len(CATALOGUE)
     for s in CATALOGUE:
         unknown = set(s.verdicts) - {*ENDPOINTS, *SERVICES}
@@ -171,6 +177,41 @@ def test_b5_and_b7_share_a_verdict_but_not_a_signature(outcomes: Outcomes) -> No
         # conntrack counts IP bytes: the TCP payload stops a little below 16384
         assert 12 * 1024 < wire < 16384, wire
     assert b7["stalled_connections"] == b7["connections_attempted"] == 2
+
+
+def test_b7_freeze_at_28k_under_a_policer_stalls_below_its_trigger(
+    outcomes: Outcomes,
+) -> None:
+    details = _transfer(outcomes("B7_byte_freeze_28k_policed"))["details"]
+    assert details["stalled_connections"] == details["connections_attempted"] == 2
+    for wire in details["stalled_at_wire_bytes"]:
+        # Never above the trigger.  Below it by what the policer dropped: the censor's
+        # conntrack counted the server's retransmissions of those bytes too.
+        assert 2 * 1024 < wire < 28 * 1024, wire
+    for conn in details["connections"]:
+        assert conn["silent_s"] >= 1.5 * 3  # stall_s, then the confirm window: confirmed
+
+
+# Never under congestion alone: each of these would accuse a censor that is not there.
+_CENSORSHIP = {"tls_sni_filtering", "stall_after_bytes", "ip_blocking", "quic_filtering"}
+
+
+@pytest.mark.parametrize("name", ["congestion_policer", "congestion_loss", "congestion_cpu"])
+def test_congestion_never_reads_as_censorship(outcomes: Outcomes, name: str) -> None:
+    for rnd in outcomes(name).rounds:
+        seen = {v["verdict"] for v in rnd.verdicts.values()}
+        assert not seen & (_CENSORSHIP | {"protocol_filtering", "udp_blocking"}), seen
+
+
+def test_a_policed_path_still_shows_its_handshakes_completing(outcomes: Outcomes) -> None:
+    rnd = outcomes("congestion_policer").rounds[0]
+    (tls,) = rnd.runs("whatsapp/web/tls")
+    # completes, or at least shows the server answering (what keeps it from reading as B3)
+    assert tls["ok"] or tls["details"]["handshake"]["bytes_received"] > 0, tls
+    (transfer,) = rnd.runs("whatsapp/web/transfer")
+    # alone on the path (the transfer lane): slow, measured, never stalled
+    assert transfer["details"]["stalled_connections"] == 0
+    assert transfer["failure"] in (None, "throttled")
 
 
 def test_b6_throttle_is_measured_near_the_shaped_rate(outcomes: Outcomes) -> None:

@@ -90,6 +90,7 @@ async def test_v1_handshake_succeeds_with_alpn_and_certificate_evidence(
     assert result.ok, result.failure
     assert result.details["alpn"] == "h3"
     assert result.details["quic_version"] == "0x00000001"
+    assert {"initial", "handshake"} <= set(result.details["server_packet_types"])
     assert result.details["sni"] == NAME
     assert result.details["certificate_source"] == "handshake"
     certificate = result.details["certificate"]
@@ -272,6 +273,8 @@ async def test_vn_only_server_listing_v1_makes_quic_time_out_while_quic_vn_succe
     assert "quic_vn_lists_our_version" in handshake.flags
     assert handshake.details["offered_versions"] == ["0x00000001", f"0x{QUIC_V2:08x}"]
     assert handshake.details["datagrams_received"] >= 1
+    # a VN packet, not handshake progress (what the verdict engine reads)
+    assert set(handshake.details["server_packet_types"]) <= {"version_negotiation"}
     assert vn.ok, vn.failure
     assert vn.details["offers_quic_v1"] is True
 

@@ -7,6 +7,7 @@ within the TLS timeout.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -314,11 +315,16 @@ async def test_reset_after_client_hello(host: str) -> None:
 async def test_silence_after_client_hello_times_out(host: str) -> None:
     result, took = await hostile(host, TLSMode.HANG_AFTER_HELLO, tls_s=0.3)
     assert result.failure == "generic_timeout_error"
-    assert result.details["handshake"] == {
+    hs = result.details["handshake"]
+    assert hs == {
         "stage": "awaiting_server_hello",
-        "bytes_sent": result.details["handshake"]["bytes_sent"],
+        "bytes_sent": hs["bytes_sent"],
         "bytes_received": 0,
+        "server_messages": [],  # no server byte: the B3 signature, not a slow path
+        "timeout_s": hs["timeout_s"],
     }
+    # no progress: the configured timeout is not stretched (a blackhole costs no more)
+    assert 0.3 <= hs["timeout_s"] < 1.0
     assert 0.3 <= result.phases["tls"] < 1.0
     assert took < 1.5
 
@@ -328,6 +334,7 @@ async def test_garbage_instead_of_server_hello(host: str) -> None:
     result, took = await hostile(host, TLSMode.GARBAGE_AFTER_HELLO)
     assert result.failure == "ssl_failed_handshake"
     assert result.details["handshake"]["bytes_received"] > 0
+    assert result.details["handshake"]["server_messages"] == ["not_tls"]
     assert took < 1.5  # on the peer's action, not at the 3 s timeout
 
 
@@ -343,6 +350,7 @@ async def test_fin_after_client_hello_is_eof(host: str) -> None:
 async def test_alert_after_client_hello(host: str) -> None:
     result, took = await hostile(host, TLSMode.ALERT_AFTER_HELLO)
     assert result.failure == "ssl_failed_handshake"
+    assert result.details["handshake"]["server_messages"] == ["alert"]
     assert took < 1.5  # on the peer's action, not at the 3 s timeout
 
 
@@ -396,3 +404,31 @@ def test_unparseable_certificate_keeps_its_fingerprint() -> None:
     assert evidence["sha256"] == hashlib.sha256(b"\x30\x03not a certificate").hexdigest()
     assert evidence["parse_error"]
     assert "subject" not in evidence
+
+
+# --- path-aware handshake timeout ------------------------------------------------------------
+
+
+async def test_a_handshake_still_receiving_gets_more_time_a_silent_one_does_not() -> None:
+    received = [0]
+
+    async def dribble(pieces: int) -> str:
+        for _ in range(pieces):  # bounded
+            await asyncio.sleep(0.05)
+            received[0] += 1
+        return "done"
+
+    # 1.5 s of steady progress outlasts its 0.5 s floor: the floor is not a cliff
+    assert await tls.while_progressing(dribble(30), 0.5, 5.0, lambda: received[0]) == "done"
+    with pytest.raises(TimeoutError):  # no byte at all: ends at the floor
+        await tls.while_progressing(asyncio.sleep(30), 0.2, 5.0, lambda: 0)
+    received[0] = 0
+    with pytest.raises(TimeoutError):  # progress forever: bounded by the cap
+        await tls.while_progressing(dribble(10_000), 0.2, 0.6, lambda: received[0])
+
+
+def test_a_slow_connect_stretches_the_handshake_timeout_within_bounds() -> None:
+    assert tls.handshake_timeout(3.0, 0.001) == (3.0, 3.0 * tls.STRETCH_MAX)
+    first, cap = tls.handshake_timeout(3.0, 0.6)
+    assert first == 0.6 * tls.HANDSHAKE_RTTS and cap == 9.0
+    assert tls.handshake_timeout(3.0, 5.0) == (9.0, 9.0)  # never beyond the bound

@@ -23,6 +23,9 @@ from tests.helpers import refusing_port, settings, target
 HOST = "bulk.test"
 KIB = 1024
 STALL_S = 0.5
+# A server that stops writing on loopback still answers keepalives from its kernel, so the
+# probe watches such a silence to the deadline (the path works): keep that short here.
+FROZEN_DEADLINE_S = 2.0
 
 
 def _ipv6_loopback() -> bool:
@@ -130,7 +133,9 @@ async def test_max_bytes_stops_reading(leaf: LeafCert, ca_file: str) -> None:
 
 async def test_freeze_after_16k_is_stall_after_bytes(leaf: LeafCert, ca_file: str) -> None:
     behaviour = BulkBehaviour(mode="freeze", cut_after=16 * KIB)
-    result, server = await _run(ca_file, cert=leaf, behaviour=behaviour, stall_s=STALL_S)
+    result, server = await _run(
+        ca_file, cert=leaf, behaviour=behaviour, stall_s=STALL_S, transfer_s=FROZEN_DEADLINE_S
+    )
     assert result.failure == Failure.STALL_AFTER_BYTES
     assert result.failed_operation is Operation.READ
     assert result.details["stalled_at_bytes"] == [16 * KIB] * 3
@@ -141,7 +146,11 @@ async def test_freeze_after_16k_is_stall_after_bytes(leaf: LeafCert, ca_file: st
     for conn in _conns(result):
         assert conn["outcome"] == "stalled"
         assert conn["stage"] == "body"
-        assert STALL_S <= conn["duration_s"] < 4 * STALL_S  # stall_s, not the deadline
+        # watched for stall_s and then the confirm window: it never resumed
+        assert conn["silent_s"] >= (1 + transfer.CONFIRM_FACTOR) * STALL_S
+        # the server's kernel kept answering keepalives: the path works, so the silence
+        # was watched up to the deadline before it counted
+        assert conn["acks_in_silence"] is True
     assert result.failure == "stall_after_bytes"  # bounded: the byte counts live in details
 
 
@@ -149,7 +158,9 @@ async def test_freeze_on_some_connections_is_reported_with_its_fraction(
     leaf: LeafCert, ca_file: str
 ) -> None:
     behaviour = BulkBehaviour(mode="freeze", cut_after=16 * KIB, cut_every=2, body_bytes=128 * KIB)
-    result, server = await _run(ca_file, cert=leaf, behaviour=behaviour, stall_s=STALL_S)
+    result, server = await _run(
+        ca_file, cert=leaf, behaviour=behaviour, stall_s=STALL_S, transfer_s=FROZEN_DEADLINE_S
+    )
     assert result.failure == Failure.STALL_AFTER_BYTES
     assert [c["outcome"] for c in _conns(result)] == ["complete", "stalled", "complete"]
     assert result.details["stalled_connections"] == 1
@@ -176,6 +187,7 @@ async def test_stall_beyond_the_window_is_a_timeout(
         behaviour=behaviour,
         params={"connections": 1, **params},
         stall_s=STALL_S,
+        transfer_s=FROZEN_DEADLINE_S,
     )
     assert result.failure == failure
     assert result.failed_operation is Operation.READ
@@ -203,6 +215,7 @@ async def test_silent_server_after_handshake(
         params={"connections": 1},
         app_s=STALL_S,
         stall_s=STALL_S,
+        transfer_s=FROZEN_DEADLINE_S,
     )
     assert result.failure == failure
     assert result.failed_operation is Operation.READ
@@ -389,3 +402,65 @@ async def test_ip_literal_target_verifies_the_address(
     assert result.ok, result
     assert result.details["sni"] is None
     assert _conns(result)[0]["body_bytes"] == 1000
+
+
+async def test_a_gap_longer_than_stall_s_that_resumes_is_no_stall(
+    leaf: LeafCert, ca_file: str
+) -> None:
+    # a retransmission back-off on a shaped path: silence past stall_s, then the rest
+    behaviour = BulkBehaviour(mode="pause", cut_after=16 * KIB, pause_s=2 * STALL_S)
+    result, server = await _run(
+        ca_file,
+        cert=leaf,
+        behaviour=behaviour,
+        params={"connections": 1, "throttle_kbps": 1},
+        stall_s=STALL_S,
+        transfer_s=FROZEN_DEADLINE_S,
+    )
+    assert result.ok, result.details
+    (conn,) = _conns(result)
+    assert conn["outcome"] == "complete"
+    assert conn["body_bytes"] == behaviour.body_bytes  # it counts toward throughput
+    assert conn["long_gaps"] == 1
+    assert conn["longest_gap_s"] >= 2 * STALL_S
+    assert result.details["stalled_connections"] == 0
+    assert server.cut == [1]
+
+
+@pytest.mark.parametrize("cut_after", [12 * KIB, 24 * KIB, 36 * KIB])
+async def test_freezes_across_the_reported_range_give_their_byte_counts(
+    cut_after: int, leaf: LeafCert, ca_file: str
+) -> None:
+    behaviour = BulkBehaviour(mode="freeze", cut_after=cut_after)
+    result, _ = await _run(
+        ca_file,
+        cert=leaf,
+        behaviour=behaviour,
+        params={"connections": 1},
+        stall_s=STALL_S,
+        transfer_s=FROZEN_DEADLINE_S,
+    )
+    assert result.failure == Failure.STALL_AFTER_BYTES
+    assert result.details["stalled_at_bytes"] == [cut_after]
+    for wire in result.details["stalled_at_wire_bytes"]:
+        assert cut_after < wire < cut_after + 8 * KIB  # body + handshake + TLS framing
+
+
+async def test_a_flow_the_deadline_cut_short_is_measured_whatever_its_size(
+    leaf: LeafCert, ca_file: str
+) -> None:
+    # a very slow path: far below throttle_min_bytes arrive before transfer_s runs out
+    behaviour = BulkBehaviour(rate_kbps=40, burst_bytes=1024)
+    result, _ = await _run(
+        ca_file,
+        cert=leaf,
+        behaviour=behaviour,
+        params={"connections": 1},
+        transfer_s=1.5,
+        stall_s=1.0,
+    )
+    (conn,) = _conns(result)
+    assert conn["outcome"] == "deadline"
+    assert conn["body_bytes"] < 64 * KIB  # the default throttle_min_bytes
+    assert result.failure == Failure.THROTTLED, result.details
+    assert result.details["measured_connections"] == 1

@@ -9,11 +9,19 @@ import pytest
 
 from probe.lab.servers.stun import StunServer
 from probe.lab.servers.tcp import TCPMode, TCPServer
-from probe.model import Failure, ProbeResult, Target
+from probe.model import Failure, Operation, ProbeResult, Target, VantageState, freeze, utcnow
 from probe.probes.base import Recorder
-from probe.round import Runner, probe_deadline
-from probe.settings import ProbeSettings
-from tests.helpers import settings, target
+from probe.round import (
+    MAX_ADDRESSES_PER_FAMILY,
+    SLOW_PATH_FLAG,
+    SLOW_PATH_STRETCH,
+    Runner,
+    collect_addresses,
+    measure_endpoint,
+    probe_deadline,
+)
+from probe.settings import ProbeSettings, SwapSettings
+from tests.helpers import endpoint, settings, target
 
 # Every timeout tiny, so the runner's generic safety cap is well under a second; a probe
 # whose params ask for a longer run (a tcp hold, a stun flow, many transfer connections)
@@ -155,3 +163,97 @@ async def test_a_probe_bug_is_a_result_with_the_probe_s_operation(
     assert result.failure == "unknown_failure RuntimeError: bug at [scrubbed]"
     assert result.failed_operation == operation  # as when the runner's cap ends the probe
     assert result.details["internal_error"] == "RuntimeError"
+
+
+# --- the exclusive transfer lane, the neutral SNI, address sources -------------------------
+
+
+class _Overlap:
+    """Fake probes that record which probes ran at the same time as which."""
+
+    def __init__(self) -> None:
+        self.running: list[Target] = []
+        self.overlaps: list[tuple[str, str, str | None, str | None]] = []
+
+    async def probe(self, t: Target, s: ProbeSettings) -> ProbeResult:
+        for other in self.running:
+            self.overlaps.append((t.probe, other.probe, t.address, other.address))
+        self.running.append(t)
+        try:
+            await asyncio.sleep(0.02)
+        finally:
+            self.running.remove(t)
+        return Recorder(t).ok()
+
+
+async def test_transfers_run_alone_on_their_destination_and_one_at_a_time() -> None:
+    fake = _Overlap()
+    probes = {name: fake.probe for name in ("tcp", "tls", "quic", "transfer")}
+    runner = Runner(settings(), probes=probes)
+    targets = [
+        target(name, address, 443)
+        for address in ("192.0.2.1", "192.0.2.2")
+        for name in ("tcp", "tls", "transfer", "quic", "transfer")
+    ]
+    results = await runner.many(targets)
+    assert all(r.ok for r in results)
+    assert fake.overlaps, "other probes do run side by side"
+    for a, b, addr_a, addr_b in fake.overlaps:
+        assert "transfer" not in (a, b) or addr_a != addr_b, (a, b, addr_a)
+        assert (a, b) != ("transfer", "transfer"), "two transfers at once"
+
+
+async def test_the_neutral_sni_comes_from_the_config_per_service() -> None:
+    seen: list[str | None] = []
+
+    async def tls(t: Target, s: ProbeSettings) -> ProbeResult:
+        seen.append(t.params.get("sni"))
+        if t.variant:
+            return Recorder(t).ok()
+        return Recorder(t).fail(Failure.CONNECTION_RESET, Operation.TLS_HANDSHAKE)
+
+    ep = endpoint("192.0.2.7", probes=("tls",), ports=(443,), service="tg")
+    swaps = SwapSettings(neutral_sni="default.example", per_service=freeze({"tg": "tg.example"}))
+    runner = Runner(settings(), probes={"tls": tls}, swaps=swaps)
+    online = VantageState(True, False, utcnow())
+    results = await measure_endpoint(ep, runner, online)
+    assert {"tls", "tls/neutral_sni", "tls/repeat"} <= {r.target.label for r in results}
+    assert "tg.example" in seen and "default.example" not in seen
+
+
+def test_address_sources_take_turns_so_doh_and_seeds_are_not_crowded_out() -> None:
+    ep = endpoint("web.example", probes=("tcp",), ports=(443,), addresses=("157.240.2.9",))
+    system = [f"31.13.72.{i}" for i in range(1, 7)]  # public: bogons are never dialled
+
+    def answer(resolver: str, a: list[str]) -> ProbeResult:
+        t = Target(ep, "dns", resolver=resolver)
+        return Recorder(t).ok(answers={"A": a, "AAAA": []})
+
+    found = collect_addresses(
+        ep, [answer("system", system), answer("doh:https://d.example/q", ["157.240.1.5"])]
+    )
+    assert len(found) == MAX_ADDRESSES_PER_FAMILY
+    assert found["157.240.1.5"] == "doh"
+    assert found["157.240.2.9"] == "seed"
+    assert sum(source == "system" for source in found.values()) == MAX_ADDRESSES_PER_FAMILY - 2
+
+
+async def test_a_path_a_transfer_found_slow_gets_stretched_timeouts_after_it() -> None:
+    seen: list[float] = []
+
+    async def transfer(t: Target, s: ProbeSettings) -> ProbeResult:
+        return Recorder(t).fail(Failure.THROTTLED, Operation.READ, connections=[])
+
+    async def tcp(t: Target, s: ProbeSettings) -> ProbeResult:
+        seen.append(s.timeouts.connect_s)
+        return Recorder(t).ok()
+
+    base = settings(connect_s=1.0)
+    runner = Runner(base, probes={"transfer": transfer, "tcp": tcp})
+    before = await runner.one(target("tcp", "192.0.2.5", 443))
+    await runner.one(target("transfer", "192.0.2.5", 443))
+    after = await runner.one(target("tcp", "192.0.2.5", 443))
+    elsewhere = await runner.one(target("tcp", "192.0.2.6", 443))
+    assert seen == [1.0, 1.0 * SLOW_PATH_STRETCH, 1.0]  # a floor, stretched on that path only
+    assert SLOW_PATH_FLAG in after.flags  # said in the evidence
+    assert SLOW_PATH_FLAG not in before.flags and SLOW_PATH_FLAG not in elsewhere.flags

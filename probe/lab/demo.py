@@ -6,7 +6,9 @@ endpoints and services the scenario is about (expected or observed not ``ok``), 
 for all the others, the mechanism behind it and any failure string that did not match.
 Progress ("running B3_sni_filter ...") goes to stderr.  Exit 0 if every scenario matched
 its expectations, 1 if one did not, 2 if the lab cannot run here (not root, tools
-missing) or a scenario name is unknown.
+missing) or a scenario name is unknown.  ``--repeat N`` runs each scenario N times in a
+row (the stability runs of docs/lab.md) and ends with a tally: passes per scenario and
+every verdict observed for the endpoints it is about.
 
 ``probe lab cleanup [--force]`` removes labs left behind by crashed runs.
 """
@@ -92,7 +94,35 @@ def rows(scenario: Scenario, outcome: Outcome, problems: Sequence[str]) -> list[
     return lines
 
 
-def demo(only: Sequence[str] = (), out: TextIO | None = None, err: TextIO | None = None) -> int:
+def tally(scenario: Scenario, outcomes: Sequence[Outcome], passes: int) -> str:
+    """One line per scenario of a repeated run: passes, and each verdict seen how often
+    for the endpoints that are not plainly ok."""
+    seen: dict[str, dict[str, int]] = {}
+    for outcome in outcomes:
+        for rnd in outcome.rounds:
+            for key in (*ENDPOINTS, *SERVICES):
+                observed = rnd.observed(key)
+                text = observed.verdict if observed is not None else "(none)"
+                if text == "ok" and scenario.expected(key).verdict == "ok":
+                    continue
+                counts = seen.setdefault(key, {})
+                counts[text] = counts.get(text, 0) + 1
+    details = "; ".join(
+        f"{key}: " + ", ".join(f"{v} x{n}" for v, n in counts.items())
+        for key, counts in seen.items()
+    )
+    return f"{scenario.name}: {passes}/{len(outcomes)} as expected" + (
+        f" ({details})" if details else ""
+    )
+
+
+def demo(
+    only: Sequence[str] = (),
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    *,
+    repeat: int = 1,
+) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     try:
@@ -106,6 +136,7 @@ def demo(only: Sequence[str] = (), out: TextIO | None = None, err: TextIO | None
         return 2
     started = time.monotonic()
     passed = 0
+    runs: dict[str, tuple[list[Outcome], list[int]]] = {}
     err.write("building the lab (4 network namespaces) and starting its servers ...\n")
     try:
         with ScenarioLab() as runner:
@@ -113,20 +144,35 @@ def demo(only: Sequence[str] = (), out: TextIO | None = None, err: TextIO | None
                 out.write(line + "\n")
             out.flush()
             for i, scenario in enumerate(scenarios, 1):
-                err.write(f"[{i}/{len(scenarios)}] {scenario.name}: {scenario.description}\n")
-                err.flush()
-                outcome = runner.run(scenario)
-                problems = check(scenario, outcome)
-                passed += not problems
-                for line in rows(scenario, outcome, problems):
-                    out.write(line + "\n")
-                out.flush()
+                for n in range(1, repeat + 1):
+                    run = f" (run {n}/{repeat})" if repeat > 1 else ""
+                    err.write(
+                        f"[{i}/{len(scenarios)}] {scenario.name}{run}: {scenario.description}\n"
+                    )
+                    err.flush()
+                    outcome = runner.run(scenario)
+                    problems = check(scenario, outcome)
+                    passed += not problems
+                    outcomes, ok = runs.setdefault(scenario.name, ([], [0]))
+                    outcomes.append(outcome)
+                    ok[0] += not problems
+                    for line in rows(scenario, outcome, problems):
+                        out.write(line + "\n")
+                    out.flush()
     except LabError as exc:
         err.write(f"probe: lab demo: {exc}\n")
         return 1
     elapsed = time.monotonic() - started
-    out.write(f"\n{passed} of {len(scenarios)} scenarios as expected in {elapsed:.0f} s\n")
-    return 0 if passed == len(scenarios) else 1
+    total = len(scenarios) * repeat
+    if repeat > 1:
+        out.write("\n")
+        for scenario in scenarios:
+            outcomes, ok = runs[scenario.name]
+            out.write(tally(scenario, outcomes, ok[0]) + "\n")
+        out.write(f"\n{passed} of {total} scenario runs as expected in {elapsed:.0f} s\n")
+    else:
+        out.write(f"\n{passed} of {total} scenarios as expected in {elapsed:.0f} s\n")
+    return 0 if passed == total else 1
 
 
 def cleanup(force: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> int:

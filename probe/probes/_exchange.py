@@ -30,6 +30,7 @@ from ..settings import ProbeSettings
 from ..wire import WireError
 from .base import Recorder
 from .tcp import connect, record_connect_rtt, require_address, socket_evidence
+from .tls import handshake_timeout
 
 T = TypeVar("T")
 
@@ -122,7 +123,11 @@ async def _request_reply(
     try:
         # One budget for the whole application exchange: a censor that lets the request
         # through but stalls the answer is caught by the same clock as one that drops it.
-        async with asyncio.timeout(settings.timeouts.app_s):
+        # app_s is a floor: after a slow connect (a SYN retransmitted, so the kernel's
+        # retransmission timeout for our request is 3 s) it grows, within bounds.
+        budget, _ = handshake_timeout(settings.timeouts.app_s, rec.phases.get("connect"))
+        rec.details["app_timeout_s"] = round(budget, 3)
+        async with asyncio.timeout(budget):
             writer.write(request)
             await writer.drain()
             step = Operation.READ

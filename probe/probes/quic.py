@@ -155,9 +155,17 @@ class _CloseTrace(QuicLoggerTrace):
         self.packets: collections.deque[tuple[str, list[dict[str, Any]]]] = collections.deque(
             maxlen=256
         )
+        # Packet types the server sent (initial, handshake, 1RTT, ...), first seen first:
+        # handshake progress, the evidence that tells a slow path from a v1 filter.
+        self.received_types: list[str] = []
 
     def log_event(self, *, category: str, event: str, data: dict[str, Any]) -> None:
         frames = data.get("frames")
+        header = data.get("header")
+        if event == "packet_received" and isinstance(header, dict):
+            kind = str(header.get("packet_type", ""))[:20]
+            if kind and kind not in self.received_types and len(self.received_types) < 8:
+                self.received_types.append(kind)
         # Keep the list object itself: aioquic fills a received packet's list later.
         if event in ("packet_received", "packet_sent") and isinstance(frames, list):
             self.packets.append((event, frames))
@@ -443,6 +451,7 @@ def _outcome(
     rec.details.update(
         datagrams_sent=tap.sent if tap else 0,
         datagrams_received=proto.received,
+        server_packet_types=list(proto.qlog.trace.received_types) if proto.qlog.trace else [],
         initial_datagram_bytes=len(tap.first) if tap and tap.first else None,
     )
     cert, chain = _peer_certificate(connection)

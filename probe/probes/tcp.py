@@ -146,6 +146,34 @@ def socket_evidence(sock: socket.socket) -> dict[str, Any]:
     return evidence
 
 
+_TCP_INFO_LAST_ACK_RECV = 56  # offset of tcpi_last_ack_recv (ms) in Linux's struct tcp_info
+
+
+def watch_path(sock: socket.socket) -> None:
+    """Ask the kernel for a keepalive probe after each second without a packet from the
+    peer: the peer's kernel answers it with an ACK, so `since_last_ack` can tell a silent
+    *server* on a working path from a path that lets nothing back (a freeze).  Best
+    effort: where the options do not exist, `since_last_ack` says nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 120)  # never the killer
+
+
+def since_last_ack(sock: socket.socket) -> float | None:
+    """Seconds since the last ACK (or any packet) came from the peer, from TCP_INFO; None
+    where the kernel does not say."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCP_INFO_LAST_ACK_RECV + 4:
+        return None
+    ms = int.from_bytes(info[_TCP_INFO_LAST_ACK_RECV : _TCP_INFO_LAST_ACK_RECV + 4], "little")
+    return ms / 1000
+
+
 async def _hold(sock: socket.socket, hold_s: float, rec: Recorder) -> BaseException | None:
     """Watch an established connection; the exception that ended it early, else None."""
     loop = asyncio.get_running_loop()

@@ -31,6 +31,14 @@ disabled, used only to read the certificate; ``details.certificate_source`` says
 connection the evidence came from (``handshake`` or ``unverified_second_handshake``).
 The verdict always comes from the first, verifying handshake.
 
+Path-aware timeout: ``tls_s`` is a floor, not a cliff.  On a visibly slow path (the TCP
+connect took long) the handshake gets up to ``HANDSHAKE_RTTS`` connect times, and a
+handshake still receiving server bytes when its time runs out gets another ``tls_s``,
+both bounded by ``STRETCH_MAX`` times ``tls_s``.  A handshake with no server byte at all
+(the B3 blackhole) still ends at ``tls_s``.  ``details.handshake`` records the bytes each
+way, the server's messages seen (``server_hello``, ``certificate``, ``encrypted``, ``alert``
+...; `probe.wire.tlsrec`) and the time allowed (``timeout_s``).
+
 Params: ``sni`` (override the server name; ``null`` = send none), ``alpn`` (list,
 default ``["h2", "http/1.1"]``), ``shape`` (``default`` or ``alt``: another ClientHello,
 with other TLS 1.2 cipher suites, no session-ticket extension and the ALPN list reversed)
@@ -50,19 +58,21 @@ import ipaddress
 import os
 import socket
 import ssl
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 
 from ..classify import classify_exception, scrub
 from ..model import Failure, Operation, ProbeResult, Target
 from ..settings import ProbeSettings
+from ..wire.tlsrec import server_messages
 from .base import Recorder
 from .params import ParamError, alpn_param, check_keys, shown, sni_param
 from .tcp import connect, record_connect_rtt, require_address, socket_evidence
 
+T = TypeVar("T")
 DEFAULT_ALPN = ("h2", "http/1.1")
 _READ_CHUNK = 16 * 1024
 # A real server's handshake flight (certificate chain included) is a few KB; past this the
@@ -75,6 +85,45 @@ _SPLIT_PAUSE_S = 0.05  # between the two halves of a split ClientHello
 # vector is the fingerprint detail DPI keys on most), no session-ticket extension.
 _ALT_CIPHERS = "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:ECDHE+AESGCM"
 SHAPES = ("default", "alt")
+_KEEP_BYTES = 16 * 1024  # the start of the server's flight, to name its messages
+STRETCH_MAX = 3.0  # a handshake timeout may grow to this many times the configured one
+HANDSHAKE_RTTS = 10.0  # a slow path's handshake gets this many connect times
+
+
+def handshake_timeout(tls_s: float, connect_s: float | None) -> tuple[float, float]:
+    """(first budget, hard cap) for a handshake after a connect that took ``connect_s``."""
+    cap = STRETCH_MAX * tls_s
+    first = tls_s if connect_s is None else max(tls_s, min(cap, HANDSHAKE_RTTS * connect_s))
+    return first, cap
+
+
+async def while_progressing(
+    work: Coroutine[Any, Any, T], first_s: float, cap_s: float, received: Callable[[], int]
+) -> T:
+    """Await ``work`` for ``first_s``; each time that runs out while ``received()`` grew
+    since the last check, grant ``first_s`` more, never beyond ``cap_s`` in all.
+    Raises TimeoutError (and cancels ``work``) otherwise."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    start = loop.time()
+    deadline = start + first_s
+    seen = received()
+    try:
+        while True:  # bounded: each pass moves the deadline forward or ends
+            left = max(0.0, deadline - loop.time())
+            done, _ = await asyncio.wait({task}, timeout=left)
+            if done:
+                return task.result()
+            now = received()
+            if now == seen or loop.time() >= start + cap_s:
+                raise TimeoutError
+            seen = now
+            deadline = min(start + cap_s, loop.time() + first_s)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 class HandshakeTooLarge(Exception):
@@ -88,6 +137,8 @@ class Progress:
     sent: int = 0
     received: int = 0
     eof: bool = False
+    head: bytes = b""  # the first bytes the server sent (bounded)
+    timeout_s: float | None = None  # the time the handshake was allowed
 
     @property
     def stage(self) -> str:
@@ -98,7 +149,17 @@ class Progress:
         return "mid_handshake"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "bytes_sent": self.sent, "bytes_received": self.received}
+        out: dict[str, Any] = {
+            "stage": self.stage,
+            "bytes_sent": self.sent,
+            "bytes_received": self.received,
+            "server_messages": server_messages(self.head),
+        }
+        if self.eof:
+            out["eof"] = True
+        if self.timeout_s is not None:
+            out["timeout_s"] = round(self.timeout_s, 3)
+        return out
 
 
 class Handshake:
@@ -169,6 +230,8 @@ class Handshake:
             self._incoming.write_eof()  # OpenSSL then raises SSLEOFError (or an alert)
             return
         self.progress.received += len(data)
+        if len(self.progress.head) < _KEEP_BYTES:
+            self.progress.head += data[: _KEEP_BYTES - len(self.progress.head)]
         if self.progress.received > _MAX_HANDSHAKE_BYTES:
             raise HandshakeTooLarge(f"more than {_MAX_HANDSHAKE_BYTES} bytes, no handshake")
         self._incoming.write(data)
@@ -420,16 +483,19 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     # With no SNI we still verify against the IP literal; CPython sends no SNI for it.
     ctx = client_context(settings.tls.ca_file, alpn, shape=params.shape)
     hs = Handshake(ctx, verify_name, split_hello=params.split_hello)
+    first_s, cap_s = handshake_timeout(settings.timeouts.tls_s, rec.phases["connect"])
     failure: BaseException | None = None
+    t0 = asyncio.get_running_loop().time()
     with contextlib.closing(sock):
         try:
             with rec.phase("tls"):
-                async with asyncio.timeout(settings.timeouts.tls_s):
-                    await hs.run(sock)
+                await while_progressing(hs.run(sock), first_s, cap_s, lambda: hs.progress.received)
         except (OSError, EOFError, HandshakeTooLarge) as exc:  # SSLError, TimeoutError too
             failure = exc
         else:
             hs.close_notify(sock)
+    if failure is not None and isinstance(failure, TimeoutError):
+        hs.progress.timeout_s = asyncio.get_running_loop().time() - t0
     rec.details["handshake"] = hs.progress.as_dict()
     if hs.split_at is not None:
         rec.details["client_hello_split_at"] = hs.split_at

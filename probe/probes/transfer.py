@@ -17,7 +17,13 @@ leaves the kernel, and TLS records are decrypted by us.  The HTTP codec is sans-
 Clocks (``settings.timeouts``): the whole connection is bounded by ``transfer_s``
 (connect and handshake also by ``connect_s`` / ``tls_s``).  After the request: up to
 ``app_s`` for the first TCP byte back, then a *stall* is ``stall_s`` without a new TCP
-byte before the expected end of the body.  The stall clock runs on wire bytes, not on
+byte before the expected end of the body, *confirmed*: the connection is watched for a
+confirm window after that (``CONFIRM_FACTOR`` times ``stall_s``, or times the longest
+gap that already resumed on this probe's connections if that is longer: TCP's
+retransmission back-off doubles each gap), up to the deadline, and counts as stalled only
+if no byte ever comes again.  B7's defining property is that the flow never resumes; a
+throttled flow whose retransmissions back off does, and then counts toward throughput
+(``long_gaps``, ``longest_gap_s``).  The stall clock runs on wire bytes, not on
 decrypted body bytes, because a real freeze usually stops the flow in the middle of a
 16 KB TLS record: zero body bytes may have been decrypted although 15 KB arrived.
 A transfer still flowing when ``transfer_s`` runs out is not a failure: its throughput
@@ -64,10 +70,17 @@ from ..wire.http1 import (
     head_end,
     parse_response_head,
 )
+from ..wire.tlsrec import server_messages
 from .base import Recorder
 from .params import ParamError, check_keys, number_param, shown, sni_param
-from .tcp import connect, require_address
-from .tls import client_context, server_names
+from .tcp import connect, require_address, since_last_ack, watch_path
+from .tls import (
+    STRETCH_MAX,
+    client_context,
+    handshake_timeout,
+    server_names,
+    while_progressing,
+)
 
 __all__ = ["ConnectionRecord", "TransferParams", "extra_time_s", "parse_params", "probe"]
 
@@ -76,6 +89,11 @@ _READ = 64 * KIB  # bytes per recv(): many TCP segments, never more than this in
 _UPLOAD_CHUNK = 16 * KIB
 _UPLOAD_REPLY_MAX = 64 * KIB  # the sink's answer is a line; never read more than this
 _MAX_INTERIM = 4  # 1xx responses tolerated before the real one
+# A stall is confirmed only after this many more stall periods of silence (or times the
+# longest gap that resumed): an exponential retransmission back-off doubles each gap, so
+# a flow that is merely shaped resumes within twice its last gap.
+CONFIRM_FACTOR = 2.0
+_ACK_MARGIN_S = 0.1  # an ACK this long after the last data byte was not part of it
 
 
 @dataclass(frozen=True)
@@ -172,9 +190,14 @@ class ConnectionRecord:
     body_bytes: int = 0
     wire_bytes: int = 0
     handshake_wire_bytes: int | None = None
+    handshake_messages: list[str] | None = None  # a failed handshake: what the server sent
     response_wire_bytes: int = 0  # wire bytes after the request was written
     stalled_at_bytes: int | None = None  # body bytes when the flow stopped
     stalled_at_wire_bytes: int | None = None
+    silent_s: float | None = None  # a stall: how long the flow was watched without a byte
+    acks_in_silence: bool | None = None  # a stall: the server's kernel still answered
+    longest_gap_s: float | None = None  # longest silence that ended with a byte (response)
+    long_gaps: int = 0  # silences of at least stall_s that resumed: not stalls
     kbps: float | None = None  # server->client, over the response's wire bytes
     upload_bytes: int | None = None
     upload_kbps: float | None = None
@@ -238,6 +261,10 @@ class _TLSConn:
         self.marked = False
         self.t_first_piece: float | None = None  # first TCP piece after mark()
         self._wire_after_first_piece = 0
+        self.head = bytearray()  # the server's handshake flight (bounded), as evidence
+        self.long_gap_s = math.inf  # set by the reader: a gap this long that resumed counts
+        self.longest_gap = 0.0
+        self.long_gaps = 0
 
     @property
     def response_wire(self) -> int:
@@ -256,20 +283,22 @@ class _TLSConn:
         moved = self.wire_in - self._wire_after_first_piece
         return moved * 8 / 1000 / elapsed if elapsed > 0 and moved > 0 else None
 
-    async def handshake(self, within_s: float) -> None:
-        async with asyncio.timeout(within_s):
-            while True:
-                try:
-                    self.tls.do_handshake()
-                except ssl.SSLWantReadError:
-                    await self._flush()
-                    await self._receive()
-                    continue
-                except ssl.SSLError:
-                    self._flush_nowait()  # our alert tells the server why; best effort
-                    raise
-                await self._flush()  # TLS 1.3: our Finished is still in the BIO
-                return
+    async def handshake(self, first_s: float, cap_s: float) -> None:
+        await while_progressing(self._handshake(), first_s, cap_s, lambda: self.wire_in)
+
+    async def _handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._receive()
+                continue
+            except ssl.SSLError:
+                self._flush_nowait()  # our alert tells the server why; best effort
+                raise
+            await self._flush()  # TLS 1.3: our Finished is still in the BIO
+            return
 
     async def send(self, data: bytes, within_s: float) -> None:
         self.tls.write(data)
@@ -312,6 +341,9 @@ class _TLSConn:
         except OSError:
             pass
 
+    def since_last_ack(self) -> float | None:
+        return since_last_ack(self._sock)
+
     async def _receive(self) -> None:
         if self._raw_eof:  # OpenSSL wants more after EOF: never spin on a closed socket
             raise EOFError("peer closed the connection")
@@ -321,6 +353,12 @@ class _TLSConn:
             self._in.write_eof()  # OpenSSL then reports close_notify or a ragged EOF
             return
         now = time.monotonic()
+        if self.marked and self.response_wire > 0:  # a gap inside the response
+            gap = now - self.t_last_wire
+            self.longest_gap = max(self.longest_gap, gap)
+            self.long_gaps += gap >= self.long_gap_s
+        if not self.marked and len(self.head) < _READ:
+            self.head += data[: _READ - len(self.head)]
         self.wire_in += len(data)
         self.t_last_wire = now
         if self.marked and self.t_first_piece is None and self.response_wire > 0:
@@ -339,44 +377,75 @@ class _Reader:
         first_byte_s: float,
         stall_s: float,
         *,
+        confirm_s: float,
         stall_from_plaintext: bool,
     ) -> None:
         conn.mark()
+        conn.long_gap_s = stall_s
         self.conn = conn
         self.deadline = deadline
         self.t_sent = time.monotonic()
         self.first_byte_by = self.t_sent + first_byte_s
         self.stall_s = stall_s
+        self.confirm_s = confirm_s
+        self.watch_to_deadline = False  # the path answers keepalives: watch it to the end
         # uploads: bytes still queued in buffers may take long to drain, so the stall clock
         # starts only once the server has answered, not at the first TCP byte back
         self.stall_from_plaintext = stall_from_plaintext
         self.t_first_plaintext: float | None = None
         self.clock = "deadline"
 
+    @property
+    def started(self) -> bool:
+        if self.stall_from_plaintext:
+            return self.t_first_plaintext is not None
+        return self.conn.response_wire > 0
+
+    def silent_s(self) -> float:
+        """Time since the last byte of the response (0 before it started)."""
+        if not self.started:
+            return 0.0
+        last = self.t_first_plaintext if self.stall_from_plaintext else self.conn.t_last_wire
+        last = max(last or 0.0, self.conn.t_last_wire)
+        return time.monotonic() - last
+
     def _budget(self) -> float:
         now = time.monotonic()
         left = self.deadline - now
-        started = (
-            self.t_first_plaintext is not None
-            if self.stall_from_plaintext
-            else self.conn.response_wire > 0
-        )
+        # The confirm window grows with the longest gap that already resumed on this very
+        # connection: each retransmission back-off doubles the gap.
+        confirm = max(self.confirm_s, CONFIRM_FACTOR * self.conn.longest_gap)
         clock, limit = (
-            ("stall", self.stall_s) if started else ("first_byte", self.first_byte_by - now)
+            ("stall", self.stall_s + confirm)
+            if self.started
+            else ("first_byte", self.first_byte_by - now)
         )
+        if self.watch_to_deadline:
+            clock, limit = "deadline", left
         if left <= limit:
             self.clock = "deadline"
             return max(left, 0.0)
         self.clock = clock
         return limit
 
+    def path_alive(self) -> bool:
+        """An ACK came back from the server's kernel during this silence (a keepalive's
+        answer): the path works both ways, so the flow may yet resume."""
+        since = self.conn.since_last_ack()
+        return since is not None and since < self.silent_s() - _ACK_MARGIN_S
+
     async def next(self) -> bytes:
-        try:
-            data = await self.conn.recv(self._budget)
-        except TimeoutError:
-            raise _Timeout(self.clock) from None
-        except (OSError, EOFError) as exc:  # RST, TLS alert or bad record mid-stream
-            raise _Failed(classify_exception(exc), Operation.READ) from exc
+        while True:  # bounded: the second pass runs to the deadline at most
+            try:
+                data = await self.conn.recv(self._budget)
+                break
+            except TimeoutError:
+                if self.clock == "stall" and not self.watch_to_deadline and self.path_alive():
+                    self.watch_to_deadline = True
+                    continue
+                raise _Timeout(self.clock) from None
+            except (OSError, EOFError) as exc:  # RST, TLS alert or bad record mid-stream
+                raise _Failed(classify_exception(exc), Operation.READ) from exc
         if data and self.t_first_plaintext is None:
             self.t_first_plaintext = time.monotonic()
         return data
@@ -426,6 +495,14 @@ class _Transfer:
         self.ctx = client_context(settings.tls.ca_file, ("http/1.1",))
         self.t: Timeouts = settings.timeouts
         self.p = params
+        self.longest_gap = 0.0  # over this probe's connections: how slow the path showed
+        self.slow = False  # an earlier connection was throttled or had to resume after a gap
+
+    @property
+    def confirm_s(self) -> float:
+        """The stall confirm window: path-aware, so a path that already showed long
+        resumed gaps gets proportionally longer before a silence counts as a freeze."""
+        return CONFIRM_FACTOR * max(self.t.stall_s, self.longest_gap)
 
     async def download(self, index: int) -> ConnectionRecord:
         rec = ConnectionRecord(index, "download")
@@ -433,8 +510,15 @@ class _Transfer:
 
         async def exchange(conn: _TLSConn, deadline: float) -> None:
             await self._send(conn, request, deadline, self.t.app_s)
+            # app_s is a floor for the first byte too: after a slow connect, it grows
+            first_byte_s, _ = handshake_timeout(self.t.app_s, rec.connect_s)
             reader = _Reader(
-                conn, deadline, self.t.app_s, self.t.stall_s, stall_from_plaintext=False
+                conn,
+                deadline,
+                first_byte_s,
+                self.t.stall_s,
+                confirm_s=self.confirm_s,
+                stall_from_plaintext=False,
             )
             await self._response(rec, reader, "GET", self.p.max_bytes)
 
@@ -457,7 +541,14 @@ class _Transfer:
                 await self._send(conn, chunk, deadline, self.t.stall_s)
                 sent += len(chunk)
                 rec.upload_bytes = sent
-            reader = _Reader(conn, deadline, math.inf, self.t.stall_s, stall_from_plaintext=True)
+            reader = _Reader(
+                conn,
+                deadline,
+                math.inf,
+                self.t.stall_s,
+                confirm_s=self.confirm_s,
+                stall_from_plaintext=True,
+            )
             await self._response(rec, reader, "POST", _UPLOAD_REPLY_MAX)
             if reader.t_first_plaintext is not None and reader.t_first_plaintext > t_start:
                 # the sink answers after reading everything: this is end-to-end upstream rate
@@ -474,6 +565,7 @@ class _Transfer:
         conn: _TLSConn | None = None
         try:
             sock = await self._connect(rec, deadline)
+            watch_path(sock)
             conn = _TLSConn(sock, self.ctx, self.verify_name)
             await self._handshake(rec, conn, deadline)
             await exchange(conn, deadline)
@@ -489,6 +581,13 @@ class _Transfer:
                 # an upload's reply is a line: its rate says nothing, upload_kbps does
                 rec.kbps = conn.kbps() if rec.direction == "download" else None
                 rec.eof = conn.eof
+                rec.long_gaps = conn.long_gaps
+                if conn.longest_gap:
+                    rec.longest_gap_s = conn.longest_gap
+                if rec.outcome != "stalled":  # a stall's silence is not a resumed gap
+                    self.longest_gap = max(self.longest_gap, conn.longest_gap)
+                slow_rate = rec.kbps is not None and rec.kbps < self.p.throttle_kbps
+                self.slow = self.slow or rec.long_gaps > 0 or (rec.measured and slow_rate)
             if sock is not None:
                 sock.close()  # FIN (RST if unread data remains): we are done either way
         return rec
@@ -496,7 +595,10 @@ class _Transfer:
     async def _connect(self, rec: ConnectionRecord, deadline: float) -> socket.socket:
         start = time.monotonic()
         try:
-            return await connect(self.address, self.port, _left(deadline, self.t.connect_s))
+            # On a path an earlier connection showed to be slow, the shaper's queue may still
+            # hold that connection's tail: the SYN-ACK can wait for a retransmission.
+            limit = self.t.connect_s * (STRETCH_MAX if self.slow else 1.0)
+            return await connect(self.address, self.port, _left(deadline, limit))
         except OSError as exc:  # TimeoutError included
             raise _Failed(classify_exception(exc), Operation.CONNECT) from exc
         finally:
@@ -504,9 +606,11 @@ class _Transfer:
 
     async def _handshake(self, rec: ConnectionRecord, conn: _TLSConn, deadline: float) -> None:
         start = time.monotonic()
+        first_s, cap_s = handshake_timeout(self.t.tls_s, rec.connect_s)
         try:
-            await conn.handshake(_left(deadline, self.t.tls_s))
+            await conn.handshake(_left(deadline, first_s), _left(deadline, cap_s))
         except (OSError, EOFError) as exc:  # SSLError and TimeoutError are OSErrors
+            rec.handshake_messages = server_messages(bytes(conn.head))
             raise _Failed(classify_exception(exc), Operation.TLS_HANDSHAKE) from exc
         finally:
             rec.tls_s = time.monotonic() - start
@@ -583,11 +687,16 @@ class _Transfer:
         stage = "body" if rec.status is not None else "head"
         if clock == "first_byte":
             raise _Failed(Failure.GENERIC_TIMEOUT, Operation.READ, "first_byte")
-        if clock == "deadline":
+        silent = reader.silent_s()
+        # At the deadline, a flow silent for at least stall_s never resumed: a stall
+        # confirmed as far as we could watch.  Otherwise it was still flowing.
+        if clock == "deadline" and silent < self.t.stall_s:
             if rec.status is not None:
                 rec.outcome = "deadline"  # still flowing: measured, not failed
                 return
             raise _Failed(Failure.GENERIC_TIMEOUT, Operation.READ, stage)
+        rec.silent_s = silent
+        rec.acks_in_silence = reader.watch_to_deadline
         rec.stalled_at_bytes = rec.body_bytes
         rec.stalled_at_wire_bytes = reader.conn.wire_in
         in_window = reader.conn.wire_in <= self.p.stall_max_bytes
@@ -647,10 +756,14 @@ def _verdict(
     uploads: list[ConnectionRecord],
 ) -> ProbeResult:
     stalled = [c for c in downloads if c.outcome == "stalled"]
+    # A connection the deadline cut short is measured whatever its size: it ran for the
+    # whole of transfer_s without reaching max_bytes, which is itself the finding.
     down_kbps = [
         c.kbps
         for c in downloads
-        if c.measured and c.kbps is not None and c.body_bytes >= params.throttle_min_bytes
+        if c.measured
+        and c.kbps is not None
+        and (c.body_bytes >= params.throttle_min_bytes or c.outcome == "deadline")
     ]
     up_kbps = [
         c.upload_kbps
@@ -678,7 +791,24 @@ def _verdict(
 
     if any(c.failure == Failure.STALL_AFTER_BYTES for c in downloads):
         return rec.fail(Failure.STALL_AFTER_BYTES, Operation.READ)
-    failed = next((c for c in downloads + uploads if c.failure is not None), None)
+    # A later connection that could not connect or finish its handshake after an earlier
+    # one was measured met the path's congestion (the shaper's queue), not a block: the
+    # measured throughput stands, the failure stays in its connection record.
+    measured_before = False
+    counted: list[ConnectionRecord] = []
+    for c in downloads + uploads:
+        if measured_before and _ends_probe(c):
+            rec.flag("transfer_connection_failed_after_measured")
+            continue
+        measured_before = measured_before or c.measured
+        counted.append(c)
+    failed = next((c for c in counted if c.failure is not None), None)
+    if failed is not None and failed.failed_operation == Operation.TLS_HANDSHAKE:
+        # the same shape as the tls probe's, for the verdict's handshake-progress rule
+        rec.details["handshake"] = {
+            "bytes_received": failed.handshake_wire_bytes or 0,
+            "server_messages": failed.handshake_messages or [],
+        }
     if failed is not None and failed.failure is not None and failed.failed_operation is not None:
         return rec.fail(failed.failure, failed.failed_operation)
 

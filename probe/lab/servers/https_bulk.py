@@ -6,6 +6,8 @@ Emulates, from the server's side, what the transfer probe must tell apart (FIELD
 - ``freeze``: ``cut_after`` body bytes, then silence with the connection held open (no
   FIN, no RST) until the client leaves or ``hold_s`` passes: the B7 "16-20 KB freeze".
 - ``reset``: ``cut_after`` body bytes, then an RST (SO_LINGER 0 + abort).
+- ``pause``: ``cut_after`` body bytes, ``pause_s`` of silence, then the rest: a
+  retransmission back-off on a shaped path, which a freeze must not be confused with.
 - ``silent``: read the request, answer nothing, hold the connection (B5, post-handshake
   stall).  Under TLS 1.3 the session tickets still go out unless the context's
   ``num_tickets`` is 0.
@@ -43,13 +45,14 @@ _BLOCK = bytes(range(256)) * (_CHUNK // 256)  # body content; TLS makes it look 
 class BulkBehaviour:
     body_bytes: int = 1024 * 1024
     path: str = "/"
-    mode: Literal["normal", "freeze", "reset", "silent"] = "normal"
+    mode: Literal["normal", "freeze", "reset", "silent", "pause"] = "normal"
     cut_after: int = 16 * 1024  # body bytes sent before a freeze or reset
     cut_every: int = 1  # cut the n-th, 2n-th, ... request for `path` (1 = every one)
     rate_kbps: float | None = None  # server -> client pacing; None = as fast as possible
     upload_rate_kbps: float | None = None  # pacing of the POST sink's reads
     burst_bytes: int = 4096  # token bucket depth; also the paced write size
     framing: Literal["length", "chunked", "close"] = "length"
+    pause_s: float = 0.0  # mode pause: silence between cut_after and the rest of the body
     hold_s: float = 300.0  # a frozen connection is held open at most this long
     request_timeout_s: float = 10.0  # TLS handshake, request head, each upload read
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -197,7 +200,13 @@ class HTTPSBulkServer(StreamServer):
         if head_only:
             return
         to_send = min(b.cut_after, b.body_bytes) if cut else b.body_bytes
-        await self._write_body(writer, to_send, _bucket(b.rate_kbps, b.burst_bytes))
+        bucket = _bucket(b.rate_kbps, b.burst_bytes)
+        await self._write_body(writer, to_send, bucket)
+        if cut and b.mode == "pause":
+            self._cut(number)
+            await asyncio.sleep(b.pause_s)
+            await self._write_body(writer, b.body_bytes - to_send, bucket)
+            cut = False
         if not cut:
             if b.framing == "chunked":
                 writer.write(b"0\r\n\r\n")

@@ -1,0 +1,120 @@
+"""Attack 8 (the smaller ones): archive records that are not what the reader expects, a
+missing archive directory, shutdown under HTTP load, and what an unauthenticated remote
+client may read.
+
+Before: ``probe archive`` crashed with a traceback on a record whose ``annotations`` is
+not an object and exited 0 in silence on a missing ``--dir``; SIGTERM during scrapes
+closed the worker pools first (16 RuntimeErrors); without auth, anyone who could reach the
+agent read the config's path and a rejected reload's error text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+from pathlib import Path
+
+from tests.agentproc import needs_unshare, run_driver, run_probe
+from tests.test_daemon import AgentProcess, http
+
+
+def test_probe_archive_reads_past_records_with_odd_annotations(tmp_path: Path) -> None:
+    good = {"annotations": {"service": "lab", "status": "failed"}, "test_keys": {}}
+    odd = [{"annotations": ["not", "an", "object"]}, {"annotations": "x"}, {"annotations": 7}]
+    lines = [json.dumps(r) for r in [*odd, good]]
+    (tmp_path / "measurements.jsonl").write_text("\n".join(lines) + "\n")
+    for flags in (["--service", "lab"], ["--failed"], ["--probe", "tcp"], []):
+        done = run_probe("archive", "--dir", str(tmp_path), *flags)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert json.loads(run_probe("archive", "--dir", str(tmp_path), "--service", "lab").stdout)
+
+
+def test_probe_archive_on_a_missing_directory_is_an_error(tmp_path: Path) -> None:
+    done = run_probe("archive", "--dir", str(tmp_path / "nope"))
+    assert done.returncode == 2
+    assert done.stderr == f"probe: archive: no archive directory at {tmp_path / 'nope'}\n"
+
+
+def test_sigterm_during_a_scrape_flood_logs_no_errors(tmp_path: Path) -> None:
+    agent = AgentProcess(tmp_path)
+    agent.start()
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.is_set():
+            for path in ("/metrics", "/"):
+                with contextlib.suppress(OSError):  # refused or reset: the agent is going
+                    http(agent.url + path, timeout=5)
+
+    scrapers = [threading.Thread(target=scrape) for _ in range(8)]
+    try:
+        for t in scrapers:
+            t.start()
+        http(agent.url + "/metrics")
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(timeout=10) == 0
+    finally:
+        stop.set()
+        for t in scrapers:
+            t.join(timeout=10)
+    events = [json.loads(line) for line in agent.log.read_text().splitlines() if line.strip()]
+    errors = [e for e in events if e["level"] in ("error", "critical")]
+    assert errors == [], errors[:3]
+    assert [e["msg"] for e in events][-2:] == ["shutting down", "stopped"]
+
+
+REMOTE_DRIVER = r"""
+import http.client, json, subprocess, sys, time
+def sh(*a): subprocess.run(a, check=True)
+sh("ip", "link", "set", "lo", "up")
+sh("ip", "addr", "add", "10.9.0.1/32", "dev", "lo")  # a client address that is not loopback
+config = sys.argv[1]
+agent = subprocess.Popen([sys.executable, "-m", "probe", "run", "-c", config],
+                         stderr=subprocess.DEVNULL)
+def ask(source, method, path):
+    conn = http.client.HTTPConnection("10.9.0.1", 9464, timeout=5, source_address=(source, 0))
+    conn.request(method, path, headers={"Host": "10.9.0.1:9464"})
+    r = conn.getresponse()
+    return r.status, r.read().decode()
+out = {}
+try:
+    for _ in range(100):
+        try:
+            if ask("127.0.0.1", "GET", "/healthz")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.1)
+    open(config, "a").write("seeds: [nope]\n")  # a second seeds key: rejected
+    for who, source in (("local", "127.0.0.1"), ("remote", "10.9.0.1")):
+        out[who] = {"reload": ask(source, "POST", "/-/reload"), "page": ask(source, "GET", "/")}
+finally:
+    agent.terminate()
+    agent.wait(timeout=10)
+print(json.dumps(out))
+"""
+
+
+@needs_unshare("for a namespace with a non-loopback client address")
+def test_an_unauthenticated_remote_client_sees_no_path_and_no_reload_error(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        "listen: 0.0.0.0:9464\n"
+        "web: {allowed_hosts: ['10.9.0.1']}\n"
+        "archive: {path: null}\n"
+        "resolvers: {system: false, udp: ['127.0.0.1:9']}\n"
+        "services:\n  - service: lab\n    source: t\n    endpoints:\n"
+        "      - {host: 127.0.0.1, ports: [9], role: signalling, probes: [tcp], source: t,"
+        " confidence: C}\n"
+    )
+    out = run_driver(REMOTE_DRIVER, "-n", str(config), workdir=tmp_path, cwd=tmp_path, timeout_s=60)
+    local, remote = out["local"], out["remote"]
+    assert local["reload"][0] == 400 and str(config) in local["reload"][1]
+    assert remote["reload"] == [400, "reload rejected: the reason is in the agent's log\n"]
+    assert str(config) in local["page"][1]
+    assert remote["page"][0] == 200 and str(config) not in remote["page"][1]
+    assert "(path hidden)" in remote["page"][1]
