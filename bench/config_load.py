@@ -1,7 +1,7 @@
 """Config loading cost per endpoint: libyaml (`yaml.CSafeLoader`) vs pure-Python PyYAML.
 
 Writes a config with N endpoints in the seed schema (flow style, as a generated list
-would be), loads it with `probe.config.load_config` several times with each parser and
+would be), loads it with `probe.config.loader.load_config` several times with each parser and
 prints the median time per endpoint.  Target (issue 13): <= 50 us per endpoint.  No
 network.  ``--smoke`` runs a tiny size once, so CI keeps this script working.
 
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml
 
-import probe.decode
-from probe.config import load_config
+import probe.config.strict_yaml
+from probe.config.loader import load_config
 
 TARGET_US = 50.0
 
@@ -49,9 +49,9 @@ def write_config(path: Path, endpoints: int) -> Path:
 
 
 def per_endpoint_us(path: Path, endpoints: int, repeat: int, fast: bool) -> float:
-    saved = probe.decode._FAST_LOADER
+    saved = probe.config.strict_yaml._FAST_LOADER
     if not fast:
-        probe.decode._FAST_LOADER = None
+        probe.config.strict_yaml._FAST_LOADER = None
     try:
         load_config(path)  # untimed: the first load imports the probe registry
         times = []
@@ -61,7 +61,7 @@ def per_endpoint_us(path: Path, endpoints: int, repeat: int, fast: bool) -> floa
             times.append(time.perf_counter() - started)
         assert sum(len(s.endpoints) for s in config.services) == endpoints
     finally:
-        probe.decode._FAST_LOADER = saved
+        probe.config.strict_yaml._FAST_LOADER = saved
     return statistics.median(times) / endpoints * 1e6
 
 
@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         path = write_config(Path(tmp) / "bench.yaml", endpoints)
         size = path.stat().st_size
         print(f"config: {endpoints} endpoints, {size} bytes, median of {repeat}")
-        has_c = probe.decode._FAST_LOADER is not None
+        has_c = probe.config.strict_yaml._FAST_LOADER is not None
         fast = per_endpoint_us(path, endpoints, repeat, fast=True) if has_c else None
         slow = per_endpoint_us(path, endpoints, repeat, fast=False)
-        c_loader = probe.decode._FAST_LOADER
+        c_loader = probe.config.strict_yaml._FAST_LOADER
         parse_fast = parse_us(path, endpoints, repeat, c_loader) if c_loader else None
         parse_slow = parse_us(path, endpoints, repeat, yaml.SafeLoader)
     if fast is not None:

@@ -52,8 +52,8 @@ from typing import IO, Any, cast
 import dns.rcode
 
 from . import __version__
+from .config.settings import ArchiveSettings
 from .model import Failure, Operation, ProbeResult, Target, Vantage
-from .settings import ArchiveSettings
 
 __all__ = [
     "CURRENT_NAME",

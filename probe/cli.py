@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__, logs
-from .config import ConfigError, load_config
+from .config.loader import ConfigError, load_config
+from .config.seeds import known_probes
+from .config.settings import AgentConfig
 from .model import Endpoint
 from .round import RoundReport, run_round
-from .seeds import known_probes
-from .settings import AgentConfig
 from .verdict import Observation, from_api, from_record, judge_round
 
 if TYPE_CHECKING:

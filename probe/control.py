@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 from .classify import classify_exception
-from .settings import ControlSettings
+from .config.settings import ControlSettings
 from .verdict import EndpointVerdict, Observation, ServiceVerdict, from_record
 
 if TYPE_CHECKING:

@@ -34,14 +34,14 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .archive import ArchiveWriter
-from .config import ConfigError, load_config
+from .config.loader import ConfigError, load_config
+from .config.settings import AgentConfig, WebSettings
 from .control import ControlPoller, judged_alone
 from .exporter import TextRenderer, make_registry
 from .model import ProbeResult, SkipReason, VantageState, utcnow
 from .results import Key, ResultStore, Snapshot
 from .round import resolver_ids
 from .scheduler import Scheduler
-from .settings import AgentConfig, WebSettings
 from .statuspage import render_status_page, results_json
 from .verdict import (
     EndpointVerdict,

@@ -39,10 +39,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from .config.settings import MetricsSettings
 from .exposition import family_lines
 from .model import ProbeResult
 from .results import PHASE_BUCKETS, Histogram, Key, ResultStore, SeriesKey, Snapshot, series_key
-from .settings import MetricsSettings
 
 __all__ = ["SERIES_LABELS", "ProbeCollector", "TextRenderer", "make_registry"]
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from .classify import AGENT_RESOURCES
+from .config.settings import AgentConfig, ProbeSettings, SwapSettings, Timeouts
 from .gate import check_vantage
 from .model import (
     Endpoint,
@@ -33,7 +34,6 @@ from .probes import EXTRA_TIME, PROBES, tls
 from .probes.base import ProbeFn, Recorder, default_operation, run_guarded
 from .probes.dns import dns_consistency
 from .probes.params import ParamError
-from .settings import AgentConfig, ProbeSettings, SwapSettings, Timeouts
 from .swaps import followups
 from .verdict import ALLOWLIST_FLAG, EndpointVerdict, ServiceVerdict, judge_round
 from .wire.dnsmsg import suspect_bogon

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .config.settings import AgentConfig
 from .gate import inconclusive
 from .model import Endpoint, ProbeResult, VantageState, utcnow
 from .round import (
@@ -30,7 +31,6 @@ from .round import (
     measure_endpoint,
     warm_tls_contexts,
 )
-from .settings import AgentConfig
 
 log = logging.getLogger("probe.scheduler")
 

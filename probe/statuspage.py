@@ -15,10 +15,10 @@ from typing import Any
 
 from . import __version__
 from .archive import to_jsonable
+from .config.settings import AgentConfig
 from .model import ProbeResult
 from .output import result_record
 from .results import Snapshot
-from .settings import AgentConfig
 
 REFRESH_S = 30
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from probe.config.settings import ProbeSettings, Resolvers, Timeouts, TLSOptions
 from probe.model import Endpoint, Operation, ProbeResult, ProbeSpec, SkipReason, Target, freeze
-from probe.settings import ProbeSettings, Resolvers, Timeouts, TLSOptions
 
 
 def endpoint(

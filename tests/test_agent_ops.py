@@ -24,14 +24,14 @@ import pytest
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from probe.config import load_config
+from probe.config.loader import load_config
+from probe.config.settings import AgentConfig, Schedule, Timeouts
 from probe.daemon import Agent, build_app
 from probe.lab.servers.dns import AnswerTable, DNSServer
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.model import Operation, ProbeResult, Service
 from probe.probes.base import Recorder
 from probe.scheduler import Scheduler
-from probe.settings import AgentConfig, Schedule, Timeouts
 from probe.verdict import judge_round
 from tests.agentproc import (
     REPO,

@@ -35,13 +35,13 @@ from probe.archive import (
     iter_archive,
     to_jsonable,
 )
+from probe.config.settings import AgentConfig, ArchiveSettings, Resolvers
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.dns import AnswerTable, DNSServer
 from probe.lab.servers.tls import TLSServer
 from probe.model import Operation, ProbeResult, SkipReason, Target, Vantage, freeze
 from probe.probes.dns import probe as dns_probe
 from probe.probes.tls import probe as tls_probe
-from probe.settings import AgentConfig, ArchiveSettings, Resolvers
 from tests.helpers import settings, target
 
 T0 = datetime(2025, 3, 1, 12, 0, 5, 250000, tzinfo=UTC)

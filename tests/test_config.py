@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from probe.config import DEFAULT_SEEDS, TOP_KEYS, ConfigError, load_config
+from probe.config.loader import DEFAULT_SEEDS, TOP_KEYS, ConfigError, load_config
+from probe.config.seeds import known_probes
+from probe.config.settings import AgentConfig, HostPort
 from probe.lab.certs import CertificateAuthority
 from probe.model import ProbeSpec
-from probe.seeds import known_probes
-from probe.settings import AgentConfig, HostPort
 
 TESTDATA = Path(__file__).parent / "testdata"
 REPO = Path(__file__).parent.parent

@@ -28,12 +28,12 @@ import bcrypt
 import pytest
 from aiohttp import web
 
-from probe.config import load_config
+from probe.config.loader import load_config
+from probe.config.settings import ControlSettings
+from probe.config.strict_yaml import ConfigError
 from probe.control import ControlError, ControlPoller, fetch, parse_document
-from probe.decode import ConfigError
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.tcp import TCPMode, TCPServer
-from probe.settings import ControlSettings
 from tests.agentproc import free_port, sample
 from tests.test_daemon import wait_until
 

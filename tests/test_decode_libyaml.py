@@ -1,7 +1,7 @@
 """libyaml and pure-Python PyYAML read a config the same way (issue 13 item 4).
 
-`probe.decode` composes with libyaml's `CSafeLoader` where PyYAML has it and falls back to
-the pure-Python `SafeLoader` only where it does not, and to re-read a file libyaml
+`probe.config.strict_yaml` composes with libyaml's `CSafeLoader` where PyYAML has it and falls
+back to the pure-Python `SafeLoader` only where it does not, and to re-read a file libyaml
 rejects.  Both must give the same node tree (tags, values,
 lines) and the same error, word for word.  The cost per endpoint is printed by
 ``bench/config_load.py`` (a smoke of it runs here).
@@ -19,12 +19,12 @@ import pytest
 import yaml
 from yaml.nodes import MappingNode, SequenceNode
 
-import probe.decode
-from probe.config import ConfigError, load_config
+import probe.config.strict_yaml
+from probe.config.loader import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TESTDATA = Path(__file__).parent / "testdata"
-HAS_LIBYAML = probe.decode._FAST_LOADER is not None
+HAS_LIBYAML = probe.config.strict_yaml._FAST_LOADER is not None
 needs_libyaml = pytest.mark.skipif(not HAS_LIBYAML, reason="PyYAML built without libyaml")
 
 # Texts whose errors come from the YAML layer itself (syntax, reader, composer).
@@ -78,8 +78,8 @@ def _is_yaml(path: Path) -> bool:
 def test_libyaml_composes_the_same_tree_as_pure_python(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     reference = yaml.compose(text, Loader=yaml.SafeLoader)
-    assert probe.decode._FAST_LOADER is not None
-    fast = yaml.compose(text, Loader=probe.decode._FAST_LOADER)
+    assert probe.config.strict_yaml._FAST_LOADER is not None
+    fast = yaml.compose(text, Loader=probe.config.strict_yaml._FAST_LOADER)
     if reference is None:
         assert fast is None
     else:
@@ -91,7 +91,7 @@ def error_with(text: str, tmp_path: Path, fast: bool, monkeypatch: pytest.Monkey
     path.write_text(text, encoding="utf-8")
     with monkeypatch.context() as m:
         if not fast:
-            m.setattr(probe.decode, "_FAST_LOADER", None)
+            m.setattr(probe.config.strict_yaml, "_FAST_LOADER", None)
         with pytest.raises(ConfigError) as info:
             load_config(path)
     return str(info.value)
@@ -117,7 +117,7 @@ def test_every_invalid_testdata_error_is_the_same_without_libyaml(
         return str(info.value)
 
     fast = error()
-    monkeypatch.setattr(probe.decode, "_FAST_LOADER", None)
+    monkeypatch.setattr(probe.config.strict_yaml, "_FAST_LOADER", None)
     assert error() == fast
 
 

@@ -16,6 +16,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
+from probe.config.settings import AgentConfig, MetricsSettings
 from probe.exporter import SERIES_LABELS, make_registry
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.model import (
@@ -31,7 +32,6 @@ from probe.model import (
 from probe.probes import PROBES, tcp
 from probe.results import PHASE_BUCKETS, VERDICTS, ResultStore, series_key
 from probe.round import Runner, measure_endpoint
-from probe.settings import AgentConfig, MetricsSettings
 from probe.statuspage import render_status_page
 from probe.verdict import judge_round
 from tests.helpers import T0, endpoint, failed, ok, refusing_port, settings, skipped, target

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from probe.config.settings import ProbeSettings, Resolvers
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.dns import AnswerTable, Behaviour, DNSServer, plan_replies
 from probe.lab.servers.doh import CONTENT_TYPE, DoHServer
@@ -25,7 +26,6 @@ from probe.lab.servers.https_bulk import BulkBehaviour, HTTPSBulkServer
 from probe.model import Failure, Operation, ProbeResult, SkipReason, Target
 from probe.probes import PROBES
 from probe.probes.dns import dns_consistency, parse_resolver, probe
-from probe.settings import ProbeSettings, Resolvers
 from probe.wire.dnsmsg import build_query, parse_message
 from tests.helpers import refusing_port, settings, target
 

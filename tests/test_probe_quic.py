@@ -24,12 +24,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import crypto as openssl_crypto
 
 from probe.classify import classify_exception, classify_quic_close
+from probe.config.settings import ProbeSettings
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.quic import H3_BODY, QUICServer, VersionNegotiationServer, VNMode
 from probe.model import Failure, Operation, ProbeResult
 from probe.probes import PROBES, quic, quic_vn
 from probe.probes.quic import _trust
-from probe.settings import ProbeSettings
 from probe.wire.quic import QUIC_V1, QUIC_V2, is_reserved_version
 from tests.helpers import settings, target, unbound_udp_port
 

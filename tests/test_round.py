@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from probe.config.settings import ProbeSettings, SwapSettings
 from probe.lab.servers.stun import StunServer
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.model import Failure, Operation, ProbeResult, Target, VantageState, freeze, utcnow
@@ -20,7 +21,6 @@ from probe.round import (
     measure_endpoint,
     probe_deadline,
 )
-from probe.settings import ProbeSettings, SwapSettings
 from tests.helpers import endpoint, settings, target
 
 # Every timeout tiny, so the runner's generic safety cap is well under a second; a probe

@@ -8,13 +8,13 @@ from datetime import timedelta
 
 from prometheus_client import generate_latest
 
+from probe.config.settings import MetricsSettings
 from probe.control import judged_alone
 from probe.daemon import IncrementalJudge
 from probe.exporter import TextRenderer, make_registry
 from probe.exposition import text_exposition
 from probe.model import Operation, ProbeResult
 from probe.results import ResultStore
-from probe.settings import MetricsSettings
 from probe.verdict import judge_round
 from tests.helpers import T0, failed, ok, skipped, target
 

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import pytest
 
+from probe.config.settings import AgentConfig, Schedule, Timeouts
 from probe.lab.servers.tcp import FullBacklogListener, TCPMode, TCPServer
 from probe.model import ProbeResult, Service, SkipReason, VantageState
 from probe.scheduler import Scheduler
-from probe.settings import AgentConfig, Schedule, Timeouts
 from tests.helpers import endpoint
 
 

@@ -18,13 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import probe.probes
-from probe.config import TOP_KEYS, ConfigError, load_config
-from probe.decode import parse_text
-from probe.model import Vantage, freeze
-from probe.probes.params import ParamError
-from probe.probes.stun import StunParams
-from probe.probes.transfer import TransferParams
-from probe.seeds import (
+from probe.config.loader import TOP_KEYS, ConfigError, load_config
+from probe.config.seeds import (
     CONFIDENCES,
     ENDPOINT_KEYS,
     SERVICE_KEYS,
@@ -35,7 +30,12 @@ from probe.seeds import (
     prefix_warnings,
     shipped_seeds,
 )
-from probe.settings import Resolvers, Schedule, Timeouts, TLSOptions
+from probe.config.settings import Resolvers, Schedule, Timeouts, TLSOptions
+from probe.config.strict_yaml import parse_text
+from probe.model import Vantage, freeze
+from probe.probes.params import ParamError
+from probe.probes.stun import StunParams
+from probe.probes.transfer import TransferParams
 
 TESTDATA = Path(__file__).parent / "testdata"
 # Fixed for the schema tests, so messages listing the known probes do not change as

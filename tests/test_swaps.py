@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from probe.config.settings import AgentConfig, Timeouts, TLSOptions
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.sni_filter import SNIFilterRelay
 from probe.lab.servers.tls import TLSServer
@@ -24,7 +25,6 @@ from probe.model import (
 from probe.output import json_lines, table
 from probe.probes.base import Recorder
 from probe.round import run_round
-from probe.settings import AgentConfig, Timeouts, TLSOptions
 from probe.swaps import DEFAULT_NEUTRAL_SNI, followups
 from probe.verdict import Verdict
 from tests.helpers import endpoint

@@ -33,11 +33,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..config.settings import ProbeSettings, Resolvers, Timeouts, TLSOptions
 from ..model import Endpoint, ProbeSpec, Target, freeze
 from ..output import result_record
 from ..probes import PROBES
 from ..probes.base import run_guarded
-from ..settings import ProbeSettings, Resolvers, Timeouts, TLSOptions
 
 __all__ = ["main", "target_of"]
 

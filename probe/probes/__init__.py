@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..settings import Timeouts
+from ..config.settings import Timeouts
 from . import dns, mtproto, quic, quic_vn, stun, tcp, tls, transfer, whatsapp
 from .base import ProbeFn
 from .params import ParamValidator, no_params

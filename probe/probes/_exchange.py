@@ -25,8 +25,8 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeResult, Target
-from ..settings import ProbeSettings
 from ..wire import WireError
 from .base import Recorder
 from .tcp import connect, record_connect_rtt, require_address, socket_evidence

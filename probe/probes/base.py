@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..classify import classify_exception
+from ..config.settings import ProbeSettings
 from ..model import Operation, ProbeResult, SkipReason, Target, freeze, utcnow
-from ..settings import ProbeSettings
 
 ProbeFn = Callable[[Target, ProbeSettings], Awaitable[ProbeResult]]
 

@@ -35,8 +35,8 @@ import aiohttp
 import dns.message
 
 from ..classify import classify_exception
+from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeResult, Target, failure_kind
-from ..settings import ProbeSettings
 from ..wire import WireError
 from ..wire.dnsmsg import (
     MAX_MESSAGE,

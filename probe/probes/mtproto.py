@@ -18,8 +18,8 @@ from __future__ import annotations
 import secrets
 import time
 
+from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeResult, Target
-from ..settings import ProbeSettings
 from ..wire import mtproto
 from ._exchange import ReplyReader, exchange
 from .base import Recorder

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from ..decode import did_you_mean, is_hostname
+from ..config.strict_yaml import did_you_mean, is_hostname
 
 __all__ = [
     "ParamError",

@@ -58,8 +58,8 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto as openssl_crypto
 
 from ..classify import classify_exception, classify_quic_close, scrub
+from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeResult, Target
-from ..settings import ProbeSettings
 from ..wire import WireError
 from ..wire.quic import (
     QUIC_V1,

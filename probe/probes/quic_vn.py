@@ -30,8 +30,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeResult, Target
-from ..settings import ProbeSettings
 from ..wire import WireError
 from ..wire.quic import (
     MIN_INITIAL_SIZE,

@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..classify import classify_exception, scrub
+from ..config.settings import ProbeSettings, Timeouts
 from ..model import Failure, Operation, ProbeResult, Target
-from ..settings import ProbeSettings, Timeouts
 from ..wire import WireError
 from ..wire import stun as wire
 from .base import Recorder

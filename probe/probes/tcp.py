@@ -29,8 +29,8 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+from ..config.settings import ProbeSettings, Timeouts
 from ..model import Operation, ProbeResult, Target
-from ..settings import ProbeSettings, Timeouts
 from .base import Recorder
 from .params import check_keys, number_param
 

@@ -65,8 +65,8 @@ from typing import Any, TypeVar
 from cryptography import x509
 
 from ..classify import classify_exception, scrub
+from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeResult, Target
-from ..settings import ProbeSettings
 from ..wire.tlsrec import server_messages
 from .base import Recorder
 from .params import ParamError, alpn_param, check_keys, shown, sni_param

@@ -58,8 +58,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from ..classify import classify_exception
+from ..config.settings import ProbeSettings, Timeouts
 from ..model import Failure, Operation, ProbeResult, Target
-from ..settings import ProbeSettings, Timeouts
 from ..wire import WireError
 from ..wire.http1 import (
     ChunkedDecoder,

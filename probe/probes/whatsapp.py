@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..config.settings import ProbeSettings
 from ..model import ProbeResult, Target
-from ..settings import ProbeSettings
 from ..wire import noise
 from ._exchange import ReplyReader, exchange
 from .base import Recorder

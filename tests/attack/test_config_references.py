@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from probe.config import ConfigError, load_config
+from probe.config.loader import ConfigError, load_config
 from probe.daemon import Agent
 from probe.lab.certs import CertificateAuthority
 from tests.agentproc import run_probe

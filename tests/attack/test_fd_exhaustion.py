@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from probe.config.settings import ProbeSettings
 from probe.model import SkipReason
 from probe.round import Runner
-from probe.settings import ProbeSettings
 from tests.agentproc import PROBE, REPO, free_port, sample
 from tests.helpers import target
 from tests.test_daemon import http, wait_until

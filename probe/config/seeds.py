@@ -2,7 +2,7 @@
 
 One schema serves the shipped lists, user seed files and the ``services:`` block
 of the agent config, so the agent can be pointed at any target (a local test lab
-included) without code changes.  Decoding is strict (see `probe.decode`): every
+included) without code changes.  Decoding is strict (see `probe.config.strict_yaml`): every
 mistake is a `ConfigError` with file, line and field.
 
 Every endpoint and prefix must say where it comes from (``source``) and how sure
@@ -23,8 +23,8 @@ from typing import Any
 
 from yaml.nodes import MappingNode
 
-from .decode import ConfigError, KeyedNode, Node, did_you_mean, parse_file, parse_text
-from .model import ROLES, Endpoint, ProbeSpec, Service, freeze
+from ..model import ROLES, Endpoint, ProbeSpec, Service, freeze
+from .strict_yaml import ConfigError, KeyedNode, Node, did_you_mean, parse_file, parse_text
 
 __all__ = [
     "CONFIDENCES",
@@ -91,7 +91,7 @@ def param_validators() -> Mapping[str, ParamValidator]:
 
 def _registry() -> tuple[Collection[str], Mapping[str, ParamValidator]]:
     try:
-        from .probes import PARAMS, PROBES
+        from ..probes import PARAMS, PROBES
     except ImportError as exc:
         if not (exc.name or "").startswith("probe.probes"):
             raise
@@ -309,7 +309,7 @@ def _check_params(spec: ProbeSpec, where: Node, nodes: Mapping[str, KeyedNode]) 
     validate = param_validators().get(spec.name)
     if validate is None:
         return
-    from .probes.params import ParamError  # lazy, like the registry it belongs to
+    from ..probes.params import ParamError  # lazy, like the registry it belongs to
 
     try:
         validate(spec.params)

@@ -1,4 +1,4 @@
-"""Strict YAML decoding with line-numbered errors, shared by `probe.config` and `probe.seeds`.
+"""Strict YAML decoding with line-numbered errors, shared by the config loader and the seed lists.
 
 A file is parsed with ``yaml.compose`` (SafeLoader rules; libyaml's `CSafeLoader` where
 PyYAML has it, several times faster and with the same node tree and line numbers) into a
@@ -27,7 +27,7 @@ from yaml.events import AliasEvent, CollectionStartEvent, ScalarEvent
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from yaml.reader import Reader
 
-from .model import freeze
+from ..model import freeze
 
 __all__ = ["ConfigError", "KeyedNode", "Node", "did_you_mean", "parse_file", "parse_text"]
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .model import Service, Vantage, freeze
+from ..model import Service, Vantage, freeze
 
 
 def _empty() -> Mapping[str, Any]:

@@ -1,7 +1,7 @@
 """Load the agent configuration: defaults, then strict decode, then validate.
 
 Modelled on blackbox_exporter's config loading: every key has a default (the
-dataclasses of `probe.settings`), a file may override any of them, unknown keys
+dataclasses of `probe.config.settings`), a file may override any of them, unknown keys
 are errors (with a "did you mean"), and every error is a `ConfigError` whose
 ``str()`` is ``file:line: field: message``, so ``probe check-config`` can print
 it as is.  The seed lists named under ``seeds:`` and the extra ``services:``
@@ -24,17 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .decode import (
-    TOO_DEEP,
-    YAML_FIELD,
-    ConfigError,
-    KeyedNode,
-    Node,
-    did_you_mean,
-    is_hostname,
-    parse_file,
-)
-from .model import Service, Vantage, freeze
+from ..model import Service, Vantage, freeze
 from .seeds import _load_resource, decode_service, known_probes, load_seed_file, shipped_seeds
 from .settings import (
     AgentConfig,
@@ -48,6 +38,16 @@ from .settings import (
     Timeouts,
     TLSOptions,
     WebSettings,
+)
+from .strict_yaml import (
+    TOO_DEEP,
+    YAML_FIELD,
+    ConfigError,
+    KeyedNode,
+    Node,
+    did_you_mean,
+    is_hostname,
+    parse_file,
 )
 
 __all__ = ["DEFAULT_SEEDS", "ConfigError", "load_config"]
@@ -116,7 +116,7 @@ def load_config(
     """Load and validate a config file (None = the embedded default) and its seed lists.
 
     ``probe_names`` restricts the probe names endpoints may use; by default the
-    keys of `probe.probes.PROBES` (see `probe.seeds.known_probes`).
+    keys of `probe.probes.PROBES` (see `probe.config.seeds.known_probes`).
     Raises `ConfigError` for anything wrong, never another exception for bad input.
     """
     names = frozenset(probe_names) if probe_names is not None else known_probes()
