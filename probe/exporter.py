@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from .config.settings import MetricsSettings
+from .evidence import StunEvidence
 from .exposition import family_lines
 from .model import ProbeResult
 from .results import PHASE_BUCKETS, Histogram, Key, ResultStore, SeriesKey, Snapshot, series_key
@@ -222,17 +223,17 @@ class _FlowGauges:
         )
 
     def add(self, labels: list[str], result: ProbeResult) -> None:
-        details = result.details
-        if details.get("mode") != "flow":
+        evidence = result.evidence
+        flow = evidence.flow if isinstance(evidence, StunEvidence) else None
+        if flow is None:
             return
-        for gauge, key in (
-            (self.loss, "loss"),
-            (self.jitter, "jitter_s"),
-            (self.cutoff, "cutoff_s"),
+        for gauge, value in (
+            (self.loss, flow.loss),
+            (self.jitter, flow.jitter_s),
+            (self.cutoff, flow.cutoff_s),
         ):
-            value = details.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                gauge.add_metric(labels, float(value))
+            if value is not None:
+                gauge.add_metric(labels, value)
 
     def families(self) -> tuple[Metric, ...]:
         return (self.loss, self.jitter, self.cutoff)

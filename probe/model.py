@@ -23,6 +23,8 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Literal
 
+from .evidence import Evidence, empty_evidence
+
 __all__ = [
     "Endpoint",
     "Failure",
@@ -112,6 +114,10 @@ def freeze(mapping: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
 
 def _empty() -> Mapping[str, Any]:
     return freeze()
+
+
+# Stands for "the probe's own empty evidence", filled in from the target's probe name.
+_NO_EVIDENCE = Evidence()
 
 
 @dataclass(frozen=True)
@@ -259,11 +265,15 @@ class ProbeResult:
     failure: str | None = None
     failed_operation: Operation | None = None
     phases: Mapping[str, float] = field(default_factory=_empty)  # phase -> seconds
-    details: Mapping[str, Any] = field(default_factory=_empty)  # JSON-able evidence
+    # The probe's own evidence class (`probe.evidence`); its JSON form is the "details"
+    # of every record.  Left out: the probe's empty evidence.
+    evidence: Evidence = _NO_EVIDENCE
     flags: tuple[str, ...] = ()  # anomalies that are not failures (e.g. dns_injection)
     skipped: SkipReason | None = None
 
     def __post_init__(self) -> None:
+        if self.evidence is _NO_EVIDENCE:
+            object.__setattr__(self, "evidence", empty_evidence(self.target.probe))
         if self.ok and self.failure is not None:
             raise ValueError("a successful result carries no failure")
         if not self.ok and self.failure is None and self.skipped is None:
@@ -272,6 +282,12 @@ class ProbeResult:
     @property
     def failure_kind(self) -> Failure | None:
         return failure_kind(self.failure)
+
+    @property
+    def details(self) -> Mapping[str, Any]:
+        """TRANSITIONAL SHIM (issue 12 item 1): the evidence read like the old mapping.
+        Read ``result.evidence``'s attributes instead; this goes with the shim."""
+        return self.evidence
 
     @property
     def status(self) -> Literal["ok", "failed", "skipped"]:

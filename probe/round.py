@@ -20,6 +20,7 @@ from datetime import datetime
 
 from .classify import AGENT_RESOURCES
 from .config.settings import AgentConfig, ProbeSettings, SwapSettings, Timeouts
+from .evidence import DnsEvidence, TransferEvidence
 from .gate import check_vantage
 from .model import (
     Endpoint,
@@ -101,8 +102,9 @@ def collect_addresses(ep: Endpoint, dns_results: Sequence[ProbeResult]) -> dict[
     if ep.is_ip_literal:
         found[ep.host] = "literal"
     for result in dns_results:
-        answers: Mapping[str, Sequence[str]] = result.details.get("answers", {}) or {}
-        for address in [*answers.get("A", ()), *answers.get("AAAA", ())]:
+        evidence = result.evidence
+        found_here = evidence.addresses() if isinstance(evidence, DnsEvidence) else ()
+        for address in found_here:
             if _usable(address, ep):
                 found.setdefault(address, _source_of(result.target.resolver or ""))
     for address in ep.addresses:
@@ -168,8 +170,9 @@ SLOW_PATH_FLAG = "timeouts_stretched_slow_path"
 def _shows_slow_path(result: ProbeResult) -> bool:
     if result.target.probe != "transfer":
         return False
-    connections = result.details.get("connections") or ()
-    gaps = any(isinstance(c, Mapping) and c.get("long_gaps") for c in connections)
+    evidence = result.evidence
+    connections = evidence.connections if isinstance(evidence, TransferEvidence) else ()
+    gaps = any(c.long_gaps for c in connections)
     return (
         result.failure == "throttled"
         or gaps

@@ -5,12 +5,29 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from probe.config.settings import ProbeSettings, Resolvers, Timeouts, TLSOptions
+from probe.evidence import Evidence
 from probe.model import Endpoint, Operation, ProbeResult, ProbeSpec, SkipReason, Target, freeze
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class RawEvidence(Evidence):
+    """TRANSITIONAL, goes with the evidence mapping shim (issue 12 item 1): hand-made
+    details of any shape, for tests of readers that still read evidence by key (hostile
+    or foreign records in the archive tests).  Probes never produce it."""
+
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        pass  # any shape: nothing to freeze or check
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.raw)
 
 
 def endpoint(

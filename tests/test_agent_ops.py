@@ -27,6 +27,7 @@ from prometheus_client import generate_latest
 from probe.config.loader import load_config
 from probe.config.settings import AgentConfig, Schedule, Timeouts
 from probe.daemon import Agent, build_app
+from probe.evidence import CertificateEvidence, TlsEvidence, TlsOffer
 from probe.lab.servers.dns import AnswerTable, DNSServer
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.model import Operation, ProbeResult, Service
@@ -595,10 +596,10 @@ async def test_hostile_evidence_never_reaches_the_status_page_as_markup(tmp_path
     None of it may become markup on the page; the page also forbids scripts outright."""
     path = write_config(tmp_path / "agent.yaml", 9, 9)
     agent = Agent(load_config(path), str(path))
-    rec = Recorder(target("tls", "192.0.2.1", 443, name="up", service="lab"))
-    rec.details.update(
-        certificate={"subject": "CN=<script>alert(1)</script>"},
-        answers={"A": ["<img src=x onerror=alert(1)>"]},
+    rec = Recorder(target("tls", "192.0.2.1", 443, name="up", service="lab"), TlsEvidence())
+    rec.evidence = TlsEvidence(
+        certificate=CertificateEvidence(subject="CN=<script>alert(1)</script>"),
+        offer=TlsOffer(sni="<img src=x onerror=alert(1)>"),
     )
     agent.store.record_many([rec.fail("unknown_failure <svg onload=alert(1)>", Operation.READ)])
     agent.store.set_verdicts(judge_round(agent.store.snapshot().results.values()))

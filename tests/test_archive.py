@@ -42,7 +42,7 @@ from probe.lab.servers.tls import TLSServer
 from probe.model import Operation, ProbeResult, SkipReason, Target, Vantage, freeze
 from probe.probes.dns import probe as dns_probe
 from probe.probes.tls import probe as tls_probe
-from tests.helpers import settings, target
+from tests.helpers import RawEvidence, settings, target
 
 T0 = datetime(2025, 3, 1, 12, 0, 5, 250000, tzinfo=UTC)
 VANTAGE = Vantage("msk-1", "RU", "AS12389", "test")
@@ -82,7 +82,7 @@ def result(
         failure=failure,
         failed_operation=op,
         phases=freeze(phases or {}),
-        details=freeze(details),
+        evidence=RawEvidence(raw=details),
     )
 
 
@@ -393,7 +393,7 @@ def test_any_detail_value_serialises_to_one_json_line(
     fuzz_writer: ArchiveWriter, details: dict[str, Any]
 ) -> None:
     before = fuzz_writer.current.stat().st_size
-    assert fuzz_writer.write(ProbeResult(G_TLS, True, T0, 0.01, details=freeze(details)))
+    assert fuzz_writer.write(ProbeResult(G_TLS, True, T0, 0.01, evidence=RawEvidence(raw=details)))
     with fuzz_writer.current.open("rb") as f:
         f.seek(before)
         raw = f.read()
@@ -614,15 +614,15 @@ CHILD = textwrap.dedent(
     from datetime import UTC, datetime, timedelta
     from probe.archive import ArchiveWriter
     from probe.model import ProbeResult, Vantage, freeze
-    from tests.helpers import target
+    from tests.helpers import RawEvidence, target
 
     t = target("mtproto", "192.0.2.10", 443, service="telegram", name="dc1")
     start = datetime(2025, 3, 1, tzinfo=UTC)
     writer = ArchiveWriter(sys.argv[1], Vantage(), max_bytes=32768, keep=100000, compress=True)
     for i in range(200000):  # bounded; the parent kills us long before
         at = start + timedelta(seconds=i)
-        details = freeze({"seq": i, "pad": "x" * 2000})
-        writer.write(ProbeResult(t, True, at, 0.01, details=details))
+        details = RawEvidence(raw={"seq": i, "pad": "x" * 2000})
+        writer.write(ProbeResult(t, True, at, 0.01, evidence=details))
         if i == 400:
             print("ready", flush=True)
     """

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from probe.config.settings import AgentConfig, MetricsSettings
+from probe.evidence import StunEvidence, StunFlow
 from probe.exporter import SERIES_LABELS, make_registry
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.model import (
@@ -49,11 +50,13 @@ RELAY = target("stun", "192.0.2.30", 3478, service="whatsapp", name="relay")
 
 def flow(cutoff_s: float | None) -> ProbeResult:
     """A call-like STUN flow (details as the stun probe writes them)."""
-    details = {"mode": "flow", "sent": 60, "loss": 0.25, "jitter_s": 0.002, "cutoff_s": cutoff_s}
+    evidence = StunEvidence(
+        stun_transport="udp",
+        mode="flow",
+        flow=StunFlow(sent=60, loss=0.25, jitter_s=0.002, cutoff_s=cutoff_s),
+    )
     if cutoff_s is None:
-        return ProbeResult(
-            RELAY, True, T0, 3.2, phases=freeze({"flow": 3.2}), details=freeze(details)
-        )
+        return ProbeResult(RELAY, True, T0, 3.2, phases=freeze({"flow": 3.2}), evidence=evidence)
     return ProbeResult(
         RELAY,
         False,
@@ -62,7 +65,7 @@ def flow(cutoff_s: float | None) -> ProbeResult:
         failure=Failure.UDP_NO_RESPONSE,
         failed_operation=Operation.READ,
         phases=freeze({"flow": 3.2}),
-        details=freeze(details),
+        evidence=evidence,
     )
 
 

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from probe.config.settings import ProbeSettings, Resolvers
+from probe.evidence import DnsEvidence
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.dns import AnswerTable, Behaviour, DNSServer, plan_replies
 from probe.lab.servers.doh import CONTENT_TYPE, DoHServer
@@ -522,7 +523,7 @@ def _result(
     prefixes: tuple[Any, ...] = (),
     skipped: SkipReason | None = None,
 ) -> ProbeResult:
-    from probe.model import freeze, utcnow
+    from probe.model import utcnow
 
     tgt = dns_target(resolver, host, prefixes)
     a = [x for x in answers if ":" not in x]
@@ -533,7 +534,7 @@ def _result(
         t=utcnow(),
         duration_s=0.01,
         failure=failure,
-        details=freeze({"answers": {"A": a, "AAAA": aaaa}}),
+        evidence=DnsEvidence(answers={"A": tuple(a), "AAAA": tuple(aaaa)}),
         skipped=skipped,
     )
 

@@ -401,9 +401,9 @@ def test_server_names(
 
 def test_unparseable_certificate_keeps_its_fingerprint() -> None:
     evidence = tls.certificate_evidence(b"\x30\x03not a certificate")
-    assert evidence["sha256"] == hashlib.sha256(b"\x30\x03not a certificate").hexdigest()
-    assert evidence["parse_error"]
-    assert "subject" not in evidence
+    assert evidence.sha256 == hashlib.sha256(b"\x30\x03not a certificate").hexdigest()
+    assert evidence.parse_error
+    assert evidence.subject is None
 
 
 # --- path-aware handshake timeout ------------------------------------------------------------

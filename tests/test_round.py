@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from probe.config.settings import ProbeSettings, SwapSettings
+from probe.evidence import DnsEvidence, TransferEvidence
 from probe.lab.servers.stun import StunServer
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.model import Failure, Operation, ProbeResult, Target, VantageState, freeze, utcnow
@@ -227,7 +228,7 @@ def test_address_sources_take_turns_so_doh_and_seeds_are_not_crowded_out() -> No
 
     def answer(resolver: str, a: list[str]) -> ProbeResult:
         t = Target(ep, "dns", resolver=resolver)
-        return Recorder(t).ok(answers={"A": a, "AAAA": []})
+        return Recorder(t, DnsEvidence()).ok(DnsEvidence(answers={"A": tuple(a), "AAAA": ()}))
 
     found = collect_addresses(
         ep, [answer("system", system), answer("doh:https://d.example/q", ["157.240.1.5"])]
@@ -242,7 +243,7 @@ async def test_a_path_a_transfer_found_slow_gets_stretched_timeouts_after_it() -
     seen: list[float] = []
 
     async def transfer(t: Target, s: ProbeSettings) -> ProbeResult:
-        return Recorder(t).fail(Failure.THROTTLED, Operation.READ, connections=[])
+        return Recorder(t, TransferEvidence()).fail(Failure.THROTTLED, Operation.READ)
 
     async def tcp(t: Target, s: ProbeSettings) -> ProbeResult:
         seen.append(s.timeouts.connect_s)

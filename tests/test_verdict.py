@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from probe.evidence import evidence_from_json
 from probe.model import Operation, ProbeResult, SkipReason, Target, freeze
 from probe.probes.base import Recorder
 from probe.results import VERDICTS, ResultStore
@@ -84,10 +85,11 @@ def run(
     rec = Recorder(target)
     for flag in flags:
         rec.flag(flag)
+    evidence = evidence_from_json(probe, details)  # details in the probes' JSON shape
     if failure is None:
-        return rec.ok(**details)
+        return rec.ok(evidence)
     assert op is not None
-    return rec.fail(failure, op, **details)
+    return rec.fail(failure, op, evidence)
 
 
 def stun_silence(**kw: Any) -> ProbeResult:

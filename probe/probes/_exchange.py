@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from ..config.settings import ProbeSettings
+from ..evidence import ExchangeEvidence
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire import WireError
 from .base import Recorder
@@ -33,6 +35,7 @@ from .tcp import connect, record_connect_rtt, require_address, socket_evidence
 from .tls import handshake_timeout
 
 T = TypeVar("T")
+E = TypeVar("E", bound=ExchangeEvidence)
 
 _EVIDENCE_BYTES = 16  # how much of an unexpected reply to keep (hex), as the tcp probe does
 _CLOSE_WAIT_S = 1.0
@@ -41,7 +44,7 @@ _CLOSE_WAIT_S = 1.0
 class ReplyReader:
     """Exact-count reads from the peer that time the first byte and keep evidence."""
 
-    def __init__(self, reader: asyncio.StreamReader, rec: Recorder) -> None:
+    def __init__(self, reader: asyncio.StreamReader, rec: Recorder[Any]) -> None:
         self._reader = reader
         self._rec = rec
         self.received = 0
@@ -73,12 +76,13 @@ class ReplyReader:
         if room > 0:
             self._head += data[:room]
 
-    def evidence(self) -> dict[str, Any]:
-        return {"bytes_received": self.received, "first_bytes_hex": self._head.hex()}
+    def evidence(self, evidence: E) -> E:
+        """``evidence`` plus the bytes received so far and the first of them (hex)."""
+        return replace(evidence, bytes_received=self.received, first_bytes_hex=self._head.hex())
 
 
 ReadReply = Callable[[ReplyReader], Awaitable[T]]
-Judge = Callable[[Recorder, T, ReplyReader], ProbeResult]
+Judge = Callable[[Recorder[E], T, ReplyReader], ProbeResult]
 
 
 async def exchange(
@@ -86,18 +90,20 @@ async def exchange(
     settings: ProbeSettings,
     request: bytes,
     read_reply: ReadReply[T],
-    judge: Judge[T],
+    judge: Judge[E, T],
+    evidence: E,
 ) -> ProbeResult:
-    """Connect, send ``request``, parse one reply with ``read_reply``, let ``judge`` decide."""
-    rec = Recorder(target)
+    """Connect, send ``request``, parse one reply with ``read_reply``, let ``judge`` decide.
+    ``evidence`` is the probe's empty evidence, filled in here up to the reply."""
+    rec = Recorder(target, evidence)
     address, port = require_address(target)  # a missing address is a config bug: raises
     try:
         with rec.phase("connect"):
             sock = await connect(address, port, settings.timeouts.connect_s)
     except OSError as exc:  # TimeoutError and ConnectionError are OSErrors
         return rec.fail_exc(exc, Operation.CONNECT)
-    record_connect_rtt(rec, sock)
-    rec.details.update(socket_evidence(sock))
+    rtt = record_connect_rtt(rec, sock)
+    rec.evidence = replace(rec.evidence, connect_rtt_s=rtt, socket=socket_evidence(sock))
     try:
         reader, writer = await asyncio.open_connection(sock=sock)
     except BaseException:
@@ -110,13 +116,13 @@ async def exchange(
 
 
 async def _request_reply(
-    rec: Recorder,
+    rec: Recorder[E],
     settings: ProbeSettings,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     request: bytes,
     read_reply: ReadReply[T],
-    judge: Judge[T],
+    judge: Judge[E, T],
 ) -> ProbeResult:
     replies = ReplyReader(reader, rec)
     step = Operation.WRITE
@@ -126,7 +132,7 @@ async def _request_reply(
         # app_s is a floor: after a slow connect (a SYN retransmitted, so the kernel's
         # retransmission timeout for our request is 3 s) it grows, within bounds.
         budget, _ = handshake_timeout(settings.timeouts.app_s, rec.phases.get("connect"))
-        rec.details["app_timeout_s"] = round(budget, 3)
+        rec.evidence = replace(rec.evidence, app_timeout_s=round(budget, 3))
         async with asyncio.timeout(budget):
             writer.write(request)
             await writer.drain()
@@ -134,15 +140,10 @@ async def _request_reply(
             with rec.phase("handshake"):
                 reply = await read_reply(replies)
     except WireError as exc:
-        return rec.fail(
-            Failure.BAD_RESPONSE,
-            Operation.READ,
-            reason="malformed",
-            error=str(exc),
-            **replies.evidence(),
-        )
+        malformed = replace(rec.evidence, reason="malformed", error=str(exc))
+        return rec.fail(Failure.BAD_RESPONSE, Operation.READ, replies.evidence(malformed))
     except (OSError, EOFError, TimeoutError) as exc:
-        return rec.fail_exc(exc, step, **replies.evidence())
+        return rec.fail_exc(exc, step, replies.evidence(rec.evidence))
     return judge(rec, reply, replies)
 
 

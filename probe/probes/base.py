@@ -2,32 +2,47 @@
 
 Every probe is ``async def probe(target: Target, settings: ProbeSettings) -> ProbeResult``
 and never raises on a network failure: it returns a failed result whose
-failure string comes from `probe.classify`.
+failure string comes from `probe.classify`.  Each probe records its evidence in its own
+frozen class from `probe.evidence`, replacing it as it learns more
+(``rec.evidence = replace(rec.evidence, ...)``: mypy checks the field names).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Generic, TypeVar, cast, overload
 
 from ..classify import classify_exception
 from ..config.settings import ProbeSettings
+from ..evidence import Evidence, empty_evidence
 from ..model import Operation, ProbeResult, SkipReason, Target, freeze, utcnow
 
 ProbeFn = Callable[[Target, ProbeSettings], Awaitable[ProbeResult]]
+E = TypeVar("E", bound=Evidence)
 
 
-class Recorder:
-    """Collects phase timings, evidence and flags while a probe runs, then builds its result."""
+class Recorder(Generic[E]):
+    """Collects phase timings, evidence and flags while a probe runs, then builds its result.
 
-    def __init__(self, target: Target) -> None:
+    ``evidence`` starts as the probe's empty evidence; the probe replaces it as it goes.
+    Without one, the target's probe's empty evidence (a result with nothing recorded).
+    """
+
+    @overload
+    def __init__(self: Recorder[Evidence], target: Target) -> None: ...
+    @overload
+    def __init__(self, target: Target, evidence: E) -> None: ...
+    def __init__(self, target: Target, evidence: Evidence | None = None) -> None:
         self.target = target
         self.t = utcnow()
         self._start = time.monotonic()
         self.phases: dict[str, float] = {}
-        self.details: dict[str, Any] = {}
+        # E is Evidence itself when no evidence was given (the first overload)
+        given = evidence if evidence is not None else empty_evidence(target.probe)
+        self.evidence: E = cast(E, given)
         self.flags: list[str] = []
 
     @contextmanager
@@ -57,21 +72,26 @@ class Recorder:
             t=self.t,
             duration_s=self.elapsed(),
             phases=freeze(self.phases),
-            details=freeze(self.details),
+            evidence=self.evidence,
             flags=tuple(self.flags),
             **kw,
         )
 
-    def ok(self, **details: Any) -> ProbeResult:
-        self.details.update(details)
+    def ok(self, evidence: E | None = None) -> ProbeResult:
+        """The successful result; ``evidence``, when given, is the final evidence."""
+        if evidence is not None:
+            self.evidence = evidence
         return self._result(True)
 
-    def fail(self, failure: str, operation: Operation, **details: Any) -> ProbeResult:
-        self.details.update(details)
+    def fail(self, failure: str, operation: Operation, evidence: E | None = None) -> ProbeResult:
+        if evidence is not None:
+            self.evidence = evidence
         return self._result(False, failure=str(failure), failed_operation=operation)
 
-    def fail_exc(self, exc: BaseException, operation: Operation, **details: Any) -> ProbeResult:
-        return self.fail(classify_exception(exc), operation, **details)
+    def fail_exc(
+        self, exc: BaseException, operation: Operation, evidence: E | None = None
+    ) -> ProbeResult:
+        return self.fail(classify_exception(exc), operation, evidence)
 
     def skip(self, reason: SkipReason) -> ProbeResult:
         return self._result(False, skipped=reason)
@@ -89,4 +109,5 @@ async def run_guarded(fn: ProbeFn, target: Target, settings: ProbeSettings) -> P
         return await fn(target, settings)
     except Exception as exc:  # the agent must keep going whatever a peer sends
         op = default_operation(target)
-        return recorder.fail_exc(exc, op, internal_error=type(exc).__name__)
+        evidence = dataclasses.replace(recorder.evidence, internal_error=type(exc).__name__)
+        return recorder.fail_exc(exc, op, evidence)

@@ -28,7 +28,7 @@ import ssl
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import aiohttp
@@ -36,6 +36,7 @@ import dns.message
 
 from ..classify import classify_exception
 from ..config.settings import ProbeSettings
+from ..evidence import DnsEvidence, DnsReply
 from ..model import Failure, Operation, ProbeResult, Target, failure_kind
 from ..wire import WireError
 from ..wire.dnsmsg import (
@@ -131,7 +132,7 @@ class _Outcome:
     rcode: str | None = None
     addresses: tuple[str, ...] = ()
     error: str | None = None  # classified failure when no usable reply arrived
-    replies: list[dict[str, Any]] = field(default_factory=list)  # evidence
+    replies: list[DnsReply] = field(default_factory=list)  # evidence
     disagree: bool = False  # several matching replies that differ: injection
 
     @property
@@ -150,19 +151,18 @@ def _judge(
     out = _Outcome()
     matching: list[tuple[str, tuple[str, ...]]] = []
     for delay, data in raw:
-        entry: dict[str, Any] = {"qtype": qtype, "delay_s": round(delay, 6)}
-        out.replies.append(entry)
+        entry = DnsReply(qtype=qtype, delay_s=round(delay, 6))
         try:
             message = parse_message(data)
         except WireError:
-            entry["garbage_hex"] = data[:_GARBAGE_EVIDENCE].hex()
+            out.replies.append(replace(entry, garbage_hex=data[:_GARBAGE_EVIDENCE].hex()))
             continue
         rcode, addrs = rcode_text(message), addresses(message, qname, qtype)
-        entry.update(rcode=rcode, answers=list(addrs))
-        if matches_query(query, message):
+        ours = matches_query(query, message)
+        # not ours: wrong transaction ID or question (mismatch)
+        out.replies.append(replace(entry, rcode=rcode, answers=tuple(addrs), mismatch=not ours))
+        if ours:
             matching.append((rcode, addrs))
-        else:
-            entry["mismatch"] = True  # wrong transaction ID or question: not our answer
     if matching:
         out.rcode, out.addresses = matching[0]
         out.disagree = len({(r, frozenset(a)) for r, a in matching}) > 1
@@ -321,20 +321,22 @@ async def _doh_query(session: aiohttp.ClientSession, url: str, qname: str, qtype
     except aiohttp.ClientResponseError as exc:
         # aiohttp could not read an HTTP response (bad status line, headers ...): the
         # server spoke, never an answer.  Its message quotes the peer's bytes: not kept.
-        unreadable = {"qtype": qtype, "http_error": type(exc).__name__}
+        unreadable = DnsReply(qtype=qtype, http_error=type(exc).__name__)
         return _Outcome(error=Failure.DNS_SERVER_MISBEHAVING, replies=[unreadable])
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         return _failed(exc)
     delay = time.monotonic() - start
     if status != 200 or content_type != DOH_CONTENT_TYPE or body is None:
-        evidence = {"qtype": qtype, "delay_s": round(delay, 6), "http_status": status}
-        evidence["content_type"] = content_type
-        if body is None:
-            evidence["oversized"] = True
+        evidence = DnsReply(
+            qtype=qtype,
+            delay_s=round(delay, 6),
+            http_status=status,
+            content_type=content_type,
+            oversized=body is None,
+        )
         return _Outcome(error=Failure.DNS_SERVER_MISBEHAVING, replies=[evidence])
     out = _judge(query, qname, qtype, [(delay, body)])
-    for entry in out.replies:
-        entry["http_status"] = status
+    out.replies = [replace(entry, http_status=status) for entry in out.replies]
     return out
 
 
@@ -424,32 +426,33 @@ def _rank(failure: str) -> float:
 
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     """Resolve ``target.endpoint.host`` (A and AAAA) via ``target.resolver``."""
-    rec = Recorder(target)
     resolver = target.resolver or "system"
+    rec = Recorder(target, DnsEvidence(resolver=resolver))
     spec = parse_resolver(resolver)
     qname = target.endpoint.host
-    rec.details["resolver"] = resolver
     with rec.phase("resolve"):
         outcomes = await _RESOLVERS[spec.kind](spec, qname, settings)
     return _finish(rec, target.endpoint.prefixes, outcomes, with_replies=spec.kind != "system")
 
 
 def _finish(
-    rec: Recorder,
+    rec: Recorder[DnsEvidence],
     prefixes: Sequence[IPNetwork],
     outcomes: dict[str, _Outcome],
     *,
     with_replies: bool,
 ) -> ProbeResult:
-    answers = {qt: list(o.addresses) for qt, o in outcomes.items()}
-    rec.details["answers"] = answers
-    rec.details["rcodes"] = {qt: o.rcode for qt, o in outcomes.items() if o.rcode}
-    # Rcodes tell the DNS-level story; these are the queries that got no usable reply.
+    answers = {qt: tuple(o.addresses) for qt, o in outcomes.items()}
+    # Rcodes tell the DNS-level story; errors are the queries that got no usable reply.
     errors = {qt: str(o.error) for qt, o in outcomes.items() if o.error}
-    if errors:
-        rec.details["errors"] = errors
-    if with_replies:
-        rec.details["replies"] = [entry for o in outcomes.values() for entry in o.replies]
+    replies = tuple(entry for o in outcomes.values() for entry in o.replies)
+    rec.evidence = replace(
+        rec.evidence,
+        answers=answers,
+        rcodes={qt: o.rcode for qt, o in outcomes.items() if o.rcode},
+        errors=errors or None,
+        replies=replies if with_replies else None,
+    )
     if any(o.disagree for o in outcomes.values()):
         rec.flag("dns_injection_suspected")
     found = [a for qt in QTYPES for a in answers[qt]]
@@ -459,10 +462,9 @@ def _finish(
     if prefixes and any(not in_prefixes(a, prefixes) for a in found):
         rec.flag("dns_answer_outside_prefixes")
     # A bogon inside the service's own prefixes is legitimate (lab services live on 127/8).
-    bogons = [a for a in found if suspect_bogon(a, prefixes)]
+    bogons = tuple(a for a in found if suspect_bogon(a, prefixes))
     if bogons:
-        rec.details["bogons"] = bogons
-        return rec.fail(Failure.DNS_BOGON, Operation.RESOLVE)
+        return rec.fail(Failure.DNS_BOGON, Operation.RESOLVE, replace(rec.evidence, bogons=bogons))
     return rec.ok()
 
 
@@ -486,8 +488,9 @@ def _answer_set(result: ProbeResult) -> frozenset[str] | None:
     if kind in _NEGATIVE:
         return frozenset()
     if result.ok or kind == Failure.DNS_BOGON:
-        answers = result.details.get("answers", {})
-        return frozenset(a for qt in QTYPES for a in answers.get(qt, ()))
+        evidence = result.evidence
+        found = evidence.addresses() if isinstance(evidence, DnsEvidence) else ()
+        return frozenset(found)
     return None
 
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import replace
 
 from ..config.settings import ProbeSettings
+from ..evidence import MtprotoEvidence
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire import mtproto
 from ._exchange import ReplyReader, exchange
@@ -36,29 +38,30 @@ async def _read_reply(replies: ReplyReader) -> mtproto.ResPQ | mtproto.Transport
 
 def _judge(
     nonce: bytes,
-    rec: Recorder,
+    rec: Recorder[MtprotoEvidence],
     reply: mtproto.ResPQ | mtproto.TransportError,
     replies: ReplyReader,
 ) -> ProbeResult:
     if isinstance(reply, mtproto.TransportError):
-        return rec.fail(
-            Failure.BAD_RESPONSE,
-            Operation.READ,
+        evidence = replace(
+            rec.evidence,
             reason="transport_error",
             transport_error=reply.code,
             transport_error_framed=reply.framed,
-            **replies.evidence(),
         )
+        return rec.fail(Failure.BAD_RESPONSE, Operation.READ, replies.evidence(evidence))
     if reply.nonce != nonce:
-        return rec.fail(
-            Failure.BAD_RESPONSE, Operation.READ, reason="nonce_mismatch", **replies.evidence()
-        )
+        evidence = replace(rec.evidence, reason="nonce_mismatch")
+        return rec.fail(Failure.BAD_RESPONSE, Operation.READ, replies.evidence(evidence))
     return rec.ok(
-        server_nonce_present=any(reply.server_nonce),
-        fingerprints=len(reply.fingerprints),
-        pq_bytes=len(reply.pq),
-        bytes_received=replies.received,
-        rtt_ms=round(rec.phases["handshake"] * 1000, 3),
+        replace(
+            rec.evidence,
+            server_nonce_present=any(reply.server_nonce),
+            fingerprints=len(reply.fingerprints),
+            pq_bytes=len(reply.pq),
+            bytes_received=replies.received,
+            rtt_ms=round(rec.phases["handshake"] * 1000, 3),
+        )
     )
 
 
@@ -67,8 +70,10 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     request = mtproto.req_pq_multi_packet(nonce, time.time())
 
     def judge(
-        rec: Recorder, reply: mtproto.ResPQ | mtproto.TransportError, replies: ReplyReader
+        rec: Recorder[MtprotoEvidence],
+        reply: mtproto.ResPQ | mtproto.TransportError,
+        replies: ReplyReader,
     ) -> ProbeResult:
         return _judge(nonce, rec, reply, replies)
 
-    return await exchange(target, settings, request, _read_reply, judge)
+    return await exchange(target, settings, request, _read_reply, judge, MtprotoEvidence())

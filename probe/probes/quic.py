@@ -44,7 +44,7 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import service_identity.cryptography
@@ -59,6 +59,7 @@ from OpenSSL import crypto as openssl_crypto
 
 from ..classify import classify_exception, classify_quic_close, scrub
 from ..config.settings import ProbeSettings
+from ..evidence import QuicClose, QuicDatagrams, QuicEvidence, QuicNegotiated, QuicOffer
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire import WireError
 from ..wire.quic import (
@@ -129,14 +130,14 @@ class _Close:
     trigger_frame_type: int | None
     reason: str
 
-    def details(self) -> dict[str, Any]:
-        return {
-            "quic_close_by": self.by,
-            "quic_error_code": f"0x{self.error_code:x}",
-            "quic_error_space": "application" if self.application else "transport",
-            "quic_frame_type": self.trigger_frame_type,
-            "quic_reason": scrub(self.reason)[:_MAX_REASON],
-        }
+    def evidence(self) -> QuicClose:
+        return QuicClose(
+            quic_close_by=self.by,
+            quic_error_code=f"0x{self.error_code:x}",
+            quic_error_space="application" if self.application else "transport",
+            quic_frame_type=self.trigger_frame_type,
+            quic_reason=scrub(self.reason)[:_MAX_REASON],
+        )
 
 
 class _CloseTrace(QuicLoggerTrace):
@@ -400,18 +401,17 @@ def _diagnose_bad_certificate(
     return None
 
 
-def _vn_details(vn: VersionNegotiation) -> list[str]:
-    return [f"0x{v:08x}" for v in vn.versions]
+def _vn_details(vn: VersionNegotiation) -> tuple[str, ...]:
+    return tuple(f"0x{v:08x}" for v in vn.versions)
 
 
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
-    rec = Recorder(target)
+    rec = Recorder(target, QuicEvidence())
     params = _Params.of(target)
-    rec.details.update(
-        sni=params.sni,
-        alpn_offered=list(params.alpn),
-        quic_version=f"0x{params.version:08x}",
+    offer = QuicOffer(
+        sni=params.sni, alpn_offered=tuple(params.alpn), quic_version=f"0x{params.version:08x}"
     )
+    rec.evidence = QuicEvidence(offer=offer)
     config = _configuration(params, settings)
     try:
         sock = connected_udp_socket(params.address, params.port)
@@ -441,48 +441,56 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
 
 
 def _outcome(
-    rec: Recorder,
+    rec: Recorder[QuicEvidence],
     proto: _HandshakeProtocol,
     connection: QuicConnection,
     params: _Params,
     settings: ProbeSettings,
 ) -> ProbeResult:
     tap = proto.tap
-    rec.details.update(
+    datagrams = QuicDatagrams(
         datagrams_sent=tap.sent if tap else 0,
         datagrams_received=proto.received,
-        server_packet_types=list(proto.qlog.trace.received_types) if proto.qlog.trace else [],
+        server_packet_types=tuple(proto.qlog.trace.received_types) if proto.qlog.trace else (),
         initial_datagram_bytes=len(tap.first) if tap and tap.first else None,
     )
+    rec.evidence = replace(rec.evidence, datagrams=datagrams)
     cert, chain = _peer_certificate(connection)
     if cert is not None:
         # Kept on failure too: a MITM certificate is the finding.  aioquic holds it
         # after a failed verification, so unlike the tls probe no second handshake.
         der = cert.public_bytes(serialization.Encoding.DER)
-        rec.details.update(certificate=certificate_evidence(der), certificate_source="handshake")
+        rec.evidence = replace(
+            rec.evidence, certificate=certificate_evidence(der), certificate_source="handshake"
+        )
     if cert is not None and proto.completed is None:
         # As in the tls probe: on a failed handshake the chain is the evidence (a MITM's
         # forged issuer), archived as OONI's quic_handshakes[].peer_certificates.
-        rec.details["peer_certificates"] = chain_evidence(
-            [c.public_bytes(serialization.Encoding.DER) for c in [cert, *chain]]
+        rec.evidence = replace(
+            rec.evidence,
+            peer_certificates=chain_evidence(
+                [c.public_bytes(serialization.Encoding.DER) for c in [cert, *chain]]
+            ),
         )
     op = Operation.QUIC_HANDSHAKE
 
     if proto.completed is not None:
-        return rec.ok(alpn=proto.completed.alpn_protocol)
+        negotiated = QuicNegotiated(alpn=proto.completed.alpn_protocol)
+        return rec.ok(replace(rec.evidence, negotiated=negotiated))
     if proto.vn is not None:
+        offered = _vn_details(proto.vn)
         return rec.fail(
-            Failure.QUIC_INCOMPATIBLE_VERSION, op, offered_versions=_vn_details(proto.vn)
+            Failure.QUIC_INCOMPATIBLE_VERSION, op, replace(rec.evidence, offered_versions=offered)
         )
     if proto.vn_ignored is not None:
         rec.flag("quic_vn_lists_our_version")
-        rec.details["offered_versions"] = _vn_details(proto.vn_ignored)
+        rec.evidence = replace(rec.evidence, offered_versions=_vn_details(proto.vn_ignored))
     if proto.socket_error is not None:
         return rec.fail_exc(proto.socket_error, op)
     close = proto.close_frame or _terminated_close(proto.terminated)
     if close is None:
         return rec.fail(Failure.GENERIC_TIMEOUT, op)
-    rec.details.update(close.details())
+    rec.evidence = replace(rec.evidence, close=close.evidence())
     failure = classify_quic_close(
         close.error_code, application=close.application, by_peer=close.by == "peer"
     )

@@ -28,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from ..config.settings import ProbeSettings
+from ..evidence import QuicVnEvidence
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire import WireError
 from ..wire.quic import (
@@ -124,11 +126,11 @@ def _version(target: Target) -> int:
 
 
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
-    rec = Recorder(target)
+    rec = Recorder(target, QuicVnEvidence())
     version = _version(target)
     dcid, scid = os.urandom(_CID_LEN), os.urandom(_CID_LEN)
     packet = build_vn_probe(version, dcid, scid, noise=os.urandom(MIN_INITIAL_SIZE))
-    rec.details.update(probe_version=f"0x{version:08x}", datagram_bytes=len(packet))
+    rec.evidence = QuicVnEvidence(probe_version=f"0x{version:08x}", datagram_bytes=len(packet))
     try:
         sock = connected_udp_socket(*require_address(target))
     except OSError as exc:
@@ -154,21 +156,25 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
                     break
     finally:
         transport.close()
-    rec.details.update(datagrams_sent=sent, datagrams_received=proto.replies)
+    rec.evidence = replace(rec.evidence, datagrams_sent=sent, datagrams_received=proto.replies)
     return _outcome(rec, proto)
 
 
-def _outcome(rec: Recorder, proto: _VNProtocol) -> ProbeResult:
+def _outcome(rec: Recorder[QuicVnEvidence], proto: _VNProtocol) -> ProbeResult:
     op = Operation.QUIC_HANDSHAKE
     if not proto.answer.done():
         if proto.invalid is not None:
-            return rec.fail(Failure.BAD_RESPONSE, op, invalid_reply=proto.invalid)
+            invalid = replace(rec.evidence, invalid_reply=proto.invalid)
+            return rec.fail(Failure.BAD_RESPONSE, op, invalid)
         return rec.fail(Failure.UDP_NO_RESPONSE, op)
     exc = proto.answer.exception()
     if exc is not None:
         return rec.fail_exc(exc, op)
     vn = proto.answer.result()
     return rec.ok(
-        offered_versions=[f"0x{v:08x}" for v in vn.versions],
-        offers_quic_v1=QUIC_V1 in vn.versions,
+        replace(
+            rec.evidence,
+            offered_versions=tuple(f"0x{v:08x}" for v in vn.versions),
+            offers_quic_v1=QUIC_V1 in vn.versions,
+        )
     )

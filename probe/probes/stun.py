@@ -43,11 +43,22 @@ import secrets
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ..classify import classify_exception, scrub
 from ..config.settings import ProbeSettings, Timeouts
+from ..evidence import (
+    StunBinding,
+    StunControl,
+    StunEvidence,
+    StunFlow,
+    StunReflector,
+    StunReflectorReply,
+    StunResponse,
+    StunTransaction,
+    StunTxnReply,
+)
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire import WireError
 from ..wire import stun as wire
@@ -309,17 +320,20 @@ class _Transaction:
     response: wire.Message | None = None
     error: str | None = None
 
-    def record(self, sends: int | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"outcome": self.outcome, "rtt_s": _round(self.rtt_s)}
-        if sends is not None:
-            out["sent"] = sends
+    def evidence(self, sends: int | None = None) -> StunTransaction:
+        reply = None
         if self.response is not None:
-            out["class"] = self.response.msg_class.name.lower()
             err = self.response.error_code
-            out["error_code"] = err.code if err else None
-        if self.error is not None:
-            out["error"] = self.error
-        return out
+            reply = StunTxnReply(
+                msg_class=self.response.msg_class.name.lower(), error_code=err.code if err else None
+            )
+        return StunTransaction(
+            outcome=self.outcome,
+            rtt_s=_round(self.rtt_s),
+            sent=sends,
+            reply=reply,
+            error=self.error,
+        )
 
 
 @dataclass
@@ -382,52 +396,55 @@ class _Tally:
             t.outcome in ("malformed", "reflected") for t in self.transactions
         )
 
-    def details(self, local: tuple[str, int] | None, sends: list[int] | None) -> dict[str, Any]:
+    def evidence(self, local: tuple[str, int] | None, sends: list[int] | None) -> StunBinding:
         answered = self.answered
         count = len(self.transactions)
-        out: dict[str, Any] = {
-            "count": count,
-            "answered": len(answered),
-            "loss": round(1 - len(answered) / count, 4),
-            "rtt_s": [_round(t.rtt_s) for t in answered],
-            "transactions": [
-                t.record(sends[i] if sends else None) for i, t in enumerate(self.transactions)
-            ],
-            "malformed": self.malformed_stray
+        return StunBinding(
+            count=count,
+            answered=len(answered),
+            loss=round(1 - len(answered) / count, 4),
+            rtt_s=tuple(_round(t.rtt_s) for t in answered),
+            transactions=tuple(
+                t.evidence(sends[i] if sends else None) for i, t in enumerate(self.transactions)
+            ),
+            malformed=self.malformed_stray
             + sum(t.outcome == "malformed" for t in self.transactions),
-            "reflected": sum(t.outcome == "reflected" for t in self.transactions),
-            "unmatched": self.unmatched,
-            "duplicates": self.duplicates,
-        }
-        if self.first_error:
-            out["parse_error"] = self.first_error
-        if answered:
-            out.update(_response_details(answered[0].response, local, self.record_mapped))
-        return out
+            reflected=sum(t.outcome == "reflected" for t in self.transactions),
+            unmatched=self.unmatched,
+            duplicates=self.duplicates,
+            parse_error=self.first_error or None,
+            response=(
+                _response_evidence(answered[0].response, local, self.record_mapped)
+                if answered
+                else None
+            ),
+        )
 
 
-def _response_details(
+def _response_evidence(
     message: wire.Message | None, local: tuple[str, int] | None, record_mapped: bool
-) -> dict[str, Any]:
+) -> StunResponse | None:
     if message is None:
-        return {}
-    out: dict[str, Any] = {"response_class": message.msg_class.name.lower()}
+        return None
     err = message.error_code
-    if err is not None:
-        out["error_code"], out["error_reason"] = err.code, _peer_text(err.reason)
     mapped = message.xor_mapped_address or message.mapped_address
-    if mapped is not None:
-        # The address is the vantage's public address as the relay saw it: it identifies
-        # the volunteer running the agent, so it is kept only on request.  Family, port
-        # and whether a NAT rewrote us are evidence enough by default.
-        out["mapped_family"], out["mapped_port"] = mapped.family, mapped.port
-        if record_mapped:
-            out["mapped_address"] = str(mapped)
-        if local is not None:
-            out["nat"] = (mapped.host, mapped.port) != local
-    if message.software is not None:
-        out["software"] = _peer_text(message.software)
-    return out
+    # The mapped address is the vantage's public address as the relay saw it: it
+    # identifies the volunteer running the agent, so it is kept only on request.  Family,
+    # port and whether a NAT rewrote us are evidence enough by default.
+    return StunResponse(
+        response_class=message.msg_class.name.lower(),
+        error_code=err.code if err is not None else None,
+        error_reason=_peer_text(err.reason) if err is not None else None,
+        mapped_family=mapped.family if mapped is not None else None,
+        mapped_port=mapped.port if mapped is not None else None,
+        mapped_address=str(mapped) if mapped is not None and record_mapped else None,
+        nat=(
+            (mapped.host, mapped.port) != local
+            if mapped is not None and local is not None
+            else None
+        ),
+        software=_peer_text(message.software) if message.software is not None else None,
+    )
 
 
 def _peer_text(text: str) -> str:
@@ -448,24 +465,28 @@ def _requests(p: StunParams, n: int) -> list[_Transaction]:
     return out
 
 
-def _verdict(rec: Recorder, tally: _Tally, silent: Failure, **details: Any) -> ProbeResult:
+def _verdict(
+    rec: Recorder[StunEvidence], tally: _Tally, silent: Failure, binding: StunBinding
+) -> ProbeResult:
+    evidence = replace(rec.evidence, binding=binding)
     if tally.answered:
-        return rec.ok(**details)
+        return rec.ok(evidence)
     if tally.bad:
-        return rec.fail(Failure.BAD_RESPONSE, Operation.READ, **details)
-    return rec.fail(silent, Operation.READ, **details)
+        return rec.fail(Failure.BAD_RESPONSE, Operation.READ, evidence)
+    return rec.fail(silent, Operation.READ, evidence)
 
 
 # ---------------------------------------------------------------- binding over UDP
 
 
 async def _udp_binding(
-    rec: Recorder, address: str, port: int, p: StunParams, budget: float
+    rec: Recorder[StunEvidence], address: str, port: int, p: StunParams, budget: float
 ) -> ProbeResult:
     tally = _Tally(_requests(p, p.count), p.record_mapped_address)
     if p.control:
         with rec.phase("control"):
-            rec.details["control"] = await _control(address, port, tally, budget)
+            control = await _control(address, port, tally, budget)
+        rec.evidence = replace(rec.evidence, control=control)
     try:
         channel = await _UdpChannel.open(address, port)
     except OSError as exc:
@@ -478,20 +499,22 @@ async def _udp_binding(
                 channel, lambda at, data: tally.handle(at, data, lambda i: sender.first_sent[i])
             )
     except OSError as exc:
-        details = tally.details(None, sender.sends)
+        binding = replace(tally.evidence(None, sender.sends), datagrams_sent=channel.sent)
         if tally.answered:
-            return rec.ok(icmp_error=str(exc), datagrams_sent=channel.sent, **details)
-        return rec.fail_exc(exc, Operation.READ, datagrams_sent=channel.sent, **details)
+            return rec.ok(replace(rec.evidence, binding=replace(binding, icmp_error=str(exc))))
+        return rec.fail_exc(exc, Operation.READ, replace(rec.evidence, binding=binding))
     finally:
         channel.close()
-    details = tally.details(local, sender.sends)
-    details.update(datagrams_sent=channel.sent, datagrams_received=channel.received)
-    if channel.protocol.dropped:
-        details["datagrams_dropped"] = channel.protocol.dropped
-    return _verdict(rec, tally, Failure.UDP_NO_RESPONSE, **details)
+    binding = replace(
+        tally.evidence(local, sender.sends),
+        datagrams_sent=channel.sent,
+        datagrams_received=channel.received,
+        datagrams_dropped=channel.protocol.dropped or None,
+    )
+    return _verdict(rec, tally, Failure.UDP_NO_RESPONSE, binding)
 
 
-async def _control(address: str, port: int, tally: _Tally, budget: float) -> dict[str, Any]:
+async def _control(address: str, port: int, tally: _Tally, budget: float) -> StunControl:
     """Random datagrams, sized like our STUN requests, to the same address and port.
 
     Sent before the STUN requests and from another socket: a censor that blackholes a
@@ -500,7 +523,7 @@ async def _control(address: str, port: int, tally: _Tally, budget: float) -> dic
     cannot be mistaken for STUN, DTLS or RTP.
     """
     payloads = [_random_payload(len(t.packet)) for t in tally.transactions]
-    out: dict[str, Any] = {"sent": 0, "replied": False, "sizes": [len(x) for x in payloads]}
+    out = StunControl(sizes=tuple(len(x) for x in payloads))
     replies: list[tuple[float, bytes]] = []
 
     def handle(arrived: float, data: bytes) -> range:
@@ -510,20 +533,19 @@ async def _control(address: str, port: int, tally: _Tally, budget: float) -> dic
     try:
         channel = await _UdpChannel.open(address, port)
     except OSError as exc:
-        out["error"] = str(classify_exception(exc))
-        return out
+        return replace(out, error=str(classify_exception(exc)))
     sender = _Retransmitter(payloads, budget)
     try:
         await sender.run(channel, handle)
     except OSError as exc:
-        out["error"] = str(classify_exception(exc))
+        out = replace(out, error=str(classify_exception(exc)))
     finally:
         channel.close()
-    out["sent"] = channel.sent
+    out = replace(out, sent=channel.sent)
     if replies:
         arrived, data = replies[0]
         first = min((t for t in sender.first_sent if t is not None), default=arrived)
-        out.update(replied=True, rtt_s=_round(arrived - first), echoed=data in payloads)
+        out = replace(out, replied=True, rtt_s=_round(arrived - first), echoed=data in payloads)
     return out
 
 
@@ -538,7 +560,7 @@ def _random_payload(size: int) -> bytes:
 
 
 async def _tcp_binding(
-    rec: Recorder, address: str, port: int, p: StunParams, settings: ProbeSettings
+    rec: Recorder[StunEvidence], address: str, port: int, p: StunParams, settings: ProbeSettings
 ) -> ProbeResult:
     tally = _Tally(_requests(p, p.count), p.record_mapped_address)
     try:
@@ -564,15 +586,18 @@ async def _tcp_binding(
                 _read_tcp_answers(reader, tally, p.framing, start), settings.timeouts.udp_s
             )
     except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-        details = tally.details(local, None)
+        binding = tally.evidence(local, None)
         if tally.answered:
-            return rec.ok(stream_error=classify_exception(exc), **details)
+            binding = replace(binding, stream_error=str(classify_exception(exc)))
+            return rec.ok(replace(rec.evidence, binding=binding))
         if tally.bad:
-            return rec.fail(Failure.BAD_RESPONSE, Operation.READ, **details)
-        return rec.fail_exc(exc, Operation.READ, **details)
+            return rec.fail(
+                Failure.BAD_RESPONSE, Operation.READ, replace(rec.evidence, binding=binding)
+            )
+        return rec.fail_exc(exc, Operation.READ, replace(rec.evidence, binding=binding))
     finally:
         await _close(writer)
-    return _verdict(rec, tally, Failure.GENERIC_TIMEOUT, **tally.details(local, None))
+    return _verdict(rec, tally, Failure.GENERIC_TIMEOUT, tally.evidence(local, None))
 
 
 async def _read_tcp_answers(
@@ -608,7 +633,7 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 
 async def _reflector(
-    rec: Recorder, address: str, port: int, p: StunParams, budget: float
+    rec: Recorder[StunEvidence], address: str, port: int, p: StunParams, budget: float
 ) -> ProbeResult:
     tag = bytes.fromhex(p.peer_tag) if p.peer_tag else secrets.token_bytes(16)
     hello = wire.reflector_hello(tag)
@@ -623,26 +648,27 @@ async def _reflector(
     except OSError as exc:
         return rec.fail_exc(exc, Operation.CONNECT)
     sender = _Retransmitter([hello], budget)
-    details: dict[str, Any] = {"hello_bytes": len(hello)}
     try:
         with rec.phase("reflector"):
             await sender.run(channel, handle)
     except OSError as exc:
-        return rec.fail_exc(exc, Operation.READ, datagrams_sent=channel.sent, **details)
+        sent = StunReflector(hello_bytes=len(hello), datagrams_sent=channel.sent)
+        return rec.fail_exc(exc, Operation.READ, replace(rec.evidence, reflector=sent))
     finally:
         channel.close()
-    details["datagrams_sent"] = channel.sent
+    evidence = StunReflector(hello_bytes=len(hello), datagrams_sent=channel.sent)
     if not replies:
-        return rec.fail(Failure.UDP_NO_RESPONSE, Operation.READ, **details)
+        silent = replace(rec.evidence, reflector=evidence)
+        return rec.fail(Failure.UDP_NO_RESPONSE, Operation.READ, silent)
     arrived, data = replies[0]
     first = sender.first_sent[0]
-    return rec.ok(
+    reply = StunReflectorReply(
         rtt_s=_round(arrived - first) if first is not None else None,
         reply_bytes=len(data),
         tag_match=wire.reflector_tag_matches(data, tag),
         echoed=data == hello,
-        **details,
     )
+    return rec.ok(replace(rec.evidence, reflector=replace(evidence, reply=reply)))
 
 
 # ---------------------------------------------------------------- call-like flow
@@ -698,7 +724,7 @@ def _flow_packets(p: StunParams, total: int) -> _Flow:
 
 
 async def _flow(
-    rec: Recorder, address: str, port: int, p: StunParams, settings: ProbeSettings
+    rec: Recorder[StunEvidence], address: str, port: int, p: StunParams, settings: ProbeSettings
 ) -> ProbeResult:
     total = max(1, math.floor(p.duration_s * p.rate_pps))
     flow = _flow_packets(p, total)
@@ -712,13 +738,14 @@ async def _flow(
         with rec.phase("flow"):
             await _run_flow(channel, flow, start, p.rate_pps, grace)
     except OSError as exc:
-        return rec.fail_exc(exc, Operation.READ, **_flow_details(flow, start, p))
+        broken = replace(rec.evidence, flow=_flow_evidence(flow, start, p))
+        return rec.fail_exc(exc, Operation.READ, broken)
     finally:
         channel.close()
-    details = _flow_details(flow, start, p)
-    if details["cutoff_s"] is not None:
-        return rec.fail(Failure.UDP_NO_RESPONSE, Operation.READ, **details)
-    return rec.ok(**details)
+    evidence = replace(rec.evidence, flow=_flow_evidence(flow, start, p))
+    if evidence.flow is not None and evidence.flow.cutoff_s is not None:
+        return rec.fail(Failure.UDP_NO_RESPONSE, Operation.READ, evidence)
+    return rec.ok(evidence)
 
 
 async def _run_flow(
@@ -740,27 +767,26 @@ async def _run_flow(
             flow.handle(*item)
 
 
-def _flow_details(flow: _Flow, start: float, p: StunParams) -> dict[str, Any]:
+def _flow_evidence(flow: _Flow, start: float, p: StunParams) -> StunFlow:
     sent, got = len(flow.sent_at), len(flow.transit)
     rtts = list(flow.transit.values())
-    return {
-        "mode": "flow",
-        "rate_pps": p.rate_pps,
-        "duration_s": p.duration_s,
-        "sent": sent,
-        "received": got,
-        "loss": round(1 - got / sent, 4) if sent else None,
-        "stun_sent": min(sent, p.stun_packets),
-        "stun_received": sum(1 for i in flow.transit if i < p.stun_packets),
-        "jitter_s": _round(_jitter(rtts)),
-        "rtt_min_s": _round(min(rtts)) if rtts else None,
-        "rtt_median_s": _round(statistics.median(rtts)) if rtts else None,
-        "rtt_max_s": _round(max(rtts)) if rtts else None,
-        "unmatched": flow.unmatched,
-        "duplicates": flow.duplicates,
-        "last_reply_s": _round(flow.last_reply - start) if flow.last_reply is not None else None,
-        "cutoff_s": _cutoff(flow, start, p),
-    }
+    return StunFlow(
+        rate_pps=float(p.rate_pps),
+        duration_s=float(p.duration_s),
+        sent=sent,
+        received=got,
+        loss=round(1 - got / sent, 4) if sent else None,
+        stun_sent=min(sent, p.stun_packets),
+        stun_received=sum(1 for i in flow.transit if i < p.stun_packets),
+        jitter_s=_round(_jitter(rtts)),
+        rtt_min_s=_round(min(rtts)) if rtts else None,
+        rtt_median_s=_round(statistics.median(rtts)) if rtts else None,
+        rtt_max_s=_round(max(rtts)) if rtts else None,
+        unmatched=flow.unmatched,
+        duplicates=flow.duplicates,
+        last_reply_s=_round(flow.last_reply - start) if flow.last_reply is not None else None,
+        cutoff_s=_cutoff(flow, start, p),
+    )
 
 
 def _jitter(transits: list[float]) -> float | None:
@@ -800,17 +826,17 @@ def _cutoff(flow: _Flow, start: float, p: StunParams) -> float | None:
 
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     """Probe a STUN relay, a Telegram reflector, or an echoing peer (see module doc)."""
-    rec = Recorder(target)
+    rec = Recorder(target, StunEvidence())
     p = StunParams.from_mapping(target.params)
     if target.address is None or target.port is None:
         raise ValueError("stun: a target needs an address and a port")
-    rec.details.update(transport=p.transport, mode=p.mode)
+    rec.evidence = StunEvidence(stun_transport=p.transport, mode=p.mode)
     budget = settings.timeouts.udp_s
     if p.mode == "flow":
         return await _flow(rec, target.address, target.port, p, settings)
     if p.mode == "reflector":
         return await _reflector(rec, target.address, target.port, p, budget)
     if p.transport == "tcp":
-        rec.details["framing"] = p.framing
+        rec.evidence = replace(rec.evidence, framing=p.framing)
         return await _tcp_binding(rec, target.address, target.port, p, settings)
     return await _udp_binding(rec, target.address, target.port, p, budget)

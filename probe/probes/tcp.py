@@ -27,9 +27,11 @@ import os
 import socket
 import struct
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from ..config.settings import ProbeSettings, Timeouts
+from ..evidence import SocketEvidence, TcpEvidence
 from ..model import Operation, ProbeResult, Target
 from .base import Recorder
 from .params import check_keys, number_param
@@ -119,13 +121,14 @@ def kernel_connect_rtt(sock: socket.socket) -> float | None:
     return rtt_us / 1e6 if rtt_us else None
 
 
-def record_connect_rtt(rec: Recorder, sock: socket.socket) -> None:
+def record_connect_rtt(rec: Recorder[Any], sock: socket.socket) -> float | None:
     """Report the kernel's connect time as phase ``connect_rtt``, beside the loop-timed
-    ``connect`` (which also counts how long the loop took to notice the connection)."""
+    ``connect`` (which also counts how long the loop took to notice the connection);
+    returned for the probe's ``connect_rtt_s`` evidence."""
     rtt = kernel_connect_rtt(sock)
     if rtt is not None:
         rec.phases["connect_rtt"] = rtt
-        rec.details["connect_rtt_s"] = rtt
+    return rtt
 
 
 def _family(ip: str) -> str:
@@ -135,15 +138,15 @@ def _family(ip: str) -> str:
     return f"ipv{parsed.version}"
 
 
-def socket_evidence(sock: socket.socket) -> dict[str, Any]:
+def socket_evidence(sock: socket.socket) -> SocketEvidence:
     """Address families of both ends.  Never the local address: it identifies the vantage."""
-    evidence: dict[str, Any] = {}
-    for key, getter in (("local_family", sock.getsockname), ("peer_family", sock.getpeername)):
+    families: list[str | None] = []
+    for getter in (sock.getsockname, sock.getpeername):
         try:
-            evidence[key] = _family(str(getter()[0]))
+            families.append(_family(str(getter()[0])))
         except OSError:  # ENOTCONN: the peer already reset the connection
-            evidence[key] = None
-    return evidence
+            families.append(None)
+    return SocketEvidence(local_family=families[0], peer_family=families[1])
 
 
 _TCP_INFO_LAST_ACK_RECV = 56  # offset of tcpi_last_ack_recv (ms) in Linux's struct tcp_info
@@ -174,7 +177,9 @@ def since_last_ack(sock: socket.socket) -> float | None:
     return ms / 1000
 
 
-async def _hold(sock: socket.socket, hold_s: float, rec: Recorder) -> BaseException | None:
+async def _hold(
+    sock: socket.socket, hold_s: float, rec: Recorder[TcpEvidence]
+) -> BaseException | None:
     """Watch an established connection; the exception that ended it early, else None."""
     loop = asyncio.get_running_loop()
     received = 0
@@ -194,9 +199,9 @@ async def _hold(sock: socket.socket, hold_s: float, rec: Recorder) -> BaseExcept
     except OSError as exc:
         return exc
     finally:
-        rec.details["bytes_received"] = received
-        if first:
-            rec.details["first_bytes_hex"] = first.hex()
+        rec.evidence = replace(
+            rec.evidence, bytes_received=received, first_bytes_hex=first.hex() if first else None
+        )
     # Unread bytes hide a FIN, but an RST still sets the socket's pending error.
     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     return OSError(error, os.strerror(error)) if error else None
@@ -204,20 +209,26 @@ async def _hold(sock: socket.socket, hold_s: float, rec: Recorder) -> BaseExcept
 
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     """Connect to ``target.address``:``target.port``; optionally hold the connection."""
-    rec = Recorder(target)
+    rec = Recorder(target, TcpEvidence())
     address, port = require_address(target)
     hold_s = parse_params(target.params)
     try:
         with rec.phase("connect"):
             sock = await connect(address, port, settings.timeouts.connect_s)
     except OSError as exc:  # TimeoutError and ConnectionError are OSErrors
-        return rec.fail_exc(exc, Operation.CONNECT, connect_time_s=rec.phases["connect"])
-    record_connect_rtt(rec, sock)
+        return rec.fail_exc(
+            exc, Operation.CONNECT, TcpEvidence(connect_time_s=rec.phases["connect"])
+        )
+    rtt = record_connect_rtt(rec, sock)
     # closing() sends our FIN: a clean close, not an RST, so the peer sees a normal client
     with contextlib.closing(sock):
-        rec.details.update(socket_evidence(sock), connect_time_s=rec.phases["connect"])
+        rec.evidence = TcpEvidence(
+            connect_rtt_s=rtt,
+            socket=socket_evidence(sock),
+            connect_time_s=rec.phases["connect"],
+            hold_s=hold_s if hold_s > 0 else None,
+        )
         if hold_s > 0:
-            rec.details["hold_s"] = hold_s
             with rec.phase("hold"):
                 ended = await _hold(sock, hold_s, rec)
             if ended is not None:

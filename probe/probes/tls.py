@@ -50,7 +50,6 @@ shape rather than its SNI, and does it reassemble segments?
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import hashlib
@@ -59,13 +58,20 @@ import os
 import socket
 import ssl
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from cryptography import x509
 
 from ..classify import classify_exception, scrub
 from ..config.settings import ProbeSettings
+from ..evidence import (
+    CertificateEvidence,
+    HandshakeProgress,
+    TlsEvidence,
+    TlsNegotiated,
+    TlsOffer,
+)
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire.tlsrec import server_messages
 from .base import Recorder
@@ -148,18 +154,15 @@ class Progress:
             return "awaiting_server_hello"
         return "mid_handshake"
 
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "stage": self.stage,
-            "bytes_sent": self.sent,
-            "bytes_received": self.received,
-            "server_messages": server_messages(self.head),
-        }
-        if self.eof:
-            out["eof"] = True
-        if self.timeout_s is not None:
-            out["timeout_s"] = round(self.timeout_s, 3)
-        return out
+    def as_evidence(self) -> HandshakeProgress:
+        return HandshakeProgress(
+            stage=self.stage,
+            bytes_sent=self.sent,
+            bytes_received=self.received,
+            server_messages=tuple(server_messages(self.head)),
+            eof=self.eof,
+            timeout_s=round(self.timeout_s, 3) if self.timeout_s is not None else None,
+        )
 
 
 class Handshake:
@@ -236,13 +239,13 @@ class Handshake:
             raise HandshakeTooLarge(f"more than {_MAX_HANDSHAKE_BYTES} bytes, no handshake")
         self._incoming.write(data)
 
-    def negotiated(self) -> dict[str, Any]:
+    def negotiated(self) -> TlsNegotiated:
         cipher = self.tls.cipher()
-        return {
-            "tls_version": self.tls.version(),
-            "alpn": self.tls.selected_alpn_protocol(),
-            "cipher": cipher[0] if cipher else None,
-        }
+        return TlsNegotiated(
+            tls_version=self.tls.version(),
+            alpn=self.tls.selected_alpn_protocol(),
+            cipher=cipher[0] if cipher else None,
+        )
 
     def peer_chain(self) -> list[bytes]:
         """The DER chain the peer sent (leaf first), also after a failed verification.
@@ -272,9 +275,9 @@ def _der(cert: Any) -> bytes:
     return bytes(cert.public_bytes(ssl._ssl.ENCODING_DER))  # type: ignore[attr-defined]
 
 
-def chain_evidence(chain: Sequence[bytes]) -> list[str]:
-    """``details.peer_certificates``: base64 DER, leaf first (OONI's archival form)."""
-    return [base64.b64encode(der).decode("ascii") for der in list(chain)[:_MAX_CHAIN]]
+def chain_evidence(chain: Sequence[bytes]) -> tuple[bytes, ...]:
+    """``peer_certificates``: DER, leaf first, bounded (base64 in JSON: OONI's form)."""
+    return tuple(chain[:_MAX_CHAIN])
 
 
 def _ca_mtime(ca_file: str | None) -> int | None:
@@ -385,23 +388,20 @@ def parse_params(params: Mapping[str, Any]) -> TLSParams:
     )
 
 
-def certificate_evidence(der: bytes) -> dict[str, Any]:
-    """Fingerprint and identity of a leaf certificate; parse errors are evidence too."""
-    evidence = dict(_certificate_evidence(der))
-    if "sans" in evidence:
-        evidence["sans"] = list(evidence["sans"])  # a fresh list: the cached tuple stays
-    return evidence
-
-
 @functools.lru_cache(maxsize=1024)
-def _certificate_evidence(der: bytes) -> tuple[tuple[str, Any], ...]:
-    # Memoised on the DER bytes (a pure function of them): an endpoint serves the same
-    # certificate round after round, and parsing it in full on every success cost more
-    # CPU than the handshake's own Python work.  A changed certificate is parsed anew.
-    evidence: dict[str, Any] = {"sha256": hashlib.sha256(der).hexdigest(), "der_bytes": len(der)}
+def certificate_evidence(der: bytes) -> CertificateEvidence:
+    """Fingerprint and identity of a leaf certificate; parse errors are evidence too.
+
+    Memoised on the DER bytes (a pure function of them, and the result is frozen): an
+    endpoint serves the same certificate round after round, and parsing it in full on
+    every success cost more CPU than the handshake's own Python work.
+    """
+    sha256 = hashlib.sha256(der).hexdigest()
     try:
         cert = x509.load_der_x509_certificate(der)
-        evidence.update(
+        return CertificateEvidence(
+            sha256=sha256,
+            der_bytes=len(der),
             subject=cert.subject.rfc4514_string(),
             issuer=cert.issuer.rfc4514_string(),
             serial=format(cert.serial_number, "x"),
@@ -410,8 +410,8 @@ def _certificate_evidence(der: bytes) -> tuple[tuple[str, Any], ...]:
             sans=tuple(_sans(cert)),
         )
     except Exception as exc:  # a hostile peer's DER can break the parser in many ways
-        evidence["parse_error"] = f"{type(exc).__name__}: {scrub(str(exc))}"[:200]
-    return tuple(evidence.items())
+        error = f"{type(exc).__name__}: {scrub(str(exc))}"[:200]
+        return CertificateEvidence(sha256=sha256, der_bytes=len(der), parse_error=error)
 
 
 def _sans(cert: x509.Certificate) -> list[str]:
@@ -438,23 +438,29 @@ async def _handshake(
 
 
 async def unverified_certificate(
-    target: Target, settings: ProbeSettings, sni: str | None, alpn: Sequence[str]
-) -> dict[str, Any]:
-    """The leaf certificate from a fresh handshake with verification off (evidence only)."""
+    target: Target,
+    settings: ProbeSettings,
+    sni: str | None,
+    alpn: Sequence[str],
+    evidence: TlsEvidence,
+) -> TlsEvidence:
+    """``evidence`` plus the leaf certificate and chain from a fresh handshake with
+    verification off (evidence only), or the reason there is none."""
     address, port = require_address(target)
     ctx = client_context(settings.tls.ca_file, alpn, verify=False)
     try:
         hs = await _handshake(address, port, ctx, sni, settings)
     except (OSError, EOFError, HandshakeTooLarge) as exc:
-        return {"certificate_error": classify_exception(exc)}
+        return replace(evidence, certificate_error=classify_exception(exc))
     der = hs.tls.getpeercert(binary_form=True)
     if der is None:
-        return {"certificate_error": str(Failure.SSL_FAILED_HANDSHAKE)}
-    return {
-        "certificate": certificate_evidence(der),
-        "certificate_source": "unverified_second_handshake",
-        "peer_certificates": chain_evidence(hs.peer_chain() or [der]),
-    }
+        return replace(evidence, certificate_error=str(Failure.SSL_FAILED_HANDSHAKE))
+    return replace(
+        evidence,
+        certificate=certificate_evidence(der),
+        certificate_source="unverified_second_handshake",
+        peer_certificates=chain_evidence(hs.peer_chain() or [der]),
+    )
 
 
 def _handshake_failure(exc: BaseException) -> str:
@@ -465,21 +471,26 @@ def _handshake_failure(exc: BaseException) -> str:
 
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     """TCP connect to the target, then a verifying TLS handshake with the chosen SNI."""
-    rec = Recorder(target)
+    rec = Recorder(target, TlsEvidence())
     params = parse_params(target.params)  # a bad param is a config bug: raises
     alpn = params.alpn
     address, port = require_address(target)
     sni, verify_name = server_names(target)
-    rec.details.update(sni=sni, alpn_offered=list(alpn))
-    if params.shape != "default":
-        rec.details["client_hello_shape"] = params.shape
+    shape = params.shape if params.shape != "default" else None
+    offer = TlsOffer(sni=sni, alpn_offered=tuple(alpn), client_hello_shape=shape)
+    rec.evidence = TlsEvidence(offer=offer)
     try:
         with rec.phase("connect"):
             sock = await connect(address, port, settings.timeouts.connect_s)
     except OSError as exc:
         return rec.fail_exc(exc, Operation.CONNECT)
-    record_connect_rtt(rec, sock)
-    rec.details.update(socket_evidence(sock), connect_time_s=rec.phases["connect"])
+    rtt = record_connect_rtt(rec, sock)
+    rec.evidence = replace(
+        rec.evidence,
+        connect_rtt_s=rtt,
+        socket=socket_evidence(sock),
+        connect_time_s=rec.phases["connect"],
+    )
     # With no SNI we still verify against the IP literal; CPython sends no SNI for it.
     ctx = client_context(settings.tls.ca_file, alpn, shape=params.shape)
     hs = Handshake(ctx, verify_name, split_hello=params.split_hello)
@@ -496,31 +507,36 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
             hs.close_notify(sock)
     if failure is not None and isinstance(failure, TimeoutError):
         hs.progress.timeout_s = asyncio.get_running_loop().time() - t0
-    rec.details["handshake"] = hs.progress.as_dict()
-    if hs.split_at is not None:
-        rec.details["client_hello_split_at"] = hs.split_at
+    rec.evidence = replace(
+        rec.evidence, handshake=hs.progress.as_evidence(), client_hello_split_at=hs.split_at
+    )
     if failure is None:
         der = hs.tls.getpeercert(binary_form=True)
-        rec.details.update(hs.negotiated())
+        rec.evidence = replace(rec.evidence, negotiated=hs.negotiated())
         if der is not None:
-            rec.details.update(
-                certificate=certificate_evidence(der), certificate_source="handshake"
+            rec.evidence = replace(
+                rec.evidence, certificate=certificate_evidence(der), certificate_source="handshake"
             )
         return rec.ok()
     if isinstance(failure, ssl.SSLCertVerificationError):
-        rec.details["verify_code"] = failure.verify_code
-        rec.details["verify_message"] = scrub(str(failure.verify_message))
+        rec.evidence = replace(
+            rec.evidence,
+            verify_code=failure.verify_code,
+            verify_message=scrub(str(failure.verify_message)),
+        )
         # The chain is the finding (a MITM's forged issuer): keep all of it.  On success
         # the leaf's fingerprint is enough and the results snapshot stays small.
         chain = hs.peer_chain()
         if chain:
-            rec.details.update(
+            rec.evidence = replace(
+                rec.evidence,
                 certificate=certificate_evidence(chain[0]),
                 certificate_source="handshake",
                 peer_certificates=chain_evidence(chain),
             )
         else:
             with rec.phase("certificate_evidence"):
-                evidence = await unverified_certificate(target, settings, sni or verify_name, alpn)
-            rec.details.update(evidence)
+                rec.evidence = await unverified_certificate(
+                    target, settings, sni or verify_name, alpn, rec.evidence
+                )
     return rec.fail(_handshake_failure(failure), Operation.TLS_HANDSHAKE)

@@ -54,11 +54,19 @@ import ssl
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from ..classify import classify_exception
 from ..config.settings import ProbeSettings, Timeouts
+from ..evidence import (
+    TransferConnection,
+    TransferEvidence,
+    TransferHandshake,
+    TransferRequest,
+    TransferSummary,
+    TransferUploads,
+)
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire import WireError
 from ..wire.http1 import (
@@ -208,15 +216,18 @@ class ConnectionRecord:
         """A throughput we can trust: completed, cut by max_bytes or by the deadline."""
         return self.outcome in ("complete", "limit", "deadline")
 
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in asdict(self).items():
-            if value is None:
-                continue
-            out[key] = round(value, 4) if isinstance(value, float) else value
-        if self.failed_operation is not None:
-            out["failed_operation"] = str(self.failed_operation)
-        return out
+    def as_evidence(self) -> TransferConnection:
+        """The frozen record, floats rounded to 4 places (same field names)."""
+        fields: dict[str, Any] = {
+            key: round(value, 4) if isinstance(value, float) else value
+            for key, value in asdict(self).items()
+        }
+        fields["failed_operation"] = (
+            str(self.failed_operation) if self.failed_operation is not None else None
+        )
+        messages = self.handshake_messages
+        fields["handshake_messages"] = tuple(messages) if messages is not None else None
+        return TransferConnection(**fields)
 
 
 class _Failed(Exception):
@@ -715,10 +726,10 @@ def _ends_probe(rec: ConnectionRecord) -> bool:
 
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     """Download (and optionally upload) over fresh TLS connections; judge stalls and rate."""
-    rec = Recorder(target)
+    rec = Recorder(target, TransferEvidence())
     params = parse_params(target.params)
     run = _Transfer(target, settings, params)
-    rec.details.update(sni=run.sni, path=params.path)
+    rec.evidence = TransferEvidence(request=TransferRequest(sni=run.sni, path=params.path))
     downloads: list[ConnectionRecord] = []
     for index in range(params.connections):  # sequential: one flow at a time, like a client
         downloads.append(await run.download(index))
@@ -734,7 +745,7 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     return _verdict(rec, params, downloads, uploads)
 
 
-def _phases(rec: Recorder, first: ConnectionRecord) -> None:
+def _phases(rec: Recorder[TransferEvidence], first: ConnectionRecord) -> None:
     for name, value in (
         ("connect", first.connect_s),
         ("tls", first.tls_s),
@@ -750,7 +761,7 @@ def _median(values: list[float]) -> float | None:
 
 
 def _verdict(
-    rec: Recorder,
+    rec: Recorder[TransferEvidence],
     params: TransferParams,
     downloads: list[ConnectionRecord],
     uploads: list[ConnectionRecord],
@@ -773,19 +784,23 @@ def _verdict(
         and params.upload_bytes >= params.throttle_min_bytes
     ]
     median_down, median_up = _median(down_kbps), _median(up_kbps)
-    rec.details.update(
-        connections=[c.as_dict() for c in downloads],
+    summary = TransferSummary(
+        connections=tuple(c.as_evidence() for c in downloads),
         connections_attempted=len(downloads),
         stalled_connections=len(stalled),
         stalled_fraction=round(len(stalled) / len(downloads), 3),
-        stalled_at_bytes=[c.stalled_at_bytes for c in stalled],
-        stalled_at_wire_bytes=[c.stalled_at_wire_bytes for c in stalled],
+        stalled_at_bytes=tuple(c.stalled_at_bytes for c in stalled),
+        stalled_at_wire_bytes=tuple(c.stalled_at_wire_bytes for c in stalled),
         median_kbps=median_down,
         measured_connections=len(down_kbps),
         throttle_kbps=params.throttle_kbps,
     )
+    rec.evidence = replace(rec.evidence, summary=summary)
     if uploads:
-        rec.details.update(uploads=[c.as_dict() for c in uploads], median_upload_kbps=median_up)
+        upload = TransferUploads(
+            uploads=tuple(c.as_evidence() for c in uploads), median_upload_kbps=median_up
+        )
+        rec.evidence = replace(rec.evidence, upload=upload)
     if any(c.status is not None and c.status >= 400 for c in downloads + uploads):
         rec.flag("http_error_status")
 
@@ -805,10 +820,11 @@ def _verdict(
     failed = next((c for c in counted if c.failure is not None), None)
     if failed is not None and failed.failed_operation == Operation.TLS_HANDSHAKE:
         # the same shape as the tls probe's, for the verdict's handshake-progress rule
-        rec.details["handshake"] = {
-            "bytes_received": failed.handshake_wire_bytes or 0,
-            "server_messages": failed.handshake_messages or [],
-        }
+        handshake = TransferHandshake(
+            bytes_received=failed.handshake_wire_bytes or 0,
+            server_messages=tuple(failed.handshake_messages or ()),
+        )
+        rec.evidence = replace(rec.evidence, handshake=handshake)
     if failed is not None and failed.failure is not None and failed.failed_operation is not None:
         return rec.fail(failed.failure, failed.failed_operation)
 
@@ -820,7 +836,7 @@ def _verdict(
     if not down_kbps and not up_kbps:
         rec.flag("transfer_too_small_to_measure")
     if slow:
-        rec.details["throttled_directions"] = slow
+        rec.evidence = replace(rec.evidence, throttled_directions=tuple(slow))
         operation = Operation.READ if "download" in slow else Operation.WRITE
         return rec.fail(Failure.THROTTLED, operation)
     return rec.ok()

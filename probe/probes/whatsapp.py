@@ -18,9 +18,11 @@ naming what was wrong.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from ..config.settings import ProbeSettings
+from ..evidence import WhatsappEvidence
 from ..model import ProbeResult, Target
 from ..wire import noise
 from ._exchange import ReplyReader, exchange
@@ -33,12 +35,17 @@ async def _read_reply(replies: ReplyReader) -> noise.ServerHello:
     return noise.parse_server_hello(await replies.read(length))
 
 
-def _judge(rec: Recorder, hello: noise.ServerHello, replies: ReplyReader) -> ProbeResult:
+def _judge(
+    rec: Recorder[WhatsappEvidence], hello: noise.ServerHello, replies: ReplyReader
+) -> ProbeResult:
     return rec.ok(
-        static_bytes=len(hello.static),
-        payload_bytes=len(hello.payload),
-        bytes_received=replies.received,
-        rtt_ms=round(rec.phases["handshake"] * 1000, 3),
+        replace(
+            rec.evidence,
+            static_bytes=len(hello.static),
+            payload_bytes=len(hello.payload),
+            bytes_received=replies.received,
+            rtt_ms=round(rec.phases["handshake"] * 1000, 3),
+        )
     )
 
 
@@ -65,4 +72,4 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     version = parse_params(target.params)  # raises before connecting
     ephemeral = noise.public_bytes(noise.new_ephemeral())
     request = noise.client_hello_packet(ephemeral, version)
-    return await exchange(target, settings, request, _read_reply, _judge)
+    return await exchange(target, settings, request, _read_reply, _judge, WhatsappEvidence())
