@@ -771,8 +771,8 @@ def _flow_evidence(flow: _Flow, start: float, p: StunParams) -> StunFlow:
     sent, got = len(flow.sent_at), len(flow.transit)
     rtts = list(flow.transit.values())
     return StunFlow(
-        rate_pps=float(p.rate_pps),
-        duration_s=float(p.duration_s),
+        rate_pps=p.rate_pps,  # as configured: an int stays an int in JSON
+        duration_s=p.duration_s,
         sent=sent,
         received=got,
         loss=round(1 - got / sent, 4) if sent else None,
