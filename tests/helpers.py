@@ -8,7 +8,7 @@ import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from probe.config.settings import ProbeSettings, Resolvers, Timeouts, TLSOptions
 from probe.evidence import Evidence
@@ -28,6 +28,20 @@ class RawEvidence(Evidence):
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.raw)
+
+
+EvidenceT = TypeVar("EvidenceT", bound=Evidence)
+
+
+def evidence_of(result: ProbeResult, cls: type[EvidenceT]) -> EvidenceT:
+    """The result's evidence as the probe's own class (a test fails on any other)."""
+    assert isinstance(result.evidence, cls), result.evidence
+    return result.evidence
+
+
+def json_details(result: ProbeResult) -> dict[str, Any]:
+    """A result's evidence as every record carries it under ``"details"`` (its JSON form)."""
+    return result.evidence.to_json()
 
 
 def endpoint(

@@ -28,7 +28,7 @@ from probe.model import Failure, Operation, ProbeResult, SkipReason, Target
 from probe.probes import PROBES
 from probe.probes.dns import dns_consistency, parse_resolver, probe
 from probe.wire.dnsmsg import build_query, parse_message
-from tests.helpers import refusing_port, settings, target
+from tests.helpers import json_details, refusing_port, settings, target
 
 NET = ipaddress.ip_network
 LAB_PREFIXES = (NET("127.0.0.0/8"), NET("::1/128"))  # lab services live on loopback
@@ -98,13 +98,13 @@ async def test_answers_a_and_aaaa(lab: Lab, transport: str) -> None:
     lab.table.host(NAME, "127.0.0.7", "::1", ttl=42)
     result = await run(lab, transport)
     assert result.ok, result.failure
-    assert result.details["resolver"] == lab.resolver(transport)
-    assert result.details["answers"] == {"A": ["127.0.0.7"], "AAAA": ["::1"]}
-    assert result.details["rcodes"] == {"A": "NOERROR", "AAAA": "NOERROR"}
+    assert json_details(result)["resolver"] == lab.resolver(transport)
+    assert json_details(result)["answers"] == {"A": ["127.0.0.7"], "AAAA": ["::1"]}
+    assert json_details(result)["rcodes"] == {"A": "NOERROR", "AAAA": "NOERROR"}
     assert result.flags == ()
     assert "resolve" in result.phases
     assert lab.count(transport) == 2  # one A and one AAAA query, nothing else
-    assert [r["qtype"] for r in result.details["replies"]] == ["A", "AAAA"]
+    assert [r["qtype"] for r in json_details(result)["replies"]] == ["A", "AAAA"]
 
 
 @pytest.mark.parametrize(
@@ -126,8 +126,8 @@ async def test_rcode_failures(
     assert not result.ok
     assert result.failure == failure
     assert result.failed_operation == Operation.RESOLVE
-    assert result.details["rcodes"] == {"A": rcode, "AAAA": rcode}
-    assert result.details["answers"] == {"A": [], "AAAA": []}
+    assert json_details(result)["rcodes"] == {"A": rcode, "AAAA": rcode}
+    assert json_details(result)["answers"] == {"A": [], "AAAA": []}
 
 
 async def test_unscripted_names_get_nxdomain(lab: Lab) -> None:
@@ -140,14 +140,14 @@ async def test_answers_of_one_family_only_are_ok(lab: Lab, transport: str) -> No
     lab.table.host(NAME, "127.0.0.7")  # AAAA: NOERROR without data
     result = await run(lab, transport)
     assert result.ok
-    assert result.details["answers"] == {"A": ["127.0.0.7"], "AAAA": []}
+    assert json_details(result)["answers"] == {"A": ["127.0.0.7"], "AAAA": []}
 
 
 async def test_nxdomain_outranks_a_timeout(lab: Lab) -> None:
     lab.table.set(NAME, "A", Behaviour.nxdomain()).set(NAME, "AAAA", Behaviour.silence())
     result = await run(lab, "udp", dns_s=0.3)
     assert result.failure == Failure.DNS_NXDOMAIN
-    assert result.details["errors"] == {"AAAA": "generic_timeout_error"}
+    assert json_details(result)["errors"] == {"AAAA": "generic_timeout_error"}
 
 
 # --- bogons and prefixes --------------------------------------------------------------------
@@ -159,8 +159,8 @@ async def test_bogon_answer_is_a_failure(lab: Lab, transport: str) -> None:
     result = await run(lab, transport)
     assert result.failure == Failure.DNS_BOGON
     assert result.failed_operation == Operation.RESOLVE
-    assert result.details["bogons"] == ["10.10.34.35"]
-    assert result.details["answers"]["A"] == ["10.10.34.35"]  # kept as evidence
+    assert json_details(result)["bogons"] == ["10.10.34.35"]
+    assert json_details(result)["answers"]["A"] == ["10.10.34.35"]  # kept as evidence
     assert "dns_answer_outside_prefixes" in result.flags
 
 
@@ -197,7 +197,7 @@ async def test_garbage_reply_is_server_misbehaving(lab: Lab, transport: str) -> 
     result = await run(lab, transport)
     assert result.failure == Failure.DNS_SERVER_MISBEHAVING
     assert result.failed_operation == Operation.RESOLVE
-    replies = result.details["replies"]
+    replies = json_details(result)["replies"]
     assert [r["garbage_hex"] for r in replies] == [payload[:32].hex()] * 2
 
 
@@ -206,8 +206,8 @@ async def test_wrong_transaction_id_is_not_an_answer(lab: Lab, transport: str) -
     lab.table.both(NAME, Behaviour.wrong_id("127.0.0.9"))
     result = await run(lab, transport)
     assert result.failure == Failure.DNS_SERVER_MISBEHAVING
-    assert result.details["answers"] == {"A": [], "AAAA": []}
-    first = result.details["replies"][0]
+    assert json_details(result)["answers"] == {"A": [], "AAAA": []}
+    first = json_details(result)["replies"][0]
     assert first["mismatch"] is True
     assert first["answers"] == ["127.0.0.9"]  # what the mismatched reply claimed, as evidence
 
@@ -229,7 +229,7 @@ async def test_answer_later_than_the_timeout_is_a_timeout(lab: Lab) -> None:
     lab.table.both(NAME, Behaviour.answer("127.0.0.7", delay_s=0.6), transport="udp")
     result = await run(lab, "udp", dns_s=0.2)
     assert result.failure == Failure.GENERIC_TIMEOUT
-    assert result.details["replies"] == []
+    assert json_details(result)["replies"] == []
 
 
 @pytest.mark.parametrize(
@@ -277,9 +277,9 @@ async def test_racing_answers_keep_both_replies_and_flag_injection(lab: Lab) -> 
     result = await run(lab, "udp", window=0.5)
     # the injector wins the race: its (bogon) answer is what a stub resolver would use
     assert result.failure == Failure.DNS_BOGON
-    assert result.details["answers"] == {"A": ["10.10.34.35"], "AAAA": []}
+    assert json_details(result)["answers"] == {"A": ["10.10.34.35"], "AAAA": []}
     assert "dns_injection_suspected" in result.flags
-    a_replies = [r for r in result.details["replies"] if r["qtype"] == "A"]
+    a_replies = [r for r in json_details(result)["replies"] if r["qtype"] == "A"]
     assert [r["answers"] for r in a_replies] == [["10.10.34.35"], [TG_A]]
     assert a_replies[1]["delay_s"] - a_replies[0]["delay_s"] >= 0.09
     assert lab.count("udp") == 2  # two replies per query, but one query each
@@ -289,7 +289,7 @@ async def test_a_reply_after_the_window_is_not_collected(lab: Lab) -> None:
     injected, real = Behaviour.answer("10.10.34.35"), Behaviour.answer(TG_A)
     lab.table.both(NAME, Behaviour.race(injected, real, delay_s=1.0))
     result = await run(lab, "udp", window=0.1)
-    assert len(result.details["replies"]) == 2  # only the injected A and AAAA replies
+    assert len(json_details(result)["replies"]) == 2  # only the injected A and AAAA replies
     assert "dns_injection_suspected" not in result.flags
 
 
@@ -298,7 +298,7 @@ async def test_identical_duplicate_replies_are_not_injection(lab: Lab) -> None:
     lab.table.both(NAME, Behaviour.race(same, same, delay_s=0.05))
     result = await run(lab, "udp", window=0.3)
     assert result.ok
-    assert len(result.details["replies"]) == 4
+    assert len(json_details(result)["replies"]) == 4
     assert result.flags == ()
 
 
@@ -313,8 +313,8 @@ async def test_an_unusable_first_reply_leaves_the_real_answer(
     lab.table.both(NAME, Behaviour.race(injected, Behaviour.answer("127.0.0.7"), delay_s=0.05))
     result = await run(lab, "udp", window=0.3)
     assert result.ok
-    assert result.details["answers"]["A"] == ["127.0.0.7"]
-    assert len(result.details["replies"]) == 4  # the unusable replies stay as evidence
+    assert json_details(result)["answers"]["A"] == ["127.0.0.7"]
+    assert len(json_details(result)["replies"]) == 4  # the unusable replies stay as evidence
 
 
 async def test_doh_race_sends_only_the_real_answer(lab: Lab) -> None:
@@ -322,7 +322,7 @@ async def test_doh_race_sends_only_the_real_answer(lab: Lab) -> None:
     lab.table.both(NAME, Behaviour.race(injected, real, delay_s=0.05))
     result = await run(lab, "doh")
     assert result.ok
-    assert result.details["answers"]["A"] == ["127.0.0.7"]
+    assert json_details(result)["answers"]["A"] == ["127.0.0.7"]
 
 
 # --- B1: NXDOMAIN over UDP only, and consistency across resolvers ----------------------------
@@ -351,8 +351,8 @@ async def test_system_resolver_with_an_ip_literal(lab: Lab) -> None:
     result = await probe(dns_target("system", name=lab.host), fast(lab))
     assert result.ok, result.failure
     family = "AAAA" if ":" in lab.host else "A"
-    assert result.details["answers"][family] == [lab.host]
-    assert "replies" not in result.details
+    assert json_details(result)["answers"][family] == [lab.host]
+    assert "replies" not in json_details(result)
 
 
 # --- DoH specifics -----------------------------------------------------------------------------
@@ -396,14 +396,14 @@ async def test_doh_http_error_is_server_misbehaving(lab: Lab) -> None:
     resolver = lab.doh.resolver.replace("/dns-query", "/not-here")
     result = await probe(dns_target(resolver), fast(lab))
     assert result.failure == Failure.DNS_SERVER_MISBEHAVING
-    assert [r["http_status"] for r in result.details["replies"]] == [404, 404]
+    assert [r["http_status"] for r in json_details(result)["replies"]] == [404, 404]
 
 
 async def test_doh_giant_body_is_refused_unread(lab: Lab) -> None:
     lab.table.both(NAME, Behaviour.garbage(b"x" * 200_000))
     result = await run(lab, "doh")
     assert result.failure == Failure.DNS_SERVER_MISBEHAVING
-    assert all(r["oversized"] for r in result.details["replies"])
+    assert all(r["oversized"] for r in json_details(result)["replies"])
 
 
 async def test_doh_server_answers_rfc8484_get(lab: Lab) -> None:
@@ -603,8 +603,8 @@ async def test_an_unusable_first_reply_does_not_end_the_wait(lab: Lab, injected:
     lab.table.both(NAME, Behaviour.race(injected, real, delay_s=0.4))
     result = await run(lab, "udp", window=0.05, dns_s=2.0)
     assert result.ok, result.failure
-    assert result.details["answers"]["A"] == ["127.0.0.7"]
-    assert len(result.details["replies"]) == 4  # the unusable replies stay as evidence
+    assert json_details(result)["answers"]["A"] == ["127.0.0.7"]
+    assert len(json_details(result)["replies"]) == 4  # the unusable replies stay as evidence
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
@@ -621,6 +621,6 @@ async def test_doh_reply_that_is_not_http_is_server_misbehaving(
         result = await probe(dns_target(resolver), st)
     assert result.failure == Failure.DNS_SERVER_MISBEHAVING
     assert result.failed_operation == Operation.RESOLVE
-    assert result.details["errors"] == {"A": "dns_server_misbehaving"} | {
+    assert json_details(result)["errors"] == {"A": "dns_server_misbehaving"} | {
         "AAAA": "dns_server_misbehaving"
     }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import socket
@@ -25,13 +24,14 @@ from OpenSSL import crypto as openssl_crypto
 
 from probe.classify import classify_exception, classify_quic_close
 from probe.config.settings import ProbeSettings
+from probe.evidence import QuicEvidence, QuicVnEvidence
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.quic import H3_BODY, QUICServer, VersionNegotiationServer, VNMode
 from probe.model import Failure, Operation, ProbeResult
 from probe.probes import PROBES, quic, quic_vn
 from probe.probes.quic import _trust
 from probe.wire.quic import QUIC_V1, QUIC_V2, is_reserved_version
-from tests.helpers import settings, target, unbound_udp_port
+from tests.helpers import evidence_of, settings, target, unbound_udp_port
 
 NAME = "quic.example"
 HOSTS = ["127.0.0.1", "::1"]
@@ -88,18 +88,18 @@ async def test_v1_handshake_succeeds_with_alpn_and_certificate_evidence(
         result = await run_quic(host, server.port, st)
         await asyncio.wait_for(server.handshake_seen.wait(), QUIC_S)
     assert result.ok, result.failure
-    assert result.details["alpn"] == "h3"
-    assert result.details["quic_version"] == "0x00000001"
-    assert {"initial", "handshake"} <= set(result.details["server_packet_types"])
-    assert result.details["sni"] == NAME
-    assert result.details["certificate_source"] == "handshake"
-    certificate = result.details["certificate"]
-    assert certificate["sha256"] == fingerprint(leaf.cert_pem)
-    assert certificate["subject"] == f"CN={NAME}"
-    assert certificate["issuer"] == "CN=probe lab CA"
-    assert certificate["sans"] == [f"DNS:{NAME}"]
+    assert quic_ev(result).alpn == "h3"
+    assert quic_ev(result).offer.quic_version == "0x00000001"
+    assert {"initial", "handshake"} <= set(quic_ev(result).datagrams.server_packet_types)
+    assert quic_ev(result).sni == NAME
+    assert quic_ev(result).certificate_source == "handshake"
+    certificate = quic_ev(result).certificate
+    assert certificate.sha256 == fingerprint(leaf.cert_pem)
+    assert certificate.subject == f"CN={NAME}"
+    assert certificate.issuer == "CN=probe lab CA"
+    assert certificate.sans == (f"DNS:{NAME}",)
     # a real v1 client's Initial is padded to >= 1200 bytes: the size TSPU keys on (B8)
-    assert result.details["initial_datagram_bytes"] >= 1200
+    assert quic_ev(result).datagrams.initial_datagram_bytes >= 1200
     assert 0 < result.phases["quic_handshake"] < QUIC_S
 
 
@@ -110,7 +110,7 @@ async def test_sni_param_overrides_the_endpoint_name(
         t = target("quic", "127.0.0.1", server.port, host="blocked.example", params={"sni": NAME})
         result = await quic.probe(t, st)
     assert result.ok, result.failure
-    assert result.details["sni"] == NAME
+    assert quic_ev(result).sni == NAME
 
 
 async def test_ip_literal_target_is_verified_against_the_ip_san(
@@ -119,7 +119,7 @@ async def test_ip_literal_target_is_verified_against_the_ip_san(
     async with QUICServer(cert=ca.issue("127.0.0.1")) as server:
         result = await quic.probe(target("quic", "127.0.0.1", server.port), st)
     assert result.ok, result.failure
-    assert result.details["sni"] is None
+    assert quic_ev(result).sni is None
 
 
 async def test_explicit_null_sni_sends_none_and_verifies_the_ip(
@@ -128,7 +128,7 @@ async def test_explicit_null_sni_sends_none_and_verifies_the_ip(
     async with QUICServer(cert=ca.issue(NAME)) as server:
         result = await run_quic("127.0.0.1", server.port, st, sni=None)
     assert_failed(result, Failure.SSL_INVALID_HOSTNAME)  # the certificate has no IP SAN
-    assert result.details["sni"] is None
+    assert quic_ev(result).sni is None
 
 
 async def test_ip_literal_target_still_checks_the_name(
@@ -144,14 +144,14 @@ async def test_quic_v2_handshake_succeeds(ca: CertificateAuthority, st: ProbeSet
     async with QUICServer(cert=ca.issue(NAME)) as server:
         result = await run_quic("127.0.0.1", server.port, st, version="v2")
     assert result.ok, result.failure
-    assert result.details["quic_version"] == f"0x{QUIC_V2:08x}"
+    assert quic_ev(result).offer.quic_version == f"0x{QUIC_V2:08x}"
 
 
 async def test_alpn_param_is_offered(ca: CertificateAuthority, st: ProbeSettings) -> None:
     async with QUICServer(cert=ca.issue(NAME), alpn=("h3", "doq")) as server:
         result = await run_quic("127.0.0.1", server.port, st, alpn="doq")
     assert result.ok, result.failure
-    assert result.details["alpn"] == "doq"
+    assert quic_ev(result).alpn == "doq"
 
 
 # --- quic: certificate failures --------------------------------------------------------------
@@ -164,11 +164,11 @@ async def test_wrong_hostname_is_invalid_hostname_and_keeps_the_certificate(
     async with QUICServer(host, cert=leaf) as server:
         result = await run_quic(host, server.port, st)
     assert_failed(result, Failure.SSL_INVALID_HOSTNAME)
-    assert result.details["quic_close_by"] == "local"
-    assert result.details["quic_error_code"] == "0x12a"  # CRYPTO_ERROR + bad_certificate
+    assert quic_ev(result).close.quic_close_by == "local"
+    assert quic_ev(result).close.quic_error_code == "0x12a"  # CRYPTO_ERROR + bad_certificate
     # OONI keeps the certificate of a failed verification: a MITM certificate is the finding
-    assert result.details["certificate"]["sha256"] == fingerprint(leaf.cert_pem)
-    assert result.details["certificate"]["subject"] == "CN=other.example"
+    assert quic_ev(result).certificate.sha256 == fingerprint(leaf.cert_pem)
+    assert quic_ev(result).certificate.subject == "CN=other.example"
 
 
 @pytest.mark.parametrize("ca_name", ["probe lab CA", "another CA"])
@@ -179,9 +179,9 @@ async def test_unknown_ca_is_unknown_authority(host: str, ca_name: str, st: Prob
     async with QUICServer(host, cert=leaf) as server:
         result = await run_quic(host, server.port, st)
     assert_failed(result, Failure.SSL_UNKNOWN_AUTHORITY)
-    assert result.details["quic_error_code"] == "0x12a"
+    assert quic_ev(result).close.quic_error_code == "0x12a"
     # the chain as sent, for the archive's quic_handshakes[].peer_certificates
-    chain = [base64.b64decode(c) for c in result.details["peer_certificates"]]
+    chain = list(quic_ev(result).peer_certificates or ())
     assert hashlib.sha256(chain[0]).hexdigest() == fingerprint(leaf.cert_pem)
     assert chain[1:] == [rogue.cert.public_bytes(serialization.Encoding.DER)]
 
@@ -192,7 +192,7 @@ async def test_expired_certificate_is_invalid_certificate(
     async with QUICServer(host, cert=ca.issue(NAME, expired=True)) as server:
         result = await run_quic(host, server.port, st)
     assert_failed(result, Failure.SSL_INVALID_CERTIFICATE)
-    assert result.details["quic_error_code"] == "0x12d"  # CRYPTO_ERROR + certificate_expired
+    assert quic_ev(result).close.quic_error_code == "0x12d"  # CRYPTO_ERROR + certificate_expired
 
 
 def test_trust_is_the_system_store_plus_the_ca_file(ca_file: str) -> None:
@@ -216,8 +216,8 @@ async def test_server_closing_the_handshake_is_classified_at_once(
     async with QUICServer(cert=ca.issue(NAME)) as server:
         result = await run_quic("127.0.0.1", server.port, st, alpn="nope")
     assert_failed(result, Failure.SSL_FAILED_HANDSHAKE)
-    assert result.details["quic_close_by"] == "peer"
-    assert result.details["quic_error_code"] == "0x178"
+    assert quic_ev(result).close.quic_close_by == "peer"
+    assert quic_ev(result).close.quic_error_code == "0x178"
     assert result.duration_s < QUIC_S / 2
 
 
@@ -233,8 +233,8 @@ async def test_a_certificate_alert_from_the_peer_is_not_a_certificate_finding(
     async with QUICServer(cert=ca.issue(NAME), refuse_with=code) as server:
         result = await run_quic("127.0.0.1", server.port, st)
     assert_failed(result, Failure.SSL_FAILED_HANDSHAKE)
-    assert result.details["quic_close_by"] == "peer"
-    assert result.details["quic_error_code"] == f"0x{code:x}"
+    assert quic_ev(result).close.quic_close_by == "peer"
+    assert quic_ev(result).close.quic_error_code == f"0x{code:x}"
 
 
 # --- quic: no server, silence, version negotiation -------------------------------------------
@@ -246,7 +246,7 @@ async def test_no_server_is_refused(host: str, st: ProbeSettings) -> None:
     result = await run_quic(host, unbound_udp_port(host), st)
     assert_failed(result, Failure.CONNECTION_REFUSED)
     assert result.duration_s < QUIC_S / 2
-    assert result.details["datagrams_received"] == 0
+    assert quic_ev(result).datagrams.datagrams_received == 0
 
 
 async def test_silent_peer_times_out_after_retransmitting(ca_file: str) -> None:
@@ -254,8 +254,8 @@ async def test_silent_peer_times_out_after_retransmitting(ca_file: str) -> None:
     with silent_peer("127.0.0.1") as port:
         result = await run_quic("127.0.0.1", port, fast)
     assert_failed(result, Failure.GENERIC_TIMEOUT)
-    assert result.details["datagrams_sent"] >= 2  # aioquic's PTO resent the Initial
-    assert result.details["datagrams_received"] == 0
+    assert quic_ev(result).datagrams.datagrams_sent >= 2  # aioquic's PTO resent the Initial
+    assert quic_ev(result).datagrams.datagrams_received == 0
     assert SILENT_S <= result.duration_s < SILENT_S + 0.5
 
 
@@ -271,12 +271,12 @@ async def test_vn_only_server_listing_v1_makes_quic_time_out_while_quic_vn_succe
         vn = await quic_vn.probe(target("quic_vn", host, server.port), fast)
     assert_failed(handshake, Failure.GENERIC_TIMEOUT)
     assert "quic_vn_lists_our_version" in handshake.flags
-    assert handshake.details["offered_versions"] == ["0x00000001", f"0x{QUIC_V2:08x}"]
-    assert handshake.details["datagrams_received"] >= 1
+    assert quic_ev(handshake).offered_versions == ("0x00000001", f"0x{QUIC_V2:08x}")
+    assert quic_ev(handshake).datagrams.datagrams_received >= 1
     # a VN packet, not handshake progress (what the verdict engine reads)
-    assert set(handshake.details["server_packet_types"]) <= {"version_negotiation"}
+    assert set(quic_ev(handshake).datagrams.server_packet_types) <= {"version_negotiation"}
     assert vn.ok, vn.failure
-    assert vn.details["offers_quic_v1"] is True
+    assert quic_vn_ev(vn).offers_quic_v1 is True
 
 
 async def test_vn_only_server_without_our_version_is_incompatible(
@@ -285,7 +285,7 @@ async def test_vn_only_server_without_our_version_is_incompatible(
     async with VersionNegotiationServer(host, versions=(QUIC_V2,)) as server:
         result = await run_quic(host, server.port, st)
     assert_failed(result, Failure.QUIC_INCOMPATIBLE_VERSION)
-    assert result.details["offered_versions"] == [f"0x{QUIC_V2:08x}"]
+    assert quic_ev(result).offered_versions == (f"0x{QUIC_V2:08x}",)
     assert result.duration_s < QUIC_S / 2
 
 
@@ -295,7 +295,7 @@ async def test_v2_client_against_a_v1_only_server_is_incompatible(
     async with QUICServer(cert=ca.issue(NAME), versions=(QUIC_V1,)) as server:
         result = await run_quic("127.0.0.1", server.port, st, version="v2")
     assert_failed(result, Failure.QUIC_INCOMPATIBLE_VERSION)
-    assert result.details["offered_versions"] == ["0x00000001"]
+    assert quic_ev(result).offered_versions == ("0x00000001",)
 
 
 async def test_spoofed_vn_not_echoing_our_ids_is_ignored(ca_file: str) -> None:
@@ -305,7 +305,7 @@ async def test_spoofed_vn_not_echoing_our_ids_is_ignored(ca_file: str) -> None:
     async with VersionNegotiationServer(versions=(QUIC_V2,), mode=VNMode.WRONG_CIDS) as server:
         result = await run_quic("127.0.0.1", server.port, fast)
     assert_failed(result, Failure.GENERIC_TIMEOUT)
-    assert "offered_versions" not in result.details
+    assert quic_ev(result).offered_versions is None
 
 
 async def test_garbage_replies_end_in_a_timeout(ca_file: str) -> None:
@@ -313,7 +313,7 @@ async def test_garbage_replies_end_in_a_timeout(ca_file: str) -> None:
     async with VersionNegotiationServer(mode=VNMode.GARBAGE) as server:
         result = await run_quic("127.0.0.1", server.port, fast)
     assert_failed(result, Failure.GENERIC_TIMEOUT)
-    assert result.details["datagrams_received"] >= 1
+    assert quic_ev(result).datagrams.datagrams_received >= 1
 
 
 def test_unknown_version_param_is_a_config_error() -> None:
@@ -331,11 +331,11 @@ async def test_vn_probe_is_answered_by_a_real_quic_server(
         result = await quic_vn.probe(target("quic_vn", host, server.port), st)
         assert server.handshakes == 0
     assert result.ok, result.failure
-    assert result.details["offered_versions"] == ["0x00000001", f"0x{QUIC_V2:08x}"]
-    assert result.details["offers_quic_v1"] is True
-    assert result.details["datagram_bytes"] == 1200
-    assert result.details["datagrams_sent"] == 1
-    assert is_reserved_version(int(result.details["probe_version"], 16))
+    assert quic_vn_ev(result).offered_versions == ("0x00000001", f"0x{QUIC_V2:08x}")
+    assert quic_vn_ev(result).offers_quic_v1 is True
+    assert quic_vn_ev(result).datagram_bytes == 1200
+    assert quic_vn_ev(result).datagrams_sent == 1
+    assert is_reserved_version(int(quic_vn_ev(result).probe_version, 16))
     assert 0 < result.phases["quic_vn"] < QUIC_S
 
 
@@ -345,7 +345,7 @@ async def test_vn_probe_version_can_be_pinned(st: ProbeSettings) -> None:
         t = target("quic_vn", "127.0.0.1", server.port, params={"version": "0xbabababa"})
         result = await quic_vn.probe(t, st)
     assert result.ok, result.failure
-    assert result.details["probe_version"] == "0xbabababa"
+    assert quic_vn_ev(result).probe_version == "0xbabababa"
     assert server.answered == 1
 
 
@@ -354,7 +354,7 @@ async def test_vn_probe_silence_is_udp_no_response_after_three_sends() -> None:
     with silent_peer("127.0.0.1") as port:
         result = await quic_vn.probe(target("quic_vn", "127.0.0.1", port), fast)
     assert_failed(result, Failure.UDP_NO_RESPONSE)
-    assert result.details["datagrams_sent"] == 3
+    assert quic_vn_ev(result).datagrams_sent == 3
     assert SILENT_S <= result.duration_s < SILENT_S + 0.5
 
 
@@ -378,7 +378,7 @@ async def test_vn_probe_replies_that_are_not_our_vn_are_bad_response(
     async with VersionNegotiationServer(mode=mode) as server:
         result = await quic_vn.probe(target("quic_vn", "127.0.0.1", server.port), fast)
     assert_failed(result, Failure.BAD_RESPONSE)
-    assert result.details["invalid_reply"] == reason
+    assert quic_vn_ev(result).invalid_reply == reason
 
 
 @pytest.mark.parametrize("version", [1, "0x6b3343cf", 0])
@@ -466,3 +466,11 @@ def test_classify_out_of_ssl_certificate_errors() -> None:
     cert = openssl_crypto.X509()
     assert classify_exception(x509_error("m", [20, 0, "m"], cert)) == "ssl_unknown_authority"
     assert classify_exception(x509_error("m", [10, 0, "m"], cert)) == "ssl_invalid_certificate"
+
+
+def quic_ev(result: ProbeResult) -> QuicEvidence:
+    return evidence_of(result, QuicEvidence)
+
+
+def quic_vn_ev(result: ProbeResult) -> QuicVnEvidence:
+    return evidence_of(result, QuicVnEvidence)

@@ -13,7 +13,7 @@ from probe.model import Failure, Operation, ProbeResult
 from probe.probes import PROBES
 from probe.probes import stun as stun_probe
 from probe.wire import stun as wire
-from tests.helpers import refusing_port, settings, target, unbound_udp_port
+from tests.helpers import json_details, refusing_port, settings, target, unbound_udp_port
 
 HOSTS = ["127.0.0.1", "::1"]
 UDP_S = 0.6  # every silent case waits this long: keep it short
@@ -50,7 +50,7 @@ async def test_binding_success_records_mapped_address_rtt_and_no_loss(
     server = await start(host)
     result = await run(server)
     assert result.ok, result
-    d = result.details
+    d = json_details(result)
     assert (d["count"], d["answered"], d["loss"]) == (3, 3, 0.0)
     assert d["response_class"] == "success"
     assert len(d["rtt_s"]) == 3
@@ -78,7 +78,7 @@ async def test_peer_text_is_bounded_and_never_carries_an_address(start: Start, h
     talker = await start(host, software=said)
     for result, key in ((await run(error), "error_reason"), (await run(talker), "software")):
         assert result.ok, result.failure
-        text = result.details[key]
+        text = json_details(result)[key]
         assert "5555" in text  # the text is kept as evidence ...
         assert "127.0.0.1" not in text and "::1" not in text  # ... without addresses
         assert len(text) <= 128
@@ -87,7 +87,9 @@ async def test_peer_text_is_bounded_and_never_carries_an_address(start: Start, h
 async def test_mapped_address_is_recorded_on_request(start: Start) -> None:
     server = await start()
     result = await run(server, count=1, record_mapped_address=True)
-    assert result.details["mapped_address"] == f"127.0.0.1:{result.details['mapped_port']}"
+    assert (
+        json_details(result)["mapped_address"] == f"127.0.0.1:{json_details(result)['mapped_port']}"
+    )
 
 
 async def test_username_and_software_are_sent_when_asked(start: Start) -> None:
@@ -105,9 +107,9 @@ async def test_error_401_still_proves_the_path(start: Start, host: str) -> None:
     server = await start(host, behavior="error401")
     result = await run(server)
     assert result.ok
-    assert result.details["response_class"] == "error"
-    assert result.details["error_code"] == 401
-    assert result.details["error_reason"] == "Unauthorized"
+    assert json_details(result)["response_class"] == "error"
+    assert json_details(result)["error_code"] == 401
+    assert json_details(result)["error_reason"] == "Unauthorized"
 
 
 @pytest.mark.parametrize("behavior", ["truncated", "bad_cookie", "bad_length"])
@@ -116,8 +118,8 @@ async def test_malformed_reply_is_bad_response_without_waiting(start: Start, beh
     result = await run(server, udp_s=3.0)
     assert result.failure == Failure.BAD_RESPONSE
     assert result.failed_operation == Operation.READ
-    assert result.details["malformed"] == 3
-    assert result.details["parse_error"]
+    assert json_details(result)["malformed"] == 3
+    assert json_details(result)["parse_error"]
     # the broken replies carry our transaction ids: no need to wait out the budget
     assert result.duration_s < 1.0
 
@@ -128,7 +130,7 @@ async def test_garbage_without_transaction_id_is_bad_response_at_the_deadline(
     server = await start(behavior="garbage")
     result = await run(server)
     assert result.failure == Failure.BAD_RESPONSE
-    assert "shorter than the header" in result.details["parse_error"]
+    assert "shorter than the header" in json_details(result)["parse_error"]
     assert UDP_S * 0.9 < result.duration_s < UDP_S + 0.5
 
 
@@ -136,7 +138,7 @@ async def test_giant_datagram_is_bad_response(start: Start) -> None:
     server = await start(behavior="giant")
     result = await run(server, count=1)
     assert result.failure == Failure.BAD_RESPONSE
-    assert result.details["malformed"] >= 1
+    assert json_details(result)["malformed"] >= 1
 
 
 @pytest.mark.parametrize("host", HOSTS)
@@ -146,16 +148,16 @@ async def test_silence_is_udp_no_response_never_ok(start: Start, host: str) -> N
     assert not result.ok
     assert result.failure == Failure.UDP_NO_RESPONSE
     assert result.failed_operation == Operation.READ
-    assert result.details["loss"] == 1.0
-    assert result.details["datagrams_received"] == 0
-    assert server.received == result.details["datagrams_sent"] >= 3
+    assert json_details(result)["loss"] == 1.0
+    assert json_details(result)["datagrams_received"] == 0
+    assert server.received == json_details(result)["datagrams_sent"] >= 3
     assert UDP_S * 0.9 < result.duration_s < UDP_S + 0.5
 
 
 async def test_retransmissions_follow_rfc5389_timing(start: Start) -> None:
     server = await start(behavior="silent")
     result = await run(server, udp_s=1.8, count=1)
-    assert result.details["transactions"][0]["sent"] == 3  # 0, RTO, 3 RTO (7 RTO > budget)
+    assert json_details(result)["transactions"][0]["sent"] == 3  # 0, RTO, 3 RTO (7 RTO > budget)
     t0 = server.arrivals[0]
     gaps = [round(t - t0, 2) for t in server.arrivals]
     assert gaps[0] == 0
@@ -173,9 +175,9 @@ async def test_partial_answers_are_ok_with_their_loss(start: Start) -> None:
     server = await start(answer_first=2)  # a censor letting the first packets through
     result = await run(server, count=3)
     assert result.ok
-    assert result.details["answered"] == 2
-    assert result.details["loss"] == pytest.approx(1 / 3, abs=1e-3)
-    assert [t["outcome"] for t in result.details["transactions"]] == [
+    assert json_details(result)["answered"] == 2
+    assert json_details(result)["loss"] == pytest.approx(1 / 3, abs=1e-3)
+    assert [t["outcome"] for t in json_details(result)["transactions"]] == [
         "answered",
         "answered",
         "lost",
@@ -186,7 +188,7 @@ async def test_an_echo_reflecting_our_request_is_bad_response(start: Start) -> N
     server = await start(behavior="echo")
     result = await run(server)
     assert result.failure == Failure.BAD_RESPONSE
-    assert result.details["reflected"] == 3
+    assert json_details(result)["reflected"] == 3
 
 
 @pytest.mark.parametrize("host", HOSTS)
@@ -207,7 +209,7 @@ async def test_control_tells_stun_filtering_from_address_blocking(start: Start) 
     server = await start(behavior="drop_stun_echo_rest")
     result = await run(server, control=True)
     assert result.failure == Failure.UDP_NO_RESPONSE
-    control = result.details["control"]
+    control = json_details(result)["control"]
     assert control["replied"] is True
     assert control["echoed"] is True
     assert control["sizes"] == [len(p) for p in server.packets if wire.is_stun(p)][:3]
@@ -221,8 +223,8 @@ async def test_control_silence_is_recorded_not_a_failure(start: Start) -> None:
     server = await start()  # a plain STUN server ignores random payloads
     result = await run(server, control=True)
     assert result.ok
-    assert result.details["control"]["replied"] is False
-    assert result.details["control"]["sent"] >= 3
+    assert json_details(result)["control"]["replied"] is False
+    assert json_details(result)["control"]["sent"] >= 3
 
 
 # ---------------------------------------------------------------- Binding over TCP
@@ -234,9 +236,9 @@ async def test_tcp_binding(start: Start, host: str, framing: str) -> None:
     server = await start(host, transport="tcp", framing=framing)
     result = await run(server, transport="tcp", framing=framing)
     assert result.ok, result
-    assert result.details["answered"] == 3
-    assert result.details["framing"] == framing
-    assert result.details["nat"] is False
+    assert json_details(result)["answered"] == 3
+    assert json_details(result)["framing"] == framing
+    assert json_details(result)["nat"] is False
     assert "connect" in result.phases
 
 
@@ -244,7 +246,7 @@ async def test_tcp_error_401_is_ok(start: Start) -> None:
     server = await start(transport="tcp", behavior="error401")
     result = await run(server, transport="tcp")
     assert result.ok
-    assert result.details["error_code"] == 401
+    assert json_details(result)["error_code"] == 401
 
 
 @pytest.mark.parametrize(
@@ -284,7 +286,7 @@ async def test_flow_to_an_echo_reports_no_loss_and_jitter(start: Start, host: st
     server = await start(host, behavior="echo")
     result = await run(server, mode="flow", duration_s=1.0, rate_pps=50)
     assert result.ok, result
-    d = result.details
+    d = json_details(result)
     assert d["sent"] == d["received"] == 50
     assert (d["stun_sent"], d["stun_received"]) == (3, 3)
     assert d["loss"] == 0.0
@@ -306,7 +308,7 @@ async def test_flow_cut_off_after_n_packets_fails_with_cutoff(start: Start) -> N
     server = await start(behavior="echo", answer_first=20)
     result = await run(server, udp_s=0.5, mode="flow", duration_s=1.0)
     assert result.failure == Failure.UDP_NO_RESPONSE
-    d = result.details
+    d = json_details(result)
     assert d["received"] == 20
     assert d["sent"] == 50
     assert d["loss"] == pytest.approx(0.6)
@@ -318,15 +320,15 @@ async def test_flow_cut_off_after_t_seconds(start: Start) -> None:
     server = await start(behavior="echo", answer_for_s=0.3)
     result = await run(server, udp_s=0.5, mode="flow", duration_s=1.0)
     assert result.failure == Failure.UDP_NO_RESPONSE
-    assert 0.2 <= result.details["cutoff_s"] <= 0.5
+    assert 0.2 <= json_details(result)["cutoff_s"] <= 0.5
 
 
 async def test_flow_silent_from_the_start_is_cut_off_at_zero(start: Start) -> None:
     server = await start(behavior="silent")
     result = await run(server, udp_s=0.3, mode="flow", duration_s=0.5, rate_pps=20)
     assert result.failure == Failure.UDP_NO_RESPONSE
-    assert result.details["cutoff_s"] == 0.0
-    assert result.details["received"] == 0
+    assert json_details(result)["cutoff_s"] == 0.0
+    assert json_details(result)["received"] == 0
 
 
 async def test_flow_against_a_plain_stun_server_answers_only_the_stun_packets(
@@ -336,8 +338,8 @@ async def test_flow_against_a_plain_stun_server_answers_only_the_stun_packets(
     server = await start()
     result = await run(server, udp_s=0.3, mode="flow", duration_s=0.6)
     assert result.failure == Failure.UDP_NO_RESPONSE
-    assert result.details["stun_received"] == 3
-    assert result.details["received"] == 3
+    assert json_details(result)["stun_received"] == 3
+    assert json_details(result)["received"] == 3
 
 
 # ---------------------------------------------------------------- reflector hello
@@ -350,8 +352,8 @@ async def test_reflector_any_reply_is_success(start: Start, host: str) -> None:
     result = await run(server, mode="reflector", peer_tag=tag.hex())
     assert result.ok
     assert server.packets[0] == wire.reflector_hello(tag)
-    assert result.details["tag_match"] is True
-    assert result.details["reply_bytes"] == 40
+    assert json_details(result)["tag_match"] is True
+    assert json_details(result)["reply_bytes"] == 40
 
 
 async def test_reflector_silence_is_udp_no_response(start: Start) -> None:

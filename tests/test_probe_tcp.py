@@ -7,10 +7,11 @@ import time
 
 import pytest
 
+from probe.evidence import TcpEvidence
 from probe.lab.servers.tcp import FullBacklogListener, TCPMode, TCPServer, abort_with_rst
-from probe.model import Operation
+from probe.model import Operation, ProbeResult
 from probe.probes import PROBES, tcp
-from tests.helpers import refusing_port, settings, target
+from tests.helpers import evidence_of, refusing_port, settings, target
 
 HOSTS = pytest.mark.parametrize(("host", "family"), [("127.0.0.1", "ipv4"), ("::1", "ipv6")])
 
@@ -26,9 +27,9 @@ async def test_connect_ok_records_families_and_connect_time(host: str, family: s
     assert result.ok, result.failure
     assert result.failure is None
     assert result.failed_operation is None
-    assert result.details["local_family"] == family
-    assert result.details["peer_family"] == family
-    assert 0 <= result.details["connect_time_s"] == result.phases["connect"] < 2.0
+    assert tcp_ev(result).socket.local_family == family
+    assert tcp_ev(result).socket.peer_family == family
+    assert 0 <= tcp_ev(result).connect_time_s == result.phases["connect"] < 2.0
 
 
 @HOSTS
@@ -92,7 +93,7 @@ async def test_held_silent_connection_is_ok(host: str, family: str) -> None:
             target("tcp", host, server.port, params={"hold_s": 0.2}), settings()
         )
     assert result.ok
-    assert result.details["bytes_received"] == 0
+    assert tcp_ev(result).bytes_received == 0
     assert result.phases["hold"] >= 0.2
 
 
@@ -104,8 +105,8 @@ async def test_volunteered_bytes_are_counted_not_judged(host: str, family: str) 
             target("tcp", host, server.port, params={"hold_s": 0.3}), settings()
         )
     assert result.ok
-    assert result.details["bytes_received"] == len(garbage)
-    assert result.details["first_bytes_hex"] == garbage[:16].hex()
+    assert tcp_ev(result).bytes_received == len(garbage)
+    assert tcp_ev(result).first_bytes_hex == garbage[:16].hex()
 
 
 async def test_hold_reads_are_bounded_against_a_flood() -> None:
@@ -115,7 +116,7 @@ async def test_hold_reads_are_bounded_against_a_flood() -> None:
             target("tcp", "127.0.0.1", server.port, params={"hold_s": 2.0}), settings()
         )
     assert result.ok
-    assert 64 * 1024 <= result.details["bytes_received"] < len(flood)  # reads stopped ...
+    assert 64 * 1024 <= tcp_ev(result).bytes_received < len(flood)  # reads stopped ...
     assert result.phases["hold"] >= 2.0  # ... but the connection was held the whole window
 
 
@@ -140,7 +141,7 @@ async def test_a_reset_after_a_flood_is_still_seen(host: str, family: str) -> No
     assert sent.is_set()
     assert result.failure == "connection_reset"
     assert result.failed_operation is Operation.READ
-    assert 64 * 1024 <= result.details["bytes_received"] < 256 * 1024
+    assert 64 * 1024 <= tcp_ev(result).bytes_received < 256 * 1024
 
 
 @HOSTS
@@ -168,3 +169,7 @@ async def test_address_must_be_an_ip_literal() -> None:
     # A hostname in `address` is a config bug; the probe must not resolve it itself.
     with pytest.raises(ValueError, match="does not appear to be an IPv4 or IPv6"):
         await tcp.probe(target("tcp", "localhost", 80), settings())
+
+
+def tcp_ev(result: ProbeResult) -> TcpEvidence:
+    return evidence_of(result, TcpEvidence)

@@ -8,7 +8,6 @@ within the TLS timeout.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import re
 import ssl
@@ -19,12 +18,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from probe.evidence import HandshakeProgress, TlsEvidence
 from probe.lab.certs import CertificateAuthority, LeafCert
 from probe.lab.servers.tls import TLSMode, TLSServer
 from probe.model import Operation, ProbeResult
 from probe.probes import PROBES, tls
 from probe.probes.params import ParamError
-from tests.helpers import refusing_port, settings, target
+from tests.helpers import evidence_of, refusing_port, settings, target
 
 HOSTS = pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 NAME = "chat.lab.example"
@@ -44,13 +44,13 @@ async def run(host: str, server: TLSServer, ca_file: str | None, **kw: object) -
 
 
 def assert_evidence(result: ProbeResult, cert: LeafCert, source: str) -> None:
-    evidence = result.details["certificate"]
-    assert evidence["sha256"] == fingerprint(cert)
+    evidence = tls_ev(result).certificate
+    assert evidence.sha256 == fingerprint(cert)
     parsed = x509.load_pem_x509_certificate(cert.cert_pem)
-    assert evidence["subject"] == parsed.subject.rfc4514_string()
-    assert evidence["issuer"] == parsed.issuer.rfc4514_string()
-    assert evidence["not_after"] == parsed.not_valid_after_utc.isoformat()
-    assert result.details["certificate_source"] == source
+    assert evidence.subject == parsed.subject.rfc4514_string()
+    assert evidence.issuer == parsed.issuer.rfc4514_string()
+    assert evidence.not_after == parsed.not_valid_after_utc.isoformat()
+    assert tls_ev(result).certificate_source == source
 
 
 def test_registered() -> None:
@@ -68,15 +68,15 @@ async def test_valid_certificate_records_version_alpn_cipher_and_cert(
     async with TLSServer(host, cert=cert, alpn=["h2", "http/1.1"]) as server:
         result = await run(host, server, ca_file)
         assert list(server.sni_seen) == [NAME]
-    assert result.ok, result.details
-    assert result.details["tls_version"] == "TLSv1.3"
-    assert result.details["alpn"] == "h2"
-    assert result.details["cipher"]
-    assert result.details["sni"] == NAME
-    assert result.details["handshake"]["bytes_received"] > 0
+    assert result.ok, result.evidence
+    assert tls_ev(result).tls_version == "TLSv1.3"
+    assert tls_ev(result).alpn == "h2"
+    assert tls_ev(result).cipher
+    assert tls_ev(result).sni == NAME
+    assert tls_ev(result).handshake.bytes_received > 0
     assert set(result.phases) == {"connect", "connect_rtt", "tls"}  # rtt: the kernel's
     assert_evidence(result, cert, "handshake")
-    assert result.details["certificate"]["sans"] == [f"DNS:{NAME}"]
+    assert tls_ev(result).certificate.sans == (f"DNS:{NAME}",)
 
 
 @HOSTS
@@ -91,7 +91,7 @@ async def test_wrong_hostname_keeps_the_certificate(
     assert result.failure == "ssl_invalid_hostname"
     assert result.failed_operation is Operation.TLS_HANDSHAKE
     assert_evidence(result, cert, "handshake")
-    assert result.details["certificate"]["sans"] == ["DNS:someone-else.example"]
+    assert tls_ev(result).certificate.sans == ("DNS:someone-else.example",)
     assert set(result.phases) == {"connect", "connect_rtt", "tls"}
 
 
@@ -109,7 +109,7 @@ async def test_unknown_authority_keeps_the_certificate(
     assert result.failure == "ssl_unknown_authority"
     assert result.failed_operation is Operation.TLS_HANDSHAKE
     assert_evidence(result, cert, "handshake")
-    assert result.details["certificate"]["issuer"] == f"CN={ca_name}"
+    assert tls_ev(result).certificate.issuer == f"CN={ca_name}"
 
 
 async def test_certificate_failure_keeps_the_whole_chain_from_the_same_handshake(
@@ -121,13 +121,13 @@ async def test_certificate_failure_keeps_the_whole_chain_from_the_same_handshake
         result = await run("127.0.0.1", server, ca_file)
         assert server.client_hellos == 1  # no second, unverified connection was needed
     assert result.failure == "ssl_unknown_authority"
-    chain = [base64.b64decode(c) for c in result.details["peer_certificates"]]
+    chain = list(tls_ev(result).peer_certificates or ())
     assert chain == [
         # the leaf: the first PEM block (load_pem reads only that one)
         x509.load_pem_x509_certificate(cert.cert_pem).public_bytes(serialization.Encoding.DER),
         rogue.cert.public_bytes(serialization.Encoding.DER),
     ]
-    assert hashlib.sha256(chain[0]).hexdigest() == result.details["certificate"]["sha256"]
+    assert hashlib.sha256(chain[0]).hexdigest() == tls_ev(result).certificate.sha256
 
 
 async def test_valid_handshake_keeps_the_leaf_fingerprint_not_the_chain(
@@ -136,8 +136,8 @@ async def test_valid_handshake_keeps_the_leaf_fingerprint_not_the_chain(
     async with TLSServer("127.0.0.1", cert=ca.issue(NAME, chain=True)) as server:
         result = await run("127.0.0.1", server, ca_file)
     assert result.ok
-    assert "peer_certificates" not in result.details  # small results snapshot on success
-    assert result.details["certificate"]["issuer"] == "CN=probe lab CA"
+    assert tls_ev(result).peer_certificates is None  # small results snapshot on success
+    assert tls_ev(result).certificate.issuer == "CN=probe lab CA"
 
 
 async def test_without_the_chain_api_a_second_handshake_reads_the_certificate(
@@ -151,7 +151,7 @@ async def test_without_the_chain_api_a_second_handshake_reads_the_certificate(
         assert list(server.sni_seen) == [NAME, NAME]
     assert result.failure == "ssl_unknown_authority"
     assert_evidence(result, cert, "unverified_second_handshake")
-    [der] = [base64.b64decode(c) for c in result.details["peer_certificates"]]
+    [der] = tls_ev(result).peer_certificates or ()
     assert der == ssl.PEM_cert_to_DER_cert(cert.cert_pem.decode())
     assert set(result.phases) == {"connect", "connect_rtt", "tls", "certificate_evidence"}
 
@@ -171,7 +171,7 @@ async def test_split_client_hello_is_cut_inside_the_name_and_still_completes(
     with pytest.raises(ssl.SSLWantReadError):
         obj.do_handshake()
     at = outgoing.read().find(NAME.encode())
-    assert result.details["client_hello_split_at"] == at + len(NAME) // 2
+    assert tls_ev(result).client_hello_split_at == at + len(NAME) // 2
 
 
 async def test_alt_shape_changes_the_cipher_suite_vector_and_still_completes(
@@ -182,7 +182,7 @@ async def test_alt_shape_changes_the_cipher_suite_vector_and_still_completes(
     assert [c["name"] for c in default.get_ciphers()] != [c["name"] for c in alt.get_ciphers()]
     async with TLSServer("127.0.0.1", cert=ca.issue(NAME), alpn=["h2", "http/1.1"]) as server:
         result = await run("127.0.0.1", server, ca_file, params={"shape": "alt"})
-    assert result.ok and result.details["client_hello_shape"] == "alt"
+    assert result.ok and tls_ev(result).offer.client_hello_shape == "alt"
 
 
 @pytest.mark.parametrize(
@@ -205,9 +205,9 @@ async def test_expired_certificate_keeps_the_certificate(
     async with TLSServer(host, cert=cert) as server:
         result = await run(host, server, ca_file)
     assert result.failure == "ssl_invalid_certificate"
-    assert result.details["verify_message"] == "certificate has expired"
+    assert tls_ev(result).verify_message == "certificate has expired"
     assert_evidence(result, cert, "handshake")
-    not_after = datetime.fromisoformat(result.details["certificate"]["not_after"])
+    not_after = datetime.fromisoformat(tls_ev(result).certificate.not_after)
     assert not_after < datetime.now(UTC)
 
 
@@ -230,9 +230,9 @@ async def test_ip_literal_sends_no_sni_and_verifies_the_ip(
     async with TLSServer(host, cert=cert) as server:
         result = await run(host, server, ca_file, name=host)
         assert list(server.sni_seen) == [None]
-    assert result.ok, result.details
-    assert result.details["sni"] is None
-    assert result.details["certificate"]["sans"] == [f"IP:{host}"]
+    assert result.ok, result.evidence
+    assert tls_ev(result).sni is None
+    assert tls_ev(result).certificate.sans == (f"IP:{host}",)
 
 
 @HOSTS
@@ -243,8 +243,8 @@ async def test_ip_literal_with_a_certificate_for_another_ip_scrubs_the_message(
     async with TLSServer(host, cert=cert) as server:
         result = await run(host, server, ca_file, name=host)
     assert result.failure == "ssl_invalid_hostname"
-    assert host not in result.details["verify_message"]
-    assert "[scrubbed]" in result.details["verify_message"]
+    assert host not in tls_ev(result).verify_message
+    assert "[scrubbed]" in tls_ev(result).verify_message
 
 
 @HOSTS
@@ -256,8 +256,8 @@ async def test_sni_param_overrides_the_endpoint_name(
     async with TLSServer(host, cert=cert) as server:
         result = await run(host, server, ca_file, params={"sni": "neutral.example"})
         assert list(server.sni_seen) == ["neutral.example"]
-    assert result.ok, result.details
-    assert result.details["sni"] == "neutral.example"
+    assert result.ok, result.evidence
+    assert tls_ev(result).sni == "neutral.example"
 
 
 @HOSTS
@@ -270,10 +270,10 @@ async def test_alpn_param_and_server_without_alpn(
     async with TLSServer(host, cert=cert) as without_alpn:
         none = await run(host, without_alpn, ca_file)
     assert chosen.ok
-    assert chosen.details["alpn"] == "http/1.1"
-    assert chosen.details["alpn_offered"] == ["http/1.1"]
+    assert tls_ev(chosen).alpn == "http/1.1"
+    assert tls_ev(chosen).offer.alpn_offered == ("http/1.1",)
     assert none.ok
-    assert none.details["alpn"] is None
+    assert tls_ev(none).alpn is None
 
 
 @HOSTS
@@ -298,7 +298,7 @@ async def hostile(host: str, mode: TLSMode, tls_s: float = 3.0) -> tuple[ProbeRe
         assert server.client_hellos == 1
     assert not result.ok
     assert result.failed_operation is Operation.TLS_HANDSHAKE
-    assert "certificate" not in result.details  # nothing to keep: no certificate came
+    assert tls_ev(result).certificate is None  # nothing to keep: no certificate came
     return result, took
 
 
@@ -306,8 +306,8 @@ async def hostile(host: str, mode: TLSMode, tls_s: float = 3.0) -> tuple[ProbeRe
 async def test_reset_after_client_hello(host: str) -> None:
     result, took = await hostile(host, TLSMode.RESET_AFTER_HELLO)
     assert result.failure == "connection_reset"
-    assert result.details["handshake"]["stage"] == "awaiting_server_hello"
-    assert result.details["handshake"]["bytes_sent"] > 0
+    assert tls_ev(result).handshake.stage == "awaiting_server_hello"
+    assert tls_ev(result).handshake.bytes_sent > 0
     assert took < 1.5  # on the peer's action, not at the 3 s timeout
 
 
@@ -315,16 +315,16 @@ async def test_reset_after_client_hello(host: str) -> None:
 async def test_silence_after_client_hello_times_out(host: str) -> None:
     result, took = await hostile(host, TLSMode.HANG_AFTER_HELLO, tls_s=0.3)
     assert result.failure == "generic_timeout_error"
-    hs = result.details["handshake"]
-    assert hs == {
-        "stage": "awaiting_server_hello",
-        "bytes_sent": hs["bytes_sent"],
-        "bytes_received": 0,
-        "server_messages": [],  # no server byte: the B3 signature, not a slow path
-        "timeout_s": hs["timeout_s"],
-    }
+    hs = tls_ev(result).handshake
+    assert hs == HandshakeProgress(
+        stage="awaiting_server_hello",
+        bytes_sent=hs.bytes_sent,
+        bytes_received=0,
+        server_messages=(),  # no server byte: the B3 signature, not a slow path
+        timeout_s=hs.timeout_s,
+    )
     # no progress: the configured timeout is not stretched (a blackhole costs no more)
-    assert 0.3 <= hs["timeout_s"] < 1.0
+    assert 0.3 <= hs.timeout_s < 1.0
     assert 0.3 <= result.phases["tls"] < 1.0
     assert took < 1.5
 
@@ -333,8 +333,8 @@ async def test_silence_after_client_hello_times_out(host: str) -> None:
 async def test_garbage_instead_of_server_hello(host: str) -> None:
     result, took = await hostile(host, TLSMode.GARBAGE_AFTER_HELLO)
     assert result.failure == "ssl_failed_handshake"
-    assert result.details["handshake"]["bytes_received"] > 0
-    assert result.details["handshake"]["server_messages"] == ["not_tls"]
+    assert tls_ev(result).handshake.bytes_received > 0
+    assert tls_ev(result).handshake.server_messages == ("not_tls",)
     assert took < 1.5  # on the peer's action, not at the 3 s timeout
 
 
@@ -342,7 +342,7 @@ async def test_garbage_instead_of_server_hello(host: str) -> None:
 async def test_fin_after_client_hello_is_eof(host: str) -> None:
     result, took = await hostile(host, TLSMode.CLOSE_AFTER_HELLO)
     assert result.failure == "eof_error"
-    assert result.details["handshake"]["stage"] == "awaiting_server_hello"
+    assert tls_ev(result).handshake.stage == "awaiting_server_hello"
     assert took < 1.5  # on the peer's action, not at the 3 s timeout
 
 
@@ -350,7 +350,7 @@ async def test_fin_after_client_hello_is_eof(host: str) -> None:
 async def test_alert_after_client_hello(host: str) -> None:
     result, took = await hostile(host, TLSMode.ALERT_AFTER_HELLO)
     assert result.failure == "ssl_failed_handshake"
-    assert result.details["handshake"]["server_messages"] == ["alert"]
+    assert tls_ev(result).handshake.server_messages == ("alert",)
     assert took < 1.5  # on the peer's action, not at the 3 s timeout
 
 
@@ -361,7 +361,7 @@ async def test_giant_server_hello_is_refused_without_reading_it(ca_file: str) ->
     async with TLSServer("127.0.0.1", mode=TLSMode.GARBAGE_AFTER_HELLO, garbage=flood) as server:
         result = await run("127.0.0.1", server, ca_file, tls_s=5.0)
     assert result.failure == "ssl_failed_handshake"
-    assert result.details["handshake"]["bytes_received"] < 100_000
+    assert tls_ev(result).handshake.bytes_received < 100_000
     assert result.duration_s < 2.5
 
 
@@ -432,3 +432,7 @@ def test_a_slow_connect_stretches_the_handshake_timeout_within_bounds() -> None:
     first, cap = tls.handshake_timeout(3.0, 0.6)
     assert first == 0.6 * tls.HANDSHAKE_RTTS and cap == 9.0
     assert tls.handshake_timeout(3.0, 5.0) == (9.0, 9.0)  # never beyond the bound
+
+
+def tls_ev(result: ProbeResult) -> TlsEvidence:
+    return evidence_of(result, TlsEvidence)

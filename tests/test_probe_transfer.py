@@ -18,7 +18,7 @@ from probe.lab.servers.tls import TLSMode, TLSServer, server_context
 from probe.model import Failure, Operation, ProbeResult
 from probe.probes import PROBES, transfer
 from probe.probes.transfer import parse_params
-from tests.helpers import refusing_port, settings, target
+from tests.helpers import json_details, refusing_port, settings, target
 
 HOST = "bulk.test"
 KIB = 1024
@@ -70,7 +70,7 @@ async def _run(
 
 
 def _conns(result: ProbeResult, key: str = "connections") -> list[dict[str, Any]]:
-    return list(result.details[key])
+    return list(json_details(result)[key])
 
 
 def test_transfer_is_registered() -> None:
@@ -101,9 +101,9 @@ async def test_clean_download_over_fresh_connections_is_ok(
         assert conn["body_bytes"] == conn["content_length"] == 256 * KIB
         assert conn["status"] == 200
         assert conn["wire_bytes"] > conn["body_bytes"] + conn["handshake_wire_bytes"]
-    assert result.details["median_kbps"] > 300
-    assert result.details["stalled_fraction"] == 0.0
-    assert result.details["sni"] == HOST
+    assert json_details(result)["median_kbps"] > 300
+    assert json_details(result)["stalled_fraction"] == 0.0
+    assert json_details(result)["sni"] == HOST
     assert set(result.phases) == {"connect", "tls", "first_byte", "transfer"}
     assert result.flags == ()
 
@@ -138,10 +138,10 @@ async def test_freeze_after_16k_is_stall_after_bytes(leaf: LeafCert, ca_file: st
     )
     assert result.failure == Failure.STALL_AFTER_BYTES
     assert result.failed_operation is Operation.READ
-    assert result.details["stalled_at_bytes"] == [16 * KIB] * 3
-    for wire in result.details["stalled_at_wire_bytes"]:
+    assert json_details(result)["stalled_at_bytes"] == [16 * KIB] * 3
+    for wire in json_details(result)["stalled_at_wire_bytes"]:
         assert 16 * KIB < wire <= 64 * KIB  # body + handshake + TLS framing, inside the window
-    assert result.details["stalled_fraction"] == 1.0
+    assert json_details(result)["stalled_fraction"] == 1.0
     assert server.cut == [1, 2, 3]
     for conn in _conns(result):
         assert conn["outcome"] == "stalled"
@@ -163,10 +163,10 @@ async def test_freeze_on_some_connections_is_reported_with_its_fraction(
     )
     assert result.failure == Failure.STALL_AFTER_BYTES
     assert [c["outcome"] for c in _conns(result)] == ["complete", "stalled", "complete"]
-    assert result.details["stalled_connections"] == 1
-    assert result.details["stalled_fraction"] == pytest.approx(1 / 3, abs=0.001)
-    assert result.details["stalled_at_bytes"] == [16 * KIB]
-    assert result.details["measured_connections"] == 2  # the healthy ones still measured
+    assert json_details(result)["stalled_connections"] == 1
+    assert json_details(result)["stalled_fraction"] == pytest.approx(1 / 3, abs=0.001)
+    assert json_details(result)["stalled_at_bytes"] == [16 * KIB]
+    assert json_details(result)["measured_connections"] == 2  # the healthy ones still measured
     assert server.cut == [2]
 
 
@@ -191,7 +191,7 @@ async def test_stall_beyond_the_window_is_a_timeout(
     )
     assert result.failure == failure
     assert result.failed_operation is Operation.READ
-    assert result.details["stalled_at_bytes"] == [128 * KIB]
+    assert json_details(result)["stalled_at_bytes"] == [128 * KIB]
 
 
 @pytest.mark.parametrize(
@@ -231,8 +231,8 @@ async def test_rate_limited_server_is_throttled(leaf: LeafCert, ca_file: str) ->
     result, _ = await _run(ca_file, cert=leaf, behaviour=behaviour, params={"connections": 2})
     assert result.failure == Failure.THROTTLED
     assert result.failed_operation is Operation.READ
-    assert 150 < result.details["median_kbps"] < 300
-    assert result.details["throttled_directions"] == ["download"]
+    assert 150 < json_details(result)["median_kbps"] < 300
+    assert json_details(result)["throttled_directions"] == ["download"]
     assert [c["outcome"] for c in _conns(result)] == ["complete", "complete"]
 
 
@@ -241,7 +241,7 @@ async def test_paced_body_too_small_to_measure_is_not_judged(leaf: LeafCert, ca_
     result, _ = await _run(ca_file, cert=leaf, behaviour=behaviour, params={"connections": 1})
     assert result.ok, result
     assert result.flags == ("transfer_too_small_to_measure",)
-    assert result.details["measured_connections"] == 0
+    assert json_details(result)["measured_connections"] == 0
 
 
 async def test_transfer_cut_by_the_deadline_is_still_measured(leaf: LeafCert, ca_file: str) -> None:
@@ -308,7 +308,9 @@ async def test_upload_measures_upstream_rate(leaf: LeafCert, ca_file: str) -> No
     assert upload["upload_bytes"] == 128 * KIB
     assert upload["status"] == 200
     assert upload["upload_kbps"] > 300
-    assert result.details["median_upload_kbps"] == pytest.approx(upload["upload_kbps"], rel=0.01)
+    assert json_details(result)["median_upload_kbps"] == pytest.approx(
+        upload["upload_kbps"], rel=0.01
+    )
 
 
 async def test_throttled_upload_is_throttled_on_write(leaf: LeafCert, ca_file: str) -> None:
@@ -317,8 +319,8 @@ async def test_throttled_upload_is_throttled_on_write(leaf: LeafCert, ca_file: s
     result, server = await _run(ca_file, cert=leaf, behaviour=behaviour, params=params)
     assert result.failure == Failure.THROTTLED
     assert result.failed_operation is Operation.WRITE
-    assert result.details["throttled_directions"] == ["upload"]
-    assert 150 < result.details["median_upload_kbps"] < 300
+    assert json_details(result)["throttled_directions"] == ["upload"]
+    assert 150 < json_details(result)["median_upload_kbps"] < 300
     assert server.uploads == [64 * KIB]
 
 
@@ -338,7 +340,7 @@ async def test_certificate_failures_are_classified_and_end_the_probe(
     result, server = await _run(None if case == "unknown_ca" else ca_file, cert=cert, params=params)
     assert result.failure == failure
     assert result.failed_operation is Operation.TLS_HANDSHAKE
-    assert result.details["connections_attempted"] == 1  # no point hitting the wall 3 times
+    assert json_details(result)["connections_attempted"] == 1  # no point hitting the wall 3 times
     assert server.requests == 0
 
 
@@ -363,7 +365,7 @@ async def test_closed_port_is_connection_refused(ca_file: str) -> None:
         result = await transfer.probe(tgt, settings(ca_file=ca_file))
     assert result.failure == Failure.CONNECTION_REFUSED
     assert result.failed_operation is Operation.CONNECT
-    assert result.details["connections_attempted"] == 1
+    assert json_details(result)["connections_attempted"] == 1
 
 
 @pytest.mark.parametrize(
@@ -400,7 +402,7 @@ async def test_ip_literal_target_verifies_the_address(
         tgt = target("transfer", "127.0.0.1", srv.port, params={"connections": 1})
         result = await transfer.probe(tgt, settings(ca_file=ca_file))
     assert result.ok, result
-    assert result.details["sni"] is None
+    assert json_details(result)["sni"] is None
     assert _conns(result)[0]["body_bytes"] == 1000
 
 
@@ -417,13 +419,13 @@ async def test_a_gap_longer_than_stall_s_that_resumes_is_no_stall(
         stall_s=STALL_S,
         transfer_s=FROZEN_DEADLINE_S,
     )
-    assert result.ok, result.details
+    assert result.ok, result.evidence
     (conn,) = _conns(result)
     assert conn["outcome"] == "complete"
     assert conn["body_bytes"] == behaviour.body_bytes  # it counts toward throughput
     assert conn["long_gaps"] == 1
     assert conn["longest_gap_s"] >= 2 * STALL_S
-    assert result.details["stalled_connections"] == 0
+    assert json_details(result)["stalled_connections"] == 0
     assert server.cut == [1]
 
 
@@ -441,8 +443,8 @@ async def test_freezes_across_the_reported_range_give_their_byte_counts(
         transfer_s=FROZEN_DEADLINE_S,
     )
     assert result.failure == Failure.STALL_AFTER_BYTES
-    assert result.details["stalled_at_bytes"] == [cut_after]
-    for wire in result.details["stalled_at_wire_bytes"]:
+    assert json_details(result)["stalled_at_bytes"] == [cut_after]
+    for wire in json_details(result)["stalled_at_wire_bytes"]:
         assert cut_after < wire < cut_after + 8 * KIB  # body + handshake + TLS framing
 
 
@@ -462,5 +464,5 @@ async def test_a_flow_the_deadline_cut_short_is_measured_whatever_its_size(
     (conn,) = _conns(result)
     assert conn["outcome"] == "deadline"
     assert conn["body_bytes"] < 64 * KIB  # the default throttle_min_bytes
-    assert result.failure == Failure.THROTTLED, result.details
-    assert result.details["measured_connections"] == 1
+    assert result.failure == Failure.THROTTLED, result.evidence
+    assert json_details(result)["measured_connections"] == 1

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from probe.evidence import WhatsappEvidence
 from probe.lab.servers.noise import NoiseMode, NoiseServer
 from probe.model import Failure, Operation, ProbeResult
 from probe.probes import PROBES, whatsapp
 from probe.wire import WireError
-from tests.helpers import refusing_port, settings, target
+from tests.helpers import evidence_of, refusing_port, settings, target
 
 pytestmark = pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 
@@ -25,9 +26,9 @@ async def _probe(
 async def test_well_formed_server_hello_is_success(host: str) -> None:
     result, server = await _probe(host, NoiseMode.OK)
     assert result.ok, result
-    assert result.details["static_bytes"] == 48
-    assert result.details["payload_bytes"] > 16
-    assert result.details["rtt_ms"] >= 0
+    assert whatsapp_ev(result).static_bytes == 48
+    assert whatsapp_ev(result).payload_bytes > 16
+    assert whatsapp_ev(result).rtt_ms >= 0
     assert {"connect", "first_byte", "handshake"} <= set(result.phases)
     ((version, ephemeral),) = server.hellos
     assert version == (6, 3)
@@ -60,15 +61,15 @@ async def test_invalid_version_param_is_a_config_bug_raised_before_connecting(ho
 async def test_block_page_is_bad_response_with_evidence(host: str) -> None:
     result, _ = await _probe(host, NoiseMode.GARBAGE)
     assert (result.failure, result.failed_operation) == (Failure.BAD_RESPONSE, Operation.READ)
-    assert result.details["reason"] == "malformed"
-    assert bytes.fromhex(result.details["first_bytes_hex"]).startswith(b"HTT")
-    assert result.details["bytes_received"] == 3  # the bogus length was refused before reading on
+    assert whatsapp_ev(result).reason == "malformed"
+    assert bytes.fromhex(whatsapp_ev(result).first_bytes_hex).startswith(b"HTT")
+    assert whatsapp_ev(result).bytes_received == 3  # the bogus length was refused before reading on
 
 
 async def test_structurally_invalid_server_hello_is_bad_response(host: str) -> None:
     result, _ = await _probe(host, NoiseMode.MALFORMED)
     assert (result.failure, result.failed_operation) == (Failure.BAD_RESPONSE, Operation.READ)
-    assert "ephemeral" in result.details["error"]
+    assert "ephemeral" in whatsapp_ev(result).error
 
 
 async def test_close_without_answer_is_eof(host: str) -> None:
@@ -85,7 +86,7 @@ async def test_reset_is_connection_reset(host: str) -> None:
 async def test_silence_is_a_read_timeout(host: str) -> None:
     result, _ = await _probe(host, NoiseMode.HANG, app_s=0.3)
     assert (result.failure, result.failed_operation) == (Failure.GENERIC_TIMEOUT, Operation.READ)
-    assert result.details["bytes_received"] == 0
+    assert whatsapp_ev(result).bytes_received == 0
     assert result.duration_s < 2.0
 
 
@@ -96,3 +97,7 @@ async def test_closed_port_is_connection_refused(host: str) -> None:
         Failure.CONNECTION_REFUSED,
         Operation.CONNECT,
     )
+
+
+def whatsapp_ev(result: ProbeResult) -> WhatsappEvidence:
+    return evidence_of(result, WhatsappEvidence)

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from probe.config.settings import ProbeSettings, SwapSettings
-from probe.evidence import DnsEvidence, TransferEvidence
+from probe.evidence import DnsEvidence, StunEvidence, TcpEvidence, TransferEvidence
 from probe.lab.servers.stun import StunServer
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.model import Failure, Operation, ProbeResult, Target, VantageState, freeze, utcnow
@@ -22,7 +22,7 @@ from probe.round import (
     measure_endpoint,
     probe_deadline,
 )
-from tests.helpers import endpoint, settings, target
+from tests.helpers import endpoint, evidence_of, settings, target
 
 # Every timeout tiny, so the runner's generic safety cap is well under a second; a probe
 # whose params ask for a longer run (a tcp hold, a stun flow, many transfer connections)
@@ -52,7 +52,7 @@ async def test_a_tcp_hold_longer_than_the_cap_is_not_cut(host: str) -> None:
         tgt = target("tcp", host, server.port, params={"hold_s": 1.5})
         result = await Runner(s).one(tgt)
     assert result.ok, result.failure
-    assert result.details["hold_s"] == 1.5
+    assert evidence_of(result, TcpEvidence).hold_s == 1.5
     assert result.phases["hold"] >= 1.4
 
 
@@ -62,7 +62,8 @@ async def test_a_stun_flow_longer_than_the_cap_is_not_cut() -> None:
         params = {"mode": "flow", "duration_s": 1.5, "rate_pps": 20}
         result = await Runner(s).one(target("stun", "127.0.0.1", server.port, params=params))
     assert result.ok, result.failure
-    assert result.details["loss"] == 0.0
+    flow = evidence_of(result, StunEvidence).flow
+    assert flow is not None and flow.loss == 0.0
 
 
 def test_the_cap_covers_every_transfer_connection() -> None:
@@ -163,7 +164,7 @@ async def test_a_probe_bug_is_a_result_with_the_probe_s_operation(
     result = await Runner(tiny(), probes={probe_name: broken}).one(tgt)
     assert result.failure == "unknown_failure RuntimeError: bug at [scrubbed]"
     assert result.failed_operation == operation  # as when the runner's cap ends the probe
-    assert result.details["internal_error"] == "RuntimeError"
+    assert result.evidence.internal_error == "RuntimeError"
 
 
 # --- the exclusive transfer lane, the neutral SNI, address sources -------------------------

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from probe.config.settings import AgentConfig, Timeouts, TLSOptions
+from probe.evidence import TlsEvidence
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.sni_filter import SNIFilterRelay
 from probe.lab.servers.tls import TLSServer
@@ -27,7 +28,7 @@ from probe.probes.base import Recorder
 from probe.round import run_round
 from probe.swaps import DEFAULT_NEUTRAL_SNI, followups
 from probe.verdict.vocabulary import Verdict
-from tests.helpers import endpoint
+from tests.helpers import endpoint, evidence_of
 
 A = "192.0.2.10"  # never contacted: followups() is pure
 RESOLVERS = ["system", "udp:192.0.2.53:53", "tcp:192.0.2.53:53", "doh:https://dns.example/q"]
@@ -262,12 +263,12 @@ async def test_round_runs_the_swap_and_judges_sni_filtering(
     # the swap ran through the censor with a neutral name, reached the server, and got its
     # certificate for the blocked name: a mismatch, which still proves the path carries TLS
     assert by_label[("filtered", "tls/neutral_sni")].failure == "ssl_invalid_hostname"
-    assert by_label[("filtered", "tls/neutral_sni")].details["sni"] == DEFAULT_NEUTRAL_SNI
+    assert tls_ev(by_label[("filtered", "tls/neutral_sni")]).sni == DEFAULT_NEUTRAL_SNI
     # the relay reads the whole first record: another shape with the blocked name, and the
     # same ClientHello in two segments, are reset too (it reassembles)
     for label in HELLO:
         assert by_label[("filtered", label)].failure == "connection_reset"
-    assert by_label[("filtered", "tls/split_hello")].details["client_hello_split_at"] > 0
+    assert tls_ev(by_label[("filtered", "tls/split_hello")]).client_hello_split_at > 0
     assert censor.blocked_hellos == 4 and censor.relayed >= 1
     assert by_label[("open", "tls")].ok
 
@@ -316,7 +317,7 @@ async def test_silent_sni_drop_is_judged_the_same_way(
         report = await run_round(config)
     first = next(r for r in report.results if r.target.label == "tls")
     assert first.failure == "generic_timeout_error"
-    assert first.details["handshake"]["stage"] == "awaiting_server_hello"
+    assert tls_ev(first).handshake.stage == "awaiting_server_hello"
     endpoint_verdict = report.verdicts[0]
     assert endpoint_verdict.verdict == Verdict.TLS_SNI_FILTERING
     assert any("awaiting_server_hello" in e for e in endpoint_verdict.evidence)
@@ -325,3 +326,7 @@ async def test_silent_sni_drop_is_judged_the_same_way(
 def test_relay_refuses_an_unknown_action() -> None:
     with pytest.raises(ValueError, match="reset or hang"):
         SNIFilterRelay("127.0.0.1", upstream=("127.0.0.1", 1), blocked=["x"], action="drop")  # type: ignore[arg-type]
+
+
+def tls_ev(result: ProbeResult) -> TlsEvidence:
+    return evidence_of(result, TlsEvidence)
