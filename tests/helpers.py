@@ -15,7 +15,7 @@ from probe.evidence import Evidence
 from probe.model import Endpoint, Operation, ProbeResult, ProbeSpec, SkipReason, Target, freeze
 
 
-@dataclass(frozen=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True)
 class RawEvidence(Evidence):
     """TRANSITIONAL, goes with the evidence mapping shim (issue 12 item 1): hand-made
     details of any shape, for tests of readers that still read evidence by key (hostile
