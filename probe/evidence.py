@@ -25,6 +25,9 @@ the field's default.  The verdict re-judges records through it.
 ``evidence.transport`` says whether the probe's packets went over TCP or UDP (the
 stun probe can run over either: its ``transport`` field decides).
 
+A new probe gets its class here and an entry in `EVIDENCE` (tests/test_evidence.py
+checks that every probe has one and fuzzes the JSON round trip of all of them).
+
 Transition: every evidence class still answers ``.get(key)``, ``[key]``, ``in`` and
 iteration like the old ``details`` mapping, through its JSON form (see `Evidence`), so
 modules not converted yet keep working.  That shim goes once no module reads by key.
