@@ -25,7 +25,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..model import Service, Vantage, freeze
-from .seeds import _load_resource, decode_service, known_probes, load_seed_file, shipped_seeds
+from .seeds import (
+    _load_resource,
+    check_override,
+    decode_service,
+    known_probes,
+    load_seed_file,
+    shipped_seeds,
+)
 from .settings import (
     AgentConfig,
     ArchiveSettings,
@@ -116,7 +123,7 @@ def load_config(
     """Load and validate a config file (None = the embedded default) and its seed lists.
 
     ``probe_names`` restricts the probe names endpoints may use; by default the
-    keys of `probe.probes.PROBES` (see `probe.config.seeds.known_probes`).
+    keys of `probe.probes.REGISTRY` (see `probe.config.seeds.known_probes`).
     Raises `ConfigError` for anything wrong, never another exception for bad input.
     """
     names = frozenset(probe_names) if probe_names is not None else known_probes()
@@ -306,13 +313,21 @@ def _tls(n: Node, base_dir: Path) -> TLSOptions:
 
 def _swaps(n: Node) -> SwapSettings:
     m = n.mapping(_keys(SwapSettings))
-    neutral = m["neutral_sni"].hostname() if "neutral_sni" in m else SwapSettings.neutral_sni
+    neutral = _neutral_sni(m["neutral_sni"]) if "neutral_sni" in m else SwapSettings.neutral_sni
     per_service = {}
     if "per_service" in m:
         per_service = {
-            key: node.hostname() for key, node in m["per_service"].free_mapping().items()
+            key: _neutral_sni(node) for key, node in m["per_service"].free_mapping().items()
         }
     return SwapSettings(neutral_sni=neutral, per_service=freeze(per_service))
+
+
+def _neutral_sni(n: Node) -> str:
+    """A hostname, and one the ``tls`` probe takes as its ``sni`` param: the neutral-SNI
+    swap's override (`probe.swaps`), parsed here once rather than failing a round."""
+    name = n.hostname()
+    check_override("tls", {"sni": name}, n)
+    return name
 
 
 def _check_swap_services(
