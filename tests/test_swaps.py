@@ -200,6 +200,16 @@ def test_stun_silence_gets_the_random_udp_control() -> None:
     assert followups([with_control]) == []
 
 
+def test_overrides_are_parsed_when_planned_and_never_dropped() -> None:
+    # planned: over the endpoint's params, once; a hand-built target whose overrides were
+    # never parsed would run without them, so it refuses to say what its params are
+    out = followups([failed("stun", "udp_no_response", Operation.READ, port=3478)])
+    assert out[0].variant_params == StunParams(control=True)
+    hand_built = Target(EP, "stun", A, 3478, variant="random_udp", overrides={"control": True})
+    with pytest.raises(ValueError, match="overrides without parsed variant_params"):
+        StunParams.of(hand_built)
+
+
 def test_app_failures_are_repeated_once() -> None:
     out = followups([failed("mtproto", "connection_reset", Operation.READ)])
     assert labels(out) == ["mtproto/repeat"]

@@ -25,14 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..model import Service, Vantage, freeze
-from .seeds import (
-    _load_resource,
-    check_override,
-    decode_service,
-    known_probes,
-    load_seed_file,
-    shipped_seeds,
-)
+from .seeds import _load_resource, decode_service, known_probes, load_seed_file, shipped_seeds
 from .settings import (
     AgentConfig,
     ArchiveSettings,
@@ -313,21 +306,15 @@ def _tls(n: Node, base_dir: Path) -> TLSOptions:
 
 def _swaps(n: Node) -> SwapSettings:
     m = n.mapping(_keys(SwapSettings))
-    neutral = _neutral_sni(m["neutral_sni"]) if "neutral_sni" in m else SwapSettings.neutral_sni
+    # a hostname: what the tls probe's ``sni`` param takes, so the swap's override
+    # (parsed when the swap is planned, `probe.swaps`) cannot fail a round
+    neutral = m["neutral_sni"].hostname() if "neutral_sni" in m else SwapSettings.neutral_sni
     per_service = {}
     if "per_service" in m:
         per_service = {
-            key: _neutral_sni(node) for key, node in m["per_service"].free_mapping().items()
+            key: node.hostname() for key, node in m["per_service"].free_mapping().items()
         }
     return SwapSettings(neutral_sni=neutral, per_service=freeze(per_service))
-
-
-def _neutral_sni(n: Node) -> str:
-    """A hostname, and one the ``tls`` probe takes as its ``sni`` param: the neutral-SNI
-    swap's override (`probe.swaps`), parsed here once rather than failing a round."""
-    name = n.hostname()
-    check_override("tls", {"sni": name}, n)
-    return name
 
 
 def _check_swap_services(

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIDENCES",
-    "check_override",
     "decode_service",
     "known_probes",
     "load_seed_file",
@@ -295,17 +294,6 @@ def _parse_params(name: str, where: Node, nodes: Mapping[str, KeyedNode]) -> Pro
         field = where.child_path(key) if key is not None else where.field
         raise ConfigError(where.file, where.line, field, message) from None
     return parsed
-
-
-def check_override(name: str, params: Mapping[str, Any], where: Node) -> None:
-    """A follow-up's overrides set in the config (``swaps.neutral_sni``) must parse as
-    the probe's params: checked at load, so planning the follow-up cannot fail."""
-    from ..probes.params import ParamError
-
-    try:
-        _registry()[name].parse(params)
-    except ParamError as exc:
-        where.fail(f"not a valid {name} {exc.key}: {exc.message}")
 
 
 def _check_probe_name(name: str, item: Node, line: int, probe_names: frozenset[str]) -> None:
