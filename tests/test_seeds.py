@@ -31,6 +31,7 @@ from probe.config.seeds import (
 )
 from probe.config.settings import Resolvers, Schedule, Timeouts, TLSOptions
 from probe.config.strict_yaml import parse_text
+from probe.evidence import EVIDENCE
 from probe.model import Vantage, freeze
 from probe.probes import REGISTRY
 from probe.probes.dns import DnsParams
@@ -171,10 +172,15 @@ def test_every_invalid_params_testdata_file_has_an_expected_message() -> None:
     assert on_disk == {row[0] for row in INVALID_PARAMS}
 
 
-def test_every_registry_entry_is_named_for_its_key_and_its_params() -> None:
+def test_every_registry_entry_is_named_for_its_key_its_params_and_its_evidence() -> None:
+    assert set(REGISTRY) == set(EVIDENCE)  # one evidence class per probe, no other
     for name, entry in REGISTRY.items():
-        assert entry.name == name == entry.params.PROBE
+        assert entry.name == name == entry.params.PROBE == entry.evidence.PROBE
+        assert entry.evidence is EVIDENCE[name]
         assert entry.parse({}) == entry.params()  # the defaults parse from nothing
+    # the transport comes from the evidence classes, the one place that says it
+    udp = {name for name, entry in REGISTRY.items() if entry.transport == "udp"}
+    assert udp == {"dns", "quic", "quic_vn", "stun"}
 
 
 def test_a_param_error_in_the_config_services_block_uses_the_config_path(

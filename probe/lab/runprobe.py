@@ -77,7 +77,8 @@ def target_of(job: Mapping[str, Any]) -> tuple[Target, ProbeSettings]:
         name=host,
         host=host,
         ports=(int(port),) if port else (),
-        transport=job.get("transport", probe_type.transport or "tcp"),
+        # what the probe speaks to the endpoint; dns speaks to a resolver: the seed default
+        transport=job.get("transport", "tcp" if name == "dns" else probe_type.transport),
         role="signalling",
         # a bad param is a bad job: ParamError is a ValueError
         probes=(ProbeSpec(name, None, probe_type.parse(job.get("params", {}))),),

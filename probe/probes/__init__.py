@@ -1,9 +1,9 @@
 """One module per probe type, one signature (`base.ProbeFn`), one registry entry each.
 
 Like blackbox_exporter's ``Probers`` map, `REGISTRY` is the one place that knows the
-probe types: the config loader (names, params), the round runner (run, time budget),
-the archive and the verdicts (transport) and the docs all read it.  Adding a probe type
-means adding a module and one `ProbeType` line here.
+probe types: the config loader (names, params), the round runner (run, time budget)
+and the docs read it.  Adding a probe type means adding a module, its evidence class
+(`probe.evidence`, which says its transport) and one `ProbeType` line here.
 """
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
+from .. import evidence as ev
 from ..config.settings import ProbeSettings
+from ..evidence import Evidence, Transport
 from ..model import ProbeParams, ProbeSpec, Target
 from . import dns, mtproto, quic, quic_vn, stun, tcp, tls, transfer, whatsapp
 from .base import ProbeFn
 
-__all__ = ["REGISTRY", "ProbeType", "Transport"]
+__all__ = ["REGISTRY", "ProbeType"]
 
 P = TypeVar("P", bound=ProbeParams)
-Transport = Literal["tcp", "udp"]
 
 
 @dataclass(frozen=True)
@@ -33,16 +34,21 @@ class ProbeType(Generic[P]):
     config loader calls it once per spec.  ``budget`` is the longest a correct run can
     take with those params and settings (the sum of the timeouts it waits on, the time
     its params ask for): the round runner's safety cap (`probe.round.probe_deadline`)
-    is built on it and must never cut a correct run.  ``transport``: what the probe
-    sends over by default (a ``stun`` with ``transport: tcp`` says so in its evidence;
-    None for ``dns``, whose transport is its target's resolver's).
+    is built on it and must never cut a correct run.  ``evidence`` is the class its
+    runs record what they saw in (`probe.evidence`), which also says its transport.
     """
 
     name: str
     run: ProbeFn
     params: type[P]
-    transport: Transport | None
+    evidence: type[Evidence]
     budget: Callable[[P, ProbeSettings], float]
+
+    @property
+    def transport(self) -> Transport:
+        """What the probe's packets go over by default, as its evidence class says (one
+        run's evidence may say otherwise: a ``stun`` over TCP, a ``dns`` via DoH)."""
+        return self.evidence.TRANSPORT
 
     def parse(self, params: Mapping[str, Any], base: ProbeParams | None = None) -> P:
         """``params`` as written over ``base`` (None: the defaults); raises `ParamError`."""
@@ -64,13 +70,19 @@ def _entries(*types: ProbeType[Any]) -> Mapping[str, ProbeType[Any]]:
 
 
 REGISTRY: Mapping[str, ProbeType[Any]] = _entries(
-    ProbeType("dns", dns.probe, dns.DnsParams, None, dns.budget_s),
-    ProbeType("tcp", tcp.probe, tcp.TcpParams, "tcp", tcp.budget_s),
-    ProbeType("tls", tls.probe, tls.TLSParams, "tcp", tls.budget_s),
-    ProbeType("mtproto", mtproto.probe, mtproto.MtprotoParams, "tcp", mtproto.budget_s),
-    ProbeType("whatsapp", whatsapp.probe, whatsapp.WhatsappParams, "tcp", whatsapp.budget_s),
-    ProbeType("quic", quic.probe, quic.QuicParams, "udp", quic.budget_s),
-    ProbeType("quic_vn", quic_vn.probe, quic_vn.QuicVnParams, "udp", quic_vn.budget_s),
-    ProbeType("stun", stun.probe, stun.StunParams, "udp", stun.budget_s),
-    ProbeType("transfer", transfer.probe, transfer.TransferParams, "tcp", transfer.budget_s),
+    ProbeType("dns", dns.probe, dns.DnsParams, ev.DnsEvidence, dns.budget_s),
+    ProbeType("tcp", tcp.probe, tcp.TcpParams, ev.TcpEvidence, tcp.budget_s),
+    ProbeType("tls", tls.probe, tls.TLSParams, ev.TlsEvidence, tls.budget_s),
+    ProbeType(
+        "mtproto", mtproto.probe, mtproto.MtprotoParams, ev.MtprotoEvidence, mtproto.budget_s
+    ),
+    ProbeType(
+        "whatsapp", whatsapp.probe, whatsapp.WhatsappParams, ev.WhatsappEvidence, whatsapp.budget_s
+    ),
+    ProbeType("quic", quic.probe, quic.QuicParams, ev.QuicEvidence, quic.budget_s),
+    ProbeType("quic_vn", quic_vn.probe, quic_vn.QuicVnParams, ev.QuicVnEvidence, quic_vn.budget_s),
+    ProbeType("stun", stun.probe, stun.StunParams, ev.StunEvidence, stun.budget_s),
+    ProbeType(
+        "transfer", transfer.probe, transfer.TransferParams, ev.TransferEvidence, transfer.budget_s
+    ),
 )
