@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 __all__ = [
     "Endpoint",
@@ -135,6 +135,7 @@ class ProbeParams:
     """
 
     __slots__ = ()
+    PROBE: ClassVar[str] = ""  # the probe's name, as its errors and the registry say it
 
     @classmethod
     def parse(cls, params: Mapping[str, Any], base: Self | None = None) -> Self:

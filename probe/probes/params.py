@@ -19,7 +19,7 @@ import ipaddress
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, Self
+from typing import Any, Protocol, Self
 
 from ..config.strict_yaml import did_you_mean, is_hostname
 from ..model import ProbeParams
@@ -93,8 +93,6 @@ def check_keys(probe: str, params: Mapping[str, Any], known: Collection[str]) ->
 class NoParams(ProbeParams):
     """The params of a probe that takes none (a subclass per probe names it): any key is
     an error."""
-
-    PROBE: ClassVar[str] = ""
 
     @classmethod
     def parse(cls, params: Mapping[str, Any], base: Self | None = None) -> Self:
