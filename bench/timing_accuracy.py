@@ -137,14 +137,20 @@ services:
     return path
 
 
-def injected(delay: c.Delay) -> dict[Key, float]:
-    """Each connection's injected delay in ms, from the handler's log since the last call.
-    A key seen twice (a retransmitted SYN-ACK, a second connection) is ambiguous: left out."""
-    seen: dict[Key, list[float]] = {}
-    for record in delay.synacks():
-        key = (record["server"], record["server_port"])
-        seen.setdefault(key, []).append(record["held_us"] / 1000)
-    return {key: held[0] for key, held in seen.items() if len(held) == 1}
+class Injected(dict[Key, float]):
+    """Each connection's injected delay in ms, from the handler's log since the last
+    reading.  A key seen twice (a retransmitted SYN-ACK, a second connection) is
+    ambiguous: left out.  ``verdict_ms``: how long each release call took, the bound on
+    how much later than its release the client may have seen a SYN-ACK."""
+
+    def __init__(self, delay: c.Delay) -> None:
+        seen: dict[Key, list[float]] = {}
+        self.verdict_ms: list[float] = []
+        for record in delay.synacks():
+            key = (record["server"], record["server_port"])
+            seen.setdefault(key, []).append(record["held_us"] / 1000)
+            self.verdict_ms.append(record["verdict_us"] / 1000)
+        super().__init__((key, held[0]) for key, held in seen.items() if len(held) == 1)
 
 
 def base_rtt_ms(lab: Lab) -> float:
@@ -165,11 +171,11 @@ def spread(prefix: str, values: list[float]) -> dict[str, float]:
 
 def run_agent(lab: Lab, n: int, delay: c.Delay, base_ms: float) -> dict[str, Any]:
     config = agent_config(lab, n, lab.workdir / f"agent-{n}.yaml")
-    injected(delay)  # forget what came before this run
+    Injected(delay)  # forget what came before this run
     done = lab.exec(
         "client", [PYTHON, "-m", "probe", "once", "-c", str(config), "--format", "json"], 300
     )
-    held = injected(delay)
+    held = Injected(delay)
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     ok = [
         r
@@ -208,6 +214,7 @@ def run_agent(lab: Lab, n: int, delay: c.Delay, base_ms: float) -> dict[str, Any
         )
     )
     figures.update(spread("injector_late_agent_run", [held[k] - nominal for k in held]))
+    figures.update(spread("injector_verdict_agent_run", held.verdict_ms))
     return figures
 
 
@@ -217,10 +224,10 @@ def run_blackbox(lab: Lab, n: int, delay: c.Delay, base_ms: float) -> dict[str, 
     cfg.chmod(0o644)
     targets = [target(lab, i) for i in range(n)]
     warm_up = f"{lab.addr.service(BASE)}:{FIRST_PORT}"
-    injected(delay)
+    Injected(delay)
     listed = json.dumps([f"{h}:{p}" for h, p in targets])
     done = lab.exec("client", [PYTHON, "-c", BLACKBOX, listed, str(cfg), warm_up], 300)
-    held = injected(delay)
+    held = Injected(delay)
     pairs = json.loads(done.stdout or "[]")
     measured = [
         (key, 1000 * seconds) for key, (ok, seconds) in zip(targets, pairs, strict=True) if ok
@@ -243,6 +250,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--in-flight", default="1,100,500")
     parser.add_argument("--delay-ms", type=float, default=50.0)
+    parser.add_argument(
+        "--no-realtime",
+        action="store_true",
+        help="run the delay handler under the normal scheduling policy, not SCHED_FIFO",
+    )
     parser.add_argument("--smoke", action="store_true", help="a few seconds, for CI")
     args = parser.parse_args()
     if args.smoke:
@@ -263,7 +275,7 @@ def main() -> None:
         if done.returncode != 0:
             sys.exit(f"bench: nft in the servers namespace: {done.stderr[-500:]}")
         delayed = [lab.addr.service(i) for i in range(1, ADDRESSES + 2)]
-        delay = c.Delay(args.delay_ms, delayed, direction="down")
+        delay = c.Delay(args.delay_ms, delayed, direction="down", realtime=not args.no_realtime)
         with lab.censor.active(delay):
             sched = delay.handler.ready.get("sched") if delay.handler else None
             for n in (int(x) for x in args.in_flight.split(",")):

@@ -1018,7 +1018,10 @@ class Delay(QueueBehaviour):
         """The SYN-ACKs delayed since the last call, one record each: ``server``,
         ``server_port``, ``client``, ``client_port``, ``held_us`` (the delay it got, from
         the censor's kernel receiving it to the release), ``late_us`` (held - ``ms``),
-        ``wait_us`` (how long it waited for the handler to read it), ``verdict_us``."""
+        ``wait_us`` (how long it waited for the handler to read it), ``kernel_stamp``
+        (false: the kernel gave no receive stamp, held counts from the handler reading
+        it), ``verdict_us`` (the release call's duration: the bound on how much after
+        its release the client saw it)."""
         if self.handler is None:
             raise LabError("delay is not applied")
         answer = self.handler.command({"cmd": "log"})

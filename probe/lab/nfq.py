@@ -239,7 +239,7 @@ class Delay(Handler):
         self.kernel_stamped += kernel
         record = self._synack(pkt)
         if record is not None:
-            record["wait_us"] = round((received - arrived) / 1e3, 1)
+            record.update(kernel_stamp=kernel, wait_us=round((received - arrived) / 1e3, 1))
         due = arrived + self.delay_ns
         heapq.heappush(self._held, (due, self._next, arrived, pkt, record))
         self._next += 1
@@ -267,15 +267,16 @@ class Delay(Handler):
         """Accept every packet due by now (give or take the slack), then re-arm."""
         while self._held and self._held[0][0] <= time.monotonic_ns() + _SLACK_NS:
             due, _, arrived, pkt, record = heapq.heappop(self._held)
-            before = time.monotonic_ns()
+            released = time.monotonic_ns()
             pkt.accept()
-            after = time.monotonic_ns()
-            # The verdict call forwards the packet (and the receiver's kernel takes it in
-            # softirq) before it returns: the release is somewhere inside the call.
-            released = (before + after) // 2
+            # The verdict call forwards the packet, and the receiving namespace's kernel
+            # takes it in (softirq) early in that call, before it answers it, sends the
+            # next packet and returns: the moment of release is the call's start, and
+            # verdict_us bounds how far after it the receiver saw the packet.
+            verdict = time.monotonic_ns() - released
             self.late_max_ns = max(self.late_max_ns, released - due)
             if record is not None:
-                self._note(record, released - arrived, released - due, after - before)
+                self._note(record, released - arrived, released - due, verdict)
         if self._held:
             self._arm(self._held[0][0])
 
