@@ -3,8 +3,8 @@
 A censorship lab (`probe.lab`: client, censor, servers namespaces) delays every packet
 from the servers to the client by DELAY ms (NFQUEUE handler in the censor: this kernel
 has no netem).  N endpoints on the delayed addresses are probed at once, N in flight,
-each on a port of its own (the servers namespace redirects them all to one listener), so
-each connection's SYN-ACK can be told apart on the path:
+each on a port of its own (the servers namespace forwards them all to the echo listener
+on that address), so each connection's SYN-ACK can be told apart on the path:
 
 - agent: `probe once` in the client namespace (concurrency and per-destination bound N),
   both connect figures: the loop-timed ``connect`` and the kernel's ``connect_rtt``;

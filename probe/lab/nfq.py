@@ -197,7 +197,8 @@ def _arrival_ns(pkt: Packet, received_ns: int) -> tuple[int, bool]:
     wait for a busy handler counts as delay the path really had."""
     stamp = pkt.get_timestamp()  # CLOCK_REALTIME seconds (µs resolution); 0 if none
     if stamp > 0:
-        arrived = received_ns - (time.time_ns() - round(stamp * 1e9))
+        realtime_minus_monotonic = time.time_ns() - time.monotonic_ns()
+        arrived = round(stamp * 1e9) - realtime_minus_monotonic
         if 0 <= received_ns - arrived <= _MAX_STAMP_AGE_NS:
             return arrived, True
     return received_ns, False
