@@ -452,25 +452,40 @@ def test_trace_names_the_censor_hop(lab: Lab, servers: ServeHandle) -> None:
 
     bounds = {"max_hops": 5, "timeout_s": 0.5, "interval_s": 0.02, "factory": factory}
     hello = tr.client_hello("blocked.example")
-    with lab.censor.active(
-        c.SNIFilter(["blocked.example"]),
-        c.UDPBlock([v4(RELAY)]),
-        c.IPBlock([v4(BLOCKED)], action="drop"),
-        c.QUICFilter([v4(TLS)]),
+    with (
+        lab.censor.active(
+            c.SNIFilter(["blocked.example"]),
+            c.UDPBlock([v4(RELAY)]),
+            c.IPBlock([v4(BLOCKED)], action="drop"),
+            c.QUICFilter([v4(TLS)]),
+        ),
+        ThreadPoolExecutor(6) as pool,
     ):
-        sni4 = tr.trace_tcp(v4(TLS), 443, hello, "tls", **bounds)  # type: ignore[arg-type]
-        sni6 = tr.trace_tcp(v6(TLS), 443, hello, "tls", **bounds)  # type: ignore[arg-type]
-        neutral = tr.trace_tcp(
-            v4(TLS),
-            443,
-            tr.client_hello("neutral.example"),
-            "tls",
-            **bounds,  # type: ignore[arg-type]
-        )
-        udp = tr.trace_udp(v4(RELAY), 3478, tr.stun_trigger(), "stun", **bounds)  # type: ignore[arg-type]
-        syn = tr.trace_tcp(v4(BLOCKED), 443, None, "syn", **bounds)  # type: ignore[arg-type]
-        initial = tr.quic_trigger("e1.whatsapp.net", v4(TLS), 443)
-        quic = tr.trace_udp(v4(TLS), 443, initial, "quic", **bounds)  # type: ignore[arg-type]
+        # The six walks at once: each reads only its own sockets' error queues
+        # (IP_RECVERR), so none sees another's ICMP; the walks mostly wait out silences.
+        walks = [
+            pool.submit(tr.trace_tcp, v4(TLS), 443, hello, "tls", **bounds),  # type: ignore[arg-type]
+            pool.submit(tr.trace_tcp, v6(TLS), 443, hello, "tls", **bounds),  # type: ignore[arg-type]
+            pool.submit(
+                tr.trace_tcp,
+                v4(TLS),
+                443,
+                tr.client_hello("neutral.example"),
+                "tls",
+                **bounds,  # type: ignore[arg-type]
+            ),
+            pool.submit(tr.trace_udp, v4(RELAY), 3478, tr.stun_trigger(), "stun", **bounds),  # type: ignore[arg-type]
+            pool.submit(tr.trace_tcp, v4(BLOCKED), 443, None, "syn", **bounds),  # type: ignore[arg-type]
+            pool.submit(
+                tr.trace_udp,
+                v4(TLS),
+                443,
+                tr.quic_trigger("e1.whatsapp.net", v4(TLS), 443),
+                "quic",
+                **bounds,  # type: ignore[arg-type]
+            ),
+        ]
+        sni4, sni6, neutral, udp, syn, quic = (w.result(timeout=60) for w in walks)
     # the client is one router (the censor) away from the servers
     for trace, censor, outcome in (
         (sni4, ADDR.censor_client4, "reset"),
