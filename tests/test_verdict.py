@@ -1098,6 +1098,23 @@ DOC_ROWS = [
         Verdict.INCONCLUSIVE,
     ),
     Case(
+        "quic_certificate_differing_from_the_controls_is_mitm",
+        [run("quic", failure="ssl_invalid_hostname", op=QHS, certificate=cert("aa" * 32))],
+        Verdict.TLS_MITM,
+        control=[run("quic", certificate=cert("bb" * 32))],
+        min_conf=0.95,
+        max_conf=0.95,
+        evidence=("differs from the control's",),
+    ),
+    Case(
+        "quic_vn_alone_silent_while_tcp_connects_is_udp_blocking",
+        [run("quic_vn", failure="udp_no_response", op=READ), run("tcp")],
+        Verdict.UDP_BLOCKING,
+        min_conf=0.7,
+        max_conf=0.7,
+        evidence=("UDP silent while TCP to the same address works",),
+    ),
+    Case(
         "quic_silent_but_the_server_offers_no_v1",
         [
             run("quic", failure="generic_timeout_error", op=QHS),

@@ -5,11 +5,18 @@ QUIC version negotiation, STUN, transfer, application exchange) next to the swap
 and repeats on the same address and port and the control vantage's run of the same probe,
 and returns a `Finding`.  The evidence that triggers each verdict is in
 ``docs/verdicts.md``.
+
+Which rule judges an attempt is data, not control flow: `RULES`, at the end, is an
+ordered table of rows (the probes, transport, failed operation and failures a row
+applies to; the function that judges; the censorship verdicts it may give), and the
+first row that applies wins (`rule_for`).  `sustained_loss` is the one rule for an
+attempt that worked: a call-like flow losing packets the control's flow did not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from ..model import Failure
 from .context import Context, by_control, connected, endpoint_down
@@ -100,6 +107,12 @@ def _connect_rule(ctx: Context, o: Observation) -> Finding:
 
 
 def _tls_interference_rule(ctx: Context, o: Observation) -> Finding:
+    """B3 and B4: the handshake broke after the ClientHello; the neutral-SNI swap says
+    whether the name is the trigger, the ClientHello swaps what else the filter keys on."""
+    return _client_hello_tests(ctx, o, _handshake_interference(ctx, o))
+
+
+def _handshake_interference(ctx: Context, o: Observation) -> Finding:
     """B3: reset/silence/FIN/alert after the ClientHello; the neutral-SNI swap decides."""
     ctl = ctx.control_for(o)
     if ctl is not None and not ctl.ok:
@@ -256,8 +269,6 @@ def _certificate_rule(ctx: Context, o: Observation) -> Finding:
 
 def _quic_rule(ctx: Context, o: Observation) -> Finding:
     """B8: the v1 handshake is silent while a version-negotiation probe is answered."""
-    if o.kind in _CERT:
-        return _certificate_rule(ctx, o)
     ctl = ctx.control_for(o)
     if ctl is not None and not ctl.ok:
         return endpoint_down(o, ctl)
@@ -439,18 +450,22 @@ def _lone_stall(o: Observation, why: str) -> Finding:
     return Finding(Verdict.INCONCLUSIVE, NONE, (describe(o), why))
 
 
-def _app_rule(ctx: Context, o: Observation) -> Finding:
+def _held_connection_rule(ctx: Context, o: Observation) -> Finding:
+    """A held TCP connection (``tcp`` with ``hold_s``) reset or closed right after the
+    handshake: the address is cut off, whatever was to be sent."""
+    reset = o.kind == Failure.CONNECTION_RESET
+    return by_control(
+        ctx,
+        o,
+        Verdict.IP_BLOCKING,
+        with_control=GOOD,
+        without=WEAK if reset and ctx.others_ok else None,
+        why="connection killed after the TCP handshake",
+    )
+
+
+def _application_rule(ctx: Context, o: Observation) -> Finding:
     """TCP connected, then the first application bytes (MTProto, Noise) kill the flow."""
-    if o.base == "tcp":  # a held connection reset or closed right after the handshake
-        reset = o.kind == Failure.CONNECTION_RESET
-        return by_control(
-            ctx,
-            o,
-            Verdict.IP_BLOCKING,
-            with_control=GOOD,
-            without=WEAK if reset and ctx.others_ok else None,
-            why="connection killed after the TCP handshake",
-        )
     received = o.details.get("bytes_received")
     if o.kind == Failure.GENERIC_TIMEOUT and isinstance(received, int) and received > 0:
         # part of the server's answer arrived before the time ran out: a slow path
@@ -466,20 +481,97 @@ def _app_rule(ctx: Context, o: Observation) -> Finding:
     )
 
 
+# --------------------------------------------------------------------------- the table
+
+Judge = Callable[[Context, Observation], Finding]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of `RULES`: which failed attempts it judges, how, and what it may conclude.
+
+    A condition left empty matches every attempt.  ``verdicts`` are the censorship
+    verdicts the rule can give; any rule may also say ``endpoint_down`` (the control fails
+    too) or ``inconclusive`` (the evidence cannot tell censorship from an outage).
+    """
+
+    name: str
+    judge: Judge
+    verdicts: tuple[Verdict, ...]
+    probes: tuple[str, ...] = ()  # base probe names (``tls`` for ``tls/repeat``)
+    transport: str | None = None  # ``tcp`` or ``udp`` (`Observation.l4`)
+    operation: str | None = None  # the operation that failed
+    failures: frozenset[Failure] = frozenset()  # what it failed with
+
+    def applies(self, o: Observation) -> bool:
+        return (
+            (not self.probes or o.base in self.probes)
+            and (self.transport is None or o.l4 == self.transport)
+            and (self.operation is None or o.failed_operation == self.operation)
+            and (not self.failures or o.kind in self.failures)
+        )
+
+
+# The first row that applies judges a failed attempt.  Probe-specific rows come first:
+# QUIC, its version negotiation and STUN over UDP are judged by what UDP can show, never
+# by the generic connect or TLS rows below them.  The last row applies to everything.
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "quic certificate",
+        _certificate_rule,
+        (Verdict.TLS_MITM,),
+        probes=("quic",),
+        failures=_CERT,
+    ),
+    Rule(
+        "quic handshake",
+        _quic_rule,
+        (Verdict.QUIC_FILTERING, Verdict.UDP_BLOCKING),
+        probes=("quic",),
+    ),
+    Rule(
+        "quic version negotiation",
+        _quic_vn_rule,
+        (Verdict.UDP_BLOCKING, Verdict.QUIC_FILTERING),
+        probes=("quic_vn",),
+    ),
+    Rule(
+        "stun over udp",
+        _stun_rule,
+        (Verdict.UDP_BLOCKING, Verdict.PROTOCOL_FILTERING),
+        probes=("stun",),
+        transport="udp",
+    ),
+    Rule("connect", _connect_rule, (Verdict.IP_BLOCKING,), operation="connect"),
+    Rule(
+        "tls certificate",
+        _certificate_rule,
+        (Verdict.TLS_MITM,),
+        operation="tls_handshake",
+        failures=_CERT,
+    ),
+    Rule(
+        "tls interference",
+        _tls_interference_rule,
+        (Verdict.TLS_SNI_FILTERING, Verdict.PROTOCOL_FILTERING),
+        operation="tls_handshake",
+        failures=_TLS_INTERFERENCE,
+    ),
+    Rule(
+        "transfer",
+        _transfer_rule,
+        (Verdict.STALL_AFTER_BYTES, Verdict.THROTTLING, Verdict.PROTOCOL_FILTERING),
+        probes=("transfer",),
+    ),
+    Rule("held connection", _held_connection_rule, (Verdict.IP_BLOCKING,), probes=("tcp",)),
+    Rule("application exchange", _application_rule, (Verdict.PROTOCOL_FILTERING,)),
+)
+
+
+def rule_for(o: Observation) -> Rule:
+    """The rule that judges the failed attempt ``o``: the first row of `RULES` that applies."""
+    return next(rule for rule in RULES if rule.applies(o))
+
+
 def judge_failure(ctx: Context, o: Observation) -> Finding:
-    if o.base == "quic":
-        return _quic_rule(ctx, o)
-    if o.base == "quic_vn":
-        return _quic_vn_rule(ctx, o)
-    if o.base == "stun" and o.l4 == "udp":
-        return _stun_rule(ctx, o)
-    if o.failed_operation == "connect":
-        return _connect_rule(ctx, o)
-    if o.failed_operation == "tls_handshake":
-        if o.kind in _CERT:
-            return _certificate_rule(ctx, o)
-        if o.kind in _TLS_INTERFERENCE:
-            return _client_hello_tests(ctx, o, _tls_interference_rule(ctx, o))
-    if o.base == "transfer":
-        return _transfer_rule(ctx, o)
-    return _app_rule(ctx, o)
+    return rule_for(o).judge(ctx, o)
