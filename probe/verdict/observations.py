@@ -8,13 +8,12 @@ evidence line of one observation (`describe`) lives here too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..model import Failure, ProbeResult, failure_kind, freeze
-
-_UDP_PROBES = frozenset({"quic", "quic_vn", "stun"})
+from ..evidence import DnsEvidence, Evidence, empty_evidence, evidence_from_json
+from ..model import Failure, ProbeResult, failure_kind
 
 
 @dataclass(frozen=True)
@@ -22,8 +21,9 @@ class Observation:
     """The normalised form of one result, whoever produced it.
 
     ``probe`` is the label as shown and exported (``tls`` or ``tls/neutral_sni``).
-    ``details`` and ``flags`` are optional: rules that need them (certificate
-    fingerprints, DNS answers, stall byte counts) degrade to lower confidence without.
+    ``evidence`` (the probe's typed evidence) and ``flags`` are optional: rules that need
+    them (certificate fingerprints, DNS answers, stall byte counts) degrade to lower
+    confidence without.  Left out, ``evidence`` is the probe's empty evidence.
     """
 
     service: str
@@ -37,8 +37,14 @@ class Observation:
     resolver: str | None = None
     skipped: str | None = None
     role: str = ""
-    details: Mapping[str, Any] = field(default_factory=freeze)
+    evidence: Evidence = field(default_factory=Evidence)
     flags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # The untyped default stands for "nothing recorded": the probe's own empty
+        # evidence says so with the probe's transport (a quic run is UDP even then).
+        if type(self.evidence) is Evidence:
+            object.__setattr__(self, "evidence", empty_evidence(self.probe))
 
     @property
     def base(self) -> str:
@@ -59,11 +65,7 @@ class Observation:
 
     @property
     def l4(self) -> str:
-        if self.base == "dns":
-            return "dns"
-        if self.base in _UDP_PROBES and self.details.get("transport", "udp") != "tcp":
-            return "udp"
-        return "tcp"
+        return "dns" if self.base == "dns" else self.evidence.transport
 
     @property
     def path(self) -> tuple[str, str, int | None]:
@@ -89,7 +91,8 @@ def from_result(result: ProbeResult) -> Observation:
         resolver=t.resolver,
         skipped=str(result.skipped) if result.skipped else None,
         role=t.endpoint.role,
-        details=result.details,
+        # until ProbeResult carries its evidence (issue 12 item 1): its details, read typed
+        evidence=evidence_from_json(t.probe, result.details),
         flags=result.flags,
     )
 
@@ -118,7 +121,7 @@ def from_record(record: Mapping[str, Any]) -> Observation:
         resolver=record.get("resolver"),
         skipped=record.get("skipped"),
         role=str(record.get("role") or ""),
-        details=freeze(record.get("details") or {}),
+        evidence=evidence_from_json(str(record["probe"]), record.get("details")),
         flags=_flags(record.get("flags")),
     )
 
@@ -176,19 +179,10 @@ def describe_control(o: Observation) -> str:
     return "control " + describe(o)
 
 
-def detail_mapping(o: Observation, key: str) -> Mapping[str, Any]:
-    """``details[key]`` if it is a mapping: archived or hand-made records may differ."""
-    value = o.details.get(key)
-    return value if isinstance(value, Mapping) else {}
-
-
-def as_sequence(value: object) -> Sequence[Any]:
-    return value if isinstance(value, list | tuple) else ()
-
-
 def dns_answers(o: Observation) -> frozenset[str]:
-    answers = detail_mapping(o, "answers")
-    return frozenset(str(a) for qt in ("A", "AAAA") for a in as_sequence(answers.get(qt)))
+    """The A and AAAA addresses a resolver answered (none for any other probe)."""
+    ev = o.evidence
+    return frozenset(ev.addresses()) if isinstance(ev, DnsEvidence) else frozenset()
 
 
 def same_failure(a: Observation, b: Observation) -> bool:

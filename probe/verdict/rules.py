@@ -18,9 +18,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..evidence import (
+    CertificateEvidence,
+    ExchangeEvidence,
+    QuicDatagrams,
+    QuicEvidence,
+    QuicVnEvidence,
+    StunEvidence,
+    StunFlow,
+    TlsEvidence,
+    TransferEvidence,
+    TransferSummary,
+)
 from ..model import Failure
 from .context import Context, by_control, connected, endpoint_down
-from .observations import Observation, as_sequence, describe, describe_control, detail_mapping
+from .observations import Observation, describe, describe_control
 from .vocabulary import CERTAIN, FAIR, GOOD, NONE, STRONG, WEAK, Finding, Verdict
 
 _CERT = frozenset(
@@ -50,24 +62,34 @@ def _server_progress(o: Observation) -> str | None:
     got past the ClientHello (``None``: no server byte, only an alert, or not recorded).
     An SNI filter (B3) or a QUIC v1 filter (B8) acts right after the first packet; a
     handshake the server answered and that then ran out of time met a slow path."""
-    if o.base == "quic":
-        # A version negotiation is no handshake progress (a v1 filter lets it through)
-        types = o.details.get("server_packet_types")
-        if isinstance(types, list | tuple):
-            handshake = [str(t) for t in types if t in _QUIC_PROGRESS]
-            return f"QUIC {', '.join(handshake)} packets from the server" if handshake else None
-        received = o.details.get("datagrams_received")  # a record without packet types
-        vn_only = "quic_vn_lists_our_version" in o.flags
-        if isinstance(received, int) and received > 0 and not vn_only:
-            return f"{received} datagrams from the server"
+    ev = o.evidence
+    if isinstance(ev, QuicEvidence):
+        return _quic_progress(o, ev.datagrams)
+    hs = ev.handshake if isinstance(ev, TlsEvidence | TransferEvidence) else None
+    if hs is None:
         return None
-    hs = detail_mapping(o, "handshake")
-    messages = [str(m) for m in as_sequence(hs.get("server_messages"))]
-    received = hs.get("bytes_received")
+    messages, received = hs.server_messages, hs.bytes_received
     if _PROGRESS_MESSAGES & set(messages):
         return f"{received} server bytes ({', '.join(messages[:4])})"
-    if not messages and isinstance(received, int) and received > 0 and o.kind in _SILENCE:
+    if not messages and received > 0 and o.kind in _SILENCE:
         return f"{received} server bytes"  # a record without message names
+    return None
+
+
+def _quic_progress(o: Observation, datagrams: QuicDatagrams | None) -> str | None:
+    if datagrams is None:
+        return None
+    # A version negotiation is no handshake progress (a v1 filter lets it through)
+    handshake = [t for t in datagrams.server_packet_types if t in _QUIC_PROGRESS]
+    if handshake:
+        return f"QUIC {', '.join(handshake)} packets from the server"
+    if datagrams.server_packet_types:
+        return None
+    # No packet type recorded (a record from before they were kept; typed evidence cannot
+    # tell that from "none parsed"): the datagram count stands in for them.
+    received = datagrams.datagrams_received
+    if received > 0 and "quic_vn_lists_our_version" not in o.flags:
+        return f"{received} datagrams from the server"
     return None
 
 
@@ -123,7 +145,8 @@ def _handshake_interference(ctx: Context, o: Observation) -> Finding:
     unreproduced = _unreproduced_handshake_failure(ctx, o)
     if unreproduced is not None:
         return unreproduced
-    stage = detail_mapping(o, "handshake").get("stage")
+    handshake = o.evidence.handshake if isinstance(o.evidence, TlsEvidence) else None
+    stage = handshake.stage if handshake is not None else None
     lines = [describe(o) + (f", {stage}" if stage else "")]
     if ctl is not None:
         lines.append(describe_control(ctl))
@@ -169,7 +192,7 @@ def _unreproduced_handshake_failure(ctx: Context, o: Observation) -> Finding | N
         if r.base in ("tls", "transfer")
         and r.is_attempt
         and (r.address, r.port) == (o.address, o.port)
-        and r.details.get("sni", o.details.get("sni")) == o.details.get("sni", r.details.get("sni"))
+        and _same_name(r, o)
     ]
     completed = [
         r for r in same if r.ok or r.failed_operation not in (None, "connect", "tls_handshake")
@@ -188,6 +211,24 @@ def _unreproduced_handshake_failure(ctx: Context, o: Observation) -> Finding | N
         why = "one handshake failed and nothing reproduced it (no repeat failed alike)"
         return Finding(Verdict.INCONCLUSIVE, NONE, (describe(o), why))
     return None
+
+
+def _offered_name(o: Observation) -> tuple[bool, str | None]:
+    """(whether the attempt recorded what it offered, the SNI it offered: None for none)."""
+    ev = o.evidence
+    offer = ev.offer if isinstance(ev, TlsEvidence) else None
+    request = ev.request if isinstance(ev, TransferEvidence) else None
+    if offer is not None:
+        return True, offer.sni
+    if request is not None:
+        return True, request.sni
+    return False, None
+
+
+def _same_name(a: Observation, b: Observation) -> bool:
+    """Two handshakes offered the same SNI, as far as their records say."""
+    (a_known, a_sni), (b_known, b_sni) = _offered_name(a), _offered_name(b)
+    return not (a_known and b_known) or a_sni == b_sni
 
 
 def _client_hello_tests(ctx: Context, o: Observation, finding: Finding) -> Finding:
@@ -233,9 +274,14 @@ def _client_hello_tests(ctx: Context, o: Observation, finding: Finding) -> Findi
     return Finding(verdict, confidence, (*head, *notes, *tried, *rest))
 
 
+def _certificate(o: Observation) -> CertificateEvidence | None:
+    ev = o.evidence
+    return ev.certificate if isinstance(ev, TlsEvidence | QuicEvidence) else None
+
+
 def _fingerprint(o: Observation) -> str | None:
-    sha = detail_mapping(o, "certificate").get("sha256")
-    return str(sha) if sha else None
+    certificate = _certificate(o)
+    return certificate.sha256 or None if certificate is not None else None
 
 
 def _certificate_rule(ctx: Context, o: Observation) -> Finding:
@@ -243,9 +289,9 @@ def _certificate_rule(ctx: Context, o: Observation) -> Finding:
     ctl = ctx.control_for(o)
     mine = _fingerprint(o)
     lines = [describe(o)]
-    issuer = detail_mapping(o, "certificate").get("issuer")
-    if issuer:
-        lines.append(f"certificate issuer {str(issuer)[:80]}")
+    certificate = _certificate(o)
+    if certificate is not None and certificate.issuer:
+        lines.append(f"certificate issuer {certificate.issuer[:80]}")
     if ctl is None:
         if o.kind == Failure.SSL_UNKNOWN_AUTHORITY:
             lines.append("untrusted issuer on a public service; no control to compare")
@@ -282,7 +328,7 @@ def _quic_rule(ctx: Context, o: Observation) -> Finding:
     answered = [v for v in vn if v.ok]
     if o.kind in _SILENCE:
         if answered:
-            offers_v1 = [v.details.get("offers_quic_v1") for v in answered]
+            offers_v1 = [_offers_quic_v1(v) for v in answered]
             if False in offers_v1 and True not in offers_v1:
                 lines.append("the server does not offer QUIC v1")
                 return Finding(Verdict.INCONCLUSIVE, NONE, tuple(lines))
@@ -317,6 +363,11 @@ def _udp_silence(
     return Finding(Verdict.INCONCLUSIVE, NONE, (*lines, "UDP silence alone proves nothing"))
 
 
+def _offers_quic_v1(o: Observation) -> bool | None:
+    """Whether a version negotiation listed QUIC v1 (None: not recorded)."""
+    return o.evidence.offers_quic_v1 if isinstance(o.evidence, QuicVnEvidence) else None
+
+
 def _quic_vn_rule(ctx: Context, o: Observation) -> Finding:
     ctl = ctx.control_for(o)
     if ctl is not None and not ctl.ok:
@@ -329,10 +380,23 @@ def _quic_vn_rule(ctx: Context, o: Observation) -> Finding:
     )
 
 
+def _flow(o: Observation) -> StunFlow | None:
+    """A call-like flow's tally (``stun`` in ``mode: flow``), or None."""
+    ev = o.evidence
+    return ev.flow if isinstance(ev, StunEvidence) and ev.mode == "flow" else None
+
+
+def _random_udp_replied(o: Observation) -> bool:
+    """Random UDP of the STUN request's size, to the same port, was answered."""
+    ev = o.evidence
+    return isinstance(ev, StunEvidence) and ev.control is not None and ev.control.replied
+
+
 def _stun_rule(ctx: Context, o: Observation) -> Finding:
     """B9: STUN silence, a flow cut off after t seconds, STUN-shaped vs random UDP."""
-    cutoff = o.details.get("cutoff_s")
-    if o.details.get("mode") == "flow" and isinstance(cutoff, int | float) and cutoff > 0:
+    flow = _flow(o)
+    cutoff = flow.cutoff_s if flow is not None else None
+    if cutoff is not None and cutoff > 0:
         why = f"replies stopped for good {cutoff} s into the flow"
         return by_control(ctx, o, Verdict.UDP_BLOCKING, with_control=CERTAIN, without=GOOD, why=why)
     if o.kind != Failure.UDP_NO_RESPONSE:
@@ -361,7 +425,7 @@ def _stun_rule(ctx: Context, o: Observation) -> Finding:
     random_udp = [o, *ctx.swaps("stun", "random_udp", o)]
     for r in random_udp[1:]:
         lines.append(describe(r))
-    replied = [r for r in random_udp if detail_mapping(r, "control").get("replied")]
+    replied = [r for r in random_udp if _random_udp_replied(r)]
     if replied:
         lines.append("random UDP of the same size to the same port is answered, STUN is not")
         return Finding(Verdict.UDP_BLOCKING, GOOD, tuple(lines))
@@ -383,13 +447,10 @@ CONTROL_LOSS_MAX = 0.05
 
 def _flow_loss(o: Observation) -> tuple[float, int] | None:
     """(loss share, packets sent) of a completed call-like flow, or None."""
-    d = o.details
-    loss, sent = d.get("loss"), d.get("sent")
-    if d.get("mode") != "flow" or not isinstance(loss, int | float):
+    flow = _flow(o)
+    if flow is None or flow.loss is None or flow.sent <= 0:
         return None
-    if not isinstance(sent, int) or isinstance(sent, bool) or sent <= 0:
-        return None
-    return float(loss), sent
+    return flow.loss, flow.sent
 
 
 def sustained_loss(ctx: Context, attempts: Sequence[Observation]) -> Finding | None:
@@ -413,19 +474,17 @@ def sustained_loss(ctx: Context, attempts: Sequence[Observation]) -> Finding | N
 
 def _transfer_rule(ctx: Context, o: Observation) -> Finding:
     """B7 freeze, B5 post-handshake stall, B6 throttling."""
-    d = o.details
+    summary = o.evidence.summary if isinstance(o.evidence, TransferEvidence) else None
     if o.kind == Failure.STALL_AFTER_BYTES:
-        stalled = as_sequence(d.get("stalled_at_wire_bytes") or d.get("stalled_at_bytes"))
-        count, attempted = d.get("stalled_connections"), d.get("connections_attempted")
-        why = f"{count if count is not None else '?'} of {attempted or '?'} "
-        why += f"connections stalled at {', '.join(str(b) for b in stalled[:4])} bytes"
-        if count == 1 and isinstance(attempted, int) and attempted > 1:
-            return _lone_stall(o, why)
+        why = _stalls(summary)
+        if summary and summary.stalled_connections == 1 and summary.connections_attempted > 1:
+            return _lone_stall(o, summary, why)
         return by_control(
             ctx, o, Verdict.STALL_AFTER_BYTES, with_control=CERTAIN, without=GOOD, why=why
         )
     if o.kind == Failure.THROTTLED:
-        why = f"median {d.get('median_kbps')} kbps below {d.get('throttle_kbps')} kbps"
+        median, limit = (summary.median_kbps, summary.throttle_kbps) if summary else (None, None)
+        why = f"median {median} kbps below {limit} kbps"
         return by_control(ctx, o, Verdict.THROTTLING, with_control=STRONG, without=FAIR, why=why)
     if o.kind == Failure.GENERIC_TIMEOUT:
         why = "handshake done, then no application data (B5 stall)"
@@ -437,14 +496,23 @@ def _transfer_rule(ctx: Context, o: Observation) -> Finding:
     )
 
 
-def _lone_stall(o: Observation, why: str) -> Finding:
+def _stalls(summary: TransferSummary | None) -> str:
+    """``2 of 3 connections stalled at 15000, 15000 bytes`` (wire bytes when recorded)."""
+    if summary is None:
+        return "connections stalled (no summary recorded)"
+    stalled = summary.stalled_at_wire_bytes or summary.stalled_at_bytes
+    at = f" at {', '.join(str(b) for b in stalled[:4])} bytes" if stalled else ""
+    attempted = summary.connections_attempted or "?"
+    return f"{summary.stalled_connections} of {attempted} connections stalled{at}"
+
+
+def _lone_stall(o: Observation, summary: TransferSummary, why: str) -> Finding:
     """One confirmed stall next to connections that did not stall: not reproduced, so no
     freeze is claimed.  On a slow path (their median rate below the threshold) the
     silence is the path's congestion: throttling."""
-    d = o.details
-    median, limit = d.get("median_kbps"), d.get("throttle_kbps")
+    median, limit = summary.median_kbps, summary.throttle_kbps
     why += "; the other connections did not stall: not reproduced"
-    if isinstance(median, int | float) and isinstance(limit, int | float) and median < limit:
+    if median is not None and median < limit:
         why += f"; they ran at a median {median} kbps, below {limit} kbps: a slow path"
         return Finding(Verdict.THROTTLING, FAIR, (describe(o), why))
     return Finding(Verdict.INCONCLUSIVE, NONE, (describe(o), why))
@@ -466,8 +534,8 @@ def _held_connection_rule(ctx: Context, o: Observation) -> Finding:
 
 def _application_rule(ctx: Context, o: Observation) -> Finding:
     """TCP connected, then the first application bytes (MTProto, Noise) kill the flow."""
-    received = o.details.get("bytes_received")
-    if o.kind == Failure.GENERIC_TIMEOUT and isinstance(received, int) and received > 0:
+    received = o.evidence.bytes_received if isinstance(o.evidence, ExchangeEvidence) else None
+    if o.kind == Failure.GENERIC_TIMEOUT and received is not None and received > 0:
         # part of the server's answer arrived before the time ran out: a slow path
         return _progressed(o, f"{received} bytes of the reply")
     telling = o.kind in (Failure.CONNECTION_RESET, Failure.GENERIC_TIMEOUT)
