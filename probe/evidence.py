@@ -585,7 +585,8 @@ class QuicDatagrams(Record):
 
     datagrams_sent: int = 0
     datagrams_received: int = 0
-    server_packet_types: tuple[str, ...] = ()  # initial, handshake, 1RTT ...
+    # initial, handshake, 1RTT ...; None: not recorded (records older than the field)
+    server_packet_types: tuple[str, ...] | None = None
     initial_datagram_bytes: int | None = field(default=None, metadata=KEEP_NONE)
 
 

@@ -561,12 +561,12 @@ def test_quic_silence_after_server_datagrams_is_not_quic_filtering() -> None:
     assert verdict(0) == Verdict.QUIC_FILTERING
     assert verdict(3) not in BLOCKING
 
-    def typed(*types: str) -> Verdict:
+    def typed(*types: str, received: int | None = None) -> Verdict:
         quic = run(
             "quic",
             failure="generic_timeout_error",
             op=QHS,
-            datagrams_received=len(types),
+            datagrams_received=len(types) if received is None else received,
             server_packet_types=list(types),
         )
         return judge_endpoint([quic, run("quic_vn", offers_quic_v1=True)], [run("quic")]).verdict
@@ -574,6 +574,9 @@ def test_quic_silence_after_server_datagrams_is_not_quic_filtering() -> None:
     assert typed("initial", "handshake") not in BLOCKING  # the server answered the Initial
     assert typed("version_negotiation") == Verdict.QUIC_FILTERING  # a VN is no progress
     assert typed() == Verdict.QUIC_FILTERING
+    # packet types kept but none parsed: datagrams that were not QUIC (a censor's junk)
+    # are no handshake progress; only a record without packet types falls back to the count
+    assert typed(received=2) == Verdict.QUIC_FILTERING
 
 
 def test_one_stalled_transfer_connection_reads_by_the_others_speed() -> None:

@@ -79,18 +79,16 @@ def _server_progress(o: Observation) -> str | None:
 def _quic_progress(o: Observation, datagrams: QuicDatagrams | None) -> str | None:
     if datagrams is None:
         return None
-    # A version negotiation is no handshake progress (a v1 filter lets it through)
-    handshake = [t for t in datagrams.server_packet_types if t in _QUIC_PROGRESS]
-    if handshake:
-        return f"QUIC {', '.join(handshake)} packets from the server"
-    if datagrams.server_packet_types:
+    types = datagrams.server_packet_types
+    if types is None:
+        # a record from before packet types were kept: the datagram count stands in
+        received = datagrams.datagrams_received
+        if received > 0 and "quic_vn_lists_our_version" not in o.flags:
+            return f"{received} datagrams from the server"
         return None
-    # No packet type recorded (a record from before they were kept; typed evidence cannot
-    # tell that from "none parsed"): the datagram count stands in for them.
-    received = datagrams.datagrams_received
-    if received > 0 and "quic_vn_lists_our_version" not in o.flags:
-        return f"{received} datagrams from the server"
-    return None
+    # A version negotiation is no handshake progress (a v1 filter lets it through)
+    handshake = [t for t in types if t in _QUIC_PROGRESS]
+    return f"QUIC {', '.join(handshake)} packets from the server" if handshake else None
 
 
 def _progressed(o: Observation, progress: str) -> Finding:
