@@ -30,7 +30,8 @@ from ..model import SkipReason
 from .context import Context
 from .dns import judge_dns
 from .observations import Item, Observation, describe, normalise, same_failure
-from .rules import judge_failure, sustained_loss
+from .rules import judge_failure
+from .udp_rules import sustained_loss
 from .vocabulary import (
     BLOCKING,
     CERTAIN,
