@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..evidence import ExchangeEvidence, TransferEvidence, TransferSummary
 from ..model import Failure
-from .context import Context, by_control, connected
+from .context import Context, by_control, control_connected
 from .handshake_rules import progressed
 from .observations import Observation, describe
 from .vocabulary import CERTAIN, FAIR, GOOD, NONE, STRONG, WEAK, Finding, Verdict
@@ -42,7 +42,7 @@ def connect_rule(ctx: Context, o: Observation) -> Finding:
         with_control=STRONG,
         without=WEAK if alive else None,
         why=why,
-        passes=connected,
+        passes=control_connected,
     )
 
 
