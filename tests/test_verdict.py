@@ -20,7 +20,7 @@ from probe.probes.base import Recorder
 from probe.results import VERDICTS, ResultStore
 from probe.statuspage import results_json
 from probe.verdict.aggregate import ALLOWLIST_FLAG, judge_endpoint, judge_round, judge_service
-from probe.verdict.observations import Observation, from_api, from_record
+from probe.verdict.observations import Observation, from_api, from_record, from_result
 from probe.verdict.vocabulary import BLOCKING, EndpointVerdict, ServiceVerdict, Verdict
 from tests.helpers import endpoint
 
@@ -919,6 +919,17 @@ def test_control_results_of_other_endpoints_are_ignored() -> None:
     other = endpoint("192.0.2.99", probes=("tcp",), ports=(443,), service="svc", name="other")
     v = judge_endpoint([run("tcp", failure="connection_refused", op=CONN)], [run("tcp", ep=other)])
     assert v.verdict == Verdict.INCONCLUSIVE
+
+
+def test_a_path_is_tcp_or_udp_as_the_evidence_says() -> None:
+    # no _UDP_PROBES list: the probe's evidence knows its transport, and a stun run over
+    # TCP says so in its record
+    assert Observation("svc", "g", "quic", A, 443, ok=True).l4 == "udp"  # no evidence given
+    assert Observation("svc", "g", "tls", A, 443, ok=True).l4 == "tcp"
+    record = {"service": "svc", "endpoint": "g", "probe": "stun", "address": A, "port": 3478}
+    assert from_record({**record, "ok": True}).l4 == "udp"
+    assert from_record({**record, "ok": True, "details": {"transport": "tcp"}}).l4 == "tcp"
+    assert from_result(stun_silence()).l4 == "udp"
 
 
 # --- contracts ------------------------------------------------------------------------

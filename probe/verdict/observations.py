@@ -9,11 +9,14 @@ evidence line of one observation (`describe`) lives here too.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..evidence import DnsEvidence, Evidence, empty_evidence, evidence_from_json
 from ..model import Failure, ProbeResult, failure_kind
+
+# Stands for "nothing recorded": filled in with the probe's own empty evidence.
+_NO_EVIDENCE = Evidence()
 
 
 @dataclass(frozen=True)
@@ -37,13 +40,12 @@ class Observation:
     resolver: str | None = None
     skipped: str | None = None
     role: str = ""
-    evidence: Evidence = field(default_factory=Evidence)
+    evidence: Evidence = _NO_EVIDENCE
     flags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # The untyped default stands for "nothing recorded": the probe's own empty
-        # evidence says so with the probe's transport (a quic run is UDP even then).
-        if type(self.evidence) is Evidence:
+        # the probe's own empty evidence knows the probe's transport (quic: UDP)
+        if self.evidence is _NO_EVIDENCE:
             object.__setattr__(self, "evidence", empty_evidence(self.probe))
 
     @property
