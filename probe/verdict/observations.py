@@ -93,10 +93,19 @@ def from_result(result: ProbeResult) -> Observation:
         resolver=t.resolver,
         skipped=str(result.skipped) if result.skipped else None,
         role=t.endpoint.role,
-        # until ProbeResult carries its evidence (issue 12 item 1): its details, read typed
-        evidence=evidence_from_json(t.probe, result.details),
+        evidence=_evidence_of(result),
         flags=result.flags,
     )
+
+
+def _evidence_of(result: ProbeResult) -> Evidence:
+    """TRANSITIONAL (issue 12 item 1): ``result.evidence`` once ProbeResult carries it.
+    Until then its ``details`` are a plain mapping, read typed here; on a branch where
+    ``details`` already is the evidence (the shim), it is taken as it is, at no cost."""
+    details = result.details
+    if isinstance(details, Evidence):
+        return details
+    return evidence_from_json(result.target.probe, details)
 
 
 def _flags(value: Any) -> tuple[str, ...]:
