@@ -233,7 +233,7 @@ def _certificate(o: Observation) -> CertificateEvidence | None:
 
 def _fingerprint(o: Observation) -> str | None:
     certificate = _certificate(o)
-    return certificate.sha256 or None if certificate is not None else None
+    return certificate.sha256 if certificate is not None and certificate.sha256 else None
 
 
 def certificate_rule(ctx: Context, o: Observation) -> Finding:
