@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .classify import AGENT_RESOURCES, classify_exception
+from .dnsjudge import suspect_bogon
 from .model import Endpoint, VantageState, utcnow
-from .wire.dnsmsg import suspect_bogon
 
 _MAX_ADDRESSES = 4  # per control and family: enough to tell online from offline
 

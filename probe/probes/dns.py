@@ -36,19 +36,16 @@ import dns.message
 
 from ..classify import classify_exception
 from ..config.settings import ProbeSettings
+from ..dnsjudge import IPNetwork, compare_answer_sets, in_prefixes, suspect_bogon
 from ..model import Failure, Operation, ProbeResult, Target, failure_kind
 from ..wire import WireError
 from ..wire.dnsmsg import (
     MAX_MESSAGE,
-    IPNetwork,
     addresses,
     build_query,
-    compare_answer_sets,
-    in_prefixes,
     matches_query,
     parse_message,
     rcode_text,
-    suspect_bogon,
 )
 from .base import Recorder
 
