@@ -37,7 +37,8 @@ from urllib.parse import urljoin, urlsplit
 from .classify import classify
 from .config.settings import ControlSettings
 from .model import Operation
-from .verdict import EndpointVerdict, Observation, ServiceVerdict, from_record
+from .verdict.observations import Observation, from_record
+from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
 
 if TYPE_CHECKING:
     import aiohttp
