@@ -35,6 +35,7 @@ from probe.classify import (
     Classified,
     HandshakeTooLarge,
     classify,
+    classify_quic_close,
     classify_rcode,
     scrub,
 )
@@ -451,3 +452,14 @@ def test_scrub_removes_every_address(addresses: list[str], filler: str) -> None:
     text = scrub(f"{filler} " + " then ".join(f"peer {a}:443" for a in addresses))
     for address in addresses:
         assert f"peer {address}:" not in text
+
+
+@given(st.integers(0, 2**62 - 1), st.booleans(), st.booleans())
+def test_any_quic_close_code_lands_in_the_closed_vocabulary(
+    code: int, application: bool, by_peer: bool
+) -> None:
+    classified = classify_quic_close(code, application=application, by_peer=by_peer)
+    assert failure_kind(str(classified)) is classified.failure
+    assert bool(classified.message) <= (classified.failure is Failure.UNKNOWN)
+    if application:  # the application's codes are never read as transport ones
+        assert classified.failure is Failure.UNKNOWN
