@@ -4,10 +4,10 @@
 operation's own classifier runs first and falls back to the generic one::
 
     classify(exc, op)
-      RESOLVE          dnspython's exceptions                     -> _generic
-      TLS_HANDSHAKE    HandshakeTooLarge, certificate checks      -> _generic
-      QUIC_HANDSHAKE   certificate checks made outside ssl        -> _generic
-      CONNECT, READ, WRITE                                           _generic
+      RESOLVE          dnspython's exceptions                       -> _generic
+      TLS_HANDSHAKE    HandshakeTooLarge, non-ssl certificate checks -> _generic
+      QUIC_HANDSHAKE   certificate checks made outside ssl          -> _generic
+      CONNECT, READ, WRITE                                             _generic
     _generic: errno first, then exception type (timeouts, EOF, aiohttp's wrappers,
               WireError, getaddrinfo, ssl); anything else is unknown_failure
 
