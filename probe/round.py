@@ -28,6 +28,7 @@ from .model import (
     Target,
     Vantage,
     VantageState,
+    _ip_version,
     utcnow,
 )
 from .probes import REGISTRY, tls
@@ -107,16 +108,15 @@ def collect_addresses(ep: Endpoint, dns_results: Sequence[ProbeResult]) -> dict[
                 found.setdefault(address, _source_of(result.target.resolver or ""))
     for address in ep.addresses:
         found.setdefault(address, "seed")
+    # One pass sorts the addresses into (family, source) queues; the family comes from the
+    # memoised parser (this ran ten list passes and two parses per address per round).
+    by_kind: dict[tuple[int, str], list[str]] = {}
+    for a, s in found.items():
+        version = _ip_version(a) or ipaddress.ip_address(a).version  # not an IP: raises
+        by_kind.setdefault((version, s), []).append(a)
     capped: dict[str, str] = {}
     for version in (4, 6):
-        queues = [
-            [
-                a
-                for a, s in found.items()
-                if s == source and ipaddress.ip_address(a).version == version
-            ]
-            for source in _SOURCE_ORDER
-        ]
+        queues = [by_kind.get((version, source), []) for source in _SOURCE_ORDER]
         taken = 0
         while taken < MAX_ADDRESSES_PER_FAMILY and any(queues):  # each pass takes >= 1
             for queue in queues:
