@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar, cast, overload
 
-from ..classify import classify_exception
+from ..classify import Classified, classify
 from ..config.settings import ProbeSettings
 from ..evidence import Evidence, empty_evidence
 from ..model import Operation, ProbeResult, SkipReason, Target, freeze, utcnow
@@ -83,7 +83,9 @@ class Recorder(Generic[E]):
             self.evidence = evidence
         return self._result(True)
 
-    def fail(self, failure: str, operation: Operation, evidence: E | None = None) -> ProbeResult:
+    def fail(
+        self, failure: str | Classified, operation: Operation, evidence: E | None = None
+    ) -> ProbeResult:
         if evidence is not None:
             self.evidence = evidence
         return self._result(False, failure=str(failure), failed_operation=operation)
@@ -91,7 +93,7 @@ class Recorder(Generic[E]):
     def fail_exc(
         self, exc: BaseException, operation: Operation, evidence: E | None = None
     ) -> ProbeResult:
-        return self.fail(classify_exception(exc), operation, evidence)
+        return self.fail(classify(exc, operation), operation, evidence)
 
     def skip(self, reason: SkipReason) -> ProbeResult:
         return self._result(False, skipped=reason)

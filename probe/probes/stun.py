@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal, Self
 
-from ..classify import classify_exception, scrub
+from ..classify import classify, scrub
 from ..config.settings import ProbeSettings
 from ..evidence import (
     StunBinding,
@@ -541,12 +541,12 @@ async def _control(address: str, port: int, tally: _Tally, budget: float) -> Stu
     try:
         channel = await _UdpChannel.open(address, port)
     except OSError as exc:
-        return replace(out, error=str(classify_exception(exc)))
+        return replace(out, error=str(classify(exc, Operation.CONNECT)))
     sender = _Retransmitter(payloads, budget)
     try:
         await sender.run(channel, handle)
     except OSError as exc:
-        out = replace(out, error=str(classify_exception(exc)))
+        out = replace(out, error=str(classify(exc, Operation.WRITE)))
     finally:
         channel.close()
     out = replace(out, sent=channel.sent)
@@ -596,7 +596,7 @@ async def _tcp_binding(
     except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
         binding = tally.evidence(local, None)
         if tally.answered:
-            binding = replace(binding, stream_error=str(classify_exception(exc)))
+            binding = replace(binding, stream_error=str(classify(exc, Operation.READ)))
             return rec.ok(replace(rec.evidence, binding=binding))
         if tally.bad:
             return rec.fail(
