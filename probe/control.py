@@ -36,6 +36,7 @@ from urllib.parse import urljoin, urlsplit
 
 from .classify import classify_exception
 from .config.settings import ControlSettings
+from .records import RecordFields, is_result_record, read_result_record
 from .verdict import EndpointVerdict, Observation, ServiceVerdict, from_record
 
 if TYPE_CHECKING:
@@ -93,13 +94,25 @@ class ControlStatus:
 # -- one document ------------------------------------------------------------------------
 
 
-def _measured_at(record: Mapping[str, Any], received: datetime) -> datetime:
+def _measured_at(record: RecordFields, received: datetime) -> datetime:
     """When a control result was measured, never later than when we received it: a
     control whose clock runs ahead (or a hostile one) must not keep its last document
     "fresh" past max_age_s after it stops answering."""
-    t = datetime.fromisoformat(str(record["t"]))
-    t = t if t.tzinfo is not None else t.replace(tzinfo=UTC)
-    return min(t, received)
+    return min(record.measured_at(), received)
+
+
+def _observations(
+    records: Iterable[Mapping[str, Any]], received: datetime
+) -> tuple[tuple[datetime, Observation], ...]:
+    """The measured results of a document, each with when it was measured."""
+    out = []
+    for record in records:
+        if not is_result_record(record):
+            continue
+        fields = read_result_record(record)
+        if fields.skipped is None:
+            out.append((_measured_at(fields, received), from_record(record)))
+    return tuple(out)
 
 
 def parse_document(body: bytes, received: datetime | None = None) -> Document:
@@ -111,10 +124,7 @@ def parse_document(body: bytes, received: datetime | None = None) -> Document:
         payload = json.loads(body)
         vantage = payload["vantage"]
         state = vantage.get("state")
-        records = [r for r in payload["results"] if r.get("type", "result") == "result"]
-        observations = tuple(
-            (_measured_at(r, received), from_record(r)) for r in records if r.get("skipped") is None
-        )
+        observations = _observations(payload["results"], received)
     # RecursionError: JSON nested past the parser's depth; OverflowError: a number such
     # as 1e400 where an integer belongs
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:

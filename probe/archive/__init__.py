@@ -9,7 +9,8 @@ tooling and habits apply, with our complete result under
 - `probe.archive.reader`: `iter_archive`, reading the files back (``probe archive``).
 """
 
-from .ooni import envelope, result_to_dict, to_jsonable
+from ..records import to_jsonable
+from .ooni import envelope, result_to_dict
 from .reader import ReadStats, iter_archive
 from .writer import CURRENT_NAME, ArchiveWriter
 

@@ -8,12 +8,8 @@ See docs/archive.md.
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import datetime as dt
-import enum
 import ipaddress
-import math
 import platform
 import ssl
 import sys
@@ -25,6 +21,7 @@ import dns.rcode
 
 from .. import __version__
 from ..model import Failure, Operation, ProbeResult, Target, Vantage
+from ..records import binary_data, to_jsonable
 
 TEST_NAME = "messenger_reachability"
 TEST_VERSION = "0.1.0"
@@ -33,46 +30,7 @@ DATA_FORMAT_VERSION = "0.2.0"  # OONI base data format version we follow
 EXTENSIONS = {"dnst": 0, "netevents": 0, "tcpconnect": 0, "tlshandshake": 0}
 OONI_TIME = "%Y-%m-%d %H:%M:%S"
 
-_MAX_DEPTH = 32
 _UDP_PROBES = frozenset({"quic", "quic_vn", "stun"})  # UDP unless details say otherwise
-
-
-# -- JSON-safe values -----------------------------------------------------------
-
-
-def _binary(data: bytes) -> dict[str, str]:
-    """OONI's BinaryData object (df-001)."""
-    return {"data": base64.b64encode(data).decode("ascii"), "format": "base64"}
-
-
-def to_jsonable(value: Any, _depth: int = 0) -> Any:
-    """A JSON-safe copy of evidence: never raises, whatever a probe put in ``details``.
-
-    bytes -> OONI BinaryData; non-finite floats -> "nan"/"inf"/"-inf" strings
-    (JSON has no such numbers); sets -> sorted lists; unknown objects -> str().
-    """
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if _depth >= _MAX_DEPTH:
-        return "<too deep>"
-    if isinstance(value, bytes | bytearray | memoryview):
-        return _binary(bytes(value))
-    if isinstance(value, enum.Enum):
-        return to_jsonable(value.value, _depth + 1)
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v, _depth + 1) for k, v in value.items()}
-    if isinstance(value, set | frozenset):
-        return sorted((to_jsonable(v, _depth + 1) for v in value), key=repr)
-    if isinstance(value, list | tuple):
-        return [to_jsonable(v, _depth + 1) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return to_jsonable(fields, _depth + 1)
-    return str(value)  # ipaddress objects, paths, anything else: its readable form
 
 
 # -- the OONI envelope ------------------------------------------------------------
@@ -242,10 +200,10 @@ def _tcp_connect(result: ProbeResult, timeline: Mapping[str, tuple[float, float]
 
 def _certificate(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
-        return _binary(bytes(value))
+        return binary_data(bytes(value))
     if isinstance(value, str) and value.lstrip().startswith("-----BEGIN CERTIFICATE-----"):
         try:
-            return _binary(ssl.PEM_cert_to_DER_cert(value))
+            return binary_data(ssl.PEM_cert_to_DER_cert(value))
         except ValueError:
             return value
     if isinstance(value, str):
