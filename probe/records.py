@@ -34,6 +34,8 @@ __all__ = [
     "binary_data",
     "is_result_record",
     "iso_z",
+    "optional_str",
+    "read_flags",
     "read_result_record",
     "result_record",
     "to_jsonable",
@@ -180,27 +182,28 @@ def read_result_record(record: Mapping[str, Any]) -> RecordFields:
         service=str(record["service"]),
         endpoint=str(record["endpoint"]),
         probe=str(record["probe"]),
-        address=_optional_str(record.get("address")),
+        address=optional_str(record.get("address")),
         port=int(port) if port is not None else None,
         ok=bool(record.get("ok")),
-        failure=_optional_str(record.get("failure")),
-        failed_operation=_optional_str(record.get("failed_operation")),
-        resolver=_optional_str(record.get("resolver")),
-        skipped=_optional_str(record.get("skipped")),
+        failure=optional_str(record.get("failure")),
+        failed_operation=optional_str(record.get("failed_operation")),
+        resolver=optional_str(record.get("resolver")),
+        skipped=optional_str(record.get("skipped")),
         role=str(record.get("role") or ""),
         details=freeze(record.get("details") or {}),
-        flags=_flags(record.get("flags")),
-        t=_optional_str(record.get("t")),
-        vantage=_optional_str(record.get("vantage")),
-        vantage_state=_optional_str(record.get("vantage_state")),
+        flags=read_flags(record.get("flags")),
+        t=optional_str(record.get("t")),
+        vantage=optional_str(record.get("vantage")),
+        vantage_state=optional_str(record.get("vantage_state")),
     )
 
 
-def _optional_str(value: Any) -> str | None:
+def optional_str(value: Any) -> str | None:
+    """A record's optional text field: null stays None, anything else its text."""
     return None if value is None else str(value)
 
 
-def _flags(value: Any) -> tuple[str, ...]:
+def read_flags(value: Any) -> tuple[str, ...]:
     """Flags from a JSON record: a list of strings (a lone string is one flag, not letters)."""
     if isinstance(value, str):
         return (value,)

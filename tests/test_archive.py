@@ -33,6 +33,7 @@ from probe.archive import (
     ReadStats,
     envelope,
     iter_archive,
+    result_fields,
     to_jsonable,
 )
 from probe.config.settings import AgentConfig, ArchiveSettings, Resolvers
@@ -42,6 +43,7 @@ from probe.lab.servers.tls import TLSServer
 from probe.model import Operation, ProbeResult, SkipReason, Target, Vantage, freeze
 from probe.probes.dns import probe as dns_probe
 from probe.probes.tls import probe as tls_probe
+from probe.records import read_result_record, result_record
 from tests.helpers import settings, target
 
 T0 = datetime(2025, 3, 1, 12, 0, 5, 250000, tzinfo=UTC)
@@ -441,6 +443,33 @@ def test_round_trip_and_filters(tmp_path: Path) -> None:
     assert records(tmp_path, service="whatsapp", probe="dns", failed_only=True)[0]["input"] == (
         "dns://web.whatsapp.example"
     )
+
+
+def test_an_archived_result_reads_back_as_the_fields_of_its_flat_record(
+    tmp_path: Path,
+) -> None:
+    """What a verdict is judged from comes back out of the archive unchanged."""
+    neutral = replace(G_TLS, variant="neutral_sni", overrides=freeze({"sni": "example.org"}))
+    rows = [
+        result(neutral, failure="connection_reset", op=Operation.TLS_HANDSHAKE, cert=b"\x30"),
+        result(STUN, failure="udp_no_response", op=Operation.READ, bytes_sent=20),
+        replace(result(DNS, answers={"A": ["192.0.2.1"]}), flags=("dns_injection_suspected",)),
+        ProbeResult(DC1, False, T0, 0.0, skipped=SkipReason.IPV6_UNAVAILABLE),
+    ]
+    with ArchiveWriter(tmp_path, VANTAGE) as writer:
+        for r in rows:
+            assert writer.write(r)
+    archived = [result_fields(r) for r in iter_archive(tmp_path)]
+    flat = [read_result_record(result_record(r, "msk-1", "online")) for r in rows]
+    assert [replace(a, t=None) for a in archived] == [
+        replace(f, t=None, vantage_state=None, details=a.details)
+        for a, f in zip(archived, flat, strict=True)
+    ]
+    assert [dict(a.details) for a in archived] == [dict(f.details) for f in flat]
+    assert {a.measured_at() for a in archived} == {T0}
+    assert archived[0].probe == "tls/neutral_sni"
+    with pytest.raises(KeyError):
+        result_fields({"test_keys": {}})
 
 
 def test_reader_of_a_missing_directory_yields_nothing(tmp_path: Path) -> None:
