@@ -37,7 +37,8 @@ from urllib.parse import urljoin, urlsplit
 from .classify import classify_exception
 from .config.settings import ControlSettings
 from .records import RecordFields, is_result_record, read_result_record
-from .verdict import EndpointVerdict, Observation, ServiceVerdict, from_record
+from .verdict.observations import Observation, from_fields
+from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
 
 if TYPE_CHECKING:
     import aiohttp
@@ -111,7 +112,7 @@ def _observations(
             continue
         fields = read_result_record(record)
         if fields.skipped is None:
-            out.append((_measured_at(fields, received), from_record(record)))
+            out.append((_measured_at(fields, received), from_fields(fields)))
     return tuple(out)
 
 

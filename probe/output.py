@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from .model import ProbeResult
 from .records import iso_z, result_record, verdict_line
 from .round import RoundReport
-from .verdict import EndpointVerdict, ServiceVerdict
+from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
 
 
 def json_lines(report: RoundReport) -> Iterator[str]:

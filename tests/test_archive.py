@@ -44,6 +44,8 @@ from probe.model import Operation, ProbeResult, SkipReason, Target, Vantage, fre
 from probe.probes.dns import probe as dns_probe
 from probe.probes.tls import probe as tls_probe
 from probe.records import read_result_record, result_record
+from probe.verdict.aggregate import judge_round
+from probe.verdict.observations import from_fields
 from tests.helpers import settings, target
 
 T0 = datetime(2025, 3, 1, 12, 0, 5, 250000, tzinfo=UTC)
@@ -470,6 +472,24 @@ def test_an_archived_result_reads_back_as_the_fields_of_its_flat_record(
     assert archived[0].probe == "tls/neutral_sni"
     with pytest.raises(KeyError):
         result_fields({"test_keys": {}})
+
+
+def test_verdicts_judged_again_from_the_archive_are_the_rounds(tmp_path: Path) -> None:
+    dc2 = replace(DC1, address="192.0.2.11")
+    rows = [
+        result(DC1, phases={"connect": 0.03}),
+        result(dc2, failure="generic_timeout_error", op=Operation.CONNECT),
+        result(G_TLS, phases={"connect": 0.02}, failure="connection_reset",
+               op=Operation.TLS_HANDSHAKE),
+        result(STUN, failure="udp_no_response", op=Operation.READ, bytes_sent=20),
+    ]  # fmt: skip
+    with ArchiveWriter(tmp_path, VANTAGE) as writer:
+        for r in rows:
+            assert writer.write(r)
+    archived = [from_fields(result_fields(m)) for m in iter_archive(tmp_path)]
+    verdicts = judge_round(rows)
+    assert {str(v.verdict) for v in verdicts} - {"ok"}  # something to get right
+    assert judge_round(archived) == verdicts
 
 
 def test_reader_of_a_missing_directory_yields_nothing(tmp_path: Path) -> None:

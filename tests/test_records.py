@@ -24,7 +24,8 @@ from probe.records import (
 from probe.results import ResultStore
 from probe.round import RoundReport
 from probe.statuspage import results_json
-from probe.verdict import from_record, from_result, judge_round
+from probe.verdict.aggregate import judge_round
+from probe.verdict.observations import from_record, from_result
 from tests.helpers import target
 
 T0 = datetime(2025, 3, 1, 12, 0, 5, 250000, tzinfo=UTC)
