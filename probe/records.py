@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Protocol, overload
 
+from .evidence import Evidence, evidence_from_json
 from .model import ProbeResult, freeze
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "VerdictFields",
     "api_result_record",
     "binary_data",
+    "details_json",
+    "evidence_of",
     "is_result_record",
     "iso_z",
     "optional_str",
@@ -95,6 +98,25 @@ def iso_z(t: dt.datetime | None) -> str | None:
     return t.isoformat().replace("+00:00", "Z") if t else None
 
 
+# -- evidence ---------------------------------------------------------------------------
+
+
+def evidence_of(result: ProbeResult) -> Evidence:
+    """A result's evidence, typed (`probe.evidence`): what readers use, never string keys."""
+    details = result.details
+    if isinstance(details, Evidence):
+        return details
+    return evidence_from_json(result.target.probe, details)
+
+
+def details_json(result: ProbeResult) -> Any:
+    """The result's evidence as JSON (the ``details`` of every record), JSON-safe."""
+    details = result.details
+    # to_json: the evidence's own form (its dataclass fields are not its JSON keys);
+    # to_jsonable on top, because a probe may have recorded a NaN or an infinity.
+    return to_jsonable(details.to_json() if isinstance(details, Evidence) else details)
+
+
 # -- result records -----------------------------------------------------------------
 
 
@@ -122,7 +144,7 @@ def result_record(result: ProbeResult, vantage: str, vantage_state: str) -> dict
         "duration_s": round(result.duration_s, 6),
         "phases": {k: round(v, 6) for k, v in result.phases.items()},
         "flags": list(result.flags),
-        "details": to_jsonable(result.details),
+        "details": details_json(result),
     }
 
 
@@ -163,6 +185,11 @@ class RecordFields:
     t: str | None
     vantage: str | None
     vantage_state: str | None
+
+    @property
+    def evidence(self) -> Evidence:
+        """``details`` read as the probe's typed evidence (`probe.evidence`; never raises)."""
+        return evidence_from_json(self.probe, self.details)
 
     def measured_at(self) -> dt.datetime:
         """The result's start time (UTC when the record has no offset).  Raises

@@ -37,6 +37,14 @@ from probe.archive import (
     to_jsonable,
 )
 from probe.config.settings import AgentConfig, ArchiveSettings, Resolvers
+from probe.evidence import (
+    StunEvidence,
+    TlsEvidence,
+    TlsNegotiated,
+    TransferConnection,
+    TransferEvidence,
+    TransferSummary,
+)
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.dns import AnswerTable, DNSServer
 from probe.lab.servers.tls import TLSServer
@@ -179,10 +187,13 @@ def test_tls_failure_maps_to_a_df006_handshake_with_the_certificate() -> None:
         failure="ssl_unknown_authority",
         op=Operation.TLS_HANDSHAKE,
         phases={"connect": 0.02, "tls": 0.05},
-        peer_certificates=[der],
-        tls_version="TLSv1.3",
-        cipher_suite="TLS_AES_128_GCM_SHA256",
-        alpn="h2",
+        **TlsEvidence(
+            peer_certificates=(der,),
+            certificate_source="handshake",
+            negotiated=TlsNegotiated(
+                tls_version="TLSv1.3", alpn="h2", cipher="TLS_AES_128_GCM_SHA256"
+            ),
+        ).to_json(),
     )
     keys = envelope(r, VANTAGE)["test_keys"]
     assert keys["tcp_connect"][0]["status"] == {"failure": None, "success": True}
@@ -197,13 +208,40 @@ def test_tls_failure_maps_to_a_df006_handshake_with_the_certificate() -> None:
     assert hs["t0"] == pytest.approx(0.02)
     assert hs["t"] == pytest.approx(0.07)
     assert hs["peer_certificates"] == [{"data": base64.b64encode(der).decode(), "format": "base64"}]
+    assert hs["no_tls_verify"] is False
 
 
-def test_pem_certificates_become_der_binary_data(ca: CertificateAuthority) -> None:
-    text = ca.issue("g.whatsapp.example").cert_pem.decode()
-    r = result(G_TLS, phases={"connect": 0.01, "tls": 0.02}, peer_certificates=[text])
-    [hs] = envelope(r, VANTAGE)["test_keys"]["tls_handshakes"]
-    assert base64.b64decode(hs["peer_certificates"][0]["data"]) == ssl.PEM_cert_to_DER_cert(text)
+def test_the_evidence_only_unverified_handshake_carries_the_chain_it_read() -> None:
+    """Without the verifying handshake's chain, the tls probe reads it on a second handshake
+    with verification off: archived as that handshake (no_tls_verify), not the measured one."""
+    der = bytes(range(40))
+    evidence = TlsEvidence(
+        peer_certificates=(der,), certificate_source="unverified_second_handshake"
+    )
+    r = result(
+        G_TLS,
+        failure="ssl_unknown_authority",
+        op=Operation.TLS_HANDSHAKE,
+        phases={"connect": 0.02, "tls": 0.05, "certificate_evidence": 0.07},
+        **evidence.to_json(),
+    )
+    measured, second = envelope(r, VANTAGE)["test_keys"]["tls_handshakes"]
+    assert (measured["failure"], measured["no_tls_verify"]) == ("ssl_unknown_authority", False)
+    assert measured["peer_certificates"] == []  # its own chain was not readable
+    assert (second["failure"], second["no_tls_verify"]) == (None, True)
+    assert second["peer_certificates"] == [{"data": base64.b64encode(der).decode(),
+                                            "format": "base64"}]  # fmt: skip
+    assert (second["t0"], second["t"]) == (pytest.approx(0.07), pytest.approx(0.14))
+    # the second handshake failed too: its failure, no chain
+    failed = result(
+        G_TLS,
+        failure="ssl_unknown_authority",
+        op=Operation.TLS_HANDSHAKE,
+        phases={"connect": 0.02, "tls": 0.05, "certificate_evidence": 0.07},
+        **TlsEvidence(certificate_error="connection_reset").to_json(),
+    )
+    _, second = envelope(failed, VANTAGE)["test_keys"]["tls_handshakes"]
+    assert (second["failure"], second["peer_certificates"]) == ("connection_reset", [])
 
 
 def test_dns_result_maps_to_one_df002_query_per_type() -> None:
@@ -228,14 +266,11 @@ def test_dns_result_maps_to_one_df002_query_per_type() -> None:
     assert envelope(r, VANTAGE)["input"] == "dns://web.whatsapp.example"
 
 
-def test_a_flat_answer_list_becomes_one_query() -> None:
-    r = result(DNS, phases={"resolve": 0.004}, answers=["2001:db8::1", "edge.example"])
+def test_a_resolver_that_never_answered_is_one_failed_query() -> None:
+    r = result(DNS, failure="generic_timeout_error", op=Operation.RESOLVE, phases={"resolve": 2})
     [q] = envelope(r, VANTAGE)["test_keys"]["queries"]
-    assert q["query_type"] == "A"
-    assert q["answers"] == [
-        {"answer_type": "AAAA", "ipv6": "2001:db8::1", "ttl": None},
-        {"answer_type": "CNAME", "hostname": "edge.example", "ttl": None},
-    ]
+    assert (q["query_type"], q["answers"], q["failure"]) == ("A", [], "generic_timeout_error")
+    assert "rcode" not in q
 
 
 def test_dns_failure_is_reported_on_the_query() -> None:
@@ -335,12 +370,21 @@ def test_udp_silence_maps_to_read_from_with_byte_counts() -> None:
 
 
 def test_a_stalled_transfer_records_the_byte_count() -> None:
+    """Where the first stalled connection froze (server->client TCP payload) is the 16-20 KB
+    freeze's signature (FIELD.md B7): the read event and the cumulative count carry it."""
+    transfer = replace(G_TLS, probe="transfer")
+    connections = (
+        TransferConnection(index=0, outcome="complete", wire_bytes=250_000),
+        TransferConnection(index=1, outcome="stalled", wire_bytes=16384,
+                           stalled_at_bytes=12000, stalled_at_wire_bytes=16384),
+    )  # fmt: skip
+    evidence = TransferEvidence(summary=TransferSummary(connections=connections))
     r = result(
-        G_TLS,
+        transfer,
         failure="stall_after_bytes",
         op=Operation.READ,
         phases={"connect": 0.02, "tls": 0.04, "transfer": 5.0},
-        bytes_received=16384,
+        **evidence.to_json(),
     )
     events = envelope(r, VANTAGE)["test_keys"]["network_events"]
     read = next(e for e in events if e["operation"] == "read")
@@ -350,10 +394,24 @@ def test_a_stalled_transfer_records_the_byte_count() -> None:
     assert cumulative["num_bytes"] == 16384
 
 
-def test_probe_supplied_ooni_lists_replace_the_reconstruction() -> None:
-    queries = [{"engine": "udp", "hostname": "a.example", "answers": [], "failure": None}] * 2
-    r = result(DNS, phases={"resolve": 0.01}, queries=queries)
-    assert envelope(r, VANTAGE)["test_keys"]["queries"] == queries
+def test_the_transport_is_the_one_the_probe_used() -> None:
+    """The evidence says TCP or UDP: a tcp probe of a UDP endpoint connected over TCP, and
+    a stun probe run over TCP did too."""
+    tcp_to_relay = replace(STUN, probe="tcp")
+    stun_over_tcp = result(
+        STUN,
+        failure="connection_reset",
+        op=Operation.READ,
+        phases={"connect": 0.01, "exchange": 0.02},
+        **StunEvidence(stun_transport="tcp", mode="binding").to_json(),
+    )
+    for r in (result(tcp_to_relay, phases={"connect": 0.01}), stun_over_tcp):
+        keys = envelope(r, VANTAGE)["test_keys"]
+        assert keys["tcp_connect"][0]["ip"] == "2001:db8::7"
+        assert keys["network_events"][0]["proto"] == "tcp"
+    events = envelope(stun_over_tcp, VANTAGE)["test_keys"]["network_events"]
+    [read] = [e for e in events if e["operation"] != "connect"]
+    assert read["operation"] == "read"  # over UDP it would be read_from
 
 
 def test_a_skipped_result_reports_no_observation() -> None:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from probe.control import ControlError, parse_document
+from probe.evidence import TlsEvidence
 from probe.model import Operation, ProbeResult, SkipReason, Vantage, VantageState, freeze
 from probe.output import json_lines
 from probe.records import (
@@ -104,6 +105,7 @@ def test_reading_a_record_back_gives_the_fields_of_the_result() -> None:
         vantage_state="allowlist",
     )
     assert dict(fields.details) == record["details"]
+    assert fields.evidence == TlsEvidence.from_json(record["details"])
     assert fields.measured_at() == T0
     # and the verdict engine sees the same observation from the record as from the result
     assert from_record(record) == replace(from_result(FAILED), details=fields.details)
