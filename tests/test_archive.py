@@ -769,3 +769,42 @@ def test_sigkill_mid_append_loses_at_most_the_line_being_written(tmp_path: Path)
         write_seq(writer, len(got), 1)
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     assert seqs(tmp_path) == list(range(len(got) + 1))
+
+
+def test_the_documented_example_line_is_what_the_archive_writes() -> None:
+    """docs/archive.md's example is the format: a change to either shows here."""
+    doc = (REPO / "docs" / "archive.md").read_text()
+    example = json.loads(doc.split("## Example line", 1)[1].split("```json", 1)[1].split("```")[0])
+    web = replace(
+        target("tls", "157.240.0.53", 443, host="web.whatsapp.com", service="whatsapp",
+               name="web.whatsapp.com", role="web"),
+        address_source="system",
+    )  # fmt: skip
+    details = {
+        "sni": "web.whatsapp.com",
+        "alpn_offered": ["h2", "http/1.1"],
+        "connect_time_s": 0.0408,
+        "handshake": {"bytes_sent": 517, "bytes_received": 0},
+    }
+    r = ProbeResult(
+        web,
+        False,
+        datetime(2025, 8, 14, 9, 30, 12, 481213, tzinfo=UTC),
+        10.0412,
+        failure="generic_timeout_error",
+        failed_operation=Operation.TLS_HANDSHAKE,
+        phases=freeze({"connect": 0.0408, "tls": 10.0003}),
+        details=freeze(details),
+    )
+    written = json.loads(
+        json.dumps(envelope(r, Vantage("msk-1", "RU", "AS12389", "test"), software_version="0.1.0"))
+    )
+    # the only values that vary: a fresh UUID per line, and the machine that wrote it
+    for key in ("id",):
+        written[key] = example[key]
+    for key in ("architecture", "platform"):
+        written["annotations"][key] = example["annotations"][key]
+    [hs] = written["test_keys"]["tls_handshakes"]
+    hs["t"] = round(hs["t"], 6)  # 0.0408 + 10.0003 in binary floating point
+    assert written == example
+    assert json.dumps(written) == json.dumps(example)  # and every key in the documented order
