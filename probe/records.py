@@ -38,6 +38,7 @@ __all__ = [
     "is_result_record",
     "iso_z",
     "optional_str",
+    "read_details",
     "read_flags",
     "read_result_record",
     "result_record",
@@ -217,7 +218,7 @@ def read_result_record(record: Mapping[str, Any]) -> RecordFields:
         resolver=optional_str(record.get("resolver")),
         skipped=optional_str(record.get("skipped")),
         role=str(record.get("role") or ""),
-        details=freeze(record.get("details") or {}),
+        details=read_details(record.get("details")),
         flags=read_flags(record.get("flags")),
         t=optional_str(record.get("t")),
         vantage=optional_str(record.get("vantage")),
@@ -228,6 +229,11 @@ def read_result_record(record: Mapping[str, Any]) -> RecordFields:
 def optional_str(value: Any) -> str | None:
     """A record's optional text field: null stays None, anything else its text."""
     return None if value is None else str(value)
+
+
+def read_details(value: Any) -> Mapping[str, Any]:
+    """A record's ``details`` (the evidence's JSON form): an object, else none at all."""
+    return freeze(value) if isinstance(value, Mapping) else freeze()
 
 
 def read_flags(value: Any) -> tuple[str, ...]:

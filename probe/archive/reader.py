@@ -12,8 +12,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, cast
 
-from ..model import freeze
-from ..records import RecordFields, optional_str, read_flags
+from ..records import RecordFields, optional_str, read_details, read_flags
 from .writer import CURRENT_NAME, rotated_files, rotation_time
 
 # The package's name, as before the split: log records and filters keep their logger.
@@ -154,7 +153,7 @@ def result_fields(record: Mapping[str, Any]) -> RecordFields:
         resolver=optional_str(target.get("resolver")),
         skipped=optional_str(result.get("skipped")),
         role=str(target.get("role") or ""),
-        details=freeze(result.get("details") or {}),
+        details=read_details(result.get("details")),
         flags=read_flags(result.get("flags")),
         t=optional_str(result.get("t")),
         vantage=optional_str(annotations.get("vantage"))
