@@ -466,23 +466,26 @@ class TextRenderer:
                 self.groups_rendered += 1
             parts.append(cache[g.series][3])
         self._cache = cache
-        out: list[str] = []
+        # Bytes throughout: the body is joined once, with no text copy of it to encode.
+        out: list[bytes] = []
         for i, header in enumerate(_group_headers(per_target)):
             out.append(header.text)
             out.extend([p[i] for p in parts])
         if not per_target:
-            family_lines(_aggregate_histogram(snapshot), out)
+            out.append(_text([_aggregate_histogram(snapshot)]))
         out += self._verdict_text(snapshot, one_hot=options.verdict_one_hot)
-        rest: list[Metric] = [
-            *_vantage_metrics(snapshot),
-            *_control_metrics(snapshot),
-            *_agent_metrics(snapshot),
-        ]
-        for metric in rest:
-            family_lines(metric, out)
-        return "".join(out).encode()
+        out.append(
+            _text(
+                [
+                    *_vantage_metrics(snapshot),
+                    *_control_metrics(snapshot),
+                    *_agent_metrics(snapshot),
+                ]
+            )
+        )
+        return b"".join(out)
 
-    def _verdict_text(self, snapshot: Snapshot, *, one_hot: bool) -> list[str]:
+    def _verdict_text(self, snapshot: Snapshot, *, one_hot: bool) -> list[bytes]:
         """`_verdict_metrics` as text: four families, a verdict's lines cached by value."""
         vocab = snapshot.verdict_vocabulary
         mode = (one_hot, vocab)
@@ -509,17 +512,17 @@ class TextRenderer:
                 endpoint.append(lines[0])
                 endpoint_conf.append(lines[1])
         self._verdicts = cache
-        out: list[str] = []
+        out: list[bytes] = []
         for header, family in zip(
             _verdict_headers(), (endpoint, endpoint_conf, service, service_conf), strict=True
         ):
             out.append(header)
-            out += family
+            out.append("".join(family).encode())
         return out
 
 
 # The text of one series group: one string per per-series family (`_GROUP_FAMILIES`).
-_Text = tuple[str, ...]
+_Text = tuple[bytes, ...]
 
 # The per-series families, in collect() order (`_result_metrics`, `_counter_metrics`,
 # then the opt-in histogram); `_group_headers` checks it against the metric objects.
@@ -563,7 +566,7 @@ _SORTED_INDEX = tuple(SERIES_LABELS.index(name) for name in _SORTED_LABELS)
 
 class _Header(NamedTuple):
     name: str
-    text: str
+    text: bytes
 
 
 class _SeriesLabels:
@@ -651,7 +654,7 @@ def _group_text(
     if per_target:  # opt-in: through the metric objects
         latency = Snapshot(phase_latency=slots.get("phase_latency", {}))
         family_lines(_latency_histogram(latency), fam[_LATENCY], header=False)
-    return tuple("".join(lines) for lines in fam)
+    return tuple("".join(lines).encode() for lines in fam)
 
 
 def _verdict_lines(
@@ -680,14 +683,16 @@ def _verdict_lines(
 
 
 @functools.lru_cache(maxsize=1)
-def _verdict_headers() -> tuple[str, ...]:
+def _verdict_headers() -> tuple[bytes, ...]:
     """HELP and TYPE of the four verdict families, in `_verdict_metrics` order."""
-    headers = []
-    for metric in _verdict_metrics(Snapshot()):
-        out: list[str] = []
-        family_lines(metric, out)
-        headers.append("".join(out))
-    return tuple(headers)
+    return tuple(_text([metric]) for metric in _verdict_metrics(Snapshot()))
+
+
+def _text(metrics: Iterable[Metric], *, header: bool = True) -> bytes:
+    out: list[str] = []
+    for metric in metrics:
+        family_lines(metric, out, header=header)
+    return "".join(out).encode()
 
 
 def _slots_by_series(snapshot: Snapshot) -> dict[SeriesKey, dict[str, dict[Any, Any]]]:
@@ -710,13 +715,9 @@ def _group_metrics(snapshot: Snapshot, groups: list[_Group], per_target: bool) -
 def _group_headers(per_target: bool) -> tuple[_Header, ...]:
     """HELP and TYPE of the per-series families, in collect() order (from an empty store);
     without the opt-in histogram its text is empty."""
-    headers = []
-    for metric in _group_metrics(Snapshot(), [], True):
-        out: list[str] = []
-        family_lines(metric, out)
-        headers.append(_Header(metric.name, "".join(out)))
+    headers = [_Header(m.name, _text([m])) for m in _group_metrics(Snapshot(), [], True)]
     if tuple(h.name for h in headers) != _GROUP_FAMILIES:
         raise AssertionError(f"per-series families changed: {[h.name for h in headers]}")
     if not per_target:
-        headers[_LATENCY] = _Header(headers[_LATENCY].name, "")
+        headers[_LATENCY] = _Header(headers[_LATENCY].name, b"")
     return tuple(headers)
