@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -28,6 +27,7 @@ from .model import (
     Target,
     Vantage,
     VantageState,
+    _ip_version,  # memoised: parsing each address twice a round showed in profiles
     utcnow,
 )
 from .probes import EXTRA_TIME, PROBES, tls
@@ -110,11 +110,7 @@ def collect_addresses(ep: Endpoint, dns_results: Sequence[ProbeResult]) -> dict[
     capped: dict[str, str] = {}
     for version in (4, 6):
         queues = [
-            [
-                a
-                for a, s in found.items()
-                if s == source and ipaddress.ip_address(a).version == version
-            ]
+            [a for a, s in found.items() if s == source and _ip_version(a) == version]
             for source in _SOURCE_ORDER
         ]
         taken = 0
@@ -199,19 +195,32 @@ class Lane:
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
-        self._changed = asyncio.Condition()
+        self._condition: asyncio.Condition | None = None  # made when someone must wait
+
+    @property
+    def _changed(self) -> asyncio.Condition:
+        if self._condition is None:
+            self._condition = asyncio.Condition()
+        return self._condition
 
     @contextlib.asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
-        async with self._changed:
-            await self._changed.wait_for(lambda: not self._writer and not self._writers_waiting)
+        # The common case, no writer about, takes no lock: nothing awaits between the test
+        # and the count, so on the one loop thread nothing can slip in between (a lane is
+        # made per destination and round, and the lock was a tenth of a probe's overhead).
+        if self._writer or self._writers_waiting:
+            async with self._changed:
+                await self._changed.wait_for(lambda: not self._writer and not self._writers_waiting)
+                self._readers += 1
+        else:
             self._readers += 1
         try:
             yield
         finally:
-            async with self._changed:
-                self._readers -= 1
-                self._changed.notify_all()
+            self._readers -= 1
+            if self._writers_waiting:  # only a writer waits for the readers to go
+                async with self._changed:
+                    self._changed.notify_all()
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
@@ -278,13 +287,11 @@ class Runner:
         )
         self._destinations[key] = (bound, lane, users + 1)
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                if target.probe in EXCLUSIVE_PROBES:
-                    await stack.enter_async_context(self._transfers)
-                    await stack.enter_async_context(lane.exclusive())
-                else:
-                    await stack.enter_async_context(lane.shared())
-                async with bound, self.limit:
+            if target.probe in EXCLUSIVE_PROBES:
+                async with self._transfers, lane.exclusive(), bound, self.limit:
+                    yield
+            else:
+                async with lane.shared(), bound, self.limit:
                     yield
         finally:
             bound, lane, users = self._destinations[key]
