@@ -3,8 +3,12 @@ answers as the whole-store computation it replaces (speed itself is in bench/)."
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 from prometheus_client import generate_latest
 
@@ -17,6 +21,8 @@ from probe.model import Operation, ProbeResult, SkipReason, freeze
 from probe.results import ResultStore
 from probe.verdict.aggregate import judge_round
 from tests.helpers import T0, failed, ok, skipped, target
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _round(rng: random.Random, service: str, i: int, minute: int) -> list[ProbeResult]:
@@ -157,3 +163,20 @@ def test_the_direct_text_is_byte_for_byte_prometheus_clients_for_every_result_sh
         if step == 30:
             store.replace_targets(k for k in store.snapshot().results if rng.random() < 0.7)
         assert renderer.render() == generate_latest(registry), f"step {step}"
+
+
+def test_render_cost_bench_smoke() -> None:
+    """bench/render_cost.py (no root, no network) runs and prints its figures: the smoke
+    keeps it from rotting; the figures themselves are in bench/README.md."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "render_cost.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [f["endpoints"] for f in figures] == [40]
+    assert figures[0]["series"] > 40 * 10  # every per-series family, verdicts included
+    assert figures[0]["first_render_cpu_s"] >= 0 and figures[0]["quarter_changed_render_cpu_s"] >= 0
