@@ -162,6 +162,16 @@ def test_the_direct_text_is_byte_for_byte_prometheus_clients_for_every_result_sh
             store.keep_series_latency(options[0].per_target_histograms)
         if step == 30:
             store.replace_targets(k for k in store.snapshot().results if rng.random() < 0.7)
+        if step in (11, 12, 13):
+            # Endpoint 0 on three addresses (one series); then two of its keys move to
+            # series of their own (the same keys as literal hosts), and back.
+            for n in range(3) if step != 12 else (1, 2):
+                address = f"198.51.100.{n + 1}"
+                host = address if step == 12 else "h0.example"
+                t = target("tls", address, 443, host=host, service="plain", name="h0.example")
+                store.record(ok(t, at=T0 + timedelta(minutes=step), connect=0.1))
+        if step == 14:  # one key of that series goes, the others stay
+            store.replace_targets(k for k in store.snapshot().results if k[3] != "198.51.100.2")
         assert renderer.render() == generate_latest(registry), f"step {step}"
 
 
