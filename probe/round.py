@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -19,6 +20,7 @@ from datetime import datetime
 
 from .classify import AGENT_RESOURCES
 from .config.settings import AgentConfig, ProbeSettings, SwapSettings, Timeouts
+from .dnsjudge import suspect_bogon
 from .gate import check_vantage
 from .model import (
     Endpoint,
@@ -27,7 +29,7 @@ from .model import (
     Target,
     Vantage,
     VantageState,
-    _ip_version,  # memoised: parsing each address twice a round showed in profiles
+    _ip_version,
     utcnow,
 )
 from .probes import REGISTRY, tls
@@ -36,7 +38,6 @@ from .probes.dns import dns_consistency
 from .swaps import followups
 from .verdict.aggregate import ALLOWLIST_FLAG, judge_round
 from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
-from .wire.dnsmsg import suspect_bogon
 
 log = logging.getLogger("probe.round")
 Progress = Callable[[int, int], None]
@@ -107,12 +108,15 @@ def collect_addresses(ep: Endpoint, dns_results: Sequence[ProbeResult]) -> dict[
                 found.setdefault(address, _source_of(result.target.resolver or ""))
     for address in ep.addresses:
         found.setdefault(address, "seed")
+    # One pass sorts the addresses into (family, source) queues; the family comes from the
+    # memoised parser (this ran ten list passes and two parses per address per round).
+    by_kind: dict[tuple[int, str], list[str]] = {}
+    for a, s in found.items():
+        version = _ip_version(a) or ipaddress.ip_address(a).version  # not an IP: raises
+        by_kind.setdefault((version, s), []).append(a)
     capped: dict[str, str] = {}
     for version in (4, 6):
-        queues = [
-            [a for a, s in found.items() if s == source and _ip_version(a) == version]
-            for source in _SOURCE_ORDER
-        ]
+        queues = [by_kind.get((version, source), []) for source in _SOURCE_ORDER]
         taken = 0
         while taken < MAX_ADDRESSES_PER_FAMILY and any(queues):  # each pass takes >= 1
             for queue in queues:
@@ -196,32 +200,33 @@ class Lane:
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
-        self._condition: asyncio.Condition | None = None  # made when someone must wait
-
-    @property
-    def _changed(self) -> asyncio.Condition:
-        if self._condition is None:
-            self._condition = asyncio.Condition()
-        return self._condition
+        self._changed = asyncio.Condition()
 
     @contextlib.asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
-        # The common case, no writer about, takes no lock: nothing awaits between the test
-        # and the count, so on the one loop thread nothing can slip in between (a lane is
-        # made per destination and round, and the lock was a tenth of a probe's overhead).
-        if self._writer or self._writers_waiting:
-            async with self._changed:
-                await self._changed.wait_for(lambda: not self._writer and not self._writers_waiting)
-                self._readers += 1
-        else:
-            self._readers += 1
+        await self.acquire_shared()
         try:
             yield
         finally:
-            self._readers -= 1
-            if self._writers_waiting:  # only a writer waits for the readers to go
-                async with self._changed:
-                    self._changed.notify_all()
+            await self.release_shared()
+
+    # acquire/release without a context manager: `Runner.one` runs them for every probe,
+    # and the generator-based context manager cost more than the rest of the slot.
+    async def acquire_shared(self) -> None:
+        if not self._writer and not self._writers_waiting:
+            # Nothing to wait for: the same as taking the free lock and a true predicate,
+            # which never yield either (one loop, no await between check and count).
+            self._readers += 1
+            return
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._writer and not self._writers_waiting)
+            self._readers += 1
+
+    async def release_shared(self) -> None:
+        self._readers -= 1
+        if self._writers_waiting:  # only a waiting writer waits for readers to leave
+            async with self._changed:
+                self._changed.notify_all()
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
@@ -275,12 +280,14 @@ class Runner:
         self.done = 0
         self.total = 0
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, target: Target) -> AsyncIterator[None]:
-        """The lane first (a transfer waits for the vantage's transfer lane, then for its
-        destination to be idle), then the destination's bound, then the global one: a run
-        queueing behind a busy (say, blackholed) destination must not sit on a global
-        slot meanwhile."""
+    async def _in_slot(self, target: Target) -> ProbeResult:
+        """Run ``target`` in its slot: the lane first (a transfer waits for the vantage's
+        transfer lane, then for its destination to be idle), then the destination's bound,
+        then the global one: a run queueing behind a busy (say, blackholed) destination
+        must not sit on a global slot meanwhile.
+
+        Plain ``async with`` blocks, no generator context manager and no exit stack: this
+        runs for every probe, and those cost more CPU than the bounds themselves."""
         key = target.address or target.resolver or ""
         bound, lane, users = self._destinations.get(key) or (
             asyncio.Semaphore(self.per_destination),
@@ -291,10 +298,13 @@ class Runner:
         try:
             if target.probe in EXCLUSIVE_PROBES:
                 async with self._transfers, lane.exclusive(), bound, self.limit:
-                    yield
-            else:
-                async with lane.shared(), bound, self.limit:
-                    yield
+                    return await self._run(target)
+            await lane.acquire_shared()
+            try:
+                async with bound, self.limit:
+                    return await self._run(target)
+            finally:
+                await lane.release_shared()
         finally:
             bound, lane, users = self._destinations[key]
             if users == 1:
@@ -312,24 +322,28 @@ class Runner:
             return self.settings
         return replace(self.settings, timeouts=stretched(self.settings.timeouts))
 
+    async def _run(self, target: Target) -> ProbeResult:
+        """One run, in its slot, under the safety cap."""
+        self.in_flight += 1
+        settings = self._settings_for(target)
+        try:
+            async with asyncio.timeout(probe_deadline(settings, target)):
+                result = await run_guarded(self.probes[target.probe], target, settings)
+        except TimeoutError:
+            result = Recorder(target).fail_exc(TimeoutError(), default_operation(target))
+        finally:
+            self.in_flight -= 1
+        if settings is not self.settings:
+            result = replace(result, flags=(*result.flags, SLOW_PATH_FLAG))
+        return result
+
     async def one(self, target: Target) -> ProbeResult:
-        async with self._slot(target):
-            self.in_flight += 1
-            settings = self._settings_for(target)
-            try:
-                async with asyncio.timeout(probe_deadline(settings, target)):
-                    result = await run_guarded(self.probes[target.probe], target, settings)
-            except TimeoutError:
-                result = Recorder(target).fail_exc(TimeoutError(), default_operation(target))
-            finally:
-                self.in_flight -= 1
+        result = await self._in_slot(target)
         if result.failure == AGENT_RESOURCES:
             # Out of descriptors here (a flood of connections to the agent, say): the
             # target was not measured; a failure would blame it (and read as blocking).
             skipped = SkipReason.AGENT_RESOURCES
             result = replace(result, failure=None, failed_operation=None, skipped=skipped)
-        if settings is not self.settings:
-            result = replace(result, flags=(*result.flags, SLOW_PATH_FLAG))
         if target.address and _shows_slow_path(result):
             self._slow_paths[target.address] = time.monotonic()
         self.done += 1
