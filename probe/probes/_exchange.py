@@ -28,8 +28,9 @@ from typing import Any, TypeVar
 from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire import WireError
+from ._net.tcp import connect, socket_evidence
 from .base import Recorder
-from .tcp import connect, record_connect_rtt, require_address, socket_evidence
+from .tcp import record_connect_rtt, require_address
 from .tls import handshake_timeout
 
 T = TypeVar("T")

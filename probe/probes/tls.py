@@ -68,9 +68,10 @@ from ..classify import classify_exception, scrub
 from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire.tlsrec import server_messages
+from ._net.tcp import connect, socket_evidence
 from .base import Recorder
 from .params import ParamError, alpn_param, check_keys, shown, sni_param
-from .tcp import connect, record_connect_rtt, require_address, socket_evidence
+from .tcp import record_connect_rtt, require_address
 
 T = TypeVar("T")
 DEFAULT_ALPN = ("h2", "http/1.1")

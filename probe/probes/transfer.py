@@ -71,9 +71,10 @@ from ..wire.http1 import (
     parse_response_head,
 )
 from ..wire.tlsrec import server_messages
+from ._net.tcp import connect, since_last_ack, watch_path
 from .base import Recorder
 from .params import ParamError, check_keys, number_param, shown, sni_param
-from .tcp import connect, require_address, since_last_ack, watch_path
+from .tcp import require_address
 from .tls import (
     STRETCH_MAX,
     client_context,
