@@ -20,7 +20,8 @@ from .config.seeds import known_probes
 from .config.settings import AgentConfig
 from .model import Endpoint
 from .round import RoundReport, run_round
-from .verdict import Observation, from_api, from_record, judge_round
+from .verdict.aggregate import judge_round
+from .verdict.observations import Observation, from_api, from_record
 
 if TYPE_CHECKING:
     from .archive import ArchiveWriter

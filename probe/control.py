@@ -36,7 +36,8 @@ from urllib.parse import urljoin, urlsplit
 
 from .classify import classify_exception
 from .config.settings import ControlSettings
-from .verdict import EndpointVerdict, Observation, ServiceVerdict, from_record
+from .verdict.observations import Observation, from_record
+from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
 
 if TYPE_CHECKING:
     import aiohttp

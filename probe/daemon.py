@@ -43,18 +43,9 @@ from .results import Key, ResultStore, Snapshot
 from .round import resolver_ids
 from .scheduler import Scheduler
 from .statuspage import render_status_page, results_json
-from .verdict import (
-    EndpointVerdict,
-    Item,
-    Observation,
-    ServiceVerdict,
-    judge_endpoint,
-    judge_service,
-    normalise,
-)
-from .verdict import (
-    _as_control_vantage as as_control_vantage,
-)
+from .verdict.aggregate import as_control_vantage, judge_endpoint, judge_service
+from .verdict.observations import Item, Observation, normalise
+from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
 
 log = logging.getLogger("probe.daemon")
 _T = TypeVar("_T")

@@ -9,7 +9,7 @@ from typing import Any
 from .archive import to_jsonable
 from .model import ProbeResult
 from .round import RoundReport
-from .verdict import EndpointVerdict, ServiceVerdict
+from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
 
 
 def result_record(result: ProbeResult, vantage: str, vantage_state: str) -> dict[str, Any]:

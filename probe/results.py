@@ -33,7 +33,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
 from .model import Failure, ProbeResult, SkipReason, Target, Vantage, VantageState
-from .verdict import Verdict
+from .verdict.vocabulary import Verdict
 
 __all__ = [
     "PHASE_BUCKETS",
@@ -62,8 +62,8 @@ VERDICTS: tuple[str, ...] = tuple(str(v) for v in Verdict)
 
 
 class VerdictLike(Protocol):
-    """The fields the exporter reads from a verdict (`probe.verdict.EndpointVerdict` and
-    `probe.verdict.ServiceVerdict` satisfy it).
+    """The fields the exporter reads from a verdict (`EndpointVerdict` and `ServiceVerdict`
+    of `probe.verdict.vocabulary` satisfy it).
 
     ``endpoint`` is None for a service-level verdict.  ``evidence`` is carried
     for the status page and is never exported as a label.

@@ -35,7 +35,8 @@ from .probes.base import ProbeFn, Recorder, default_operation, run_guarded
 from .probes.dns import dns_consistency
 from .probes.params import ParamError
 from .swaps import followups
-from .verdict import ALLOWLIST_FLAG, EndpointVerdict, ServiceVerdict, judge_round
+from .verdict.aggregate import ALLOWLIST_FLAG, judge_round
+from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
 from .wire.dnsmsg import suspect_bogon
 
 log = logging.getLogger("probe.round")

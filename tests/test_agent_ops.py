@@ -32,7 +32,7 @@ from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.model import Operation, ProbeResult, Service
 from probe.probes.base import Recorder
 from probe.scheduler import Scheduler
-from probe.verdict import judge_round
+from probe.verdict.aggregate import judge_round
 from tests.agentproc import (
     REPO,
     free_port,

@@ -33,7 +33,7 @@ from probe.probes import PROBES, tcp
 from probe.results import PHASE_BUCKETS, VERDICTS, ResultStore, series_key
 from probe.round import Runner, measure_endpoint
 from probe.statuspage import render_status_page
-from probe.verdict import judge_round
+from probe.verdict.aggregate import judge_round
 from tests.helpers import T0, endpoint, failed, ok, refusing_port, settings, skipped, target
 
 # Data only: nothing in this file opens a socket.

@@ -9,7 +9,7 @@ from probe.model import Operation, Vantage, VantageState
 from probe.output import MAX_SHOWN_EVIDENCE, json_lines, table
 from probe.probes.base import Recorder
 from probe.round import RoundReport
-from probe.verdict import judge_round
+from probe.verdict.aggregate import judge_round
 from tests.helpers import target
 
 

@@ -15,7 +15,7 @@ from probe.exporter import TextRenderer, make_registry
 from probe.exposition import text_exposition
 from probe.model import Operation, ProbeResult
 from probe.results import ResultStore
-from probe.verdict import judge_round
+from probe.verdict.aggregate import judge_round
 from tests.helpers import T0, failed, ok, skipped, target
 
 

@@ -26,7 +26,7 @@ from probe.output import json_lines, table
 from probe.probes.base import Recorder
 from probe.round import run_round
 from probe.swaps import DEFAULT_NEUTRAL_SNI, followups
-from probe.verdict import Verdict
+from probe.verdict.vocabulary import Verdict
 from tests.helpers import endpoint
 
 A = "192.0.2.10"  # never contacted: followups() is pure

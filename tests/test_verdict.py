@@ -19,19 +19,9 @@ from probe.model import Operation, ProbeResult, SkipReason, Target, freeze
 from probe.probes.base import Recorder
 from probe.results import VERDICTS, ResultStore
 from probe.statuspage import results_json
-from probe.verdict import (
-    ALLOWLIST_FLAG,
-    BLOCKING,
-    EndpointVerdict,
-    Observation,
-    ServiceVerdict,
-    Verdict,
-    from_api,
-    from_record,
-    judge_endpoint,
-    judge_round,
-    judge_service,
-)
+from probe.verdict.aggregate import ALLOWLIST_FLAG, judge_endpoint, judge_round, judge_service
+from probe.verdict.observations import Observation, from_api, from_record
+from probe.verdict.vocabulary import BLOCKING, EndpointVerdict, ServiceVerdict, Verdict
 from tests.helpers import endpoint
 
 A, B = "192.0.2.10", "192.0.2.11"

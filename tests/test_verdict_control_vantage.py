@@ -8,7 +8,8 @@ vantage reaches other endpoints) or ``inconclusive`` (nothing works from here) o
 from __future__ import annotations
 
 from probe.model import Operation
-from probe.verdict import BLOCKING, EndpointVerdict, ServiceVerdict, Verdict, judge_round
+from probe.verdict.aggregate import judge_round
+from probe.verdict.vocabulary import BLOCKING, EndpointVerdict, ServiceVerdict, Verdict
 from tests.helpers import endpoint
 from tests.test_verdict import run
 

@@ -1,70 +1,30 @@
-"""Append-only measurement archive: one JSON object per line, in OONI's envelope.
+"""The OONI-shaped measurement for one result.
 
-Every `ProbeResult` becomes one line shaped like an OONI measurement (ooni/spec
-``data-formats``: df-000 base envelope, df-002 ``queries``, df-005
+ooni/spec ``data-formats``: df-000 base envelope, df-002 ``queries``, df-005
 ``tcp_connect``, df-006 ``tls_handshakes``/``quic_handshakes``, df-008
-``network_events``) so OONI tooling and habits apply, with our complete result
-under ``test_keys.probe_result``.  See docs/archive.md.
-
-Crash safety.  The current file is opened with ``O_APPEND`` and each line is
-handed to the kernel in one ``os.write`` (no user-space buffer, so nothing to
-flush): a ``kill -9`` loses at most the line being written and can never tear
-an earlier one.  If a write did leave a fragment (disk full, power loss), the
-next line starts with a newline so the fragment stays alone on its line; the
-reader skips and counts it.  No fsync per line: page cache survives the death
-of the process, only a power loss can drop the last lines.
-
-Event loop.  `ArchiveWriter.write` runs synchronously in the caller, on purpose.
-The append itself is one syscall into the page cache (~10-70 us for a 2 KiB
-line).  Building the envelope and encoding JSON costs a few hundred
-microseconds of CPU, and that cost would not leave the loop by moving it to a
-thread: it holds the GIL either way, and a loop waiting for the GIL can be
-delayed by a whole switch interval (5 ms), worse for RTT timing than the work
-itself.  Only the slow, I/O-heavy part, gzip of a rotated file and retention,
-runs in one background thread.
+``network_events``, with our complete result under ``test_keys.probe_result``.
+See docs/archive.md.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import datetime as dt
 import enum
-import gzip
 import ipaddress
-import json
-import logging
 import math
-import os
 import platform
-import re
-import shutil
 import ssl
 import sys
-import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import IO, Any, cast
+from collections.abc import Mapping
+from typing import Any
 
 import dns.rcode
 
-from . import __version__
-from .config.settings import ArchiveSettings
-from .model import Failure, Operation, ProbeResult, Target, Vantage
-
-__all__ = [
-    "CURRENT_NAME",
-    "ArchiveWriter",
-    "ReadStats",
-    "envelope",
-    "iter_archive",
-    "to_jsonable",
-]
-
-log = logging.getLogger(__name__)
+from .. import __version__
+from ..model import Failure, Operation, ProbeResult, Target, Vantage
 
 TEST_NAME = "messenger_reachability"
 TEST_VERSION = "0.1.0"
@@ -73,8 +33,6 @@ DATA_FORMAT_VERSION = "0.2.0"  # OONI base data format version we follow
 EXTENSIONS = {"dnst": 0, "netevents": 0, "tcpconnect": 0, "tlshandshake": 0}
 OONI_TIME = "%Y-%m-%d %H:%M:%S"
 
-CURRENT_NAME = "measurements.jsonl"
-_ROTATED = re.compile(r"^measurements-(\d{8}T\d{12}Z)(?:-(\d+))?\.jsonl(\.gz)?$")
 _MAX_DEPTH = 32
 _UDP_PROBES = frozenset({"quic", "quic_vn", "stun"})  # UDP unless details say otherwise
 
@@ -115,12 +73,6 @@ def to_jsonable(value: Any, _depth: int = 0) -> Any:
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         return to_jsonable(fields, _depth + 1)
     return str(value)  # ipaddress objects, paths, anything else: its readable form
-
-
-def _dumps(record: Mapping[str, Any]) -> bytes:
-    # ensure_ascii keeps lone surrogates (possible in decoded garbage) encodable
-    # and guarantees no raw newline can appear inside the line.
-    return json.dumps(record, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
 
 
 # -- the OONI envelope ------------------------------------------------------------
@@ -502,371 +454,3 @@ def envelope(
         "test_start_time": started.strftime(OONI_TIME),
         "test_version": TEST_VERSION,
     }
-
-
-# -- writer --------------------------------------------------------------------------
-
-
-def _rotated_files(directory: Path) -> list[Path]:
-    """Rotated files oldest first; a plain .jsonl hides its .gz twin (mid-compression)."""
-    by_stem: dict[str, Path] = {}
-    for path in directory.iterdir():
-        match = _ROTATED.match(path.name)
-        if match is None:
-            continue
-        stem = path.name.removesuffix(".gz")
-        if stem not in by_stem or not path.name.endswith(".gz"):
-            by_stem[stem] = path
-    return [by_stem[s] for s in sorted(by_stem, key=_rotation_order)]
-
-
-def _rotation_order(stem: str) -> tuple[str, int]:
-    match = _ROTATED.match(stem)
-    assert match is not None
-    return match.group(1), int(match.group(2) or 0)
-
-
-def _rotation_time(path: Path) -> dt.datetime | None:
-    match = _ROTATED.match(path.name)
-    if match is None:
-        return None
-    return dt.datetime.strptime(match.group(1), "%Y%m%dT%H%M%S%fZ").replace(tzinfo=dt.UTC)
-
-
-class ArchiveWriter:
-    """Appends envelopes to ``<directory>/measurements.jsonl``; rotates and prunes.
-
-    One writer per directory.  Thread-safe; meant to be called from the event
-    loop (see the module docstring for why that does not block it).
-    """
-
-    def __init__(
-        self,
-        directory: str | os.PathLike[str],
-        vantage: Vantage,
-        *,
-        max_bytes: int = ArchiveSettings.max_bytes,
-        keep: int = ArchiveSettings.keep,
-        compress: bool = ArchiveSettings.compress,
-        software_version: str = __version__,
-    ) -> None:
-        if max_bytes <= 0 or keep < 0:
-            raise ValueError("max_bytes must be > 0 and keep >= 0")
-        self.directory = Path(directory)
-        self.vantage = vantage
-        self.max_bytes = max_bytes
-        self.keep = keep
-        self.compress = compress
-        self.software_version = software_version
-        self.write_errors = 0  # lines lost to OSError; the daemon exports it
-        self._failing = 0  # consecutive failed writes (logged once, at the first)
-        self._closed = False
-        self._lock = threading.Lock()
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive")
-        self._pending: list[Future[None]] = []
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._fd = -1
-        self._size = 0
-        self._needs_newline = False
-        self._open()
-        self._submit(self._recover)
-
-    @classmethod
-    def from_settings(cls, settings: ArchiveSettings, vantage: Vantage) -> ArchiveWriter | None:
-        if settings.path is None:
-            return None
-        return cls(
-            settings.path,
-            vantage,
-            max_bytes=settings.max_bytes,
-            keep=settings.keep,
-            compress=settings.compress,
-        )
-
-    @property
-    def current(self) -> Path:
-        return self.directory / CURRENT_NAME
-
-    def write(self, result: ProbeResult, *, test_start_time: dt.datetime | None = None) -> bool:
-        """Append one measurement.  False if it could not be written (logged, counted)."""
-        record = envelope(
-            result,
-            self.vantage,
-            test_start_time=test_start_time,
-            software_version=self.software_version,
-        )
-        return self.write_record(record)
-
-    def write_record(self, record: Mapping[str, Any]) -> bool:
-        line = _dumps(record)
-        with self._lock:
-            if self._closed:
-                raise ValueError("archive writer is closed")
-            try:
-                if self._fd < 0 or _unlinked(self._fd):
-                    # A reopen failed earlier (directory gone, disk full), or someone
-                    # deleted the file: open it again rather than give up, or write
-                    # on into an unlinked file whose lines are lost and space kept.
-                    self._reopen()
-                if self._size > 0 and self._size + len(line) > self.max_bytes:
-                    self._rotate()
-                self._append(line)
-            except OSError as exc:
-                self._write_failed(exc)
-                return False
-            if self._failing:
-                log.warning("archive writes work again after %d failed", self._failing)
-                self._failing = 0
-        return True
-
-    def _write_failed(self, exc: OSError) -> None:
-        self.write_errors += 1
-        self._needs_newline = True  # a fragment may be on disk: isolate it
-        if not self._failing:
-            # Once, not per line: on a full disk a log line per lost measurement would
-            # make it fuller.  `write_errors` counts them (probe_archive_write_errors_total).
-            log.error("archive write failed: %s (further failures are counted, not logged)", exc)
-        self._failing += 1
-
-    def close(self) -> None:
-        """Close the file and wait for background compression and pruning."""
-        with self._lock:
-            self._closed = True
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-        self._background.shutdown(wait=True)
-        for future in self._pending:
-            future.result()  # surface background errors to the caller (tests, shutdown)
-
-    def __enter__(self) -> ArchiveWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- internals (called with the lock held) ---------------------------------
-
-    def _open(self) -> None:
-        self._fd = os.open(
-            self.current, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
-        )
-        self._size = os.fstat(self._fd).st_size
-        self._needs_newline = self._size > 0 and not _ends_with_newline(self.current)
-
-    def _reopen(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._open()
-
-    def _append(self, line: bytes) -> None:
-        data = (b"\n" + line) if self._needs_newline else line
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)  # one syscall per line unless the disk fills
-            self._size += written
-            view = view[written:]
-        self._needs_newline = False
-
-    def _rotate(self) -> None:
-        os.close(self._fd)
-        self._fd = -1
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        target = self.directory / f"measurements-{stamp}.jsonl"
-        n = 0
-        while target.exists() or target.with_name(target.name + ".gz").exists():
-            n += 1  # same microsecond or a clock step back: never overwrite
-            target = self.directory / f"measurements-{stamp}-{n}.jsonl"
-        try:
-            os.rename(self.current, target)
-        finally:
-            self._open()  # keep appending to some file even if the rename failed
-        self._submit(lambda: self._after_rotation(target))
-
-    def _submit(self, job: Callable[[], None]) -> None:
-        self._pending = [f for f in self._pending if not f.done() or f.exception()]
-        self._pending.append(self._background.submit(job))
-
-    # -- background thread -------------------------------------------------------
-
-    def _recover(self) -> None:
-        """After a crash: drop half-written .gz files, finish compression, prune."""
-        with _logged("archive recovery"):
-            for path in self.directory.glob("measurements-*.jsonl.gz.tmp"):
-                path.unlink(missing_ok=True)
-            if self.compress:
-                for path in _rotated_files(self.directory):
-                    if path.suffix == ".jsonl":
-                        _gzip(path)
-        with _logged("archive retention"):
-            self._prune()
-
-    def _after_rotation(self, path: Path) -> None:
-        # A full disk fails the gzip: the rotated file stays plain (compressed on the next
-        # start) and retention still runs, since deleting old files is what frees space.
-        if self.compress:
-            with _logged(f"compressing {path.name}"):
-                _gzip(path)
-        with _logged("archive retention"):
-            self._prune()
-
-    def _prune(self) -> None:
-        rotated = _rotated_files(self.directory)
-        for path in rotated[: max(0, len(rotated) - self.keep)]:
-            path.unlink(missing_ok=True)
-            path.with_name(path.name + ".gz").unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _logged(what: str) -> Iterator[None]:
-    """Background housekeeping that fails (disk full, I/O error) is logged, never raised:
-    close() at shutdown must not die of a gzip that could not finish."""
-    try:
-        yield
-    except OSError as exc:
-        log.warning("%s failed: %s", what, exc)
-
-
-def _unlinked(fd: int) -> bool:
-    return os.fstat(fd).st_nlink == 0
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with path.open("rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
-
-
-def _gzip(path: Path) -> None:
-    """Compress to .gz via a temp name, then remove the original (readers see one)."""
-    tmp = path.with_name(path.name + ".gz.tmp")
-    final = path.with_name(path.name + ".gz")
-    try:
-        src = path.open("rb")
-    except FileNotFoundError:
-        return  # already compressed by crash recovery, or pruned
-    try:
-        with src, gzip.open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a partial .gz.tmp only takes space (disk full)
-        raise
-    path.unlink()
-
-
-# -- reader ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class ReadStats:
-    """What `iter_archive` skipped.  ``torn``: a file's last line without its newline
-    (the line being written when the writer died); ``corrupt``: any other line
-    that is not a JSON object (a fragment isolated by the writer)."""
-
-    records: int = 0
-    torn: int = 0
-    corrupt: int = 0
-
-
-def _open_archive(path: Path) -> IO[bytes]:
-    if path.name.endswith(".gz"):
-        return cast(IO[bytes], gzip.open(path, "rb"))  # typeshed: GzipFile is not IO[bytes]
-    return path.open("rb")
-
-
-def _read_file(path: Path, stats: ReadStats) -> Iterator[dict[str, Any]]:
-    try:
-        handle = _open_archive(path)
-    except FileNotFoundError:
-        # Compressed (or pruned) since the listing: read its .gz twin if there is one.
-        twin = path.with_name(path.name + ".gz")
-        if path.suffix != ".jsonl" or not twin.exists():
-            return
-        handle = _open_archive(twin)
-    with handle:
-        try:
-            for line in handle:
-                if not line.endswith(b"\n"):
-                    stats.torn += 1  # only ever the last line of a file
-                    continue
-                if not line.strip():
-                    continue  # the separator the writer adds after a lost write
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    record = None
-                if isinstance(record, dict):
-                    yield record
-                else:
-                    stats.corrupt += 1
-        except (EOFError, gzip.BadGzipFile, OSError) as exc:
-            log.warning("archive file %s is damaged: %s", path, exc)
-            stats.torn += 1
-
-
-def _record_time(record: Mapping[str, Any]) -> dt.datetime | None:
-    try:
-        t = dt.datetime.fromisoformat(record["test_keys"]["probe_result"]["t"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
-
-
-def _matches(
-    record: Mapping[str, Any],
-    since: dt.datetime | None,
-    service: str | None,
-    probe: str | None,
-    failed_only: bool,
-) -> bool:
-    annotations = record.get("annotations")
-    if not isinstance(annotations, Mapping):  # a damaged or foreign record: no annotations
-        annotations = {}
-    if service is not None and annotations.get("service") != service:
-        return False
-    if probe is not None and annotations.get("probe") != probe:
-        return False
-    if failed_only and annotations.get("status") != "failed":
-        return False
-    if since is not None:
-        t = _record_time(record)
-        if t is None or t < since:
-            return False
-    return True
-
-
-def iter_archive(
-    directory: str | os.PathLike[str],
-    since: dt.datetime | None = None,
-    service: str | None = None,
-    probe: str | None = None,
-    failed_only: bool = False,
-    *,
-    stats: ReadStats | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Every archived measurement, oldest file first, filtered.
-
-    ``since`` (naive means UTC) compares with the result's precise start time.
-    ``failed_only`` keeps failed results (skipped ones are not failures).
-    Pass a `ReadStats` to learn how many lines were skipped.
-    """
-    stats = stats if stats is not None else ReadStats()
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=dt.UTC)
-    root = Path(directory)
-    if not root.is_dir():
-        return
-    files = _rotated_files(root)
-    if (root / CURRENT_NAME).exists():
-        files.append(root / CURRENT_NAME)
-    for path in files:
-        rotated_at = _rotation_time(path)
-        if since is not None and rotated_at is not None and rotated_at < since:
-            continue  # every line in it started before it was rotated away
-        for record in _read_file(path, stats):
-            if _matches(record, since, service, probe, failed_only):
-                stats.records += 1
-                yield record

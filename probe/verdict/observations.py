@@ -1,0 +1,195 @@
+"""Observations: one result in the form the verdict engine judges, whoever produced it.
+
+`ProbeResult`s from `probe.round`, `Observation`s built by the lab, and the flat JSON
+records of ``/api/results`` (`probe.statuspage.results_json`) or JSON Lines all become an
+`Observation` (`normalise`), so the rules do not care how results were gathered.  The
+evidence line of one observation (`describe`) lives here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..model import Failure, ProbeResult, failure_kind, freeze
+
+_UDP_PROBES = frozenset({"quic", "quic_vn", "stun"})
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The normalised form of one result, whoever produced it.
+
+    ``probe`` is the label as shown and exported (``tls`` or ``tls/neutral_sni``).
+    ``details`` and ``flags`` are optional: rules that need them (certificate
+    fingerprints, DNS answers, stall byte counts) degrade to lower confidence without.
+    """
+
+    service: str
+    endpoint: str
+    probe: str
+    address: str | None
+    port: int | None
+    ok: bool
+    failure: str | None = None
+    failed_operation: str | None = None
+    resolver: str | None = None
+    skipped: str | None = None
+    role: str = ""
+    details: Mapping[str, Any] = field(default_factory=freeze)
+    flags: tuple[str, ...] = ()
+
+    @property
+    def base(self) -> str:
+        return self.probe.split("/", 1)[0]
+
+    @property
+    def variant(self) -> str:
+        return self.probe.partition("/")[2]
+
+    @property
+    def is_attempt(self) -> bool:
+        """A first run or a repeat, which the rules judge; a swap is only consulted."""
+        return not self.variant or self.variant.startswith("repeat")
+
+    @property
+    def kind(self) -> Failure | None:
+        return failure_kind(self.failure)
+
+    @property
+    def l4(self) -> str:
+        if self.base == "dns":
+            return "dns"
+        if self.base in _UDP_PROBES and self.details.get("transport", "udp") != "tcp":
+            return "udp"
+        return "tcp"
+
+    @property
+    def path(self) -> tuple[str, str, int | None]:
+        return (self.l4, self.address or "", self.port)
+
+    @property
+    def connected(self) -> bool:
+        """A TCP handshake completed (the probe got past ``connect``)."""
+        return self.l4 == "tcp" and (self.ok or self.failed_operation not in (None, "connect"))
+
+
+def from_result(result: ProbeResult) -> Observation:
+    t = result.target
+    return Observation(
+        service=t.service,
+        endpoint=t.endpoint.name,
+        probe=t.label,
+        address=t.address,
+        port=t.port,
+        ok=result.ok,
+        failure=result.failure,
+        failed_operation=str(result.failed_operation) if result.failed_operation else None,
+        resolver=t.resolver,
+        skipped=str(result.skipped) if result.skipped else None,
+        role=t.endpoint.role,
+        details=result.details,
+        flags=result.flags,
+    )
+
+
+def _flags(value: Any) -> tuple[str, ...]:
+    """Flags from a JSON record: a list of strings (a lone string is one flag, not letters)."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple):
+        return tuple(str(v) for v in value)
+    return ()
+
+
+def from_record(record: Mapping[str, Any]) -> Observation:
+    """From a flat result record (`probe.output.result_record`, ``/api/results``, JSON Lines)."""
+    port = record.get("port")
+    return Observation(
+        service=str(record["service"]),
+        endpoint=str(record["endpoint"]),
+        probe=str(record["probe"]),
+        address=record.get("address"),
+        port=int(port) if port is not None else None,
+        ok=bool(record.get("ok")),
+        failure=record.get("failure"),
+        failed_operation=record.get("failed_operation"),
+        resolver=record.get("resolver"),
+        skipped=record.get("skipped"),
+        role=str(record.get("role") or ""),
+        details=freeze(record.get("details") or {}),
+        flags=_flags(record.get("flags")),
+    )
+
+
+def from_api(payload: Mapping[str, Any]) -> list[Observation]:
+    """Every result of a control agent's ``/api/results`` document."""
+    return [
+        from_record(r) for r in payload.get("results", ()) if r.get("type", "result") == "result"
+    ]
+
+
+Item = ProbeResult | Observation | Mapping[str, Any]
+
+
+def normalise(items: Iterable[Item]) -> list[Observation]:
+    out = []
+    for item in items:
+        if isinstance(item, Observation):
+            out.append(item)
+        elif isinstance(item, ProbeResult):
+            out.append(from_result(item))
+        else:
+            out.append(from_record(item))
+    return out
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+def _hostport(address: str | None, port: int | None) -> str:
+    if address is None:
+        return "-" if port is None else f"port {port}"
+    host = f"[{address}]" if ":" in address else address
+    return host if port is None else f"{host}:{port}"
+
+
+def describe(o: Observation) -> str:
+    """One short evidence line: ``tls 10.0.0.5:443 connection_reset (tls_handshake)``."""
+    where = (o.resolver or "system") if o.base == "dns" else _hostport(o.address, o.port)
+    if o.skipped:
+        return f"{o.probe} {where} skipped ({o.skipped})"
+    if o.ok:
+        text = f"{o.probe} {where} ok"
+    else:
+        failure = (o.failure or "")[:60]
+        text = f"{o.probe} {where} {failure} ({o.failed_operation or '-'})"
+    if o.base == "dns":
+        answers = dns_answers(o)
+        if answers:
+            text += " " + ",".join(sorted(answers)[:2]) + (" …" if len(answers) > 2 else "")
+    return text
+
+
+def describe_control(o: Observation) -> str:
+    return "control " + describe(o)
+
+
+def detail_mapping(o: Observation, key: str) -> Mapping[str, Any]:
+    """``details[key]`` if it is a mapping: archived or hand-made records may differ."""
+    value = o.details.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def as_sequence(value: object) -> Sequence[Any]:
+    return value if isinstance(value, list | tuple) else ()
+
+
+def dns_answers(o: Observation) -> frozenset[str]:
+    answers = detail_mapping(o, "answers")
+    return frozenset(str(a) for qt in ("A", "AAAA") for a in as_sequence(answers.get(qt)))
+
+
+def same_failure(a: Observation, b: Observation) -> bool:
+    return a.kind == b.kind and a.failed_operation == b.failed_operation
