@@ -14,11 +14,12 @@ filtered on this path.  Failures, all with ``failed_operation: tls_handshake``:
   the certificate failed verification (system store plus ``settings.tls.ca_file``).
 
 Why sans-IO (`probe.probes._net.tls`: ``ssl.MemoryBIO`` + ``SSLObject``, moved over a raw
-socket by `_net.tls_pump`) and not ``open_connection(ssl=...)`` or ``start_tls``: asyncio's SSL transport hides when our
-ClientHello left and whether the server sent anything at all.  Driving the handshake
-ourselves we write the ClientHello, count every byte each way, and can tell "reset or
-silence right after the ClientHello" from "stalled after the ServerHello", which is
-exactly the difference between an SNI filter and a slow or broken server.
+socket by `_net.tls_pump`) and not ``open_connection(ssl=...)`` or ``start_tls``:
+asyncio's SSL transport hides when our ClientHello left and whether the server sent
+anything at all.  Driving the handshake ourselves we write the ClientHello, count every
+byte each way, and can tell "reset or silence right after the ClientHello" from "stalled
+after the ServerHello", which is exactly the difference between an SNI filter and a slow
+or broken server.
 
 Certificate evidence is kept even when verification fails: a MITM certificate is the
 finding.  ``getpeercert`` returns nothing after a failed verification, but OpenSSL still
