@@ -56,6 +56,16 @@ async def connect(address: str, port: int, timeout_s: float) -> socket.socket:
     return sock
 
 
+async def open_streams(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """asyncio streams over a socket from `connect`, for probes that read with a
+    StreamReader; the socket is closed if that fails (also on cancellation)."""
+    try:
+        return await asyncio.open_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
 def _tcp_info_u32(sock: socket.socket, offset: int) -> int | None:
     """One u32 field of ``struct tcp_info``; None where the kernel does not say (not Linux)."""
     option = getattr(socket, "TCP_INFO", None)
