@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire import WireError
-from ._net.tcp import connect, socket_evidence
+from ._net.tcp import connect, open_streams, socket_evidence
 from .base import Recorder
 from .tcp import record_connect_rtt, require_address
 from .tls import handshake_timeout
@@ -99,11 +99,7 @@ async def exchange(
         return rec.fail_exc(exc, Operation.CONNECT)
     record_connect_rtt(rec, sock)
     rec.details.update(socket_evidence(sock))
-    try:
-        reader, writer = await asyncio.open_connection(sock=sock)
-    except BaseException:
-        sock.close()
-        raise
+    reader, writer = await open_streams(sock)
     try:
         return await _request_reply(rec, settings, reader, writer, request, read_reply, judge)
     finally:
