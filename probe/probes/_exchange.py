@@ -6,7 +6,7 @@ Phases recorded: ``connect``; ``first_byte`` (request written -> first reply byt
 the step that failed:
 
 * connect: whatever `classify` says (refused, timeout, unreachable ...), operation
-  ``connect``; connecting is the TCP probe's `connect()`, so every TCP-based probe
+  ``connect``; connecting is the TCP probe's `connect_recorded()`, so every TCP-based probe
   connects the same way and records the same socket evidence
 * write: ``connection_reset`` etc., operation ``write``
 * read: silence past ``timeouts.app_s`` -> ``generic_timeout_error``; FIN -> ``eof_error``;
@@ -28,9 +28,9 @@ from typing import Any, TypeVar
 from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire import WireError
-from ._net.tcp import connect, open_streams, socket_evidence
+from ._net.tcp import open_streams
 from .base import Recorder
-from .tcp import record_connect_rtt, require_address
+from .tcp import connect_recorded, require_address
 from .tls import handshake_timeout
 
 T = TypeVar("T")
@@ -93,12 +93,9 @@ async def exchange(
     rec = Recorder(target)
     address, port = require_address(target)  # a missing address is a config bug: raises
     try:
-        with rec.phase("connect"):
-            sock = await connect(address, port, settings.timeouts.connect_s)
+        sock = await connect_recorded(rec, address, port, settings.timeouts.connect_s)
     except OSError as exc:  # TimeoutError and ConnectionError are OSErrors
         return rec.fail_exc(exc, Operation.CONNECT)
-    record_connect_rtt(rec, sock)
-    rec.details.update(socket_evidence(sock))
     reader, writer = await open_streams(sock)
     try:
         return await _request_reply(rec, settings, reader, writer, request, read_reply, judge)

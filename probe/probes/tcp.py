@@ -14,9 +14,9 @@ that long and watch it.  Some middleboxes let the handshake through and then kil
 connection; an RST then gives ``connection_reset`` and a FIN ``eof_error``, both with
 ``failed_operation: read``.  Bytes the peer volunteers are counted, not judged.
 
-Connecting is `_net.tcp.connect`, shared with every TCP-based probe, so they all connect
-the same way; `record_connect_rtt` and `socket_evidence` give the TLS and application
-probes the same connect evidence as this one.
+Connecting is `connect_recorded` (over `_net.tcp.connect`), shared with the TLS and
+application probes: they all connect the same way and record the same connect evidence
+(the kernel's connect RTT, the address families) as this one.
 """
 
 from __future__ import annotations
@@ -61,13 +61,22 @@ def require_address(target: Target) -> tuple[str, int]:
     return target.address, target.port
 
 
-def record_connect_rtt(rec: Recorder, sock: socket.socket) -> None:
-    """Report the kernel's connect time as phase ``connect_rtt``, beside the loop-timed
-    ``connect`` (which also counts how long the loop took to notice the connection)."""
+async def connect_recorded(
+    rec: Recorder, address: str, port: int, timeout_s: float
+) -> socket.socket:
+    """Every TCP probe's first step: `connect`, timed as phase ``connect`` (also when it
+    fails), then the kernel's view of the new connection recorded: its SYN/SYN-ACK round
+    trip as phase ``connect_rtt`` (and ``details.connect_rtt_s``) beside the loop-timed
+    ``connect`` (which also counts how long the loop took to notice the connection), and
+    the address families.  Raises OSError (TimeoutError too); the caller classifies."""
+    with rec.phase("connect"):
+        sock = await connect(address, port, timeout_s)
     rtt = kernel_connect_rtt(sock)
     if rtt is not None:
         rec.phases["connect_rtt"] = rtt
         rec.details["connect_rtt_s"] = rtt
+    rec.details.update(socket_evidence(sock))
+    return sock
 
 
 async def _hold(sock: socket.socket, hold_s: float, rec: Recorder) -> BaseException | None:
@@ -104,14 +113,12 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     address, port = require_address(target)
     hold_s = parse_params(target.params)
     try:
-        with rec.phase("connect"):
-            sock = await connect(address, port, settings.timeouts.connect_s)
+        sock = await connect_recorded(rec, address, port, settings.timeouts.connect_s)
     except OSError as exc:  # TimeoutError and ConnectionError are OSErrors
         return rec.fail_exc(exc, Operation.CONNECT, connect_time_s=rec.phases["connect"])
-    record_connect_rtt(rec, sock)
     # closing() sends our FIN: a clean close, not an RST, so the peer sees a normal client
     with contextlib.closing(sock):
-        rec.details.update(socket_evidence(sock), connect_time_s=rec.phases["connect"])
+        rec.details["connect_time_s"] = rec.phases["connect"]
         if hold_s > 0:
             rec.details["hold_s"] = hold_s
             with rec.phase("hold"):

@@ -69,12 +69,12 @@ from ..classify import classify_exception, scrub
 from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire.tlsrec import server_messages
-from ._net.tcp import connect, socket_evidence
+from ._net.tcp import connect
 from ._net.tls import MAX_CHAIN, TlsClient
 from ._net.tls_pump import TlsPump
 from .base import Recorder
 from .params import ParamError, alpn_param, check_keys, shown, sni_param
-from .tcp import record_connect_rtt, require_address
+from .tcp import connect_recorded, require_address
 
 T = TypeVar("T")
 DEFAULT_ALPN = ("h2", "http/1.1")
@@ -431,12 +431,10 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     if params.shape != "default":
         rec.details["client_hello_shape"] = params.shape
     try:
-        with rec.phase("connect"):
-            sock = await connect(address, port, settings.timeouts.connect_s)
+        sock = await connect_recorded(rec, address, port, settings.timeouts.connect_s)
     except OSError as exc:
         return rec.fail_exc(exc, Operation.CONNECT)
-    record_connect_rtt(rec, sock)
-    rec.details.update(socket_evidence(sock), connect_time_s=rec.phases["connect"])
+    rec.details["connect_time_s"] = rec.phases["connect"]
     # With no SNI we still verify against the IP literal; CPython sends no SNI for it.
     ctx = client_context(settings.tls.ca_file, alpn, shape=params.shape)
     hs = Handshake(sock, ctx, verify_name, split_hello=params.split_hello)
