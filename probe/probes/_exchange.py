@@ -21,14 +21,13 @@ byte count decided by the codec, so a giant or endless reply cannot eat memory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire import WireError
-from ._net.tcp import open_streams
+from ._net.tcp import close_streams, open_streams
 from .base import Recorder
 from .tcp import connect_recorded, require_address
 from .tls import handshake_timeout
@@ -36,7 +35,6 @@ from .tls import handshake_timeout
 T = TypeVar("T")
 
 _EVIDENCE_BYTES = 16  # how much of an unexpected reply to keep (hex), as the tcp probe does
-_CLOSE_WAIT_S = 1.0
 
 
 class ReplyReader:
@@ -100,7 +98,7 @@ async def exchange(
     try:
         return await _request_reply(rec, settings, reader, writer, request, read_reply, judge)
     finally:
-        await _close(writer)
+        await close_streams(writer)
 
 
 async def _request_reply(
@@ -138,10 +136,3 @@ async def _request_reply(
     except (OSError, EOFError, TimeoutError) as exc:
         return rec.fail_exc(exc, step, **replies.evidence())
     return judge(rec, reply, replies)
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(OSError, TimeoutError):
-        async with asyncio.timeout(_CLOSE_WAIT_S):
-            await writer.wait_closed()

@@ -36,7 +36,6 @@ Failure strings: ``udp_no_response`` (ours: datagrams sent, nothing came back),
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import math
 import secrets
@@ -51,7 +50,7 @@ from ..config.settings import ProbeSettings, Timeouts
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire import WireError
 from ..wire import stun as wire
-from ._net.tcp import connect, open_streams
+from ._net.tcp import close_streams, connect, open_streams
 from ._net.udp import UdpChannel
 from .base import Recorder
 from .params import ParamError, check_keys, number_param, shown
@@ -488,7 +487,7 @@ async def _tcp_binding(
         writer.write(b"".join(pack(t.packet) for t in tally.transactions))
         await asyncio.wait_for(writer.drain(), settings.timeouts.udp_s)
     except (OSError, TimeoutError) as exc:
-        await _close(writer)
+        await close_streams(writer)
         return rec.fail_exc(exc, Operation.WRITE)
     try:
         with rec.phase("stun"):
@@ -503,7 +502,7 @@ async def _tcp_binding(
             return rec.fail(Failure.BAD_RESPONSE, Operation.READ, **details)
         return rec.fail_exc(exc, Operation.READ, **details)
     finally:
-        await _close(writer)
+        await close_streams(writer)
     return _verdict(rec, tally, Failure.GENERIC_TIMEOUT, **tally.details(local, None))
 
 
@@ -528,12 +527,6 @@ async def _read_tcp_answers(
             t.outcome in ("malformed", "reflected") for t in tally.transactions
         ):
             return
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(OSError, TimeoutError):
-        await asyncio.wait_for(writer.wait_closed(), 1.0)
 
 
 # ---------------------------------------------------------------- reflector hello

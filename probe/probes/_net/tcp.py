@@ -66,6 +66,15 @@ async def open_streams(sock: socket.socket) -> tuple[asyncio.StreamReader, async
         raise
 
 
+async def close_streams(writer: asyncio.StreamWriter, wait_s: float = 1.0) -> None:
+    """Close (FIN) and wait up to ``wait_s`` for it to finish: a peer that never
+    acknowledges, or resets, must not hold the probe."""
+    writer.close()
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(wait_s):
+            await writer.wait_closed()
+
+
 def _tcp_info_u32(sock: socket.socket, offset: int) -> int | None:
     """One u32 field of ``struct tcp_info``; None where the kernel does not say (not Linux)."""
     option = getattr(socket, "TCP_INFO", None)
