@@ -19,8 +19,10 @@ from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.lab.servers.tls import TLSMode, TLSServer, server_context
 from probe.probes._net.tcp import (
+    close_streams,
     connect,
     kernel_connect_rtt,
+    open_streams,
     since_last_ack,
     socket_evidence,
     watch_path,
@@ -208,6 +210,18 @@ async def test_socket_evidence_after_the_peer_reset_says_none_for_the_peer() -> 
                     await asyncio.get_running_loop().sock_recv(sock, 1)
             evidence = socket_evidence(sock)
     assert evidence == {"local_family": "ipv4", "peer_family": None}
+
+
+async def test_streams_over_a_connected_socket_echo_and_close_with_fin() -> None:
+    async with TCPServer("127.0.0.1", mode=TCPMode.ECHO) as server:
+        reader, writer = await open_streams(await connect("127.0.0.1", server.port, 2.0))
+        writer.write(b"ping")
+        async with asyncio.timeout(5):
+            assert await reader.readexactly(4) == b"ping"
+        await close_streams(writer)
+        await server.wait_for(lambda s: s.open_connections == 0, 2)
+        assert server.client_closed == 1  # our FIN, not an RST
+    assert writer.is_closing()
 
 
 # --- the TLS pump over a real loopback server -----------------------------------------------
