@@ -44,7 +44,7 @@ from grafana_foundation_sdk.models import dashboard as dm
 
 from dashboards.generate import DASHBOARDS, outputs
 from probe.lab import censor, scenarios
-from probe.lab.topology import ADDR, lab_available, ns_argv
+from probe.lab.netns import ADDR, lab_available, ns_argv
 from tests.agentproc import REPO
 from tests.test_daemon import required_tool
 

@@ -32,8 +32,8 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+from probe.lab.netns import ETC_NETNS, lab_available, ns_argv
 from probe.lab.scenarios import ScenarioLab, agent_config, by_name
-from probe.lab.topology import ETC_NETNS, lab_available, ns_argv
 from tests.agentproc import REPO, required_tool
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]

@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from probe.lab import censor as c
-from probe.lab.topology import Lab, ns_argv
+from probe.lab.netns import ns_argv
+from probe.lab.topology import Lab
 from tests.agentproc import REPO, free_port
 
 pytestmark = pytest.mark.lab

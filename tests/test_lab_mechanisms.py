@@ -27,17 +27,9 @@ from typing import Any
 import pytest
 
 from probe.lab import censor as c
-from probe.lab.topology import (
-    ADDR,
-    ETC_NETNS,
-    NETNS_RUN_DIR,
-    RECORD_DIR,
-    Lab,
-    ServeHandle,
-    cleanup_stale,
-    ns_argv,
-    run,
-)
+from probe.lab.netns import ADDR, ETC_NETNS, NETNS_RUN_DIR, ns_argv, run
+from probe.lab.stale import RECORD_DIR, cleanup_stale
+from probe.lab.topology import Lab, ServeHandle
 from probe.wire import stun as stun_wire
 
 pytestmark = pytest.mark.lab

@@ -40,7 +40,8 @@ import pytest
 import yaml
 
 from probe.lab import censor as c
-from probe.lab.topology import ADDR, Lab, ns_argv
+from probe.lab.netns import ADDR, ns_argv
+from probe.lab.topology import Lab
 from tests.agentproc import REPO
 from tests.test_daemon import required_tool
 

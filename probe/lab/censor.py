@@ -42,12 +42,11 @@ import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
 
-from .topology import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, LabError, LabProcess, ns_argv, run
-
-if TYPE_CHECKING:
-    from .topology import Lab
+from .netns import CENSOR_CLIENT_IF, CENSOR_SERVER_IF, LabError, Role, ns_argv, run
+from .process import LabProcess
 
 __all__ = [
     "Allowlist",
@@ -58,6 +57,7 @@ __all__ = [
     "Delay",
     "FlowCutoff",
     "IPBlock",
+    "LabHost",
     "PostHandshakeStall",
     "QUICFilter",
     "RandomLoss",
@@ -120,10 +120,27 @@ def _directions(direction: Direction) -> list[Literal["up", "down"]]:
 # --- the censor -------------------------------------------------------------------------------
 
 
+class LabHost(Protocol):
+    """What a censor needs of its lab (`probe.lab.topology.Lab` is one): the censor does
+    not import the lab, the lab imports the censor."""
+
+    @property
+    def workdir(self) -> Path: ...
+
+    @property
+    def ca_file(self) -> str: ...
+
+    def ns(self, role: Role) -> str: ...
+
+    def spawn(self, role: Role, argv: Sequence[str], name: str | None = None) -> LabProcess: ...
+
+    def stop(self, proc: LabProcess) -> None: ...
+
+
 class Censor:
     """Applies and removes behaviours in a lab's censor namespace (``lab.censor``)."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: LabHost) -> None:
         self.lab = lab
         self.ns = lab.ns("censor")
         self.active_behaviours: list[Behaviour] = []

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .certs import LeafCert
-from .helperproc import answer_commands, emit, stop_on_signals
+from .process import answer_commands, emit, stop_on_signals
 
 __all__ = ["Interceptor", "main", "original_destination"]
 

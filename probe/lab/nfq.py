@@ -31,7 +31,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from .helperproc import answer_commands, emit, stop_on_signals
+from .process import answer_commands, emit, stop_on_signals
 from .serve import table_from_rules
 from .servers.dns import Behaviour, decode_query, plan_replies, question_of
 

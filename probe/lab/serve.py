@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from .certs import LeafCert
-from .helperproc import answer_commands, emit, stop_on_signals
+from .process import answer_commands, emit, stop_on_signals
 from .servers.dns import AnswerTable, Behaviour, DNSServer
 from .servers.doh import DoHServer
 from .servers.https_bulk import BulkBehaviour, HTTPSBulkServer
