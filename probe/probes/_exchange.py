@@ -35,6 +35,7 @@ from .tls import handshake_timeout
 T = TypeVar("T")
 
 _EVIDENCE_BYTES = 16  # how much of an unexpected reply to keep (hex), as the tcp probe does
+_CLOSE_WAIT_S = 1.0  # the bounded close after the exchange
 
 
 class ReplyReader:
@@ -98,7 +99,7 @@ async def exchange(
     try:
         return await _request_reply(rec, settings, reader, writer, request, read_reply, judge)
     finally:
-        await close_streams(writer)
+        await close_streams(writer, _CLOSE_WAIT_S)
 
 
 async def _request_reply(
