@@ -19,12 +19,12 @@ from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.lab.servers.tls import TLSMode, TLSServer, server_context
 from probe.probes._net.tcp import (
+    address_families,
     close_streams,
     connect,
     kernel_connect_rtt,
     open_streams,
     since_last_ack,
-    socket_evidence,
     watch_path,
 )
 from probe.probes._net.tls import TlsClient
@@ -182,11 +182,11 @@ async def test_connect_reads_kernel_rtt_and_families(host: str, family: str) -> 
         sock = await connect(host, server.port, 2.0)
         with contextlib.closing(sock):
             rtt = kernel_connect_rtt(sock)
-            evidence = socket_evidence(sock)
+            families = address_families(sock)
             watch_path(sock)
             since = since_last_ack(sock)
     assert rtt is not None and rtt > 0  # one SYN/SYN-ACK sample, kernel-timed
-    assert evidence == {"local_family": family, "peer_family": family}
+    assert families == (family, family)
     assert since is not None and since >= 0
 
 
@@ -201,15 +201,15 @@ async def test_connect_rejects_a_hostname_rather_than_resolving_it() -> None:
         await connect("localhost", 443, 2.0)
 
 
-async def test_socket_evidence_after_the_peer_reset_says_none_for_the_peer() -> None:
+async def test_address_families_after_the_peer_reset_say_none_for_the_peer() -> None:
     async with TCPServer("127.0.0.1", mode=TCPMode.RESET) as server:
         sock = await connect("127.0.0.1", server.port, 2.0)
         with contextlib.closing(sock):
             with pytest.raises(ConnectionResetError):
                 async with asyncio.timeout(5):
                     await asyncio.get_running_loop().sock_recv(sock, 1)
-            evidence = socket_evidence(sock)
-    assert evidence == {"local_family": "ipv4", "peer_family": None}
+            families = address_families(sock)
+    assert families == ("ipv4", None)
 
 
 async def test_streams_over_a_connected_socket_echo_and_close_with_fin() -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..config.settings import ProbeSettings, Timeouts
 from ..model import Operation, ProbeResult, Target
-from ._net.tcp import connect, kernel_connect_rtt, socket_evidence
+from ._net.tcp import address_families, connect, kernel_connect_rtt
 from .base import Recorder
 from .params import check_keys, number_param
 
@@ -59,6 +59,12 @@ def require_address(target: Target) -> tuple[str, int]:
     if target.address is None or target.port is None:
         raise ValueError(f"{target.probe} target needs an address and a port: {target.key()}")
     return target.address, target.port
+
+
+def socket_evidence(sock: socket.socket) -> dict[str, Any]:
+    """Address families of both ends.  Never the local address: it identifies the vantage."""
+    local, peer = address_families(sock)
+    return {"local_family": local, "peer_family": peer}
 
 
 async def connect_recorded(

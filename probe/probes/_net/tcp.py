@@ -3,7 +3,7 @@
 Every TCP-based probe (tcp, tls, transfer, the application exchanges, STUN over TCP)
 connects through `connect`, so they all connect the same way; the ones that record the
 kernel's connect round trip and the address families read them with `kernel_connect_rtt`
-and `socket_evidence` right after it.
+and `address_families` right after it.
 """
 
 from __future__ import annotations
@@ -107,15 +107,17 @@ def _family(ip: str) -> str:
     return f"ipv{parsed.version}"
 
 
-def socket_evidence(sock: socket.socket) -> dict[str, Any]:
-    """Address families of both ends.  Never the local address: it identifies the vantage."""
-    evidence: dict[str, Any] = {}
-    for key, getter in (("local_family", sock.getsockname), ("peer_family", sock.getpeername)):
+def address_families(sock: socket.socket) -> tuple[str | None, str | None]:
+    """(local, peer) address family, ``ipv4`` or ``ipv6``; never the addresses (the local
+    one identifies the vantage).  None where the kernel no longer knows (ENOTCONN: the
+    peer already reset the connection)."""
+    families: list[str | None] = []
+    for getter in (sock.getsockname, sock.getpeername):
         try:
-            evidence[key] = _family(str(getter()[0]))
-        except OSError:  # ENOTCONN: the peer already reset the connection
-            evidence[key] = None
-    return evidence
+            families.append(_family(str(getter()[0])))
+        except OSError:
+            families.append(None)
+    return families[0], families[1]
 
 
 def watch_path(sock: socket.socket) -> None:
