@@ -27,7 +27,7 @@ from probe.probes._net.tcp import (
     since_last_ack,
     watch_path,
 )
-from probe.probes._net.tls import TlsClient
+from probe.probes._net.tls import Negotiated, TlsClient
 from probe.probes._net.tls_pump import TlsPump
 from probe.probes._net.udp import UdpChannel
 from tests.helpers import refusing_port, unbound_udp_port
@@ -99,11 +99,11 @@ def test_handshake_in_memory_counts_every_byte_each_way(
     moved = len(hello) + shuttle(client, server)
     assert client.handshake_complete and server.done
     assert client.bytes_sent + client.bytes_received == moved
-    assert client.negotiated() == {
-        "tls_version": "TLSv1.3",
-        "alpn": "http/1.1",
-        "cipher": server.ssl.cipher()[0],  # type: ignore[index]
-    }
+    assert client.negotiated() == Negotiated(
+        tls_version="TLSv1.3",
+        alpn="http/1.1",
+        cipher=server.ssl.cipher()[0],  # type: ignore[index]
+    )
     der = client.peer_certificate()
     assert der is not None and client.peer_chain()[0] == der
     assert len(client.peer_chain()) == 2  # leaf and the intermediate the server sent

@@ -60,7 +60,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from cryptography import x509
@@ -218,7 +218,7 @@ class Handshake:
             raise HandshakeTooLarge(f"more than {_MAX_HANDSHAKE_BYTES} bytes, no handshake")
 
     def negotiated(self) -> dict[str, Any]:
-        return self.client.negotiated()
+        return asdict(self.client.negotiated())
 
     def peer_chain(self) -> list[bytes]:
         """The DER chain the peer sent (leaf first), also after a failed verification."""

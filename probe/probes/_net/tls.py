@@ -15,11 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+from dataclasses import dataclass
 from typing import Any, Literal
 
 MAX_CHAIN = 8  # real chains have 2-4 certificates; a hostile peer may send dozens
 
 CloseKind = Literal["close_notify", "ragged"]
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """What a completed handshake settled on."""
+
+    tls_version: str | None
+    alpn: str | None
+    cipher: str | None
 
 
 class TlsClient:
@@ -71,14 +81,14 @@ class TlsClient:
         self.handshake_complete = True
         return True
 
-    def negotiated(self) -> dict[str, Any]:
-        """Version, ALPN and cipher suite the handshake settled on."""
+    def negotiated(self) -> Negotiated:
+        """Version, ALPN and cipher suite the handshake settled on (None before it did)."""
         cipher = self.ssl.cipher()
-        return {
-            "tls_version": self.ssl.version(),
-            "alpn": self.ssl.selected_alpn_protocol(),
-            "cipher": cipher[0] if cipher else None,
-        }
+        return Negotiated(
+            tls_version=self.ssl.version(),
+            alpn=self.ssl.selected_alpn_protocol(),
+            cipher=cipher[0] if cipher else None,
+        )
 
     def peer_certificate(self) -> bytes | None:
         """The verified leaf certificate (DER); None before the handshake completed (a
