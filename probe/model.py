@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 __all__ = [
     "Endpoint",
     "Failure",
     "Operation",
+    "ProbeParams",
     "ProbeResult",
     "ProbeSpec",
     "Service",
@@ -124,13 +125,46 @@ class Vantage:
     role: Literal["test", "control"] = "test"
 
 
+class ProbeParams:
+    """Base of every probe's typed params: one frozen dataclass per probe (``TcpParams``,
+    ``TLSParams``, ``StunParams``...), each listed in the probe registry (`probe.probes`).
+
+    The config loader parses a probe's params once, at load time, into its class; a
+    follow-up's overrides are parsed once, when it is planned (`probe.swaps`).  A probe
+    then reads attributes (``TcpParams.of(target).hold_s``), never a mapping.
+    """
+
+    __slots__ = ()
+    PROBE: ClassVar[str] = ""  # the probe's name, as its errors and the registry say it
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any], base: Self | None = None) -> Self:
+        """Params as written in YAML (plain data) over ``base`` (default: the defaults).
+
+        Raises `probe.probes.params.ParamError` naming the offending key, and nothing else
+        whatever ``params`` holds.
+        """
+        raise NotImplementedError(f"{cls.__name__}.parse")
+
+    @classmethod
+    def of(cls, owner: Target | ProbeSpec) -> Self:
+        """The params a target runs with (or a spec carries); None there means defaults."""
+        params = owner.params
+        if params is None:
+            return cls()
+        if not isinstance(params, cls):  # a spec of another probe: a bug, not bad input
+            raise TypeError(f"expected {cls.__name__}, got {type(params).__name__}")
+        return params
+
+
 @dataclass(frozen=True)
 class ProbeSpec:
-    """One probe applied to an endpoint: which ports (None = all) and its parameters."""
+    """One probe applied to an endpoint: which ports (None = all) and its typed params
+    (None: the probe's defaults; the config loader always sets them)."""
 
     name: str
     ports: tuple[int, ...] | None = None
-    params: Mapping[str, Any] = field(default_factory=_empty)
+    params: ProbeParams | None = None
 
 
 @functools.lru_cache(maxsize=65536)
@@ -207,19 +241,26 @@ class Target:
     resolver: str | None = None
     address_source: str = ""
     # A follow-up run of the same probe (swap test or repeat), e.g. "neutral_sni",
-    # "repeat2"; its parameter overrides replace the spec's params.
+    # "repeat2"; ``overrides`` are its parameter changes as written (kept for the
+    # record), ``variant_params`` the spec's params with them applied, parsed once
+    # when the follow-up is planned (`probe.swaps`).
     variant: str = ""
     overrides: Mapping[str, Any] = field(default_factory=_empty)
+    variant_params: ProbeParams | None = None
 
     @property
     def service(self) -> str:
         return self.endpoint.service
 
     @property
-    def params(self) -> Mapping[str, Any]:
+    def params(self) -> ProbeParams | None:
+        """The typed params this target runs with (None: the probe's defaults)."""
+        if self.variant_params is not None:
+            return self.variant_params
+        if self.overrides:  # built by hand, not planned: running it would drop them
+            raise ValueError(f"{self.label}: overrides without parsed variant_params")
         spec = self.endpoint.spec(self.probe)
-        base = spec.params if spec is not None else _empty()
-        return freeze({**base, **self.overrides}) if self.overrides else base
+        return spec.params if spec is not None else None
 
     @property
     def label(self) -> str:

@@ -30,10 +30,9 @@ from .model import (
     VantageState,
     utcnow,
 )
-from .probes import EXTRA_TIME, PROBES, tls
+from .probes import REGISTRY, tls
 from .probes.base import ProbeFn, Recorder, default_operation, run_guarded
 from .probes.dns import dns_consistency
-from .probes.params import ParamError
 from .swaps import followups
 from .verdict.aggregate import ALLOWLIST_FLAG, judge_round
 from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
@@ -138,21 +137,22 @@ def plan_targets(ep: Endpoint, addresses: Mapping[str, str]) -> list[Target]:
     ]
 
 
-def probe_deadline(settings: ProbeSettings, target: Target | None = None) -> float:
-    """A hard cap per probe on top of its own timeouts: a safety net against a probe bug.
+# The safety cap is this many times the probe's own budget, plus this much: a loaded
+# event loop runs every timeout late, and a short budget is mostly scheduling.
+DEADLINE_FACTOR = 2.0
+DEADLINE_SLACK_S = 1.0
 
-    With a target, the time its params legitimately add (`probes.EXTRA_TIME`) is added:
-    a capped run loses all its evidence, so the net must never cut a correct one.
+
+def probe_deadline(settings: ProbeSettings, target: Target) -> float:
+    """A hard cap on one run, on top of the probe's own timeouts: a net against a bug.
+
+    Built on the probe's budget (`probes.ProbeType.budget`: the longest a correct run
+    of this probe with these params and settings can take), so a tcp connect is cut
+    long before a 20-connection transfer would be.  A capped run loses all its
+    evidence, so the net must never cut a correct one: hence the generous margin.
     """
-    t = settings.timeouts
-    cap = 3 * (t.connect_s + t.tls_s + t.transfer_s) + t.dns_s + t.quic_s + t.udp_s + t.app_s
-    extra = EXTRA_TIME.get(target.probe) if target is not None else None
-    if target is None or extra is None:
-        return cap
-    try:
-        return cap + extra(target.params, t)
-    except ParamError:
-        return cap  # the probe rejects them itself, at once (run_guarded reports it)
+    budget = REGISTRY[target.probe].budget_s(target, settings)
+    return DEADLINE_FACTOR * budget + DEADLINE_SLACK_S
 
 
 # Probes that saturate the path they measure: they run alone (see `Runner`).
@@ -246,13 +246,14 @@ class Runner:
         *,
         concurrency: int = 32,
         per_destination: int = 4,
-        probes: Mapping[str, ProbeFn] = PROBES,
+        probes: Mapping[str, ProbeFn] | None = None,
         progress: Progress | None = None,
         swaps: SwapSettings | None = None,
     ) -> None:
         self.settings = settings
         self.swaps = swaps or SwapSettings()
-        self.probes = probes
+        # what runs each probe type: the registry's, or a test's stand-ins
+        self.probes = probes if probes is not None else {n: t.run for n, t in REGISTRY.items()}
         self.progress = progress
         self.limit = asyncio.Semaphore(concurrency)
         self.per_destination = per_destination
@@ -420,7 +421,7 @@ async def warm_tls_contexts(config: AgentConfig) -> None:
     starts: built on the loop they stalled (and so slowed, as measured) every probe
     started alongside the first one."""
     alpns = [
-        tls.parse_params(spec.params).alpn
+        tls.TLSParams.of(spec).alpn
         for ep in all_endpoints(config)
         if (spec := ep.spec("tls")) is not None
     ]
@@ -440,7 +441,7 @@ async def run_round(
     config: AgentConfig,
     *,
     progress: Progress | None = None,
-    probes: Mapping[str, ProbeFn] = PROBES,
+    probes: Mapping[str, ProbeFn] | None = None,
 ) -> RoundReport:
     """The gate, then every endpoint concurrently (within the configured bounds)."""
     started, t0 = utcnow(), time.monotonic()

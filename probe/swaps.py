@@ -33,14 +33,21 @@ follow-up, and at most one of each kind per target (deduplicated by `Target.key`
 ``transfer`` is not repeated: it already runs several connections itself.
 
 `followups` is pure; the round runner (`probe.round.measure_endpoint`) runs what it
-returns through the same `Runner`, so the same concurrency bounds apply.
+returns through the same `Runner`, so the same concurrency bounds apply.  A follow-up's
+parameter overrides are parsed here, once, over the endpoint's params for that probe
+(`Target.variant_params`); the overrides themselves stay on the target for the record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from .model import Failure, Operation, ProbeResult, Target, freeze
+from .probes import REGISTRY
+from .probes.stun import StunParams
+from .probes.tls import TLSParams
+from .probes.transfer import TransferParams
 
 __all__ = [
     "DEFAULT_NEUTRAL_SNI",
@@ -87,23 +94,36 @@ def _resolver_kind(resolver: str | None) -> str:
     return (resolver or "system").split(":", 1)[0]
 
 
+def _variant(t: Target, probe: str, variant: str, overrides: Mapping[str, Any]) -> Target:
+    """A follow-up of ``t``: ``probe`` on the same path, its overrides parsed once, over
+    the endpoint's params for ``probe`` (its defaults if it has no such spec)."""
+    spec = t.endpoint.spec(probe)
+    params = REGISTRY[probe].parse(overrides, spec.params if spec else None)
+    return Target(
+        t.endpoint,
+        probe,
+        t.address,
+        t.port,
+        address_source=t.address_source,
+        variant=variant,
+        overrides=freeze(overrides),
+        variant_params=params,
+    )
+
+
+def _sni(t: Target) -> str | None:
+    """The SNI param a tls or transfer run had (None: none given, or none to send)."""
+    params = TLSParams.of(t) if t.probe == "tls" else TransferParams.of(t)
+    return params.sni if params.sni_given else None
+
+
 def _neutral_sni(r: ProbeResult, neutral: str) -> list[Target]:
     t = r.target
     if t.probe not in ("tls", "transfer") or r.failed_operation != Operation.TLS_HANDSHAKE:
         return []
-    if r.failure_kind not in _TLS_TRIGGERS or t.params.get("sni") == neutral:
+    if r.failure_kind not in _TLS_TRIGGERS or _sni(t) == neutral:
         return []
-    return [
-        Target(
-            t.endpoint,
-            "tls",
-            t.address,
-            t.port,
-            address_source=t.address_source,
-            variant=NEUTRAL_SNI,
-            overrides=freeze({"sni": neutral}),
-        )
-    ]
+    return [_variant(t, "tls", NEUTRAL_SNI, {"sni": neutral})]
 
 
 def _client_hello(r: ProbeResult) -> list[Target]:
@@ -116,15 +136,7 @@ def _client_hello(r: ProbeResult) -> list[Target]:
     if r.failure_kind not in _TLS_TRIGGERS:
         return []
     return [
-        Target(
-            t.endpoint,
-            "tls",
-            t.address,
-            t.port,
-            address_source=t.address_source,
-            variant=variant,
-            overrides=freeze(override),  # over the endpoint's tls params (its SNI)
-        )
+        _variant(t, "tls", variant, override)  # over the endpoint's tls params (its SNI)
         for variant, override in (
             (OTHER_SHAPE, {"shape": "alt"}),
             (SPLIT_HELLO, {"split_hello": True}),
@@ -165,24 +177,14 @@ def _dns(
 
 def _random_udp(r: ProbeResult) -> list[Target]:
     t = r.target
-    params = t.params
     if t.probe != "stun" or r.failure_kind != Failure.UDP_NO_RESPONSE:
         return []
-    if params.get("mode", "binding") != "binding" or params.get("transport", "udp") != "udp":
+    params = StunParams.of(t)
+    if params.mode != "binding" or params.transport != "udp":
         return []
-    if params.get("control"):
+    if params.control:
         return []  # the random-UDP control already ran inside this result
-    return [
-        Target(
-            t.endpoint,
-            "stun",
-            t.address,
-            t.port,
-            address_source=t.address_source,
-            variant=RANDOM_UDP,
-            overrides=freeze({"control": True}),
-        )
-    ]
+    return [_variant(t, "stun", RANDOM_UDP, {"control": True})]
 
 
 def _repeat(r: ProbeResult) -> list[Target]:

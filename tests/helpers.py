@@ -11,6 +11,7 @@ from typing import Any
 
 from probe.config.settings import ProbeSettings, Resolvers, Timeouts, TLSOptions
 from probe.model import Endpoint, Operation, ProbeResult, ProbeSpec, SkipReason, Target, freeze
+from probe.probes import REGISTRY
 
 
 def endpoint(
@@ -27,7 +28,8 @@ def endpoint(
     addresses: tuple[str, ...] = (),
 ) -> Endpoint:
     if isinstance(probes, dict):
-        specs = tuple(ProbeSpec(n, None, freeze(p)) for n, p in probes.items())
+        # parsed as the config loader does: a bad param raises ParamError here
+        specs = tuple(ProbeSpec(n, None, REGISTRY[n].parse(p)) for n, p in probes.items())
     else:
         specs = tuple(ProbeSpec(n) for n in probes)
     return Endpoint(

@@ -32,6 +32,8 @@ SCRIPTS = {
     "timing_accuracy.py": (
         "agent_loop_connect_error_ms_p50",
         "agent_kernel_connect_rtt_error_ms_p99",
+        "agent_kernel_connect_rtt_vs_injected_ms_p99",
+        "injector_late_agent_run_ms_p99",
     ),
     "round_time.py": ("wall_s", "bound_s", "cpu_us_per_probe"),
 }

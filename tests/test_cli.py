@@ -215,11 +215,11 @@ def test_archive_since_rejects_a_non_iso_time_in_one_usage_line(
 
 async def test_help_lists_the_values_archive_and_lab_accept() -> None:
     from probe.lab.scenarios import CATALOGUE
-    from probe.probes import PROBES
+    from probe.probes import REGISTRY
 
     rc, out, _ = await run_cli(*PROBE, "archive", "--help")
     assert rc == 0
-    assert all(name in out for name in PROBES)
+    assert all(name in out for name in REGISTRY)
     assert "whatsapp" in out and "telegram" in out
     rc, out, _ = await run_cli(*PROBE, "lab", "--help")
     assert rc == 0

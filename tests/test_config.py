@@ -20,6 +20,7 @@ from probe.config.seeds import known_probes
 from probe.config.settings import AgentConfig, HostPort
 from probe.lab.certs import CertificateAuthority
 from probe.model import ProbeSpec
+from probe.probes.tls import TLSParams
 
 TESTDATA = Path(__file__).parent / "testdata"
 REPO = Path(__file__).parent.parent
@@ -341,7 +342,8 @@ services:
     (service,) = config.services
     dc, relay, named = service.endpoints
     assert (service.name, service.display_name, service.origin) == ("lab", "Local lab", str(path))
-    assert dc.probes[1] == ProbeSpec("tls", (8443,), {"sni": "web.whatsapp.com"})
+    tls = TLSParams(sni="web.whatsapp.com", sni_given=True)
+    assert dc.probes[1] == ProbeSpec("tls", (8443,), tls)
     assert dc.ports_for("tls") == (8443,)
     assert dc.ports_for("tcp") == (8443, 8080)
     assert relay.transport == "udp"

@@ -38,7 +38,7 @@ from probe.evidence import (
     evidence_class,
     evidence_from_json,
 )
-from probe.probes import PROBES
+from probe.probes import REGISTRY
 
 # --------------------------------------------------------------------------- strategies
 
@@ -118,7 +118,7 @@ keyed_objects = st.dictionaries(st.sampled_from(KEYS), json_values, max_size=8)
 
 
 def test_every_probe_has_an_evidence_class() -> None:
-    assert set(EVIDENCE) == set(PROBES)
+    assert set(EVIDENCE) == set(REGISTRY)
     for name, cls in EVIDENCE.items():
         assert name == cls.PROBE
         assert evidence_class(f"{name}/some_variant") is cls

@@ -29,7 +29,8 @@ from probe.model import (
     VantageState,
     freeze,
 )
-from probe.probes import PROBES, tcp
+from probe.probes import REGISTRY as PROBE_TYPES
+from probe.probes import tcp
 from probe.results import PHASE_BUCKETS, VERDICTS, ResultStore, series_key
 from probe.round import Runner, measure_endpoint
 from probe.statuspage import render_status_page
@@ -481,7 +482,7 @@ def test_docs_list_every_metric_and_label_value() -> None:
     assert "probe_success" in names
     for name in names:
         assert f"`{name}`" in doc, name
-    words = [*Failure, *Operation, *SkipReason, *VERDICTS, *PROBES]
+    words = [*Failure, *Operation, *SkipReason, *VERDICTS, *PROBE_TYPES]
     for word in words:
         assert f"`{word}`" in doc, word
 

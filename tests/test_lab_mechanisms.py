@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import ssl
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ import pytest
 
 from probe.lab import censor as c
 from probe.lab.netns import ADDR, ETC_NETNS, NETNS_RUN_DIR, ns_argv, run
+from probe.lab.nfq import parse_tcp
 from probe.lab.stale import RECORD_DIR, cleanup_stale
 from probe.lab.topology import Lab, ServeHandle
 from probe.wire import stun as stun_wire
@@ -756,11 +758,35 @@ def test_b9_flow_cut_after_t_seconds(lab: Lab, servers: ServeHandle) -> None:
 def test_delay_holds_packets(lab: Lab, servers: ServeHandle) -> None:
     _nfqueue_available()
     probe = job("tcp", v4(DELAYED), 7)
-    with lab.censor.active(c.Delay(150, [v4(DELAYED)], direction="down")):
+    delay = c.Delay(150, [v4(DELAYED)], direction="down")
+    with lab.censor.active(delay):
         slow = lab.probe("client", probe)
         control = lab.probe("control", probe)
+        synacks = delay.synacks()
+        again = delay.synacks()
     assert slow["ok"] and 0.14 < slow["details"]["connect_time_s"] < 0.6
     assert control["ok"] and control["details"]["connect_time_s"] < 0.05
+    # The handler says what it did: the client's SYN-ACK (the control path bypasses the
+    # censor), held from the censor kernel's receive stamp; a reading forgets the log.
+    [synack] = synacks
+    assert (synack["server"], synack["server_port"]) == (v4(DELAYED), 7)
+    assert synack["client"] == ADDR.client4 and synack["kernel_stamp"] is True
+    assert synack["held_us"] >= 150_000 - 20  # never released before it is due (20 µs slack)
+    # Causality, not speed: the client's kernel timed the handshake across the hold.
+    assert 1e6 * slow["phases"]["connect_rtt"] + 1 >= synack["held_us"]
+    assert again == []
+
+
+def test_nfq_parse_tcp_reads_a_syn_ack() -> None:
+    header = struct.pack("!HHIIBBHHH", 7, 40000, 1, 2, 5 << 4, 0x12, 65535, 0, 0)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(header), 0, 0, 64, socket.IPPROTO_TCP, 0,
+        socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2"),
+    )  # fmt: skip
+    assert parse_tcp(ip + header) == ("10.0.0.1", 7, "10.0.0.2", 40000, 0x12)
+    assert parse_tcp(ip + header[:10]) is None  # cut short before the flags
+    udp = ip[:9] + bytes([socket.IPPROTO_UDP]) + ip[10:]
+    assert parse_tcp(udp + header) is None
 
 
 def test_behaviours_compose_and_remove_cleanly(lab: Lab, servers: ServeHandle) -> None:

@@ -24,7 +24,7 @@ from probe.lab.servers.dns import AnswerTable, Behaviour, DNSServer, plan_replie
 from probe.lab.servers.doh import CONTENT_TYPE, DoHServer
 from probe.lab.servers.https_bulk import BulkBehaviour, HTTPSBulkServer
 from probe.model import Failure, Operation, ProbeResult, SkipReason, Target
-from probe.probes import PROBES
+from probe.probes import REGISTRY
 from probe.probes.dns import dns_consistency, parse_resolver, probe
 from probe.wire.dnsmsg import build_query, parse_message
 from tests.helpers import refusing_port, settings, target
@@ -510,7 +510,7 @@ def test_parse_resolver_rejects(spec: str) -> None:
 
 
 def test_dns_is_registered() -> None:
-    assert PROBES["dns"] is probe
+    assert REGISTRY["dns"].run is probe
 
 
 def _result(

@@ -6,7 +6,7 @@ import pytest
 
 from probe.lab.servers.mtproto import MTProtoMode, MTProtoServer
 from probe.model import Failure, Operation, ProbeResult
-from probe.probes import PROBES, mtproto
+from probe.probes import REGISTRY, mtproto
 from tests.helpers import refusing_port, settings, target
 
 pytestmark = pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
@@ -37,7 +37,7 @@ async def test_res_pq_echoing_our_nonce_is_success(host: str) -> None:
 async def test_each_probe_sends_a_fresh_nonce(host: str) -> None:
     async with MTProtoServer(host, 0) as server:
         for _ in range(2):
-            result = await PROBES["mtproto"](target("mtproto", host, server.port), settings())
+            result = await REGISTRY["mtproto"].run(target("mtproto", host, server.port), settings())
             assert result.ok
     assert server.requests[0][1] != server.requests[1][1]
 

@@ -28,7 +28,7 @@ from probe.config.settings import ProbeSettings
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.quic import H3_BODY, QUICServer, VersionNegotiationServer, VNMode
 from probe.model import Failure, Operation, ProbeResult
-from probe.probes import PROBES, quic, quic_vn
+from probe.probes import REGISTRY, quic, quic_vn
 from probe.probes.quic import _trust
 from probe.wire.quic import QUIC_V1, QUIC_V2, is_reserved_version
 from tests.helpers import settings, target, unbound_udp_port
@@ -73,8 +73,8 @@ def assert_failed(result: ProbeResult, failure: Failure) -> None:
 
 
 def test_both_probes_are_registered() -> None:
-    assert PROBES["quic"] is quic.probe
-    assert PROBES["quic_vn"] is quic_vn.probe
+    assert REGISTRY["quic"].run is quic.probe
+    assert REGISTRY["quic_vn"].run is quic_vn.probe
 
 
 # --- quic: success -------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from probe.lab.servers.stun import StunServer
 from probe.model import Failure, Operation, ProbeResult
-from probe.probes import PROBES
+from probe.probes import REGISTRY
 from probe.probes import stun as stun_probe
 from probe.wire import stun as wire
 from tests.helpers import refusing_port, settings, target, unbound_udp_port
@@ -37,7 +37,7 @@ async def run(server: StunServer, udp_s: float = UDP_S, **params: Any) -> ProbeR
 
 
 def test_registered() -> None:
-    assert PROBES["stun"] is stun_probe.probe
+    assert REGISTRY["stun"].run is stun_probe.probe
 
 
 # ---------------------------------------------------------------- Binding over UDP
@@ -382,4 +382,4 @@ async def test_reflector_silence_is_udp_no_response(start: Start) -> None:
 )
 def test_invalid_params_are_rejected(params: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        stun_probe.StunParams.from_mapping(params)
+        stun_probe.StunParams.parse(params)

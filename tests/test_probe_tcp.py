@@ -9,14 +9,14 @@ import pytest
 
 from probe.lab.servers.tcp import FullBacklogListener, TCPMode, TCPServer, abort_with_rst
 from probe.model import Operation
-from probe.probes import PROBES, tcp
+from probe.probes import REGISTRY, tcp
 from tests.helpers import refusing_port, settings, target
 
 HOSTS = pytest.mark.parametrize(("host", "family"), [("127.0.0.1", "ipv4"), ("::1", "ipv6")])
 
 
 def test_registered() -> None:
-    assert PROBES["tcp"] is tcp.probe
+    assert REGISTRY["tcp"].run is tcp.probe
 
 
 @HOSTS

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from probe.lab.certs import CertificateAuthority, LeafCert
 from probe.lab.servers.tls import TLSMode, TLSServer
 from probe.model import Operation, ProbeResult
-from probe.probes import PROBES, tls
+from probe.probes import REGISTRY, tls
 from probe.probes.params import ParamError
 from tests.helpers import refusing_port, settings, target
 
@@ -54,7 +54,7 @@ def assert_evidence(result: ProbeResult, cert: LeafCert, source: str) -> None:
 
 
 def test_registered() -> None:
-    assert PROBES["tls"] is tls.probe
+    assert REGISTRY["tls"].run is tls.probe
 
 
 # --- certificates -------------------------------------------------------------------
@@ -194,7 +194,7 @@ async def test_alt_shape_changes_the_cipher_suite_vector_and_still_completes(
 )
 def test_bad_client_hello_params_are_named(params: dict, message: str) -> None:
     with pytest.raises(ParamError, match=re.escape(message)):
-        tls.parse_params(params)
+        tls.TLSParams.parse(params)
 
 
 @HOSTS
@@ -396,7 +396,7 @@ def test_server_names(
     host: str, address: str, params: dict[str, object], expected: tuple[str | None, str]
 ) -> None:
     t = target("tls", address, 443, host=host, params=params)
-    assert tls.server_names(t) == expected
+    assert tls.server_names(t, tls.TLSParams.of(t)) == expected
 
 
 def test_unparseable_certificate_keeps_its_fingerprint() -> None:

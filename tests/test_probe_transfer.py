@@ -16,8 +16,8 @@ from probe.lab.certs import CertificateAuthority, LeafCert
 from probe.lab.servers.https_bulk import BulkBehaviour, HTTPSBulkServer
 from probe.lab.servers.tls import TLSMode, TLSServer, server_context
 from probe.model import Failure, Operation, ProbeResult
-from probe.probes import PROBES, transfer
-from probe.probes.transfer import parse_params
+from probe.probes import REGISTRY, transfer
+from probe.probes.transfer import TransferParams
 from tests.helpers import refusing_port, settings, target
 
 HOST = "bulk.test"
@@ -74,7 +74,7 @@ def _conns(result: ProbeResult, key: str = "connections") -> list[dict[str, Any]
 
 
 def test_transfer_is_registered() -> None:
-    assert PROBES["transfer"] is transfer.probe
+    assert REGISTRY["transfer"].run is transfer.probe
 
 
 @pytest.mark.parametrize(
@@ -380,11 +380,11 @@ async def test_closed_port_is_connection_refused(ca_file: str) -> None:
 )
 def test_invalid_params_are_rejected(params: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
-        parse_params(params)
+        TransferParams.parse(params)
 
 
 def test_default_params() -> None:
-    p = parse_params({})
+    p = TransferParams.parse({})
     assert (p.path, p.connections, p.max_bytes, p.upload_bytes) == ("/", 3, 1024 * KIB, 0)
     assert (p.throttle_kbps, p.throttle_min_bytes, p.stall_max_bytes) == (300.0, 64 * KIB, 64 * KIB)
 

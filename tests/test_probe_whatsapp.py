@@ -6,7 +6,7 @@ import pytest
 
 from probe.lab.servers.noise import NoiseMode, NoiseServer
 from probe.model import Failure, Operation, ProbeResult
-from probe.probes import PROBES, whatsapp
+from probe.probes import REGISTRY, whatsapp
 from probe.wire import WireError
 from tests.helpers import refusing_port, settings, target
 
@@ -37,7 +37,9 @@ async def test_well_formed_server_hello_is_success(host: str) -> None:
 async def test_each_probe_sends_a_fresh_ephemeral_key(host: str) -> None:
     async with NoiseServer(host, 0) as server:
         for _ in range(2):
-            result = await PROBES["whatsapp"](target("whatsapp", host, server.port), settings())
+            result = await REGISTRY["whatsapp"].run(
+                target("whatsapp", host, server.port), settings()
+            )
             assert result.ok
     assert server.hellos[0][1] != server.hellos[1][1]
 
@@ -49,10 +51,10 @@ async def test_header_version_is_a_param(host: str) -> None:
 
 
 async def test_invalid_version_param_is_a_config_bug_raised_before_connecting(host: str) -> None:
+    # parsed once, where the config loader parses it: a probe never sees a bad version
     async with NoiseServer(host, 0) as server:
-        t = target("whatsapp", host, server.port, params={"wa_version": [6, 999]})
         with pytest.raises(ValueError, match="wa_version") as info:
-            await whatsapp.probe(t, settings())
+            target("whatsapp", host, server.port, params={"wa_version": [6, 999]})
     assert not isinstance(info.value, WireError)  # would be misread as the peer's bad_response
     assert server.accepted == 0
 

@@ -4,6 +4,9 @@ its per-destination bookkeeping."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -11,7 +14,10 @@ from probe.config.settings import ProbeSettings, SwapSettings
 from probe.lab.servers.stun import StunServer
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.model import Failure, Operation, ProbeResult, Target, VantageState, freeze, utcnow
+from probe.probes import REGISTRY
 from probe.probes.base import Recorder
+from probe.probes.params import ParamError
+from probe.probes.tls import TLSParams
 from probe.round import (
     MAX_ADDRESSES_PER_FAMILY,
     SLOW_PATH_FLAG,
@@ -21,6 +27,7 @@ from probe.round import (
     measure_endpoint,
     probe_deadline,
 )
+from probe.swaps import followups
 from tests.helpers import endpoint, settings, target
 
 # Every timeout tiny, so the runner's generic safety cap is well under a second; a probe
@@ -39,14 +46,22 @@ TINY = {
 
 
 def tiny() -> ProbeSettings:
-    s = settings(**TINY)
-    assert probe_deadline(s) < 1.2
-    return s
+    return settings(**TINY)
+
+
+def test_each_probe_has_its_own_cap() -> None:
+    # one cap for all would let a hung tcp connect sit as long as a 20-connection transfer
+    s = tiny()
+    caps = {name: probe_deadline(s, target(name)) for name in REGISTRY}
+    assert all(cap < 4 for cap in caps.values()), caps
+    assert caps["tcp"] < caps["tls"]  # a tls run may connect and handshake twice
+    assert caps["transfer"] < probe_deadline(s, target("transfer", params={"connections": 20}))
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 async def test_a_tcp_hold_longer_than_the_cap_is_not_cut(host: str) -> None:
     s = tiny()
+    assert probe_deadline(s, target("tcp")) < 1.5  # without the hold
     async with TCPServer(host, mode=TCPMode.HOLD) as server:
         tgt = target("tcp", host, server.port, params={"hold_s": 1.5})
         result = await Runner(s).one(tgt)
@@ -57,6 +72,7 @@ async def test_a_tcp_hold_longer_than_the_cap_is_not_cut(host: str) -> None:
 
 async def test_a_stun_flow_longer_than_the_cap_is_not_cut() -> None:
     s = tiny()
+    assert probe_deadline(s, target("stun")) < 1.5  # a binding's cap
     async with StunServer("127.0.0.1", behavior="echo") as server:
         params = {"mode": "flow", "duration_s": 1.5, "rate_pps": 20}
         result = await Runner(s).one(target("stun", "127.0.0.1", server.port, params=params))
@@ -69,14 +85,23 @@ def test_the_cap_covers_every_transfer_connection() -> None:
     t = s.timeouts
     down = target("transfer", params={"connections": 20})
     both = target("transfer", params={"connections": 20, "upload_bytes": 1024})
-    assert probe_deadline(s, down) >= 20 * t.transfer_s + probe_deadline(s)
-    assert probe_deadline(s, both) >= 40 * t.transfer_s + probe_deadline(s)
+    assert probe_deadline(s, down) >= 20 * t.transfer_s + probe_deadline(s, target("tcp"))
+    assert probe_deadline(s, both) >= 40 * t.transfer_s + probe_deadline(s, target("tcp"))
 
 
-def test_bad_params_leave_the_generic_cap() -> None:
-    # the probe itself rejects them (and run_guarded reports it); the cap must not crash
+def test_the_cap_follows_a_follow_ups_params() -> None:
+    # a stun/random_udp runs the control before the requests: its own udp_s on top
     s = tiny()
-    assert probe_deadline(s, target("tcp", params={"hold_s": "long"})) == probe_deadline(s)
+    first = target("stun", "192.0.2.1", 3478)
+    failed = Recorder(first).fail(Failure.UDP_NO_RESPONSE, Operation.READ)
+    (control,) = [t for t in followups([failed]) if t.variant == "random_udp"]
+    assert probe_deadline(s, control) >= probe_deadline(s, first) + s.timeouts.udp_s
+
+
+def test_bad_params_fail_when_the_target_is_built_never_at_run_time() -> None:
+    # parsed once, as the config loader does: nothing unparsed reaches the runner
+    with pytest.raises(ParamError, match="hold_s: must be a number"):
+        target("tcp", params={"hold_s": "long"})
 
 
 async def test_the_cap_still_ends_a_probe_that_overruns() -> None:
@@ -90,7 +115,40 @@ async def test_the_cap_still_ends_a_probe_that_overruns() -> None:
 
         result = await Runner(s, probes={"tcp": stuck}).one(tgt)
     assert result.failure == Failure.GENERIC_TIMEOUT
-    assert result.duration_s < probe_deadline(s) + 0.5
+    assert result.duration_s < probe_deadline(s, tgt) + 0.5
+
+
+@contextlib.contextmanager
+def _silent_udp() -> Iterator[int]:
+    """A bound UDP port that reads nothing and answers nothing (no ICMP either)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+# Every probe against a peer that never answers: its own clocks end it, with its own
+# phases and evidence; the runner's cap (a bare timeout, no phase) must not.
+_SILENT_TCP = ("tls", "mtproto", "whatsapp", "transfer")
+_SILENT_UDP = ("quic", "quic_vn", "stun", "dns")
+
+
+@pytest.mark.parametrize("name", [*_SILENT_TCP, *_SILENT_UDP])
+async def test_a_silent_peer_is_the_probes_own_timeout_not_the_cap(name: str) -> None:
+    s = settings(**{**TINY, "tls_s": 0.2, "app_s": 0.2, "quic_s": 0.2, "udp_s": 0.2})
+    runner = Runner(s)
+    if name in _SILENT_TCP:
+        async with TCPServer("127.0.0.1", mode=TCPMode.HOLD) as server:
+            result = await runner.one(target(name, "127.0.0.1", server.port))
+    else:
+        with _silent_udp() as port:
+            if name == "dns":
+                tgt = target("dns", None, host="lab.example", resolver=f"udp:127.0.0.1:{port}")
+            else:
+                tgt = target(name, "127.0.0.1", port)
+            result = await runner.one(tgt)
+    assert not result.ok
+    assert result.phases, (result.failure, result.duration_s)  # the cap's result has none
+    assert result.duration_s < probe_deadline(s, result.target)
 
 
 class _Counting:
@@ -207,7 +265,7 @@ async def test_the_neutral_sni_comes_from_the_config_per_service() -> None:
     seen: list[str | None] = []
 
     async def tls(t: Target, s: ProbeSettings) -> ProbeResult:
-        seen.append(t.params.get("sni"))
+        seen.append(TLSParams.of(t).sni)
         if t.variant:
             return Recorder(t).ok()
         return Recorder(t).fail(Failure.CONNECTION_RESET, Operation.TLS_HANDSHAKE)

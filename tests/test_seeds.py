@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ipaddress
-from dataclasses import fields
+from dataclasses import FrozenInstanceError, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import probe.probes
 from probe.config.loader import TOP_KEYS, ConfigError, load_config
 from probe.config.seeds import (
     CONFIDENCES,
@@ -32,9 +31,15 @@ from probe.config.seeds import (
 )
 from probe.config.settings import Resolvers, Schedule, Timeouts, TLSOptions
 from probe.config.strict_yaml import parse_text
+from probe.evidence import EVIDENCE
 from probe.model import Vantage, freeze
+from probe.probes import REGISTRY
+from probe.probes.dns import DnsParams
 from probe.probes.params import ParamError
+from probe.probes.quic_vn import QuicVnParams
 from probe.probes.stun import StunParams
+from probe.probes.tcp import TcpParams
+from probe.probes.tls import TLSParams
 from probe.probes.transfer import TransferParams
 
 TESTDATA = Path(__file__).parent / "testdata"
@@ -118,8 +123,8 @@ def test_every_invalid_seed_testdata_file_has_an_expected_message() -> None:
     assert on_disk == {row[0] for row in INVALID}
 
 
-# Probe params are checked at load time by each probe's own validator
-# (`probe.probes.PARAMS`), so these use the real registry.  (file, line, field, message)
+# Probe params are parsed at load time by each probe's own params class
+# (`probe.probes.REGISTRY`), so these use the real registry.  (file, line, field, message)
 INVALID_PARAMS: list[tuple[str, int, str, str]] = [
     ("invalid-params-dns.yaml", 11, "endpoints[0].probes[0].dns.resolver",
      "unknown param 'resolver' (dns takes no params)"),
@@ -167,8 +172,15 @@ def test_every_invalid_params_testdata_file_has_an_expected_message() -> None:
     assert on_disk == {row[0] for row in INVALID_PARAMS}
 
 
-def test_every_probe_with_a_validator_and_a_validator_for_every_probe() -> None:
-    assert set(probe.probes.PARAMS) == set(probe.probes.PROBES)
+def test_every_registry_entry_is_named_for_its_key_its_params_and_its_evidence() -> None:
+    assert set(REGISTRY) == set(EVIDENCE)  # one evidence class per probe, no other
+    for name, entry in REGISTRY.items():
+        assert entry.name == name == entry.params.PROBE == entry.evidence.PROBE
+        assert entry.evidence is EVIDENCE[name]
+        assert entry.parse({}) == entry.params()  # the defaults parse from nothing
+    # the transport comes from the evidence classes, the one place that says it
+    udp = {name for name, entry in REGISTRY.items() if entry.transport == "udp"}
+    assert udp == {"dns", "quic", "quic_vn", "stun"}
 
 
 def test_a_param_error_in_the_config_services_block_uses_the_config_path(
@@ -204,7 +216,13 @@ endpoints:
 """
 
 
-def test_a_validator_naming_a_key_not_in_the_file_points_at_the_params(
+def _parse_with(monkeypatch: pytest.MonkeyPatch, parse: Any) -> None:
+    """Stand ``parse(params)`` in for the tcp params parser."""
+    stand_in = classmethod(lambda _cls, params, base=None: parse(params))
+    monkeypatch.setattr(TcpParams, "parse", stand_in)
+
+
+def test_a_parser_naming_a_key_not_in_the_file_points_at_the_params(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # e.g. a limit on a combination where one side is a default: the field names the
@@ -212,7 +230,7 @@ def test_a_validator_naming_a_key_not_in_the_file_points_at_the_params(
     def strict(params: Any) -> None:
         raise ParamError("tcp", "linger_s", "must be set with hold_s")
 
-    monkeypatch.setitem(probe.probes.PARAMS, "tcp", strict)
+    _parse_with(monkeypatch, strict)
     with pytest.raises(ConfigError) as info:
         _decode(_LAB_ENDPOINT)
     assert (
@@ -221,13 +239,13 @@ def test_a_validator_naming_a_key_not_in_the_file_points_at_the_params(
     )
 
 
-def test_a_plain_value_error_from_a_validator_points_at_the_params(
+def test_a_plain_value_error_from_a_parser_points_at_the_params(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def plain(params: Any) -> None:
         raise ValueError("tcp: hold_s and a port 443 do not mix")
 
-    monkeypatch.setitem(probe.probes.PARAMS, "tcp", plain)
+    _parse_with(monkeypatch, plain)
     with pytest.raises(ConfigError) as info:
         _decode(_LAB_ENDPOINT)
     assert str(info.value) == (
@@ -235,15 +253,27 @@ def test_a_plain_value_error_from_a_validator_points_at_the_params(
     )
 
 
-def test_a_bare_probe_name_is_validated_with_empty_params(
+def test_a_bare_probe_name_is_parsed_with_empty_params(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: list[dict[str, Any]] = []
-    monkeypatch.setitem(probe.probes.PARAMS, "tcp", lambda params: seen.append(dict(params)))
+
+    def parse(params: Any) -> TcpParams:
+        seen.append(dict(params))
+        return TcpParams()
+
+    _parse_with(monkeypatch, parse)
     _decode(_LAB_ENDPOINT.replace("- tcp: {hold_s: 1}", "- tcp"))
     _decode(_LAB_ENDPOINT.replace("- tcp: {hold_s: 1}", "- tcp:"))
     _decode(_LAB_ENDPOINT)
     assert seen == [{}, {}, {"hold_s": 1}]
+
+
+def test_params_are_parsed_once_at_load_into_the_probes_typed_params() -> None:
+    (ep,) = _decode(_LAB_ENDPOINT).endpoints
+    assert ep.spec("tcp").params == TcpParams(hold_s=1.0)
+    (bare,) = _decode(_LAB_ENDPOINT.replace("- tcp: {hold_s: 1}", "- tcp")).endpoints
+    assert bare.spec("tcp").params == TcpParams()
 
 
 def test_valid_params_of_every_probe_load() -> None:
@@ -272,7 +302,7 @@ endpoints:
     )
     (ep,) = service.endpoints
     assert [s.name for s in ep.probes][-1] == "transfer"
-    assert ep.spec("quic_vn").params["version"] == "0xbabababa"  # kept as written
+    assert ep.spec("quic_vn").params == QuicVnParams(0xBABABABA)  # parsed, typed
 
 
 def test_a_seed_error_in_the_config_services_block_uses_the_config_path(tmp_path: Path) -> None:
@@ -409,7 +439,7 @@ def test_call_relays_are_udp_stun_samples_inside_the_service_prefixes() -> None:
                 True,
                 ["stun"],
             ), ep.name
-            stun = StunParams.from_mapping(ep.spec("stun").params)  # type: ignore[union-attr]
+            stun = StunParams.of(ep.spec("stun"))  # type: ignore[arg-type]
             assert stun.username is None  # no source gives a relay credential
             if stun.mode == "binding":
                 assert stun.count == 3
@@ -423,9 +453,9 @@ def test_each_messenger_has_one_bulk_object_on_its_web_host() -> None:
     for name, host in (("whatsapp", "web.whatsapp.com"), ("telegram", "web.telegram.org")):
         bulk = [ep for ep in load_shipped(name).endpoints if ep.spec("transfer")]
         assert [ep.host for ep in bulk] == [host]
-        params = bulk[0].spec("transfer").params  # type: ignore[union-attr]
-        assert params["path"].startswith("/") and params["path"] != "/"
-        assert params["connections"] == 3
+        params = TransferParams.of(bulk[0].spec("transfer"))  # type: ignore[arg-type]
+        assert params.path.startswith("/") and params.path != "/"
+        assert params.connections == 3
 
 
 def test_quic_vn_only_beside_quic() -> None:
@@ -481,21 +511,29 @@ endpoints:
       - dns
       - tcp:
       - tls: {ports: [443], alpn: [h2, http/1.1]}
-      - lab-probe: {extra: {value: x}}
     source: lab
     confidence: C
 """,
-        PROBES | {"lab-probe"},  # a name the registry lacks: no validator, params as given
     )
     (ep,) = service.endpoints
-    dns, tcp, tls, lab = ep.probes
-    assert (dns.name, dns.ports, dict(dns.params)) == ("dns", None, {})
-    assert (tcp.name, tcp.ports, dict(tcp.params)) == ("tcp", None, {})
+    dns, tcp, tls = ep.probes
+    assert (dns.name, dns.ports, dns.params) == ("dns", None, DnsParams())
+    assert (tcp.name, tcp.ports, tcp.params) == ("tcp", None, TcpParams())
     assert (tls.name, tls.ports) == ("tls", (443,))
-    assert tls.params["alpn"] == ("h2", "http/1.1")
-    assert lab.params["extra"]["value"] == "x"
-    with pytest.raises(TypeError):
-        lab.params["extra"]["value"] = "y"  # type: ignore[index]
+    assert tls.params == TLSParams(alpn=("h2", "http/1.1"))
+    with pytest.raises(FrozenInstanceError):
+        tls.params.alpn = ("h3",)  # type: ignore[misc,union-attr]
+
+
+def test_a_probe_name_the_registry_lacks_is_an_error_even_when_allowed() -> None:
+    # a caller's own probe_names cannot run a probe nothing parses the params of
+    text = _LAB_ENDPOINT.replace("- tcp: {hold_s: 1}", "- lab-probe: {extra: 1}")
+    with pytest.raises(ConfigError) as info:
+        _decode(text, PROBES | {"lab-probe"})
+    assert str(info.value) == (
+        "mem.yaml:9: endpoints[0].probes[0].lab-probe: probe 'lab-probe' is not in the "
+        "probe registry"
+    )
 
 
 def test_yaml_anchors_and_merge_keys_work() -> None:
@@ -658,7 +696,7 @@ def test_the_unmutated_seed_used_for_fuzzing_is_valid() -> None:
 
 # Every key some validator knows, plus one none does: random values then reach every check.
 _PARAM_KEYS = sorted(
-    {"hold_s", "sni", "alpn", "version", "wa_version", "x"}
+    {"hold_s", "sni", "alpn", "shape", "split_hello", "version", "wa_version", "x"}
     | set(StunParams.__dataclass_fields__)
     | set(TransferParams.__dataclass_fields__)
 )
@@ -673,13 +711,18 @@ _PARAM_VALUES = st.one_of(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.sampled_from(sorted(probe.probes.PARAMS)),
+    st.sampled_from(sorted(REGISTRY)),
     st.dictionaries(st.sampled_from(_PARAM_KEYS), _PARAM_VALUES, max_size=4),
+    st.dictionaries(st.sampled_from(_PARAM_KEYS), _PARAM_VALUES, max_size=2),
 )
-def test_a_params_validator_returns_or_raises_param_error_only(
-    name: str, params: dict[str, Any]
+def test_a_params_parser_returns_its_params_or_raises_param_error_only(
+    name: str, params: dict[str, Any], overrides: dict[str, Any]
 ) -> None:
     # Whatever the YAML holds, the loader must see a ParamError (-> ConfigError), never
-    # a TypeError or OverflowError escaping as a traceback.
+    # a TypeError or OverflowError escaping as a traceback; and overrides over parsed
+    # params (a follow-up's) go through the same checks.
+    entry = REGISTRY[name]
     with contextlib.suppress(ParamError):
-        probe.probes.PARAMS[name](freeze(params))
+        parsed = entry.parse(freeze(params))
+        assert isinstance(parsed, entry.params)
+        assert isinstance(entry.parse(freeze(overrides), parsed), entry.params)

@@ -23,7 +23,11 @@ from probe.model import (
     freeze,
 )
 from probe.output import json_lines, table
+from probe.probes import REGISTRY
 from probe.probes.base import Recorder
+from probe.probes.quic_vn import QuicVnParams
+from probe.probes.stun import StunParams
+from probe.probes.tls import TLSParams
 from probe.round import run_round
 from probe.swaps import DEFAULT_NEUTRAL_SNI, followups
 from probe.verdict.vocabulary import Verdict
@@ -52,7 +56,11 @@ def failed(
     ep: Endpoint = EP,
     overrides: dict[str, Any] | None = None,
 ) -> ProbeResult:
-    target = Target(ep, probe, address, port, resolver, "system", variant, freeze(overrides or {}))
+    spec = ep.spec(probe)
+    params = REGISTRY[probe].parse(overrides, spec.params if spec else None) if overrides else None
+    target = Target(
+        ep, probe, address, port, resolver, "system", variant, freeze(overrides or {}), params
+    )
     return Recorder(target).fail(failure, op)
 
 
@@ -81,9 +89,12 @@ def test_tls_reset_in_handshake_gets_a_neutral_sni_swap_and_a_repeat() -> None:
     swap = next(t for t in out if t.variant == "neutral_sni")
     assert (swap.address, swap.port, swap.address_source) == (A, 443, "system")
     # the override replaces only the SNI: the spec's other params stay
-    assert swap.params == {"alpn": ["h2"], "sni": DEFAULT_NEUTRAL_SNI}
+    assert swap.params == TLSParams(alpn=("h2",), sni=DEFAULT_NEUTRAL_SNI, sni_given=True)
+    assert swap.overrides == {"sni": DEFAULT_NEUTRAL_SNI}  # for the record
     repeat = next(t for t in out if t.variant == "repeat")
-    assert repeat.params == {"alpn": ["h2"]} and repeat.key() != swap.key()
+    assert repeat.params == TLSParams(alpn=("h2",)) and repeat.key() != swap.key()
+    shape = next(t for t in out if t.variant == "other_shape")
+    assert shape.params == TLSParams(alpn=("h2",), shape="alt")
 
 
 def test_every_handshake_interference_triggers_the_swap_but_certificates_do_not() -> None:
@@ -105,7 +116,8 @@ def test_neutral_name_is_configurable_and_never_swapped_for_itself() -> None:
     out = followups(
         [failed("tls", "connection_reset", Operation.TLS_HANDSHAKE)], neutral_sni="neutral.test"
     )
-    assert next(t for t in out if t.variant == "neutral_sni").params["sni"] == "neutral.test"
+    swap = next(t for t in out if t.variant == "neutral_sni")
+    assert TLSParams.of(swap).sni == "neutral.test"
     already = failed(
         "tls", "connection_reset", Operation.TLS_HANDSHAKE, overrides={"sni": "neutral.test"}
     )
@@ -127,7 +139,7 @@ def test_quic_failure_gets_a_version_negotiation_swap() -> None:
     vn = next(t for t in out if t.probe == "quic_vn")
     assert (vn.probe, vn.address, vn.port) == ("quic_vn", A, 443)
     # the endpoint has no quic_vn spec: the target is made anyway, with default params
-    assert EP.spec("quic_vn") is None and vn.params == {}
+    assert EP.spec("quic_vn") is None and QuicVnParams.of(vn) == QuicVnParams()
 
 
 def test_quic_swap_is_skipped_when_quic_vn_already_ran_or_the_handshake_got_through() -> None:
@@ -175,7 +187,7 @@ def test_stun_silence_gets_the_random_udp_control() -> None:
     silent = failed("stun", "udp_no_response", Operation.READ, port=3478)
     out = followups([silent])
     assert labels(out) == ["stun/random_udp"]
-    assert out[0].params["control"] is True and out[0].port == 3478
+    assert out[0].params == StunParams(control=True) and out[0].port == 3478
     flow_ep = endpoint(
         "g.example", probes={"stun": {"mode": "flow"}}, ports=(3478,), service="svc", name="g"
     )
@@ -186,6 +198,16 @@ def test_stun_silence_gets_the_random_udp_control() -> None:
         "stun", "udp_no_response", Operation.READ, port=3478, overrides={"control": True}
     )
     assert followups([with_control]) == []
+
+
+def test_overrides_are_parsed_when_planned_and_never_dropped() -> None:
+    # planned: over the endpoint's params, once; a hand-built target whose overrides were
+    # never parsed would run without them, so it refuses to say what its params are
+    out = followups([failed("stun", "udp_no_response", Operation.READ, port=3478)])
+    assert out[0].variant_params == StunParams(control=True)
+    hand_built = Target(EP, "stun", A, 3478, variant="random_udp", overrides={"control": True})
+    with pytest.raises(ValueError, match="overrides without parsed variant_params"):
+        StunParams.of(hand_built)
 
 
 def test_app_failures_are_repeated_once() -> None:

@@ -116,7 +116,7 @@ def load_config(
     """Load and validate a config file (None = the embedded default) and its seed lists.
 
     ``probe_names`` restricts the probe names endpoints may use; by default the
-    keys of `probe.probes.PROBES` (see `probe.config.seeds.known_probes`).
+    keys of `probe.probes.REGISTRY` (see `probe.config.seeds.known_probes`).
     Raises `ConfigError` for anything wrong, never another exception for bad input.
     """
     names = frozenset(probe_names) if probe_names is not None else known_probes()
@@ -306,6 +306,8 @@ def _tls(n: Node, base_dir: Path) -> TLSOptions:
 
 def _swaps(n: Node) -> SwapSettings:
     m = n.mapping(_keys(SwapSettings))
+    # a hostname: what the tls probe's ``sni`` param takes, so the swap's override
+    # (parsed when the swap is planned, `probe.swaps`) cannot fail a round
     neutral = m["neutral_sni"].hostname() if "neutral_sni" in m else SwapSettings.neutral_sni
     per_service = {}
     if "per_service" in m:

@@ -13,18 +13,20 @@ go stale, and a reviewer must be able to re-check each line.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import re
 from collections.abc import Callable, Collection, Mapping
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yaml.nodes import MappingNode
 
-from ..model import ROLES, Endpoint, ProbeSpec, Service, freeze
+from ..model import ROLES, Endpoint, ProbeParams, ProbeSpec, Service
 from .strict_yaml import ConfigError, KeyedNode, Node, did_you_mean, parse_file, parse_text
+
+if TYPE_CHECKING:
+    from ..probes import ProbeType
 
 __all__ = [
     "CONFIDENCES",
@@ -35,8 +37,6 @@ __all__ = [
     "prefix_warnings",
     "shipped_seeds",
 ]
-
-log = logging.getLogger(__name__)
 
 CONFIDENCES = ("C", "I", "U")
 TRANSPORTS = ("tcp", "udp")
@@ -64,44 +64,21 @@ _ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # Probes that query DNS for the endpoint's hostname: meaningless on an IP literal.
 _NEEDS_HOSTNAME = frozenset({"dns"})
 
-# Used only while the probe registry cannot be imported yet (a probe module still
-# missing during bring-up).  These are the probes the shipped seeds rely on.
-_BRINGUP_PROBES = frozenset({"dns", "tcp", "tls"})
-
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-# A probe's params validator (`probe.probes.params`): the parsed params, or ValueError.
-ParamValidator = Callable[[Mapping[str, Any]], object]
 
 
 def known_probes() -> frozenset[str]:
-    """Probe names a config may use: the keys of `probe.probes.PROBES`.
-
-    Imported lazily: the registry imports every probe module, which the config
-    loader must not need at import time.  If a probe module of the registry
-    itself is missing (bring-up), fall back to dns/tcp/tls with a warning; any
-    other import error is a bug and propagates.
-    """
-    return frozenset(_registry()[0])
+    """Probe names a config may use: the keys of `probe.probes.REGISTRY`."""
+    return frozenset(_registry())
 
 
-def param_validators() -> Mapping[str, ParamValidator]:
-    """Each probe's params validator (`probe.probes.PARAMS`); empty during bring-up."""
-    return _registry()[1]
+def _registry() -> Mapping[str, ProbeType[Any]]:
+    # Imported on first use: the registry imports every probe module (aioquic,
+    # cryptography), which importing the config package alone does not need.  A probe
+    # module that fails to import is a bug: it propagates.
+    from ..probes import REGISTRY
 
-
-def _registry() -> tuple[Collection[str], Mapping[str, ParamValidator]]:
-    try:
-        from ..probes import PARAMS, PROBES
-    except ImportError as exc:
-        if not (exc.name or "").startswith("probe.probes"):
-            raise
-        log.warning(
-            "probe registry not importable (%s); accepting probe names %s",
-            exc,
-            ", ".join(sorted(_BRINGUP_PROBES)),
-        )
-        return _BRINGUP_PROBES, {}
-    return PROBES, PARAMS
+    return REGISTRY
 
 
 def shipped_seeds() -> dict[str, Traversable]:
@@ -274,13 +251,11 @@ def _probes(
 
 
 def _probe(item: Node, ports: tuple[int, ...], probe_names: frozenset[str]) -> ProbeSpec:
-    """``tcp`` or ``{tcp: {ports: [443], <params>}}`` -> `ProbeSpec`, params validated."""
+    """``tcp`` or ``{tcp: {ports: [443], <params>}}`` -> `ProbeSpec`, params parsed."""
     if not isinstance(item.node, MappingNode):
         name = item.as_str()
         _check_probe_name(name, item, item.line, probe_names)
-        spec = ProbeSpec(name)
-        _check_params(spec, item, {})
-        return spec
+        return ProbeSpec(name, None, _parse_params(name, item, {}))
     entries = item.free_mapping()
     if len(entries) != 1:
         item.fail(
@@ -292,27 +267,25 @@ def _probe(item: Node, ports: tuple[int, ...], probe_names: frozenset[str]) -> P
     spec_ports: tuple[int, ...] | None = None
     if "ports" in params:
         spec_ports = tuple(params.pop("ports").unique_list_of(_port_in(ports), nonempty=True))
-    spec = ProbeSpec(name, spec_ports, freeze({k: v.plain() for k, v in params.items()}))
-    _check_params(spec, body, params)
-    return spec
+    return ProbeSpec(name, spec_ports, _parse_params(name, body, params))
 
 
-def _check_params(spec: ProbeSpec, where: Node, nodes: Mapping[str, KeyedNode]) -> None:
-    """Run the probe's params validator now, so a bad param fails the load, not every round.
+def _parse_params(name: str, where: Node, nodes: Mapping[str, KeyedNode]) -> ProbeParams:
+    """Parse the probe's params into its typed params now, once: a bad param fails the
+    load, not every round, and the probe reads attributes.
 
     The error points at the offending key's line (``...probes[1].transfer.max_bytes``)
     when the `ParamError` names a key written in the file.  A named key the file does
     not set (a clash with its default) is still the field, at the probe's line; a plain
-    ValueError points at the probe's params (``...probes[1].transfer``).  A name the
-    registry does not know (a caller's own ``probe_names``) has no validator.
+    ValueError points at the probe's params (``...probes[1].transfer``).
     """
-    validate = param_validators().get(spec.name)
-    if validate is None:
-        return
+    probe_type = _registry().get(name)
+    if probe_type is None:  # a caller's own ``probe_names`` allowed it
+        where.fail(f"probe {name!r} is not in the probe registry")
     from ..probes.params import ParamError  # lazy, like the registry it belongs to
 
     try:
-        validate(spec.params)
+        parsed: ProbeParams = probe_type.parse({k: v.plain() for k, v in nodes.items()})
     except ValueError as exc:
         key, message = (exc.key, exc.message) if isinstance(exc, ParamError) else (None, str(exc))
         node = nodes.get(key) if key is not None else None
@@ -320,6 +293,7 @@ def _check_params(spec: ProbeSpec, where: Node, nodes: Mapping[str, KeyedNode]) 
             raise ConfigError(node.file, node.key_line, node.path, message) from None
         field = where.child_path(key) if key is not None else where.field
         raise ConfigError(where.file, where.line, field, message) from None
+    return parsed
 
 
 def _check_probe_name(name: str, item: Node, line: int, probe_names: frozenset[str]) -> None:

@@ -1016,16 +1016,33 @@ class FlowCutoff(NftBehaviour):
 @dataclass(eq=False)
 class Delay(QueueBehaviour):
     """Added latency (no netem here): packets to/from ``addresses`` go through NFQUEUE to a
-    handler (`probe.lab.nfq` ``delay``) that holds each for ``ms`` milliseconds, in
-    order.  Not a censor behaviour of its own: a slow path to compare against."""
+    handler (`probe.lab.nfq` ``delay``) that holds each ``ms`` milliseconds from the moment
+    the censor received it.  Not a censor behaviour of its own: a slow path to compare
+    against.  `synacks` says, per connection, the delay its SYN-ACK really got.
+    ``realtime``: run the handler under SCHED_FIFO (its releases then keep time on a busy
+    machine; it falls back to the normal policy where that is not allowed)."""
 
     id: ClassVar[str] = "net"
     ms: float = 100.0
     addresses: Sequence[str] = ()
     direction: Direction = "down"
+    realtime: bool = True
 
     def handler_spec(self) -> dict[str, Any]:
-        return {"mode": "delay", "delay_ms": self.ms}
+        return {"mode": "delay", "delay_ms": self.ms, "realtime": self.realtime}
+
+    def synacks(self) -> list[dict[str, Any]]:
+        """The SYN-ACKs delayed since the last call, one record each: ``server``,
+        ``server_port``, ``client``, ``client_port``, ``held_us`` (the delay it got, from
+        the censor's kernel receiving it to the release), ``late_us`` (held - ``ms``),
+        ``wait_us`` (how long it waited for the handler to read it), ``kernel_stamp``
+        (false: the kernel gave no receive stamp, held counts from the handler reading
+        it), ``verdict_us`` (the release call's duration: the bound on how much after
+        its release the client saw it)."""
+        if self.handler is None:
+            raise LabError("delay is not applied")
+        answer = self.handler.command({"cmd": "log"})
+        return list(answer["synacks"])
 
     def rules(self, censor: Censor, chain: str, family: int) -> list[str]:
         out = []

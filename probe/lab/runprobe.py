@@ -1,7 +1,7 @@
 """``python -m probe.lab.runprobe JOB``: run ONE real probe and print its JSON record.
 
 The lab runs it inside a vantage namespace (`probe.lab.topology.Lab.probe`), so a probe
-from `probe.probes.PROBES` runs unmodified behind the censor.  ``probe once`` does the
+from `probe.probes.REGISTRY` runs unmodified behind the censor.  ``probe once`` does the
 same for a whole configured round; this entry point exists so a test can aim one probe
 at one lab address without writing a config file.  JOB is JSON::
 
@@ -34,9 +34,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..config.settings import ProbeSettings, Resolvers, Timeouts, TLSOptions
-from ..model import Endpoint, ProbeSpec, Target, freeze
+from ..model import Endpoint, ProbeSpec, Target
 from ..output import result_record
-from ..probes import PROBES
+from ..probes import REGISTRY
 from ..probes.base import run_guarded
 
 __all__ = ["main", "target_of"]
@@ -65,8 +65,9 @@ def target_of(job: Mapping[str, Any]) -> tuple[Target, ProbeSettings]:
     if unknown:
         raise ValueError(f"unknown job keys {unknown}")
     name = str(job["probe"])
-    if name not in PROBES:
-        raise ValueError(f"unknown probe {name!r}; known: {sorted(PROBES)}")
+    if name not in REGISTRY:
+        raise ValueError(f"unknown probe {name!r}; known: {sorted(REGISTRY)}")
+    probe_type = REGISTRY[name]
     address = job.get("address")
     port = job.get("port")
     host = str(job.get("host") or address or "localhost")
@@ -76,9 +77,11 @@ def target_of(job: Mapping[str, Any]) -> tuple[Target, ProbeSettings]:
         name=host,
         host=host,
         ports=(int(port),) if port else (),
-        transport=job.get("transport", "udp" if name in ("stun", "quic", "quic_vn") else "tcp"),
+        # what the probe speaks to the endpoint; dns speaks to a resolver: the seed default
+        transport=job.get("transport", "tcp" if name == "dns" else probe_type.transport),
         role="signalling",
-        probes=(ProbeSpec(name, None, freeze(job.get("params", {}))),),
+        # a bad param is a bad job: ParamError is a ValueError
+        probes=(ProbeSpec(name, None, probe_type.parse(job.get("params", {}))),),
         prefixes=prefixes,
         source="lab",
         confidence="C",
@@ -101,7 +104,7 @@ def target_of(job: Mapping[str, Any]) -> tuple[Target, ProbeSettings]:
 
 async def _run(job: Mapping[str, Any]) -> dict[str, Any]:
     target, settings = target_of(job)
-    result = await run_guarded(PROBES[target.probe], target, settings)
+    result = await run_guarded(REGISTRY[target.probe].run, target, settings)
     return result_record(result, "lab", "online")
 
 

@@ -1,57 +1,88 @@
-"""One module per probe type, one signature (`base.ProbeFn`), one registry.
+"""One module per probe type, one signature (`base.ProbeFn`), one registry entry each.
 
-Like blackbox_exporter's ``Probers`` map: the config validator, the round runner
-and the docs all read `PROBES`; adding a probe type means adding a module and a
-line here.  `PARAMS` holds each probe's params validator (see `probe.probes.params`):
-the config loader runs it on every probe spec at load time, and the probes that
-take params parse them with the same function at run time, so both agree.
-`EXTRA_TIME` lets the round runner's safety cap leave room for what params ask for.
+Like blackbox_exporter's ``Probers`` map, `REGISTRY` is the one place that knows the
+probe types: the config loader (names, params), the round runner (run, time budget)
+and the docs read it.  Adding a probe type means adding a module, its evidence class
+(`probe.evidence`, which says its transport) and one `ProbeType` line here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Generic, TypeVar
 
-from ..config.settings import Timeouts
+from .. import evidence as ev
+from ..config.settings import ProbeSettings
+from ..evidence import Evidence, Transport
+from ..model import ProbeParams, ProbeSpec, Target
 from . import dns, mtproto, quic, quic_vn, stun, tcp, tls, transfer, whatsapp
 from .base import ProbeFn
-from .params import ParamValidator, no_params
 
-PROBES: dict[str, ProbeFn] = {
-    "dns": dns.probe,
-    "tcp": tcp.probe,
-    "tls": tls.probe,
-    "mtproto": mtproto.probe,
-    "whatsapp": whatsapp.probe,
-    "quic": quic.probe,
-    "quic_vn": quic_vn.probe,
-    "stun": stun.probe,
-    "transfer": transfer.probe,
-}
+__all__ = ["REGISTRY", "ProbeType"]
 
-# Every key of PROBES, no other (tests/test_seeds.py checks it).  A validator returns
-# the parsed params or raises `params.ParamError` naming the offending key.
-PARAMS: dict[str, ParamValidator] = {
-    "dns": no_params("dns"),  # the resolvers come from the config, not from params
-    "tcp": tcp.parse_params,
-    "tls": tls.parse_params,
-    "mtproto": no_params("mtproto"),
-    "whatsapp": whatsapp.parse_params,
-    "quic": quic.parse_params,
-    "quic_vn": quic_vn.parse_params,
-    "stun": stun.StunParams.from_mapping,
-    "transfer": transfer.parse_params,
-}
+P = TypeVar("P", bound=ProbeParams)
 
-ExtraTime = Callable[[Mapping[str, Any], Timeouts], float]
 
-# Probes whose params can make a correct run outlast all of the shared timeouts (a tcp
-# hold, a stun flow or control, a transfer over many connections): seconds the params
-# add.  `probe.round.probe_deadline` adds them to its safety cap, which must never cut a
-# correct run and turn its evidence into a bare timeout.  Raises `ParamError` like PARAMS.
-EXTRA_TIME: dict[str, ExtraTime] = {
-    "tcp": tcp.extra_time_s,
-    "stun": stun.extra_time_s,
-    "transfer": transfer.extra_time_s,
-}
+@dataclass(frozen=True)
+class ProbeType(Generic[P]):
+    """Everything the rest of the agent knows about one probe type.
+
+    ``params`` is its typed params class: ``params.parse`` turns a spec's params as
+    written (plain YAML data) into it, raising `params.ParamError` naming the key; the
+    config loader calls it once per spec.  ``budget`` is the longest a correct run can
+    take with those params and settings (the sum of the timeouts it waits on, the time
+    its params ask for): the round runner's safety cap (`probe.round.probe_deadline`)
+    is built on it and must never cut a correct run.  ``evidence`` is the class its
+    runs record what they saw in (`probe.evidence`), which also says its transport.
+    """
+
+    name: str
+    run: ProbeFn
+    params: type[P]
+    evidence: type[Evidence]
+    budget: Callable[[P, ProbeSettings], float]
+
+    @property
+    def transport(self) -> Transport:
+        """What the probe's packets go over by default, as its evidence class says (one
+        run's evidence may say otherwise: a ``stun`` over TCP, a ``dns`` via DoH)."""
+        return self.evidence.TRANSPORT
+
+    def parse(self, params: Mapping[str, Any], base: ProbeParams | None = None) -> P:
+        """``params`` as written over ``base`` (None: the defaults); raises `ParamError`."""
+        if base is not None and not isinstance(base, self.params):
+            raise TypeError(f"{self.name}: base params are a {type(base).__name__}")
+        return self.params.parse(params, base)
+
+    def params_of(self, owner: Target | ProbeSpec) -> P:
+        """The typed params a target runs with (a spec carries); defaults for None."""
+        return self.params.of(owner)
+
+    def budget_s(self, target: Target, settings: ProbeSettings) -> float:
+        """``budget`` for this target's params and these (possibly stretched) settings."""
+        return self.budget(self.params_of(target), settings)
+
+
+def _entries(*types: ProbeType[Any]) -> Mapping[str, ProbeType[Any]]:
+    return MappingProxyType({t.name: t for t in types})
+
+
+REGISTRY: Mapping[str, ProbeType[Any]] = _entries(
+    ProbeType("dns", dns.probe, dns.DnsParams, ev.DnsEvidence, dns.budget_s),
+    ProbeType("tcp", tcp.probe, tcp.TcpParams, ev.TcpEvidence, tcp.budget_s),
+    ProbeType("tls", tls.probe, tls.TLSParams, ev.TlsEvidence, tls.budget_s),
+    ProbeType(
+        "mtproto", mtproto.probe, mtproto.MtprotoParams, ev.MtprotoEvidence, mtproto.budget_s
+    ),
+    ProbeType(
+        "whatsapp", whatsapp.probe, whatsapp.WhatsappParams, ev.WhatsappEvidence, whatsapp.budget_s
+    ),
+    ProbeType("quic", quic.probe, quic.QuicParams, ev.QuicEvidence, quic.budget_s),
+    ProbeType("quic_vn", quic_vn.probe, quic_vn.QuicVnParams, ev.QuicVnEvidence, quic_vn.budget_s),
+    ProbeType("stun", stun.probe, stun.StunParams, ev.StunEvidence, stun.budget_s),
+    ProbeType(
+        "transfer", transfer.probe, transfer.TransferParams, ev.TransferEvidence, transfer.budget_s
+    ),
+)

@@ -30,7 +30,7 @@ from ..wire import WireError
 from ._net.tcp import close_streams, open_streams
 from .base import Recorder
 from .tcp import connect_recorded, require_address
-from .tls import handshake_timeout
+from .tls import STRETCH_MAX, handshake_timeout
 
 T = TypeVar("T")
 
@@ -79,6 +79,13 @@ class ReplyReader:
 
 ReadReply = Callable[[ReplyReader], Awaitable[T]]
 Judge = Callable[[Recorder, T, ReplyReader], ProbeResult]
+
+
+def budget_s(settings: ProbeSettings) -> float:
+    """The longest correct `exchange`: the connect, the application exchange stretched
+    to its cap after a slow connect (`tls.handshake_timeout`), the bounded close."""
+    t = settings.timeouts
+    return t.connect_s + STRETCH_MAX * t.app_s + _CLOSE_WAIT_S
 
 
 async def exchange(

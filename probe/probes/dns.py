@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import aiohttp
 import dns.message
@@ -52,8 +52,17 @@ from ..wire.dnsmsg import (
 )
 from ._net.udp import UdpChannel
 from .base import Recorder
+from .params import NoParams
 
-__all__ = ["QTYPES", "ResolverSpec", "dns_consistency", "parse_resolver", "probe"]
+__all__ = [
+    "QTYPES",
+    "DnsParams",
+    "ResolverSpec",
+    "budget_s",
+    "dns_consistency",
+    "parse_resolver",
+    "probe",
+]
 
 QTYPES: tuple[str, ...] = ("A", "AAAA")
 DOH_CONTENT_TYPE = "application/dns-message"
@@ -79,6 +88,19 @@ _RANK: tuple[str, ...] = (
     Failure.DNS_NO_ANSWER,
 )
 _RANK_OTHER = _RANK.index(Failure.GENERIC_TIMEOUT) - 0.5
+
+
+@dataclass(frozen=True)
+class DnsParams(NoParams):
+    """The ``dns`` probe takes no params: the resolvers come from the config."""
+
+    PROBE: ClassVar[str] = "dns"
+
+
+def budget_s(_p: DnsParams, settings: ProbeSettings) -> float:
+    """The longest correct run (`probes.ProbeType.budget`): A and AAAA at once, each
+    within ``dns_s``, then over UDP the window for a second, differing reply."""
+    return settings.timeouts.dns_s + settings.resolvers.reply_window_s
 
 
 # --- resolver strings ---------------------------------------------------------------------

@@ -17,14 +17,30 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 
 from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire import mtproto
+from . import _exchange
 from ._exchange import ReplyReader, exchange
 from .base import Recorder
+from .params import NoParams
 
 _NONCE_LEN = 16
+
+
+@dataclass(frozen=True)
+class MtprotoParams(NoParams):
+    """The ``mtproto`` probe takes no params (every request carries a fresh nonce)."""
+
+    PROBE: ClassVar[str] = "mtproto"
+
+
+def budget_s(_p: MtprotoParams, settings: ProbeSettings) -> float:
+    """The longest correct run (`probes.ProbeType.budget`): one request-reply exchange."""
+    return _exchange.budget_s(settings)
 
 
 async def _read_reply(replies: ReplyReader) -> mtproto.ResPQ | mtproto.TransportError:

@@ -1,13 +1,13 @@
-"""Probe parameters: one pure validator per probe, run by the config loader and by the probe.
+"""Probe parameters: the typed params base, and the helpers every probe's parser uses.
 
 A probe's params are whatever a ``probes:`` item of a seed or config carries besides
 ``ports`` (plain YAML data: str, int, float, bool, None, tuples, read-only mappings).
-Each probe module exposes a validator ``Callable[[Mapping[str, Any]], object]``
-(listed in `probe.probes.PARAMS`) that returns the parsed params or raises
-`ParamError` naming the offending key.  The loader calls it for every probe spec,
-so a typo fails ``probe check-config`` with the key's file and line instead of
-every round at probe time; the probe calls the same function, so the two can
-never disagree about what is valid.
+Each probe has one frozen dataclass of params (a `probe.model.ProbeParams`) whose
+``parse`` returns it or raises `ParamError` naming the offending key.  The config loader
+parses every probe spec once, at load time, so a typo fails ``probe check-config`` with
+the key's file and line instead of every round at probe time, and the probe then reads
+typed attributes.  A follow-up's overrides go through the same ``parse``, over the
+spec's params (``base``), when the follow-up is planned.
 
 The helpers here keep the messages uniform (``must be ...``, ``got ...``) and never
 raise anything but `ParamError`, whatever data they are handed.
@@ -17,23 +17,25 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, Self
 
 from ..config.strict_yaml import did_you_mean, is_hostname
+from ..model import ProbeParams
 
 __all__ = [
+    "NoParams",
     "ParamError",
-    "ParamValidator",
+    "ProbeParams",
+    "SniParams",
     "alpn_param",
+    "bool_param",
     "check_keys",
-    "no_params",
     "number_param",
     "shown",
     "sni_param",
 ]
-
-ParamValidator = Callable[[Mapping[str, Any]], object]
 
 _MAX_ALPN_ID = 255  # RFC 7301 3.1: a protocol name is 1..255 bytes
 
@@ -87,17 +89,29 @@ def check_keys(probe: str, params: Mapping[str, Any], known: Collection[str]) ->
             )
 
 
-def no_params(probe: str) -> ParamValidator:
-    """The validator of a probe that takes no params: any key is an error."""
+@dataclass(frozen=True)
+class NoParams(ProbeParams):
+    """The params of a probe that takes none (a subclass per probe names it): any key is
+    an error."""
 
-    def validate(params: Mapping[str, Any]) -> None:
+    @classmethod
+    def parse(cls, params: Mapping[str, Any], base: Self | None = None) -> Self:
         for key in params:
             name = str(key)
-            raise ParamError(probe, name, f"unknown param {name!r} ({probe} takes no params)")
+            raise ParamError(
+                cls.PROBE, name, f"unknown param {name!r} ({cls.PROBE} takes no params)"
+            )
+        return base if base is not None else cls()
 
-    validate.__name__ = f"{probe}_params"
-    validate.__doc__ = f"The {probe} probe takes no params: reject any key."
-    return validate
+
+class SniParams(Protocol):
+    """Params with an ``sni`` override (tls, quic, transfer; see `tls.server_names`)."""
+
+    @property
+    def sni(self) -> str | None: ...  # what to send (an IP literal: none, verify the IP)
+
+    @property
+    def sni_given(self) -> bool: ...  # False: the endpoint's name; True: ``sni`` (null too)
 
 
 def number_param(
@@ -132,13 +146,24 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def sni_param(probe: str, params: Mapping[str, Any]) -> str | None:
-    """``params.sni``: a hostname, an IP literal (then no SNI is sent) or null (send none)."""
-    value = params.get("sni")
-    if value is None:
-        return None
-    if isinstance(value, str) and (is_hostname(value) or _is_ip(value)):
-        return value
+def bool_param(probe: str, params: Mapping[str, Any], key: str, default: bool) -> bool:
+    """``params[key]`` (or ``default``): true or false, nothing YAML might read as one."""
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise ParamError(probe, key, f"must be true or false, got {shown(value)}")
+    return value
+
+
+def sni_param(
+    probe: str, params: Mapping[str, Any], base: SniParams | None = None
+) -> tuple[str | None, bool]:
+    """``params.sni`` as (sni, given): a hostname, an IP literal (then no SNI is sent) or
+    null (send none); not given: ``base``'s choice, else the endpoint's name."""
+    if "sni" not in params:
+        return (base.sni, base.sni_given) if base is not None else (None, False)
+    value = params["sni"]
+    if value is None or (isinstance(value, str) and (is_hostname(value) or _is_ip(value))):
+        return value, True
     raise ParamError(probe, "sni", f"must be a hostname, an IP address or null, got {shown(value)}")
 
 

@@ -44,7 +44,7 @@ import ipaddress
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, Self, cast
 
 import service_identity.cryptography
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -58,7 +58,7 @@ from OpenSSL import crypto as openssl_crypto
 
 from ..classify import classify_exception, classify_quic_close, scrub
 from ..config.settings import ProbeSettings
-from ..model import Failure, Operation, ProbeResult, Target
+from ..model import Failure, Operation, ProbeParams, ProbeResult, Target
 from ..wire import WireError
 from ..wire.quic import (
     QUIC_V1,
@@ -75,7 +75,7 @@ from .params import ParamError, alpn_param, check_keys, shown, sni_param
 from .tcp import require_address
 from .tls import certificate_evidence, chain_evidence, server_names
 
-__all__ = ["QuicParams", "parse_params", "probe"]
+__all__ = ["QuicParams", "budget_s", "probe"]
 
 DEFAULT_ALPN = ("h3",)
 VERSIONS: Mapping[str, int] = {"v1": QUIC_V1, "v2": QUIC_V2}
@@ -95,28 +95,41 @@ class _Params:
     @classmethod
     def of(cls, target: Target) -> _Params:
         """Same address, SNI and ALPN rules as the ``tls`` probe, so swap tests line up."""
-        parsed = parse_params(target.params)  # a bad param is a config bug: raises
+        parsed = QuicParams.of(target)
         address, port = require_address(target)
-        sni, verify_name = server_names(target)
+        sni, verify_name = server_names(target, parsed)
         return cls(address, port, sni, verify_name, parsed.alpn, parsed.version)
 
 
 @dataclass(frozen=True)
-class QuicParams:
-    """The ``quic`` probe's params: ALPN offered and the one QUIC version offered."""
+class QuicParams(ProbeParams):
+    """The ``quic`` probe's params: SNI (as for ``tls``), ALPN offered and the one QUIC
+    version offered."""
 
+    PROBE: ClassVar[str] = "quic"
     alpn: tuple[str, ...] = DEFAULT_ALPN
     version: int = QUIC_V1
+    sni: str | None = None
+    sni_given: bool = False
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any], base: Self | None = None) -> Self:
+        """``sni``, ``alpn`` and ``version`` (unknown keys are errors)."""
+        b = base if base is not None else cls()
+        check_keys("quic", params, ("sni", "alpn", "version"))
+        sni, given = sni_param("quic", params, b)
+        version = b.version
+        if "version" in params:
+            name = params["version"]
+            if not isinstance(name, str) or name not in VERSIONS:
+                raise ParamError("quic", "version", f"must be one of v1, v2, got {shown(name)}")
+            version = VERSIONS[name]
+        return cls(alpn_param("quic", params, b.alpn), version, sni, given)
 
 
-def parse_params(params: Mapping[str, Any]) -> QuicParams:
-    """Validate ``sni``, ``alpn`` and ``version`` (unknown keys are errors); raises `ParamError`."""
-    check_keys("quic", params, ("sni", "alpn", "version"))
-    sni_param("quic", params)  # applied by `tls.server_names`, checked here
-    version = params.get("version", "v1")
-    if not isinstance(version, str) or version not in VERSIONS:
-        raise ParamError("quic", "version", f"must be one of v1, v2, got {shown(version)}")
-    return QuicParams(alpn_param("quic", params, DEFAULT_ALPN), VERSIONS[version])
+def budget_s(_p: QuicParams, settings: ProbeSettings) -> float:
+    """The longest correct run (`probes.ProbeType.budget`): the handshake's ``quic_s``."""
+    return settings.timeouts.quic_s
 
 
 @dataclass(frozen=True)

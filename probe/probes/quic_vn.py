@@ -29,10 +29,11 @@ import contextlib
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
 from ..config.settings import ProbeSettings
-from ..model import Failure, Operation, ProbeResult, Target
+from ..model import Failure, Operation, ProbeParams, ProbeResult, Target
 from ..wire import WireError
 from ..wire.quic import (
     MIN_INITIAL_SIZE,
@@ -48,7 +49,7 @@ from .base import Recorder
 from .params import ParamError, check_keys, shown
 from .tcp import require_address
 
-__all__ = ["parse_params", "probe"]
+__all__ = ["QuicVnParams", "budget_s", "probe"]
 
 _SEND_AT = (0.0, 0.25, 0.5)  # fractions of the timeout at which the datagram is (re)sent
 _CID_LEN = 8
@@ -99,24 +100,35 @@ class _VNWait:
         self.answer = vn
 
 
-def parse_params(params: Mapping[str, Any]) -> int | None:
-    """``version`` (an int or a ``"0x..."`` string; None = a random reserved one per run).
+@dataclass(frozen=True)
+class QuicVnParams(ProbeParams):
+    """``version``: None (default) for a fresh random reserved version per run."""
 
-    Raises `ParamError`; the config loader calls this too.
-    """
-    check_keys("quic_vn", params, ("version",))
-    raw = params.get("version")
-    if raw is None:
-        return None
-    version = _as_int(raw)
-    if version is None or not 0 <= version <= 0xFFFFFFFF:
-        raise ParamError(
-            "quic_vn", "version", f"must be a 32-bit version like 0xbabababa, got {shown(raw)}"
-        )
-    if version in (0, QUIC_V1, QUIC_V2):
-        # a server processes these (or, for 0, reads the packet as a VN): no negotiation
-        raise ParamError("quic_vn", "version", f"0x{version:08x} would not be negotiated")
-    return version
+    PROBE: ClassVar[str] = "quic_vn"
+    version: int | None = None
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any], base: Self | None = None) -> Self:
+        """``version``: an int or a ``"0x..."`` string, one no server would accept."""
+        b = base if base is not None else cls()
+        check_keys("quic_vn", params, ("version",))
+        raw = params.get("version", b.version)
+        if raw is None:
+            return cls(None)
+        version = _as_int(raw)
+        if version is None or not 0 <= version <= 0xFFFFFFFF:
+            raise ParamError(
+                "quic_vn", "version", f"must be a 32-bit version like 0xbabababa, got {shown(raw)}"
+            )
+        if version in (0, QUIC_V1, QUIC_V2):
+            # a server processes these (or, for 0, reads the packet as a VN): no negotiation
+            raise ParamError("quic_vn", "version", f"0x{version:08x} would not be negotiated")
+        return cls(version)
+
+
+def budget_s(_p: QuicVnParams, settings: ProbeSettings) -> float:
+    """The longest correct run (`probes.ProbeType.budget`): the sends spread over ``quic_s``."""
+    return settings.timeouts.quic_s
 
 
 def _as_int(raw: object) -> int | None:
@@ -133,7 +145,7 @@ def _as_int(raw: object) -> int | None:
 
 
 def _version(target: Target) -> int:
-    version = parse_params(target.params)
+    version = QuicVnParams.of(target).version
     if version is None:
         return reserved_version(int.from_bytes(os.urandom(4), "big"))
     return version

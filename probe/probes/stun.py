@@ -42,12 +42,12 @@ import secrets
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, Literal, Self
 
 from ..classify import classify_exception, scrub
-from ..config.settings import ProbeSettings, Timeouts
-from ..model import Failure, Operation, ProbeResult, Target
+from ..config.settings import ProbeSettings
+from ..model import Failure, Operation, ProbeParams, ProbeResult, Target
 from ..wire import WireError
 from ..wire import stun as wire
 from ._net.tcp import close_streams, connect, open_streams
@@ -55,7 +55,7 @@ from ._net.udp import UdpChannel
 from .base import Recorder
 from .params import ParamError, check_keys, number_param, shown
 
-__all__ = ["StunParams", "extra_time_s", "probe", "retransmit_offsets"]
+__all__ = ["StunParams", "budget_s", "probe", "retransmit_offsets"]
 
 RTO_S = 0.5  # RFC 5389 7.2.1 initial retransmission timeout
 MAX_SENDS = 7  # Rc
@@ -69,9 +69,10 @@ _PEER_TEXT = 128  # chars of the relay's free text (SOFTWARE, error reason) kept
 
 
 @dataclass(frozen=True)
-class StunParams:
-    """The probe's parameters; `from_mapping` rejects unknown keys and bad values."""
+class StunParams(ProbeParams):
+    """The probe's parameters; `parse` rejects unknown keys and bad values."""
 
+    PROBE: ClassVar[str] = "stun"
     mode: Literal["binding", "flow", "reflector"] = "binding"
     transport: Literal["udp", "tcp"] = "udp"
     framing: Literal["rfc4571", "none"] = "rfc4571"
@@ -88,12 +89,13 @@ class StunParams:
     record_mapped_address: bool = False
 
     @classmethod
-    def from_mapping(cls, params: Mapping[str, Any]) -> StunParams:
-        """Parse and validate; raises `ParamError` naming the key.  The loader calls this too."""
-        check_keys("stun", params, cls.__dataclass_fields__)
-        p = cls(**{str(k): v for k, v in params.items()})
+    def parse(cls, params: Mapping[str, Any], base: Self | None = None) -> Self:
+        """Parse and validate (over ``base``, a follow-up's overrides over the spec's)."""
+        check_keys("stun", params, [f.name for f in fields(cls)])
+        p = replace(base if base is not None else cls(), **{str(k): v for k, v in params.items()})
         p.validate()
-        return p
+        # YAML's 5 is an int: the fields say float
+        return replace(p, duration_s=float(p.duration_s), rate_pps=float(p.rate_pps))
 
     def validate(self) -> None:
         _choice("mode", self.mode, ("binding", "flow", "reflector"))
@@ -166,11 +168,17 @@ def _utf8(value: object) -> bytes | None:
         return None
 
 
-def extra_time_s(params: Mapping[str, Any], timeouts: Timeouts) -> float:
-    """Run time the params add beyond the shared timeouts (see `probes.EXTRA_TIME`): a
-    flow lasts ``duration_s``; the control runs on its own ``udp_s`` before the requests."""
-    p = StunParams.from_mapping(params)
-    return (p.duration_s if p.mode == "flow" else 0.0) + (timeouts.udp_s if p.control else 0.0)
+def budget_s(p: StunParams, settings: ProbeSettings) -> float:
+    """The longest correct run (`probes.ProbeType.budget`) of each mode: a flow lasts
+    ``duration_s`` plus its grace for the last answers; over TCP the connect, the write
+    and the read have their own clocks; over UDP the requests (a reflector's hello too)
+    share ``udp_s``, and the control runs on its own ``udp_s`` before them."""
+    t = settings.timeouts
+    if p.mode == "flow":
+        return p.duration_s + min(t.udp_s, 1.0)  # the grace of `_flow`
+    if p.transport == "tcp":
+        return t.connect_s + 2 * t.udp_s + 1.0  # the close waits 1 s at most (`close_streams`)
+    return (t.udp_s if p.control else 0.0) + t.udp_s
 
 
 def retransmit_offsets(
@@ -726,7 +734,7 @@ def _cutoff(flow: _Flow, start: float, p: StunParams) -> float | None:
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     """Probe a STUN relay, a Telegram reflector, or an echoing peer (see module doc)."""
     rec = Recorder(target)
-    p = StunParams.from_mapping(target.params)
+    p = StunParams.of(target)
     if target.address is None or target.port is None:
         raise ValueError("stun: a target needs an address and a port")
     rec.details.update(transport=p.transport, mode=p.mode)

@@ -26,10 +26,11 @@ import contextlib
 import os
 import socket
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
-from ..config.settings import ProbeSettings, Timeouts
-from ..model import Operation, ProbeResult, Target
+from ..config.settings import ProbeSettings
+from ..model import Operation, ProbeParams, ProbeResult, Target
 from ._net.tcp import address_families, connect, kernel_connect_rtt
 from .base import Recorder
 from .params import check_keys, number_param
@@ -43,15 +44,23 @@ _FIRST_BYTES = 16  # a short prefix of whatever the peer sends, as hex evidence
 MAX_HOLD_S = 300.0
 
 
-def parse_params(params: Mapping[str, Any]) -> float:
-    """``hold_s`` (default 0): the only param.  Raises `ParamError`; for the loader too."""
-    check_keys("tcp", params, ("hold_s",))
-    return float(number_param("tcp", params, "hold_s", 0.0, 0.0, MAX_HOLD_S))
+@dataclass(frozen=True)
+class TcpParams(ProbeParams):
+    """``hold_s`` (default 0): the only param."""
+
+    PROBE: ClassVar[str] = "tcp"
+    hold_s: float = 0.0
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any], base: Self | None = None) -> Self:
+        b = base if base is not None else cls()
+        check_keys("tcp", params, ("hold_s",))
+        return cls(float(number_param("tcp", params, "hold_s", b.hold_s, 0.0, MAX_HOLD_S)))
 
 
-def extra_time_s(params: Mapping[str, Any], _timeouts: Timeouts) -> float:
-    """Run time the params add beyond the shared timeouts: the hold (see `probes.EXTRA_TIME`)."""
-    return parse_params(params)
+def budget_s(p: TcpParams, settings: ProbeSettings) -> float:
+    """The longest correct run (`probes.ProbeType.budget`): the connect, then the hold."""
+    return settings.timeouts.connect_s + p.hold_s
 
 
 def require_address(target: Target) -> tuple[str, int]:
@@ -117,7 +126,7 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     """Connect to ``target.address``:``target.port``; optionally hold the connection."""
     rec = Recorder(target)
     address, port = require_address(target)
-    hold_s = parse_params(target.params)
+    hold_s = TcpParams.of(target).hold_s
     try:
         sock = await connect_recorded(rec, address, port, settings.timeouts.connect_s)
     except OSError as exc:  # TimeoutError and ConnectionError are OSErrors

@@ -61,19 +61,19 @@ import socket
 import ssl
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 from cryptography import x509
 
 from ..classify import classify_exception, scrub
 from ..config.settings import ProbeSettings
-from ..model import Failure, Operation, ProbeResult, Target
+from ..model import Failure, Operation, ProbeParams, ProbeResult, Target
 from ..wire.tlsrec import server_messages
 from ._net.tcp import connect
 from ._net.tls import MAX_CHAIN, TlsClient
 from ._net.tls_pump import TlsPump
 from .base import Recorder
-from .params import ParamError, alpn_param, check_keys, shown, sni_param
+from .params import ParamError, SniParams, alpn_param, bool_param, check_keys, shown, sni_param
 from .tcp import connect_recorded, require_address
 
 T = TypeVar("T")
@@ -287,16 +287,15 @@ def warm_contexts(ca_file: str | None, alpns: Iterable[Sequence[str]]) -> None:
     client_context(ca_file, DEFAULT_ALPN, verify=False)  # the evidence-only second handshake
 
 
-def server_names(target: Target) -> tuple[str | None, str]:
+def server_names(target: Target, params: SniParams) -> tuple[str | None, str]:
     """(SNI to send, name to verify the certificate against).
 
     ``params.sni`` overrides the endpoint's name (swap tests: same IP, neutral SNI).
     Without any name we verify against the IP literal itself: CPython then sends no SNI
     and checks the certificate's IP SANs.
     """
-    params = target.params
-    sni = params.get("sni", target.server_name)  # an explicit null means: send no SNI
-    sni = str(sni) if sni else None
+    # an explicit null means: send no SNI
+    sni = (params.sni if params.sni_given else target.server_name) or None
     address, _ = require_address(target)
     if sni is not None and _is_ip(sni):
         return None, sni  # an IP is never sent as SNI (RFC 6066 3)
@@ -313,33 +312,42 @@ def _is_ip(name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class TLSParams:
+class TLSParams(ProbeParams):
     """The ``tls`` probe's params.  ``sni`` matters only when given (null = send none)."""
 
+    PROBE: ClassVar[str] = "tls"
     alpn: tuple[str, ...] = DEFAULT_ALPN
     sni: str | None = None
     sni_given: bool = False
     shape: str = "default"
     split_hello: bool = False
 
+    @classmethod
+    def parse(cls, params: Mapping[str, Any], base: Self | None = None) -> Self:
+        """``sni``, ``alpn``, ``shape``, ``split_hello`` (unknown keys are errors)."""
+        b = base if base is not None else cls()
+        check_keys("tls", params, ("sni", "alpn", "shape", "split_hello"))
+        shape = params.get("shape", b.shape)
+        if not isinstance(shape, str) or shape not in SHAPES:
+            raise ParamError(
+                "tls", "shape", f"must be one of {', '.join(SHAPES)}, got {shown(shape)}"
+            )
+        sni, given = sni_param("tls", params, b)
+        return cls(
+            alpn=alpn_param("tls", params, b.alpn),
+            sni=sni,
+            sni_given=given,
+            shape=shape,
+            split_hello=bool_param("tls", params, "split_hello", b.split_hello),
+        )
 
-def parse_params(params: Mapping[str, Any]) -> TLSParams:
-    """Validate ``sni``, ``alpn``, ``shape``, ``split_hello`` (unknown keys are errors);
-    raises `ParamError`."""
-    check_keys("tls", params, ("sni", "alpn", "shape", "split_hello"))
-    shape = params.get("shape", "default")
-    if shape not in SHAPES:
-        raise ParamError("tls", "shape", f"must be one of {', '.join(SHAPES)}, got {shown(shape)}")
-    split = params.get("split_hello", False)
-    if not isinstance(split, bool):
-        raise ParamError("tls", "split_hello", f"must be true or false, got {shown(split)}")
-    return TLSParams(
-        alpn=alpn_param("tls", params, DEFAULT_ALPN),
-        sni=sni_param("tls", params),
-        sni_given="sni" in params,
-        shape=str(shape),
-        split_hello=split,
-    )
+
+def budget_s(_p: TLSParams, settings: ProbeSettings) -> float:
+    """The longest correct run (`probes.ProbeType.budget`): the connect and a handshake
+    stretched to its cap (a split ClientHello pauses between its halves), then on a
+    certificate error the evidence-only second connect and handshake."""
+    t = settings.timeouts
+    return t.connect_s + STRETCH_MAX * t.tls_s + _SPLIT_PAUSE_S + t.connect_s + t.tls_s
 
 
 def certificate_evidence(der: bytes) -> dict[str, Any]:
@@ -423,10 +431,10 @@ def _handshake_failure(exc: BaseException) -> str:
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     """TCP connect to the target, then a verifying TLS handshake with the chosen SNI."""
     rec = Recorder(target)
-    params = parse_params(target.params)  # a bad param is a config bug: raises
+    params = TLSParams.of(target)
     alpn = params.alpn
     address, port = require_address(target)
-    sni, verify_name = server_names(target)
+    sni, verify_name = server_names(target, params)
     rec.details.update(sni=sni, alpn_offered=list(alpn))
     if params.shape != "default":
         rec.details["client_hello_shape"] = params.shape

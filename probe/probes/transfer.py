@@ -54,11 +54,11 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from ..classify import classify_exception
 from ..config.settings import ProbeSettings, Timeouts
-from ..model import Failure, Operation, ProbeResult, Target
+from ..model import Failure, Operation, ProbeParams, ProbeResult, Target
 from ..wire import WireError
 from ..wire.http1 import (
     ChunkedDecoder,
@@ -84,7 +84,7 @@ from .tls import (
     while_progressing,
 )
 
-__all__ = ["ConnectionRecord", "TransferParams", "extra_time_s", "parse_params", "probe"]
+__all__ = ["ConnectionRecord", "TransferParams", "budget_s", "probe"]
 
 KIB = 1024
 _READ = 64 * KIB  # bytes per recv(): many TCP segments, never more than this in memory
@@ -99,7 +99,11 @@ _ACK_MARGIN_S = 0.1  # an ACK this long after the last data byte was not part of
 
 
 @dataclass(frozen=True)
-class TransferParams:
+class TransferParams(ProbeParams):
+    """The ``transfer`` probe's params (strict: unknown keys are errors).  ``sni`` is
+    applied by `tls.server_names`, as for the ``tls`` probe."""
+
+    PROBE: ClassVar[str] = "transfer"
     path: str = "/"
     connections: int = 3
     max_bytes: int = 1024 * KIB
@@ -108,15 +112,55 @@ class TransferParams:
     throttle_kbps: float = 300.0
     throttle_min_bytes: int = 64 * KIB
     stall_max_bytes: int = 64 * KIB
+    sni: str | None = None
+    sni_given: bool = False
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any], base: Self | None = None) -> Self:
+        b = base if base is not None else cls()
+        check_keys("transfer", params, _PARAM_KEYS)
+        sni, given = sni_param("transfer", params, b)
+        throttle = params.get("throttle_kbps", b.throttle_kbps)
+        if (
+            isinstance(throttle, bool)
+            or not isinstance(throttle, int | float)
+            or not math.isfinite(throttle)
+            or throttle <= 0
+        ):
+            raise ParamError(
+                "transfer", "throttle_kbps", f"must be a number > 0, got {shown(throttle)}"
+            )
+
+        def count(name: str, lo: int, hi: int) -> int:
+            return int(
+                number_param("transfer", params, name, getattr(b, name), lo, hi, integer=True)
+            )
+
+        return cls(
+            path=_path_param(params, "path", b.path) or "/",
+            connections=count("connections", 1, 20),
+            max_bytes=count("max_bytes", 1, 1024 * 1024 * KIB),
+            upload_bytes=count("upload_bytes", 0, 64 * 1024 * KIB),
+            upload_path=_path_param(params, "upload_path", b.upload_path),
+            throttle_kbps=float(throttle),
+            throttle_min_bytes=count("throttle_min_bytes", 1, 1024 * 1024 * KIB),
+            stall_max_bytes=count("stall_max_bytes", 1, 1024 * 1024 * KIB),
+            sni=sni,
+            sni_given=given,
+        )
 
 
-_PARAM_KEYS = ("sni", *TransferParams.__dataclass_fields__)
-
-
-def _int_param(params: Mapping[str, Any], name: str, lo: int, hi: int) -> int:
-    return int(
-        number_param("transfer", params, name, getattr(TransferParams, name), lo, hi, integer=True)
-    )
+_PARAM_KEYS = (
+    "sni",
+    "path",
+    "connections",
+    "max_bytes",
+    "upload_bytes",
+    "upload_path",
+    "throttle_kbps",
+    "throttle_min_bytes",
+    "stall_max_bytes",
+)
 
 
 def _path_param(params: Mapping[str, Any], name: str, default: str | None) -> str | None:
@@ -132,41 +176,10 @@ def _path_param(params: Mapping[str, Any], name: str, default: str | None) -> st
     return value
 
 
-def parse_params(params: Mapping[str, Any]) -> TransferParams:
-    """Validate ``params`` (strict: unknown keys are errors); raises `ParamError`.
-
-    The config loader calls this at load time, the probe again at run time.
-    ``sni`` is checked here and applied by `tls.server_names`.
-    """
-    check_keys("transfer", params, _PARAM_KEYS)
-    sni_param("transfer", params)
-    throttle = params.get("throttle_kbps", TransferParams.throttle_kbps)
-    if (
-        isinstance(throttle, bool)
-        or not isinstance(throttle, int | float)
-        or not math.isfinite(throttle)
-        or throttle <= 0
-    ):
-        raise ParamError(
-            "transfer", "throttle_kbps", f"must be a number > 0, got {shown(throttle)}"
-        )
-    return TransferParams(
-        path=_path_param(params, "path", "/") or "/",
-        connections=_int_param(params, "connections", 1, 20),
-        max_bytes=_int_param(params, "max_bytes", 1, 1024 * 1024 * KIB),
-        upload_bytes=_int_param(params, "upload_bytes", 0, 64 * 1024 * KIB),
-        upload_path=_path_param(params, "upload_path", None),
-        throttle_kbps=float(throttle),
-        throttle_min_bytes=_int_param(params, "throttle_min_bytes", 1, 1024 * 1024 * KIB),
-        stall_max_bytes=_int_param(params, "stall_max_bytes", 1, 1024 * 1024 * KIB),
-    )
-
-
-def extra_time_s(params: Mapping[str, Any], timeouts: Timeouts) -> float:
-    """Run time the params add beyond the shared timeouts (see `probes.EXTRA_TIME`): every
-    connection, download and upload, may use its whole ``transfer_s``."""
-    p = parse_params(params)
-    return p.connections * (2 if p.upload_bytes else 1) * timeouts.transfer_s
+def budget_s(p: TransferParams, settings: ProbeSettings) -> float:
+    """The longest correct run (`probes.ProbeType.budget`): every connection, download
+    and upload, one after the other, each within its ``transfer_s``."""
+    return p.connections * (2 if p.upload_bytes else 1) * settings.timeouts.transfer_s
 
 
 Outcome = Literal["complete", "limit", "deadline", "stalled", "failed"]
@@ -442,7 +455,7 @@ class _Transfer:
 
     def __init__(self, target: Target, settings: ProbeSettings, params: TransferParams) -> None:
         self.address, self.port = require_address(target)
-        self.sni, self.verify_name = server_names(target)
+        self.sni, self.verify_name = server_names(target, params)
         self.host = _host_header(self.sni or self.verify_name, self.port)
         self.ctx = client_context(settings.tls.ca_file, ("http/1.1",))
         self.t: Timeouts = settings.timeouts
@@ -668,7 +681,7 @@ def _ends_probe(rec: ConnectionRecord) -> bool:
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     """Download (and optionally upload) over fresh TLS connections; judge stalls and rate."""
     rec = Recorder(target)
-    params = parse_params(target.params)
+    params = TransferParams.of(target)
     run = _Transfer(target, settings, params)
     rec.details.update(sni=run.sni, path=params.path)
     downloads: list[ConnectionRecord] = []

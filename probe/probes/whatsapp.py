@@ -18,11 +18,13 @@ naming what was wrong.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
 from ..config.settings import ProbeSettings
-from ..model import ProbeResult, Target
+from ..model import ProbeParams, ProbeResult, Target
 from ..wire import noise
+from . import _exchange
 from ._exchange import ReplyReader, exchange
 from .base import Recorder
 from .params import ParamError, check_keys, shown
@@ -42,27 +44,40 @@ def _judge(rec: Recorder, hello: noise.ServerHello, replies: ReplyReader) -> Pro
     )
 
 
-def parse_params(params: Mapping[str, Any]) -> tuple[int, int]:
-    """``wa_version``: two byte values, default ``[6, 3]``.  Raises `ParamError`.
+@dataclass(frozen=True)
+class WhatsappParams(ProbeParams):
+    """``wa_version``: the two header version bytes, default ``[6, 3]``."""
 
-    A bad value is a configuration bug, never a network finding (and must not be
-    mistaken for the peer's ``bad_response``), so the loader rejects it up front.
-    """
-    check_keys("whatsapp", params, ("wa_version",))
-    version = params.get("wa_version", noise.DEFAULT_VERSION)
-    if (
-        isinstance(version, list | tuple)
-        and len(version) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in version)
-    ):
-        return (version[0], version[1])
-    raise ParamError(
-        "whatsapp", "wa_version", f"must be two byte values like [6, 3], got {shown(version)}"
-    )
+    PROBE: ClassVar[str] = "whatsapp"
+    wa_version: tuple[int, int] = noise.DEFAULT_VERSION
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any], base: Self | None = None) -> Self:
+        """A bad value is a configuration bug, never a network finding (and must not be
+        mistaken for the peer's ``bad_response``), so the loader rejects it up front."""
+        b = base if base is not None else cls()
+        check_keys("whatsapp", params, ("wa_version",))
+        version = params.get("wa_version", b.wa_version)
+        if (
+            isinstance(version, list | tuple)
+            and len(version) == 2
+            and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in version
+            )
+        ):
+            return cls((version[0], version[1]))
+        raise ParamError(
+            "whatsapp", "wa_version", f"must be two byte values like [6, 3], got {shown(version)}"
+        )
+
+
+def budget_s(_p: WhatsappParams, settings: ProbeSettings) -> float:
+    """The longest correct run (`probes.ProbeType.budget`): one request-reply exchange."""
+    return _exchange.budget_s(settings)
 
 
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
-    version = parse_params(target.params)  # raises before connecting
+    version = WhatsappParams.of(target).wa_version
     ephemeral = noise.public_bytes(noise.new_ephemeral())
     request = noise.client_hello_packet(ephemeral, version)
     return await exchange(target, settings, request, _read_reply, _judge)
