@@ -1,8 +1,23 @@
-"""The one place that maps exceptions to failure strings (cf. OONI netxlite/classify.go).
+"""The one place that names failures (cf. OONI netxlite/classify.go).
 
-Order matters: errno first, then exception type; anything unrecognised becomes
-``unknown_failure <message>`` with IP addresses scrubbed so that a failure
-string never leaks a vantage's or a target's address into labels or logs.
+`classify(exc, operation)` takes the step that failed, as OONI's classifiers do: the
+operation's own classifier runs first and falls back to the generic one::
+
+    classify(exc, op)
+      RESOLVE          dnspython's exceptions                       -> _generic
+      TLS_HANDSHAKE    HandshakeTooLarge, non-ssl certificate checks -> _generic
+      QUIC_HANDSHAKE   certificate checks made outside ssl          -> _generic
+      CONNECT, READ, WRITE                                             _generic
+    _generic: errno first, then exception type (timeouts, EOF, aiohttp's wrappers,
+              WireError, getaddrinfo, ssl); anything else is unknown_failure
+
+Observations that are not exceptions are classified here too: a DNS reply's rcode
+(`classify_rcode`) and a QUIC CONNECTION_CLOSE's error code (`classify_quic_close`).
+
+Every classifier returns a `Classified`: the bounded `Failure` member plus, for
+``unknown_failure`` only, a message with IP addresses scrubbed so that a failure string
+never leaks a vantage's or a target's address into labels or logs.  ``str()`` of it is
+the failure string a result carries (``unknown_failure <message>``).
 """
 
 from __future__ import annotations
@@ -12,6 +27,8 @@ import errno
 import re
 import socket
 import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import aiohttp
 import dns.exception
@@ -19,8 +36,37 @@ import dns.resolver
 import service_identity
 from OpenSSL import crypto as openssl_crypto
 
-from .model import Failure
+from .model import Failure, Operation
 from .wire import WireError
+
+__all__ = [
+    "AGENT_RESOURCES",
+    "Classified",
+    "HandshakeTooLarge",
+    "classify",
+    "classify_quic_close",
+    "classify_rcode",
+    "classify_x509_verify_code",
+    "is_agent_side",
+    "scrub",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """A classified failure: its vocabulary member, and for ``unknown_failure`` the
+    scrubbed, single-line message that follows it in the result's failure string."""
+
+    failure: Failure
+    message: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.failure} {self.message}" if self.message else str(self.failure)
+
+
+class HandshakeTooLarge(Exception):
+    """The TLS peer sent more than any real handshake needs without finishing it."""
+
 
 # OpenSSL X509_V_ERR_* codes seen on SSLCertVerificationError.verify_code
 _X509_HOSTNAME_MISMATCH = 62
@@ -56,7 +102,8 @@ _ERRNO: dict[int, Failure] = {
 # as this marker, which the runner turns into a skip (`SkipReason.AGENT_RESOURCES`) and
 # the offline gate into "no finding"; it never stays a target's failure.
 _AGENT_SIDE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-AGENT_RESOURCES = f"{Failure.UNKNOWN} agent_resources_exhausted"
+_AGENT_RESOURCES = Classified(Failure.UNKNOWN, "agent_resources_exhausted")
+AGENT_RESOURCES = str(_AGENT_RESOURCES)
 
 
 def is_agent_side(exc: BaseException) -> bool:
@@ -73,7 +120,8 @@ if hasattr(socket, "EAI_NODATA"):
     _GAI[socket.EAI_NODATA] = Failure.DNS_NO_ANSWER
 
 _IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
-_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+# up to 8 colons: a full address (7) with an unbracketed ":port" after it
+_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,8}[0-9A-Fa-f]{0,4}(?![\w:])")
 
 
 def scrub(message: str) -> str:
@@ -81,12 +129,12 @@ def scrub(message: str) -> str:
     return _IPV6.sub("[scrubbed]", _IPV4.sub("[scrubbed]", message))
 
 
-def unknown(message: str) -> str:
-    text = " ".join(scrub(message).split())[:200]
-    return f"{Failure.UNKNOWN} {text}" if text else str(Failure.UNKNOWN)
+def _unknown(message: str) -> Classified:
+    """``unknown_failure`` with ``message`` scrubbed, on one line, at most 200 characters."""
+    return Classified(Failure.UNKNOWN, " ".join(scrub(message).split())[:200])
 
 
-def classify_ssl_error(exc: ssl.SSLError) -> str:
+def _ssl_error(exc: ssl.SSLError) -> Failure:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return classify_x509_verify_code(exc.verify_code)
     if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
@@ -115,7 +163,7 @@ _TLS_ALERT: dict[int, Failure] = {
 
 def classify_quic_close(
     error_code: int, *, application: bool = False, by_peer: bool = False
-) -> str:
+) -> Classified:
     """The failure for a QUIC connection closed during the handshake, by its error code.
 
     ``application``: the code came in an application CONNECTION_CLOSE (frame 0x1d),
@@ -126,20 +174,20 @@ def classify_quic_close(
     the same alert received over TLS/TCP is.
     """
     if application:
-        return unknown(f"quic_application_error 0x{error_code:x}")
+        return _unknown(f"quic_application_error 0x{error_code:x}")
     if _QUIC_CRYPTO_ERROR <= error_code <= _QUIC_CRYPTO_ERROR_END:
         if by_peer:
-            return Failure.SSL_FAILED_HANDSHAKE
+            return Classified(Failure.SSL_FAILED_HANDSHAKE)
         alert = error_code - _QUIC_CRYPTO_ERROR
-        return _TLS_ALERT.get(alert, Failure.SSL_FAILED_HANDSHAKE)
+        return Classified(_TLS_ALERT.get(alert, Failure.SSL_FAILED_HANDSHAKE))
     if error_code == _QUIC_VERSION_NEGOTIATION_ERROR:
-        return Failure.QUIC_INCOMPATIBLE_VERSION
+        return Classified(Failure.QUIC_INCOMPATIBLE_VERSION)
     if error_code == _QUIC_CONNECTION_REFUSED:
-        return Failure.CONNECTION_REFUSED
-    return unknown(f"quic_error 0x{error_code:x}")
+        return Classified(Failure.CONNECTION_REFUSED)
+    return _unknown(f"quic_error 0x{error_code:x}")
 
 
-def classify_x509_verify_code(code: int | None) -> str:
+def classify_x509_verify_code(code: int | None) -> Failure:
     """The failure for an OpenSSL X509_V_ERR_* code (chain verification outside ssl)."""
     if code in (_X509_HOSTNAME_MISMATCH, _X509_IP_ADDRESS_MISMATCH):
         return Failure.SSL_INVALID_HOSTNAME
@@ -148,7 +196,29 @@ def classify_x509_verify_code(code: int | None) -> str:
     return Failure.SSL_INVALID_CERTIFICATE
 
 
-def classify_dns_error(exc: dns.exception.DNSException) -> str:
+# --- DNS ------------------------------------------------------------------------------------
+
+# A reply's response code (RFC 1035 §4.1.1, RFC 6895) as a failure.  NOERROR is judged by
+# its answers; any other code (FORMERR, NOTIMP, YXDOMAIN ...) is a server misbehaving.
+_RCODE: Mapping[str, Failure] = {
+    "NXDOMAIN": Failure.DNS_NXDOMAIN,
+    "SERVFAIL": Failure.DNS_SERVFAIL,
+    "REFUSED": Failure.DNS_REFUSED,
+}
+
+
+def classify_rcode(rcode: str | None, *, answered: bool) -> Failure | None:
+    """The failure a DNS reply with response code ``rcode`` (its text: NOERROR,
+    NXDOMAIN ...) stands for; None for NOERROR with addresses (``answered``)."""
+    if rcode == "NOERROR":
+        return None if answered else Failure.DNS_NO_ANSWER
+    return _RCODE.get(rcode or "", Failure.DNS_SERVER_MISBEHAVING)
+
+
+def _resolver(exc: BaseException) -> Failure | None:
+    """dnspython's exceptions (OONI's classifyResolverError)."""
+    if not isinstance(exc, dns.exception.DNSException):
+        return None
     if isinstance(exc, dns.resolver.NXDOMAIN):
         return Failure.DNS_NXDOMAIN
     if isinstance(exc, dns.resolver.NoAnswer):
@@ -157,6 +227,39 @@ def classify_dns_error(exc: dns.exception.DNSException) -> str:
         return Failure.GENERIC_TIMEOUT
     # ShortHeader, FormError, Truncated, UnknownTSIGKey ...: the server spoke, not an answer
     return Failure.DNS_SERVER_MISBEHAVING
+
+
+# --- handshakes -------------------------------------------------------------------------------
+
+
+def _certificate(exc: BaseException) -> Failure | None:
+    """Certificate checks made outside the ssl module (the QUIC probe, like aioquic)."""
+    if isinstance(exc, service_identity.VerificationError):
+        return Failure.SSL_INVALID_HOSTNAME
+    if isinstance(exc, service_identity.CertificateError):
+        return Failure.SSL_INVALID_CERTIFICATE  # no usable identity (no SAN) at all
+    if isinstance(exc, openssl_crypto.X509StoreContextError):
+        return classify_x509_verify_code(exc.errors[0] if exc.errors else None)
+    return None
+
+
+def _tls_handshake(exc: BaseException) -> Failure | None:
+    """OONI's classifyTLSHandshakeError; ssl's own errors are generic (they also end
+    reads over TLS, and the DoH client's connections)."""
+    if isinstance(exc, HandshakeTooLarge):
+        # bytes kept coming and none finished a handshake: not TLS as a client knows it
+        return Failure.SSL_FAILED_HANDSHAKE
+    return _certificate(exc)
+
+
+_BY_OPERATION: Mapping[Operation, Callable[[BaseException], Failure | None]] = {
+    Operation.RESOLVE: _resolver,
+    Operation.TLS_HANDSHAKE: _tls_handshake,
+    Operation.QUIC_HANDSHAKE: _certificate,
+}
+
+
+# --- exceptions ----------------------------------------------------------------------------
 
 
 def _unwrap_aiohttp(exc: BaseException) -> BaseException:
@@ -172,9 +275,32 @@ def _unwrap_aiohttp(exc: BaseException) -> BaseException:
     return exc
 
 
-def classify_exception(exc: BaseException) -> str:
-    """Return the failure string for an exception raised by a network operation."""
+def classify(exc: BaseException, operation: Operation) -> Classified:
+    """The failure an exception raised by ``operation`` stands for."""
     exc = _unwrap_aiohttp(exc)
+    specific = _BY_OPERATION.get(operation)
+    failure = specific(exc) if specific is not None else None
+    if failure is not None:
+        return Classified(failure)
+    return _generic(exc)
+
+
+def _generic(exc: BaseException) -> Classified:
+    """Errors any operation can raise (OONI's classifyGenericError): errno first, then type."""
+    if isinstance(exc, socket.gaierror):
+        failure = _GAI.get(exc.errno or 0)
+        return Classified(failure) if failure else _unknown(f"getaddrinfo: {exc}")
+    # the agent's own exhaustion, before the errno table (timeouts and TLS errors are
+    # OSErrors too, but their errno is not the kernel's)
+    if is_agent_side(exc) and not isinstance(exc, TimeoutError | ssl.SSLError):
+        return _AGENT_RESOURCES
+    failure = _generic_failure(exc)
+    if failure is None:
+        return _unknown(f"{type(exc).__name__}: {exc}")
+    return Classified(failure)
+
+
+def _generic_failure(exc: BaseException) -> Failure | None:
     if isinstance(exc, asyncio.TimeoutError | TimeoutError | socket.timeout):
         return Failure.GENERIC_TIMEOUT
     if isinstance(exc, asyncio.IncompleteReadError | EOFError):
@@ -184,22 +310,9 @@ def classify_exception(exc: BaseException) -> str:
         return Failure.EOF
     if isinstance(exc, WireError):
         return Failure.BAD_RESPONSE
-    if isinstance(exc, socket.gaierror):
-        return _GAI.get(exc.errno or 0) or unknown(f"getaddrinfo: {exc}")
     if isinstance(exc, ssl.SSLError):
-        return classify_ssl_error(exc)
-    if isinstance(exc, dns.exception.DNSException):
-        return classify_dns_error(exc)
-    # certificate checks made outside the ssl module (the QUIC probe, like aioquic)
-    if isinstance(exc, service_identity.VerificationError):
-        return Failure.SSL_INVALID_HOSTNAME
-    if isinstance(exc, service_identity.CertificateError):
-        return Failure.SSL_INVALID_CERTIFICATE  # no usable identity (no SAN) at all
-    if isinstance(exc, openssl_crypto.X509StoreContextError):
-        return classify_x509_verify_code(exc.errors[0] if exc.errors else None)
+        return _ssl_error(exc)
     if isinstance(exc, OSError):
-        if exc.errno in _AGENT_SIDE_ERRNOS:
-            return AGENT_RESOURCES
         if exc.errno in _ERRNO:
             return _ERRNO[exc.errno]
         if isinstance(exc, ConnectionRefusedError):
@@ -208,4 +321,4 @@ def classify_exception(exc: BaseException) -> str:
             return Failure.CONNECTION_RESET
         if isinstance(exc, ConnectionAbortedError):
             return Failure.CONNECTION_ABORTED
-    return unknown(f"{type(exc).__name__}: {exc}")
+    return None

@@ -34,8 +34,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
-from .classify import classify_exception
+from .classify import classify
 from .config.settings import ControlSettings
+from .model import Operation
 from .verdict.observations import Observation, from_record
 from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
 
@@ -267,7 +268,7 @@ class ControlPoller:
         except ControlError as exc:
             error = str(exc)
         except Exception as exc:  # network errors: the closed failure vocabulary
-            error = classify_exception(exc)
+            error = str(classify(exc, Operation.READ))
         else:
             self._documents[url] = document
             self._statuses[url] = ControlStatus(url, True, _now(), document.newest)

@@ -21,9 +21,9 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from .classify import AGENT_RESOURCES, classify_exception
-from .model import Endpoint, VantageState, utcnow
-from .wire.dnsmsg import suspect_bogon
+from .classify import AGENT_RESOURCES, classify
+from .dnsjudge import suspect_bogon
+from .model import Endpoint, Operation, VantageState, utcnow
 
 _MAX_ADDRESSES = 4  # per control and family: enough to tell online from offline
 
@@ -34,7 +34,7 @@ async def _resolve(host: str, timeout_s: float) -> tuple[list[str], str | None]:
         async with asyncio.timeout(timeout_s):
             infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except Exception as exc:  # classified below; the gate never raises
-        return [], classify_exception(exc)
+        return [], str(classify(exc, Operation.RESOLVE))
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     return addresses, None
 
@@ -45,7 +45,7 @@ async def _connect(address: str, port: int, timeout_s: float) -> str | None:
         async with asyncio.timeout(timeout_s):
             _, writer = await asyncio.open_connection(address, port)
     except Exception as exc:
-        return classify_exception(exc)
+        return str(classify(exc, Operation.CONNECT))
     writer.close()
     with contextlib.suppress(Exception):
         await writer.wait_closed()

@@ -20,6 +20,7 @@ from datetime import datetime
 
 from .classify import AGENT_RESOURCES
 from .config.settings import AgentConfig, ProbeSettings, SwapSettings, Timeouts
+from .dnsjudge import suspect_bogon
 from .gate import check_vantage
 from .model import (
     Endpoint,
@@ -36,7 +37,6 @@ from .probes.dns import dns_consistency
 from .swaps import followups
 from .verdict.aggregate import ALLOWLIST_FLAG, judge_round
 from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
-from .wire.dnsmsg import suspect_bogon
 
 log = logging.getLogger("probe.round")
 Progress = Callable[[int, int], None]

@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import crypto as openssl_crypto
 
-from probe.classify import classify_exception, classify_quic_close
+from probe.classify import classify, classify_quic_close
 from probe.config.settings import ProbeSettings
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.quic import H3_BODY, QUICServer, VersionNegotiationServer, VNMode
@@ -450,19 +450,24 @@ async def test_lab_server_answers_an_http3_request(ca: CertificateAuthority, ca_
     ],
 )
 def test_classify_quic_close(code: int, application: bool, failure: str) -> None:
-    assert classify_quic_close(code, application=application) == failure
+    assert str(classify_quic_close(code, application=application)) == failure
 
 
 @pytest.mark.parametrize("code", [0x12A, 0x12D, 0x130, 0x128, 0x178])
 def test_a_peer_s_crypto_error_is_a_failed_handshake(code: int) -> None:
-    assert classify_quic_close(code, by_peer=True) == "ssl_failed_handshake"
-    assert classify_quic_close(0x11, by_peer=True) == "quic_incompatible_version"
+    assert classify_quic_close(code, by_peer=True).failure is Failure.SSL_FAILED_HANDSHAKE
+    assert classify_quic_close(0x11, by_peer=True).failure is Failure.QUIC_INCOMPATIBLE_VERSION
 
 
 def test_classify_out_of_ssl_certificate_errors() -> None:
-    assert classify_exception(service_identity.VerificationError([])) == "ssl_invalid_hostname"
-    assert classify_exception(service_identity.CertificateError()) == "ssl_invalid_certificate"
+    op = Operation.QUIC_HANDSHAKE
+
+    def kind(exc: BaseException) -> Failure:
+        return classify(exc, op).failure
+
+    assert kind(service_identity.VerificationError([])) is Failure.SSL_INVALID_HOSTNAME
+    assert kind(service_identity.CertificateError()) is Failure.SSL_INVALID_CERTIFICATE
     x509_error = openssl_crypto.X509StoreContextError
     cert = openssl_crypto.X509()
-    assert classify_exception(x509_error("m", [20, 0, "m"], cert)) == "ssl_unknown_authority"
-    assert classify_exception(x509_error("m", [10, 0, "m"], cert)) == "ssl_invalid_certificate"
+    assert kind(x509_error("m", [20, 0, "m"], cert)) is Failure.SSL_UNKNOWN_AUTHORITY
+    assert kind(x509_error("m", [10, 0, "m"], cert)) is Failure.SSL_INVALID_CERTIFICATE

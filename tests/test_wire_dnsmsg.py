@@ -1,4 +1,4 @@
-"""probe.wire.dnsmsg: parsing raises only WireError, answer extraction, bogons, set comparison."""
+"""probe.wire.dnsmsg: parsing raises only WireError, queries, answer extraction."""
 
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ from probe.wire.dnsmsg import (
     MAX_MESSAGE,
     addresses,
     build_query,
-    compare_answer_sets,
-    in_prefixes,
-    is_bogon,
     matches_query,
     parse_message,
     rcode_text,
@@ -161,98 +158,3 @@ def test_a_cname_loop_ends() -> None:
         ("b.example.", "CNAME", "a.example."),
     )
     assert addresses(reply, "a.example", "A") == ()
-
-
-# --- bogons ------------------------------------------------------------------------------------
-
-BOGONS = [
-    "0.0.0.0", "10.1.2.3", "100.64.0.1", "127.0.0.1", "169.254.1.1", "172.16.0.1",
-    "192.0.0.8", "192.0.2.1", "192.168.1.1", "198.18.0.1", "198.51.100.7", "203.0.113.9",
-    "224.0.0.1", "240.0.0.1", "255.255.255.255",
-    "::", "::1", "::ffff:1.2.3.4", "fc00::1", "fd12::1", "fe80::1", "fec0::1", "ff02::1",
-    "100::1", "2001:db8::1", "3fff::1", "2001:2::1", "2001:10::1",
-]  # fmt: skip
-PUBLIC = [
-    "149.154.167.51", "157.240.1.1", "8.8.8.8", "1.1.1.1", "91.108.56.130",
-    "2001:67c:4e8:f002::a", "2a03:2880::1", "2001:4860:4860::8888",
-    "64:ff9b::8.8.8.8",  # NAT64 (DNS64 resolvers synthesise these legitimately)
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("ip", BOGONS)
-def test_bogons(ip: str) -> None:
-    assert is_bogon(ip)
-    assert is_bogon(ipaddress.ip_address(ip))
-
-
-@pytest.mark.parametrize("ip", PUBLIC)
-def test_public_addresses_are_not_bogons(ip: str) -> None:
-    assert not is_bogon(ip)
-
-
-@given(st.ip_addresses())
-def test_every_special_address_is_a_bogon(
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
-) -> None:
-    special = ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified
-    if isinstance(ip, ipaddress.IPv4Address):
-        special = special or ip.is_private or ip.is_reserved
-    else:
-        special = special or ip.is_site_local or ip.ipv4_mapped is not None
-    if special:
-        assert is_bogon(ip)
-
-
-def test_is_bogon_rejects_a_non_address() -> None:
-    with pytest.raises(ValueError, match="does not appear"):
-        is_bogon("g.whatsapp.net")
-
-
-def test_in_prefixes_matches_only_the_same_family() -> None:
-    prefixes = (NET("127.0.0.0/8"), NET("2001:67c:4e8::/48"))
-    assert in_prefixes("127.0.0.2", prefixes)
-    assert in_prefixes("2001:67c:4e8:f002::a", prefixes)
-    assert not in_prefixes("::ffff:127.0.0.2", prefixes)
-    assert not in_prefixes("10.0.0.1", prefixes)
-    assert not in_prefixes("10.0.0.1", ())
-
-
-# --- answer-set comparison -----------------------------------------------------------------
-
-TG = (NET("149.154.160.0/20"), NET("91.108.56.0/22"))
-
-
-@pytest.mark.parametrize(
-    ("a", "b", "prefixes", "consistent", "reason"),
-    [
-        (["149.154.167.51"], ["149.154.167.51"], (), True, "identical"),
-        ([], [], (), True, "identical"),
-        ([], ["149.154.167.51"], (), False, "one_empty"),
-        (["127.0.0.1"], ["149.154.167.51"], (), False, "bogon"),
-        (["10.10.34.35"], ["149.154.167.51"], TG, False, "bogon"),
-        (["149.154.167.51"], ["149.154.175.50"], TG, True, "within_prefixes"),
-        (["149.154.167.51"], ["91.108.56.130", "149.154.175.50"], TG, True, "within_prefixes"),
-        (["8.8.8.8"], ["149.154.167.51"], TG, False, "outside_prefixes"),
-        (["8.8.8.8", "149.154.167.51"], ["149.154.167.51", "1.1.1.1"], TG, True, "overlap"),
-        (["157.240.1.1", "157.240.1.2"], ["157.240.1.2"], (), True, "overlap"),
-        (["157.240.1.1"], ["157.240.2.2"], (), False, "disjoint"),
-        # lab services declare 127/8: loopback answers are theirs, not a lie
-        (["127.0.0.2"], ["127.0.0.3"], (NET("127.0.0.0/8"),), True, "within_prefixes"),
-    ],
-)
-def test_compare_answer_sets(
-    a: list[str], b: list[str], prefixes: tuple, consistent: bool, reason: str
-) -> None:
-    result = compare_answer_sets(a, b, prefixes)
-    assert (result.consistent, result.reason) == (consistent, reason)
-    mirrored = compare_answer_sets(b, a, prefixes)
-    assert (mirrored.consistent, mirrored.reason) == (consistent, reason)
-
-
-@given(
-    st.lists(st.ip_addresses(), max_size=5),
-    st.lists(st.ip_addresses(), max_size=5),
-)
-def test_compare_answer_sets_is_symmetric_and_reflexive(a: list, b: list) -> None:
-    assert compare_answer_sets(a, b, TG) == compare_answer_sets(b, a, TG)
-    assert compare_answer_sets(a, a, TG).consistent

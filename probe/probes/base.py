@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..classify import classify_exception
+from ..classify import Classified, classify
 from ..config.settings import ProbeSettings
 from ..model import Operation, ProbeResult, SkipReason, Target, freeze, utcnow
 
@@ -66,12 +66,12 @@ class Recorder:
         self.details.update(details)
         return self._result(True)
 
-    def fail(self, failure: str, operation: Operation, **details: Any) -> ProbeResult:
+    def fail(self, failure: str | Classified, operation: Operation, **details: Any) -> ProbeResult:
         self.details.update(details)
         return self._result(False, failure=str(failure), failed_operation=operation)
 
     def fail_exc(self, exc: BaseException, operation: Operation, **details: Any) -> ProbeResult:
-        return self.fail(classify_exception(exc), operation, **details)
+        return self.fail(classify(exc, operation), operation, **details)
 
     def skip(self, reason: SkipReason) -> ProbeResult:
         return self._result(False, skipped=reason)

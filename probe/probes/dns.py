@@ -34,21 +34,18 @@ from typing import Any, ClassVar, Literal
 import aiohttp
 import dns.message
 
-from ..classify import classify_exception
+from ..classify import classify, classify_rcode
 from ..config.settings import ProbeSettings
+from ..dnsjudge import IPNetwork, compare_answer_sets, in_prefixes, suspect_bogon
 from ..model import Failure, Operation, ProbeResult, Target, failure_kind
 from ..wire import WireError
 from ..wire.dnsmsg import (
     MAX_MESSAGE,
-    IPNetwork,
     addresses,
     build_query,
-    compare_answer_sets,
-    in_prefixes,
     matches_query,
     parse_message,
     rcode_text,
-    suspect_bogon,
 )
 from ._net.udp import UdpChannel
 from .base import Recorder
@@ -68,12 +65,6 @@ QTYPES: tuple[str, ...] = ("A", "AAAA")
 DOH_CONTENT_TYPE = "application/dns-message"
 _MAX_UDP_REPLIES = 32  # evidence kept per query; a flood beyond this is dropped
 _GARBAGE_EVIDENCE = 32  # bytes of an unparsable reply kept as hex
-
-_RCODE_FAILURE: dict[str, Failure] = {
-    "NXDOMAIN": Failure.DNS_NXDOMAIN,
-    "SERVFAIL": Failure.DNS_SERVFAIL,
-    "REFUSED": Failure.DNS_REFUSED,
-}
 
 # When neither A nor AAAA produced an address, the result carries the most telling of
 # the two failures: a DNS-level verdict beats a transport symptom, and "the name has no
@@ -161,9 +152,7 @@ class _Outcome:
     def failure(self) -> str | None:
         if self.error is not None:
             return self.error
-        if self.rcode == "NOERROR":
-            return None if self.addresses else Failure.DNS_NO_ANSWER
-        return _RCODE_FAILURE.get(self.rcode or "", Failure.DNS_SERVER_MISBEHAVING)
+        return classify_rcode(self.rcode, answered=bool(self.addresses))
 
 
 def _judge(
@@ -195,7 +184,7 @@ def _judge(
 
 
 def _failed(exc: BaseException) -> _Outcome:
-    return _Outcome(error=classify_exception(exc))
+    return _Outcome(error=str(classify(exc, Operation.RESOLVE)))
 
 
 # --- UDP ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ Outcomes (failed_operation ``quic_handshake`` unless the local socket fails):
   when we sent it); aioquic's ``bad_certificate`` alert is ambiguous, so the peer
   certificate is re-checked (hostname, then chain, the order aioquic uses) and
   the typed exception classified;
-- an ICMP error on the connected socket -> `classify.classify_exception`
+- an ICMP error on the connected socket -> `classify.classify`
   (``connection_refused`` for port unreachable);
 - nothing by ``timeouts.quic_s`` -> ``generic_timeout_error``.
 
@@ -56,7 +56,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto as openssl_crypto
 
-from ..classify import classify_exception, classify_quic_close, scrub
+from ..classify import classify, classify_quic_close, scrub
 from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeParams, ProbeResult, Target
 from ..wire import WireError
@@ -485,7 +485,7 @@ def _outcome(
     if close.error_code == _BAD_CERTIFICATE and ours and cert is not None:
         cause = _diagnose_bad_certificate(cert, chain, params.verify_name, _trust(settings))
         if cause is not None:
-            failure = classify_exception(cause)
+            failure = classify(cause, op)
     return rec.fail(failure, op)
 
 

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal, Self
 
-from ..classify import classify_exception, scrub
+from ..classify import classify, scrub
 from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeParams, ProbeResult, Target
 from ..wire import WireError
@@ -450,13 +450,13 @@ async def _control(address: str, port: int, tally: _Tally, budget: float) -> dic
     try:
         channel = await UdpChannel.open(address, port)
     except OSError as exc:
-        out["error"] = str(classify_exception(exc))
+        out["error"] = str(classify(exc, Operation.CONNECT))
         return out
     sender = _Retransmitter(payloads, budget)
     try:
         await sender.run(channel, handle)
     except OSError as exc:
-        out["error"] = str(classify_exception(exc))
+        out["error"] = str(classify(exc, Operation.WRITE))
     finally:
         channel.close()
     out["sent"] = channel.sent
@@ -505,7 +505,7 @@ async def _tcp_binding(
     except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
         details = tally.details(local, None)
         if tally.answered:
-            return rec.ok(stream_error=classify_exception(exc), **details)
+            return rec.ok(stream_error=str(classify(exc, Operation.READ)), **details)
         if tally.bad:
             return rec.fail(Failure.BAD_RESPONSE, Operation.READ, **details)
         return rec.fail_exc(exc, Operation.READ, **details)

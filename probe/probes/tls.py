@@ -65,7 +65,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 from cryptography import x509
 
-from ..classify import classify_exception, scrub
+from ..classify import HandshakeTooLarge, classify, scrub
 from ..config.settings import ProbeSettings
 from ..model import Failure, Operation, ProbeParams, ProbeResult, Target
 from ..wire.tlsrec import server_messages
@@ -127,10 +127,6 @@ async def while_progressing(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-
-class HandshakeTooLarge(Exception):
-    """The peer sent more than any real handshake needs without finishing it."""
 
 
 @dataclass
@@ -411,7 +407,7 @@ async def unverified_certificate(
     try:
         hs = await _handshake(address, port, ctx, sni, settings)
     except (OSError, EOFError, HandshakeTooLarge) as exc:
-        return {"certificate_error": classify_exception(exc)}
+        return {"certificate_error": str(classify(exc, Operation.TLS_HANDSHAKE))}
     der = hs.client.peer_certificate()
     if der is None:
         return {"certificate_error": str(Failure.SSL_FAILED_HANDSHAKE)}
@@ -420,12 +416,6 @@ async def unverified_certificate(
         "certificate_source": "unverified_second_handshake",
         "peer_certificates": chain_evidence(hs.peer_chain() or [der]),
     }
-
-
-def _handshake_failure(exc: BaseException) -> str:
-    if isinstance(exc, HandshakeTooLarge):
-        return Failure.SSL_FAILED_HANDSHAKE
-    return classify_exception(exc)
 
 
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
@@ -486,4 +476,4 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
             with rec.phase("certificate_evidence"):
                 evidence = await unverified_certificate(target, settings, sni or verify_name, alpn)
             rec.details.update(evidence)
-    return rec.fail(_handshake_failure(failure), Operation.TLS_HANDSHAKE)
+    return rec.fail_exc(failure, Operation.TLS_HANDSHAKE)

@@ -56,7 +56,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal, Self
 
-from ..classify import classify_exception
+from ..classify import Classified, classify
 from ..config.settings import ProbeSettings, Timeouts
 from ..model import Failure, Operation, ProbeParams, ProbeResult, Target
 from ..wire import WireError
@@ -238,9 +238,14 @@ class _Failed(Exception):
     """Ends one connection with a classified failure (or a stall)."""
 
     def __init__(
-        self, failure: str, operation: Operation, stage: str | None = None, *, stalled: bool = False
+        self,
+        failure: str | Classified,
+        operation: Operation,
+        stage: str | None = None,
+        *,
+        stalled: bool = False,
     ) -> None:
-        super().__init__(failure)
+        super().__init__(str(failure))
         self.failure = str(failure)
         self.operation = operation
         self.stage = stage
@@ -410,7 +415,7 @@ class _Reader:
                     continue
                 raise _Timeout(self.clock) from None
             except (OSError, EOFError) as exc:  # RST, TLS alert or bad record mid-stream
-                raise _Failed(classify_exception(exc), Operation.READ) from exc
+                raise _Failed(classify(exc, Operation.READ), Operation.READ) from exc
         if data and self.t_first_plaintext is None:
             self.t_first_plaintext = time.monotonic()
         return data
@@ -565,7 +570,7 @@ class _Transfer:
             limit = self.t.connect_s * (STRETCH_MAX if self.slow else 1.0)
             return await connect(self.address, self.port, _left(deadline, limit))
         except OSError as exc:  # TimeoutError included
-            raise _Failed(classify_exception(exc), Operation.CONNECT) from exc
+            raise _Failed(classify(exc, Operation.CONNECT), Operation.CONNECT) from exc
         finally:
             rec.connect_s = time.monotonic() - start
 
@@ -576,7 +581,7 @@ class _Transfer:
             await conn.handshake(_left(deadline, first_s), _left(deadline, cap_s))
         except (OSError, EOFError) as exc:  # SSLError and TimeoutError are OSErrors
             rec.handshake_messages = server_messages(bytes(conn.head))
-            raise _Failed(classify_exception(exc), Operation.TLS_HANDSHAKE) from exc
+            raise _Failed(classify(exc, Operation.TLS_HANDSHAKE), Operation.TLS_HANDSHAKE) from exc
         finally:
             rec.tls_s = time.monotonic() - start
             rec.handshake_wire_bytes = conn.wire_in
@@ -585,7 +590,7 @@ class _Transfer:
         try:
             await conn.send(data, _left(deadline, limit))
         except (OSError, ssl.SSLError) as exc:
-            raise _Failed(classify_exception(exc), Operation.WRITE) from exc
+            raise _Failed(classify(exc, Operation.WRITE), Operation.WRITE) from exc
 
     async def _response(
         self, rec: ConnectionRecord, reader: _Reader, method: str, max_bytes: int

@@ -215,7 +215,7 @@ class _VNResponder(asyncio.DatagramProtocol):
         if owner.mode is VNMode.WRONG_CIDS:
             dcid, scid = os.urandom(len(dcid)), os.urandom(len(scid))
         # A VN's DCID/SCID are the client's SCID/DCID (RFC 8999 §6).
-        return build_version_negotiation(scid, dcid, owner.versions, unused_bits=os.urandom(1)[0])
+        return build_version_negotiation(scid, dcid, tuple(owner.versions))
 
 
 class VersionNegotiationServer(_UDPServer):
