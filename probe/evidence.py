@@ -296,6 +296,34 @@ def _build_fields(cls: type[Record]) -> tuple[_Field, ...]:
     return tuple(out)
 
 
+# What `Record.to_json` runs per field, precomputed per class (as `_fields`): the field's
+# name, its key, keep_none, omit_false and whether it is flat.  Plain tuples, read
+# without attribute lookups: a probe's evidence is encoded for every archived result.
+_Step = tuple[str, str, bool, bool, bool]
+# Values written as they are (`_encode` returns them unchanged): skipping the call for
+# them is most of what encoding a record costs.  Exact types: a subclass goes the long way.
+_PLAIN: frozenset[type] = frozenset({str, int, float, bool})
+
+
+def _encode_plan(cls: type[Record]) -> tuple[_Step, ...]:
+    built: tuple[_Step, ...] | None = cls.__dict__.get("_codec_plan")
+    if built is None:
+        built = tuple(
+            (f.name, f.key, f.keep_none, f.omit_false, f.group is not None) for f in _fields(cls)
+        )
+        setattr(cls, "_codec_plan", built)  # noqa: B010 (not a dataclass field)
+    return built
+
+
+def _mapping_fields(cls: type[Record]) -> tuple[str, ...]:
+    """The names of the class's Mapping fields (frozen on construction); most have none."""
+    built: tuple[str, ...] | None = cls.__dict__.get("_codec_mappings")
+    if built is None:
+        built = tuple(f.name for f in _fields(cls) if f.mapping)
+        setattr(cls, "_codec_mappings", built)  # noqa: B010 (not a dataclass field)
+    return built
+
+
 def _always_keys(cls: type[Record]) -> frozenset[str]:
     """Keys the record writes whenever it is present: how a `flat` group is recognised."""
     built: frozenset[str] | None = cls.__dict__.get("_codec_always")
@@ -324,23 +352,25 @@ class Record:
 
     def __post_init__(self) -> None:
         # A mapping handed in by a probe is copied and frozen: evidence never changes.
-        for f in _fields(type(self)):
-            value = getattr(self, f.name)
-            if f.mapping and value is not None and not isinstance(value, types.MappingProxyType):
-                object.__setattr__(self, f.name, types.MappingProxyType(dict(value)))
+        for name in _mapping_fields(type(self)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, types.MappingProxyType):
+                object.__setattr__(self, name, types.MappingProxyType(dict(value)))
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object (plain dicts, lists, str, numbers, bools, None)."""
         out: dict[str, Any] = {}
-        for f in _fields(type(self)):
-            value = getattr(self, f.name)
-            if f.group is not None:
-                if value is not None:
-                    out.update(value.to_json())
-            elif (value is None and not f.keep_none) or (f.omit_false and value is False):
+        for name, key, keep_none, omit_false, flat in _encode_plan(type(self)):
+            value = getattr(self, name)
+            if value is None:
+                if keep_none and not flat:
+                    out[key] = None
+            elif flat:
+                out.update(value.to_json())
+            elif omit_false and value is False:
                 continue
             else:
-                out[f.key] = _encode(value)
+                out[key] = value if type(value) in _PLAIN else _encode(value)
         return out
 
     @classmethod
@@ -585,7 +615,8 @@ class QuicDatagrams(Record):
 
     datagrams_sent: int = 0
     datagrams_received: int = 0
-    server_packet_types: tuple[str, ...] = ()  # initial, handshake, 1RTT ...
+    # initial, handshake, 1RTT ...; None: not recorded (records older than the field)
+    server_packet_types: tuple[str, ...] | None = None
     initial_datagram_bytes: int | None = field(default=None, metadata=KEEP_NONE)
 
 

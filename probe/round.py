@@ -29,6 +29,7 @@ from .model import (
     Target,
     Vantage,
     VantageState,
+    _ip_version,
     utcnow,
 )
 from .probes import REGISTRY, tls
@@ -107,16 +108,15 @@ def collect_addresses(ep: Endpoint, dns_results: Sequence[ProbeResult]) -> dict[
                 found.setdefault(address, _source_of(result.target.resolver or ""))
     for address in ep.addresses:
         found.setdefault(address, "seed")
+    # One pass sorts the addresses into (family, source) queues; the family comes from the
+    # memoised parser (this ran ten list passes and two parses per address per round).
+    by_kind: dict[tuple[int, str], list[str]] = {}
+    for a, s in found.items():
+        version = _ip_version(a) or ipaddress.ip_address(a).version  # not an IP: raises
+        by_kind.setdefault((version, s), []).append(a)
     capped: dict[str, str] = {}
     for version in (4, 6):
-        queues = [
-            [
-                a
-                for a, s in found.items()
-                if s == source and ipaddress.ip_address(a).version == version
-            ]
-            for source in _SOURCE_ORDER
-        ]
+        queues = [by_kind.get((version, source), []) for source in _SOURCE_ORDER]
         taken = 0
         while taken < MAX_ADDRESSES_PER_FAMILY and any(queues):  # each pass takes >= 1
             for queue in queues:
@@ -204,14 +204,28 @@ class Lane:
 
     @contextlib.asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
-        async with self._changed:
-            await self._changed.wait_for(lambda: not self._writer and not self._writers_waiting)
-            self._readers += 1
+        await self.acquire_shared()
         try:
             yield
         finally:
+            await self.release_shared()
+
+    # acquire/release without a context manager: `Runner.one` runs them for every probe,
+    # and the generator-based context manager cost more than the rest of the slot.
+    async def acquire_shared(self) -> None:
+        if not self._writer and not self._writers_waiting:
+            # Nothing to wait for: the same as taking the free lock and a true predicate,
+            # which never yield either (one loop, no await between check and count).
+            self._readers += 1
+            return
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._writer and not self._writers_waiting)
+            self._readers += 1
+
+    async def release_shared(self) -> None:
+        self._readers -= 1
+        if self._writers_waiting:  # only a waiting writer waits for readers to leave
             async with self._changed:
-                self._readers -= 1
                 self._changed.notify_all()
 
     @contextlib.asynccontextmanager
@@ -266,12 +280,14 @@ class Runner:
         self.done = 0
         self.total = 0
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, target: Target) -> AsyncIterator[None]:
-        """The lane first (a transfer waits for the vantage's transfer lane, then for its
-        destination to be idle), then the destination's bound, then the global one: a run
-        queueing behind a busy (say, blackholed) destination must not sit on a global
-        slot meanwhile."""
+    async def _in_slot(self, target: Target) -> ProbeResult:
+        """Run ``target`` in its slot: the lane first (a transfer waits for the vantage's
+        transfer lane, then for its destination to be idle), then the destination's bound,
+        then the global one: a run queueing behind a busy (say, blackholed) destination
+        must not sit on a global slot meanwhile.
+
+        Plain ``async with`` blocks, no generator context manager and no exit stack: this
+        runs for every probe, and those cost more CPU than the bounds themselves."""
         key = target.address or target.resolver or ""
         bound, lane, users = self._destinations.get(key) or (
             asyncio.Semaphore(self.per_destination),
@@ -280,14 +296,15 @@ class Runner:
         )
         self._destinations[key] = (bound, lane, users + 1)
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                if target.probe in EXCLUSIVE_PROBES:
-                    await stack.enter_async_context(self._transfers)
-                    await stack.enter_async_context(lane.exclusive())
-                else:
-                    await stack.enter_async_context(lane.shared())
+            if target.probe in EXCLUSIVE_PROBES:
+                async with self._transfers, lane.exclusive(), bound, self.limit:
+                    return await self._run(target)
+            await lane.acquire_shared()
+            try:
                 async with bound, self.limit:
-                    yield
+                    return await self._run(target)
+            finally:
+                await lane.release_shared()
         finally:
             bound, lane, users = self._destinations[key]
             if users == 1:
@@ -305,24 +322,28 @@ class Runner:
             return self.settings
         return replace(self.settings, timeouts=stretched(self.settings.timeouts))
 
+    async def _run(self, target: Target) -> ProbeResult:
+        """One run, in its slot, under the safety cap."""
+        self.in_flight += 1
+        settings = self._settings_for(target)
+        try:
+            async with asyncio.timeout(probe_deadline(settings, target)):
+                result = await run_guarded(self.probes[target.probe], target, settings)
+        except TimeoutError:
+            result = Recorder(target).fail_exc(TimeoutError(), default_operation(target))
+        finally:
+            self.in_flight -= 1
+        if settings is not self.settings:
+            result = replace(result, flags=(*result.flags, SLOW_PATH_FLAG))
+        return result
+
     async def one(self, target: Target) -> ProbeResult:
-        async with self._slot(target):
-            self.in_flight += 1
-            settings = self._settings_for(target)
-            try:
-                async with asyncio.timeout(probe_deadline(settings, target)):
-                    result = await run_guarded(self.probes[target.probe], target, settings)
-            except TimeoutError:
-                result = Recorder(target).fail_exc(TimeoutError(), default_operation(target))
-            finally:
-                self.in_flight -= 1
+        result = await self._in_slot(target)
         if result.failure == AGENT_RESOURCES:
             # Out of descriptors here (a flood of connections to the agent, say): the
             # target was not measured; a failure would blame it (and read as blocking).
             skipped = SkipReason.AGENT_RESOURCES
             result = replace(result, failure=None, failed_operation=None, skipped=skipped)
-        if settings is not self.settings:
-            result = replace(result, flags=(*result.flags, SLOW_PATH_FLAG))
         if target.address and _shows_slow_path(result):
             self._slow_paths[target.address] = time.monotonic()
         self.done += 1

@@ -27,6 +27,7 @@ SCRIPTS = {
     "probe_cost.py": (
         "agent_cpu_us_per_probe",
         "blackbox_cpu_us_per_probe",
+        "blackbox_paced_cpu_us_per_probe",
         "bare_cpu_us_per_probe",
     ),
     "timing_accuracy.py": (

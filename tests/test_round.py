@@ -22,6 +22,7 @@ from probe.round import (
     MAX_ADDRESSES_PER_FAMILY,
     SLOW_PATH_FLAG,
     SLOW_PATH_STRETCH,
+    Lane,
     Runner,
     collect_addresses,
     measure_endpoint,
@@ -259,6 +260,41 @@ async def test_transfers_run_alone_on_their_destination_and_one_at_a_time() -> N
     for a, b, addr_a, addr_b in fake.overlaps:
         assert "transfer" not in (a, b) or addr_a != addr_b, (a, b, addr_a)
         assert (a, b) != ("transfer", "transfer"), "two transfers at once"
+
+
+async def test_a_waiting_writer_holds_new_readers_back_and_goes_first() -> None:
+    lane = Lane()
+    order: list[str] = []
+    r1_in = asyncio.Event()
+    r1_go = asyncio.Event()
+
+    async def first_reader() -> None:
+        async with lane.shared():
+            order.append("r1+")
+            r1_in.set()
+            await r1_go.wait()
+            order.append("r1-")
+
+    async def writer() -> None:
+        async with lane.exclusive():
+            order.append("w+")
+            await asyncio.sleep(0)
+            order.append("w-")
+
+    async def late_reader() -> None:
+        async with lane.shared():
+            order.append("r2")
+
+    r1 = asyncio.create_task(first_reader())
+    await r1_in.wait()
+    w = asyncio.create_task(writer())
+    await asyncio.sleep(0)  # the writer is waiting for r1 now
+    r2 = asyncio.create_task(late_reader())
+    await asyncio.sleep(0)
+    assert order == ["r1+"], "neither the writer nor a new reader runs beside r1"
+    r1_go.set()
+    await asyncio.gather(r1, w, r2)
+    assert order == ["r1+", "r1-", "w+", "w-", "r2"]
 
 
 async def test_the_neutral_sni_comes_from_the_config_per_service() -> None:

@@ -20,7 +20,7 @@ from probe.probes.base import Recorder
 from probe.results import VERDICTS, ResultStore
 from probe.statuspage import results_json
 from probe.verdict.aggregate import ALLOWLIST_FLAG, judge_endpoint, judge_round, judge_service
-from probe.verdict.observations import Observation, from_api, from_record
+from probe.verdict.observations import Observation, from_api, from_record, from_result
 from probe.verdict.vocabulary import BLOCKING, EndpointVerdict, ServiceVerdict, Verdict
 from tests.helpers import endpoint
 
@@ -561,12 +561,12 @@ def test_quic_silence_after_server_datagrams_is_not_quic_filtering() -> None:
     assert verdict(0) == Verdict.QUIC_FILTERING
     assert verdict(3) not in BLOCKING
 
-    def typed(*types: str) -> Verdict:
+    def typed(*types: str, received: int | None = None) -> Verdict:
         quic = run(
             "quic",
             failure="generic_timeout_error",
             op=QHS,
-            datagrams_received=len(types),
+            datagrams_received=len(types) if received is None else received,
             server_packet_types=list(types),
         )
         return judge_endpoint([quic, run("quic_vn", offers_quic_v1=True)], [run("quic")]).verdict
@@ -574,6 +574,9 @@ def test_quic_silence_after_server_datagrams_is_not_quic_filtering() -> None:
     assert typed("initial", "handshake") not in BLOCKING  # the server answered the Initial
     assert typed("version_negotiation") == Verdict.QUIC_FILTERING  # a VN is no progress
     assert typed() == Verdict.QUIC_FILTERING
+    # packet types kept but none parsed: datagrams that were not QUIC (a censor's junk)
+    # are no handshake progress; only a record without packet types falls back to the count
+    assert typed(received=2) == Verdict.QUIC_FILTERING
 
 
 def test_one_stalled_transfer_connection_reads_by_the_others_speed() -> None:
@@ -918,6 +921,17 @@ def test_control_results_of_other_endpoints_are_ignored() -> None:
     assert v.verdict == Verdict.INCONCLUSIVE
 
 
+def test_a_path_is_tcp_or_udp_as_the_evidence_says() -> None:
+    # no _UDP_PROBES list: the probe's evidence knows its transport, and a stun run over
+    # TCP says so in its record
+    assert Observation("svc", "g", "quic", A, 443, ok=True).l4 == "udp"  # no evidence given
+    assert Observation("svc", "g", "tls", A, 443, ok=True).l4 == "tcp"
+    record = {"service": "svc", "endpoint": "g", "probe": "stun", "address": A, "port": 3478}
+    assert from_record({**record, "ok": True}).l4 == "udp"
+    assert from_record({**record, "ok": True, "details": {"transport": "tcp"}}).l4 == "tcp"
+    assert from_result(stun_silence()).l4 == "udp"
+
+
 # --- contracts ------------------------------------------------------------------------
 
 
@@ -1096,6 +1110,23 @@ DOC_ROWS = [
         "hostname_mismatch_without_control_is_inconclusive",
         [run("tls", failure="ssl_invalid_hostname", op=HS, certificate=cert("aa" * 32))],
         Verdict.INCONCLUSIVE,
+    ),
+    Case(
+        "quic_certificate_differing_from_the_controls_is_mitm",
+        [run("quic", failure="ssl_invalid_hostname", op=QHS, certificate=cert("aa" * 32))],
+        Verdict.TLS_MITM,
+        control=[run("quic", certificate=cert("bb" * 32))],
+        min_conf=0.95,
+        max_conf=0.95,
+        evidence=("differs from the control's",),
+    ),
+    Case(
+        "quic_vn_alone_silent_while_tcp_connects_is_udp_blocking",
+        [run("quic_vn", failure="udp_no_response", op=READ), run("tcp")],
+        Verdict.UDP_BLOCKING,
+        min_conf=0.7,
+        max_conf=0.7,
+        evidence=("UDP silent while TCP to the same address works",),
     ),
     Case(
         "quic_silent_but_the_server_offers_no_v1",

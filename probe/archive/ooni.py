@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import ipaddress
 import math
 import platform
@@ -389,10 +390,12 @@ def result_to_dict(result: ProbeResult) -> dict[str, Any]:
     }
 
 
+@functools.cache  # constant for the process: asked once per archived result
 def _platform() -> str:
     return {"linux": "linux", "darwin": "macos", "win32": "windows"}.get(sys.platform, "unknown")
 
 
+@functools.cache
 def _architecture() -> str:
     """df-000's annotation names (Go's GOARCH): arm, arm64, 386, amd64; else the machine."""
     machine = platform.machine().lower()
@@ -417,8 +420,11 @@ def envelope(
     (OONI: the start of a related set of measurements); it defaults to the
     measurement's own start.
     """
-    t = result.t.astimezone(dt.UTC)
-    started = (test_start_time or result.t).astimezone(dt.UTC)
+    start_time = result.t.astimezone(dt.UTC).strftime(OONI_TIME)
+    if test_start_time is None:  # the same instant: format it once (strftime is slow)
+        test_start = start_time
+    else:
+        test_start = test_start_time.astimezone(dt.UTC).strftime(OONI_TIME)
     target = result.target
     return {
         "annotations": {
@@ -438,7 +444,7 @@ def envelope(
         "extensions": dict(EXTENSIONS),
         "id": str(uuid.uuid4()),
         "input": _input(target),
-        "measurement_start_time": t.strftime(OONI_TIME),
+        "measurement_start_time": start_time,
         "probe_asn": vantage.asn,
         "probe_cc": vantage.country,
         "probe_ip": "127.0.0.1",  # OONI's value for "not shared"; we never record our IP
@@ -451,6 +457,6 @@ def envelope(
         "test_keys": _test_keys(result),
         "test_name": TEST_NAME,
         "test_runtime": result.duration_s,
-        "test_start_time": started.strftime(OONI_TIME),
+        "test_start_time": test_start,
         "test_version": TEST_VERSION,
     }

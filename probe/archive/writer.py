@@ -46,10 +46,14 @@ CURRENT_NAME = "measurements.jsonl"
 _ROTATED = re.compile(r"^measurements-(\d{8}T\d{12}Z)(?:-(\d+))?\.jsonl(\.gz)?$")
 
 
+# One encoder for every line: json.dumps with options builds a new JSONEncoder per call.
+# ensure_ascii (its default) keeps lone surrogates (possible in decoded garbage) encodable
+# and guarantees no raw newline can appear inside the line.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
 def _dumps(record: Mapping[str, Any]) -> bytes:
-    # ensure_ascii keeps lone surrogates (possible in decoded garbage) encodable
-    # and guarantees no raw newline can appear inside the line.
-    return json.dumps(record, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
+    return _ENCODE(record).encode("ascii") + b"\n"
 
 
 def rotated_files(directory: Path) -> list[Path]:

@@ -7,7 +7,9 @@ Pure functions, no I/O, in layers that import only downwards:
 - `vocabulary`: the closed `Verdict` vocabulary, the confidence scale, `Finding`, and the
   `EndpointVerdict` / `ServiceVerdict` handed out;
 - `context`: what a rule may consult for one endpoint, and the comparison with the control;
-- `rules`: what one failed attempt means; `dns`: what the resolvers' answers mean;
+- `rules`: the table of which rule judges a failed attempt; the rules themselves in
+  `handshake_rules` (TLS/QUIC handshakes), `udp_rules` and `tcp_rules`; `dns`: what the
+  resolvers' answers mean;
 - `aggregate`: attempts -> path -> endpoint -> service -> round (`judge_round`), and the
   control vantage's own verdicts (`as_control_vantage`).
 

@@ -30,7 +30,8 @@ from ..model import SkipReason
 from .context import Context
 from .dns import judge_dns
 from .observations import Item, Observation, describe, normalise, same_failure
-from .rules import judge_failure, sustained_loss
+from .rules import judge_failure
+from .udp_rules import sustained_loss
 from .vocabulary import (
     BLOCKING,
     CERTAIN,
@@ -47,8 +48,10 @@ from .vocabulary import (
     strongest,
 )
 
+# --------------------------------------------------------------------------- attempts, paths
 
-def judge_attempts(ctx: Context, attempts: Sequence[Observation]) -> Finding:
+
+def _judge_attempts(ctx: Context, attempts: Sequence[Observation]) -> Finding:
     """First run and repeats of one probe on one path; censors are inconsistent, so a
     disagreement is reported (and lowers confidence), never averaged away."""
     failed = [a for a in attempts if not a.ok]
@@ -81,7 +84,7 @@ def judge_attempts(ctx: Context, attempts: Sequence[Observation]) -> Finding:
     return Finding(finding.verdict, finding.confidence, (*finding.evidence, note))
 
 
-def judge_path(ctx: Context, path: Sequence[Observation]) -> Finding | None:
+def _judge_path(ctx: Context, path: Sequence[Observation]) -> Finding | None:
     """None for a path holding only swap results: they are consulted, not judged."""
     groups: dict[str, list[Observation]] = {}
     for o in path:
@@ -89,7 +92,7 @@ def judge_path(ctx: Context, path: Sequence[Observation]) -> Finding | None:
             groups.setdefault(o.base, []).append(o)
     if not groups:
         return None
-    return strongest([judge_attempts(ctx, attempts) for attempts in groups.values()])
+    return strongest([_judge_attempts(ctx, attempts) for attempts in groups.values()])
 
 
 # --------------------------------------------------------------------------- endpoint
@@ -140,7 +143,7 @@ def _endpoint_verdict(service: str, endpoint: str, ctx: Context) -> EndpointVerd
     for o in ctx.results:
         if o.base != "dns":
             paths.setdefault(o.path, []).append(o)
-    judged = {k: f for k, p in paths.items() if (f := judge_path(ctx, p)) is not None}
+    judged = {k: f for k, p in paths.items() if (f := _judge_path(ctx, p)) is not None}
     findings = list(judged.values())
     dns = judge_dns(ctx)
 

@@ -18,11 +18,11 @@ from .vocabulary import FAIR, NONE, STRONG, Finding, Verdict
 Passes = Callable[[Observation], bool]  # did the control get through (for this rule)?
 
 
-def succeeded(c: Observation) -> bool:
+def control_succeeded(c: Observation) -> bool:
     return c.ok
 
 
-def connected(c: Observation) -> bool:
+def control_connected(c: Observation) -> bool:
     # a failure without its operation (a trimmed control record) proves no connect
     return c.ok or c.failed_operation not in (None, "connect")
 
@@ -59,7 +59,7 @@ class Context:
     def tcp_connected(self, address: str | None) -> list[Observation]:
         return [r for r in self.results if r.address == address and r.connected]
 
-    def control_for(self, o: Observation, prefer: Passes = succeeded) -> Observation | None:
+    def control_for(self, o: Observation, prefer: Passes = control_succeeded) -> Observation | None:
         """The control's run of the same probe and port: the same address if it has one
         (seed addresses are probed from both vantages), else any address (hostname
         endpoints resolve differently per vantage); one that ``prefer``s is preferred,
@@ -92,7 +92,7 @@ def by_control(
     with_control: float,
     without: float | None,
     why: str,
-    passes: Passes = succeeded,
+    passes: Passes = control_succeeded,
 ) -> Finding:
     """The common shape: the control passing confirms ``verdict``; the control failing
     makes it an outage; no control leaves the signature alone (``without`` confidence,

@@ -8,11 +8,12 @@ TCP, DoH or the control vantage answer properly, or differing replies to one que
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
+from ..evidence import DnsEvidence
 from ..model import Failure
 from .context import Context
-from .observations import Observation, as_sequence, describe, describe_control, dns_answers
+from .observations import Observation, describe, describe_control, dns_answers
 from .vocabulary import CERTAIN, FAIR, GOOD, NONE, STRONG, Finding, Verdict, distinct_lines
 
 _NEGATIVE_DNS = frozenset({Failure.DNS_NXDOMAIN, Failure.DNS_NO_ANSWER})
@@ -51,10 +52,10 @@ def _injection_note(injected: Sequence[Observation]) -> str | None:
     best: tuple[int, str, list[str]] | None = None
     for o in injected:
         by_type: dict[str, list[str]] = {}
-        for reply in as_sequence(o.details.get("replies")):
-            if isinstance(reply, Mapping) and reply.get("answers"):
-                text = ",".join(str(a) for a in as_sequence(reply["answers"]))
-                by_type.setdefault(str(reply.get("qtype", "?")), []).append(text)
+        replies = o.evidence.replies if isinstance(o.evidence, DnsEvidence) else None
+        for reply in replies or ():
+            if reply.answers:
+                by_type.setdefault(reply.qtype or "?", []).append(",".join(reply.answers))
         for qtype, texts in by_type.items():
             distinct = list(dict.fromkeys(texts))
             if len(distinct) > 1 and (best is None or len(distinct) > best[0]):

@@ -8,13 +8,15 @@ evidence line of one observation (`describe`) lives here too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from ..model import Failure, ProbeResult, failure_kind, freeze
+from ..evidence import DnsEvidence, Evidence, empty_evidence, evidence_from_json
+from ..model import Failure, ProbeResult, failure_kind
 
-_UDP_PROBES = frozenset({"quic", "quic_vn", "stun"})
+# Stands for "nothing recorded": filled in with the probe's own empty evidence.
+_NO_EVIDENCE = Evidence()
 
 
 @dataclass(frozen=True)
@@ -22,8 +24,9 @@ class Observation:
     """The normalised form of one result, whoever produced it.
 
     ``probe`` is the label as shown and exported (``tls`` or ``tls/neutral_sni``).
-    ``details`` and ``flags`` are optional: rules that need them (certificate
-    fingerprints, DNS answers, stall byte counts) degrade to lower confidence without.
+    ``evidence`` (the probe's typed evidence) and ``flags`` are optional: rules that need
+    them (certificate fingerprints, DNS answers, stall byte counts) degrade to lower
+    confidence without.  Left out, ``evidence`` is the probe's empty evidence.
     """
 
     service: str
@@ -37,8 +40,13 @@ class Observation:
     resolver: str | None = None
     skipped: str | None = None
     role: str = ""
-    details: Mapping[str, Any] = field(default_factory=freeze)
+    evidence: Evidence = _NO_EVIDENCE
     flags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # the probe's own empty evidence knows the probe's transport (quic: UDP)
+        if self.evidence is _NO_EVIDENCE:
+            object.__setattr__(self, "evidence", empty_evidence(self.probe))
 
     @property
     def base(self) -> str:
@@ -59,11 +67,7 @@ class Observation:
 
     @property
     def l4(self) -> str:
-        if self.base == "dns":
-            return "dns"
-        if self.base in _UDP_PROBES and self.details.get("transport", "udp") != "tcp":
-            return "udp"
-        return "tcp"
+        return "dns" if self.base == "dns" else self.evidence.transport
 
     @property
     def path(self) -> tuple[str, str, int | None]:
@@ -89,9 +93,19 @@ def from_result(result: ProbeResult) -> Observation:
         resolver=t.resolver,
         skipped=str(result.skipped) if result.skipped else None,
         role=t.endpoint.role,
-        details=result.details,
+        evidence=_evidence_of(result),
         flags=result.flags,
     )
+
+
+def _evidence_of(result: ProbeResult) -> Evidence:
+    """TRANSITIONAL (issue 12 item 1): ``result.evidence`` once ProbeResult carries it.
+    Until then its ``details`` are a plain mapping, read typed here; on a branch where
+    ``details`` already is the evidence (the shim), it is taken as it is, at no cost."""
+    details = result.details
+    if isinstance(details, Evidence):
+        return details
+    return evidence_from_json(result.target.probe, details)
 
 
 def _flags(value: Any) -> tuple[str, ...]:
@@ -118,7 +132,7 @@ def from_record(record: Mapping[str, Any]) -> Observation:
         resolver=record.get("resolver"),
         skipped=record.get("skipped"),
         role=str(record.get("role") or ""),
-        details=freeze(record.get("details") or {}),
+        evidence=evidence_from_json(str(record["probe"]), record.get("details")),
         flags=_flags(record.get("flags")),
     )
 
@@ -176,19 +190,10 @@ def describe_control(o: Observation) -> str:
     return "control " + describe(o)
 
 
-def detail_mapping(o: Observation, key: str) -> Mapping[str, Any]:
-    """``details[key]`` if it is a mapping: archived or hand-made records may differ."""
-    value = o.details.get(key)
-    return value if isinstance(value, Mapping) else {}
-
-
-def as_sequence(value: object) -> Sequence[Any]:
-    return value if isinstance(value, list | tuple) else ()
-
-
 def dns_answers(o: Observation) -> frozenset[str]:
-    answers = detail_mapping(o, "answers")
-    return frozenset(str(a) for qt in ("A", "AAAA") for a in as_sequence(answers.get(qt)))
+    """The A and AAAA addresses a resolver answered (none for any other probe)."""
+    ev = o.evidence
+    return frozenset(ev.addresses()) if isinstance(ev, DnsEvidence) else frozenset()
 
 
 def same_failure(a: Observation, b: Observation) -> bool:
