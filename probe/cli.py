@@ -19,6 +19,7 @@ from .config.loader import ConfigError, load_config
 from .config.seeds import known_probes
 from .config.settings import AgentConfig
 from .model import Endpoint
+from .records import is_result_record
 from .round import RoundReport, run_round
 from .verdict.aggregate import judge_round
 from .verdict.observations import Observation, from_api, from_record
@@ -147,7 +148,7 @@ def _control_results(path: str) -> list[Observation]:
         if isinstance(document, dict) and "results" in document:
             return from_api(document)
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        return [from_record(r) for r in records if r.get("type", "result") == "result"]
+        return [from_record(r) for r in records if is_result_record(r)]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"--control-results {path}: {type(exc).__name__}: {exc}") from exc
 

@@ -37,7 +37,8 @@ from urllib.parse import urljoin, urlsplit
 from .classify import classify
 from .config.settings import ControlSettings
 from .model import Operation
-from .verdict.observations import Observation, from_record
+from .records import RecordFields, is_result_record, read_result_record
+from .verdict.observations import Observation, from_fields
 from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
 
 if TYPE_CHECKING:
@@ -95,13 +96,25 @@ class ControlStatus:
 # -- one document ------------------------------------------------------------------------
 
 
-def _measured_at(record: Mapping[str, Any], received: datetime) -> datetime:
+def _measured_at(record: RecordFields, received: datetime) -> datetime:
     """When a control result was measured, never later than when we received it: a
     control whose clock runs ahead (or a hostile one) must not keep its last document
     "fresh" past max_age_s after it stops answering."""
-    t = datetime.fromisoformat(str(record["t"]))
-    t = t if t.tzinfo is not None else t.replace(tzinfo=UTC)
-    return min(t, received)
+    return min(record.measured_at(), received)
+
+
+def _observations(
+    records: Iterable[Mapping[str, Any]], received: datetime
+) -> tuple[tuple[datetime, Observation], ...]:
+    """The measured results of a document, each with when it was measured."""
+    out = []
+    for record in records:
+        if not is_result_record(record):
+            continue
+        fields = read_result_record(record)
+        if fields.skipped is None:
+            out.append((_measured_at(fields, received), from_fields(fields)))
+    return tuple(out)
 
 
 def parse_document(body: bytes, received: datetime | None = None) -> Document:
@@ -113,10 +126,7 @@ def parse_document(body: bytes, received: datetime | None = None) -> Document:
         payload = json.loads(body)
         vantage = payload["vantage"]
         state = vantage.get("state")
-        records = [r for r in payload["results"] if r.get("type", "result") == "result"]
-        observations = tuple(
-            (_measured_at(r, received), from_record(r)) for r in records if r.get("skipped") is None
-        )
+        observations = _observations(payload["results"], received)
     # RecursionError: JSON nested past the parser's depth; OverflowError: a number such
     # as 1e400 where an integer belongs
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:

@@ -16,20 +16,20 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["family_lines", "text_exposition"]
+__all__ = ["escape_label", "family_lines", "format_value", "text_exposition"]
 
 _TYPES = {"counter": "counter", "gauge": "gauge", "histogram": "histogram", "info": "gauge"}
 _SUFFIX = {"counter": "_total", "info": "_info"}
 _SPECIAL = re.compile(r'[\\"\n]')
 
 
-def _escape(value: str) -> str:
+def escape_label(value: str) -> str:
     if "\\" in value or '"' in value or "\n" in value:
         return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
     return value
 
 
-def _value(v: float) -> str:
+def format_value(v: float) -> str:
     # The common cases first: counts and 0/1 gauges are whole numbers.
     if v == 0:
         return "0.0"
@@ -57,7 +57,7 @@ def family_lines(metric: Metric, out: list[str], *, header: bool = True) -> None
             raise ValueError(f"{s.name}: timestamps and exemplars are not written here")
         labels = s.labels
         if not labels:
-            out.append(f"{s.name} {_value(s.value)}\n")
+            out.append(f"{s.name} {format_value(s.value)}\n")
             continue
         keys = tuple(labels)
         found = templates.get(keys)
@@ -66,8 +66,8 @@ def family_lines(metric: Metric, out: list[str], *, header: bool = True) -> None
         order, template = found
         values = [labels[k] for k in order]
         if _SPECIAL.search("".join(values)):
-            values = [_escape(v) for v in values]
-        out.append(f"{s.name}{{{template.format(*values)}}} {_value(s.value)}\n")
+            values = [escape_label(v) for v in values]
+        out.append(f"{s.name}{{{template.format(*values)}}} {format_value(s.value)}\n")
 
 
 def text_exposition(collector: Collector) -> bytes:

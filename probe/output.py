@@ -4,58 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from typing import Any
 
-from .archive import to_jsonable
 from .model import ProbeResult
+from .records import iso_z, result_record, verdict_line
 from .round import RoundReport
 from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
-
-
-def result_record(result: ProbeResult, vantage: str, vantage_state: str) -> dict[str, Any]:
-    """The flat JSON record of one result (stable field names: scripts depend on them)."""
-    t = result.target
-    return {
-        "type": "result",
-        "t": result.t.isoformat().replace("+00:00", "Z"),
-        "vantage": vantage,
-        "vantage_state": vantage_state,
-        "service": t.service,
-        "endpoint": t.endpoint.name,
-        "role": t.endpoint.role,
-        "probe": t.label,
-        "address": t.address,
-        "port": t.port,
-        "resolver": t.resolver,
-        "address_source": t.address_source or None,
-        "status": result.status,
-        "ok": result.ok,
-        "failure": result.failure,
-        "failed_operation": str(result.failed_operation) if result.failed_operation else None,
-        "skipped": str(result.skipped) if result.skipped else None,
-        "duration_s": round(result.duration_s, 6),
-        "phases": {k: round(v, 6) for k, v in result.phases.items()},
-        "flags": list(result.flags),
-        "details": to_jsonable(result.details),
-    }
-
-
-def verdict_record(
-    verdict: EndpointVerdict | ServiceVerdict, vantage: str, t: str
-) -> dict[str, Any]:
-    """The JSON record of one verdict; ``endpoint`` is null for a service verdict."""
-    return {
-        "type": "verdict",
-        "t": t,
-        "vantage": vantage,
-        "level": "service" if verdict.endpoint is None else "endpoint",
-        "service": verdict.service,
-        "endpoint": verdict.endpoint,
-        "verdict": str(verdict.verdict),
-        "confidence": verdict.confidence,
-        "blocked_fraction": verdict.blocked_fraction,
-        "evidence": list(verdict.evidence),
-    }
 
 
 def json_lines(report: RoundReport) -> Iterator[str]:
@@ -63,9 +16,9 @@ def json_lines(report: RoundReport) -> Iterator[str]:
     for result in report.results:
         record = result_record(result, report.vantage.name, report.state.state)
         yield json.dumps(record, sort_keys=True)
-    t = report.started.isoformat().replace("+00:00", "Z")
+    t = iso_z(report.started)
     for verdict in report.verdicts:
-        yield json.dumps(verdict_record(verdict, report.vantage.name, t), sort_keys=True)
+        yield json.dumps(verdict_line(verdict, report.vantage.name, t), sort_keys=True)
 
 
 _COLUMNS = ("service", "endpoint", "address", "port", "probe", "result", "failure", "ms")

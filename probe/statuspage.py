@@ -14,28 +14,12 @@ from html import escape
 from typing import Any
 
 from . import __version__
-from .archive import to_jsonable
 from .config.settings import AgentConfig
 from .model import ProbeResult
-from .output import result_record
+from .records import api_result_record, iso_z, verdict_record
 from .results import Snapshot
 
 REFRESH_S = 30
-
-
-def _iso(t: datetime | None) -> str | None:
-    return t.isoformat().replace("+00:00", "Z") if t else None
-
-
-def _verdict_record(v: Any) -> dict[str, Any]:
-    return {
-        "service": v.service,
-        "endpoint": v.endpoint,
-        "verdict": v.verdict,
-        "confidence": v.confidence,
-        "blocked_fraction": v.blocked_fraction,
-        "evidence": to_jsonable(v.evidence),
-    }
 
 
 def results_json(snapshot: Snapshot) -> dict[str, Any]:
@@ -50,22 +34,19 @@ def results_json(snapshot: Snapshot) -> dict[str, Any]:
             "role": snapshot.vantage.role,
             "state": vantage_state,
             "ipv6": state.ipv6 if state else None,
-            "checked_at": _iso(state.t) if state else None,
+            "checked_at": iso_z(state.t) if state else None,
         },
         "results": [
-            {
-                **result_record(r, snapshot.vantage.name, vantage_state),
-                "changed_at": _iso(snapshot.changed_at.get(k)),
-            }
+            api_result_record(r, snapshot.vantage.name, vantage_state, snapshot.changed_at.get(k))
             for k, r in sorted(snapshot.results.items())
         ],
-        "verdicts": [_verdict_record(v) for v in snapshot.verdicts],
+        "verdicts": [verdict_record(v) for v in snapshot.verdicts],
         "controls": [_control_record(c) for c in snapshot.controls],
     }
 
 
 def _control_record(c: Any) -> dict[str, Any]:
-    return {"url": c.url, "up": c.up, "newest": _iso(c.newest), "error": c.error}
+    return {"url": c.url, "up": c.up, "newest": iso_z(c.newest), "error": c.error}
 
 
 @dataclass
@@ -97,7 +78,7 @@ class _Cell:
             lines.append(f"{self.counts['skipped']} skipped")
         lines += [f"{escape(f)} &times;{n}" for f, n in sorted(self.failures.items())]
         if self.changed:
-            lines.append(f"<small>since {escape(_iso(self.changed) or '')}</small>")
+            lines.append(f"<small>since {escape(iso_z(self.changed) or '')}</small>")
         return "<br>".join(lines)
 
 
@@ -132,13 +113,13 @@ def _banner(snapshot: Snapshot, config: AgentConfig, show_source: bool) -> str:
         status = "first check pending"
     elif state.allowlist:
         status = (
-            f"<span class=offline>ALLOWLIST REGIME</span> (checked {_iso(state.t)}): only "
+            f"<span class=offline>ALLOWLIST REGIME</span> (checked {iso_z(state.t)}): only "
             "domestic controls answer; failures read allowlist_regime"
         )
     elif state.online:
-        status = f"online, IPv6 {'yes' if state.ipv6 else 'no'} (checked {_iso(state.t)})"
+        status = f"online, IPv6 {'yes' if state.ipv6 else 'no'} (checked {iso_z(state.t)})"
     else:
-        status = f"<span class=offline>OFFLINE</span> (checked {_iso(state.t)}): nothing measured"
+        status = f"<span class=offline>OFFLINE</span> (checked {iso_z(state.t)}): nothing measured"
     return (
         f"<div class=banner><b>Vantage {escape(v.name)}</b> "
         f"({escape(v.country)}, {escape(v.asn)}, role {escape(v.role)}): {status}<br>"

@@ -33,15 +33,29 @@ from probe.archive import (
     ReadStats,
     envelope,
     iter_archive,
+    result_fields,
     to_jsonable,
 )
 from probe.config.settings import AgentConfig, ArchiveSettings, Resolvers
+from probe.evidence import (
+    Evidence,
+    StunEvidence,
+    TlsEvidence,
+    TlsNegotiated,
+    TransferConnection,
+    TransferEvidence,
+    TransferSummary,
+    evidence_from_json,
+)
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.dns import AnswerTable, DNSServer
 from probe.lab.servers.tls import TLSServer
 from probe.model import Operation, ProbeResult, SkipReason, Target, Vantage, freeze
 from probe.probes.dns import probe as dns_probe
 from probe.probes.tls import probe as tls_probe
+from probe.records import read_result_record, result_record
+from probe.verdict.aggregate import judge_round
+from probe.verdict.observations import from_fields
 from tests.helpers import RawEvidence, settings, target
 
 T0 = datetime(2025, 3, 1, 12, 0, 5, 250000, tzinfo=UTC)
@@ -82,8 +96,16 @@ def result(
         failure=failure,
         failed_operation=op,
         phases=freeze(phases or {}),
-        evidence=RawEvidence(raw=details),
+        evidence=_evidence(t.probe, details),
     )
+
+
+def _evidence(probe: str, details: dict[str, Any]) -> Evidence:
+    """The probe's typed evidence read from ``details`` (keys it does not know are dropped),
+    except for the rotation tests' records, tagged with keys of their own (seq, pad)."""
+    if {"seq", "pad"} & details.keys():
+        return RawEvidence(raw=details)
+    return evidence_from_json(probe, details)
 
 
 def records(directory: Path, **kw: Any) -> list[dict[str, Any]]:
@@ -175,10 +197,13 @@ def test_tls_failure_maps_to_a_df006_handshake_with_the_certificate() -> None:
         failure="ssl_unknown_authority",
         op=Operation.TLS_HANDSHAKE,
         phases={"connect": 0.02, "tls": 0.05},
-        peer_certificates=[der],
-        tls_version="TLSv1.3",
-        cipher_suite="TLS_AES_128_GCM_SHA256",
-        alpn="h2",
+        **TlsEvidence(
+            peer_certificates=(der,),
+            certificate_source="handshake",
+            negotiated=TlsNegotiated(
+                tls_version="TLSv1.3", alpn="h2", cipher="TLS_AES_128_GCM_SHA256"
+            ),
+        ).to_json(),
     )
     keys = envelope(r, VANTAGE)["test_keys"]
     assert keys["tcp_connect"][0]["status"] == {"failure": None, "success": True}
@@ -193,13 +218,40 @@ def test_tls_failure_maps_to_a_df006_handshake_with_the_certificate() -> None:
     assert hs["t0"] == pytest.approx(0.02)
     assert hs["t"] == pytest.approx(0.07)
     assert hs["peer_certificates"] == [{"data": base64.b64encode(der).decode(), "format": "base64"}]
+    assert hs["no_tls_verify"] is False
 
 
-def test_pem_certificates_become_der_binary_data(ca: CertificateAuthority) -> None:
-    text = ca.issue("g.whatsapp.example").cert_pem.decode()
-    r = result(G_TLS, phases={"connect": 0.01, "tls": 0.02}, peer_certificates=[text])
-    [hs] = envelope(r, VANTAGE)["test_keys"]["tls_handshakes"]
-    assert base64.b64decode(hs["peer_certificates"][0]["data"]) == ssl.PEM_cert_to_DER_cert(text)
+def test_the_evidence_only_unverified_handshake_carries_the_chain_it_read() -> None:
+    """Without the verifying handshake's chain, the tls probe reads it on a second handshake
+    with verification off: archived as that handshake (no_tls_verify), not the measured one."""
+    der = bytes(range(40))
+    evidence = TlsEvidence(
+        peer_certificates=(der,), certificate_source="unverified_second_handshake"
+    )
+    r = result(
+        G_TLS,
+        failure="ssl_unknown_authority",
+        op=Operation.TLS_HANDSHAKE,
+        phases={"connect": 0.02, "tls": 0.05, "certificate_evidence": 0.07},
+        **evidence.to_json(),
+    )
+    measured, second = envelope(r, VANTAGE)["test_keys"]["tls_handshakes"]
+    assert (measured["failure"], measured["no_tls_verify"]) == ("ssl_unknown_authority", False)
+    assert measured["peer_certificates"] == []  # its own chain was not readable
+    assert (second["failure"], second["no_tls_verify"]) == (None, True)
+    assert second["peer_certificates"] == [{"data": base64.b64encode(der).decode(),
+                                            "format": "base64"}]  # fmt: skip
+    assert (second["t0"], second["t"]) == (pytest.approx(0.07), pytest.approx(0.14))
+    # the second handshake failed too: its failure, no chain
+    failed = result(
+        G_TLS,
+        failure="ssl_unknown_authority",
+        op=Operation.TLS_HANDSHAKE,
+        phases={"connect": 0.02, "tls": 0.05, "certificate_evidence": 0.07},
+        **TlsEvidence(certificate_error="connection_reset").to_json(),
+    )
+    _, second = envelope(failed, VANTAGE)["test_keys"]["tls_handshakes"]
+    assert (second["failure"], second["peer_certificates"]) == ("connection_reset", [])
 
 
 def test_dns_result_maps_to_one_df002_query_per_type() -> None:
@@ -224,14 +276,11 @@ def test_dns_result_maps_to_one_df002_query_per_type() -> None:
     assert envelope(r, VANTAGE)["input"] == "dns://web.whatsapp.example"
 
 
-def test_a_flat_answer_list_becomes_one_query() -> None:
-    r = result(DNS, phases={"resolve": 0.004}, answers=["2001:db8::1", "edge.example"])
+def test_a_resolver_that_never_answered_is_one_failed_query() -> None:
+    r = result(DNS, failure="generic_timeout_error", op=Operation.RESOLVE, phases={"resolve": 2})
     [q] = envelope(r, VANTAGE)["test_keys"]["queries"]
-    assert q["query_type"] == "A"
-    assert q["answers"] == [
-        {"answer_type": "AAAA", "ipv6": "2001:db8::1", "ttl": None},
-        {"answer_type": "CNAME", "hostname": "edge.example", "ttl": None},
-    ]
+    assert (q["query_type"], q["answers"], q["failure"]) == ("A", [], "generic_timeout_error")
+    assert "rcode" not in q
 
 
 def test_dns_failure_is_reported_on_the_query() -> None:
@@ -331,12 +380,21 @@ def test_udp_silence_maps_to_read_from_with_byte_counts() -> None:
 
 
 def test_a_stalled_transfer_records_the_byte_count() -> None:
+    """Where the first stalled connection froze (server->client TCP payload) is the 16-20 KB
+    freeze's signature (FIELD.md B7): the read event and the cumulative count carry it."""
+    transfer = replace(G_TLS, probe="transfer")
+    connections = (
+        TransferConnection(index=0, outcome="complete", wire_bytes=250_000),
+        TransferConnection(index=1, outcome="stalled", wire_bytes=16384,
+                           stalled_at_bytes=12000, stalled_at_wire_bytes=16384),
+    )  # fmt: skip
+    evidence = TransferEvidence(summary=TransferSummary(connections=connections))
     r = result(
-        G_TLS,
+        transfer,
         failure="stall_after_bytes",
         op=Operation.READ,
         phases={"connect": 0.02, "tls": 0.04, "transfer": 5.0},
-        bytes_received=16384,
+        **evidence.to_json(),
     )
     events = envelope(r, VANTAGE)["test_keys"]["network_events"]
     read = next(e for e in events if e["operation"] == "read")
@@ -346,10 +404,24 @@ def test_a_stalled_transfer_records_the_byte_count() -> None:
     assert cumulative["num_bytes"] == 16384
 
 
-def test_probe_supplied_ooni_lists_replace_the_reconstruction() -> None:
-    queries = [{"engine": "udp", "hostname": "a.example", "answers": [], "failure": None}] * 2
-    r = result(DNS, phases={"resolve": 0.01}, queries=queries)
-    assert envelope(r, VANTAGE)["test_keys"]["queries"] == queries
+def test_the_transport_is_the_one_the_probe_used() -> None:
+    """The evidence says TCP or UDP: a tcp probe of a UDP endpoint connected over TCP, and
+    a stun probe run over TCP did too."""
+    tcp_to_relay = replace(STUN, probe="tcp")
+    stun_over_tcp = result(
+        STUN,
+        failure="connection_reset",
+        op=Operation.READ,
+        phases={"connect": 0.01, "exchange": 0.02},
+        **StunEvidence(stun_transport="tcp", mode="binding").to_json(),
+    )
+    for r in (result(tcp_to_relay, phases={"connect": 0.01}), stun_over_tcp):
+        keys = envelope(r, VANTAGE)["test_keys"]
+        assert keys["tcp_connect"][0]["ip"] == "2001:db8::7"
+        assert keys["network_events"][0]["proto"] == "tcp"
+    events = envelope(stun_over_tcp, VANTAGE)["test_keys"]["network_events"]
+    [read] = [e for e in events if e["operation"] != "connect"]
+    assert read["operation"] == "read"  # over UDP it would be read_from
 
 
 def test_a_skipped_result_reports_no_observation() -> None:
@@ -441,6 +513,51 @@ def test_round_trip_and_filters(tmp_path: Path) -> None:
     assert records(tmp_path, service="whatsapp", probe="dns", failed_only=True)[0]["input"] == (
         "dns://web.whatsapp.example"
     )
+
+
+def test_an_archived_result_reads_back_as_the_fields_of_its_flat_record(
+    tmp_path: Path,
+) -> None:
+    """What a verdict is judged from comes back out of the archive unchanged."""
+    neutral = replace(G_TLS, variant="neutral_sni", overrides=freeze({"sni": "example.org"}))
+    rows = [
+        result(neutral, failure="connection_reset", op=Operation.TLS_HANDSHAKE, cert=b"\x30"),
+        result(STUN, failure="udp_no_response", op=Operation.READ, bytes_sent=20),
+        replace(result(DNS, answers={"A": ["192.0.2.1"]}), flags=("dns_injection_suspected",)),
+        ProbeResult(DC1, False, T0, 0.0, skipped=SkipReason.IPV6_UNAVAILABLE),
+    ]
+    with ArchiveWriter(tmp_path, VANTAGE) as writer:
+        for r in rows:
+            assert writer.write(r)
+    archived = [result_fields(r) for r in iter_archive(tmp_path)]
+    flat = [read_result_record(result_record(r, "msk-1", "online")) for r in rows]
+    assert [replace(a, t=None) for a in archived] == [
+        replace(f, t=None, vantage_state=None, details=a.details)
+        for a, f in zip(archived, flat, strict=True)
+    ]
+    assert [dict(a.details) for a in archived] == [dict(f.details) for f in flat]
+    assert {a.measured_at() for a in archived} == {T0}
+    assert archived[0].probe == "tls/neutral_sni"
+    with pytest.raises(KeyError):
+        result_fields({"test_keys": {}})
+
+
+def test_verdicts_judged_again_from_the_archive_are_the_rounds(tmp_path: Path) -> None:
+    dc2 = replace(DC1, address="192.0.2.11")
+    rows = [
+        result(DC1, phases={"connect": 0.03}),
+        result(dc2, failure="generic_timeout_error", op=Operation.CONNECT),
+        result(G_TLS, phases={"connect": 0.02}, failure="connection_reset",
+               op=Operation.TLS_HANDSHAKE),
+        result(STUN, failure="udp_no_response", op=Operation.READ, bytes_sent=20),
+    ]  # fmt: skip
+    with ArchiveWriter(tmp_path, VANTAGE) as writer:
+        for r in rows:
+            assert writer.write(r)
+    archived = [from_fields(result_fields(m)) for m in iter_archive(tmp_path)]
+    verdicts = judge_round(rows)
+    assert {str(v.verdict) for v in verdicts} - {"ok"}  # something to get right
+    assert judge_round(archived) == verdicts
 
 
 def test_reader_of_a_missing_directory_yields_nothing(tmp_path: Path) -> None:
@@ -662,3 +779,42 @@ def test_sigkill_mid_append_loses_at_most_the_line_being_written(tmp_path: Path)
         write_seq(writer, len(got), 1)
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     assert seqs(tmp_path) == list(range(len(got) + 1))
+
+
+def test_the_documented_example_line_is_what_the_archive_writes() -> None:
+    """docs/archive.md's example is the format: a change to either shows here."""
+    doc = (REPO / "docs" / "archive.md").read_text()
+    example = json.loads(doc.split("## Example line", 1)[1].split("```json", 1)[1].split("```")[0])
+    web = replace(
+        target("tls", "157.240.0.53", 443, host="web.whatsapp.com", service="whatsapp",
+               name="web.whatsapp.com", role="web"),
+        address_source="system",
+    )  # fmt: skip
+    details = {
+        "sni": "web.whatsapp.com",
+        "alpn_offered": ["h2", "http/1.1"],
+        "connect_time_s": 0.0408,
+        "handshake": {"bytes_sent": 517, "bytes_received": 0},
+    }
+    r = ProbeResult(
+        web,
+        False,
+        datetime(2025, 8, 14, 9, 30, 12, 481213, tzinfo=UTC),
+        10.0412,
+        failure="generic_timeout_error",
+        failed_operation=Operation.TLS_HANDSHAKE,
+        phases=freeze({"connect": 0.0408, "tls": 10.0003}),
+        evidence=RawEvidence(raw=details),
+    )
+    written = json.loads(
+        json.dumps(envelope(r, Vantage("msk-1", "RU", "AS12389", "test"), software_version="0.1.0"))
+    )
+    # the only values that vary: a fresh UUID per line, and the machine that wrote it
+    for key in ("id",):
+        written[key] = example[key]
+    for key in ("architecture", "platform"):
+        written["annotations"][key] = example["annotations"][key]
+    [hs] = written["test_keys"]["tls_handshakes"]
+    hs["t"] = round(hs["t"], 6)  # 0.0408 + 10.0003 in binary floating point
+    assert written == example
+    assert json.dumps(written) == json.dumps(example)  # and every key in the documented order

@@ -9,6 +9,7 @@ lines) and the same error, word for word.  The cost per endpoint is printed by
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import example, given
+from hypothesis import strategies as st
 from yaml.nodes import MappingNode, SequenceNode
 
 import probe.config.strict_yaml
@@ -132,3 +135,37 @@ def test_the_config_load_bench_runs() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "us/endpoint" in done.stdout and "pure Python" in done.stdout
+
+
+def _reference_host(value: str) -> str | None:
+    """What `Node.host` gave before its IPv4 shortcut: ipaddress's canonical form."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+@example([5, 1, 2, 3], "0", 0)  # 05.1.2.3: leading zero
+@example([1, 2, 3, 4], "0", 3)  # 1.2.3.04
+@example([256, 1, 1, 1], "", 0)
+@example([10, 0, 0, 1], "", 0)
+@example([1, 2, 3], "", 0)
+@given(
+    st.lists(st.integers(0, 300), min_size=3, max_size=5),
+    st.sampled_from(["", "0", "00"]),
+    st.integers(0, 4),
+)
+def test_ipv4_shortcut_gives_what_ipaddress_gives(octets: list[int], pad: str, at: int) -> None:
+    """`Node.ip` / `Node.host` take a canonical dotted quad as it is: the result, and which
+    texts are refused, are ipaddress's (leading zeros, octets over 255, 3 or 5 parts)."""
+    parts = [str(o) for o in octets]
+    parts[at % len(parts)] = pad + parts[at % len(parts)]
+    value = ".".join(parts)
+    node = probe.config.strict_yaml.parse_text(f"h: '{value}'\n", "t.yaml").mapping(["h"])["h"]
+    expected = _reference_host(value)
+    if expected is None:
+        with pytest.raises(ConfigError):
+            node.ip()
+    else:
+        assert node.ip() == expected
+        assert node.host() == expected

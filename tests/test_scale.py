@@ -3,20 +3,27 @@ answers as the whole-store computation it replaces (speed itself is in bench/)."
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 from prometheus_client import generate_latest
 
 from probe.config.settings import MetricsSettings
 from probe.control import judged_alone
 from probe.daemon import IncrementalJudge
+from probe.evidence import evidence_from_json
 from probe.exporter import TextRenderer, make_registry
 from probe.exposition import text_exposition
-from probe.model import Operation, ProbeResult
+from probe.model import Operation, ProbeResult, SkipReason, freeze
 from probe.results import ResultStore
 from probe.verdict.aggregate import judge_round
 from tests.helpers import T0, failed, ok, skipped, target
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _round(rng: random.Random, service: str, i: int, minute: int) -> list[ProbeResult]:
@@ -103,3 +110,91 @@ def test_incremental_text_equals_prometheus_client_and_reformats_only_changed_se
     assert renderer.render() == generate_latest(registry)
     options[0] = MetricsSettings(verdict_one_hot=True, per_target_histograms=True)
     assert renderer.render() == generate_latest(registry)
+
+
+def _varied_round(rng: random.Random, i: int, minute: int) -> list[ProbeResult]:
+    """Every shape of result the direct text path formats: hostname endpoints (several
+    addresses in one series, one failing), DNS with a resolve phase, call-like flows with
+    and without figures, skips only, failures of several kinds, names needing escapes."""
+    at = T0 + timedelta(minutes=minute, seconds=rng.random())
+    service = ("plain", 'qu"ote\\d', "new\nline")[i % 3]
+    out: list[ProbeResult] = []
+    host = f"h{i}.example"
+    for n in range(rng.choice((1, 2, 3))):
+        t = target("tls", f"198.51.100.{i * 3 + n + 1}", 443, host=host, service=service, name=host)
+        roll = rng.random()
+        if roll < 0.5:
+            out.append(ok(t, at=at, connect=rng.random() / 10, tls=1e-7, connect_rtt=123.5))
+        elif roll < 0.8:
+            kind = rng.choice(("connection_reset", "generic_timeout_error", "ssl_invalid_hostname"))
+            out.append(failed(t, kind, rng.choice(list(Operation)), at=at, connect=0.5))
+        else:
+            out.append(skipped(t, rng.choice(list(SkipReason)), at=at))
+    dns = target("dns", None, host=host, resolver="udp:192.0.2.53:53", service=service, name=host)
+    out.append(ok(dns, at=at, resolve=rng.random()))
+    if i % 4 == 0:
+        stun = target("stun", f"203.0.113.{i + 1}", 3478, service=service, name=f"relay{i}")
+        figures = {"mode": "flow", "loss": rng.random(), "jitter_s": 0.002, "cutoff_s": None}
+        if rng.random() < 0.5:
+            figures = {"mode": "flow", "loss": 1, "jitter_s": True, "cutoff_s": 2.5e-9}
+        out.append(
+            ProbeResult(
+                stun,
+                True,
+                at,
+                3.2,
+                phases=freeze({"flow": 3.2}),
+                evidence=evidence_from_json("stun", figures),
+            )
+        )
+    return out
+
+
+def test_the_direct_text_is_byte_for_byte_prometheus_clients_for_every_result_shape() -> None:
+    """The renderer formats series and verdicts as text itself: against `generate_latest`
+    over many random rounds, under all four metric option combinations."""
+    rng = random.Random(21)
+    store = ResultStore()
+    options = [MetricsSettings()]
+    renderer = TextRenderer(store, lambda: options[0])
+    registry = make_registry(store, lambda: options[0])
+    combos = [MetricsSettings(one_hot, per_target) for one_hot in (False, True)
+              for per_target in (False, True)]  # fmt: skip
+    for step in range(40):
+        for i in rng.sample(range(24), 6):
+            store.record_round(_varied_round(rng, i, step))
+        if step % 3 == 0:
+            store.set_verdicts(judge_round(store.snapshot().results.values()))
+        if step % 5 == 0:
+            options[0] = combos[step // 5 % 4]
+            store.keep_series_latency(options[0].per_target_histograms)
+        if step == 30:
+            store.replace_targets(k for k in store.snapshot().results if rng.random() < 0.7)
+        if step in (11, 12, 13):
+            # Endpoint 0 on three addresses (one series); then two of its keys move to
+            # series of their own (the same keys as literal hosts), and back.
+            for n in range(3) if step != 12 else (1, 2):
+                address = f"198.51.100.{n + 1}"
+                host = address if step == 12 else "h0.example"
+                t = target("tls", address, 443, host=host, service="plain", name="h0.example")
+                store.record(ok(t, at=T0 + timedelta(minutes=step), connect=0.1))
+        if step == 14:  # one key of that series goes, the others stay
+            store.replace_targets(k for k in store.snapshot().results if k[3] != "198.51.100.2")
+        assert renderer.render() == generate_latest(registry), f"step {step}"
+
+
+def test_render_cost_bench_smoke() -> None:
+    """bench/render_cost.py (no root, no network) runs and prints its figures: the smoke
+    keeps it from rotting; the figures themselves are in bench/README.md."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "render_cost.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [f["endpoints"] for f in figures] == [40]
+    assert figures[0]["series"] > 40 * 10  # every per-series family, verdicts included
+    assert figures[0]["first_render_cpu_s"] >= 0 and figures[0]["quarter_changed_render_cpu_s"] >= 0

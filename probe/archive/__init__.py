@@ -6,11 +6,13 @@ tooling and habits apply, with our complete result under
 
 - `probe.archive.ooni`: the envelope and ``test_keys`` built from a result.
 - `probe.archive.writer`: `ArchiveWriter`, crash-safe appends, rotation, retention.
-- `probe.archive.reader`: `iter_archive`, reading the files back (``probe archive``).
+- `probe.archive.reader`: `iter_archive`, reading the files back (``probe archive``),
+  and `result_fields`, an archived result as a flat record's fields (to judge again).
 """
 
-from .ooni import envelope, result_to_dict, to_jsonable
-from .reader import ReadStats, iter_archive
+from ..records import to_jsonable
+from .ooni import envelope, result_to_dict
+from .reader import ReadStats, iter_archive, result_fields
 from .writer import CURRENT_NAME, ArchiveWriter
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "ReadStats",
     "envelope",
     "iter_archive",
+    "result_fields",
     "result_to_dict",
     "to_jsonable",
 ]

@@ -8,24 +8,30 @@ See docs/archive.md.
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import datetime as dt
-import enum
 import functools
 import ipaddress
-import math
 import platform
-import ssl
 import sys
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import dns.rcode
 
 from .. import __version__
+from ..evidence import (
+    DnsEvidence,
+    Evidence,
+    ExchangeEvidence,
+    QuicEvidence,
+    TcpEvidence,
+    TlsEvidence,
+    TransferEvidence,
+)
 from ..model import Failure, Operation, ProbeResult, Target, Vantage
+from ..records import binary_data, details_json, evidence_of, to_jsonable
 
 TEST_NAME = "messenger_reachability"
 TEST_VERSION = "0.1.0"
@@ -34,46 +40,11 @@ DATA_FORMAT_VERSION = "0.2.0"  # OONI base data format version we follow
 EXTENSIONS = {"dnst": 0, "netevents": 0, "tcpconnect": 0, "tlshandshake": 0}
 OONI_TIME = "%Y-%m-%d %H:%M:%S"
 
-_MAX_DEPTH = 32
-_UDP_PROBES = frozenset({"quic", "quic_vn", "stun"})  # UDP unless details say otherwise
-
-
-# -- JSON-safe values -----------------------------------------------------------
-
-
-def _binary(data: bytes) -> dict[str, str]:
-    """OONI's BinaryData object (df-001)."""
-    return {"data": base64.b64encode(data).decode("ascii"), "format": "base64"}
-
-
-def to_jsonable(value: Any, _depth: int = 0) -> Any:
-    """A JSON-safe copy of evidence: never raises, whatever a probe put in ``details``.
-
-    bytes -> OONI BinaryData; non-finite floats -> "nan"/"inf"/"-inf" strings
-    (JSON has no such numbers); sets -> sorted lists; unknown objects -> str().
-    """
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if _depth >= _MAX_DEPTH:
-        return "<too deep>"
-    if isinstance(value, bytes | bytearray | memoryview):
-        return _binary(bytes(value))
-    if isinstance(value, enum.Enum):
-        return to_jsonable(value.value, _depth + 1)
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v, _depth + 1) for k, v in value.items()}
-    if isinstance(value, set | frozenset):
-        return sorted((to_jsonable(v, _depth + 1) for v in value), key=repr)
-    if isinstance(value, list | tuple):
-        return [to_jsonable(v, _depth + 1) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return to_jsonable(fields, _depth + 1)
-    return str(value)  # ipaddress objects, paths, anything else: its readable form
+# `TlsEvidence.certificate_source` when the tls probe could not read the chain of its own
+# (verifying) handshake and made a second one with verification off, for evidence only.
+_UNVERIFIED_SECOND = "unverified_second_handshake"
+# df-002, df-005, df-006 and df-008 lists of test_keys, in the order they are written
+_OBSERVATIONS = ("queries", "tcp_connect", "tls_handshakes", "quic_handshakes", "network_events")
 
 
 # -- the OONI envelope ------------------------------------------------------------
@@ -90,16 +61,6 @@ def _input(target: Target) -> str:
     if target.address is None:
         return f"{target.probe}://{host}"
     return f"{target.probe}://{_hostport(host, target.port)}"
-
-
-def _network(result: ProbeResult) -> str:
-    for key in ("network", "transport"):  # e.g. STUN over TCP says transport=tcp
-        declared = result.details.get(key)
-        if declared in ("tcp", "udp"):
-            return str(declared)
-    if result.target.probe in _UDP_PROBES:
-        return "udp"
-    return result.target.endpoint.transport
 
 
 def _timeline(result: ProbeResult) -> dict[str, tuple[float, float]]:
@@ -129,10 +90,7 @@ def _failure_at(result: ProbeResult, operation: Operation) -> str | None:
     return result.failure if result.failed_operation == operation else None
 
 
-def _answer(value: Any) -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    text = str(value)
+def _answer(text: str) -> dict[str, Any]:
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
@@ -152,28 +110,17 @@ def _engine(resolver: str | None) -> tuple[str, str]:
     return "unknown", resolver
 
 
-def _as_list(value: Any) -> list[Any]:
-    if value is None or isinstance(value, str | bytes | Mapping):
-        return [] if value is None else [value]
-    try:
-        return list(value)
-    except TypeError:
-        return [value]
-
-
-def _rcode(value: Any) -> int | None:
+def _rcode(value: str | None) -> int | None:
     """OONI wants the numeric rcode; our DNS probe records its text (NXDOMAIN)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(dns.rcode.from_text(value))
-        except (dns.rcode.UnknownRcode, ValueError):
-            return None
-    return None
+    if value is None:
+        return None
+    try:
+        return int(dns.rcode.from_text(value))
+    except (dns.rcode.UnknownRcode, ValueError):
+        return None
 
 
-def _query_failure(result: ProbeResult, answers: list[Any], bogons: set[str]) -> str | None:
+def _query_failure(result: ProbeResult, answers: tuple[str, ...], bogons: set[str]) -> str | None:
     if result.failed_operation == Operation.RESOLVE:
         if not answers:
             return result.failure
@@ -184,23 +131,23 @@ def _query_failure(result: ProbeResult, answers: list[Any], bogons: set[str]) ->
     return None if answers else str(Failure.DNS_NO_ANSWER)
 
 
-def _queries(result: ProbeResult, timeline: Mapping[str, tuple[float, float]]) -> list[Any]:
-    """One df-002 query per query type (``details["answers"]`` maps type -> addresses)."""
+def _queries(
+    result: ProbeResult, ev: Evidence, timeline: Mapping[str, tuple[float, float]]
+) -> list[Any]:
+    """One df-002 query per query type the dns probe asked (its answers by type)."""
     target = result.target
     resolved = target.resolver is not None or "resolve" in result.phases
     if not resolved and result.failed_operation != Operation.RESOLVE:
         return []
-    details = result.details
+    dns_ev = ev if isinstance(ev, DnsEvidence) else DnsEvidence()
     engine, resolver_address = _engine(target.resolver)
     t0, t = _span(timeline, ("resolve",), result.duration_s)
-    answers = details.get("answers")
-    if isinstance(answers, Mapping):
-        per_type = {str(qt): _as_list(v) for qt, v in answers.items()}
-    else:  # a flat list from a probe that does not split by type
-        per_type = {"ANY" if engine == "getaddrinfo" else "A": _as_list(answers)}
-    rcodes = details.get("rcodes")
-    rcodes = rcodes if isinstance(rcodes, Mapping) else {}
-    bogons = {str(b) for b in _as_list(details.get("bogons"))}
+    if dns_ev.answers is not None:
+        per_type = dict(dns_ev.answers)
+    else:  # no answers recorded (a failure before any reply): one query for the failure
+        per_type = {"ANY" if engine == "getaddrinfo" else "A": ()}
+    rcodes = dns_ev.rcodes or {}
+    bogons = set(dns_ev.bogons or ())
     queries: list[Any] = []
     for query_type, values in per_type.items():
         query: dict[str, Any] = {
@@ -221,9 +168,11 @@ def _queries(result: ProbeResult, timeline: Mapping[str, tuple[float, float]]) -
     return queries
 
 
-def _tcp_connect(result: ProbeResult, timeline: Mapping[str, tuple[float, float]]) -> list[Any]:
+def _tcp_connect(
+    result: ProbeResult, network: str, timeline: Mapping[str, tuple[float, float]]
+) -> list[Any]:
     target = result.target
-    if target.address is None or target.port is None or _network(result) != "tcp":
+    if target.address is None or target.port is None or network != "tcp":
         return []
     if "connect" not in result.phases and result.failed_operation != Operation.CONNECT:
         return []
@@ -241,60 +190,115 @@ def _tcp_connect(result: ProbeResult, timeline: Mapping[str, tuple[float, float]
     ]
 
 
-def _certificate(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return _binary(bytes(value))
-    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN CERTIFICATE-----"):
-        try:
-            return _binary(ssl.PEM_cert_to_DER_cert(value))
-        except ValueError:
-            return value
-    if isinstance(value, str):
-        return {"data": value, "format": "base64"}  # already base64 DER
-    return to_jsonable(value)
+@dataclass(frozen=True)
+class _Negotiated:
+    """What a measured handshake's evidence says, in df-006's terms."""
+
+    tls_version: str = ""
+    cipher_suite: str = ""
+    negotiated_protocol: str = ""
+    peer_certificates: tuple[bytes, ...] = ()  # DER, leaf first
+
+
+def _negotiated(ev: Evidence) -> _Negotiated:
+    if isinstance(ev, TlsEvidence):
+        # A chain read on the evidence-only second handshake belongs to that one.
+        unverified = ev.certificate_source == _UNVERIFIED_SECOND
+        return _Negotiated(
+            ev.tls_version or "",
+            ev.cipher or "",
+            ev.alpn or "",
+            () if unverified else ev.peer_certificates or (),
+        )
+    if isinstance(ev, QuicEvidence):
+        return _Negotiated(
+            negotiated_protocol=ev.alpn or "", peer_certificates=ev.peer_certificates or ()
+        )
+    return _Negotiated()
+
+
+def _handshake_entry(
+    result: ProbeResult,
+    network: str,
+    span: tuple[float, float],
+    failure: str | None,
+    negotiated: _Negotiated,
+    *,
+    no_tls_verify: bool,
+) -> dict[str, Any]:
+    target = result.target
+    return {
+        "network": network,
+        "address": _hostport(target.address or target.endpoint.host, target.port),
+        "cipher_suite": negotiated.cipher_suite,
+        "failure": failure,
+        "negotiated_protocol": negotiated.negotiated_protocol,
+        "no_tls_verify": no_tls_verify,
+        "peer_certificates": [binary_data(c) for c in negotiated.peer_certificates],
+        "server_name": target.server_name or "",
+        "t0": span[0],
+        "t": span[1],
+        "tags": [],
+        "tls_version": negotiated.tls_version,
+    }
 
 
 def _handshake(
     result: ProbeResult,
+    ev: Evidence,
     timeline: Mapping[str, tuple[float, float]],
     network: str,
     operation: Operation,
     phases: tuple[str, ...],
 ) -> list[Any]:
-    target = result.target
+    """The measured handshake.  It always verifies (``no_tls_verify`` false); the tls and
+    quic probes keep the chain the peer sent when verification failed: that is where a
+    MITM's forged certificate reaches the archive."""
     if not any(p in result.phases for p in phases) and result.failed_operation != operation:
         return []
-    details = result.details
-    # The tls and quic probes keep the chain (base64 DER, leaf first) when verification
-    # failed: that is where a MITM's forged certificate reaches the archive.
-    certs = details.get("peer_certificates")
-    t0, t = _span(timeline, phases, result.duration_s)
-    return [
-        {
-            "network": network,
-            "address": _hostport(target.address or target.endpoint.host, target.port),
-            "cipher_suite": str(details.get("cipher_suite") or details.get("cipher") or ""),
-            "failure": _failure_at(result, operation),
-            "negotiated_protocol": str(details.get("alpn") or ""),
-            # Our handshakes always verify; the evidence-only second connection of the
-            # tls probe is not a handshake of the measurement.
-            "no_tls_verify": False,
-            "peer_certificates": [_certificate(c) for c in _as_list(certs)],
-            "server_name": target.server_name or "",
-            "t0": t0,
-            "t": t,
-            "tags": [],
-            "tls_version": str(details.get("tls_version") or ""),
-        }
-    ]
+    span = _span(timeline, phases, result.duration_s)
+    failure = _failure_at(result, operation)
+    return [_handshake_entry(result, network, span, failure, _negotiated(ev), no_tls_verify=False)]
 
 
-def _network_events(result: ProbeResult, timeline: Mapping[str, tuple[float, float]]) -> list[Any]:
+def _unverified_handshake(
+    result: ProbeResult, ev: Evidence, timeline: Mapping[str, tuple[float, float]]
+) -> list[Any]:
+    """The tls probe's evidence-only second handshake, when it made one: verification off
+    (df-006 ``no_tls_verify``), to read the chain that a failed verification hid on a
+    Python without ``get_unverified_chain``.  Its chain is archived on it."""
+    if not isinstance(ev, TlsEvidence):
+        return []
+    if ev.certificate_source != _UNVERIFIED_SECOND and ev.certificate_error is None:
+        return []  # no second handshake was made
+    span = _span(timeline, ("certificate_evidence",), result.duration_s)
+    negotiated = _Negotiated(peer_certificates=ev.peer_certificates or ())
+    entry = _handshake_entry(
+        result, "tcp", span, ev.certificate_error, negotiated, no_tls_verify=True
+    )
+    return [entry]
+
+
+def _bytes_received(ev: Evidence) -> int | None:
+    """The probe's own count of bytes received, where it keeps one: what a held TCP
+    connection or an application exchange got; for a transfer, where its first stalled
+    connection froze (server->client TCP payload: the 16-20 KB freeze, FIELD.md B7)."""
+    if isinstance(ev, TcpEvidence | ExchangeEvidence):
+        return ev.bytes_received
+    if isinstance(ev, TransferEvidence):
+        stalls = (c.stalled_at_wire_bytes for c in ev.connections)
+        return next((n for n in stalls if n is not None), None)
+    return None
+
+
+def _network_events(
+    result: ProbeResult, ev: Evidence, network: str, timeline: Mapping[str, tuple[float, float]]
+) -> list[Any]:
     target = result.target
     if target.address is None or target.port is None:
         return []
-    network = _network(result)
     address = _hostport(target.address, target.port)
+    received = _bytes_received(ev)
     events: list[dict[str, Any]] = []
     if network == "tcp" and (
         "connect" in result.phases or result.failed_operation == Operation.CONNECT
@@ -309,17 +313,15 @@ def _network_events(result: ProbeResult, timeline: Mapping[str, tuple[float, flo
         op = str(result.failed_operation)
         if network == "udp":
             op = "read_from" if op == "read" else "write_to"
-        counted = result.details.get("bytes_received" if op.startswith("read") else "bytes_sent")
         last = next(reversed(list(timeline.values())), (0.0, result.duration_s))
         event: dict[str, Any] = {
             "address": address, "failure": result.failure, "operation": op, "proto": network,
             "t0": last[0], "t": result.duration_s, "tags": [],
         }  # fmt: skip
-        if isinstance(counted, int) and not isinstance(counted, bool):
-            event["num_bytes"] = counted
+        if received is not None and op.startswith("read"):  # no probe counts bytes sent
+            event["num_bytes"] = received
         events.append(event)
-    received = result.details.get("bytes_received")
-    if isinstance(received, int) and not isinstance(received, bool):
+    if received is not None:
         # The byte count at which a transfer stopped is the signature of a freeze (B7).
         events.append(
             {"failure": None, "num_bytes": received, "operation": "bytes_received_cumulative",
@@ -329,30 +331,28 @@ def _network_events(result: ProbeResult, timeline: Mapping[str, tuple[float, flo
 
 
 def _test_keys(result: ProbeResult) -> dict[str, Any]:
+    if result.skipped is not None:  # nothing was sent: no observations to report
+        empty: dict[str, Any] = {k: [] for k in _OBSERVATIONS}
+        return {**empty, "probe_result": result_to_dict(result)}
     timeline = _timeline(result)
-    network = _network(result)
-    details = result.details
-    built: dict[str, list[Any]] = {
-        "queries": _queries(result, timeline),
-        "tcp_connect": _tcp_connect(result, timeline),
-        "tls_handshakes": (
-            _handshake(result, timeline, "tcp", Operation.TLS_HANDSHAKE, ("tls", "tls_handshake"))
-            if network == "tcp"
-            else []
-        ),
+    ev = evidence_of(result)
+    network = ev.transport  # stun says per run; a dns probe's resolver decides
+    tls = (
+        _handshake(result, ev, timeline, "tcp", Operation.TLS_HANDSHAKE, ("tls", "tls_handshake"))
+        + _unverified_handshake(result, ev, timeline)
+        if network == "tcp"
+        else []
+    )
+    return {
+        "queries": _queries(result, ev, timeline),
+        "tcp_connect": _tcp_connect(result, network, timeline),
+        "tls_handshakes": tls,
         "quic_handshakes": _handshake(
-            result, timeline, "udp", Operation.QUIC_HANDSHAKE, ("quic", "quic_handshake")
+            result, ev, timeline, "udp", Operation.QUIC_HANDSHAKE, ("quic", "quic_handshake")
         ),
-        "network_events": _network_events(result, timeline),
+        "network_events": _network_events(result, ev, network, timeline),
+        "probe_result": result_to_dict(result),
     }
-    if result.skipped is not None:
-        built = {k: [] for k in built}  # nothing was sent: no observations to report
-    # A probe that knows more (several queries, every read) may give OONI-shaped
-    # lists itself under the same keys; they win over the reconstruction.
-    for key in built:
-        if key in details:
-            built[key] = _as_list(to_jsonable(details[key]))
-    return {**built, "probe_result": result_to_dict(result)}
 
 
 def result_to_dict(result: ProbeResult) -> dict[str, Any]:
@@ -384,7 +384,7 @@ def result_to_dict(result: ProbeResult) -> dict[str, Any]:
         "failure_kind": str(result.failure_kind) if result.failure_kind else None,
         "failed_operation": str(result.failed_operation) if result.failed_operation else None,
         "phases": to_jsonable(result.phases),
-        "details": to_jsonable(result.details),
+        "details": details_json(result),
         "flags": list(result.flags),
         "skipped": str(result.skipped) if result.skipped else None,
     }

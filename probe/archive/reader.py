@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, cast
 
+from ..records import RecordFields, optional_str, read_details, read_flags
 from .writer import CURRENT_NAME, rotated_files, rotation_time
 
 # The package's name, as before the split: log records and filters keep their logger.
@@ -128,3 +129,35 @@ def iter_archive(
             if _matches(record, since, service, probe, failed_only):
                 stats.records += 1
                 yield record
+
+
+def result_fields(record: Mapping[str, Any]) -> RecordFields:
+    """The archived result of one measurement as the fields of a flat result record
+    (`probe.records`), so a verdict can be judged again from the archive.  The archive
+    keeps no vantage state: ``vantage_state`` is None.  Raises KeyError, TypeError or
+    ValueError on a record that is not one of our measurements."""
+    result = record["test_keys"]["probe_result"]
+    target = result["target"]
+    annotations = record.get("annotations")
+    variant = target.get("variant") or ""
+    port = target.get("port")
+    return RecordFields(
+        service=str(target["service"]),
+        endpoint=str(target["endpoint"]),
+        probe=f"{target['probe']}/{variant}" if variant else str(target["probe"]),
+        address=optional_str(target.get("address")),
+        port=int(port) if port is not None else None,
+        ok=bool(result.get("ok")),
+        failure=optional_str(result.get("failure")),
+        failed_operation=optional_str(result.get("failed_operation")),
+        resolver=optional_str(target.get("resolver")),
+        skipped=optional_str(result.get("skipped")),
+        role=str(target.get("role") or ""),
+        details=read_details(result.get("details")),
+        flags=read_flags(result.get("flags")),
+        t=optional_str(result.get("t")),
+        vantage=optional_str(annotations.get("vantage"))
+        if isinstance(annotations, Mapping)
+        else None,
+        vantage_state=None,
+    )

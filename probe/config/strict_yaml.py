@@ -58,6 +58,10 @@ _STR_TAG = "tag:yaml.org,2002:str"
 # is PyYAML's own Python one); None where it was not: then pure Python.
 _FAST_LOADER: type[yaml.SafeLoader] | None = getattr(yaml, "CSafeLoader", None)
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+# An IPv4 address already in the canonical form ipaddress gives (no leading zeros): taken
+# as it is, without parsing it through ipaddress (5 us an address, more than the regex).
+_CANONICAL_IPV4 = re.compile(r"((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+                             r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")  # fmt: skip
 
 
 class ConfigError(Exception):
@@ -328,6 +332,8 @@ class Node:
     def ip(self) -> str:
         """An IP address literal, returned in canonical (compressed) form."""
         value = self.as_str()
+        if _CANONICAL_IPV4.fullmatch(value):
+            return value
         try:
             return str(ipaddress.ip_address(value))
         except ValueError:
@@ -342,6 +348,8 @@ class Node:
     def host(self) -> str:
         """A hostname or an IP literal (IPs canonicalised, names lower-cased)."""
         value = self.as_str()
+        if _CANONICAL_IPV4.fullmatch(value):
+            return value
         try:
             return str(ipaddress.ip_address(value))
         except ValueError:

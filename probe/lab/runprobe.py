@@ -13,7 +13,7 @@ Keys: ``probe`` (required), ``address``, ``port``, ``host`` (the endpoint's name
 Host header, DNS query name; default the address), ``resolver`` (DNS probes),
 ``params``, ``timeouts`` (fields of `Timeouts`), ``ca_file``, ``transport``,
 ``reply_window_s``, ``service``, ``prefixes`` (CIDR strings).  Output: one line, the
-record of `probe.output.result_record`.  Exit 0 if the probe succeeded, 1 if it failed,
+record of `probe.records.result_record`.  Exit 0 if the probe succeeded, 1 if it failed,
 2 for a bad job.
 
 ``python -m probe.lab.runprobe --serve`` keeps running instead (`Lab.prober`): it prints
@@ -35,9 +35,9 @@ from typing import Any
 
 from ..config.settings import ProbeSettings, Resolvers, Timeouts, TLSOptions
 from ..model import Endpoint, ProbeSpec, Target
-from ..output import result_record
 from ..probes import REGISTRY
 from ..probes.base import run_guarded
+from ..records import result_record
 
 __all__ = ["main", "target_of"]
 

@@ -39,7 +39,7 @@ from typing import Any, Self
 
 import yaml
 
-from ..archive import iter_archive
+from ..archive import iter_archive, result_fields
 from . import censor as c
 from .topology import ADDR, Lab, LabError, ServeHandle
 
@@ -931,9 +931,8 @@ def check(scenario: Scenario, outcome: Outcome) -> list[str]:
 
 
 def _archived_key(envelope: Mapping[str, Any]) -> tuple[str, str, str]:
-    t = envelope["test_keys"]["probe_result"]["target"]
-    label = f"{t['probe']}/{t['variant']}" if t.get("variant") else t["probe"]
-    return t["service"], t["endpoint"], label
+    fields = result_fields(envelope)
+    return fields.service, fields.endpoint, fields.probe
 
 
 def _key(record: Mapping[str, Any]) -> str:

@@ -6,7 +6,7 @@ Phases recorded: ``connect``; ``first_byte`` (request written -> first reply byt
 the step that failed:
 
 * connect: whatever `classify` says (refused, timeout, unreachable ...), operation
-  ``connect``; connecting is the TCP probe's `connect()`, so every TCP-based probe
+  ``connect``; connecting is the TCP probe's `connect_recorded()`, so every TCP-based probe
   connects the same way and records the same socket evidence
 * write: ``connection_reset`` etc., operation ``write``
 * read: silence past ``timeouts.app_s`` -> ``generic_timeout_error``; FIN -> ``eof_error``;
@@ -21,7 +21,6 @@ byte count decided by the codec, so a giant or endless reply cannot eat memory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -30,15 +29,16 @@ from ..config.settings import ProbeSettings
 from ..evidence import ExchangeEvidence
 from ..model import Failure, Operation, ProbeResult, Target
 from ..wire import WireError
+from ._net.tcp import close_streams, open_streams
 from .base import Recorder
-from .tcp import connect, record_connect_rtt, require_address, socket_evidence
+from .tcp import connect_recorded, require_address
 from .tls import STRETCH_MAX, handshake_timeout
 
 T = TypeVar("T")
 E = TypeVar("E", bound=ExchangeEvidence)
 
 _EVIDENCE_BYTES = 16  # how much of an unexpected reply to keep (hex), as the tcp probe does
-_CLOSE_WAIT_S = 1.0
+_CLOSE_WAIT_S = 1.0  # the bounded close after the exchange
 
 
 class ReplyReader:
@@ -105,21 +105,15 @@ async def exchange(
     rec = Recorder(target, evidence)
     address, port = require_address(target)  # a missing address is a config bug: raises
     try:
-        with rec.phase("connect"):
-            sock = await connect(address, port, settings.timeouts.connect_s)
+        conn = await connect_recorded(rec, address, port, settings.timeouts.connect_s)
     except OSError as exc:  # TimeoutError and ConnectionError are OSErrors
         return rec.fail_exc(exc, Operation.CONNECT)
-    rtt = record_connect_rtt(rec, sock)
-    rec.evidence = replace(rec.evidence, connect_rtt_s=rtt, socket=socket_evidence(sock))
-    try:
-        reader, writer = await asyncio.open_connection(sock=sock)
-    except BaseException:
-        sock.close()
-        raise
+    rec.evidence = replace(rec.evidence, connect_rtt_s=conn.connect_rtt_s, socket=conn.socket)
+    reader, writer = await open_streams(conn.sock)
     try:
         return await _request_reply(rec, settings, reader, writer, request, read_reply, judge)
     finally:
-        await _close(writer)
+        await close_streams(writer, _CLOSE_WAIT_S)
 
 
 async def _request_reply(
@@ -152,10 +146,3 @@ async def _request_reply(
     except (OSError, EOFError, TimeoutError) as exc:
         return rec.fail_exc(exc, step, replies.evidence(rec.evidence))
     return judge(rec, reply, replies)
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(OSError, TimeoutError):
-        async with asyncio.timeout(_CLOSE_WAIT_S):
-            await writer.wait_closed()

@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import aiohttp
 import dns.message
@@ -48,6 +48,7 @@ from ..wire.dnsmsg import (
     parse_message,
     rcode_text,
 )
+from ._net.udp import UdpChannel
 from .base import Recorder
 from .params import NoParams
 
@@ -197,67 +198,56 @@ def _answers(query: dns.message.Message, data: bytes) -> bool:
         return False
 
 
-class _Collector(asyncio.DatagramProtocol):
-    """Keeps every datagram (up to a bound) with its delay since the query was sent.
+async def _collect(
+    channel: UdpChannel, query: dns.message.Message, wait_s: float, window_s: float
+) -> tuple[list[tuple[float, bytes]], BaseException | None]:
+    """Send ``query``; keep every datagram (up to a bound) with its delay since the send.
 
-    ``done`` is set by the first reply that answers the query, or by an ICMP error.
-    Garbage or a reply to another query does not end the wait: a stub resolver
-    ignores those and keeps listening, so a stray or forged datagram arriving first
-    must not hide the real answer that comes after it.
+    The wait ends at the first reply that answers the query (then ``window_s`` more, to
+    catch a second, differing answer: the point of this probe), at an ICMP error, or
+    after ``wait_s`` (then the error is a TimeoutError).  Garbage or a reply to another
+    query does not end it: a stub resolver ignores those and keeps listening, so a stray
+    or forged datagram arriving first must not hide the real answer that comes after it.
     """
-
-    def __init__(self, query: dns.message.Message) -> None:
-        self.query = query
-        self.sent_at = time.monotonic()
-        self.replies: list[tuple[float, bytes]] = []
-        self.error: OSError | None = None
-        self.done = asyncio.Event()
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        answers = _answers(self.query, data)
+    sent_at = channel.send(query.to_wire())
+    replies: list[tuple[float, bytes]] = []
+    answered = False
+    until = sent_at + wait_s
+    while True:  # bounded: each pass reads a datagram or ends at ``until``
+        try:
+            item = await channel.recv(until)
+        except OSError as exc:  # on our connected socket: ICMP port unreachable and kin
+            if answered:
+                continue  # an error after the answer changes nothing
+            return replies, exc
+        if item is None:
+            return replies, None if answered else TimeoutError()
+        arrived, data = item
+        answers = _answers(query, data)
         # A flood beyond the bound is dropped, but never the first real answer.
-        if len(self.replies) < _MAX_UDP_REPLIES or (answers and not self.done.is_set()):
-            self.replies.append((time.monotonic() - self.sent_at, data))
-        if answers:
-            self.done.set()
-
-    def error_received(self, exc: Exception) -> None:
-        # On a connected socket an ICMP port unreachable arrives here (ECONNREFUSED).
-        if self.error is None and isinstance(exc, OSError):
-            self.error = exc
-        self.done.set()
+        if len(replies) < _MAX_UDP_REPLIES or (answers and not answered):
+            replies.append((arrived - sent_at, data))
+        if answers and not answered:
+            answered = True
+            until = time.monotonic() + window_s
 
 
 async def _udp_query(r: ResolverSpec, qname: str, qtype: str, settings: ProbeSettings) -> _Outcome:
     query = build_query(qname, qtype)
-    loop = asyncio.get_running_loop()
     try:
         # A connected socket: the kernel drops datagrams from other addresses (an
         # injector spoofs the resolver's, so it still gets through) and reports ICMP.
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: _Collector(query), remote_addr=(r.host, r.port)
-        )
+        channel = await UdpChannel.open(r.host, r.port)
     except OSError as exc:
         return _failed(exc)
-    try:
-        proto.sent_at = time.monotonic()
-        transport.sendto(query.to_wire())
-        try:
-            async with asyncio.timeout(settings.timeouts.dns_s):
-                await proto.done.wait()
-        except TimeoutError as exc:
-            if not proto.replies:
-                return _failed(exc)
-            # only unusable replies: judged below (the resolver spoke, never an answer)
-        else:
-            if proto.error is None:
-                # The point of this probe: keep listening for a second, differing answer.
-                await asyncio.sleep(settings.resolvers.reply_window_s)
-    finally:
-        transport.close()
-    if not proto.replies and proto.error is not None:
-        return _failed(proto.error)
-    return _judge(query, qname, qtype, proto.replies)
+    with contextlib.closing(channel):
+        replies, error = await _collect(
+            channel, query, settings.timeouts.dns_s, settings.resolvers.reply_window_s
+        )
+    if not replies and error is not None:
+        return _failed(error)
+    # only unusable replies after a timeout: judged too (the resolver spoke, never an answer)
+    return _judge(query, qname, qtype, replies)
 
 
 # --- TCP ----------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import ipaddress
-import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -71,6 +70,7 @@ from ..wire.quic import (
     parse_long_header,
     parse_version_negotiation,
 )
+from ._net.udp import open_connected
 from .base import Recorder
 from .params import ParamError, alpn_param, check_keys, shown, sni_param
 from .tcp import require_address
@@ -342,23 +342,6 @@ def _configuration(params: _Params, settings: ProbeSettings) -> QuicConfiguratio
     return config
 
 
-def connected_udp_socket(address: str, port: int) -> socket.socket:
-    """A non-blocking UDP socket connected to an IP literal.
-
-    Connected, so the kernel hands us ICMP errors (port unreachable -> ECONNREFUSED)
-    and drops datagrams from any other source.
-    """
-    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        sock.connect((address, port))  # a literal: no resolver; UDP: no packet sent
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def _peer_certificate(
     quic: QuicConnection,
 ) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
@@ -426,20 +409,18 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     )
     rec.evidence = QuicEvidence(offer=offer)
     config = _configuration(params, settings)
-    try:
-        sock = connected_udp_socket(params.address, params.port)
-    except OSError as exc:
-        return rec.fail_exc(exc, Operation.CONNECT)
-
-    loop = asyncio.get_running_loop()
     connection = QuicConnection(configuration=config)
     qlog = cast(_CloseLogger, config.quic_logger)
-    transport, proto = await loop.create_datagram_endpoint(
-        lambda: _HandshakeProtocol(connection, qlog), sock=sock
-    )
+    try:
+        # connected, so the kernel reports ICMP errors to us and drops other sources
+        transport, proto = await open_connected(
+            params.address, params.port, lambda: _HandshakeProtocol(connection, qlog)
+        )
+    except OSError as exc:
+        return rec.fail_exc(exc, Operation.CONNECT)
     try:
         with rec.phase("quic_handshake"):
-            proto.connect(sock.getpeername())
+            proto.connect(transport.get_extra_info("peername"))
             try:
                 async with asyncio.timeout(settings.timeouts.quic_s):
                     await proto.done

@@ -25,8 +25,9 @@ Params: ``version`` (int or "0x..." string; default a fresh random reserved vers
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Self
@@ -44,9 +45,9 @@ from ..wire.quic import (
     parse_version_negotiation,
     reserved_version,
 )
+from ._net.udp import UdpChannel
 from .base import Recorder
 from .params import ParamError, check_keys, shown
-from .quic import connected_udp_socket
 from .tcp import require_address
 
 __all__ = ["QuicVnParams", "budget_s", "probe"]
@@ -57,18 +58,37 @@ _CID_LEN = 8
 _MAX_REPLIES = 16
 
 
-class _VNProtocol(asyncio.DatagramProtocol):
-    """Waits for a VN echoing our connection IDs; keeps the first reason a reply was not one."""
+class _VNWait:
+    """Reads replies until a VN echoes our connection IDs or an ICMP error arrives; keeps
+    the first reason a reply was not such a VN."""
 
     def __init__(self, dcid: bytes, scid: bytes) -> None:
         self.dcid, self.scid = dcid, scid
-        self.answer: asyncio.Future[VersionNegotiation] = asyncio.get_running_loop().create_future()
+        self.answer: VersionNegotiation | None = None
+        self.error: OSError | None = None
         self.replies = 0
         self.invalid: str | None = None
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
+    @property
+    def done(self) -> bool:
+        return self.answer is not None or self.error is not None
+
+    async def until(self, channel: UdpChannel, until: float) -> bool:
+        """Read until done or ``until`` (monotonic) passes; True once done."""
+        while not self.done:  # bounded: each pass reads a datagram or ends at ``until``
+            try:
+                item = await channel.recv(until)
+            except OSError as exc:  # ICMP on our connected socket (port unreachable ...)
+                self.error = exc
+                break
+            if item is None:
+                break
+            self._handle(item[1])
+        return self.done
+
+    def _handle(self, data: bytes) -> None:
         self.replies += 1
-        if self.answer.done() or self.replies > _MAX_REPLIES:
+        if self.replies > _MAX_REPLIES:
             return
         try:
             vn = parse_version_negotiation(data)
@@ -78,11 +98,7 @@ class _VNProtocol(asyncio.DatagramProtocol):
         if not vn.echoes(self.dcid, self.scid):
             self.invalid = self.invalid or "version negotiation does not echo our connection IDs"
             return
-        self.answer.set_result(vn)
-
-    def error_received(self, exc: Exception) -> None:
-        if not self.answer.done():
-            self.answer.set_exception(exc)
+        self.answer = vn
 
 
 @dataclass(frozen=True)
@@ -143,45 +159,34 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     packet = build_vn_probe(version, dcid, scid, noise=os.urandom(MIN_INITIAL_SIZE))
     rec.evidence = QuicVnEvidence(probe_version=f"0x{version:08x}", datagram_bytes=len(packet))
     try:
-        sock = connected_udp_socket(*require_address(target))
+        channel = await UdpChannel.open(*require_address(target))
     except OSError as exc:
         return rec.fail_exc(exc, Operation.CONNECT)
-
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(
-        lambda: _VNProtocol(dcid, scid), sock=sock
-    )
+    wait = _VNWait(dcid, scid)
     timeout = settings.timeouts.quic_s
-    sent = 0
-    try:
-        with rec.phase("quic_vn"):
-            start = loop.time()
-            for i in range(len(_SEND_AT)):
-                transport.sendto(packet)
-                sent += 1
-                until = _SEND_AT[i + 1] if i + 1 < len(_SEND_AT) else 1.0
-                await asyncio.wait(
-                    {proto.answer}, timeout=max(0.0, start + until * timeout - loop.time())
-                )
-                if proto.answer.done():
-                    break
-    finally:
-        transport.close()
-    rec.evidence = replace(rec.evidence, datagrams_sent=sent, datagrams_received=proto.replies)
-    return _outcome(rec, proto)
+    with contextlib.closing(channel), rec.phase("quic_vn"):
+        start = time.monotonic()
+        for i in range(len(_SEND_AT)):
+            channel.send(packet)
+            until = _SEND_AT[i + 1] if i + 1 < len(_SEND_AT) else 1.0
+            if await wait.until(channel, start + until * timeout):
+                break
+    rec.evidence = replace(
+        rec.evidence, datagrams_sent=channel.sent, datagrams_received=wait.replies
+    )
+    return _outcome(rec, wait)
 
 
-def _outcome(rec: Recorder[QuicVnEvidence], proto: _VNProtocol) -> ProbeResult:
+def _outcome(rec: Recorder[QuicVnEvidence], wait: _VNWait) -> ProbeResult:
     op = Operation.QUIC_HANDSHAKE
-    if not proto.answer.done():
-        if proto.invalid is not None:
-            invalid = replace(rec.evidence, invalid_reply=proto.invalid)
+    if wait.error is not None:
+        return rec.fail_exc(wait.error, op)
+    if wait.answer is None:
+        if wait.invalid is not None:
+            invalid = replace(rec.evidence, invalid_reply=wait.invalid)
             return rec.fail(Failure.BAD_RESPONSE, op, invalid)
         return rec.fail(Failure.UDP_NO_RESPONSE, op)
-    exc = proto.answer.exception()
-    if exc is not None:
-        return rec.fail_exc(exc, op)
-    vn = proto.answer.result()
+    vn = wait.answer
     return rec.ok(
         replace(
             rec.evidence,

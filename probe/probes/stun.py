@@ -36,7 +36,6 @@ Failure strings: ``udp_no_response`` (ours: datagrams sent, nothing came back),
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import math
 import secrets
@@ -62,6 +61,8 @@ from ..evidence import (
 from ..model import Failure, Operation, ProbeParams, ProbeResult, Target
 from ..wire import WireError
 from ..wire import stun as wire
+from ._net.tcp import close_streams, connect, open_streams
+from ._net.udp import UdpChannel
 from .base import Recorder
 from .params import ParamError, check_keys, number_param, shown
 
@@ -70,7 +71,6 @@ __all__ = ["StunParams", "budget_s", "probe", "retransmit_offsets"]
 RTO_S = 0.5  # RFC 5389 7.2.1 initial retransmission timeout
 MAX_SENDS = 7  # Rc
 STAGGER_S = 0.05  # spacing between the N transactions, so they do not leave as one burst
-_QUEUE_LIMIT = 4096  # datagrams waiting to be read; a flooding peer cannot eat memory
 _RTP_PAYLOAD_TYPE = 111  # dynamic PT that WebRTC uses for Opus
 _RTP_HEADER = 12
 _PEER_TEXT = 128  # chars of the relay's free text (SOFTWARE, error reason) kept
@@ -188,7 +188,7 @@ def budget_s(p: StunParams, settings: ProbeSettings) -> float:
     if p.mode == "flow":
         return p.duration_s + min(t.udp_s, 1.0)  # the grace of `_flow`
     if p.transport == "tcp":
-        return t.connect_s + 2 * t.udp_s + 1.0  # the close waits 1 s at most (`_close`)
+        return t.connect_s + 2 * t.udp_s + 1.0  # the close waits 1 s at most (`close_streams`)
     return (t.udp_s if p.control else 0.0) + t.udp_s
 
 
@@ -208,81 +208,13 @@ def retransmit_offsets(
     return tuple(offsets)
 
 
-# ---------------------------------------------------------------- UDP plumbing
-
-
-class _Datagrams(asyncio.DatagramProtocol):
-    """Queues (arrival time, bytes) and ICMP errors; arrival is stamped on receipt so
-    that RTTs do not include the time the probe coroutine took to get scheduled."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[float, bytes] | Exception] = asyncio.Queue()
-        self.dropped = 0
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.queue.qsize() >= _QUEUE_LIMIT:
-            self.dropped += 1
-            return
-        self.queue.put_nowait((time.monotonic(), data))
-
-    def error_received(self, exc: Exception) -> None:
-        # On a connect()ed socket Linux reports an ICMP port unreachable here as
-        # ECONNREFUSED; an unconnected socket would never see it.
-        self.queue.put_nowait(exc)
-
-
-class _UdpChannel:
-    """A connected UDP socket with a deadline-bounded receive."""
-
-    def __init__(self, transport: asyncio.DatagramTransport, protocol: _Datagrams) -> None:
-        self.transport = transport
-        self.protocol = protocol
-        self.sent = 0
-        self.received = 0
-
-    @classmethod
-    async def open(cls, address: str, port: int) -> _UdpChannel:
-        loop = asyncio.get_running_loop()
-        transport, protocol = await loop.create_datagram_endpoint(
-            _Datagrams, remote_addr=(address, port)
-        )
-        return cls(transport, protocol)
-
-    @property
-    def local(self) -> tuple[str, int]:
-        sockname = self.transport.get_extra_info("sockname")
-        return str(sockname[0]), int(sockname[1])
-
-    def send(self, data: bytes) -> float:
-        self.transport.sendto(data)
-        self.sent += 1
-        return time.monotonic()
-
-    async def recv(self, until: float) -> tuple[float, bytes] | None:
-        """The next datagram, or None once ``until`` (monotonic) passes; raises ICMP errors."""
-        queue = self.protocol.queue
-        if queue.empty():
-            remaining = until - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                item = await asyncio.wait_for(queue.get(), remaining)
-            except TimeoutError:
-                return None
-        else:
-            item = queue.get_nowait()
-        if isinstance(item, Exception):
-            raise item
-        self.received += 1
-        return item
-
-    def close(self) -> None:
-        self.transport.close()
+# ---------------------------------------------------------------- retransmission (RFC 5389)
 
 
 class _Retransmitter:
     """Sends a set of requests on RFC 5389's schedule until each is resolved by a reply
-    (``handle`` returns the indexes a datagram resolves) or the budget runs out."""
+    (``handle`` returns the indexes a datagram resolves) or the budget runs out, over a
+    `_net.udp.UdpChannel` (connected; datagrams stamped on arrival; ICMP errors raised)."""
 
     def __init__(self, packets: list[bytes], budget_s: float) -> None:
         self.packets = packets
@@ -292,7 +224,7 @@ class _Retransmitter:
         self.first_sent: list[float | None] = [None] * len(packets)
 
     async def run(
-        self, channel: _UdpChannel, handle: Callable[[float, bytes], Iterable[int]]
+        self, channel: UdpChannel, handle: Callable[[float, bytes], Iterable[int]]
     ) -> None:
         start = time.monotonic()
         deadline = start + self.budget_s
@@ -496,7 +428,7 @@ async def _udp_binding(
             control = await _control(address, port, tally, budget)
         rec.evidence = replace(rec.evidence, control=control)
     try:
-        channel = await _UdpChannel.open(address, port)
+        channel = await UdpChannel.open(address, port)
     except OSError as exc:
         return rec.fail_exc(exc, Operation.CONNECT)
     local = channel.local
@@ -517,7 +449,7 @@ async def _udp_binding(
         tally.evidence(local, sender.sends),
         datagrams_sent=channel.sent,
         datagrams_received=channel.received,
-        datagrams_dropped=channel.protocol.dropped or None,
+        datagrams_dropped=channel.dropped or None,
     )
     return _verdict(rec, tally, Failure.UDP_NO_RESPONSE, binding)
 
@@ -539,7 +471,7 @@ async def _control(address: str, port: int, tally: _Tally, budget: float) -> Stu
         return range(len(payloads))  # anything back answers the question
 
     try:
-        channel = await _UdpChannel.open(address, port)
+        channel = await UdpChannel.open(address, port)
     except OSError as exc:
         return replace(out, error=str(classify(exc, Operation.CONNECT)))
     sender = _Retransmitter(payloads, budget)
@@ -573,10 +505,9 @@ async def _tcp_binding(
     tally = _Tally(_requests(p, p.count), p.record_mapped_address)
     try:
         with rec.phase("connect"):
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(address, port), settings.timeouts.connect_s
-            )
-    except (OSError, TimeoutError) as exc:
+            sock = await connect(address, port, settings.timeouts.connect_s)
+            reader, writer = await open_streams(sock)
+    except OSError as exc:  # TimeoutError too
         return rec.fail_exc(exc, Operation.CONNECT)
     sock = writer.get_extra_info("sockname")
     local = (str(sock[0]), int(sock[1])) if sock else None
@@ -586,7 +517,7 @@ async def _tcp_binding(
         writer.write(b"".join(pack(t.packet) for t in tally.transactions))
         await asyncio.wait_for(writer.drain(), settings.timeouts.udp_s)
     except (OSError, TimeoutError) as exc:
-        await _close(writer)
+        await close_streams(writer)
         return rec.fail_exc(exc, Operation.WRITE)
     try:
         with rec.phase("stun"):
@@ -604,7 +535,7 @@ async def _tcp_binding(
             )
         return rec.fail_exc(exc, Operation.READ, replace(rec.evidence, binding=binding))
     finally:
-        await _close(writer)
+        await close_streams(writer)
     return _verdict(rec, tally, Failure.GENERIC_TIMEOUT, tally.evidence(local, None))
 
 
@@ -631,12 +562,6 @@ async def _read_tcp_answers(
             return
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(OSError, TimeoutError):
-        await asyncio.wait_for(writer.wait_closed(), 1.0)
-
-
 # ---------------------------------------------------------------- reflector hello
 
 
@@ -652,7 +577,7 @@ async def _reflector(
         return [0]
 
     try:
-        channel = await _UdpChannel.open(address, port)
+        channel = await UdpChannel.open(address, port)
     except OSError as exc:
         return rec.fail_exc(exc, Operation.CONNECT)
     sender = _Retransmitter([hello], budget)
@@ -738,7 +663,7 @@ async def _flow(
     flow = _flow_packets(p, total)
     grace = min(settings.timeouts.udp_s, 1.0)  # for the last packets' answers
     try:
-        channel = await _UdpChannel.open(address, port)
+        channel = await UdpChannel.open(address, port)
     except OSError as exc:
         return rec.fail_exc(exc, Operation.CONNECT)
     start = time.monotonic()
@@ -757,7 +682,7 @@ async def _flow(
 
 
 async def _run_flow(
-    channel: _UdpChannel, flow: _Flow, start: float, rate: float, grace: float
+    channel: UdpChannel, flow: _Flow, start: float, rate: float, grace: float
 ) -> None:
     """Send on an absolute schedule (start + i / rate: no drift) while reading replies;
     after the last send wait up to ``grace`` for the stragglers."""

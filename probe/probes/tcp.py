@@ -14,18 +14,17 @@ that long and watch it.  Some middleboxes let the handshake through and then kil
 connection; an RST then gives ``connection_reset`` and a FIN ``eof_error``, both with
 ``failed_operation: read``.  Bytes the peer volunteers are counted, not judged.
 
-`connect()` and `socket_evidence()` are shared with the TLS probe and the application
-probes, so every TCP-based probe connects the same way and records the same evidence.
+Connecting is `connect_recorded` (over `_net.tcp.connect`), shared with the TLS and
+application probes: they all connect the same way and record the same connect evidence
+(the kernel's connect RTT, the address families) as this one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
 import socket
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Self
@@ -33,6 +32,7 @@ from typing import Any, ClassVar, Self
 from ..config.settings import ProbeSettings
 from ..evidence import SocketEvidence, TcpEvidence
 from ..model import Operation, ProbeParams, ProbeResult, Target
+from ._net.tcp import address_families, connect, kernel_connect_rtt
 from .base import Recorder
 from .params import check_keys, number_param
 
@@ -71,118 +71,35 @@ def require_address(target: Target) -> tuple[str, int]:
     return target.address, target.port
 
 
-def _sockaddr(address: str) -> tuple[socket.AddressFamily, str]:
-    # ipaddress validates the literal up front: we never want getaddrinfo to fall back to
-    # DNS for a hostname that slipped into `address` (the resolver is a probe of its own).
-    ip = ipaddress.ip_address(address)
-    return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), address
+def socket_evidence(sock: socket.socket) -> SocketEvidence:
+    """Address families of both ends.  Never the local address: it identifies the vantage."""
+    local, peer = address_families(sock)
+    return SocketEvidence(local_family=local, peer_family=peer)
 
 
-async def connect(address: str, port: int, timeout_s: float) -> socket.socket:
-    """Open a non-blocking TCP socket to an IP literal within ``timeout_s`` seconds.
+@dataclass(frozen=True)
+class Connected:
+    """A fresh TCP connection and the kernel's view of it, for the probe's evidence."""
 
-    Raises OSError (refused, unreachable, ...) or TimeoutError; the caller classifies.
-    A raw socket (not ``open_connection``) so the caller can keep reading the kernel's
-    view of the connection and hand the socket to a sans-IO TLS layer.
-    """
-    family, host = _sockaddr(address)
-    if family == socket.AF_INET6:
-        # AI_NUMERICHOST: turns "fe80::1%eth0" into a sockaddr with its scope id, no DNS
-        info = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
-        sockaddr: tuple[Any, ...] = info[0][4]
-    else:
-        sockaddr = (host, port)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await asyncio.get_running_loop().sock_connect(sock, sockaddr)
-    except BaseException:  # also on cancellation: never leak the half-open socket
-        sock.close()
-        raise
-    return sock
+    sock: socket.socket
+    connect_rtt_s: float | None  # the kernel's SYN/SYN-ACK round trip (TCP_INFO)
+    socket: SocketEvidence
 
 
-# struct tcp_info (linux/tcp.h): tcpi_rtt is the u32 at byte 68, in microseconds.  Right
-# after the handshake it holds exactly one sample, the SYN -> SYN-ACK round trip as the
-# kernel timed it on arrival: queueing on our event loop cannot bend it.
-_TCPI_RTT_OFFSET = 68
-_TCP_INFO_LEN = 104
-
-
-def kernel_connect_rtt(sock: socket.socket) -> float | None:
-    """The kernel's SYN/SYN-ACK round-trip time in seconds, read right after connect.
-
-    None where TCP_INFO is missing (not Linux) or holds no sample: Karn's rule takes none
-    when the SYN was retransmitted, and an answer to a retransmitted SYN is ambiguous.
-    """
-    option = getattr(socket, "TCP_INFO", None)
-    if option is None:
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, option, _TCP_INFO_LEN)
-    except OSError:
-        return None
-    if len(info) < _TCPI_RTT_OFFSET + 4:
-        return None
-    (rtt_us,) = struct.unpack_from("=I", info, _TCPI_RTT_OFFSET)
-    return rtt_us / 1e6 if rtt_us else None
-
-
-def record_connect_rtt(rec: Recorder[Any], sock: socket.socket) -> float | None:
-    """Report the kernel's connect time as phase ``connect_rtt``, beside the loop-timed
-    ``connect`` (which also counts how long the loop took to notice the connection);
-    returned for the probe's ``connect_rtt_s`` evidence."""
+async def connect_recorded(
+    rec: Recorder[Any], address: str, port: int, timeout_s: float
+) -> Connected:
+    """Every TCP probe's first step: `connect`, timed as phase ``connect`` (also when it
+    fails), then the kernel's view of the new connection read right away: its SYN/SYN-ACK
+    round trip (also phase ``connect_rtt``, beside the loop-timed ``connect``, which also
+    counts how long the loop took to notice the connection) and the address families.
+    Raises OSError (TimeoutError too); the caller classifies."""
+    with rec.phase("connect"):
+        sock = await connect(address, port, timeout_s)
     rtt = kernel_connect_rtt(sock)
     if rtt is not None:
         rec.phases["connect_rtt"] = rtt
-    return rtt
-
-
-def _family(ip: str) -> str:
-    parsed = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
-        return "ipv4"  # what goes on the wire for ::ffff:a.b.c.d
-    return f"ipv{parsed.version}"
-
-
-def socket_evidence(sock: socket.socket) -> SocketEvidence:
-    """Address families of both ends.  Never the local address: it identifies the vantage."""
-    families: list[str | None] = []
-    for getter in (sock.getsockname, sock.getpeername):
-        try:
-            families.append(_family(str(getter()[0])))
-        except OSError:  # ENOTCONN: the peer already reset the connection
-            families.append(None)
-    return SocketEvidence(local_family=families[0], peer_family=families[1])
-
-
-_TCP_INFO_LAST_ACK_RECV = 56  # offset of tcpi_last_ack_recv (ms) in Linux's struct tcp_info
-
-
-def watch_path(sock: socket.socket) -> None:
-    """Ask the kernel for a keepalive probe after each second without a packet from the
-    peer: the peer's kernel answers it with an ACK, so `since_last_ack` can tell a silent
-    *server* on a working path from a path that lets nothing back (a freeze).  Best
-    effort: where the options do not exist, `since_last_ack` says nothing."""
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 120)  # never the killer
-
-
-def since_last_ack(sock: socket.socket) -> float | None:
-    """Seconds since the last ACK (or any packet) came from the peer, from TCP_INFO; None
-    where the kernel does not say."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    except (OSError, AttributeError):
-        return None
-    if len(info) < _TCP_INFO_LAST_ACK_RECV + 4:
-        return None
-    ms = int.from_bytes(info[_TCP_INFO_LAST_ACK_RECV : _TCP_INFO_LAST_ACK_RECV + 4], "little")
-    return ms / 1000
+    return Connected(sock, rtt, socket_evidence(sock))
 
 
 async def _hold(
@@ -221,18 +138,17 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     address, port = require_address(target)
     hold_s = TcpParams.of(target).hold_s
     try:
-        with rec.phase("connect"):
-            sock = await connect(address, port, settings.timeouts.connect_s)
+        conn = await connect_recorded(rec, address, port, settings.timeouts.connect_s)
     except OSError as exc:  # TimeoutError and ConnectionError are OSErrors
         return rec.fail_exc(
             exc, Operation.CONNECT, TcpEvidence(connect_time_s=rec.phases["connect"])
         )
-    rtt = record_connect_rtt(rec, sock)
+    sock = conn.sock
     # closing() sends our FIN: a clean close, not an RST, so the peer sees a normal client
     with contextlib.closing(sock):
         rec.evidence = TcpEvidence(
-            connect_rtt_s=rtt,
-            socket=socket_evidence(sock),
+            connect_rtt_s=conn.connect_rtt_s,
+            socket=conn.socket,
             connect_time_s=rec.phases["connect"],
             hold_s=hold_s if hold_s > 0 else None,
         )

@@ -13,12 +13,13 @@ filtered on this path.  Failures, all with ``failed_operation: tls_handshake``:
 - ``ssl_invalid_hostname`` / ``ssl_unknown_authority`` / ``ssl_invalid_certificate``:
   the certificate failed verification (system store plus ``settings.tls.ca_file``).
 
-Why sans-IO (``ssl.MemoryBIO`` + ``SSLObject`` over a raw socket) and not
-``open_connection(ssl=...)`` or ``start_tls``: asyncio's SSL transport hides when our
-ClientHello left and whether the server sent anything at all.  Driving the handshake
-ourselves we write the ClientHello, count every byte each way, and can tell "reset or
-silence right after the ClientHello" from "stalled after the ServerHello", which is
-exactly the difference between an SNI filter and a slow or broken server.
+Why sans-IO (`probe.probes._net.tls`: ``ssl.MemoryBIO`` + ``SSLObject``, moved over a raw
+socket by `_net.tls_pump`) and not ``open_connection(ssl=...)`` or ``start_tls``:
+asyncio's SSL transport hides when our ClientHello left and whether the server sent
+anything at all.  Driving the handshake ourselves we write the ClientHello, count every
+byte each way, and can tell "reset or silence right after the ClientHello" from "stalled
+after the ServerHello", which is exactly the difference between an SNI filter and a slow
+or broken server.
 
 Certificate evidence is kept even when verification fails: a MITM certificate is the
 finding.  ``getpeercert`` returns nothing after a failed verification, but OpenSSL still
@@ -68,9 +69,12 @@ from ..config.settings import ProbeSettings
 from ..evidence import CertificateEvidence, HandshakeProgress, TlsEvidence, TlsNegotiated, TlsOffer
 from ..model import Failure, Operation, ProbeParams, ProbeResult, Target
 from ..wire.tlsrec import server_messages
+from ._net.tcp import connect
+from ._net.tls import MAX_CHAIN, TlsClient
+from ._net.tls_pump import TlsPump
 from .base import Recorder
 from .params import ParamError, SniParams, alpn_param, bool_param, check_keys, shown, sni_param
-from .tcp import connect, record_connect_rtt, require_address, socket_evidence
+from .tcp import connect_recorded, require_address
 
 T = TypeVar("T")
 DEFAULT_ALPN = ("h2", "http/1.1")
@@ -79,7 +83,6 @@ _READ_CHUNK = 16 * 1024
 # peer is feeding us something else and we stop reading rather than buffer it.
 _MAX_HANDSHAKE_BYTES = 256 * 1024
 _MAX_SANS = 100  # evidence, not an archive of a hostile certificate
-_MAX_CHAIN = 8  # real chains have 2-4 certificates; a hostile peer may send dozens
 _SPLIT_PAUSE_S = 0.05  # between the two halves of a split ClientHello
 # The ``alt`` ClientHello shape: TLS 1.2 suites in another order and set (the cipher-suite
 # vector is the fingerprint detail DPI keys on most), no session-ticket extension.
@@ -156,118 +159,73 @@ class Progress:
 
 
 class Handshake:
-    """A client TLS handshake over a connected non-blocking socket, driven through memory BIOs."""
+    """A client TLS handshake over a connected non-blocking socket: the sans-IO
+    `TlsClient` moved by a `TlsPump`, plus what this probe watches (the server's first
+    bytes, the size bound, the split ClientHello)."""
 
     def __init__(
-        self, ctx: ssl.SSLContext, server_hostname: str | None, *, split_hello: bool = False
+        self,
+        sock: socket.socket,
+        ctx: ssl.SSLContext,
+        server_hostname: str | None,
+        *,
+        split_hello: bool = False,
     ) -> None:
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self.tls = ctx.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
+        self.client = TlsClient(ctx, server_hostname)
         self.progress = Progress()
         self.split_at: int | None = None  # where the ClientHello was cut (split_hello)
-        self._split = split_hello
         self._name = (server_hostname or "").encode()
+        self._sock = sock
+        self._pump = TlsPump(
+            sock,
+            self.client,
+            read_size=_READ_CHUNK,
+            on_receive=self._received,
+            send_first=self._send_split if split_hello else None,
+        )
 
-    async def run(self, sock: socket.socket) -> None:
+    async def run(self) -> None:
         """Complete the handshake or raise (SSLError, OSError, EOFError, HandshakeTooLarge)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                self.tls.do_handshake()
-            except ssl.SSLWantReadError:
-                await self._flush(loop, sock)
-                await self._receive(loop, sock)
-                continue
-            except ssl.SSLError:
-                self.flush_nowait(sock)  # our alert tells the server why; best effort
-                raise
-            await self._flush(loop, sock)  # TLS 1.3: our Finished is still in the BIO
-            return
+        try:
+            await self._pump.handshake()
+        finally:  # also on the caller's timeout: the counts are the evidence
+            self.progress.sent, self.progress.eof = self._pump.sent, self._pump.eof
 
-    async def _flush(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-        data = self._outgoing.read()
-        if data and self._split and self.progress.sent == 0:
-            await self._send_split(loop, sock, data)
-        elif data:
-            await loop.sock_sendall(sock, data)
-            self.progress.sent += len(data)
-
-    async def _send_split(
-        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, hello: bytes
-    ) -> None:
+    async def _send_split(self, hello: bytes) -> None:
         """The ClientHello in two TCP segments, cut in the middle of the server name (or
         of the record): a censor matching per packet sees neither half of the name."""
+        loop = asyncio.get_running_loop()
         at = hello.find(self._name) if self._name else -1
         cut = at + len(self._name) // 2 if at > 0 else len(hello) // 2
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await loop.sock_sendall(sock, hello[:cut])
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.sock_sendall(self._sock, hello[:cut])
         await asyncio.sleep(_SPLIT_PAUSE_S)  # the first half leaves alone
-        await loop.sock_sendall(sock, hello[cut:])
-        self.progress.sent += len(hello)
+        await loop.sock_sendall(self._sock, hello[cut:])
         self.split_at = cut
 
-    def flush_nowait(self, sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            data = self._outgoing.read()
-            if data:
-                sock.send(data)
-
-    async def _receive(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-        if self.progress.eof:
-            # OpenSSL asked for more after seeing EOF: never loop on a closed socket
-            raise EOFError("peer closed the connection during the TLS handshake")
-        data = await loop.sock_recv(sock, _READ_CHUNK)
-        if not data:
-            self.progress.eof = True
-            self._incoming.write_eof()  # OpenSSL then raises SSLEOFError (or an alert)
-            return
+    def _received(self, data: bytes) -> None:
         self.progress.received += len(data)
         if len(self.progress.head) < _KEEP_BYTES:
             self.progress.head += data[: _KEEP_BYTES - len(self.progress.head)]
         if self.progress.received > _MAX_HANDSHAKE_BYTES:
             raise HandshakeTooLarge(f"more than {_MAX_HANDSHAKE_BYTES} bytes, no handshake")
-        self._incoming.write(data)
 
     def negotiated(self) -> TlsNegotiated:
-        cipher = self.tls.cipher()
-        return TlsNegotiated(
-            tls_version=self.tls.version(),
-            alpn=self.tls.selected_alpn_protocol(),
-            cipher=cipher[0] if cipher else None,
-        )
+        agreed = self.client.negotiated()
+        return TlsNegotiated(tls_version=agreed.tls_version, alpn=agreed.alpn, cipher=agreed.cipher)
 
     def peer_chain(self) -> list[bytes]:
-        """The DER chain the peer sent (leaf first), also after a failed verification.
+        """The DER chain the peer sent (leaf first), also after a failed verification."""
+        return self.client.peer_chain()
 
-        Python 3.13 made ``get_unverified_chain`` public; 3.10-3.12 have it on the
-        underlying ``_ssl`` object only.  Evidence only: no API -> an empty list.
-        """
-        getter = getattr(self.tls, "get_unverified_chain", None)
-        if getter is None:
-            getter = getattr(getattr(self.tls, "_sslobj", None), "get_unverified_chain", None)
-        try:
-            chain = getter() if getter is not None else None
-        except (ssl.SSLError, ValueError):
-            return []
-        return [_der(c) for c in list(chain or [])[:_MAX_CHAIN]]
-
-    def close_notify(self, sock: socket.socket) -> None:
+    def close_notify(self) -> None:
         """Send close_notify without waiting for the peer's: a clean, bounded goodbye."""
-        with contextlib.suppress(ssl.SSLError, OSError):
-            self.tls.unwrap()
-        self.flush_nowait(sock)
-
-
-def _der(cert: Any) -> bytes:
-    if isinstance(cert, bytes):  # 3.13's public API returns DER already
-        return cert
-    return bytes(cert.public_bytes(ssl._ssl.ENCODING_DER))  # type: ignore[attr-defined]
+        self._pump.close_notify()
 
 
 def chain_evidence(chain: Sequence[bytes]) -> tuple[bytes, ...]:
     """``peer_certificates``: DER, leaf first, bounded (base64 in JSON: OONI's form)."""
-    return tuple(chain[:_MAX_CHAIN])
+    return tuple(chain[:MAX_CHAIN])
 
 
 def _ca_mtime(ca_file: str | None) -> int | None:
@@ -428,10 +386,10 @@ async def _handshake(
     """Connect and handshake once; for the evidence-only second connection."""
     sock = await connect(address, port, settings.timeouts.connect_s)
     with contextlib.closing(sock):
-        hs = Handshake(ctx, verify_name)
+        hs = Handshake(sock, ctx, verify_name)
         async with asyncio.timeout(settings.timeouts.tls_s):
-            await hs.run(sock)
-        hs.close_notify(sock)
+            await hs.run()
+        hs.close_notify()
         return hs
 
 
@@ -450,7 +408,7 @@ async def unverified_certificate(
         hs = await _handshake(address, port, ctx, sni, settings)
     except (OSError, EOFError, HandshakeTooLarge) as exc:
         return replace(evidence, certificate_error=str(classify(exc, Operation.TLS_HANDSHAKE)))
-    der = hs.tls.getpeercert(binary_form=True)
+    der = hs.client.peer_certificate()
     if der is None:
         return replace(evidence, certificate_error=str(Failure.SSL_FAILED_HANDSHAKE))
     return replace(
@@ -472,38 +430,37 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     offer = TlsOffer(sni=sni, alpn_offered=tuple(alpn), client_hello_shape=shape)
     rec.evidence = TlsEvidence(offer=offer)
     try:
-        with rec.phase("connect"):
-            sock = await connect(address, port, settings.timeouts.connect_s)
+        conn = await connect_recorded(rec, address, port, settings.timeouts.connect_s)
     except OSError as exc:
         return rec.fail_exc(exc, Operation.CONNECT)
-    rtt = record_connect_rtt(rec, sock)
+    sock = conn.sock
     rec.evidence = replace(
         rec.evidence,
-        connect_rtt_s=rtt,
-        socket=socket_evidence(sock),
+        connect_rtt_s=conn.connect_rtt_s,
+        socket=conn.socket,
         connect_time_s=rec.phases["connect"],
     )
     # With no SNI we still verify against the IP literal; CPython sends no SNI for it.
     ctx = client_context(settings.tls.ca_file, alpn, shape=params.shape)
-    hs = Handshake(ctx, verify_name, split_hello=params.split_hello)
+    hs = Handshake(sock, ctx, verify_name, split_hello=params.split_hello)
     first_s, cap_s = handshake_timeout(settings.timeouts.tls_s, rec.phases["connect"])
     failure: BaseException | None = None
     t0 = asyncio.get_running_loop().time()
     with contextlib.closing(sock):
         try:
             with rec.phase("tls"):
-                await while_progressing(hs.run(sock), first_s, cap_s, lambda: hs.progress.received)
+                await while_progressing(hs.run(), first_s, cap_s, lambda: hs.progress.received)
         except (OSError, EOFError, HandshakeTooLarge) as exc:  # SSLError, TimeoutError too
             failure = exc
         else:
-            hs.close_notify(sock)
+            hs.close_notify()
     if failure is not None and isinstance(failure, TimeoutError):
         hs.progress.timeout_s = asyncio.get_running_loop().time() - t0
     rec.evidence = replace(
         rec.evidence, handshake=hs.progress.as_evidence(), client_hello_split_at=hs.split_at
     )
     if failure is None:
-        der = hs.tls.getpeercert(binary_form=True)
+        der = hs.client.peer_certificate()
         rec.evidence = replace(rec.evidence, negotiated=hs.negotiated())
         if der is not None:
             rec.evidence = replace(

@@ -45,7 +45,6 @@ Verdict (documented in docs/probes/transfer.md):
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import math
 import os
@@ -79,9 +78,12 @@ from ..wire.http1 import (
     parse_response_head,
 )
 from ..wire.tlsrec import server_messages
+from ._net.tcp import connect, since_last_ack, watch_path
+from ._net.tls import TlsClient
+from ._net.tls_pump import TlsPump
 from .base import Recorder
 from .params import ParamError, check_keys, number_param, shown, sni_param
-from .tcp import connect, require_address, since_last_ack, watch_path
+from .tcp import require_address
 from .tls import (
     STRETCH_MAX,
     client_context,
@@ -270,7 +272,7 @@ class _Timeout(Exception):
 
 
 class _TLSConn:
-    """Client TLS through memory BIOs over a raw non-blocking socket.
+    """Client TLS (`_net`'s sans-IO `TlsClient`, moved by a `TlsPump`) over a raw socket.
 
     Counts and timestamps every piece of TCP payload from the server (``wire_in``);
     ``mark()`` starts the response window used for first-byte, stall and throughput.
@@ -278,14 +280,9 @@ class _TLSConn:
 
     def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, verify_name: str) -> None:
         self._sock = sock
-        self._loop = asyncio.get_running_loop()
-        self._in = ssl.MemoryBIO()
-        self._out = ssl.MemoryBIO()
-        self.tls = ctx.wrap_bio(self._in, self._out, server_hostname=verify_name)
-        self.wire_in = 0
+        self.client = TlsClient(ctx, verify_name)
+        self._pump = TlsPump(sock, self.client, read_size=_READ, on_receive=self._piece)
         self.t_last_wire = 0.0
-        self.eof: str | None = None
-        self._raw_eof = False
         self._mark_wire = 0
         self.marked = False
         self.t_first_piece: float | None = None  # first TCP piece after mark()
@@ -294,6 +291,16 @@ class _TLSConn:
         self.long_gap_s = math.inf  # set by the reader: a gap this long that resumed counts
         self.longest_gap = 0.0
         self.long_gaps = 0
+
+    @property
+    def wire_in(self) -> int:
+        """Server -> client TCP payload so far, TLS records included."""
+        return self._pump.received
+
+    @property
+    def eof(self) -> str | None:
+        """How the server ended the stream: close_notify, ragged (FIN alone), or not yet."""
+        return self.client.close_kind
 
     @property
     def response_wire(self) -> int:
@@ -313,87 +320,32 @@ class _TLSConn:
         return moved * 8 / 1000 / elapsed if elapsed > 0 and moved > 0 else None
 
     async def handshake(self, first_s: float, cap_s: float) -> None:
-        await while_progressing(self._handshake(), first_s, cap_s, lambda: self.wire_in)
-
-    async def _handshake(self) -> None:
-        while True:
-            try:
-                self.tls.do_handshake()
-            except ssl.SSLWantReadError:
-                await self._flush()
-                await self._receive()
-                continue
-            except ssl.SSLError:
-                self._flush_nowait()  # our alert tells the server why; best effort
-                raise
-            await self._flush()  # TLS 1.3: our Finished is still in the BIO
-            return
+        await while_progressing(self._pump.handshake(), first_s, cap_s, lambda: self.wire_in)
 
     async def send(self, data: bytes, within_s: float) -> None:
-        self.tls.write(data)
-        async with asyncio.timeout(within_s):
-            await self._flush()
+        await self._pump.write(data, within_s)
 
     async def recv(self, budget: Callable[[], float]) -> bytes:
-        """The next decrypted piece, ``b""`` at EOF.
-
-        ``budget()`` is asked before each TCP read how long it may wait; TimeoutError when
-        it passes.  Bounded: each pass either returns or consumes one TCP piece or EOF.
-        """
-        while True:
-            try:
-                data = self.tls.read(_READ)
-            except ssl.SSLWantReadError:
-                async with asyncio.timeout(budget()):
-                    await self._receive()
-                continue
-            except ssl.SSLZeroReturnError:
-                self.eof = "close_notify"
-                return b""
-            except ssl.SSLEOFError:
-                self.eof = "ragged"
-                return b""
-            if not data:
-                self.eof = self.eof or "close_notify"
-            return data
-
-    async def _flush(self) -> None:
-        data = self._out.read()
-        if data:
-            await self._loop.sock_sendall(self._sock, data)
-
-    def _flush_nowait(self) -> None:
-        try:
-            data = self._out.read()
-            if data:
-                self._sock.send(data)
-        except OSError:
-            pass
+        """The next decrypted piece, ``b""`` at EOF; TimeoutError when ``budget()`` (asked
+        before each TCP read) passes."""
+        return await self._pump.read(budget)
 
     def since_last_ack(self) -> float | None:
         return since_last_ack(self._sock)
 
-    async def _receive(self) -> None:
-        if self._raw_eof:  # OpenSSL wants more after EOF: never spin on a closed socket
-            raise EOFError("peer closed the connection")
-        data = await self._loop.sock_recv(self._sock, _READ)
-        if not data:
-            self._raw_eof = True
-            self._in.write_eof()  # OpenSSL then reports close_notify or a ragged EOF
-            return
+    def _piece(self, data: bytes) -> None:
+        """Each TCP piece from the server, already counted in ``wire_in``: its timing."""
         now = time.monotonic()
-        if self.marked and self.response_wire > 0:  # a gap inside the response
+        if self.marked and self.response_wire > len(data):  # a gap inside the response
             gap = now - self.t_last_wire
             self.longest_gap = max(self.longest_gap, gap)
             self.long_gaps += gap >= self.long_gap_s
         if not self.marked and len(self.head) < _READ:
             self.head += data[: _READ - len(self.head)]
-        self.wire_in += len(data)
         self.t_last_wire = now
         if self.marked and self.t_first_piece is None and self.response_wire > 0:
             self.t_first_piece = now
             self._wire_after_first_piece = self.wire_in
-        self._in.write(data)
 
 
 class _Reader:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..evidence import DnsEvidence, Evidence, empty_evidence, evidence_from_json
 from ..model import Failure, ProbeResult, failure_kind
+from ..records import RecordFields, is_result_record, read_result_record
 
 # Stands for "nothing recorded": filled in with the probe's own empty evidence.
 _NO_EVIDENCE = Evidence()
@@ -108,40 +109,34 @@ def _evidence_of(result: ProbeResult) -> Evidence:
     return evidence_from_json(result.target.probe, details)
 
 
-def _flags(value: Any) -> tuple[str, ...]:
-    """Flags from a JSON record: a list of strings (a lone string is one flag, not letters)."""
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list | tuple):
-        return tuple(str(v) for v in value)
-    return ()
-
-
 def from_record(record: Mapping[str, Any]) -> Observation:
-    """From a flat result record (`probe.output.result_record`, ``/api/results``, JSON Lines)."""
-    port = record.get("port")
+    """From a flat result record (`probe.records`: JSON Lines, ``/api/results``)."""
+    return from_fields(read_result_record(record))
+
+
+def from_fields(fields: RecordFields) -> Observation:
+    """From a result record's fields (`probe.records.read_result_record`, or an archived
+    result: `probe.archive.result_fields`)."""
     return Observation(
-        service=str(record["service"]),
-        endpoint=str(record["endpoint"]),
-        probe=str(record["probe"]),
-        address=record.get("address"),
-        port=int(port) if port is not None else None,
-        ok=bool(record.get("ok")),
-        failure=record.get("failure"),
-        failed_operation=record.get("failed_operation"),
-        resolver=record.get("resolver"),
-        skipped=record.get("skipped"),
-        role=str(record.get("role") or ""),
-        evidence=evidence_from_json(str(record["probe"]), record.get("details")),
-        flags=_flags(record.get("flags")),
+        service=fields.service,
+        endpoint=fields.endpoint,
+        probe=fields.probe,
+        address=fields.address,
+        port=fields.port,
+        ok=fields.ok,
+        failure=fields.failure,
+        failed_operation=fields.failed_operation,
+        resolver=fields.resolver,
+        skipped=fields.skipped,
+        role=fields.role,
+        evidence=fields.evidence,
+        flags=fields.flags,
     )
 
 
 def from_api(payload: Mapping[str, Any]) -> list[Observation]:
     """Every result of a control agent's ``/api/results`` document."""
-    return [
-        from_record(r) for r in payload.get("results", ()) if r.get("type", "result") == "result"
-    ]
+    return [from_record(r) for r in payload.get("results", ()) if is_result_record(r)]
 
 
 Item = ProbeResult | Observation | Mapping[str, Any]
