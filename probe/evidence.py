@@ -27,10 +27,6 @@ stun probe can run over either: its ``transport`` field decides).
 
 A new probe gets its class here and an entry in `EVIDENCE` (tests/test_evidence.py
 checks that every probe has one and fuzzes the JSON round trip of all of them).
-
-Transition: every evidence class still answers ``.get(key)``, ``[key]``, ``in`` and
-iteration like the old ``details`` mapping, through its JSON form (see `Evidence`), so
-modules not converted yet keep working.  That shim goes once no module reads by key.
 """
 
 from __future__ import annotations
@@ -38,9 +34,8 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import functools
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Self, Union, get_args, get_origin, get_type_hints
 
@@ -397,7 +392,7 @@ class Record:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Evidence(Record, Mapping[str, Any]):
+class Evidence(Record):
     """What one probe run recorded.  Subclasses: one per probe.
 
     ``internal_error`` is set on any probe's evidence when a bug escaped the probe
@@ -414,24 +409,6 @@ class Evidence(Record, Mapping[str, Any]):
     def transport(self) -> Transport:
         """``tcp`` or ``udp``: what the probe's packets went over."""
         return self.TRANSPORT
-
-    # --- TRANSITIONAL SHIM: read like the old ``details`` mapping (JSON values) ---------
-    # Remove once no module reads evidence by string key (issue 12 item 1).
-
-    @functools.cached_property
-    def _shim_json(self) -> dict[str, Any]:
-        return self.to_json()
-
-    def __getitem__(self, key: str) -> Any:
-        return self._shim_json[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._shim_json)
-
-    def __len__(self) -> int:
-        return len(self._shim_json)
-
-    # --- end of shim ---------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------- shared parts

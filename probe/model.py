@@ -325,12 +325,6 @@ class ProbeResult:
         return failure_kind(self.failure)
 
     @property
-    def details(self) -> Mapping[str, Any]:
-        """TRANSITIONAL SHIM (issue 12 item 1): the evidence read like the old mapping.
-        Read ``result.evidence``'s attributes instead; this goes with the shim."""
-        return self.evidence
-
-    @property
     def status(self) -> Literal["ok", "failed", "skipped"]:
         if self.skipped is not None:
             return "skipped"

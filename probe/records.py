@@ -104,18 +104,14 @@ def iso_z(t: dt.datetime | None) -> str | None:
 
 def evidence_of(result: ProbeResult) -> Evidence:
     """A result's evidence, typed (`probe.evidence`): what readers use, never string keys."""
-    details = result.details
-    if isinstance(details, Evidence):
-        return details
-    return evidence_from_json(result.target.probe, details)
+    return result.evidence
 
 
 def details_json(result: ProbeResult) -> Any:
     """The result's evidence as JSON (the ``details`` of every record), JSON-safe."""
-    details = result.details
     # to_json: the evidence's own form (its dataclass fields are not its JSON keys);
     # to_jsonable on top, because a probe may have recorded a NaN or an infinity.
-    return to_jsonable(details.to_json() if isinstance(details, Evidence) else details)
+    return to_jsonable(result.evidence.to_json())
 
 
 # -- result records -----------------------------------------------------------------

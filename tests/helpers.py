@@ -18,9 +18,9 @@ from probe.probes import REGISTRY
 
 @dataclass(frozen=True, kw_only=True)
 class RawEvidence(Evidence):
-    """TRANSITIONAL, goes with the evidence mapping shim (issue 12 item 1): hand-made
-    details of any shape, for tests of readers that still read evidence by key (hostile
-    or foreign records in the archive tests).  Probes never produce it."""
+    """Hand-made evidence whose JSON form is any shape (hostile values: NaN, bytes, deep
+    nesting; the archive rotation tests' own tags), for the writers that must cope with
+    whatever a buggy probe or a foreign record holds.  Probes never produce it."""
 
     raw: Mapping[str, Any] = field(default_factory=dict)
 

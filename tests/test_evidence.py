@@ -1,4 +1,4 @@
-"""Typed evidence: JSON round trips, tolerant reading, today's key shapes, the mapping shim."""
+"""Typed evidence: JSON round trips, tolerant reading, today's key shapes, no string-key reads."""
 
 from __future__ import annotations
 
@@ -159,19 +159,14 @@ def test_evidence_from_json_never_raises(probe: str, raw: object) -> None:
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
-@settings(max_examples=20)
-@given(data=st.data())
-def test_the_mapping_shim_reads_the_json_form(cls: type[Evidence], data: st.DataObject) -> None:
-    evidence = data.draw(records(cls))
-    encoded = evidence.to_json()
-    assert dict(evidence) == encoded
-    assert len(evidence) == len(encoded)
-    for key, value in encoded.items():
-        assert key in evidence
-        assert evidence[key] == value
-        assert evidence.get(key) == value
-    assert evidence.get("no such key", 7) == 7
-    assert "no such key" not in evidence
+def test_evidence_is_read_by_attribute_only(cls: type[Evidence]) -> None:
+    """The transitional mapping shim is gone: a string-key read is an error, not a value
+    that a misspelt key silently turns into None (how MITM chains once missed the archive)."""
+    evidence = cls()
+    assert not isinstance(evidence, Mapping)
+    with pytest.raises(TypeError):
+        evidence["internal_error"]  # type: ignore[index]
+    assert not hasattr(evidence, "get")
 
 
 # --------------------------------------------------------------------------- today's shapes

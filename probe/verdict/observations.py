@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..evidence import DnsEvidence, Evidence, empty_evidence, evidence_from_json
+from ..evidence import DnsEvidence, Evidence, empty_evidence
 from ..model import Failure, ProbeResult, failure_kind
 from ..records import RecordFields, is_result_record, read_result_record
 
@@ -94,19 +94,9 @@ def from_result(result: ProbeResult) -> Observation:
         resolver=t.resolver,
         skipped=str(result.skipped) if result.skipped else None,
         role=t.endpoint.role,
-        evidence=_evidence_of(result),
+        evidence=result.evidence,
         flags=result.flags,
     )
-
-
-def _evidence_of(result: ProbeResult) -> Evidence:
-    """TRANSITIONAL (issue 12 item 1): ``result.evidence`` once ProbeResult carries it.
-    Until then its ``details`` are a plain mapping, read typed here; on a branch where
-    ``details`` already is the evidence (the shim), it is taken as it is, at no cost."""
-    details = result.details
-    if isinstance(details, Evidence):
-        return details
-    return evidence_from_json(result.target.probe, details)
 
 
 def from_record(record: Mapping[str, Any]) -> Observation:
