@@ -245,7 +245,9 @@ def read_flags(value: Any) -> tuple[str, ...]:
 
 
 class VerdictFields(Protocol):
-    """What a verdict record shows (`probe.verdict.EndpointVerdict`, `ServiceVerdict`)."""
+    """What a verdict record shows and the exporter reads (`EndpointVerdict` and
+    `ServiceVerdict` of `probe.verdict.vocabulary` satisfy it).  ``endpoint`` is None for
+    a service-level verdict; ``evidence`` is for the status page, never a label."""
 
     @property
     def service(self) -> str: ...

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 from .model import Failure, ProbeResult, SkipReason, Target, Vantage, VantageState
 from .verdict.vocabulary import Verdict
@@ -43,7 +43,6 @@ __all__ = [
     "ResultStore",
     "SeriesKey",
     "Snapshot",
-    "VerdictLike",
     "series_key",
 ]
 
@@ -59,28 +58,6 @@ PHASE_BUCKETS: tuple[float, ...] = (
 # The verdict vocabulary: the verdict engine's closed `Verdict` values.  The exporter
 # emits one series per value for each verdict, 1 for the current value and 0 for the rest.
 VERDICTS: tuple[str, ...] = tuple(str(v) for v in Verdict)
-
-
-class VerdictLike(Protocol):
-    """The fields the exporter reads from a verdict (`EndpointVerdict` and `ServiceVerdict`
-    of `probe.verdict.vocabulary` satisfy it).
-
-    ``endpoint`` is None for a service-level verdict.  ``evidence`` is carried
-    for the status page and is never exported as a label.
-    """
-
-    @property
-    def service(self) -> str: ...
-    @property
-    def endpoint(self) -> str | None: ...
-    @property
-    def verdict(self) -> str: ...
-    @property
-    def confidence(self) -> float: ...
-    @property
-    def blocked_fraction(self) -> float | None: ...
-    @property
-    def evidence(self) -> Any: ...
 
 
 class SeriesKey(NamedTuple):
@@ -174,7 +151,7 @@ class Snapshot:
     aggregate_latency: Mapping[tuple[str, str, str], Histogram] = field(default_factory=_empty)
     vantage: Vantage = field(default_factory=Vantage)
     vantage_state: VantageState | None = None
-    verdicts: tuple[Any, ...] = ()  # VerdictLike objects
+    verdicts: tuple[Any, ...] = ()  # `probe.records.VerdictFields` objects
     verdict_vocabulary: tuple[str, ...] = VERDICTS
     config_reload_ok: bool | None = None  # None: the daemon has not reported yet
     config_reload_success_at: datetime | None = None

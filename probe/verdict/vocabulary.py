@@ -66,7 +66,7 @@ _MAX_CONFIDENCE = 0.99
 
 @dataclass(frozen=True)
 class EndpointVerdict:
-    """`probe.results.VerdictLike` for one endpoint."""
+    """`probe.records.VerdictFields` for one endpoint."""
 
     service: str
     endpoint: str
@@ -78,7 +78,7 @@ class EndpointVerdict:
 
 @dataclass(frozen=True)
 class ServiceVerdict:
-    """`probe.results.VerdictLike` for a whole service (``endpoint`` is always None)."""
+    """`probe.records.VerdictFields` for a whole service (``endpoint`` is always None)."""
 
     service: str
     verdict: Verdict
