@@ -213,11 +213,13 @@ agent = subprocess.Popen([sys.executable, "-m", "probe", "run", "-c", config],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 url = f"http://127.0.0.1:{port}/"
 page = ""
-for _ in range(300):  # bounded: 60 s for a failure to show (a loaded CI machine)
+# bounded: 60 s for both states to show (a loaded CI machine).  The live endpoint is the
+# agent's own port: a round that ran before it listened shows it refused until the next.
+for _ in range(300):
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
             page = r.read().decode()
-        if "connection_refused" in page:
+        if "connection_refused" in page and "<td class=ok>" in page:  # as served
             break
     except OSError:
         pass
