@@ -10,6 +10,9 @@ from hypothesis import strategies as st
 
 from probe.dnsjudge import compare_answer_sets, in_prefixes, is_bogon, suspect_bogon
 
+# Data only: these are pure functions over address values and nothing in this file opens a
+# socket.  The public addresses below (Telegram, Meta, Google, Cloudflare) are examples of
+# what must NOT read as a bogon; they are never contacted.
 NET = ipaddress.ip_network
 
 
