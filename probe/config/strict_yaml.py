@@ -113,6 +113,17 @@ def _node_kind(node: yaml.Node) -> str:
     return "a single value"
 
 
+def _canonical_ip(value: str) -> str | None:
+    """An IP literal in canonical (compressed) form, or None if ``value`` is not one.
+    A dotted-quad IPv4 already canonical is taken as written (no parse: config load cost)."""
+    if _CANONICAL_IPV4.fullmatch(value):
+        return value
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class Node:
     """A cursor on one YAML node: where it is (file, line, field path) and typed accessors."""
@@ -332,12 +343,10 @@ class Node:
     def ip(self) -> str:
         """An IP address literal, returned in canonical (compressed) form."""
         value = self.as_str()
-        if _CANONICAL_IPV4.fullmatch(value):
-            return value
-        try:
-            return str(ipaddress.ip_address(value))
-        except ValueError:
+        canonical = _canonical_ip(value)
+        if canonical is None:
             self.fail(f"{value!r} is not an IPv4 or IPv6 address")
+        return canonical
 
     def hostname(self) -> str:
         value = self.as_str()
@@ -348,12 +357,9 @@ class Node:
     def host(self) -> str:
         """A hostname or an IP literal (IPs canonicalised, names lower-cased)."""
         value = self.as_str()
-        if _CANONICAL_IPV4.fullmatch(value):
-            return value
-        try:
-            return str(ipaddress.ip_address(value))
-        except ValueError:
-            pass
+        canonical = _canonical_ip(value)
+        if canonical is not None:
+            return canonical
         if not is_hostname(value):
             self.fail(f"{value!r} is neither an IP address nor a valid hostname")
         return value.lower()
