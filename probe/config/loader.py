@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..model import Service, Vantage, freeze
-from .seeds import _load_resource, decode_service, known_probes, load_seed_file, shipped_seeds
+from .seeds import _load_resource, decode_service, known_probes, read_seed_file, shipped_seeds
 from .settings import (
     AgentConfig,
     ArchiveSettings,
@@ -43,11 +43,11 @@ from .strict_yaml import (
     TOO_DEEP,
     YAML_FIELD,
     ConfigError,
-    KeyedNode,
     Node,
     did_you_mean,
     is_hostname,
     parse_file,
+    with_positions,
 )
 
 __all__ = ["DEFAULT_SEEDS", "ConfigError", "load_config"]
@@ -129,13 +129,14 @@ def load_config(
 
 def _guarded_load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
     try:
-        return _load(path, file, probe_names)
+        # Plain data first (fast); any error re-reads with positions to report it.
+        return with_positions(lambda plain: _load(path, file, probe_names, plain))
     except RecursionError:  # a walk deeper than the parse (decode checks that first)
         raise ConfigError(file, None, YAML_FIELD, TOO_DEEP) from None
 
 
-def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
-    root = parse_file(path, file)
+def _load(path: Path, file: str, probe_names: frozenset[str], plain: bool) -> AgentConfig:
+    root = parse_file(path, file, plain=plain)
     # A section left empty (every line commented out) reads as null: use its defaults.
     m = {k: v for k, v in root.mapping(TOP_KEYS).items() if not (k in _SECTIONS and v.is_null)}
     # Relative paths are relative to the config file's directory, as given (no
@@ -150,7 +151,7 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
         "resolvers": _resolvers,
         "tls": lambda n: _tls(n, base_dir),
         "swaps": _swaps,
-        "seeds": lambda n: _load_seeds(n, base_dir, probe_names),
+        "seeds": lambda n: _load_seeds(n, base_dir, probe_names, plain),
         "services": lambda n: _user_services(n, probe_names),
         "listen": _listen,
         "archive": lambda n: _archive(n, base_dir),
@@ -162,7 +163,7 @@ def _load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
     d = {key: decoders[key](node) for key, node in m.items()}
 
     # Cross-section checks, once every section is valid on its own.
-    seeded = d["seeds"] if "seeds" in m else _load_seeds(None, base_dir, probe_names)
+    seeded = d["seeds"] if "seeds" in m else _load_seeds(None, base_dir, probe_names, plain)
     services = _merge(seeded, m.get("services"), d.get("services", ()))
     if not services:
         (m.get("seeds") or root).fail("nothing to probe: no seed lists and no services")
@@ -565,10 +566,12 @@ def _seed_names(n: Node | None) -> tuple[str, ...]:
     return DEFAULT_SEEDS if n is None else tuple(item.as_str() for item in n.sequence())
 
 
-def _load_seeds(n: Node | None, base_dir: Path, probe_names: frozenset[str]) -> tuple[Service, ...]:
+def _load_seeds(
+    n: Node | None, base_dir: Path, probe_names: frozenset[str], plain: bool
+) -> tuple[Service, ...]:
     shipped = shipped_seeds()
     if n is None:
-        return tuple(_load_resource(shipped[name], probe_names) for name in DEFAULT_SEEDS)
+        return tuple(_load_resource(shipped[name], probe_names, plain) for name in DEFAULT_SEEDS)
     services: list[Service] = []
     seen: dict[str, Node] = {}
     for item in n.sequence():
@@ -578,9 +581,9 @@ def _load_seeds(n: Node | None, base_dir: Path, probe_names: frozenset[str]) -> 
         seen[value] = item
         resource = _seed_resource(item, value, shipped, base_dir)
         if isinstance(resource, Path):
-            service = load_seed_file(resource, probe_names=probe_names)
+            service = read_seed_file(resource, probe_names, plain)
         else:
-            service = _load_resource(resource, probe_names)
+            service = _load_resource(resource, probe_names, plain)
         _check_new_service(item, f"{item.path}", service, services)
         services.append(service)
     return tuple(services)
@@ -657,8 +660,8 @@ def _apply_sni_overrides(
     )
 
 
-def _fail_key(node: KeyedNode, message: str) -> None:
-    raise ConfigError(node.file, node.key_line, node.path, message)
+def _fail_key(node: Node, message: str) -> None:
+    raise ConfigError(node.file, node.line, node.path, message)  # a mapping value: its key's line
 
 
 def _check_resolvable(where: Node, resolvers: Resolvers, services: tuple[Service, ...]) -> None:

@@ -20,10 +20,16 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from yaml.nodes import MappingNode
-
 from ..model import ROLES, Endpoint, ProbeParams, ProbeSpec, Service
-from .strict_yaml import ConfigError, KeyedNode, Node, did_you_mean, parse_file, parse_text
+from .strict_yaml import (
+    ConfigError,
+    Node,
+    did_you_mean,
+    parse_file,
+    parse_plain,
+    parse_text,
+    with_positions,
+)
 
 if TYPE_CHECKING:
     from ..probes import ProbeType
@@ -100,10 +106,18 @@ def load_shipped(name: str, *, probe_names: Collection[str] | None = None) -> Se
     return _load_resource(shipped[name], probe_names)
 
 
-def _load_resource(resource: Traversable, probe_names: Collection[str] | None) -> Service:
+def _load_resource(
+    resource: Traversable, probe_names: Collection[str] | None, plain: bool | None = None
+) -> Service:
+    """A shipped seed list.  ``plain``: read as plain data (True), with positions (False)
+    or plain first, then with positions to report an error (None; see `with_positions`)."""
+    if plain is None:
+        return with_positions(lambda plain: _load_resource(resource, probe_names, plain))
     if isinstance(resource, Path):
-        root = parse_file(resource)
-    else:  # inside a zip or another non-filesystem loader
+        root = parse_file(resource, plain=plain)
+    elif plain:  # inside a zip or another non-filesystem loader
+        root = parse_plain(resource.read_text(encoding="utf-8"), str(resource))
+    else:
         root = parse_text(resource.read_text(encoding="utf-8"), str(resource))
     return decode_service(root, origin=root.file, probe_names=_names(probe_names))
 
@@ -112,7 +126,14 @@ def load_seed_file(
     path: str | Path, *, probe_names: Collection[str] | None = None, file: str | None = None
 ) -> Service:
     """Load one seed file.  ``file`` is how the file is named in errors (default: ``path``)."""
-    root = parse_file(Path(path), file if file is not None else str(path))
+    return with_positions(lambda plain: read_seed_file(Path(path), probe_names, plain, file))
+
+
+def read_seed_file(
+    path: Path, probe_names: Collection[str] | None, plain: bool, file: str | None = None
+) -> Service:
+    """`load_seed_file` read one way: as plain data or with positions (`with_positions`)."""
+    root = parse_file(path, file if file is not None else str(path), plain=plain)
     return decode_service(root, origin=root.file, probe_names=_names(probe_names))
 
 
@@ -252,7 +273,7 @@ def _probes(
 
 def _probe(item: Node, ports: tuple[int, ...], probe_names: frozenset[str]) -> ProbeSpec:
     """``tcp`` or ``{tcp: {ports: [443], <params>}}`` -> `ProbeSpec`, params parsed."""
-    if not isinstance(item.node, MappingNode):
+    if not item.is_mapping:
         name = item.as_str()
         _check_probe_name(name, item, item.line, probe_names)
         return ProbeSpec(name, None, _parse_params(name, item, {}))
@@ -262,7 +283,7 @@ def _probe(item: Node, ports: tuple[int, ...], probe_names: frozenset[str]) -> P
             f"a probe is a name or a one-key mapping {{name: {{params}}}}, got {len(entries)} keys"
         )
     ((name, body),) = entries.items()
-    _check_probe_name(name, item, body.key_line, probe_names)
+    _check_probe_name(name, item, body.line, probe_names)  # a value's line is its key's
     params = {} if body.is_null else body.free_mapping()
     spec_ports: tuple[int, ...] | None = None
     if "ports" in params:
@@ -270,7 +291,7 @@ def _probe(item: Node, ports: tuple[int, ...], probe_names: frozenset[str]) -> P
     return ProbeSpec(name, spec_ports, _parse_params(name, body, params))
 
 
-def _parse_params(name: str, where: Node, nodes: Mapping[str, KeyedNode]) -> ProbeParams:
+def _parse_params(name: str, where: Node, nodes: Mapping[str, Node]) -> ProbeParams:
     """Parse the probe's params into its typed params now, once: a bad param fails the
     load, not every round, and the probe reads attributes.
 
@@ -290,7 +311,7 @@ def _parse_params(name: str, where: Node, nodes: Mapping[str, KeyedNode]) -> Pro
         key, message = (exc.key, exc.message) if isinstance(exc, ParamError) else (None, str(exc))
         node = nodes.get(key) if key is not None else None
         if node is not None:
-            raise ConfigError(node.file, node.key_line, node.path, message) from None
+            raise ConfigError(node.file, node.line, node.path, message) from None
         field = where.child_path(key) if key is not None else where.field
         raise ConfigError(where.file, where.line, field, message) from None
     return parsed

@@ -23,13 +23,36 @@ from typing import Any, NoReturn, TypeVar
 
 import yaml
 from yaml.constructor import SafeConstructor
-from yaml.events import AliasEvent, CollectionStartEvent, ScalarEvent
+from yaml.events import (
+    AliasEvent,
+    CollectionStartEvent,
+    DocumentEndEvent,
+    DocumentStartEvent,
+    MappingEndEvent,
+    MappingStartEvent,
+    ScalarEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
+    StreamEndEvent,
+    StreamStartEvent,
+)
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from yaml.reader import Reader
 
 from ..model import freeze
 
-__all__ = ["ConfigError", "KeyedNode", "Node", "did_you_mean", "parse_file", "parse_text"]
+__all__ = [
+    "ConfigError",
+    "KeyedNode",
+    "NeedsPositions",
+    "Node",
+    "PlainNode",
+    "YamlNode",
+    "did_you_mean",
+    "parse_file",
+    "parse_text",
+    "with_positions",
+]
 
 T = TypeVar("T")
 
@@ -124,20 +147,46 @@ def _canonical_ip(value: str) -> str | None:
         return None
 
 
-@dataclass(frozen=True)
 class Node:
-    """A cursor on one YAML node: where it is (file, line, field path) and typed accessors."""
+    """A cursor on one value of a file: where it is (file, line, field path) and typed
+    accessors.  Two kinds: `YamlNode` over PyYAML's node tree (every value has a line),
+    and `PlainNode` over plain data read straight from libyaml's events (no lines: cheap
+    to read, and an error on it is re-read with positions, see `with_positions`)."""
 
-    node: yaml.Node
+    __slots__ = ()
     file: str
     path: str
-    constructor: SafeConstructor
 
-    # -- position and errors ------------------------------------------------------------
+    # -- what each kind provides -----------------------------------------------------------
 
     @property
     def line(self) -> int:
-        return int(self.node.start_mark.line) + 1
+        raise NotImplementedError
+
+    @property
+    def is_null(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def is_mapping(self) -> bool:
+        raise NotImplementedError
+
+    def keyed(self) -> list[tuple[str, Node]]:
+        """(key, value) of a mapping, each value a cursor whose line is its key's line;
+        duplicate keys and non-string keys are errors."""
+        raise NotImplementedError
+
+    def sequence(self) -> list[Node]:
+        raise NotImplementedError
+
+    def scalar(self) -> Any:
+        raise NotImplementedError
+
+    def plain(self) -> Any:
+        """The value as immutable plain data (mappings frozen, lists as tuples): for params."""
+        raise NotImplementedError
+
+    # -- position and errors ------------------------------------------------------------
 
     @property
     def field(self) -> str:
@@ -151,24 +200,18 @@ class Node:
 
     # -- structure ----------------------------------------------------------------------
 
-    @property
-    def is_null(self) -> bool:
-        return isinstance(self.node, ScalarNode) and self.node.tag == "tag:yaml.org,2002:null"
-
     def mapping(self, known: Collection[str], required: Collection[str] = ()) -> dict[str, Node]:
         """The mapping's values by key; unknown, duplicate or missing keys are errors."""
         out: dict[str, Node] = {}
-        for key, key_line, value_node in self._pairs():
+        for key, value in self.keyed():
             if key not in known:
                 raise ConfigError(
                     self.file,
-                    key_line,
-                    self.child_path(key),
+                    value.line,
+                    value.path,
                     f"unknown key {key!r}{did_you_mean(key, known)}",
                 )
-            out[key] = KeyedNode(
-                value_node, self.file, self.child_path(key), self.constructor, key_line
-            )
+            out[key] = value
         for key in required:
             if key not in out:
                 raise ConfigError(
@@ -176,102 +219,11 @@ class Node:
                 )
         return out
 
-    def free_mapping(self) -> dict[str, KeyedNode]:
+    def free_mapping(self) -> dict[str, Node]:
         """A mapping with user-chosen string keys (no schema), duplicates still rejected."""
-        return {
-            key: KeyedNode(value_node, self.file, self.child_path(key), self.constructor, line)
-            for key, line, value_node in self._pairs()
-        }
-
-    def _pairs(self, seen: frozenset[int] = frozenset()) -> list[tuple[str, int, yaml.Node]]:
-        """(key, key line, value node) of a mapping, YAML merge keys (``<<``) resolved.
-
-        Same precedence as SafeLoader (the mapping's own keys win over merged
-        ones, earlier merged mappings over later ones), but without mutating the
-        node tree, and a key repeated among the mapping's own keys is an error
-        (SafeLoader silently keeps the last).
-        """
-        self._check_tag()
-        if not isinstance(self.node, MappingNode):
-            self.fail(f"expected a mapping, got {self._describe()}")
-        if id(self.node) in seen:  # an anchor merged into itself
-            self.fail("recursive merge key (<<)")
-        seen = seen | {id(self.node)}
-        own: dict[str, tuple[str, int, yaml.Node]] = {}
-        merges: list[Node] = []
-        for key_node, value_node in self.node.value:
-            if key_node.tag == _MERGE_TAG:
-                merges.extend(self._merge_sources(value_node))
-                continue
-            key = self._key(key_node)
-            line = int(key_node.start_mark.line) + 1
-            if key in own:
-                raise ConfigError(
-                    self.file,
-                    line,
-                    self.child_path(key),
-                    f"duplicate key (first at line {own[key][1]})",
-                )
-            own[key] = (key, line, value_node)
-        merged: dict[str, tuple[str, int, yaml.Node]] = {}
-        for source in merges:
-            for key, line, value_node in source._pairs(seen):
-                merged.setdefault(key, (key, line, value_node))
-        return list(own.values()) + [v for k, v in merged.items() if k not in own]
-
-    def _merge_sources(self, value: yaml.Node) -> list[Node]:
-        items = value.value if isinstance(value, SequenceNode) else [value]
-        if not all(isinstance(item, MappingNode) for item in items):
-            self.fail("a merge key (<<) takes a mapping or a list of mappings")
-        return [Node(item, self.file, self.path, self.constructor) for item in items]
-
-    def sequence(self) -> list[Node]:
-        self._check_tag()
-        if not isinstance(self.node, SequenceNode):
-            self.fail(f"expected a list, got {self._describe()}")
-        return [
-            Node(item, self.file, f"{self.path}[{i}]", self.constructor)
-            for i, item in enumerate(self.node.value)
-        ]
-
-    def _check_tag(self) -> None:
-        # Collections are walked, never constructed, so an explicit tag such as
-        # !!python/object or !!set would otherwise be silently ignored.  (Scalar tags
-        # are checked by the SafeLoader constructor.)
-        if not isinstance(self.node, ScalarNode) and self.node.tag not in (_MAP_TAG, _SEQ_TAG):
-            self.fail(f"unsupported YAML tag {self.node.tag!r}")
-
-    def _key(self, key_node: yaml.Node) -> str:
-        key = self._construct(key_node) if isinstance(key_node, ScalarNode) else key_node
-        if not isinstance(key, str):
-            kind = _yaml_type(key) if isinstance(key_node, ScalarNode) else _node_kind(key_node)
-            raise ConfigError(
-                self.file,
-                int(key_node.start_mark.line) + 1,
-                self.field,
-                f"keys must be strings, got {kind}",
-            )
-        return key
+        return dict(self.keyed())
 
     # -- scalars ------------------------------------------------------------------------
-
-    def _construct(self, node: yaml.Node) -> Any:
-        if node.tag == _STR_TAG and isinstance(node, ScalarNode):
-            return node.value  # what SafeConstructor.construct_yaml_str returns, sooner
-        try:
-            return self.constructor.construct_object(node, deep=True)
-        except yaml.MarkedYAMLError as exc:
-            self.fail(f"invalid YAML value: {exc.problem}")
-
-    def _describe(self) -> str:
-        if isinstance(self.node, ScalarNode):
-            return _yaml_type(self._construct(self.node))
-        return _node_kind(self.node)
-
-    def scalar(self) -> Any:
-        if not isinstance(self.node, ScalarNode):
-            self.fail(f"expected a single value, got {_node_kind(self.node)}")
-        return self._construct(self.node)
 
     def as_str(self) -> str:
         value = self.scalar()
@@ -385,8 +337,123 @@ class Node:
             out.append(value)
         return out
 
+
+@dataclass(frozen=True)
+class YamlNode(Node):
+    """A cursor on one node of PyYAML's node tree: every value knows its line."""
+
+    node: yaml.Node
+    file: str
+    path: str
+    constructor: SafeConstructor
+
+    @property
+    def line(self) -> int:
+        return int(self.node.start_mark.line) + 1
+
+    @property
+    def is_null(self) -> bool:
+        return isinstance(self.node, ScalarNode) and self.node.tag == "tag:yaml.org,2002:null"
+
+    @property
+    def is_mapping(self) -> bool:
+        return isinstance(self.node, MappingNode)
+
+    def keyed(self) -> list[tuple[str, Node]]:
+        return [
+            (key, KeyedNode(value_node, self.file, self.child_path(key), self.constructor, line))
+            for key, line, value_node in self._pairs()
+        ]
+
+    def _pairs(self, seen: frozenset[int] = frozenset()) -> list[tuple[str, int, yaml.Node]]:
+        """(key, key line, value node) of a mapping, YAML merge keys (``<<``) resolved.
+
+        Same precedence as SafeLoader (the mapping's own keys win over merged
+        ones, earlier merged mappings over later ones), but without mutating the
+        node tree, and a key repeated among the mapping's own keys is an error
+        (SafeLoader silently keeps the last).
+        """
+        self._check_tag()
+        if not isinstance(self.node, MappingNode):
+            self.fail(f"expected a mapping, got {self._describe()}")
+        if id(self.node) in seen:  # an anchor merged into itself
+            self.fail("recursive merge key (<<)")
+        seen = seen | {id(self.node)}
+        own: dict[str, tuple[str, int, yaml.Node]] = {}
+        merges: list[YamlNode] = []
+        for key_node, value_node in self.node.value:
+            if key_node.tag == _MERGE_TAG:
+                merges.extend(self._merge_sources(value_node))
+                continue
+            key = self._key(key_node)
+            line = int(key_node.start_mark.line) + 1
+            if key in own:
+                raise ConfigError(
+                    self.file,
+                    line,
+                    self.child_path(key),
+                    f"duplicate key (first at line {own[key][1]})",
+                )
+            own[key] = (key, line, value_node)
+        merged: dict[str, tuple[str, int, yaml.Node]] = {}
+        for source in merges:
+            for key, line, value_node in source._pairs(seen):
+                merged.setdefault(key, (key, line, value_node))
+        return list(own.values()) + [v for k, v in merged.items() if k not in own]
+
+    def _merge_sources(self, value: yaml.Node) -> list[YamlNode]:
+        items = value.value if isinstance(value, SequenceNode) else [value]
+        if not all(isinstance(item, MappingNode) for item in items):
+            self.fail("a merge key (<<) takes a mapping or a list of mappings")
+        return [YamlNode(item, self.file, self.path, self.constructor) for item in items]
+
+    def sequence(self) -> list[Node]:
+        self._check_tag()
+        if not isinstance(self.node, SequenceNode):
+            self.fail(f"expected a list, got {self._describe()}")
+        return [
+            YamlNode(item, self.file, f"{self.path}[{i}]", self.constructor)
+            for i, item in enumerate(self.node.value)
+        ]
+
+    def _check_tag(self) -> None:
+        # Collections are walked, never constructed, so an explicit tag such as
+        # !!python/object or !!set would otherwise be silently ignored.  (Scalar tags
+        # are checked by the SafeLoader constructor.)
+        if not isinstance(self.node, ScalarNode) and self.node.tag not in (_MAP_TAG, _SEQ_TAG):
+            self.fail(f"unsupported YAML tag {self.node.tag!r}")
+
+    def _key(self, key_node: yaml.Node) -> str:
+        key = self._construct(key_node) if isinstance(key_node, ScalarNode) else key_node
+        if not isinstance(key, str):
+            kind = _yaml_type(key) if isinstance(key_node, ScalarNode) else _node_kind(key_node)
+            raise ConfigError(
+                self.file,
+                int(key_node.start_mark.line) + 1,
+                self.field,
+                f"keys must be strings, got {kind}",
+            )
+        return key
+
+    def _construct(self, node: yaml.Node) -> Any:
+        if node.tag == _STR_TAG and isinstance(node, ScalarNode):
+            return node.value  # what SafeConstructor.construct_yaml_str returns, sooner
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.MarkedYAMLError as exc:
+            self.fail(f"invalid YAML value: {exc.problem}")
+
+    def _describe(self) -> str:
+        if isinstance(self.node, ScalarNode):
+            return _yaml_type(self._construct(self.node))
+        return _node_kind(self.node)
+
+    def scalar(self) -> Any:
+        if not isinstance(self.node, ScalarNode):
+            self.fail(f"expected a single value, got {_node_kind(self.node)}")
+        return self._construct(self.node)
+
     def plain(self) -> Any:
-        """The value as immutable plain data (mappings frozen, lists as tuples): for params."""
         if isinstance(self.node, MappingNode):
             return freeze({k: v.plain() for k, v in self.free_mapping().items()})
         if isinstance(self.node, SequenceNode):
@@ -395,7 +462,7 @@ class Node:
 
 
 @dataclass(frozen=True)
-class KeyedNode(Node):
+class KeyedNode(YamlNode):
     """A mapping value that knows its key's line.
 
     Errors about a value point at its key: for a block mapping or list the
@@ -407,6 +474,68 @@ class KeyedNode(Node):
     @property
     def line(self) -> int:
         return self.key_line
+
+
+class PlainNode(Node):
+    """A cursor on plain data (`read_plain`): no positions, so any error on it is only a
+    signal to re-read the file with them (`with_positions`), never reported as it is."""
+
+    __slots__ = ("file", "path", "value")
+
+    def __init__(self, value: Any, file: str, path: str) -> None:
+        self.value = value
+        self.file = file
+        self.path = path
+
+    @property
+    def line(self) -> int:
+        return 0  # unknown: errors raised here are re-raised from the positioned re-read
+
+    def fail(self, message: str) -> NoReturn:
+        raise NeedsPositions(self.file, None, self.field, message)
+
+    @property
+    def is_null(self) -> bool:
+        return self.value is None
+
+    @property
+    def is_mapping(self) -> bool:
+        return type(self.value) is dict
+
+    def keyed(self) -> list[tuple[str, Node]]:
+        if type(self.value) is not dict:
+            self.fail("expected a mapping")
+        file, child = self.file, self.child_path
+        return [(k, PlainNode(v, file, child(k))) for k, v in self.value.items()]
+
+    def sequence(self) -> list[Node]:
+        if type(self.value) is not list:
+            self.fail("expected a list")
+        file, path = self.file, self.path
+        return [PlainNode(v, file, f"{path}[{i}]") for i, v in enumerate(self.value)]
+
+    def scalar(self) -> Any:
+        if type(self.value) in (dict, list):
+            self.fail("expected a single value")
+        return self.value
+
+    def plain(self) -> Any:
+        return plain_frozen(self.value)
+
+
+def plain_frozen(value: Any) -> Any:
+    """Plain data as `Node.plain` gives it: mappings frozen, lists as tuples."""
+    if type(value) is dict:
+        return freeze({k: plain_frozen(v) for k, v in value.items()})
+    if type(value) is list:
+        return tuple(plain_frozen(v) for v in value)
+    return value
+
+
+class NeedsPositions(ConfigError):
+    """Raised on plain data (`PlainNode`): the value is wrong, or something this fast
+    path does not read; the caller re-reads the file with positions, and that read
+    raises the error users see (or accepts the file)."""
 
 
 def is_hostname(value: str) -> bool:
@@ -430,7 +559,7 @@ def parse_text(text: str, file: str) -> Node:
         raise ConfigError(file, None, YAML_FIELD, TOO_DEEP) from None
     if root is None:
         raise ConfigError(file, 1, ROOT_FIELD, "file is empty")
-    return Node(root, file, "", SafeConstructor())
+    return YamlNode(root, file, "", SafeConstructor())
 
 
 def _compose(text: str, file: str) -> yaml.Node | None:
@@ -522,9 +651,10 @@ def _check_expansion(root: yaml.Node, file: str) -> None:
         )
 
 
-def parse_file(path: Path, file: str | None = None) -> Node:
+def parse_file(path: Path, file: str | None = None, *, plain: bool = False) -> Node:
     """Read and compose a YAML file; missing, unreadable, non-regular (a FIFO would block
-    forever) or non-UTF-8 files are errors."""
+    forever) or non-UTF-8 files are errors.  ``plain``: a `PlainNode` where `read_plain`
+    can read the file (see `with_positions`), else a `YamlNode` as without it."""
     shown = file if file is not None else str(path)
     try:
         data = _read_regular(path, shown)
@@ -541,7 +671,144 @@ def parse_file(path: Path, file: str | None = None) -> Node:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise ConfigError(shown, line, FILE_FIELD, "not UTF-8 text") from None
+    if plain:
+        return parse_plain(text, shown)
     return parse_text(text, shown)
+
+
+def parse_plain(text: str, file: str) -> Node:
+    """A `PlainNode` over ``text`` where `read_plain` reads it, else `parse_text`'s node."""
+    value = read_plain(text)
+    if value is _UNREAD:
+        return parse_text(text, file)
+    return PlainNode(value, file, "")
+
+
+def with_positions(decode: Callable[[bool], T]) -> T:
+    """``decode(True)``, reading files as plain data (`parse_file`'s ``plain``); if that
+    raises any `ConfigError`, ``decode(False)``, which reads them with positions.
+
+    Plain data costs a third of PyYAML's node tree to read and walk, but knows no
+    lines.  A valid file gives the same value either way (both walks share every check
+    in `Node`); a wrong one fails the plain walk, and the positioned walk then raises
+    the error as users see it: file, line and field, the same words whichever walk ran.
+    """
+    try:
+        return decode(True)
+    except (ConfigError, RecursionError):
+        pass
+    return decode(False)
+
+
+_UNREAD: Any = object()  # read_plain's answer for a file it leaves to the node tree
+_SCALAR_TAGS = frozenset(
+    {
+        "tag:yaml.org,2002:null",
+        "tag:yaml.org,2002:bool",
+        "tag:yaml.org,2002:int",
+        "tag:yaml.org,2002:float",
+    }
+)
+
+
+class _Unread(Exception):
+    """Something `read_plain` leaves to the node tree."""
+
+
+def read_plain(text: str) -> Any:
+    """One YAML document as plain data (dicts, lists, scalars as SafeLoader constructs
+    them), read from libyaml's parse events without PyYAML's node tree; `_UNREAD` for
+    anything beyond the common subset, which the node tree then reads (and judges):
+
+    no libyaml, characters its reader refuses, more values than `_node_bound` admits,
+    a syntax error, more or less than one document, anchors and aliases, merge keys,
+    explicit tags, keys that are not strings or are repeated, and scalars other than
+    strings, null, booleans, integers and floats.  What it reads, it reads as
+    ``yaml.compose`` and `YamlNode.scalar` would (the same resolver and constructors).
+    """
+    loader_class = _FAST_LOADER
+    if loader_class is None or Reader.NON_PRINTABLE.search(text):
+        return _UNREAD
+    if _node_bound(text) > _MAX_NODES:
+        return _UNREAD
+    loader = loader_class(text)
+    try:
+        return _read_events(loader)
+    except (_Unread, yaml.YAMLError):
+        return _UNREAD
+    finally:
+        loader.dispose()
+
+
+def _read_events(loader: yaml.SafeLoader) -> Any:
+    # A stack of open collections, each with the key awaiting its value (mappings).
+    get: Callable[[], Any] = loader.get_event
+    scalars: dict[str, Any] = {}  # plain scalar text -> value: most values repeat
+    stack: list[list[Any]] = []
+    if type(get()) is not StreamStartEvent or type(get()) is not DocumentStartEvent:
+        raise _Unread
+    while True:
+        event = get()
+        kind = type(event)
+        if kind is ScalarEvent:
+            if event.tag is not None or event.anchor is not None:
+                raise _Unread
+            text = event.value
+            if not event.implicit[0]:  # quoted or block scalar: always a string
+                value: Any = text
+            elif text in scalars:
+                value = scalars[text]
+            else:
+                value = scalars[text] = _plain_scalar(loader, text)
+        elif kind is MappingStartEvent or kind is SequenceStartEvent:
+            if event.tag is not None or event.anchor is not None:
+                raise _Unread
+            value = {} if kind is MappingStartEvent else []
+            if stack:
+                _attach(stack[-1], value)
+            stack.append([value, None])
+            continue
+        elif kind is MappingEndEvent or kind is SequenceEndEvent:
+            done = stack.pop()
+            if stack:
+                continue
+            value = done[0]
+            break
+        else:  # an alias, or a document end where a value should be
+            raise _Unread
+        if not stack:
+            break
+        _attach(stack[-1], value)
+    if type(get()) is not DocumentEndEvent or type(get()) is not StreamEndEvent:
+        raise _Unread  # a second document: the node tree's error
+    return value
+
+
+def _attach(frame: list[Any], value: Any) -> None:
+    container = frame[0]
+    if type(container) is list:
+        container.append(value)
+    elif frame[1] is None:
+        if type(value) is not str or value in container:
+            raise _Unread  # a key that is not a string, or a repeated key: the tree's error
+        frame[1] = value
+    else:
+        container[frame[1]] = value
+        frame[1] = None
+
+
+def _plain_scalar(loader: yaml.SafeLoader, text: str) -> Any:
+    """An unquoted scalar as the composer tags it and SafeConstructor builds it."""
+    tag = loader.resolve(ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
+    if tag == _STR_TAG:
+        return text
+    if tag not in _SCALAR_TAGS:  # a timestamp, a merge key, a value key (=)
+        raise _Unread
+    node = ScalarNode(tag, text)
+    try:
+        return loader.construct_object(node, deep=True)
+    except yaml.YAMLError:
+        raise _Unread from None
 
 
 def _read_regular(path: Path, shown: str) -> bytes:
