@@ -24,7 +24,10 @@ from ..model import ROLES, Endpoint, ProbeParams, ProbeSpec, Service
 from .strict_yaml import (
     ConfigError,
     Node,
+    PlainNode,
+    canonical_ip,
     did_you_mean,
+    is_hostname,
     parse_file,
     parse_plain,
     parse_text,
@@ -148,12 +151,15 @@ def decode_service(root: Node, *, origin: str, probe_names: Collection[str]) -> 
     display = m["display_name"].nonempty_str() if "display_name" in m else name
     source = m["source"].nonempty_str()
     prefixes = tuple(m["prefixes"].unique_list_of(_prefix)) if "prefixes" in m else ()
-    endpoints = tuple(
-        _endpoint(n, name, prefixes, frozenset(probe_names)) for n in m["endpoints"].sequence()
-    )
+    names = frozenset(probe_names)
+    items = m["endpoints"]
+    if isinstance(items, PlainNode):
+        endpoints = _plain_endpoints(items, name, prefixes, names)
+    else:
+        endpoints = tuple(_endpoint(n, name, prefixes, names) for n in items.sequence())
     if not endpoints:
-        m["endpoints"].fail("must not be empty")
-    _check_unique_names(m["endpoints"], endpoints)
+        items.fail("must not be empty")
+    _check_unique_names(items, endpoints)
     return Service(
         name=name,
         display_name=display,
@@ -165,6 +171,10 @@ def decode_service(root: Node, *, origin: str, probe_names: Collection[str]) -> 
 
 
 def _check_unique_names(endpoints_node: Node, endpoints: tuple[Endpoint, ...]) -> None:
+    if isinstance(endpoints_node, PlainNode):
+        if len({ep.name for ep in endpoints}) != len(endpoints):
+            endpoints_node.fail("duplicate endpoint name")  # re-read with positions to say where
+        return
     first: dict[str, int] = {}
     for item, ep in zip(endpoints_node.sequence(), endpoints, strict=True):
         if ep.name in first:
@@ -221,7 +231,7 @@ def _endpoint(
     ports = tuple(m["ports"].unique_list_of(Node.port, nonempty=True))
     transport = m["transport"].choice(TRANSPORTS) if "transport" in m else "tcp"
     role = m["role"].choice(ROLES)
-    is_ip = _is_ip(host)
+    is_ip = canonical_ip(host) is not None  # host is canonical: an IPv4 costs no parse
     probes = _probes(m["probes"], ports, probe_names, is_ip)
     addresses = tuple(m["addresses"].unique_list_of(Node.ip)) if "addresses" in m else ()
     sni = m["sni"].hostname() if "sni" in m and not m["sni"].is_null else None
@@ -245,12 +255,105 @@ def _endpoint(
     )
 
 
-def _is_ip(host: str) -> bool:
+_ENDPOINT_KEY_SET = frozenset(ENDPOINT_KEYS)
+_ENDPOINT_REQUIRED = ("host", "ports", "role", "probes", "source", "confidence")
+
+
+def _plain_endpoints(
+    items: PlainNode, service: str, prefixes: tuple[Network, ...], probe_names: frozenset[str]
+) -> tuple[Endpoint, ...]:
+    """The endpoints of a service read as plain data (`strict_yaml.read_plain`).
+
+    The cost of a long list is here, so an endpoint of the usual shape (scalars, a list
+    of ports, a list of probe names) is checked straight on its dict, and the probe
+    specs, the same for most endpoints, are parsed once per distinct list.  Any other
+    shape goes through the generic cursor walk (`_endpoint`).  Every check is the
+    generic one's, value for value: `tests/test_config_plain.py` holds the two side by
+    side.  A failed check raises on plain data, so the file is re-read with positions.
+    """
+    values = items.value
+    if type(values) is not list:
+        items.fail("expected a list")
+    specs: dict[Any, tuple[ProbeSpec, ...]] = {}
+    out = []
+    for i, value in enumerate(values):
+        n = PlainNode(value, items.file, f"{items.path}[{i}]")
+        endpoint = _usual_endpoint(n, service, prefixes, probe_names, specs)
+        out.append(endpoint or _endpoint(n, service, prefixes, probe_names))
+    return tuple(out)
+
+
+def _usual_endpoint(
+    n: PlainNode,
+    service: str,
+    prefixes: tuple[Network, ...],
+    probe_names: frozenset[str],
+    specs: dict[Any, tuple[ProbeSpec, ...]],
+) -> Endpoint | None:
+    """`_endpoint` for an endpoint of the usual shape, all checks passed; None for any
+    other (`_endpoint` then decides, and says what is wrong)."""
+    d = n.value
+    if type(d) is not dict or not _ENDPOINT_KEY_SET.issuperset(d):
+        return None
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+        host, ports, role, probes = d["host"], d["ports"], d["role"], d["probes"]
+        source, confidence = d["source"], d["confidence"]
+    except KeyError:
+        return None
+    if type(host) is not str or type(ports) is not list or type(probes) is not list:
+        return None
+    if type(source) is not str or not source.strip() or confidence not in CONFIDENCES:
+        return None
+    if type(role) is not str or role not in ROLES:
+        return None
+    canonical = canonical_ip(host)
+    if canonical is None:
+        if not is_hostname(host):
+            return None
+        host = host.lower()
+    else:
+        host = canonical
+    name = d.get("name", host)
+    if "name" in d and (type(name) is not str or not _ENDPOINT_NAME.fullmatch(name)):
+        return None
+    if not ports or len(set(ports)) != len(ports):
+        return None
+    for port in ports:
+        if type(port) is not int or not 1 <= port <= 65535:
+            return None
+    transport = d.get("transport", "tcp")
+    if type(transport) is not str or transport not in TRANSPORTS:
+        return None
+    domestic = d.get("domestic", False)
+    if type(domestic) is not bool or (domestic and role != "control"):
+        return None
+    if d.get("sni") is not None or "addresses" in d:
+        return None  # less usual: the generic walk
+    is_ip = canonical is not None
+    port_tuple = tuple(ports)
+    # The probe list as a key: names as they are, params by repr (types kept apart:
+    # 1, 1.0, True and '1' read differently); ports count only where a spec has its own.
+    key: Any = tuple(probes) if all(type(p) is str for p in probes) else repr(probes)
+    key = (key, is_ip) if type(key) is tuple else (key, is_ip, port_tuple)
+    parsed = specs.get(key)
+    if parsed is None:
+        where = PlainNode(probes, n.file, n.child_path("probes"))
+        parsed = specs[key] = _probes(where, port_tuple, probe_names, is_ip)
+    return Endpoint(
+        service=service,
+        name=name,
+        host=host,
+        ports=port_tuple,
+        transport=transport,  # type: ignore[arg-type]  # checked against TRANSPORTS
+        role=role,
+        probes=parsed,
+        addresses=(),
+        prefixes=prefixes,
+        sni=None,
+        source=source,
+        confidence=confidence,
+        domestic=domestic,
+    )
 
 
 def _probes(

@@ -48,6 +48,7 @@ __all__ = [
     "Node",
     "PlainNode",
     "YamlNode",
+    "canonical_ip",
     "did_you_mean",
     "parse_file",
     "parse_text",
@@ -136,7 +137,7 @@ def _node_kind(node: yaml.Node) -> str:
     return "a single value"
 
 
-def _canonical_ip(value: str) -> str | None:
+def canonical_ip(value: str) -> str | None:
     """An IP literal in canonical (compressed) form, or None if ``value`` is not one.
     A dotted-quad IPv4 already canonical is taken as written (no parse: config load cost)."""
     if _CANONICAL_IPV4.fullmatch(value):
@@ -295,7 +296,7 @@ class Node:
     def ip(self) -> str:
         """An IP address literal, returned in canonical (compressed) form."""
         value = self.as_str()
-        canonical = _canonical_ip(value)
+        canonical = canonical_ip(value)
         if canonical is None:
             self.fail(f"{value!r} is not an IPv4 or IPv6 address")
         return canonical
@@ -309,7 +310,7 @@ class Node:
     def host(self) -> str:
         """A hostname or an IP literal (IPs canonicalised, names lower-cased)."""
         value = self.as_str()
-        canonical = _canonical_ip(value)
+        canonical = canonical_ip(value)
         if canonical is not None:
             return canonical
         if not is_hostname(value):
@@ -741,10 +742,13 @@ def read_plain(text: str) -> Any:
 
 
 def _read_events(loader: yaml.SafeLoader) -> Any:
-    # A stack of open collections, each with the key awaiting its value (mappings).
+    # The hot loop of a config load (a value per event): the open collection, the key
+    # awaiting its value (in a mapping) and the enclosing ones are kept in locals.
     get: Callable[[], Any] = loader.get_event
     scalars: dict[str, Any] = {}  # plain scalar text -> value: most values repeat
-    stack: list[list[Any]] = []
+    stack: list[Any] = []  # the enclosing collections
+    container: Any = None  # the open collection: a dict, a list, or None (none yet)
+    key: str | None = None
     if type(get()) is not StreamStartEvent or type(get()) is not DocumentStartEvent:
         raise _Unread
     while True:
@@ -753,48 +757,53 @@ def _read_events(loader: yaml.SafeLoader) -> Any:
         if kind is ScalarEvent:
             if event.tag is not None or event.anchor is not None:
                 raise _Unread
-            text = event.value
-            if not event.implicit[0]:  # quoted or block scalar: always a string
-                value: Any = text
-            elif text in scalars:
-                value = scalars[text]
-            else:
-                value = scalars[text] = _plain_scalar(loader, text)
+            value: Any = event.value
+            if event.implicit[0]:  # plain: resolved (quoted and block scalars are strings)
+                text = value
+                value = scalars.get(text, _UNREAD)
+                if value is _UNREAD:
+                    value = scalars[text] = _plain_scalar(loader, text)
         elif kind is MappingStartEvent or kind is SequenceStartEvent:
             if event.tag is not None or event.anchor is not None:
                 raise _Unread
             value = {} if kind is MappingStartEvent else []
-            if stack:
-                _attach(stack[-1], value)
-            stack.append([value, None])
+            if container is not None:
+                _attach(container, key, value)
+                stack.append(container)
+            container, key = value, None
             continue
         elif kind is MappingEndEvent or kind is SequenceEndEvent:
-            done = stack.pop()
-            if stack:
-                continue
-            value = done[0]
-            break
+            if not stack:
+                value = container
+                break
+            container, key = stack.pop(), None  # the closed one was the value of its key
+            continue
         else:  # an alias, or a document end where a value should be
             raise _Unread
-        if not stack:
-            break
-        _attach(stack[-1], value)
+        if container is None:
+            break  # a document that is one scalar
+        if type(container) is list:
+            container.append(value)
+        elif key is None:
+            if type(value) is not str or value in container:
+                raise _Unread  # a key not a string, or repeated: the node tree's error
+            key = value
+        else:
+            container[key] = value
+            key = None
     if type(get()) is not DocumentEndEvent or type(get()) is not StreamEndEvent:
         raise _Unread  # a second document: the node tree's error
     return value
 
 
-def _attach(frame: list[Any], value: Any) -> None:
-    container = frame[0]
+def _attach(container: Any, key: str | None, value: Any) -> None:
+    """A collection just opened, put where it goes in ``container``."""
     if type(container) is list:
         container.append(value)
-    elif frame[1] is None:
-        if type(value) is not str or value in container:
-            raise _Unread  # a key that is not a string, or a repeated key: the tree's error
-        frame[1] = value
+    elif key is None:
+        raise _Unread  # a collection as a key: the node tree's error
     else:
-        container[frame[1]] = value
-        frame[1] = None
+        container[key] = value
 
 
 def _plain_scalar(loader: yaml.SafeLoader, text: str) -> Any:
