@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml
 
 import probe.config.strict_yaml as strict_yaml
-from probe.config.loader import load_config
+from probe.agent_config import load_config
 
 TARGET_US = 50.0
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__, logs
-from .config.loader import ConfigError, load_config
-from .config.seeds import known_probes
+from .agent_config import known_probes, load_config
+from .config.loader import ConfigError
 from .config.settings import AgentConfig
 from .model import Endpoint
 from .records import is_result_record

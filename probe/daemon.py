@@ -33,8 +33,9 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .agent_config import load_config
 from .archive import ArchiveWriter
-from .config.loader import ConfigError, load_config
+from .config.loader import ConfigError
 from .config.settings import AgentConfig, WebSettings
 from .control import ControlPoller, judged_alone
 from .exporter import TextRenderer, make_registry

@@ -29,6 +29,7 @@ __all__ = [
     "Endpoint",
     "Failure",
     "Operation",
+    "ParamError",
     "ProbeParams",
     "ProbeResult",
     "ProbeSpec",
@@ -131,6 +132,21 @@ class Vantage:
     role: Literal["test", "control"] = "test"
 
 
+class ParamError(ValueError):
+    """An invalid probe parameter.
+
+    ``key`` names the parameter (None: the params as a whole); ``message`` says what is
+    wrong without repeating the key, so the loader can print it after the key's field
+    path (``endpoints[3].probes[1].transfer.max_bytes: must be ...``).
+    """
+
+    def __init__(self, probe: str, key: str | None, message: str) -> None:
+        super().__init__(f"{probe}: {key}: {message}" if key is not None else f"{probe}: {message}")
+        self.probe = probe
+        self.key = key
+        self.message = message
+
+
 class ProbeParams:
     """Base of every probe's typed params: one frozen dataclass per probe (``TcpParams``,
     ``TLSParams``, ``StunParams``...), each listed in the probe registry (`probe.probes`).
@@ -147,7 +163,7 @@ class ProbeParams:
     def parse(cls, params: Mapping[str, Any], base: Self | None = None) -> Self:
         """Params as written in YAML (plain data) over ``base`` (default: the defaults).
 
-        Raises `probe.probes.params.ParamError` naming the offending key, and nothing else
+        Raises `ParamError` naming the offending key, and nothing else
         whatever ``params`` holds.
         """
         raise NotImplementedError(f"{cls.__name__}.parse")

@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from probe import daemon as daemon_module
-from probe.config.loader import load_config
+from probe.agent_config import load_config
 from probe.config.settings import AgentConfig, Schedule, Timeouts
 from probe.daemon import Agent, build_app
 from probe.evidence import CertificateEvidence, TlsEvidence, TlsOffer

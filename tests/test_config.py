@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from probe.config.loader import DEFAULT_SEEDS, TOP_KEYS, ConfigError, load_config
-from probe.config.seeds import known_probes
+from probe.agent_config import known_probes, load_config
+from probe.config.loader import DEFAULT_SEEDS, TOP_KEYS, ConfigError
 from probe.config.settings import AgentConfig, HostPort
 from probe.lab.certs import CertificateAuthority
 from probe.model import ProbeSpec

@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 import probe.config.strict_yaml as strict_yaml
+from probe.agent_config import known_probes, load_config, probe_types
 from probe.config import seeds
-from probe.config.loader import ConfigError, load_config
-from probe.config.seeds import known_probes
+from probe.config.loader import ConfigError
 from probe.config.strict_yaml import PlainNode, read_plain
 from probe.model import Endpoint
 
@@ -33,6 +33,7 @@ needs_libyaml = pytest.mark.skipif(
     strict_yaml._FAST_LOADER is None, reason="PyYAML built without libyaml"
 )
 PROBES = known_probes()
+TYPES = probe_types()
 
 
 def _yaml_files() -> list[Path]:
@@ -411,14 +412,14 @@ def _variants() -> list[dict[str, Any]]:
 
 def _generic(d: dict[str, Any]) -> Endpoint | str:
     try:
-        return seeds._endpoint(PlainNode(d, "f.yaml", "e"), "svc", (), PROBES)
+        return seeds._endpoint(PlainNode(d, "f.yaml", "e"), "svc", (), TYPES)
     except ConfigError as exc:
         return f"error: {exc.message}"
 
 
 def _usual(d: dict[str, Any], specs: dict[Any, Any]) -> Endpoint | str | None:
     try:
-        return seeds._usual_endpoint(PlainNode(d, "f.yaml", "e"), "svc", (), PROBES, specs)
+        return seeds._usual_endpoint(PlainNode(d, "f.yaml", "e"), "svc", (), TYPES, specs)
     except ConfigError as exc:
         return f"error: {exc.message}"
 

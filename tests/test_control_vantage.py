@@ -28,7 +28,7 @@ import bcrypt
 import pytest
 from aiohttp import web
 
-from probe.config.loader import load_config
+from probe.agent_config import load_config
 from probe.config.settings import ControlSettings
 from probe.config.strict_yaml import ConfigError
 from probe.control import ControlError, ControlPoller, fetch, parse_document

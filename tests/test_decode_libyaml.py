@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from yaml.nodes import MappingNode, SequenceNode
 
 import probe.config.strict_yaml
-from probe.config.loader import ConfigError, load_config
+from probe.agent_config import load_config
+from probe.config.loader import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TESTDATA = Path(__file__).parent / "testdata"

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from probe.config.loader import load_config
+from probe.agent_config import load_config
 from tests.agentproc import REPO, needs_unshare, required_tool
 
 COMPOSE = REPO / "compose.yaml"

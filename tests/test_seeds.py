@@ -17,15 +17,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from probe.config.loader import TOP_KEYS, ConfigError, load_config
+from probe.agent_config import known_probes, load_config, load_seed_file, load_shipped, probe_types
+from probe.config.loader import TOP_KEYS, ConfigError
 from probe.config.seeds import (
     CONFIDENCES,
     ENDPOINT_KEYS,
     SERVICE_KEYS,
     decode_service,
-    known_probes,
-    load_seed_file,
-    load_shipped,
     prefix_warnings,
     shipped_seeds,
 )
@@ -473,7 +471,9 @@ def test_quic_vn_only_beside_quic() -> None:
 
 
 def _decode(text: str, probes: frozenset[str] = PROBES) -> Any:
-    return decode_service(parse_text(text, "mem.yaml"), origin="mem.yaml", probe_names=probes)
+    return decode_service(
+        parse_text(text, "mem.yaml"), origin="mem.yaml", probes=probe_types(probes)
+    )
 
 
 def test_defaults_and_normalisation() -> None:

@@ -17,7 +17,7 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from importlib.resources import as_file, files
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..model import Service, Vantage, freeze
-from .seeds import _load_resource, decode_service, known_probes, read_seed_file, shipped_seeds
+from .seeds import ProbeTypes, _load_resource, decode_service, read_seed_file, shipped_seeds
 from .settings import (
     AgentConfig,
     ArchiveSettings,
@@ -110,32 +110,29 @@ def _keys(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
-def load_config(
-    path: str | Path | None = None, *, probe_names: Collection[str] | None = None
-) -> AgentConfig:
+def load_config(path: str | Path | None = None, *, probes: ProbeTypes) -> AgentConfig:
     """Load and validate a config file (None = the embedded default) and its seed lists.
 
-    ``probe_names`` restricts the probe names endpoints may use; by default the
-    keys of `probe.probes.REGISTRY` (see `probe.config.seeds.known_probes`).
+    ``probes``: the probe types endpoints may name and their params parsers (the agent's
+    come from `probe.agent_config`, which binds `probe.probes.REGISTRY`).
     Raises `ConfigError` for anything wrong, never another exception for bad input.
     """
-    names = frozenset(probe_names) if probe_names is not None else known_probes()
     if path is None:
         resource = files("probe") / "default_config.yaml"
         with as_file(resource) as real:
-            return _guarded_load(Path(real), str(real), names)
-    return _guarded_load(Path(path), str(path), names)
+            return _guarded_load(Path(real), str(real), probes)
+    return _guarded_load(Path(path), str(path), probes)
 
 
-def _guarded_load(path: Path, file: str, probe_names: frozenset[str]) -> AgentConfig:
+def _guarded_load(path: Path, file: str, probes: ProbeTypes) -> AgentConfig:
     try:
         # Plain data first (fast); any error re-reads with positions to report it.
-        return with_positions(lambda plain: _load(path, file, probe_names, plain))
+        return with_positions(lambda plain: _load(path, file, probes, plain))
     except RecursionError:  # a walk deeper than the parse (decode checks that first)
         raise ConfigError(file, None, YAML_FIELD, TOO_DEEP) from None
 
 
-def _load(path: Path, file: str, probe_names: frozenset[str], plain: bool) -> AgentConfig:
+def _load(path: Path, file: str, probes: ProbeTypes, plain: bool) -> AgentConfig:
     root = parse_file(path, file, plain=plain)
     # A section left empty (every line commented out) reads as null: use its defaults.
     m = {k: v for k, v in root.mapping(TOP_KEYS).items() if not (k in _SECTIONS and v.is_null)}
@@ -151,8 +148,8 @@ def _load(path: Path, file: str, probe_names: frozenset[str], plain: bool) -> Ag
         "resolvers": _resolvers,
         "tls": lambda n: _tls(n, base_dir),
         "swaps": _swaps,
-        "seeds": lambda n: _load_seeds(n, base_dir, probe_names, plain),
-        "services": lambda n: _user_services(n, probe_names),
+        "seeds": lambda n: _load_seeds(n, base_dir, probes, plain),
+        "services": lambda n: _user_services(n, probes),
         "listen": _listen,
         "archive": lambda n: _archive(n, base_dir),
         "web": lambda n: _web(n, base_dir),
@@ -163,7 +160,7 @@ def _load(path: Path, file: str, probe_names: frozenset[str], plain: bool) -> Ag
     d = {key: decoders[key](node) for key, node in m.items()}
 
     # Cross-section checks, once every section is valid on its own.
-    seeded = d["seeds"] if "seeds" in m else _load_seeds(None, base_dir, probe_names, plain)
+    seeded = d["seeds"] if "seeds" in m else _load_seeds(None, base_dir, probes, plain)
     services = _merge(seeded, m.get("services"), d.get("services", ()))
     if not services:
         (m.get("seeds") or root).fail("nothing to probe: no seed lists and no services")
@@ -567,11 +564,11 @@ def _seed_names(n: Node | None) -> tuple[str, ...]:
 
 
 def _load_seeds(
-    n: Node | None, base_dir: Path, probe_names: frozenset[str], plain: bool
+    n: Node | None, base_dir: Path, probes: ProbeTypes, plain: bool
 ) -> tuple[Service, ...]:
     shipped = shipped_seeds()
     if n is None:
-        return tuple(_load_resource(shipped[name], probe_names, plain) for name in DEFAULT_SEEDS)
+        return tuple(_load_resource(shipped[name], probes, plain) for name in DEFAULT_SEEDS)
     services: list[Service] = []
     seen: dict[str, Node] = {}
     for item in n.sequence():
@@ -581,9 +578,9 @@ def _load_seeds(
         seen[value] = item
         resource = _seed_resource(item, value, shipped, base_dir)
         if isinstance(resource, Path):
-            service = read_seed_file(resource, probe_names, plain)
+            service = read_seed_file(resource, probes, plain)
         else:
-            service = _load_resource(resource, probe_names, plain)
+            service = _load_resource(resource, probes, plain)
         _check_new_service(item, f"{item.path}", service, services)
         services.append(service)
     return tuple(services)
@@ -606,10 +603,8 @@ def _seed_resource(
     return path
 
 
-def _user_services(n: Node, probe_names: frozenset[str]) -> tuple[Service, ...]:
-    return tuple(
-        decode_service(item, origin=item.file, probe_names=probe_names) for item in n.sequence()
-    )
+def _user_services(n: Node, probes: ProbeTypes) -> tuple[Service, ...]:
+    return tuple(decode_service(item, origin=item.file, probes=probes) for item in n.sequence())
 
 
 def _merge(

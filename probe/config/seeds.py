@@ -15,12 +15,13 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ..model import ROLES, Endpoint, ProbeParams, ProbeSpec, Service
+from ..model import ROLES, Endpoint, ParamError, ProbeParams, ProbeSpec, Service
 from .strict_yaml import (
     ConfigError,
     Node,
@@ -34,13 +35,11 @@ from .strict_yaml import (
     with_positions,
 )
 
-if TYPE_CHECKING:
-    from ..probes import ProbeType
-
 __all__ = [
     "CONFIDENCES",
+    "ParamsParser",
+    "ProbeTypes",
     "decode_service",
-    "known_probes",
     "load_seed_file",
     "load_shipped",
     "prefix_warnings",
@@ -76,18 +75,31 @@ _NEEDS_HOSTNAME = frozenset({"dns"})
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def known_probes() -> frozenset[str]:
-    """Probe names a config may use: the keys of `probe.probes.REGISTRY`."""
-    return frozenset(_registry())
+class ParamsParser(Protocol):
+    """How one probe type reads its params as written (plain YAML data) into its typed
+    params, raising `ParamError` naming the key (`probe.probes.ProbeType.parse`)."""
+
+    def parse(self, params: Mapping[str, Any], /) -> ProbeParams: ...
 
 
-def _registry() -> Mapping[str, ProbeType[Any]]:
-    # Imported on first use: the registry imports every probe module (aioquic,
-    # cryptography), which importing the config package alone does not need.  A probe
-    # module that fails to import is a bug: it propagates.
-    from ..probes import REGISTRY
+@dataclass(frozen=True)
+class ProbeTypes:
+    """The probe types a file may name, and each one's params parser.
 
-    return REGISTRY
+    Handed in by the caller (normally `probe.agent_config`, from `probe.probes.REGISTRY`):
+    the config layer sits below the probes, whose modules read its settings, and imports
+    none of them.  ``names`` may restrict ``parsers`` (tests pin the list that errors
+    print); a name without a parser is refused as not in the registry.
+    """
+
+    parsers: Mapping[str, ParamsParser]
+    names: frozenset[str]
+
+    @classmethod
+    def of(
+        cls, parsers: Mapping[str, ParamsParser], names: Collection[str] | None = None
+    ) -> ProbeTypes:
+        return cls(parsers, frozenset(names) if names is not None else frozenset(parsers))
 
 
 def shipped_seeds() -> dict[str, Traversable]:
@@ -101,62 +113,51 @@ def shipped_seeds() -> dict[str, Traversable]:
     return dict(sorted(found.items()))
 
 
-def load_shipped(name: str, *, probe_names: Collection[str] | None = None) -> Service:
+def load_shipped(name: str, probes: ProbeTypes) -> Service:
     """Load a shipped seed list by name (``whatsapp``, ``telegram``, ``controls``...)."""
     shipped = shipped_seeds()
     if name not in shipped:
         raise KeyError(f"no shipped seed list {name!r}{did_you_mean(name, shipped)}")
-    return _load_resource(shipped[name], probe_names)
+    return _load_resource(shipped[name], probes)
 
 
-def _load_resource(
-    resource: Traversable, probe_names: Collection[str] | None, plain: bool | None = None
-) -> Service:
+def _load_resource(resource: Traversable, probes: ProbeTypes, plain: bool | None = None) -> Service:
     """A shipped seed list.  ``plain``: read as plain data (True), with positions (False)
     or plain first, then with positions to report an error (None; see `with_positions`)."""
     if plain is None:
-        return with_positions(lambda plain: _load_resource(resource, probe_names, plain))
+        return with_positions(lambda plain: _load_resource(resource, probes, plain))
     if isinstance(resource, Path):
         root = parse_file(resource, plain=plain)
     elif plain:  # inside a zip or another non-filesystem loader
         root = parse_plain(resource.read_text(encoding="utf-8"), str(resource))
     else:
         root = parse_text(resource.read_text(encoding="utf-8"), str(resource))
-    return decode_service(root, origin=root.file, probe_names=_names(probe_names))
+    return decode_service(root, origin=root.file, probes=probes)
 
 
-def load_seed_file(
-    path: str | Path, *, probe_names: Collection[str] | None = None, file: str | None = None
-) -> Service:
+def load_seed_file(path: str | Path, probes: ProbeTypes, *, file: str | None = None) -> Service:
     """Load one seed file.  ``file`` is how the file is named in errors (default: ``path``)."""
-    return with_positions(lambda plain: read_seed_file(Path(path), probe_names, plain, file))
+    return with_positions(lambda plain: read_seed_file(Path(path), probes, plain, file))
 
 
-def read_seed_file(
-    path: Path, probe_names: Collection[str] | None, plain: bool, file: str | None = None
-) -> Service:
+def read_seed_file(path: Path, probes: ProbeTypes, plain: bool, file: str | None = None) -> Service:
     """`load_seed_file` read one way: as plain data or with positions (`with_positions`)."""
     root = parse_file(path, file if file is not None else str(path), plain=plain)
-    return decode_service(root, origin=root.file, probe_names=_names(probe_names))
+    return decode_service(root, origin=root.file, probes=probes)
 
 
-def _names(probe_names: Collection[str] | None) -> frozenset[str]:
-    return frozenset(probe_names) if probe_names is not None else known_probes()
-
-
-def decode_service(root: Node, *, origin: str, probe_names: Collection[str]) -> Service:
+def decode_service(root: Node, *, origin: str, probes: ProbeTypes) -> Service:
     """Decode one service mapping (a seed file's top level or an item of ``services:``)."""
     m = root.mapping(SERVICE_KEYS, required=("service", "source", "endpoints"))
     name = m["service"].matching(_SERVICE_ID, "a service id (lower-case letters, digits, - _)")
     display = m["display_name"].nonempty_str() if "display_name" in m else name
     source = m["source"].nonempty_str()
     prefixes = tuple(m["prefixes"].unique_list_of(_prefix)) if "prefixes" in m else ()
-    names = frozenset(probe_names)
     items = m["endpoints"]
     if isinstance(items, PlainNode):
-        endpoints = _plain_endpoints(items, name, prefixes, names)
+        endpoints = _plain_endpoints(items, name, prefixes, probes)
     else:
-        endpoints = tuple(_endpoint(n, name, prefixes, names) for n in items.sequence())
+        endpoints = tuple(_endpoint(n, name, prefixes, probes) for n in items.sequence())
     if not endpoints:
         items.fail("must not be empty")
     _check_unique_names(items, endpoints)
@@ -217,9 +218,7 @@ def _prefix(n: Node) -> Network:
     cidr.fail(f"{text!r} has host bits set; did you mean {str(loose)!r}?")
 
 
-def _endpoint(
-    n: Node, service: str, prefixes: tuple[Network, ...], probe_names: frozenset[str]
-) -> Endpoint:
+def _endpoint(n: Node, service: str, prefixes: tuple[Network, ...], types: ProbeTypes) -> Endpoint:
     m = n.mapping(ENDPOINT_KEYS, required=("host", "ports", "role", "probes"))
     source, confidence = _provenance(m, n)
     host = m["host"].host()
@@ -232,7 +231,7 @@ def _endpoint(
     transport = m["transport"].choice(TRANSPORTS) if "transport" in m else "tcp"
     role = m["role"].choice(ROLES)
     is_ip = canonical_ip(host) is not None  # host is canonical: an IPv4 costs no parse
-    probes = _probes(m["probes"], ports, probe_names, is_ip)
+    probes = _probes(m["probes"], ports, types, is_ip)
     addresses = tuple(m["addresses"].unique_list_of(Node.ip)) if "addresses" in m else ()
     sni = m["sni"].hostname() if "sni" in m and not m["sni"].is_null else None
     domestic = m["domestic"].as_bool() if "domestic" in m else False
@@ -260,7 +259,7 @@ _ENDPOINT_REQUIRED = ("host", "ports", "role", "probes", "source", "confidence")
 
 
 def _plain_endpoints(
-    items: PlainNode, service: str, prefixes: tuple[Network, ...], probe_names: frozenset[str]
+    items: PlainNode, service: str, prefixes: tuple[Network, ...], types: ProbeTypes
 ) -> tuple[Endpoint, ...]:
     """The endpoints of a service read as plain data (`strict_yaml.read_plain`).
 
@@ -278,8 +277,8 @@ def _plain_endpoints(
     out = []
     for i, value in enumerate(values):
         n = PlainNode(value, items.file, f"{items.path}[{i}]")
-        endpoint = _usual_endpoint(n, service, prefixes, probe_names, specs)
-        out.append(endpoint or _endpoint(n, service, prefixes, probe_names))
+        endpoint = _usual_endpoint(n, service, prefixes, types, specs)
+        out.append(endpoint or _endpoint(n, service, prefixes, types))
     return tuple(out)
 
 
@@ -287,7 +286,7 @@ def _usual_endpoint(
     n: PlainNode,
     service: str,
     prefixes: tuple[Network, ...],
-    probe_names: frozenset[str],
+    types: ProbeTypes,
     specs: dict[Any, tuple[ProbeSpec, ...]],
 ) -> Endpoint | None:
     """`_endpoint` for an endpoint of the usual shape, all checks passed; None for any
@@ -338,7 +337,7 @@ def _usual_endpoint(
     parsed = specs.get(key)
     if parsed is None:
         where = PlainNode(probes, n.file, n.child_path("probes"))
-        parsed = specs[key] = _probes(where, port_tuple, probe_names, is_ip)
+        parsed = specs[key] = _probes(where, port_tuple, types, is_ip)
     return Endpoint(
         service=service,
         name=name,
@@ -357,12 +356,12 @@ def _usual_endpoint(
 
 
 def _probes(
-    n: Node, ports: tuple[int, ...], probe_names: frozenset[str], is_ip: bool
+    n: Node, ports: tuple[int, ...], types: ProbeTypes, is_ip: bool
 ) -> tuple[ProbeSpec, ...]:
     specs: list[ProbeSpec] = []
     first: dict[str, int] = {}
     for item in n.sequence():
-        spec = _probe(item, ports, probe_names)
+        spec = _probe(item, ports, types)
         if spec.name in first:
             item.fail(f"duplicate probe {spec.name!r} (first at line {first[spec.name]})")
         if is_ip and spec.name in _NEEDS_HOSTNAME:
@@ -374,27 +373,29 @@ def _probes(
     return tuple(specs)
 
 
-def _probe(item: Node, ports: tuple[int, ...], probe_names: frozenset[str]) -> ProbeSpec:
+def _probe(item: Node, ports: tuple[int, ...], types: ProbeTypes) -> ProbeSpec:
     """``tcp`` or ``{tcp: {ports: [443], <params>}}`` -> `ProbeSpec`, params parsed."""
     if not item.is_mapping:
         name = item.as_str()
-        _check_probe_name(name, item, item.line, probe_names)
-        return ProbeSpec(name, None, _parse_params(name, item, {}))
+        _check_probe_name(name, item, item.line, types.names)
+        return ProbeSpec(name, None, _parse_params(types, name, item, {}))
     entries = item.free_mapping()
     if len(entries) != 1:
         item.fail(
             f"a probe is a name or a one-key mapping {{name: {{params}}}}, got {len(entries)} keys"
         )
     ((name, body),) = entries.items()
-    _check_probe_name(name, item, body.line, probe_names)  # a value's line is its key's
+    _check_probe_name(name, item, body.line, types.names)  # a value's line is its key's
     params = {} if body.is_null else body.free_mapping()
     spec_ports: tuple[int, ...] | None = None
     if "ports" in params:
         spec_ports = tuple(params.pop("ports").unique_list_of(_port_in(ports), nonempty=True))
-    return ProbeSpec(name, spec_ports, _parse_params(name, body, params))
+    return ProbeSpec(name, spec_ports, _parse_params(types, name, body, params))
 
 
-def _parse_params(name: str, where: Node, nodes: Mapping[str, Node]) -> ProbeParams:
+def _parse_params(
+    types: ProbeTypes, name: str, where: Node, nodes: Mapping[str, Node]
+) -> ProbeParams:
     """Parse the probe's params into its typed params now, once: a bad param fails the
     load, not every round, and the probe reads attributes.
 
@@ -403,13 +404,11 @@ def _parse_params(name: str, where: Node, nodes: Mapping[str, Node]) -> ProbePar
     not set (a clash with its default) is still the field, at the probe's line; a plain
     ValueError points at the probe's params (``...probes[1].transfer``).
     """
-    probe_type = _registry().get(name)
-    if probe_type is None:  # a caller's own ``probe_names`` allowed it
+    parser = types.parsers.get(name)
+    if parser is None:  # a caller's own ``names`` allowed it
         where.fail(f"probe {name!r} is not in the probe registry")
-    from ..probes.params import ParamError  # lazy, like the registry it belongs to
-
     try:
-        parsed: ProbeParams = probe_type.parse({k: v.plain() for k, v in nodes.items()})
+        parsed: ProbeParams = parser.parse({k: v.plain() for k, v in nodes.items()})
     except ValueError as exc:
         key, message = (exc.key, exc.message) if isinstance(exc, ParamError) else (None, str(exc))
         node = nodes.get(key) if key is not None else None

@@ -3,10 +3,11 @@
 A probe's params are whatever a ``probes:`` item of a seed or config carries besides
 ``ports`` (plain YAML data: str, int, float, bool, None, tuples, read-only mappings).
 Each probe has one frozen dataclass of params (a `probe.model.ProbeParams`) whose
-``parse`` returns it or raises `ParamError` naming the offending key.  The config loader
-parses every probe spec once, at load time, so a typo fails ``probe check-config`` with
-the key's file and line instead of every round at probe time, and the probe then reads
-typed attributes.  A follow-up's overrides go through the same ``parse``, over the
+``parse`` returns it or raises `ParamError` naming the offending key (defined beside
+`ProbeParams` in `probe.model`: the config loader catches it and imports no probe).  The
+config loader parses every probe spec once, at load time, so a typo fails ``probe
+check-config`` with the key's file and line instead of every round at probe time, and the
+probe then reads typed attributes.  A follow-up's overrides go through the same ``parse``, over the
 spec's params (``base``), when the follow-up is planned.
 
 The helpers here keep the messages uniform (``must be ...``, ``got ...``) and never
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
 from ..config.strict_yaml import did_you_mean, is_hostname
-from ..model import ProbeParams
+from ..model import ParamError, ProbeParams
 
 __all__ = [
     "NoParams",
@@ -38,21 +39,6 @@ __all__ = [
 ]
 
 _MAX_ALPN_ID = 255  # RFC 7301 3.1: a protocol name is 1..255 bytes
-
-
-class ParamError(ValueError):
-    """An invalid probe parameter.
-
-    ``key`` names the parameter (None: the params as a whole); ``message`` says what is
-    wrong without repeating the key, so the loader can print it after the key's field
-    path (``endpoints[3].probes[1].transfer.max_bytes: must be ...``).
-    """
-
-    def __init__(self, probe: str, key: str | None, message: str) -> None:
-        super().__init__(f"{probe}: {key}: {message}" if key is not None else f"{probe}: {message}")
-        self.probe = probe
-        self.key = key
-        self.message = message
 
 
 def shown(value: object) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import bcrypt
 
-from probe.config.loader import load_config
+from probe.agent_config import load_config
 from probe.daemon import AUTH_MAX_PENDING, Agent, BasicAuth
 from tests.test_agent_ops import serve_app, write_config
 

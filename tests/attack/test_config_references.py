@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from probe.config.loader import ConfigError, load_config
+from probe.agent_config import load_config
+from probe.config.loader import ConfigError
 from probe.daemon import Agent
 from probe.lab.certs import CertificateAuthority
 from tests.agentproc import run_probe

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from probe.config.loader import load_config
+from probe.agent_config import load_config
 from probe.daemon import Agent
 from tests.test_agent_ops import serve_app, write_config
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from probe.config.loader import load_config
+from probe.agent_config import load_config
 from probe.daemon import Agent
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from tests.test_agent_ops import endpoint_loops, wait_for
