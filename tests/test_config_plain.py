@@ -460,3 +460,27 @@ def test_the_probe_spec_table_keeps_apart_what_reads_differently() -> None:
     assert isinstance(_usual(BASE | {"ports": [443, 8443], "probes": own_ports}, specs), Endpoint)
     other = _usual(BASE | {"ports": [443, 80], "probes": own_ports}, specs)
     assert isinstance(other, str) and "port 8443 is not one of" in other
+
+
+@needs_libyaml
+def test_a_long_valid_list_is_read_plain_and_one_past_the_value_bound_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8,000 endpoints (more indicators than the node tree's quick bound admits, far
+    fewer values than the bound) are read as plain data; past the bound the node tree
+    reads the file and refuses it with its own message."""
+    from bench.config_load import write_config
+
+    text = write_config(tmp_path / "long.yaml", 8000).read_text()
+    assert strict_yaml._node_bound(text) > strict_yaml._MAX_NODES
+    assert read_plain(text) is not strict_yaml._UNREAD
+    monkeypatch.setattr(strict_yaml, "_MAX_NODES", 20)
+    small = tmp_path / "small.yaml"
+    small.write_text(_config([ENDPOINT, ENDPOINT.replace("e0", "e1")]))
+    assert read_plain(small.read_text()) is strict_yaml._UNREAD
+    with pytest.raises(ConfigError) as info:
+        load_config(small)
+    assert (
+        str(info.value) == f"{small}:4: <yaml>: too many values: more than 20 (a config "
+        "or seed list has far fewer; split the list)"
+    )

@@ -721,16 +721,15 @@ def read_plain(text: str) -> Any:
     them), read from libyaml's parse events without PyYAML's node tree; `_UNREAD` for
     anything beyond the common subset, which the node tree then reads (and judges):
 
-    no libyaml, characters its reader refuses, more values than `_node_bound` admits,
-    a syntax error, more or less than one document, anchors and aliases, merge keys,
-    explicit tags, keys that are not strings or are repeated, and scalars other than
-    strings, null, booleans, integers and floats.  What it reads, it reads as
+    no libyaml, characters its reader refuses, more than `_MAX_NODES` values (counted as
+    they are read; the node tree then refuses the file, with its line), a syntax error,
+    more or less than one document, anchors and aliases, merge keys, explicit tags, keys
+    that are not strings or are repeated, and scalars other than strings, null, booleans,
+    integers and floats.  What it reads, it reads as
     ``yaml.compose`` and `YamlNode.scalar` would (the same resolver and constructors).
     """
     loader_class = _FAST_LOADER
     if loader_class is None or Reader.NON_PRINTABLE.search(text):
-        return _UNREAD
-    if _node_bound(text) > _MAX_NODES:
         return _UNREAD
     loader = loader_class(text)
     try:
@@ -749,13 +748,15 @@ def _read_events(loader: yaml.SafeLoader) -> Any:
     stack: list[Any] = []  # the enclosing collections
     container: Any = None  # the open collection: a dict, a list, or None (none yet)
     key: str | None = None
+    left = _MAX_NODES  # values still admitted
     if type(get()) is not StreamStartEvent or type(get()) is not DocumentStartEvent:
         raise _Unread
     while True:
         event = get()
         kind = type(event)
         if kind is ScalarEvent:
-            if event.tag is not None or event.anchor is not None:
+            left -= 1
+            if event.tag is not None or event.anchor is not None or left < 0:
                 raise _Unread
             value: Any = event.value
             if event.implicit[0]:  # plain: resolved (quoted and block scalars are strings)
@@ -764,7 +765,8 @@ def _read_events(loader: yaml.SafeLoader) -> Any:
                 if value is _UNREAD:
                     value = scalars[text] = _plain_scalar(loader, text)
         elif kind is MappingStartEvent or kind is SequenceStartEvent:
-            if event.tag is not None or event.anchor is not None:
+            left -= 1
+            if event.tag is not None or event.anchor is not None or left < 0:
                 raise _Unread
             value = {} if kind is MappingStartEvent else []
             if container is not None:
