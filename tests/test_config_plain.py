@@ -207,6 +207,12 @@ def test_the_default_config_loads_the_same_either_way(monkeypatch: pytest.Monkey
 
 # (what replaces ENDPOINT's text in the second endpoint, line, field, message start)
 ERRORS = [
+    (
+        "ports: [443, 80]",
+        "ports: [[443]]",
+        "services[0].endpoints[1].ports[0]",
+        "expected a single value, got a list",
+    ),
     ("role: signalling", "role: nope", "services[0].endpoints[1].role", "'nope' is not one of"),
     (
         "ports: [443, 80]",
@@ -333,8 +339,10 @@ BASE: dict[str, Any] = {
     "confidence": "C",
 }
 VARIANTS: dict[str, list[Any]] = {
-    "name": ["e-1.x:y", "x y", "", 5, True, None, "a" * 200, "::1", "_x"],
+    "name": ["e-1.x:y", "x y", "", 5, True, None, "a" * 200, "::1", "_x", ["e"], {"e": 1}],
     "host": [
+        ["h.example"],
+        {"h": 1},
         "Example.COM",
         "10.0.0.01",
         "::1",
@@ -349,6 +357,9 @@ VARIANTS: dict[str, list[Any]] = {
         "x" * 64 + ".example",
     ],
     "ports": [
+        [[443]],
+        [{"a": 1}],
+        [443, [443]],
         [],
         [443, 443],
         [0],
@@ -362,8 +373,11 @@ VARIANTS: dict[str, list[Any]] = {
         [1, 65535],
         ["443"],
     ],
-    "role": ["web", "control", "nope", 5, None, ["web"]],
+    "role": ["web", "control", "nope", 5, None, ["web"], {"web": 1}],
     "probes": [
+        [["tcp"]],
+        [{"tcp": {"ports": [[443]]}}],
+        {"tcp": None},
         [],
         ["tcp", "tcp"],
         ["dns"],
@@ -381,12 +395,12 @@ VARIANTS: dict[str, list[Any]] = {
         ["stun"],
         [{"tls": {"alpn": 5}}],
     ],
-    "source": ["", " ", 5, None, "x"],
-    "confidence": ["X", "c", 1, None, "U", "I"],
-    "transport": ["udp", "tcp", "sctp", 1, None],
-    "domestic": [True, False, 1, "yes", None],
-    "sni": [None, "x.example", "X.Example", "bad_", 5],
-    "addresses": [["10.0.0.2"], [], ["x"], "10.0.0.2", ["10.0.0.2", "10.0.0.2"]],
+    "source": ["", " ", 5, None, "x", ["s"], {"s": 1}],
+    "confidence": ["X", "c", 1, None, "U", "I", ["C"], {"C": 1}],
+    "transport": ["udp", "tcp", "sctp", 1, None, ["tcp"], {"tcp": 1}],
+    "domestic": [True, False, 1, "yes", None, [True], {"a": 1}],
+    "sni": [None, "x.example", "X.Example", "bad_", 5, ["x.example"]],
+    "addresses": [["10.0.0.2"], [], ["x"], "10.0.0.2", ["10.0.0.2", "10.0.0.2"], [["10.0.0.2"]]],
     "colour": ["red"],
 }
 MISSING = object()

@@ -315,11 +315,11 @@ def _usual_endpoint(
     name = d.get("name", host)
     if "name" in d and (type(name) is not str or not _ENDPOINT_NAME.fullmatch(name)):
         return None
-    if not ports or len(set(ports)) != len(ports):
-        return None
     for port in ports:
         if type(port) is not int or not 1 <= port <= 65535:
             return None
+    if not ports or len(set(ports)) != len(ports):  # ints only: hashable, as the generic walk
+        return None
     transport = d.get("transport", "tcp")
     if type(transport) is not str or transport not in TRANSPORTS:
         return None
