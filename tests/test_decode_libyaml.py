@@ -136,6 +136,9 @@ def test_the_config_load_bench_runs() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "us/endpoint" in done.stdout and "pure Python" in done.stdout
+    if HAS_LIBYAML:  # every figure: the load, with positions, pure Python, the parse alone
+        for figure in ("plain data:", "with positions", "in pure Python", "parse alone"):
+            assert figure in done.stdout, done.stdout
 
 
 def _reference_host(value: str) -> str | None:
