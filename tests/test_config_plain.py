@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import probe.config.strict_yaml as strict_yaml
 from probe.agent_config import known_probes, load_config, probe_types
@@ -498,3 +500,65 @@ def test_a_long_valid_list_is_read_plain_and_one_past_the_value_bound_is_not(
         str(info.value) == f"{small}:4: <yaml>: too many values: more than 20 (a config "
         "or seed list has far fewer; split the list)"
     )
+
+
+_WORDS = st.sampled_from(
+    [
+        "a",
+        "yes",
+        "No",
+        "on",
+        "1",
+        "01",
+        "0x1f",
+        "1.5",
+        "1_0",
+        "1:30",
+        ".inf",
+        "~",
+        "null",
+        "",
+        "2024-01-01",
+        "<<",
+        "=",
+        "e1",
+        "10.0.0.1",
+        "::1",
+        "a: b",
+        "- x",
+        "&a",
+        "*a",
+        "!t",
+        "#c",
+        "'q'",
+        '"d"',
+        "[x]",
+        "{y}",
+        "x,y",
+        " pad ",
+        "é",
+        "\t",
+    ]
+)
+_SCALARS = _WORDS | st.integers(-(2**70), 2**70) | st.booleans() | st.none() | st.floats()
+_DATA = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_WORDS, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@needs_libyaml
+@settings(max_examples=300, deadline=None)
+@given(_DATA, st.booleans(), st.sampled_from(["", "a: 1\n", "&x ", "!!str ", "? "]))
+def test_read_plain_on_any_document_is_yaml_load_or_leaves_it(
+    data: Any, flow: bool, prefix: str
+) -> None:
+    """Whatever the document (tricky scalars, both styles, odd prefixes that make some
+    documents invalid or unusual), read_plain gives exactly yaml.load's value, types
+    included, or leaves the document to the node tree."""
+    text = prefix + yaml.safe_dump(data, default_flow_style=flow, allow_unicode=True)
+    plain = read_plain(text)
+    if plain is strict_yaml._UNREAD:
+        return
+    assert _typed(plain) == _typed(yaml.load(text, Loader=yaml.SafeLoader))
