@@ -67,6 +67,7 @@ __all__ = [
     "TLSIntercept",
     "Throttle",
     "UDPBlock",
+    "UDPReject",
     "client_hello_cipher_vector",
 ]
 
@@ -524,6 +525,44 @@ class UDPBlock(IPBlock):
 
     id: ClassVar[str] = "B9"
     protocol: Literal["tcp", "udp", "any"] = "udp"
+
+
+# ICMP(v6) reject codes nft knows (``reject with icmp type X`` / ``icmpv6 type X``), the
+# ones a censor plausibly sends for UDP it blocks
+ICMP_REJECTS = frozenset({"host-unreachable", "net-unreachable", "admin-prohibited"})
+ICMPV6_REJECTS = frozenset({"addr-unreachable", "no-route", "admin-prohibited"})
+
+
+@dataclass(eq=False)
+class UDPReject(NftBehaviour):
+    """B9 by rejection: UDP to ``addresses`` (optionally only ``ports``) is answered by
+    the censor with an ICMP error instead of vanishing (``reject with icmp type
+    host-unreachable`` / ``icmpv6 type addr-unreachable``, or ``admin-prohibited``).
+    The ICMP error comes from the censor's own address; TCP to the same addresses passes."""
+
+    id: ClassVar[str] = "B9"
+    addresses: Sequence[str] = ()
+    ports: Sequence[int] = ()
+    icmp: str = "host-unreachable"
+    icmpv6: str = "addr-unreachable"
+
+    def __post_init__(self) -> None:
+        if not self.addresses:
+            raise ValueError("a UDP reject needs addresses")
+        if self.icmp not in ICMP_REJECTS or self.icmpv6 not in ICMPV6_REJECTS:
+            raise ValueError(f"unknown ICMP reject {self.icmp!r} / {self.icmpv6!r}")
+
+    def rules(self, censor: Censor) -> list[str]:
+        out = []
+        ports = _nft_ports("udp", self.ports, "up")
+        for peer in _nft_peer(self.addresses, "up"):
+            reject = (
+                f"icmpv6 type {self.icmpv6}"
+                if peer.startswith("ip6")
+                else (f"icmp type {self.icmp}")
+            )
+            out.append(f"iifname {CENSOR_CLIENT_IF} {peer}{ports}counter reject with {reject}")
+        return out
 
 
 # --- B3 / B4 --------------------------------------------------------------------------------
