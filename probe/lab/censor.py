@@ -531,6 +531,7 @@ class UDPBlock(IPBlock):
 # ones a censor plausibly sends for UDP it blocks
 ICMP_REJECTS = frozenset({"host-unreachable", "net-unreachable", "admin-prohibited"})
 ICMPV6_REJECTS = frozenset({"addr-unreachable", "no-route", "admin-prohibited"})
+_ICMP_RATE = ("net.ipv4.icmp_ratelimit", "net.ipv6.icmp.ratelimit")  # per namespace
 
 
 @dataclass(eq=False)
@@ -545,12 +546,27 @@ class UDPReject(NftBehaviour):
     ports: Sequence[int] = ()
     icmp: str = "host-unreachable"
     icmpv6: str = "addr-unreachable"
+    _saved: dict[str, str] = field(default_factory=dict)  # the rate limits it lifted
 
     def __post_init__(self) -> None:
         if not self.addresses:
             raise ValueError("a UDP reject needs addresses")
         if self.icmp not in ICMP_REJECTS or self.icmpv6 not in ICMPV6_REJECTS:
             raise ValueError(f"unknown ICMP reject {self.icmp!r} / {self.icmpv6!r}")
+
+    def apply(self, censor: Censor) -> None:
+        # Linux rate-limits the ICMP errors it sends per destination (a burst of 6, then
+        # one per icmp_ratelimit ms): the next scenario within seconds would meet silence.
+        # The lab's censor answers every datagram (a probe reads the first error anyway).
+        self._saved = {k: run(ns_argv(censor.ns, ["sysctl", "-n", k])).strip() for k in _ICMP_RATE}
+        for key in _ICMP_RATE:
+            run(ns_argv(censor.ns, ["sysctl", "-qw", f"{key}=0"]))
+        super().apply(censor)
+
+    def remove(self, censor: Censor) -> None:
+        super().remove(censor)
+        for key, value in self._saved.items():
+            run(ns_argv(censor.ns, ["sysctl", "-qw", f"{key}={value}"]), check=False)
 
     def rules(self, censor: Censor) -> list[str]:
         out = []
