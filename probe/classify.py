@@ -81,7 +81,7 @@ class IcmpError(OSError):
     ``errno`` is the kernel's translation; ``family`` (``icmp`` or ``icmpv6``),
     ``icmp_type`` and ``icmp_code`` are what the reporting node said, and ``reporter`` is
     that node's address (a router on the path, the censor's or the target's own; None when
-    the kernel did not know it).  ``at`` is when it was read (monotonic).
+    the kernel did not know it).
     """
 
     def __init__(
@@ -92,14 +92,12 @@ class IcmpError(OSError):
         icmp_type: int,
         icmp_code: int,
         reporter: str | None = None,
-        at: float = 0.0,
     ) -> None:
         super().__init__(err, os.strerror(err))
         self.family = family
         self.icmp_type = icmp_type
         self.icmp_code = icmp_code
         self.reporter = reporter
-        self.at = at
 
     @staticmethod
     def of(
@@ -109,14 +107,11 @@ class IcmpError(OSError):
         icmp_type: int,
         icmp_code: int,
         reporter: str | None = None,
-        at: float = 0.0,
     ) -> IcmpError:
         """An IcmpError that is also the builtin OSError subclass ``err`` names (port
         unreachable is a ConnectionRefusedError, as it was before IP_RECVERR)."""
         kind = _ICMP_ERROR_KINDS.get(err, IcmpError)
-        return kind(
-            err, family=family, icmp_type=icmp_type, icmp_code=icmp_code, reporter=reporter, at=at
-        )
+        return kind(err, family=family, icmp_type=icmp_type, icmp_code=icmp_code, reporter=reporter)
 
 
 class _IcmpRefused(IcmpError, ConnectionRefusedError):

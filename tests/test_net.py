@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from probe.classify import IcmpError, classify
 from probe.lab.certs import CertificateAuthority
@@ -31,7 +33,7 @@ from probe.probes._net.tcp import (
 )
 from probe.probes._net.tls import Negotiated, TlsClient
 from probe.probes._net.tls_pump import TlsPump
-from probe.probes._net.udp import ICMP_KEEP, UdpChannel, icmp_evidence
+from probe.probes._net.udp import ICMP_KEEP, UdpChannel, _icmp_error, icmp_evidence
 from tests.agentproc import REPO, needs_unshare, required_tool, run_driver
 from tests.helpers import refusing_port, unbound_udp_port
 
@@ -482,3 +484,20 @@ async def test_channel_queue_limit_drops_a_flood_and_counts_it() -> None:
 def test_socket_module_has_tcp_info() -> None:
     # the kernel connect RTT (perf/timing work) depends on it: on Linux it must exist
     assert hasattr(socket, "TCP_INFO")
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0, 41, 1]), st.sampled_from([11, 25, 3]), st.binary(max_size=64)
+        ),
+        max_size=3,
+    )
+)
+def test_error_queue_control_data_never_crashes_the_parser(
+    ancdata: list[tuple[int, int, bytes]],
+) -> None:
+    """The kernel writes it, but a peer picks the ICMP type, code and quoted bytes: any
+    layout gives an IcmpError or nothing."""
+    err = _icmp_error(ancdata)
+    assert err is None or isinstance(err, IcmpError)

@@ -144,7 +144,6 @@ def _icmp_error(ancdata: Sequence[tuple[int, int, bytes]]) -> IcmpError | None:
             icmp_type=icmp_type,
             icmp_code=icmp_code,
             reporter=_offender(data[_EXTENDED_ERR.size :]),
-            at=time.monotonic(),
         )
     return None
 
