@@ -331,7 +331,7 @@ def test_b8_version_negotiation_passes_the_quic_filter(outcomes: Outcomes) -> No
 
 
 @pytest.mark.parametrize(
-    ("name", "code"), [("B9_udp_icmp_reject", 1), ("B9_udp_icmp_admin_prohibited", 13)]
+    ("name", "code"), [("B9_udp_icmp_reject", 1), ("B9_udp_icmp_prohibited", 13)]
 )
 def test_b9_icmp_reject_names_the_censor_and_the_icmp_code(
     outcomes: Outcomes, name: str, code: int

@@ -691,7 +691,7 @@ CATALOGUE: tuple[Scenario, ...] = (
         },
     ),
     Scenario(
-        name="B9_udp_icmp_admin_prohibited",
+        name="B9_udp_icmp_prohibited",
         behaviour="B9",
         description="as B9_udp_icmp_reject with ICMP communication administratively "
         "prohibited, the error Linux reported before IP_RECVERR too",
