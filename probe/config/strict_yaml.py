@@ -810,6 +810,9 @@ def _attach(container: Any, key: str | None, value: Any) -> None:
 
 def _plain_scalar(loader: yaml.SafeLoader, text: str) -> Any:
     """An unquoted scalar as the composer tags it and SafeConstructor builds it."""
+    implicit = loader.yaml_implicit_resolvers
+    if text[:1] not in implicit and None not in implicit:
+        return text  # no implicit type starts with this character: resolve() says str
     tag = loader.resolve(ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
     if tag == _STR_TAG:
         return text
