@@ -6,6 +6,11 @@ node tree and walked by hand through `Node` cursors, so every value keeps its li
 dotted field path.  Whatever is wrong in a file (syntax, an unknown key, a wrong
 type, a value out of range) becomes one `ConfigError` naming the file, the line
 and the field; callers never see a YAML traceback.
+
+The node tree costs most of a load, so loaders read a file first as plain data straight
+from libyaml's events (`read_plain`, walked by `PlainNode` cursors: the same checks, no
+lines) and read it as the node tree only when that fails (`with_positions`): every error
+users see comes from the node tree's walk.
 """
 
 from __future__ import annotations
