@@ -255,7 +255,6 @@ def _endpoint(n: Node, service: str, prefixes: tuple[Network, ...], types: Probe
 
 
 _ENDPOINT_KEY_SET = frozenset(ENDPOINT_KEYS)
-_ENDPOINT_REQUIRED = ("host", "ports", "role", "probes", "source", "confidence")
 
 
 def _plain_endpoints(
