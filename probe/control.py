@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from .classify import classify
 from .config.settings import ControlSettings
@@ -52,6 +52,7 @@ __all__ = [
     "fetch",
     "judged_alone",
     "parse_document",
+    "without_userinfo",
 ]
 
 log = logging.getLogger("probe.control")
@@ -141,6 +142,16 @@ def parse_document(body: bytes, received: datetime | None = None) -> Document:
 # -- one fetch ---------------------------------------------------------------------------
 
 
+def without_userinfo(url: str) -> str:
+    """``url`` without ``user:password@``: what the status page, ``/api/results``, the
+    metrics and the log may show of a control URL.  The loader already refuses
+    credentials in a URL; this keeps them out of every output even if one slips in."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def _origin(url: str) -> tuple[str, str | None, int | None]:
     parts = urlsplit(url)
     return parts.scheme, parts.hostname, parts.port
@@ -211,7 +222,7 @@ class ControlPoller:
         self.on_update = on_update
         self._documents: dict[str, Document] = {}
         self._statuses: dict[str, ControlStatus] = {
-            u: ControlStatus(u, False) for u in settings.urls
+            u: ControlStatus(without_userinfo(u), False) for u in settings.urls
         }
         self._task: asyncio.Task[None] | None = None
 
@@ -272,6 +283,7 @@ class ControlPoller:
         self, session: aiohttp.ClientSession, url: str, context: ssl.SSLContext
     ) -> None:
         previous = self._statuses[url]
+        shown = previous.url  # the URL without credentials
         try:
             body = await fetch(session, url, self.settings, context)
             document = await asyncio.to_thread(parse_document, body)
@@ -281,16 +293,16 @@ class ControlPoller:
             error = str(classify(exc, Operation.READ))
         else:
             self._documents[url] = document
-            self._statuses[url] = ControlStatus(url, True, _now(), document.newest)
+            self._statuses[url] = ControlStatus(shown, True, _now(), document.newest)
             if not previous.up:
-                log.info("control vantage usable", extra={"control": url})
+                log.info("control vantage usable", extra={"control": shown})
             return
         kept = self._documents.get(url)
         self._statuses[url] = ControlStatus(
-            url, False, _now(), kept.newest if kept else None, error[:120]
+            shown, False, _now(), kept.newest if kept else None, error[:120]
         )
         if previous.up or previous.checked_at is None:
-            log.warning("control vantage not usable", extra={"control": url, "error": error})
+            log.warning("control vantage not usable", extra={"control": shown, "error": error})
 
 
 def _now() -> datetime:
