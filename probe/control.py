@@ -187,10 +187,33 @@ async def fetch(
                         raise ControlError("redirect to another host refused")
                     current = target
                     continue
+                if response.status == 403 and await _refuses_the_name(response):
+                    raise ControlError(_NAME_REFUSED)
                 if response.status != 200:
                     raise ControlError(f"HTTP status {response.status}")
                 return await _bounded_body(response, settings.max_bytes)
     raise ControlError(f"more than {MAX_REDIRECTS} redirects")
+
+
+# The start of the 403 body a probe agent sends for a Host it does not answer to
+# (probe.daemon._host_check).  Compared, never quoted: the peer's text stays out of errors.
+_HOST_REFUSED = b"host not allowed"
+# The URL is shown next to the error (status page, log), so the name need not be repeated.
+_NAME_REFUSED = (
+    "HTTP status 403: add this URL's host name to web.allowed_hosts in the control's config"
+)
+
+
+async def _refuses_the_name(response: aiohttp.ClientResponse) -> bool:
+    """Whether a 403 is a control agent refusing the URL's host name (DNS-rebinding
+    defence): every name it is reached by must be in its ``web.allowed_hosts``."""
+    head = b""
+    while len(head) < len(_HOST_REFUSED):  # at most one pass per byte; the fetch is timed
+        chunk = await response.content.read(len(_HOST_REFUSED) - len(head))
+        if not chunk:
+            break
+        head += chunk
+    return head == _HOST_REFUSED
 
 
 async def _bounded_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
