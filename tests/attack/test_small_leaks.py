@@ -10,6 +10,7 @@ agent read the config's path and a rejected reload's error text.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import signal
@@ -17,12 +18,14 @@ import threading
 from html import escape
 from pathlib import Path
 
+import bcrypt
+
 from probe.config.settings import AgentConfig, ControlSettings
 from probe.control import ControlPoller, ControlStatus
 from probe.results import ResultStore
 from probe.statuspage import render_status_page
 from tests.agentproc import needs_unshare, run_driver, run_probe
-from tests.test_daemon import AgentProcess, http
+from tests.test_daemon import AgentProcess, http, wait_until
 
 
 def test_probe_archive_reads_past_records_with_odd_annotations(tmp_path: Path) -> None:
@@ -200,3 +203,21 @@ def test_the_status_page_never_shows_a_url_s_credentials() -> None:
     # what /api/results, the metrics' `control` label and the log get from the poller
     (status,) = ControlPoller(ControlSettings(urls=(url,)), lambda: None).statuses()
     assert status.url == "https://ctl.example:9464/api/results"
+
+
+def test_basic_auth_covers_the_status_page_like_every_other_path(tmp_path: Path) -> None:
+    """There is no per-path auth: with ``web.basic_auth_users`` set, the status page (and
+    its control URLs) is behind the same password as ``/api/results``."""
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+    agent = AgentProcess(tmp_path)
+    agent.write_config(extra=f'web: {{basic_auth_users: {{admin: "{hashed}"}}}}')
+    token = {"Authorization": "Basic " + base64.b64encode(b"admin:s3cret").decode()}
+    paths = ("/", "/api/results", "/metrics", "/healthz", "/-/ready")
+    agent.spawn()  # not start(): its readiness check sends no password
+    try:
+        wait_until(lambda: http(agent.url + "/-/ready", headers=token)[0] == 200, "ready")
+        for path in paths:
+            assert http(agent.url + path)[0] == 401, path
+            assert http(agent.url + path, headers=token)[0] == 200, path
+    finally:
+        agent.stop()
