@@ -23,7 +23,9 @@ from .results import Snapshot
 REFRESH_S = 30
 
 
-def results_json(snapshot: Snapshot) -> dict[str, Any]:
+def results_json(snapshot: Snapshot, trusted: bool = True) -> dict[str, Any]:
+    """The ``/api/results`` document.  Untrusted (a remote client without auth), each
+    control's URL and poll error are null: they name internal hosts and what failed there."""
     state = snapshot.vantage_state
     vantage_state = state.state if state else "unknown"
     return {
@@ -42,12 +44,13 @@ def results_json(snapshot: Snapshot) -> dict[str, Any]:
             for k, r in sorted(snapshot.results.items())
         ],
         "verdicts": [verdict_record(v) for v in snapshot.verdicts],
-        "controls": [_control_record(c) for c in snapshot.controls],
+        "controls": [_control_record(c, trusted) for c in snapshot.controls],
     }
 
 
-def _control_record(c: Any) -> dict[str, Any]:
-    return {"url": without_userinfo(c.url), "up": c.up, "newest": iso_z(c.newest), "error": c.error}
+def _control_record(c: Any, trusted: bool) -> dict[str, Any]:
+    url, error = (without_userinfo(c.url), c.error) if trusted else (None, None)
+    return {"url": url, "up": c.up, "newest": iso_z(c.newest), "error": error}
 
 
 @dataclass

@@ -154,6 +154,7 @@ try:
     out["controls"] = controls
     out["local"] = ask("127.0.0.1", "/")
     out["remote"] = ask("10.9.0.1", "/")
+    out["remote_api"] = json.loads(ask("10.9.0.1", "/api/results")[1])["controls"]
 finally:
     agent.terminate()
     agent.wait(timeout=10)
@@ -164,7 +165,8 @@ print(json.dumps(out))
 @needs_unshare("for a namespace with a non-loopback client address")
 def test_an_unauthenticated_remote_client_sees_no_control_url_or_error(tmp_path: Path) -> None:
     """A control URL names an internal host and port, and its poll error says what failed
-    there: the status page shows both to loopback (and authenticated) clients only."""
+    there: the status page and /api/results show both to loopback (and authenticated)
+    clients only."""
     control = "http://10.9.0.1:9/api/results"  # refused: nothing listens on port 9
     config = tmp_path / "agent.yaml"
     config.write_text(
@@ -188,6 +190,8 @@ def test_an_unauthenticated_remote_client_sees_no_control_url_or_error(tmp_path:
     assert remote[0] == 200 and "not usable" in remote[1]
     assert control not in remote[1] and "10.9.0.1" not in remote[1]
     assert escape(error) not in remote[1]
+    # /api/results alike: the control's state, not where it is or what failed there
+    assert out["remote_api"] == [{**status, "url": None, "error": None}]
 
 
 def test_the_status_page_never_shows_a_url_s_credentials() -> None:
