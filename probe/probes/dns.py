@@ -47,6 +47,7 @@ from ..wire.dnsmsg import (
     parse_message,
     rcode_text,
 )
+from ._net.tcp import close_streams, connect, open_streams
 from ._net.udp import UdpChannel
 from .base import Recorder
 from .params import NoParams
@@ -237,27 +238,28 @@ async def _udp_query(r: ResolverSpec, qname: str, qtype: str, settings: ProbeSet
 # --- TCP ----------------------------------------------------------------------------------
 
 
-async def _tcp_exchange(host: str, port: int, wire: bytes) -> bytes:
-    """One RFC 1035 length-prefixed exchange; the prefix bounds the read to 64 KiB."""
-    reader, writer = await asyncio.open_connection(host, port)
+async def _tcp_exchange(host: str, port: int, wire: bytes, timeout_s: float) -> bytes:
+    """One RFC 1035 length-prefixed exchange; the prefix bounds the read to 64 KiB.
+    ``host`` is an IP literal (the config allows no other resolver host): the shared
+    connect never looks a name up."""
+    reader, writer = await open_streams(await connect(host, port, timeout_s))
     try:
         writer.write(len(wire).to_bytes(2, "big") + wire)
         await writer.drain()
         size = int.from_bytes(await reader.readexactly(2), "big")
         return await reader.readexactly(size)
     finally:
-        writer.close()
         # the peer's reset on close changes nothing about what we read
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        await close_streams(writer)
 
 
 async def _tcp_query(r: ResolverSpec, qname: str, qtype: str, settings: ProbeSettings) -> _Outcome:
     query = build_query(qname, qtype)
     start = time.monotonic()
+    timeout_s = settings.timeouts.dns_s
     try:
-        async with asyncio.timeout(settings.timeouts.dns_s):
-            data = await _tcp_exchange(r.host, r.port, query.to_wire())
+        async with asyncio.timeout(timeout_s):  # the whole exchange, connect included
+            data = await _tcp_exchange(r.host, r.port, query.to_wire(), timeout_s)
     except (OSError, TimeoutError, EOFError) as exc:
         return _failed(exc)
     return _judge(query, qname, qtype, [(time.monotonic() - start, data)])
