@@ -12,7 +12,10 @@ operation's own classifier runs first and falls back to the generic one::
               WireError, getaddrinfo, ssl); anything else is unknown_failure
 
 Observations that are not exceptions are classified here too: a DNS reply's rcode
-(`classify_rcode`) and a QUIC CONNECTION_CLOSE's error code (`classify_quic_close`).
+(`classify_rcode`), a QUIC CONNECTION_CLOSE's error code (`classify_quic_close`) and an
+ICMP error's type and code (`classify_icmp`: an `IcmpError` from a connected UDP
+socket's error queue is classified by what the router said, not by the errno the
+kernel chose for it).
 
 Every classifier returns a `Classified`: the bounded `Failure` member plus, for
 ``unknown_failure`` only, a message with IP addresses scrubbed so that a failure string
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import re
 import socket
 import ssl
@@ -43,7 +47,9 @@ __all__ = [
     "AGENT_RESOURCES",
     "Classified",
     "HandshakeTooLarge",
+    "IcmpError",
     "classify",
+    "classify_icmp",
     "classify_quic_close",
     "classify_rcode",
     "classify_x509_verify_code",
@@ -66,6 +72,60 @@ class Classified:
 
 class HandshakeTooLarge(Exception):
     """The TLS peer sent more than any real handshake needs without finishing it."""
+
+
+class IcmpError(OSError):
+    """An ICMP error about a datagram our connected UDP socket sent (`probe.probes._net.udp`
+    reads it from the socket's error queue, ``IP_RECVERR``).
+
+    ``errno`` is the kernel's translation; ``family`` (``icmp`` or ``icmpv6``),
+    ``icmp_type`` and ``icmp_code`` are what the reporting node said, and ``reporter`` is
+    that node's address (a router on the path, the censor's or the target's own; None when
+    the kernel did not know it).
+    """
+
+    def __init__(
+        self,
+        err: int,
+        *,
+        family: str,
+        icmp_type: int,
+        icmp_code: int,
+        reporter: str | None = None,
+    ) -> None:
+        super().__init__(err, os.strerror(err))
+        self.family = family
+        self.icmp_type = icmp_type
+        self.icmp_code = icmp_code
+        self.reporter = reporter
+
+    @staticmethod
+    def of(
+        err: int,
+        *,
+        family: str,
+        icmp_type: int,
+        icmp_code: int,
+        reporter: str | None = None,
+    ) -> IcmpError:
+        """An IcmpError that is also the builtin OSError subclass ``err`` names (port
+        unreachable is a ConnectionRefusedError, as it was before IP_RECVERR)."""
+        kind = _ICMP_ERROR_KINDS.get(err, IcmpError)
+        return kind(err, family=family, icmp_type=icmp_type, icmp_code=icmp_code, reporter=reporter)
+
+
+class _IcmpRefused(IcmpError, ConnectionRefusedError):
+    pass
+
+
+class _IcmpPermission(IcmpError, PermissionError):
+    pass
+
+
+_ICMP_ERROR_KINDS: dict[int, type[IcmpError]] = {
+    errno.ECONNREFUSED: _IcmpRefused,
+    errno.EACCES: _IcmpPermission,
+}
 
 
 # OpenSSL X509_V_ERR_* codes seen on SSLCertVerificationError.verify_code
@@ -196,6 +256,62 @@ def classify_x509_verify_code(code: int | None) -> Failure:
     return Failure.SSL_INVALID_CERTIFICATE
 
 
+# --- ICMP -----------------------------------------------------------------------------------
+
+# ICMP destination unreachable (RFC 792, RFC 1812 §5.2.7.1) and ICMPv6 destination
+# unreachable (RFC 4443 §3.1) by code, and time exceeded.  Linux names most of these
+# EHOSTUNREACH, but ICMPv6 "administratively prohibited" EACCES, which would make the
+# same censor rule read as host_unreachable over IPv4 and as an unknown failure over
+# IPv6: the ICMP code decides here, in OONI's words (no new vocabulary).
+_ICMP_UNREACH: Mapping[int, Failure] = {
+    0: Failure.NETWORK_UNREACHABLE,  # net unreachable
+    1: Failure.HOST_UNREACHABLE,  # host unreachable
+    2: Failure.CONNECTION_REFUSED,  # protocol unreachable (the host itself said no)
+    3: Failure.CONNECTION_REFUSED,  # port unreachable
+    5: Failure.HOST_UNREACHABLE,  # source route failed
+    6: Failure.NETWORK_UNREACHABLE,  # destination network unknown
+    7: Failure.HOST_UNREACHABLE,  # destination host unknown
+    8: Failure.HOST_UNREACHABLE,  # source host isolated
+    9: Failure.NETWORK_UNREACHABLE,  # network administratively prohibited
+    10: Failure.HOST_UNREACHABLE,  # host administratively prohibited
+    11: Failure.NETWORK_UNREACHABLE,  # network unreachable for TOS
+    12: Failure.HOST_UNREACHABLE,  # host unreachable for TOS
+    13: Failure.HOST_UNREACHABLE,  # communication administratively prohibited
+    14: Failure.HOST_UNREACHABLE,  # host precedence violation
+    15: Failure.HOST_UNREACHABLE,  # precedence cutoff in effect
+}
+_ICMP6_UNREACH: Mapping[int, Failure] = {
+    0: Failure.NETWORK_UNREACHABLE,  # no route to destination
+    1: Failure.HOST_UNREACHABLE,  # administratively prohibited (as ICMP code 13)
+    2: Failure.HOST_UNREACHABLE,  # beyond scope of source address
+    3: Failure.HOST_UNREACHABLE,  # address unreachable
+    4: Failure.CONNECTION_REFUSED,  # port unreachable
+    5: Failure.HOST_UNREACHABLE,  # source address failed ingress/egress policy
+    6: Failure.NETWORK_UNREACHABLE,  # reject route to destination
+}
+_ICMP_DEST_UNREACH = 3
+_ICMP_TIME_EXCEEDED = 11
+_ICMP6_DEST_UNREACH = 1
+_ICMP6_TIME_EXCEEDED = 3
+
+
+def classify_icmp(family: str, icmp_type: int, icmp_code: int) -> Failure | None:
+    """The failure an ICMP (``family`` ``icmp``) or ICMPv6 (``icmpv6``) error stands for;
+    None for a type this table does not name (the errno decides then).
+
+    Time exceeded is host_unreachable, as Linux has it (a routing loop, or a censor
+    answering with it): the datagram died on the way."""
+    if family == "icmp":
+        if icmp_type == _ICMP_DEST_UNREACH:
+            return _ICMP_UNREACH.get(icmp_code)
+        return Failure.HOST_UNREACHABLE if icmp_type == _ICMP_TIME_EXCEEDED else None
+    if family == "icmpv6":
+        if icmp_type == _ICMP6_DEST_UNREACH:
+            return _ICMP6_UNREACH.get(icmp_code)
+        return Failure.HOST_UNREACHABLE if icmp_type == _ICMP6_TIME_EXCEEDED else None
+    return None
+
+
 # --- DNS ------------------------------------------------------------------------------------
 
 # A reply's response code (RFC 1035 §4.1.1, RFC 6895) as a failure.  NOERROR is judged by
@@ -295,6 +411,8 @@ def _generic(exc: BaseException) -> Classified:
     if is_agent_side(exc) and not isinstance(exc, TimeoutError | ssl.SSLError):
         return _AGENT_RESOURCES
     failure = _generic_failure(exc)
+    if isinstance(exc, IcmpError):
+        failure = classify_icmp(exc.family, exc.icmp_type, exc.icmp_code) or failure
     if failure is None:
         return _unknown(f"{type(exc).__name__}: {exc}")
     return Classified(failure)

@@ -50,6 +50,7 @@ __all__ = [
     "Evidence",
     "ExchangeEvidence",
     "HandshakeProgress",
+    "IcmpReport",
     "MtprotoEvidence",
     "QuicClose",
     "QuicDatagrams",
@@ -439,6 +440,20 @@ class CertificateEvidence(Record):
     parse_error: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class IcmpReport(Record):
+    """One ICMP error that answered a datagram of a UDP probe (``IP_RECVERR``): what the
+    reporting node said and who it was.  ``reporter`` is a router on the path (a censor
+    rejecting the flow, or the target's last hop when the target is down), never the
+    vantage's own address."""
+
+    icmp: str = ""  # icmp | icmpv6
+    type: int = 0  # 3 / 1: destination unreachable
+    code: int = 0  # e.g. 1 host unreachable, 13 admin prohibited; v6 3 address unreachable
+    errno: str = ""  # the kernel's name for it: EHOSTUNREACH, ECONNREFUSED, EACCES ...
+    reporter: str | None = None
+
+
 # --------------------------------------------------------------------------- dns
 
 
@@ -474,6 +489,8 @@ class DnsEvidence(Evidence):
     errors: Mapping[str, str] | None = None  # qtype -> failure, when no usable reply came
     replies: tuple[DnsReply, ...] | None = None
     bogons: tuple[str, ...] | None = None
+    icmp_errors: tuple[IcmpReport, ...] | None = None  # UDP: ICMP errors, any query
+    icmp_stray: int | None = None  # ICMP errors that answered none of our datagrams
 
     @property
     def transport(self) -> Transport:
@@ -632,6 +649,8 @@ class QuicEvidence(Evidence):
     negotiated: QuicNegotiated | None = field(default=None, metadata=FLAT)
     offered_versions: tuple[str, ...] | None = None  # a Version Negotiation's list
     close: QuicClose | None = field(default=None, metadata=FLAT)
+    icmp_errors: tuple[IcmpReport, ...] | None = None
+    icmp_stray: int | None = None  # ICMP errors that answered none of our datagrams
 
     @property
     def sni(self) -> str | None:
@@ -656,6 +675,8 @@ class QuicVnEvidence(Evidence):
     invalid_reply: str | None = None  # why the first reply was not our VN
     offered_versions: tuple[str, ...] | None = None
     offers_quic_v1: bool | None = None
+    icmp_errors: tuple[IcmpReport, ...] | None = None
+    icmp_stray: int | None = None  # ICMP errors that answered none of our datagrams
 
 
 # --------------------------------------------------------------------------- stun
@@ -785,6 +806,8 @@ class StunEvidence(Evidence):
     binding: StunBinding | None = field(default=None, metadata=FLAT)
     reflector: StunReflector | None = field(default=None, metadata=FLAT)
     flow: StunFlow | None = field(default=None, metadata=FLAT)
+    icmp_errors: tuple[IcmpReport, ...] | None = None  # UDP (not the control's socket)
+    icmp_stray: int | None = None  # ICMP errors that answered none of our datagrams
 
     @property
     def transport(self) -> Transport:

@@ -134,7 +134,7 @@ def plan_targets(ep: Endpoint, addresses: Mapping[str, str]) -> list[Target]:
         for spec in ep.probes
         if spec.name != "dns"
         for address, source in addresses.items()
-        for port in ep.ports_for(spec.name)
+        for port in (spec.ports if spec.ports is not None else ep.ports)
     ]
 
 
@@ -202,7 +202,14 @@ class Lane:
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
-        self._changed = asyncio.Condition()
+        self._condition: asyncio.Condition | None = None  # made on first wait: most lanes
+        # (one per destination in use) only ever see uncontended readers
+
+    @property
+    def _changed(self) -> asyncio.Condition:
+        if self._condition is None:
+            self._condition = asyncio.Condition()
+        return self._condition
 
     @contextlib.asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:

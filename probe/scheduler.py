@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -197,6 +198,14 @@ class Scheduler:
         spacing = self._spacing() if finished else self.config.schedule.min_spacing_s
         return max(now, started + spacing)
 
+    def _on_grid(self, due: float) -> float:
+        """``due`` moved up to the next step of the batch grid, so that rounds due within
+        one step share a timer value and asyncio wakes them in one pass of the loop."""
+        sched = self.config.schedule
+        # At most a tenth of the interval: a short interval keeps its rhythm.
+        step = min(sched.batch_s, sched.interval_s / 10)
+        return math.ceil(due / step) * step if step > 0 else due
+
     async def _endpoint_loop(self, ep: Endpoint) -> None:
         key = (ep.service, ep.name)
         inherited = self._inherited.get(key)
@@ -210,7 +219,8 @@ class Scheduler:
         await self._state_ready.wait()
         await self._warm.wait()
         while True:
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            due = self._on_grid(due)
+            await _sleep_until(due)
             started = time.monotonic()
             self.stats.last_lag_s = started - due
             self.stats.recent_lags.append(started - due)
@@ -235,3 +245,24 @@ class Scheduler:
             # A bug in a round, or in publishing it (archive, store, verdicts), must
             # stop neither this endpoint's loop nor the others.
             log.exception("endpoint round failed", extra={"endpoint": ep.name})
+
+
+async def _sleep_until(when: float) -> None:
+    """Sleep until the loop's clock (time.monotonic) reads ``when``.  Unlike
+    ``asyncio.sleep(when - now)`` every sleeper of one ``when`` gets the same timer
+    value, whatever moment it went to sleep, so they wake together."""
+    loop = asyncio.get_running_loop()
+    if when <= loop.time():
+        await asyncio.sleep(0)
+        return
+    woken: asyncio.Future[None] = loop.create_future()
+    timer = loop.call_at(when, _wake, woken)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

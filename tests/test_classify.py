@@ -34,6 +34,7 @@ from probe.classify import (
     AGENT_RESOURCES,
     Classified,
     HandshakeTooLarge,
+    IcmpError,
     classify,
     classify_quic_close,
     classify_rcode,
@@ -463,3 +464,34 @@ def test_any_quic_close_code_lands_in_the_closed_vocabulary(
     assert bool(classified.message) <= (classified.failure is Failure.UNKNOWN)
     if application:  # the application's codes are never read as transport ones
         assert classified.failure is Failure.UNKNOWN
+
+
+# --- ICMP errors from a connected UDP socket's error queue ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "icmp_type", "code", "err", "expected"),
+    [
+        ("icmp", 3, 0, errno.ENETUNREACH, "network_unreachable"),
+        ("icmp", 3, 1, errno.EHOSTUNREACH, "host_unreachable"),
+        ("icmp", 3, 3, errno.ECONNREFUSED, "connection_refused"),
+        ("icmp", 3, 13, errno.EHOSTUNREACH, "host_unreachable"),  # admin prohibited
+        ("icmp", 11, 0, errno.EHOSTUNREACH, "host_unreachable"),  # time exceeded
+        ("icmpv6", 1, 0, errno.ENETUNREACH, "network_unreachable"),  # no route
+        ("icmpv6", 1, 1, errno.EACCES, "host_unreachable"),  # admin prohibited: not EACCES
+        ("icmpv6", 1, 3, errno.EHOSTUNREACH, "host_unreachable"),  # address unreachable
+        ("icmpv6", 1, 4, errno.ECONNREFUSED, "connection_refused"),
+        ("icmpv6", 3, 0, errno.EHOSTUNREACH, "host_unreachable"),  # time exceeded
+        # a type the table does not name: the kernel's errno decides
+        ("icmp", 12, 0, errno.EPROTO, "unknown_failure"),
+        ("icmp", 3, 4, errno.EMSGSIZE, "unknown_failure"),  # fragmentation needed
+    ],
+)
+def test_icmp_errors_are_classified_by_type_and_code(
+    family: str, icmp_type: int, code: int, err: int, expected: str
+) -> None:
+    exc = IcmpError.of(err, family=family, icmp_type=icmp_type, icmp_code=code, reporter="x")
+    assert failure(exc, READ).split(" ")[0] == expected
+    # still the builtin subclass its errno names, for code that catches those
+    assert isinstance(exc, ConnectionRefusedError) == (err == errno.ECONNREFUSED)
+    assert isinstance(exc, PermissionError) == (err == errno.EACCES)

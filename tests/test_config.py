@@ -228,7 +228,9 @@ def test_values_are_decoded(tmp_path: Path) -> None:
     key.write_bytes(leaf.key_pem)  # the pair is loaded and checked: real PEM
     text = """
 vantage: {name: ams-ctl, country: NL, asn: AS1136, role: control}
-schedule: {interval_s: 120, jitter_s: 0, min_spacing_s: 0, concurrency: 8, per_destination: 1}
+schedule:
+  {interval_s: 120, jitter_s: 0, min_spacing_s: 0, concurrency: 8, per_destination: 1,
+   batch_s: 0.5}
 timeouts: {connect_s: 2.5, tls_s: 3}
 resolvers:
   system: false
@@ -251,6 +253,7 @@ web:
     assert config.vantage.role == "control"
     assert config.schedule.concurrency == 8
     assert config.schedule.jitter_s == 0
+    assert config.schedule.batch_s == 0.5
     assert config.timeouts.connect_s == 2.5
     assert config.timeouts.dns_s == AgentConfig().timeouts.dns_s
     assert config.resolvers.udp == (HostPort("9.9.9.9", 53), HostPort("2620:fe::fe", 53))

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from probe.lab.netns import ADDR
 from probe.lab.scenarios import (
     CATALOGUE,
     CHAT,
@@ -39,6 +40,7 @@ from probe.lab.scenarios import (
     FORGED2,
     MEDIA,
     MEDIA6,
+    RELAY,
     SERVICES,
     Outcome,
     Scenario,
@@ -326,6 +328,30 @@ def test_b8_version_negotiation_passes_the_quic_filter(outcomes: Outcomes) -> No
     assert any(
         "version negotiation answered" in e for e in rnd.verdicts["whatsapp/web"]["evidence"]
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "code"), [("B9_udp_icmp_reject", 1), ("B9_udp_icmp_prohibited", 13)]
+)
+def test_b9_icmp_reject_names_the_censor_and_the_icmp_code(
+    outcomes: Outcomes, name: str, code: int
+) -> None:
+    """The reject is evidence of HOW UDP is blocked: the ICMP type and code, sent by the
+    censor (the client's gateway), not silence; and the control reached the relay."""
+    rnd = outcomes(name).rounds[0]
+    for key in ("whatsapp/relay/stun", "whatsapp/web/quic", "whatsapp/web/quic_vn"):
+        (run,) = rnd.runs(key)
+        (report,) = run["details"]["icmp_errors"][:1]
+        assert report == {
+            "icmp": "icmp",
+            "type": 3,
+            "code": code,
+            "errno": "EHOSTUNREACH",
+            "reporter": ADDR.censor_client4,
+        }, key
+    evidence = rnd.verdicts["whatsapp/relay"]["evidence"]
+    line = f"ICMP host unreachable (icmp type 3 code {code}) from {ADDR.censor_client4}"
+    assert line in evidence and f"control stun {RELAY}:3478 ok" in evidence
 
 
 def test_b1_injection_is_seen_as_two_replies(outcomes: Outcomes) -> None:

@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from probe.classify import IcmpError, classify
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.lab.servers.tls import TLSMode, TLSServer, server_context
+from probe.model import Operation
 from probe.probes._net.tcp import (
     address_families,
     close_streams,
@@ -29,7 +33,8 @@ from probe.probes._net.tcp import (
 )
 from probe.probes._net.tls import Negotiated, TlsClient
 from probe.probes._net.tls_pump import TlsPump
-from probe.probes._net.udp import UdpChannel
+from probe.probes._net.udp import ICMP_KEEP, UdpChannel, _icmp_error, icmp_evidence
+from tests.agentproc import REPO, needs_unshare, required_tool, run_driver
 from tests.helpers import refusing_port, unbound_udp_port
 
 NAME = "net.test"
@@ -339,8 +344,125 @@ async def test_channel_raises_icmp_port_unreachable(host: str, family: str) -> N
     port = unbound_udp_port(host)
     async with await UdpChannel.open(host, port) as channel:
         channel.send(b"anyone?")
-        with pytest.raises(ConnectionRefusedError):
+        with pytest.raises(ConnectionRefusedError) as caught:
             await channel.recv(time.monotonic() + 2.0)
+    # still a ConnectionRefusedError, and now with what the ICMP error said and who said it
+    err = caught.value
+    assert isinstance(err, IcmpError)
+    want = ("icmp", 3, 3) if family == "ipv4" else ("icmpv6", 1, 4)
+    assert (err.family, err.icmp_type, err.icmp_code, err.reporter) == (*want, host)
+    assert str(classify(err, Operation.READ)) == "connection_refused"
+    reports, stray = icmp_evidence([channel.icmp])
+    assert reports is not None and stray is None
+    assert [(r.icmp, r.type, r.code, r.errno, r.reporter) for r in reports] == [
+        (*want, "ECONNREFUSED", host)
+    ]
+
+
+@HOSTS
+async def test_an_icmp_error_for_a_datagram_we_did_not_send_is_stray_not_our_failure(
+    host: str, family: str
+) -> None:
+    """An error quoting another datagram (a late one for an earlier flow on the same port,
+    or a forged one) is counted and dropped; the next error that quotes ours is raised."""
+    port = unbound_udp_port(host)
+    async with await UdpChannel.open(host, port) as channel:
+        sock = channel.icmp._sock  # sends a datagram the watch never saw
+        sock.send(b"a datagram of an earlier flow")
+        assert await channel.recv(time.monotonic() + 0.3) is None
+        assert channel.icmp.stray == 1 and channel.icmp.errors == []
+        channel.send(b"ours")
+        with pytest.raises(IcmpError):
+            await channel.recv(time.monotonic() + 2.0)
+    assert len(channel.icmp.errors) == 1 and channel.icmp.stray == 1
+
+
+async def test_an_icmp_flood_is_bounded_and_the_error_queue_drained() -> None:
+    """Loopback does not rate-limit ICMP: every datagram to a closed port comes back as an
+    error.  At most ICMP_KEEP are recorded, the rest counted, and the error queue is
+    left empty (a non-empty one would keep the socket in EPOLLERR: a spinning loop)."""
+    port = unbound_udp_port("127.0.0.1")
+    sends = 3 * ICMP_KEEP
+    raised = 0
+    async with await UdpChannel.open("127.0.0.1", port) as channel:
+        for i in range(sends):
+            channel.send(b"flood %d" % i)
+            await asyncio.sleep(0)  # let the loop read what came back
+        deadline = time.monotonic() + 0.5
+        while True:  # bounded: each pass reads a queued error or ends at the deadline
+            try:
+                if await channel.recv(deadline) is None:
+                    break
+            except IcmpError:
+                raised += 1
+        watch = channel.icmp
+        with pytest.raises(BlockingIOError):
+            watch._sock.recvmsg(64, 512, socket.MSG_ERRQUEUE)
+    assert len(watch.errors) == ICMP_KEEP
+    assert watch.unrecorded > 0 and watch.stray == 0
+    assert 0 < raised <= sends
+
+
+_REJECT_DRIVER = """
+import asyncio, json, subprocess, sys, time
+from probe.classify import classify
+from probe.model import Operation
+from probe.probes._net.udp import UdpChannel
+
+RULES = {
+    ("127.0.0.1", 9): "ip daddr 127.0.0.1 udp dport 9 reject with icmp type host-unreachable",
+    ("127.0.0.1", 10): "ip daddr 127.0.0.1 udp dport 10 reject with icmp type net-unreachable",
+    ("127.0.0.1", 11): "ip daddr 127.0.0.1 udp dport 11 reject with icmp type admin-prohibited",
+    ("::1", 9): "ip6 daddr ::1 udp dport 9 reject with icmpv6 type addr-unreachable",
+    ("::1", 10): "ip6 daddr ::1 udp dport 10 reject with icmpv6 type no-route",
+    ("::1", 11): "ip6 daddr ::1 udp dport 11 reject with icmpv6 type admin-prohibited",
+}
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+subprocess.run(["nft", "add", "table", "inet", "t"], check=True)
+subprocess.run(
+    ["nft", "add", "chain", "inet", "t", "inp", "{ type filter hook input priority 0; }"],
+    check=True,
+)
+for rule in RULES.values():
+    subprocess.run(["nft", "add", "rule", "inet", "t", "inp", *rule.split()], check=True)
+
+
+async def one(host, port):
+    async with await UdpChannel.open(host, port) as channel:
+        channel.send(b"x" * 40)
+        try:
+            await channel.recv(time.monotonic() + 2.0)
+        except OSError as exc:
+            return [
+                str(classify(exc, Operation.READ)),
+                getattr(exc, "icmp_type", None),
+                getattr(exc, "icmp_code", None),
+                getattr(exc, "reporter", None),
+            ]
+        return ["silence"]
+
+
+async def main():
+    return {f"{h} {p}": await one(h, p) for h, p in RULES}
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+@needs_unshare("for a namespace whose nftables rejects UDP with ICMP")
+def test_host_and_network_unreachable_reach_a_connected_channel(tmp_path: Path) -> None:
+    """What IP_RECVERR changes: without it these (but admin-prohibited) read as silence."""
+    required_tool("nft", package="nftables")
+    got = run_driver(_REJECT_DRIVER, "-n", workdir=tmp_path, cwd=REPO, timeout_s=30)
+    assert got == {
+        "127.0.0.1 9": ["host_unreachable", 3, 1, "127.0.0.1"],
+        "127.0.0.1 10": ["network_unreachable", 3, 0, "127.0.0.1"],
+        "127.0.0.1 11": ["host_unreachable", 3, 13, "127.0.0.1"],
+        "::1 9": ["host_unreachable", 1, 3, "::1"],
+        "::1 10": ["network_unreachable", 1, 0, "::1"],
+        # the kernel says EACCES; the ICMP code makes it read as its IPv4 twin
+        "::1 11": ["host_unreachable", 1, 1, "::1"],
+    }
 
 
 async def test_channel_queue_limit_drops_a_flood_and_counts_it() -> None:
@@ -362,3 +484,20 @@ async def test_channel_queue_limit_drops_a_flood_and_counts_it() -> None:
 def test_socket_module_has_tcp_info() -> None:
     # the kernel connect RTT (perf/timing work) depends on it: on Linux it must exist
     assert hasattr(socket, "TCP_INFO")
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0, 41, 1]), st.sampled_from([11, 25, 3]), st.binary(max_size=64)
+        ),
+        max_size=3,
+    )
+)
+def test_error_queue_control_data_never_crashes_the_parser(
+    ancdata: list[tuple[int, int, bytes]],
+) -> None:
+    """The kernel writes it, but a peer picks the ICMP type, code and quoted bytes: any
+    layout gives an IcmpError or nothing."""
+    err = _icmp_error(ancdata)
+    assert err is None or isinstance(err, IcmpError)

@@ -250,6 +250,7 @@ def _schedule(n: Node) -> Schedule:
         per_destination=(
             m["per_destination"].as_int(1) if "per_destination" in m else d.per_destination
         ),
+        batch_s=m["batch_s"].seconds(allow_zero=True) if "batch_s" in m else d.batch_s,
     )
 
 

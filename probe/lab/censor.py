@@ -67,6 +67,7 @@ __all__ = [
     "TLSIntercept",
     "Throttle",
     "UDPBlock",
+    "UDPReject",
     "client_hello_cipher_vector",
 ]
 
@@ -524,6 +525,60 @@ class UDPBlock(IPBlock):
 
     id: ClassVar[str] = "B9"
     protocol: Literal["tcp", "udp", "any"] = "udp"
+
+
+# ICMP(v6) reject codes nft knows (``reject with icmp type X`` / ``icmpv6 type X``), the
+# ones a censor plausibly sends for UDP it blocks
+ICMP_REJECTS = frozenset({"host-unreachable", "net-unreachable", "admin-prohibited"})
+ICMPV6_REJECTS = frozenset({"addr-unreachable", "no-route", "admin-prohibited"})
+_ICMP_RATE = ("net.ipv4.icmp_ratelimit", "net.ipv6.icmp.ratelimit")  # per namespace
+
+
+@dataclass(eq=False)
+class UDPReject(NftBehaviour):
+    """B9 by rejection: UDP to ``addresses`` (optionally only ``ports``) is answered by
+    the censor with an ICMP error instead of vanishing (``reject with icmp type
+    host-unreachable`` / ``icmpv6 type addr-unreachable``, or ``admin-prohibited``).
+    The ICMP error comes from the censor's own address; TCP to the same addresses passes."""
+
+    id: ClassVar[str] = "B9"
+    addresses: Sequence[str] = ()
+    ports: Sequence[int] = ()
+    icmp: str = "host-unreachable"
+    icmpv6: str = "addr-unreachable"
+    _saved: dict[str, str] = field(default_factory=dict)  # the rate limits it lifted
+
+    def __post_init__(self) -> None:
+        if not self.addresses:
+            raise ValueError("a UDP reject needs addresses")
+        if self.icmp not in ICMP_REJECTS or self.icmpv6 not in ICMPV6_REJECTS:
+            raise ValueError(f"unknown ICMP reject {self.icmp!r} / {self.icmpv6!r}")
+
+    def apply(self, censor: Censor) -> None:
+        # Linux rate-limits the ICMP errors it sends per destination (a burst of 6, then
+        # one per icmp_ratelimit ms): the next scenario within seconds would meet silence.
+        # The lab's censor answers every datagram (a probe reads the first error anyway).
+        self._saved = {k: run(ns_argv(censor.ns, ["sysctl", "-n", k])).strip() for k in _ICMP_RATE}
+        for key in _ICMP_RATE:
+            run(ns_argv(censor.ns, ["sysctl", "-qw", f"{key}=0"]))
+        super().apply(censor)
+
+    def remove(self, censor: Censor) -> None:
+        super().remove(censor)
+        for key, value in self._saved.items():
+            run(ns_argv(censor.ns, ["sysctl", "-qw", f"{key}={value}"]), check=False)
+
+    def rules(self, censor: Censor) -> list[str]:
+        out = []
+        ports = _nft_ports("udp", self.ports, "up")
+        for peer in _nft_peer(self.addresses, "up"):
+            reject = (
+                f"icmpv6 type {self.icmpv6}"
+                if peer.startswith("ip6")
+                else (f"icmp type {self.icmp}")
+            )
+            out.append(f"iifname {CENSOR_CLIENT_IF} {peer}{ports}counter reject with {reject}")
+        return out
 
 
 # --- B3 / B4 --------------------------------------------------------------------------------

@@ -669,6 +669,48 @@ CATALOGUE: tuple[Scenario, ...] = (
         "the random-payload swap cannot show that only STUN is classified",
     ),
     Scenario(
+        name="B9_udp_icmp_reject",
+        behaviour="B9",
+        description="UDP to the call relay and to web:443 (QUIC) is rejected by the censor "
+        "with ICMP host unreachable instead of dropped; TCP passes",
+        mechanism="nft: ip daddr { RELAY, WEB } meta l4proto udp reject with icmp type "
+        "host-unreachable (the probes' sockets set IP_RECVERR: without it Linux drops this "
+        "error and the reject reads as silence)",
+        censor=lambda: (c.UDPReject([RELAY, WEB]),),
+        verdicts={
+            "whatsapp/relay": Expect("udp_blocking"),
+            "whatsapp/web": Expect("udp_blocking"),
+            "whatsapp": Expect("partial", 0.4),
+        },
+        failures={
+            "whatsapp/relay/stun": "host_unreachable",
+            "whatsapp/web/quic": "host_unreachable",
+            "whatsapp/web/quic_vn": "host_unreachable",
+            "whatsapp/web/tls": None,
+            "whatsapp/web/transfer": None,
+        },
+    ),
+    Scenario(
+        name="B9_udp_icmp_prohibited",
+        behaviour="B9",
+        description="as B9_udp_icmp_reject with ICMP communication administratively "
+        "prohibited, the error Linux reported before IP_RECVERR too",
+        mechanism="nft: ip daddr { RELAY, WEB } meta l4proto udp reject with icmp type "
+        "admin-prohibited",
+        censor=lambda: (c.UDPReject([RELAY, WEB], icmp="admin-prohibited"),),
+        verdicts={
+            "whatsapp/relay": Expect("udp_blocking"),
+            "whatsapp/web": Expect("udp_blocking"),
+            "whatsapp": Expect("partial", 0.4),
+        },
+        failures={
+            "whatsapp/relay/stun": "host_unreachable",
+            "whatsapp/web/quic": "host_unreachable",
+            "whatsapp/web/quic_vn": "host_unreachable",
+            "whatsapp/web/tls": None,
+        },
+    ),
+    Scenario(
         name="B10_allowlist",
         behaviour="B10",
         description="a regional shutdown: only the domestic control and the ISP's resolver "

@@ -48,7 +48,7 @@ from ..wire.dnsmsg import (
     rcode_text,
 )
 from ._net.tcp import close_streams, connect, open_streams
-from ._net.udp import UdpChannel
+from ._net.udp import IcmpWatch, UdpChannel, icmp_evidence
 from .base import Recorder
 from .params import NoParams
 
@@ -133,6 +133,7 @@ class _Outcome:
     error: str | None = None  # classified failure when no usable reply arrived
     replies: list[DnsReply] = field(default_factory=list)  # evidence
     disagree: bool = False  # several matching replies that differ: injection
+    icmp: IcmpWatch | None = None  # UDP: the ICMP errors the query's socket received
 
     @property
     def failure(self) -> str | None:
@@ -230,9 +231,9 @@ async def _udp_query(r: ResolverSpec, qname: str, qtype: str, settings: ProbeSet
             channel, query, settings.timeouts.dns_s, settings.resolvers.reply_window_s
         )
     if not replies and error is not None:
-        return _failed(error)
+        return replace(_failed(error), icmp=channel.icmp)
     # only unusable replies after a timeout: judged too (the resolver spoke, never an answer)
-    return _judge(query, qname, qtype, replies)
+    return replace(_judge(query, qname, qtype, replies), icmp=channel.icmp)
 
 
 # --- TCP ----------------------------------------------------------------------------------
@@ -429,12 +430,15 @@ def _finish(
     # Rcodes tell the DNS-level story; errors are the queries that got no usable reply.
     errors = {qt: str(o.error) for qt, o in outcomes.items() if o.error}
     replies = tuple(entry for o in outcomes.values() for entry in o.replies)
+    icmp_errors, icmp_stray = icmp_evidence(o.icmp for o in outcomes.values() if o.icmp)
     rec.evidence = replace(
         rec.evidence,
         answers=answers,
         rcodes={qt: o.rcode for qt, o in outcomes.items() if o.rcode},
         errors=errors or None,
         replies=replies if with_replies else None,
+        icmp_errors=icmp_errors,
+        icmp_stray=icmp_stray,
     )
     if any(o.disagree for o in outcomes.values()):
         rec.flag("dns_injection_suspected")

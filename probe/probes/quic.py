@@ -21,8 +21,9 @@ Outcomes (failed_operation ``quic_handshake`` unless the local socket fails):
   when we sent it); aioquic's ``bad_certificate`` alert is ambiguous, so the peer
   certificate is re-checked (hostname, then chain, the order aioquic uses) and
   the typed exception classified;
-- an ICMP error on the connected socket -> `classify.classify`
-  (``connection_refused`` for port unreachable);
+- an ICMP error on the connected socket (``IP_RECVERR``: every kind, with its type,
+  code and reporter in ``icmp_errors``) -> `classify.classify`
+  (``connection_refused`` for port unreachable, ``host_unreachable`` ...);
 - nothing by ``timeouts.quic_s`` -> ``generic_timeout_error``.
 
 Trust: aioquic ignores SSL_CERT_FILE and defaults to certifi's bundle.  We give
@@ -70,7 +71,7 @@ from ..wire.quic import (
     parse_long_header,
     parse_version_negotiation,
 )
-from ._net.udp import open_connected
+from ._net.udp import IcmpWatch, icmp_evidence, open_connected
 from .base import Recorder
 from .params import ParamError, alpn_param, check_keys, shown, sni_param
 from .tcp import require_address
@@ -222,8 +223,9 @@ class _SendTap:
     Initial's size (TSPU keys on it); sends after the probe gave up are dropped.
     """
 
-    def __init__(self, inner: asyncio.DatagramTransport) -> None:
+    def __init__(self, inner: asyncio.DatagramTransport, watch: IcmpWatch) -> None:
         self.inner = inner
+        self.watch = watch
         self.sent = 0
         self.first: bytes | None = None
 
@@ -233,14 +235,16 @@ class _SendTap:
         if self.first is None:
             self.first = data
         self.sent += 1
+        self.watch.sent(data)  # an ICMP error must quote one of these to count
         self.inner.sendto(data)  # connected socket: no address
 
 
 class _HandshakeProtocol(QuicConnectionProtocol):
     """aioquic's adapter plus what a measurement needs: VN, ICMP errors, the close code."""
 
-    def __init__(self, quic: QuicConnection, qlog: _CloseLogger) -> None:
+    def __init__(self, quic: QuicConnection, qlog: _CloseLogger, watch: IcmpWatch) -> None:
         super().__init__(quic)
+        self.watch = watch
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.qlog = qlog
         self.close_frame: _Close | None = None
@@ -253,7 +257,7 @@ class _HandshakeProtocol(QuicConnectionProtocol):
         self.vn_ignored: VersionNegotiation | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.tap = _SendTap(cast(asyncio.DatagramTransport, transport))
+        self.tap = _SendTap(cast(asyncio.DatagramTransport, transport), self.watch)
         super().connection_made(cast(asyncio.BaseTransport, self.tap))
 
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
@@ -267,10 +271,12 @@ class _HandshakeProtocol(QuicConnectionProtocol):
             self._finish()
 
     def error_received(self, exc: Exception) -> None:
-        # Only a connected UDP socket gets these (ICMP port/host unreachable).
-        if self.socket_error is None:
-            self.socket_error = exc
-        self._finish()
+        # Only a connected UDP socket gets these (ICMP port/host unreachable); the watch
+        # keeps those that answer our datagrams (a stray one does not end the handshake).
+        for err in self.watch.take(exc):
+            if self.socket_error is None:
+                self.socket_error = err
+            self._finish()
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         super().quic_event_received(event)
@@ -414,7 +420,7 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     try:
         # connected, so the kernel reports ICMP errors to us and drops other sources
         transport, proto = await open_connected(
-            params.address, params.port, lambda: _HandshakeProtocol(connection, qlog)
+            params.address, params.port, lambda watch: _HandshakeProtocol(connection, qlog, watch)
         )
     except OSError as exc:
         return rec.fail_exc(exc, Operation.CONNECT)
@@ -448,7 +454,10 @@ def _outcome(
         server_packet_types=tuple(proto.qlog.trace.received_types) if proto.qlog.trace else (),
         initial_datagram_bytes=len(tap.first) if tap and tap.first else None,
     )
-    rec.evidence = replace(rec.evidence, datagrams=datagrams)
+    icmp_errors, icmp_stray = icmp_evidence([proto.watch])
+    rec.evidence = replace(
+        rec.evidence, datagrams=datagrams, icmp_errors=icmp_errors, icmp_stray=icmp_stray
+    )
     cert, chain = _peer_certificate(connection)
     if cert is not None:
         # Kept on failure too: a MITM certificate is the finding.  aioquic holds it

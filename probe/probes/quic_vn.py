@@ -45,7 +45,7 @@ from ..wire.quic import (
     parse_version_negotiation,
     reserved_version,
 )
-from ._net.udp import UdpChannel
+from ._net.udp import UdpChannel, icmp_evidence
 from .base import Recorder
 from .params import ParamError, check_keys, shown
 from .tcp import require_address
@@ -171,8 +171,13 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
             until = _SEND_AT[i + 1] if i + 1 < len(_SEND_AT) else 1.0
             if await wait.until(channel, start + until * timeout):
                 break
+    icmp_errors, icmp_stray = icmp_evidence([channel.icmp])
     rec.evidence = replace(
-        rec.evidence, datagrams_sent=channel.sent, datagrams_received=wait.replies
+        rec.evidence,
+        datagrams_sent=channel.sent,
+        datagrams_received=wait.replies,
+        icmp_errors=icmp_errors,
+        icmp_stray=icmp_stray,
     )
     return _outcome(rec, wait)
 

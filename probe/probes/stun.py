@@ -62,7 +62,7 @@ from ..model import Failure, Operation, ProbeParams, ProbeResult, Target
 from ..wire import WireError
 from ..wire import stun as wire
 from ._net.tcp import close_streams, connect, open_streams
-from ._net.udp import UdpChannel
+from ._net.udp import UdpChannel, icmp_evidence
 from .base import Recorder
 from .params import ParamError, check_keys, number_param, shown
 
@@ -439,12 +439,14 @@ async def _udp_binding(
                 channel, lambda at, data: tally.handle(at, data, lambda i: sender.first_sent[i])
             )
     except OSError as exc:
+        rec.evidence = _with_icmp(rec.evidence, channel)
         binding = replace(tally.evidence(None, sender.sends), datagrams_sent=channel.sent)
         if tally.answered:
             return rec.ok(replace(rec.evidence, binding=replace(binding, icmp_error=str(exc))))
         return rec.fail_exc(exc, Operation.READ, replace(rec.evidence, binding=binding))
     finally:
         channel.close()
+    rec.evidence = _with_icmp(rec.evidence, channel)
     binding = replace(
         tally.evidence(local, sender.sends),
         datagrams_sent=channel.sent,
@@ -452,6 +454,12 @@ async def _udp_binding(
         datagrams_dropped=channel.dropped or None,
     )
     return _verdict(rec, tally, Failure.UDP_NO_RESPONSE, binding)
+
+
+def _with_icmp(evidence: StunEvidence, channel: UdpChannel) -> StunEvidence:
+    """``evidence`` with the ICMP errors the probe's channel received (not the control's)."""
+    icmp_errors, icmp_stray = icmp_evidence([channel.icmp])
+    return replace(evidence, icmp_errors=icmp_errors, icmp_stray=icmp_stray)
 
 
 async def _control(address: str, port: int, tally: _Tally, budget: float) -> StunControl:
@@ -585,10 +593,12 @@ async def _reflector(
         with rec.phase("reflector"):
             await sender.run(channel, handle)
     except OSError as exc:
+        rec.evidence = _with_icmp(rec.evidence, channel)
         sent = StunReflector(hello_bytes=len(hello), datagrams_sent=channel.sent)
         return rec.fail_exc(exc, Operation.READ, replace(rec.evidence, reflector=sent))
     finally:
         channel.close()
+    rec.evidence = _with_icmp(rec.evidence, channel)
     evidence = StunReflector(hello_bytes=len(hello), datagrams_sent=channel.sent)
     if not replies:
         silent = replace(rec.evidence, reflector=evidence)
@@ -671,10 +681,12 @@ async def _flow(
         with rec.phase("flow"):
             await _run_flow(channel, flow, start, p.rate_pps, grace)
     except OSError as exc:
+        rec.evidence = _with_icmp(rec.evidence, channel)
         broken = replace(rec.evidence, flow=_flow_evidence(flow, start, p))
         return rec.fail_exc(exc, Operation.READ, broken)
     finally:
         channel.close()
+    rec.evidence = _with_icmp(rec.evidence, channel)
     evidence = replace(rec.evidence, flow=_flow_evidence(flow, start, p))
     if evidence.flow is not None and evidence.flow.cutoff_s is not None:
         return rec.fail(Failure.UDP_NO_RESPONSE, Operation.READ, evidence)

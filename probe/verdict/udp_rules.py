@@ -4,13 +4,26 @@ Silence alone proves nothing (FIELD.md section 1): a QUIC v1 handshake dropped w
 negotiation is answered is QUIC filtering (B8); UDP silent while TCP to the same address
 works, or while the control or random UDP is answered, is UDP blocking (B9); so is a call
 flow cut off, or losing packets the control's flow does not.
+
+An ICMP error instead of silence (`_icmp_reject`) is the same block by another mechanism:
+the censor rejects instead of dropping.  Who sent it matters (``icmp_errors[].reporter``):
+a router on the path rejecting UDP to an address that accepts TCP is a block; the target
+itself saying "port unreachable" is its UDP service being down.  Either way the control
+reaching the service makes it a block, and the control failing too an outage.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..evidence import QuicVnEvidence, StunEvidence, StunFlow
+from ..evidence import (
+    DnsEvidence,
+    IcmpReport,
+    QuicEvidence,
+    QuicVnEvidence,
+    StunEvidence,
+    StunFlow,
+)
 from ..model import Failure
 from .context import Context, by_control, endpoint_down
 from .handshake_rules import SILENCE, progressed, server_progress
@@ -21,6 +34,63 @@ from .vocabulary import CERTAIN, FAIR, GOOD, NONE, STRONG, Finding, Verdict
 _ICMP = frozenset(
     {Failure.CONNECTION_REFUSED, Failure.HOST_UNREACHABLE, Failure.NETWORK_UNREACHABLE}
 )
+
+
+_ICMP_NAMES = {
+    Failure.CONNECTION_REFUSED: "port unreachable",
+    Failure.HOST_UNREACHABLE: "host unreachable",
+    Failure.NETWORK_UNREACHABLE: "network unreachable",
+}
+
+
+def icmp_reports(o: Observation) -> tuple[IcmpReport, ...]:
+    """The ICMP errors a UDP probe recorded (none for records older than the field)."""
+    ev = o.evidence
+    if isinstance(ev, DnsEvidence | QuicEvidence | QuicVnEvidence | StunEvidence):
+        return ev.icmp_errors or ()
+    return ()
+
+
+def icmp_line(o: Observation) -> str:
+    """``ICMP host unreachable (icmp type 3 code 1) from 10.0.0.1``; what the record says."""
+    name = _ICMP_NAMES.get(o.kind or Failure.UNKNOWN, "error")
+    reports = icmp_reports(o)
+    if not reports:
+        return f"ICMP {name} (type and sender not recorded)"
+    r = reports[0]
+    sender = f" from {r.reporter}" if r.reporter else ""
+    return f"ICMP {name} ({r.icmp} type {r.type} code {r.code}){sender}"
+
+
+def _from_target(o: Observation) -> bool:
+    """The ICMP error came from the target itself (not a router on the path).  Unknown
+    sender (an older record): a port unreachable is the host's own answer as a rule."""
+    reports = icmp_reports(o)
+    if reports and reports[0].reporter:
+        return reports[0].reporter == o.address
+    return o.kind == Failure.CONNECTION_REFUSED
+
+
+def _icmp_reject(
+    ctx: Context, o: Observation, lines: list[str], ctl: Observation | None, with_control: float
+) -> Finding:
+    """UDP answered with ICMP unreachable (the control, if any, got through: the rules
+    check that first).  With the control: blocking by rejection.  Without: blocking only
+    if a router rejects UDP to an address that accepts TCP (the host is up, so the reject
+    is the path's); the target itself refusing UDP is its UDP service down."""
+    lines = [*lines, icmp_line(o)]
+    if ctl is not None:
+        lines.append("the control gets through: the path rejects UDP")
+        return Finding(Verdict.UDP_BLOCKING, with_control, tuple(lines))
+    tcp = ctx.tcp_connected(o.address)
+    if tcp and not _from_target(o):
+        lines += [describe(tcp[0]), "a router rejects UDP to an address that accepts TCP"]
+        return Finding(Verdict.UDP_BLOCKING, GOOD, tuple(lines))
+    if tcp:
+        lines += [describe(tcp[0]), "the target itself refuses UDP on that port: its service"]
+        return Finding(Verdict.INCONCLUSIVE, NONE, tuple(lines))
+    lines.append("an unreachable without a control or working TCP proves nothing")
+    return Finding(Verdict.INCONCLUSIVE, NONE, tuple(lines))
 
 
 def quic_rule(ctx: Context, o: Observation) -> Finding:
@@ -51,10 +121,11 @@ def quic_rule(ctx: Context, o: Observation) -> Finding:
             lines.append("no version-negotiation probe: QUIC filtering not told from UDP blocking")
             return Finding(Verdict.QUIC_FILTERING, FAIR, tuple(lines))
         return Finding(Verdict.INCONCLUSIVE, NONE, (*lines, "silence alone proves nothing"))
+    if o.kind in _ICMP:
+        return _icmp_reject(ctx, o, lines, ctl, GOOD)
     if ctl is not None:
         lines.append("the control completes the QUIC handshake")
-        verdict = Verdict.UDP_BLOCKING if o.kind in _ICMP else Verdict.QUIC_FILTERING
-        return Finding(verdict, GOOD, tuple(lines))
+        return Finding(Verdict.QUIC_FILTERING, GOOD, tuple(lines))
     return Finding(Verdict.INCONCLUSIVE, NONE, (*lines, "no control vantage to compare"))
 
 
@@ -84,6 +155,9 @@ def quic_vn_rule(ctx: Context, o: Observation) -> Finding:
         return endpoint_down(o, ctl)
     if o.kind in SILENCE or o.kind in _ICMP:
         lines = [describe(o)] + ([describe_control(ctl)] if ctl is not None else [])
+        if o.kind in _ICMP:
+            with_control = STRONG if ctx.tcp_connected(o.address) else GOOD  # as silence
+            return _icmp_reject(ctx, o, lines, ctl, with_control)
         return _udp_silence(ctx, o, lines, ctl)
     return by_control(
         ctx, o, Verdict.QUIC_FILTERING, with_control=FAIR, without=None, why="unexpected reply"
@@ -111,14 +185,11 @@ def stun_rule(ctx: Context, o: Observation) -> Finding:
         return by_control(ctx, o, Verdict.UDP_BLOCKING, with_control=CERTAIN, without=GOOD, why=why)
     if o.kind != Failure.UDP_NO_RESPONSE:
         if o.kind in _ICMP:
-            return by_control(
-                ctx,
-                o,
-                Verdict.UDP_BLOCKING,
-                with_control=GOOD,
-                without=None,
-                why="ICMP unreachable",
-            )
+            ctl = ctx.control_for(o)
+            if ctl is not None and not ctl.ok:
+                return endpoint_down(o, ctl)
+            lines = [describe(o)] + ([describe_control(ctl)] if ctl is not None else [])
+            return _icmp_reject(ctx, o, lines, ctl, GOOD)
         return by_control(
             ctx,
             o,
