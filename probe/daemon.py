@@ -46,6 +46,7 @@ from .statuspage import render_status_page, results_json
 from .verdict.aggregate import as_control_vantage, judge_endpoint, judge_service
 from .verdict.observations import Item, Observation, normalise
 from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
+from .weblimits import per_client
 
 log = logging.getLogger("probe.daemon")
 _T = TypeVar("_T")
@@ -871,7 +872,9 @@ async def _listen(runner: web.AppRunner, config: AgentConfig, fd_soft: int) -> a
     # every address of both families, as the docs promise, not on IPv6 alone.
     host = None if config.listen.host == "::" else config.listen.host
     return await asyncio.get_running_loop().create_server(
-        capped(runner.server, limit),
+        per_client(
+            runner.server, capped(runner.server, limit), config.web.max_connections_per_client
+        ),
         host,
         config.listen.port,
         ssl=_server_ssl(config.web),
