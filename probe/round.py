@@ -20,7 +20,7 @@ from datetime import datetime
 
 from .classify import AGENT_RESOURCES
 from .config.settings import AgentConfig, ProbeSettings, SwapSettings, Timeouts
-from .dnsjudge import suspect_bogon
+from .dnsjudge import dns_consistency, suspect_bogon
 from .evidence import DnsEvidence, TransferEvidence
 from .gate import check_vantage
 from .model import (
@@ -35,7 +35,6 @@ from .model import (
 )
 from .probes import REGISTRY, tls
 from .probes.base import ProbeFn, Recorder, default_operation, run_guarded
-from .probes.dns import dns_consistency
 from .swaps import followups
 from .verdict.aggregate import ALLOWLIST_FLAG, judge_round
 from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
