@@ -103,15 +103,17 @@ def agent_config(
     per_destination: int = 4,
     connect_s: float = 2,
     archive: Path | None = None,
+    batch_s: float | None = None,
     extra: str = "",
 ) -> Path:
     archive_yaml = f"{{path: {archive}}}" if archive else "{path: null}"
     spacing = min(interval_s, 60) / 2
+    batch = "" if batch_s is None else f", batch_s: {batch_s}"  # None: the agent's default
     path.write_text(
         f"""
 vantage: {{name: bench, country: ZZ, asn: AS64500, role: test}}
 schedule: {{interval_s: {interval_s}, jitter_s: {jitter_s}, min_spacing_s: {spacing},
-            concurrency: {concurrency}, per_destination: {per_destination}}}
+            concurrency: {concurrency}, per_destination: {per_destination}{batch}}}
 timeouts: {{connect_s: {connect_s}, tls_s: {connect_s}}}
 resolvers: {{system: false, udp: ["127.0.0.1:9"]}}
 seeds: []

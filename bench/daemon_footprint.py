@@ -41,19 +41,22 @@ from common import (
 )
 
 
-def measure(n: int, interval_s: float, window_s: float, workdir: Path) -> dict[str, Any]:
+def measure(
+    n: int, interval_s: float, window_s: float, workdir: Path, batch_s: float | None
+) -> dict[str, Any]:
     acceptor = Acceptor()
     port = free_port()
     config = agent_config(
-        workdir / f"agent-{n}.yaml",
+        workdir / f"agent-{n}-{batch_s}.yaml",
         tcp_endpoints(n, acceptor.port, silent_every=20),
         listen_port=port,
         control_port=acceptor.port,
         interval_s=interval_s,
         jitter_s=interval_s / 2,  # the first round spreads over this
-        archive=workdir / f"archive-{n}",
+        archive=workdir / f"archive-{n}-{batch_s}",
+        batch_s=batch_s,
     )
-    proc = start_agent(config, workdir / f"agent-{n}.log")
+    proc = start_agent(config, workdir / f"agent-{n}-{batch_s}.log")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/-/ready", 60)
@@ -81,6 +84,7 @@ def measure(n: int, interval_s: float, window_s: float, workdir: Path) -> dict[s
     return {
         "endpoints": n,
         "interval_s": interval_s,
+        "batch_s": "default" if batch_s is None else batch_s,
         "window_s": round(t1 - t0, 1),
         "cpu_pct_of_one_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 2),
         "rss_max_mib": round(rss_max, 1),
@@ -110,6 +114,11 @@ def main() -> None:
     parser.add_argument("--endpoints", default="1000,5000")
     parser.add_argument("--interval", type=float, default=60.0)
     parser.add_argument("--window", type=float, default=90.0, help="seconds measured per N")
+    parser.add_argument(
+        "--batch",
+        default="default",
+        help="schedule.batch_s values to run in turn per N, e.g. 1,0 (default: the agent's)",
+    )
     parser.add_argument("--smoke", action="store_true", help="a few seconds, for CI")
     args = parser.parse_args()
     if args.smoke:
@@ -117,8 +126,11 @@ def main() -> None:
     enter_private_netns()
     drop_to("127.20.0.0/16")
     with tempfile.TemporaryDirectory(prefix="bench-daemon-") as tmp:
+        batches = [None if b == "default" else float(b) for b in args.batch.split(",")]
         for n in (int(x) for x in args.endpoints.split(",")):
-            emit({"bench": "daemon_footprint", **measure(n, args.interval, args.window, Path(tmp))})
+            for batch in batches:
+                figures = measure(n, args.interval, args.window, Path(tmp), batch)
+                emit({"bench": "daemon_footprint", **figures})
 
 
 if __name__ == "__main__":

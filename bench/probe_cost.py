@@ -7,6 +7,8 @@ servers on distinct 127/8 addresses), concurrency 20, whole-process CPU of the p
 - agent: `probe run` in steady state (scheduler, store, verdicts, archive, exporter
   self-metrics all included), probes counted from `probe_attempts_total`; once more with
   the archive off (``agent_no_archive``), to show what the OONI-format archive costs;
+  once more with ``schedule.batch_s: 0`` (``agent_unbatched``: every round on its own
+  wake-up, as before batching), to show what starting due rounds together saves;
 - blackbox_exporter (Debian `prometheus-blackbox-exporter`): `/probe?module=...` requests,
   20 at a time; the exporter's CPU only (the HTTP client is this script);
 - blackbox_exporter once more, paced at the agent's probe rate (``blackbox_paced``): the
@@ -89,7 +91,14 @@ def endpoints_yaml(kind: str, n: int, port: int) -> str:
 
 
 def run_agent(
-    kind: str, port: int, ca_file: Path, n: int, window_s: float, tmp: Path, archive: bool = True
+    kind: str,
+    port: int,
+    ca_file: Path,
+    n: int,
+    window_s: float,
+    tmp: Path,
+    archive: bool = True,
+    batch_s: float | None = None,
 ) -> float:
     listen = free_port()
     interval = max(2.0, n / 50)  # ~50 probes a second
@@ -102,6 +111,7 @@ def run_agent(
         jitter_s=interval / 2,
         concurrency=CONCURRENCY,
         archive=tmp / f"archive-{kind}" if archive else None,
+        batch_s=batch_s,  # None: the agent's default (rounds due together start together)
         extra=f"tls: {{ca_file: {ca_file}}}",
     )
     proc = start_agent(config, tmp / f"agent-{kind}.log")
@@ -250,6 +260,7 @@ def main() -> None:
                     {
                         "agent": [],
                         "agent_no_archive": [],
+                        "agent_unbatched": [],
                         "blackbox": [],
                         "blackbox_paced": [],
                         "bare": [],
@@ -258,6 +269,9 @@ def main() -> None:
                 f["agent"].append(run_agent(kind, port, ca_file, args.endpoints, args.window, tmp))
                 f["agent_no_archive"].append(
                     run_agent(kind, port, ca_file, args.endpoints, args.window, tmp, archive=False)
+                )
+                f["agent_unbatched"].append(
+                    run_agent(kind, port, ca_file, args.endpoints, args.window, tmp, batch_s=0)
                 )
                 f["blackbox"].append(run_blackbox(kind, port, bb, args.endpoints, count))
                 rate = agent_rate(args.endpoints)
@@ -272,6 +286,9 @@ def main() -> None:
             out.update({f"{tool}_cpu_us_per_probe": round(v, 1) for tool, v in us.items()})
             out["agent_over_blackbox"] = round(us["agent"] / us["blackbox"], 2)
             out["agent_over_blackbox_paced"] = round(us["agent"] / us["blackbox_paced"], 2)
+            out["agent_unbatched_over_blackbox_paced"] = round(
+                us["agent_unbatched"] / us["blackbox_paced"], 2
+            )
             out["probes_per_s"] = round(agent_rate(args.endpoints), 1)
             out["agent_over_bare"] = round(us["agent"] / us["bare"], 2)
             out["all_runs_us"] = {t: [round(x * 1e6, 1) for x in v] for t, v in f.items()}

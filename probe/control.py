@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from .classify import classify
 from .config.settings import ControlSettings
@@ -52,6 +52,7 @@ __all__ = [
     "fetch",
     "judged_alone",
     "parse_document",
+    "without_userinfo",
 ]
 
 log = logging.getLogger("probe.control")
@@ -141,6 +142,16 @@ def parse_document(body: bytes, received: datetime | None = None) -> Document:
 # -- one fetch ---------------------------------------------------------------------------
 
 
+def without_userinfo(url: str) -> str:
+    """``url`` without ``user:password@``: what the status page, ``/api/results``, the
+    metrics and the log may show of a control URL.  The loader already refuses
+    credentials in a URL; this keeps them out of every output even if one slips in."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def _origin(url: str) -> tuple[str, str | None, int | None]:
     parts = urlsplit(url)
     return parts.scheme, parts.hostname, parts.port
@@ -176,10 +187,33 @@ async def fetch(
                         raise ControlError("redirect to another host refused")
                     current = target
                     continue
+                if response.status == 403 and await _refuses_the_name(response):
+                    raise ControlError(_NAME_REFUSED)
                 if response.status != 200:
                     raise ControlError(f"HTTP status {response.status}")
                 return await _bounded_body(response, settings.max_bytes)
     raise ControlError(f"more than {MAX_REDIRECTS} redirects")
+
+
+# The start of the 403 body a probe agent sends for a Host it does not answer to
+# (probe.daemon._host_check).  Compared, never quoted: the peer's text stays out of errors.
+_HOST_REFUSED = b"host not allowed"
+# The URL is shown next to the error (status page, log), so the name need not be repeated.
+_NAME_REFUSED = (
+    "HTTP status 403: add this URL's host name to web.allowed_hosts in the control's config"
+)
+
+
+async def _refuses_the_name(response: aiohttp.ClientResponse) -> bool:
+    """Whether a 403 is a control agent refusing the URL's host name (DNS-rebinding
+    defence): every name it is reached by must be in its ``web.allowed_hosts``."""
+    head = b""
+    while len(head) < len(_HOST_REFUSED):  # at most one pass per byte; the fetch is timed
+        chunk = await response.content.read(len(_HOST_REFUSED) - len(head))
+        if not chunk:
+            break
+        head += chunk
+    return head == _HOST_REFUSED
 
 
 async def _bounded_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -211,7 +245,7 @@ class ControlPoller:
         self.on_update = on_update
         self._documents: dict[str, Document] = {}
         self._statuses: dict[str, ControlStatus] = {
-            u: ControlStatus(u, False) for u in settings.urls
+            u: ControlStatus(without_userinfo(u), False) for u in settings.urls
         }
         self._task: asyncio.Task[None] | None = None
 
@@ -272,6 +306,7 @@ class ControlPoller:
         self, session: aiohttp.ClientSession, url: str, context: ssl.SSLContext
     ) -> None:
         previous = self._statuses[url]
+        shown = previous.url  # the URL without credentials
         try:
             body = await fetch(session, url, self.settings, context)
             document = await asyncio.to_thread(parse_document, body)
@@ -281,16 +316,16 @@ class ControlPoller:
             error = str(classify(exc, Operation.READ))
         else:
             self._documents[url] = document
-            self._statuses[url] = ControlStatus(url, True, _now(), document.newest)
+            self._statuses[url] = ControlStatus(shown, True, _now(), document.newest)
             if not previous.up:
-                log.info("control vantage usable", extra={"control": url})
+                log.info("control vantage usable", extra={"control": shown})
             return
         kept = self._documents.get(url)
         self._statuses[url] = ControlStatus(
-            url, False, _now(), kept.newest if kept else None, error[:120]
+            shown, False, _now(), kept.newest if kept else None, error[:120]
         )
         if previous.up or previous.checked_at is None:
-            log.warning("control vantage not usable", extra={"control": url, "error": error})
+            log.warning("control vantage not usable", extra={"control": shown, "error": error})
 
 
 def _now() -> datetime:

@@ -47,6 +47,7 @@ from .statuspage import render_status_page, results_json
 from .verdict.aggregate import as_control_vantage, judge_endpoint, judge_service
 from .verdict.observations import Item, Observation, normalise
 from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
+from .weblimits import per_client
 
 log = logging.getLogger("probe.daemon")
 _T = TypeVar("_T")
@@ -576,7 +577,7 @@ def _busy() -> web.Response:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RENDER_CACHES = web.AppKey("render_caches", tuple)  # (metrics, api, page, public page) for tests
+RENDER_CACHES = web.AppKey("render_caches", tuple)  # every render cache, for tests
 
 
 # A right password is remembered this long (as a hash of the header): a scrape every 15 s
@@ -746,6 +747,9 @@ def build_app(agent: Agent) -> web.Application:
 
     scrape = RenderCache(lambda: render(agent.exposition.render), version=version)
     api = RenderCache(lambda: render(_api_text, agent.store.snapshot()), version=version)
+    public_api = RenderCache(  # without the controls' URLs and errors
+        lambda: render(_api_text, agent.store.snapshot(), False), version=version
+    )
     page = RenderCache(
         lambda: render(render_status_page, agent.store.snapshot(), agent.config), version=version
     )
@@ -754,7 +758,7 @@ def build_app(agent: Agent) -> web.Application:
         lambda: render(render_status_page, agent.store.snapshot(), agent.config, False),
         version=version,
     )
-    app[RENDER_CACHES] = (scrape, api, page, public_page)
+    app[RENDER_CACHES] = (scrape, api, public_api, page, public_page)
 
     async def metrics(_: web.Request) -> web.Response:
         body = await scrape.get()
@@ -770,8 +774,8 @@ def build_app(agent: Agent) -> web.Application:
             return web.Response(status=503, text="not ready: first vantage check pending\n")
         return web.Response(text="ready\n")
 
-    async def api_results(_: web.Request) -> web.Response:
-        text = await api.get()
+    async def api_results(request: web.Request) -> web.Response:
+        text = await (api if trusted(request) else public_api).get()
         if text is None:
             return _busy()
         return web.Response(text=text, content_type="application/json")
@@ -823,8 +827,8 @@ def _is_loopback(remote: str | None) -> bool:
         return False  # a Unix socket peer or an unparsable name: not known to be local
 
 
-def _api_text(snapshot: Snapshot) -> str:
-    return json.dumps(results_json(snapshot))
+def _api_text(snapshot: Snapshot, trusted: bool = True) -> str:
+    return json.dumps(results_json(snapshot, trusted))
 
 
 # HTTP connections open at once; beyond, a new one is closed as soon as it is accepted.
@@ -872,7 +876,9 @@ async def _listen(runner: web.AppRunner, config: AgentConfig, fd_soft: int) -> a
     # every address of both families, as the docs promise, not on IPv6 alone.
     host = None if config.listen.host == "::" else config.listen.host
     return await asyncio.get_running_loop().create_server(
-        capped(runner.server, limit),
+        per_client(
+            runner.server, capped(runner.server, limit), config.web.max_connections_per_client
+        ),
         host,
         config.listen.port,
         ssl=_server_ssl(config.web),

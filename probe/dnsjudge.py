@@ -1,14 +1,18 @@
-"""DNS judgements: what a resolver's answer means.  Pure functions over addresses.
+"""DNS judgements: what a resolver's answer means.  Pure functions, no I/O.
 
-The codec (`probe.wire.dnsmsg`) reads addresses out of DNS messages; this module judges
-them, for the DNS probe, the round runner, the offline gate and the verdicts:
+The codec (`probe.wire.dnsmsg`) reads addresses out of DNS messages and the DNS probe
+(`probe.probes.dns`) asks the resolvers; this module judges what came back, for the
+probe, the round runner, the offline gate and the verdicts:
 
 - `is_bogon()`: an address no public service would be reached at.
 - `suspect_bogon()`: a bogon the service does not itself declare (a lie or a local box).
 - `in_prefixes()`: inside one of the service's declared prefixes.
 - `compare_answer_sets()`: do two resolvers' answers for one name disagree in a way
   that matters (a lie), as opposed to a CDN handing out different addresses of the
-  same service?
+  same service?  `disjoint()` is its last rule, which the verdicts use on their own.
+- `dns_consistency()`: that comparison over one round's results, as flags.
+- `telling_failure()`: which of a lookup's A and AAAA failures the result carries.
+- `resolver_kind()`: system, udp, tcp or doh, from a target's resolver string.
 
 How a failed lookup is *named* (rcode, exception -> failure) belongs to `probe.classify`.
 """
@@ -16,17 +20,25 @@ How a failed lookup is *named* (rcode, exception -> failure) belongs to `probe.c
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
+
+from .evidence import DnsEvidence
+from .model import Failure, ProbeResult, failure_kind
 
 __all__ = [
     "AnswerComparison",
     "IPAddress",
     "IPNetwork",
     "compare_answer_sets",
+    "disjoint",
+    "dns_consistency",
     "in_prefixes",
     "is_bogon",
+    "resolver_kind",
     "suspect_bogon",
+    "telling_failure",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -162,6 +174,115 @@ def compare_answer_sets(
             return AnswerComparison(True, "within_prefixes")
         if out_a != out_b:
             return AnswerComparison(False, "outside_prefixes")
-    if sa & sb:
-        return AnswerComparison(True, "overlap")
-    return AnswerComparison(False, "disjoint")
+    if disjoint(sa, sb):
+        return AnswerComparison(False, "disjoint")
+    return AnswerComparison(True, "overlap")
+
+
+def disjoint(a: Iterable[Hashable], b: Iterable[Hashable]) -> bool:
+    """No address in common, compared as given (parsed addresses, or the text of a
+    record that may come from another agent and is never parsed: it cannot raise)."""
+    return frozenset(a).isdisjoint(b)
+
+
+# --- one lookup's failure ----------------------------------------------------------------
+
+# When neither A nor AAAA produced an address, the result carries the most telling of
+# the two failures: a DNS-level verdict beats a transport symptom, and "the name has no
+# address" is only the verdict when both types said so.
+_RANK: tuple[str, ...] = (
+    Failure.DNS_NXDOMAIN,
+    Failure.DNS_REFUSED,
+    Failure.DNS_SERVFAIL,
+    Failure.DNS_SERVER_MISBEHAVING,
+    # anything else (connection_refused, ssl_*, eof_error, unknown_failure ...) ranks here
+    Failure.GENERIC_TIMEOUT,
+    Failure.DNS_NO_ANSWER,
+)
+_RANK_OTHER = _RANK.index(Failure.GENERIC_TIMEOUT) - 0.5
+
+
+def _rank(failure: str) -> float:
+    return _RANK.index(failure) if failure in _RANK else _RANK_OTHER
+
+
+def telling_failure(failures: Iterable[str]) -> str:
+    """The failure a lookup with no address reports, from its queries' failures (the
+    first of the most telling, in the order given)."""
+    return min(failures, key=_rank)
+
+
+# --- consistency across resolvers --------------------------------------------------------
+
+# Results whose resolver gave a verdict on the name; a timeout, SERVFAIL or refused
+# connection says nothing about what the name resolves to and is left out.
+_NEGATIVE = frozenset({Failure.DNS_NXDOMAIN, Failure.DNS_NO_ANSWER})
+_CONSISTENCY_FLAGS: tuple[str, ...] = (
+    "dns_udp_tcp_mismatch",
+    "dns_doh_mismatch",
+    "dns_system_mismatch",
+    "dns_resolver_mismatch",
+)
+
+
+def resolver_kind(resolver: str | None) -> str:
+    """``system``, ``udp``, ``tcp`` or ``doh``: the part of a resolver string before its
+    first colon (no resolver is the system's).  The config only makes valid ones."""
+    return (resolver or "system").split(":", 1)[0]
+
+
+def _answer_set(result: ProbeResult) -> frozenset[str] | None:
+    if result.skipped is not None:
+        return None
+    kind = failure_kind(result.failure)
+    if kind in _NEGATIVE:
+        return frozenset()
+    if result.ok or kind == Failure.DNS_BOGON:
+        evidence = result.evidence
+        found = evidence.addresses() if isinstance(evidence, DnsEvidence) else ()
+        return frozenset(found)
+    return None
+
+
+def _mismatch_flag(a: str, b: str) -> str:
+    kinds = {a, b}
+    if kinds == {"udp", "tcp"}:
+        return "dns_udp_tcp_mismatch"
+    if len(kinds) == 2 and "doh" in kinds:
+        return "dns_doh_mismatch"
+    if len(kinds) == 2 and "system" in kinds:
+        return "dns_system_mismatch"
+    return "dns_resolver_mismatch"  # two resolvers of the same kind
+
+
+def dns_consistency(results: Sequence[ProbeResult]) -> tuple[str, ...]:
+    """Flags for resolvers whose answers for the same name disagree.
+
+    Results are grouped by service and host name; within a group every pair of
+    results that carry a verdict (addresses, NXDOMAIN or NOERROR-no-data) is
+    compared with `compare_answer_sets` using the endpoint's declared prefixes
+    (see its docstring for the CDN rule).  The flag names the resolver kinds:
+    ``dns_udp_tcp_mismatch`` (censor behaviour B1), ``dns_doh_mismatch`` (DoH is
+    the control), ``dns_system_mismatch``, ``dns_resolver_mismatch`` (same kind).
+    """
+    groups: dict[tuple[str, str], list[ProbeResult]] = defaultdict(list)
+    for result in results:
+        if result.target.probe == "dns":
+            host = result.target.endpoint.host.lower().rstrip(".")
+            groups[(result.target.service, host)].append(result)
+    flags: set[str] = set()
+    for group in groups.values():
+        flags.update(_group_flags(group))
+    return tuple(f for f in _CONSISTENCY_FLAGS if f in flags)
+
+
+def _group_flags(group: Iterable[ProbeResult]) -> set[str]:
+    judged = [(r, s) for r in group if (s := _answer_set(r)) is not None]
+    prefixes = tuple(p for r, _ in judged for p in r.target.endpoint.prefixes)
+    flags: set[str] = set()
+    for i, (ra, sa) in enumerate(judged):
+        for rb, sb in judged[i + 1 :]:
+            if not compare_answer_sets(sa, sb, prefixes).consistent:
+                kinds = resolver_kind(ra.target.resolver), resolver_kind(rb.target.resolver)
+                flags.add(_mismatch_flag(*kinds))
+    return flags

@@ -6,8 +6,8 @@ it (`probe.statuspage`), and a test vantage reads a control vantage's records
 back into verdict observations (`probe.verdict.from_record`, `probe.control`).
 This module is the only place that spells the record's keys: `result_record`
 builds one from a `ProbeResult`, `read_result_record` reads one back into typed
-`RecordFields`.  The field names are stable (docs/records.md); change them here
-or nowhere.
+`RecordFields` (through `fields_from`, which also reads an archived result).  The
+field names are stable (docs/records.md); change them here or nowhere.
 
 `to_jsonable` is the one way evidence becomes JSON, here and in the archive
 (`probe.archive`, whose OONI envelope carries the nested full result instead).
@@ -35,6 +35,7 @@ __all__ = [
     "binary_data",
     "details_json",
     "evidence_of",
+    "fields_from",
     "is_result_record",
     "iso_z",
     "optional_str",
@@ -201,24 +202,49 @@ def read_result_record(record: Mapping[str, Any]) -> RecordFields:
     """The fields of a flat result record, typed.  ``service``, ``endpoint`` and ``probe``
     are required (KeyError); a ``port`` that is not an integer raises ValueError or
     TypeError.  Callers reading untrusted documents (a control's) catch those."""
-    port = record.get("port")
-    return RecordFields(
-        service=str(record["service"]),
-        endpoint=str(record["endpoint"]),
+    return fields_from(
+        record,
+        record,
         probe=str(record["probe"]),
-        address=optional_str(record.get("address")),
+        vantage=record.get("vantage"),
+        vantage_state=record.get("vantage_state"),
+    )
+
+
+def fields_from(
+    target: Mapping[str, Any],
+    result: Mapping[str, Any],
+    *,
+    probe: str,
+    vantage: Any,
+    vantage_state: Any,
+) -> RecordFields:
+    """One result's fields, read from the mapping that names what was measured
+    (``target``: service, endpoint, address, port, resolver, role) and the one that says
+    what happened (``result``: ok, failure, failed_operation, skipped, details, flags, t).
+    A flat record is both at once (`read_result_record`); the archive's envelope nests
+    the target inside the result (`probe.archive.result_fields`).  ``probe`` is the label
+    as exported; ``vantage`` and ``vantage_state`` as found (None when absent).  Raises
+    KeyError without ``service`` or ``endpoint``, ValueError or TypeError on a ``port``
+    that is not an integer."""
+    port = target.get("port")
+    return RecordFields(
+        service=str(target["service"]),
+        endpoint=str(target["endpoint"]),
+        probe=probe,
+        address=optional_str(target.get("address")),
         port=int(port) if port is not None else None,
-        ok=bool(record.get("ok")),
-        failure=optional_str(record.get("failure")),
-        failed_operation=optional_str(record.get("failed_operation")),
-        resolver=optional_str(record.get("resolver")),
-        skipped=optional_str(record.get("skipped")),
-        role=str(record.get("role") or ""),
-        details=read_details(record.get("details")),
-        flags=read_flags(record.get("flags")),
-        t=optional_str(record.get("t")),
-        vantage=optional_str(record.get("vantage")),
-        vantage_state=optional_str(record.get("vantage_state")),
+        ok=bool(result.get("ok")),
+        failure=optional_str(result.get("failure")),
+        failed_operation=optional_str(result.get("failed_operation")),
+        resolver=optional_str(target.get("resolver")),
+        skipped=optional_str(result.get("skipped")),
+        role=str(target.get("role") or ""),
+        details=read_details(result.get("details")),
+        flags=read_flags(result.get("flags")),
+        t=optional_str(result.get("t")),
+        vantage=optional_str(vantage),
+        vantage_state=optional_str(vantage_state),
     )
 
 

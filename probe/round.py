@@ -20,7 +20,7 @@ from datetime import datetime
 
 from .classify import AGENT_RESOURCES
 from .config.settings import AgentConfig, ProbeSettings, SwapSettings, Timeouts
-from .dnsjudge import suspect_bogon
+from .dnsjudge import dns_consistency, suspect_bogon
 from .evidence import DnsEvidence, TransferEvidence
 from .gate import check_vantage
 from .model import (
@@ -35,7 +35,6 @@ from .model import (
 )
 from .probes import REGISTRY, tls
 from .probes.base import ProbeFn, Recorder, default_operation, run_guarded
-from .probes.dns import dns_consistency
 from .swaps import followups
 from .verdict.aggregate import ALLOWLIST_FLAG, judge_round
 from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
@@ -135,7 +134,7 @@ def plan_targets(ep: Endpoint, addresses: Mapping[str, str]) -> list[Target]:
         for spec in ep.probes
         if spec.name != "dns"
         for address, source in addresses.items()
-        for port in ep.ports_for(spec.name)
+        for port in (spec.ports if spec.ports is not None else ep.ports)
     ]
 
 
@@ -203,7 +202,14 @@ class Lane:
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
-        self._changed = asyncio.Condition()
+        self._condition: asyncio.Condition | None = None  # made on first wait: most lanes
+        # (one per destination in use) only ever see uncontended readers
+
+    @property
+    def _changed(self) -> asyncio.Condition:
+        if self._condition is None:
+            self._condition = asyncio.Condition()
+        return self._condition
 
     @contextlib.asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import __version__
 from .config.settings import AgentConfig
+from .control import without_userinfo
 from .model import ProbeResult
 from .records import api_result_record, iso_z, verdict_record
 from .results import Snapshot
@@ -22,7 +23,9 @@ from .results import Snapshot
 REFRESH_S = 30
 
 
-def results_json(snapshot: Snapshot) -> dict[str, Any]:
+def results_json(snapshot: Snapshot, trusted: bool = True) -> dict[str, Any]:
+    """The ``/api/results`` document.  Untrusted (a remote client without auth), each
+    control's URL and poll error are null: they name internal hosts and what failed there."""
     state = snapshot.vantage_state
     vantage_state = state.state if state else "unknown"
     return {
@@ -41,12 +44,13 @@ def results_json(snapshot: Snapshot) -> dict[str, Any]:
             for k, r in sorted(snapshot.results.items())
         ],
         "verdicts": [verdict_record(v) for v in snapshot.verdicts],
-        "controls": [_control_record(c) for c in snapshot.controls],
+        "controls": [_control_record(c, trusted) for c in snapshot.controls],
     }
 
 
-def _control_record(c: Any) -> dict[str, Any]:
-    return {"url": c.url, "up": c.up, "newest": iso_z(c.newest), "error": c.error}
+def _control_record(c: Any, trusted: bool) -> dict[str, Any]:
+    url, error = (without_userinfo(c.url), c.error) if trusted else (None, None)
+    return {"url": url, "up": c.up, "newest": iso_z(c.newest), "error": error}
 
 
 @dataclass
@@ -107,7 +111,7 @@ def _verdicts_by_endpoint(snapshot: Snapshot) -> dict[tuple[str, str | None], An
     return {(v.service, v.endpoint): v for v in snapshot.verdicts}
 
 
-def _banner(snapshot: Snapshot, config: AgentConfig, show_source: bool) -> str:
+def _banner(snapshot: Snapshot, config: AgentConfig, trusted: bool) -> str:
     v, state = snapshot.vantage, snapshot.vantage_state
     if state is None:
         status = "first check pending"
@@ -123,27 +127,36 @@ def _banner(snapshot: Snapshot, config: AgentConfig, show_source: bool) -> str:
     return (
         f"<div class=banner><b>Vantage {escape(v.name)}</b> "
         f"({escape(v.country)}, {escape(v.asn)}, role {escape(v.role)}): {status}<br>"
-        f"{_controls_line(snapshot)}"
-        f"<small>config {escape(config.source) if show_source else '(path hidden)'} · "
+        f"{_controls_line(snapshot, trusted)}"
+        f"<small>config {escape(config.source) if trusted else '(path hidden)'} · "
         f"probe {escape(__version__)} · "
         f"page refreshes every {REFRESH_S} s</small></div>"
     )
 
 
-def _controls_line(snapshot: Snapshot) -> str:
-    """A test vantage's control vantages: usable, or why not (verdicts are judged alone)."""
+def _controls_line(snapshot: Snapshot, trusted: bool) -> str:
+    """A test vantage's control vantages: usable, or why not (verdicts are judged alone).
+
+    A control's URL names a host and port the operator may keep private (an internal
+    address, a VPN name), and its poll error says what failed there: an untrusted client
+    sees each control's number and state only."""
     parts = []
-    for c in snapshot.controls:
-        state = (
-            "usable" if c.up else f"<span class=offline>not usable</span>: {escape(c.error or '')}"
-        )
-        parts.append(f"{escape(c.url)} {state}")
-    return f"Control: {' · '.join(parts)}<br>" if parts else ""
+    for n, c in enumerate(snapshot.controls, 1):
+        state = "usable" if c.up else "<span class=offline>not usable</span>"
+        if not trusted:
+            parts.append(f"#{n} {state}")
+            continue
+        why = f": {escape(c.error)}" if not c.up and c.error else ""
+        parts.append(f"{escape(without_userinfo(c.url))} {state}{why}")
+    if not parts:
+        return ""
+    hidden = "" if trusted else " <small>(URLs and errors: loopback or authenticated)</small>"
+    return f"Control: {' · '.join(parts)}{hidden}<br>"
 
 
-def render_status_page(snapshot: Snapshot, config: AgentConfig, show_source: bool = True) -> str:
-    """The page; ``show_source=False`` leaves out the config file's path (a page served
-    to a remote client without authentication)."""
+def render_status_page(snapshot: Snapshot, config: AgentConfig, trusted: bool = True) -> str:
+    """The page; ``trusted=False`` (a remote client without authentication) leaves out
+    the config file's path and the control vantages' URLs and poll errors."""
     probes, rows = _matrix(snapshot)
     verdicts = _verdicts_by_endpoint(snapshot)
     head = "".join(f"<th>{escape(p)}</th>" for p in probes)
@@ -167,7 +180,7 @@ def render_status_page(snapshot: Snapshot, config: AgentConfig, show_source: boo
         "<title>probe: messenger reachability</title>"
         f"<style>{_CSS}</style></head><body>"
         "<h1>Messenger reachability</h1>"
-        f"{_banner(snapshot, config, show_source)}"
+        f"{_banner(snapshot, config, trusted)}"
         "<table id=matrix><thead><tr><th>service</th><th>endpoint</th><th>verdict</th>"
         f"{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
         "<p><small>Cells count addresses x ports (or resolvers for dns). "

@@ -43,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .dnsjudge import resolver_kind
 from .model import Failure, Operation, ProbeResult, Target, freeze
 from .probes import REGISTRY
 from .probes.stun import StunParams
@@ -88,10 +89,6 @@ _DNS_FLAGS = frozenset(
         "dns_system_mismatch",
     }
 )
-
-
-def _resolver_kind(resolver: str | None) -> str:
-    return (resolver or "system").split(":", 1)[0]
 
 
 def _variant(t: Target, probe: str, variant: str, overrides: Mapping[str, Any]) -> Target:
@@ -164,14 +161,14 @@ def _dns(
     r: ProbeResult, resolvers: Sequence[str], asked: set[tuple[str, str, str]]
 ) -> list[Target]:
     t = r.target
-    if t.probe != "dns" or _resolver_kind(t.resolver) not in ("system", "udp"):
+    if t.probe != "dns" or resolver_kind(t.resolver) not in ("system", "udp"):
         return []
     if r.ok and not _DNS_FLAGS & set(r.flags):
         return []
     return [
         Target(t.endpoint, "dns", resolver=rid, variant=SWAP)
         for rid in resolvers
-        if _resolver_kind(rid) in ("tcp", "doh") and (t.service, t.endpoint.name, rid) not in asked
+        if resolver_kind(rid) in ("tcp", "doh") and (t.service, t.endpoint.name, rid) not in asked
     ]
 
 

@@ -1,4 +1,5 @@
-"""probe.dnsjudge: bogons, declared prefixes, and when two resolvers' answers disagree."""
+"""probe.dnsjudge: bogons, declared prefixes, when two resolvers' answers disagree, and
+which failure a lookup reports (dns_consistency over results: tests/test_probe_dns.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from probe.dnsjudge import compare_answer_sets, in_prefixes, is_bogon, suspect_bogon
+from probe.dnsjudge import (
+    compare_answer_sets,
+    disjoint,
+    in_prefixes,
+    is_bogon,
+    resolver_kind,
+    suspect_bogon,
+    telling_failure,
+)
+from probe.model import Failure
 
 # Data only: these are pure functions over address values and nothing in this file opens a
 # socket.  The public addresses below (Telegram, Meta, Google, Cloudflare) are examples of
@@ -134,3 +144,45 @@ def test_suspect_bogon_is_a_bogon_outside_the_prefixes(
     assert suspect_bogon(ip, prefixes) == (is_bogon(ip) and not in_prefixes(ip, prefixes))
     if suspect_bogon(ip, prefixes):
         assert not any(ip.version == n.version and ip in n for n in prefixes)
+
+
+def test_disjoint_compares_text_as_given_and_never_raises() -> None:
+    assert disjoint(["157.240.1.1"], ["157.240.9.9"])
+    assert not disjoint(["157.240.1.1", "157.240.1.2"], ["157.240.1.2"])
+    assert disjoint([], ["157.240.1.1"])
+    assert disjoint(["not an address"], ["157.240.1.1"])  # another agent's record: no raise
+
+
+# --- which failure a lookup reports ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failures", "telling"),
+    [
+        # a DNS-level verdict beats a transport symptom, whichever query gave it
+        ([Failure.GENERIC_TIMEOUT, Failure.DNS_NXDOMAIN], Failure.DNS_NXDOMAIN),
+        ([Failure.DNS_SERVFAIL, Failure.DNS_REFUSED], Failure.DNS_REFUSED),
+        (["connection_refused", Failure.GENERIC_TIMEOUT], "connection_refused"),
+        # "no address" is the verdict only when both types said so
+        ([Failure.DNS_NO_ANSWER, Failure.GENERIC_TIMEOUT], Failure.GENERIC_TIMEOUT),
+        ([Failure.DNS_NO_ANSWER, Failure.DNS_NO_ANSWER], Failure.DNS_NO_ANSWER),
+        # two unranked failures: the first, as given (A before AAAA)
+        (["eof_error", "connection_reset"], "eof_error"),
+    ],
+)
+def test_telling_failure(failures: list[str], telling: str) -> None:
+    assert telling_failure(failures) == telling
+
+
+@pytest.mark.parametrize(
+    ("resolver", "kind"),
+    [
+        (None, "system"),
+        ("system", "system"),
+        ("udp:127.0.0.1:53", "udp"),
+        ("tcp:[::1]:53", "tcp"),
+        ("doh:https://127.0.0.1:8443/dns-query", "doh"),
+    ],
+)
+def test_resolver_kind(resolver: str | None, kind: str) -> None:
+    assert resolver_kind(resolver) == kind

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from probe.config.settings import ProbeSettings, Resolvers
+from probe.dnsjudge import dns_consistency
 from probe.evidence import DnsEvidence
 from probe.lab.certs import CertificateAuthority
 from probe.lab.servers.dns import AnswerTable, Behaviour, DNSServer, plan_replies
@@ -26,7 +27,7 @@ from probe.lab.servers.doh import CONTENT_TYPE, DoHServer
 from probe.lab.servers.https_bulk import BulkBehaviour, HTTPSBulkServer
 from probe.model import Failure, Operation, ProbeResult, SkipReason, Target
 from probe.probes import REGISTRY
-from probe.probes.dns import dns_consistency, parse_resolver, probe
+from probe.probes.dns import parse_resolver, probe
 from probe.wire.dnsmsg import build_query, parse_message
 from tests.helpers import json_details, refusing_port, settings, target
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, cast
 
-from ..records import RecordFields, optional_str, read_details, read_flags
+from ..records import RecordFields, fields_from
 from .writer import CURRENT_NAME, rotated_files, rotation_time
 
 # The package's name, as before the split: log records and filters keep their logger.
@@ -138,26 +138,8 @@ def result_fields(record: Mapping[str, Any]) -> RecordFields:
     ValueError on a record that is not one of our measurements."""
     result = record["test_keys"]["probe_result"]
     target = result["target"]
-    annotations = record.get("annotations")
     variant = target.get("variant") or ""
-    port = target.get("port")
-    return RecordFields(
-        service=str(target["service"]),
-        endpoint=str(target["endpoint"]),
-        probe=f"{target['probe']}/{variant}" if variant else str(target["probe"]),
-        address=optional_str(target.get("address")),
-        port=int(port) if port is not None else None,
-        ok=bool(result.get("ok")),
-        failure=optional_str(result.get("failure")),
-        failed_operation=optional_str(result.get("failed_operation")),
-        resolver=optional_str(target.get("resolver")),
-        skipped=optional_str(result.get("skipped")),
-        role=str(target.get("role") or ""),
-        details=read_details(result.get("details")),
-        flags=read_flags(result.get("flags")),
-        t=optional_str(result.get("t")),
-        vantage=optional_str(annotations.get("vantage"))
-        if isinstance(annotations, Mapping)
-        else None,
-        vantage_state=None,
-    )
+    probe = f"{target['probe']}/{variant}" if variant else str(target["probe"])
+    annotations = record.get("annotations")
+    vantage = annotations.get("vantage") if isinstance(annotations, Mapping) else None
+    return fields_from(target, result, probe=probe, vantage=vantage, vantage_state=None)

@@ -377,6 +377,11 @@ def _web(n: Node, base_dir: Path) -> WebSettings:
         tls_key_file=files_.get("tls_key_file"),
         basic_auth_users=freeze(users),
         allowed_hosts=allowed,
+        max_connections_per_client=(
+            m["max_connections_per_client"].as_int(0)
+            if "max_connections_per_client" in m
+            else WebSettings.max_connections_per_client
+        ),
     )
 
 

@@ -97,6 +97,9 @@ class WebSettings:
     # Host header values (names or IPs, no port) served besides the loopback names and the
     # listen address: a DNS-rebinding page can choose both Host and Origin, never these.
     allowed_hosts: tuple[str, ...] = ()
+    # HTTP connections one client address (IPv4, IPv6 /64; loopback exempt) may hold at
+    # once, below the global cap (probe.weblimits); 0: no per-client limit.
+    max_connections_per_client: int = 16
 
 
 @dataclass(frozen=True)

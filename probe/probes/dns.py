@@ -12,8 +12,8 @@ one after it, and the pair is the evidence (dnspython's ``receive_udp`` returns
 only the first).  The first well-formed matching reply is the answer, as a stub
 resolver would take it.
 
-``dns_consistency()`` compares the results of several resolvers for one name
-(UDP vs TCP vs DoH vs system) and returns flags for the round runner.
+This module asks; `probe.dnsjudge` judges what came back (bogons, prefixes, which
+failure a lookup reports, and the consistency of several resolvers for one name).
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import os
 import socket
 import ssl
 import time
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
@@ -36,9 +35,9 @@ import dns.message
 
 from ..classify import classify, classify_rcode
 from ..config.settings import ProbeSettings
-from ..dnsjudge import IPNetwork, compare_answer_sets, in_prefixes, suspect_bogon
+from ..dnsjudge import IPNetwork, in_prefixes, suspect_bogon, telling_failure
 from ..evidence import DnsEvidence, DnsReply
-from ..model import Failure, Operation, ProbeResult, Target, failure_kind
+from ..model import Failure, Operation, ProbeResult, Target
 from ..wire import WireError
 from ..wire.dnsmsg import (
     MAX_MESSAGE,
@@ -48,6 +47,7 @@ from ..wire.dnsmsg import (
     parse_message,
     rcode_text,
 )
+from ._net.tcp import close_streams, connect, open_streams
 from ._net.udp import IcmpWatch, UdpChannel, icmp_evidence
 from .base import Recorder
 from .params import NoParams
@@ -57,7 +57,6 @@ __all__ = [
     "DnsParams",
     "ResolverSpec",
     "budget_s",
-    "dns_consistency",
     "parse_resolver",
     "probe",
 ]
@@ -66,20 +65,6 @@ QTYPES: tuple[str, ...] = ("A", "AAAA")
 DOH_CONTENT_TYPE = "application/dns-message"
 _MAX_UDP_REPLIES = 32  # evidence kept per query; a flood beyond this is dropped
 _GARBAGE_EVIDENCE = 32  # bytes of an unparsable reply kept as hex
-
-# When neither A nor AAAA produced an address, the result carries the most telling of
-# the two failures: a DNS-level verdict beats a transport symptom, and "the name has no
-# address" is only the verdict when both types said so.
-_RANK: tuple[str, ...] = (
-    Failure.DNS_NXDOMAIN,
-    Failure.DNS_REFUSED,
-    Failure.DNS_SERVFAIL,
-    Failure.DNS_SERVER_MISBEHAVING,
-    # anything else (connection_refused, ssl_*, eof_error, unknown_failure ...) ranks here
-    Failure.GENERIC_TIMEOUT,
-    Failure.DNS_NO_ANSWER,
-)
-_RANK_OTHER = _RANK.index(Failure.GENERIC_TIMEOUT) - 0.5
 
 
 @dataclass(frozen=True)
@@ -254,27 +239,28 @@ async def _udp_query(r: ResolverSpec, qname: str, qtype: str, settings: ProbeSet
 # --- TCP ----------------------------------------------------------------------------------
 
 
-async def _tcp_exchange(host: str, port: int, wire: bytes) -> bytes:
-    """One RFC 1035 length-prefixed exchange; the prefix bounds the read to 64 KiB."""
-    reader, writer = await asyncio.open_connection(host, port)
+async def _tcp_exchange(host: str, port: int, wire: bytes, timeout_s: float) -> bytes:
+    """One RFC 1035 length-prefixed exchange; the prefix bounds the read to 64 KiB.
+    ``host`` is an IP literal (the config allows no other resolver host): the shared
+    connect never looks a name up."""
+    reader, writer = await open_streams(await connect(host, port, timeout_s))
     try:
         writer.write(len(wire).to_bytes(2, "big") + wire)
         await writer.drain()
         size = int.from_bytes(await reader.readexactly(2), "big")
         return await reader.readexactly(size)
     finally:
-        writer.close()
         # the peer's reset on close changes nothing about what we read
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        await close_streams(writer)
 
 
 async def _tcp_query(r: ResolverSpec, qname: str, qtype: str, settings: ProbeSettings) -> _Outcome:
     query = build_query(qname, qtype)
     start = time.monotonic()
+    timeout_s = settings.timeouts.dns_s
     try:
-        async with asyncio.timeout(settings.timeouts.dns_s):
-            data = await _tcp_exchange(r.host, r.port, query.to_wire())
+        async with asyncio.timeout(timeout_s):  # the whole exchange, connect included
+            data = await _tcp_exchange(r.host, r.port, query.to_wire(), timeout_s)
     except (OSError, TimeoutError, EOFError) as exc:
         return _failed(exc)
     return _judge(query, qname, qtype, [(time.monotonic() - start, data)])
@@ -422,10 +408,6 @@ _RESOLVERS: dict[str, _Resolve] = {
 # --- the probe ----------------------------------------------------------------------------
 
 
-def _rank(failure: str) -> float:
-    return _RANK.index(failure) if failure in _RANK else _RANK_OTHER
-
-
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     """Resolve ``target.endpoint.host`` (A and AAAA) via ``target.resolver``."""
     resolver = target.resolver or "system"
@@ -462,7 +444,7 @@ def _finish(
         rec.flag("dns_injection_suspected")
     found = [a for qt in QTYPES for a in answers[qt]]
     if not found:
-        failure = min((o.failure or Failure.DNS_NO_ANSWER for o in outcomes.values()), key=_rank)
+        failure = telling_failure(o.failure or Failure.DNS_NO_ANSWER for o in outcomes.values())
         return rec.fail(failure, Operation.RESOLVE)
     if prefixes and any(not in_prefixes(a, prefixes) for a in found):
         rec.flag("dns_answer_outside_prefixes")
@@ -471,79 +453,3 @@ def _finish(
     if bogons:
         return rec.fail(Failure.DNS_BOGON, Operation.RESOLVE, replace(rec.evidence, bogons=bogons))
     return rec.ok()
-
-
-# --- consistency across resolvers ---------------------------------------------------------
-
-# Results whose resolver gave a verdict on the name; a timeout, SERVFAIL or refused
-# connection says nothing about what the name resolves to and is left out.
-_NEGATIVE = frozenset({Failure.DNS_NXDOMAIN, Failure.DNS_NO_ANSWER})
-_CONSISTENCY_FLAGS: tuple[str, ...] = (
-    "dns_udp_tcp_mismatch",
-    "dns_doh_mismatch",
-    "dns_system_mismatch",
-    "dns_resolver_mismatch",
-)
-
-
-def _answer_set(result: ProbeResult) -> frozenset[str] | None:
-    if result.skipped is not None:
-        return None
-    kind = failure_kind(result.failure)
-    if kind in _NEGATIVE:
-        return frozenset()
-    if result.ok or kind == Failure.DNS_BOGON:
-        evidence = result.evidence
-        found = evidence.addresses() if isinstance(evidence, DnsEvidence) else ()
-        return frozenset(found)
-    return None
-
-
-def _mismatch_flag(a: str, b: str) -> str:
-    kinds = {a, b}
-    if kinds == {"udp", "tcp"}:
-        return "dns_udp_tcp_mismatch"
-    if len(kinds) == 2 and "doh" in kinds:
-        return "dns_doh_mismatch"
-    if len(kinds) == 2 and "system" in kinds:
-        return "dns_system_mismatch"
-    return "dns_resolver_mismatch"  # two resolvers of the same kind
-
-
-def _resolver_kind(result: ProbeResult) -> str:
-    try:
-        return parse_resolver(result.target.resolver or "system").kind
-    except ValueError:
-        return "unknown"
-
-
-def dns_consistency(results: Sequence[ProbeResult]) -> tuple[str, ...]:
-    """Flags for resolvers whose answers for the same name disagree.
-
-    Results are grouped by service and host name; within a group every pair of
-    results that carry a verdict (addresses, NXDOMAIN or NOERROR-no-data) is
-    compared with `compare_answer_sets` using the endpoint's declared prefixes
-    (see its docstring for the CDN rule).  The flag names the resolver kinds:
-    ``dns_udp_tcp_mismatch`` (censor behaviour B1), ``dns_doh_mismatch`` (DoH is
-    the control), ``dns_system_mismatch``, ``dns_resolver_mismatch`` (same kind).
-    """
-    groups: dict[tuple[str, str], list[ProbeResult]] = defaultdict(list)
-    for result in results:
-        if result.target.probe == "dns":
-            host = result.target.endpoint.host.lower().rstrip(".")
-            groups[(result.target.service, host)].append(result)
-    flags: set[str] = set()
-    for group in groups.values():
-        flags.update(_group_flags(group))
-    return tuple(f for f in _CONSISTENCY_FLAGS if f in flags)
-
-
-def _group_flags(group: Iterable[ProbeResult]) -> set[str]:
-    judged = [(r, s) for r in group if (s := _answer_set(r)) is not None]
-    prefixes = tuple(p for r, _ in judged for p in r.target.endpoint.prefixes)
-    flags: set[str] = set()
-    for i, (ra, sa) in enumerate(judged):
-        for rb, sb in judged[i + 1 :]:
-            if not compare_answer_sets(sa, sb, prefixes).consistent:
-                flags.add(_mismatch_flag(_resolver_kind(ra), _resolver_kind(rb)))
-    return flags

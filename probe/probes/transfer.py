@@ -53,7 +53,7 @@ import ssl
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Literal, Self
 
 from ..classify import Classified, classify
@@ -92,7 +92,7 @@ from .tls import (
     while_progressing,
 )
 
-__all__ = ["ConnectionRecord", "TransferParams", "budget_s", "probe"]
+__all__ = ["TransferParams", "budget_s", "probe"]
 
 KIB = 1024
 _READ = 64 * KIB  # bytes per recv(): many TCP segments, never more than this in memory
@@ -190,59 +190,26 @@ def budget_s(p: TransferParams, settings: ProbeSettings) -> float:
     return p.connections * (2 if p.upload_bytes else 1) * settings.timeouts.transfer_s
 
 
-Outcome = Literal["complete", "limit", "deadline", "stalled", "failed"]
+class _Connection:
+    """One connection's evidence, replaced step by step as its steps learn more (as a
+    probe's `Recorder.evidence` is): the async steps of one connection share this one
+    reference.  Floats stay exact here; `_rounded` rounds them for the record, after the
+    verdict's rates and the phases have read them."""
+
+    def __init__(self, index: int, direction: Literal["download", "upload"]) -> None:
+        self.ev = TransferConnection(index=index, direction=direction, outcome="failed")
 
 
-@dataclass
-class ConnectionRecord:
-    """What one connection saw.  ``wire_bytes`` = server->client TCP payload, TLS included."""
+def _measured(c: TransferConnection) -> bool:
+    """A throughput we can trust: completed, cut by max_bytes or by the deadline."""
+    return c.outcome in ("complete", "limit", "deadline")
 
-    index: int
-    direction: Literal["download", "upload"]
-    outcome: Outcome = "failed"
-    failure: str | None = None
-    failed_operation: Operation | None = None
-    stage: str | None = None  # where a read failed: first_byte | head | body
-    connect_s: float | None = None
-    tls_s: float | None = None
-    ttfb_s: float | None = None  # request written -> first decrypted response byte
-    duration_s: float = 0.0
-    status: int | None = None
-    framing: str | None = None
-    content_length: int | None = None
-    body_bytes: int = 0
-    wire_bytes: int = 0
-    handshake_wire_bytes: int | None = None
-    handshake_messages: list[str] | None = None  # a failed handshake: what the server sent
-    response_wire_bytes: int = 0  # wire bytes after the request was written
-    stalled_at_bytes: int | None = None  # body bytes when the flow stopped
-    stalled_at_wire_bytes: int | None = None
-    silent_s: float | None = None  # a stall: how long the flow was watched without a byte
-    acks_in_silence: bool | None = None  # a stall: the server's kernel still answered
-    longest_gap_s: float | None = None  # longest silence that ended with a byte (response)
-    long_gaps: int = 0  # silences of at least stall_s that resumed: not stalls
-    kbps: float | None = None  # server->client, over the response's wire bytes
-    upload_bytes: int | None = None
-    upload_kbps: float | None = None
-    eof: str | None = None  # close_notify | ragged (FIN without close_notify)
 
-    @property
-    def measured(self) -> bool:
-        """A throughput we can trust: completed, cut by max_bytes or by the deadline."""
-        return self.outcome in ("complete", "limit", "deadline")
-
-    def as_evidence(self) -> TransferConnection:
-        """The frozen record, floats rounded to 4 places (same field names)."""
-        fields: dict[str, Any] = {
-            key: round(value, 4) if isinstance(value, float) else value
-            for key, value in asdict(self).items()
-        }
-        fields["failed_operation"] = (
-            str(self.failed_operation) if self.failed_operation is not None else None
-        )
-        messages = self.handshake_messages
-        fields["handshake_messages"] = tuple(messages) if messages is not None else None
-        return TransferConnection(**fields)
+def _rounded(c: TransferConnection) -> TransferConnection:
+    """The record as archived: floats rounded to 4 places."""
+    values = ((f.name, getattr(c, f.name)) for f in fields(c))
+    rounded: dict[str, Any] = {k: round(v, 4) for k, v in values if isinstance(v, float)}
+    return replace(c, **rounded)
 
 
 class _Failed(Exception):
@@ -485,14 +452,14 @@ class _Transfer:
         resumed gaps gets proportionally longer before a silence counts as a freeze."""
         return CONFIRM_FACTOR * max(self.t.stall_s, self.longest_gap)
 
-    async def download(self, index: int) -> ConnectionRecord:
-        rec = ConnectionRecord(index, "download")
+    async def download(self, index: int) -> TransferConnection:
+        rec = _Connection(index, "download")
         request = build_request("GET", self.p.path, self.host)
 
         async def exchange(conn: _TLSConn, deadline: float) -> None:
             await self._send(conn, request, deadline, self.t.app_s)
             # app_s is a floor for the first byte too: after a slow connect, it grows
-            first_byte_s, _ = handshake_timeout(self.t.app_s, rec.connect_s)
+            first_byte_s, _ = handshake_timeout(self.t.app_s, rec.ev.connect_s)
             reader = _Reader(
                 conn,
                 deadline,
@@ -505,8 +472,8 @@ class _Transfer:
 
         return await self._connection(rec, exchange)
 
-    async def upload(self, index: int) -> ConnectionRecord:
-        rec = ConnectionRecord(index, "upload")
+    async def upload(self, index: int) -> TransferConnection:
+        rec = _Connection(index, "upload")
         size = self.p.upload_bytes
         head = build_request(
             "POST", self.p.upload_path or self.p.path, self.host, content_length=size
@@ -521,7 +488,7 @@ class _Transfer:
                 chunk = block[: min(_UPLOAD_CHUNK, size - sent)]
                 await self._send(conn, chunk, deadline, self.t.stall_s)
                 sent += len(chunk)
-                rec.upload_bytes = sent
+                rec.ev = replace(rec.ev, upload_bytes=sent)
             reader = _Reader(
                 conn,
                 deadline,
@@ -533,13 +500,14 @@ class _Transfer:
             await self._response(rec, reader, "POST", _UPLOAD_REPLY_MAX)
             if reader.t_first_plaintext is not None and reader.t_first_plaintext > t_start:
                 # the sink answers after reading everything: this is end-to-end upstream rate
-                rec.upload_kbps = size * 8 / 1000 / (reader.t_first_plaintext - t_start)
+                kbps = size * 8 / 1000 / (reader.t_first_plaintext - t_start)
+                rec.ev = replace(rec.ev, upload_kbps=kbps)
 
         return await self._connection(rec, exchange)
 
     async def _connection(
-        self, rec: ConnectionRecord, exchange: Callable[[_TLSConn, float], Awaitable[None]]
-    ) -> ConnectionRecord:
+        self, rec: _Connection, exchange: Callable[[_TLSConn, float], Awaitable[None]]
+    ) -> TransferConnection:
         t0 = time.monotonic()
         deadline = t0 + self.t.transfer_s
         sock: socket.socket | None = None
@@ -551,29 +519,40 @@ class _Transfer:
             await self._handshake(rec, conn, deadline)
             await exchange(conn, deadline)
         except _Failed as failed:
-            rec.outcome = "stalled" if failed.stalled else "failed"
-            rec.failure, rec.failed_operation = failed.failure, failed.operation
-            rec.stage = rec.stage or failed.stage
+            rec.ev = replace(
+                rec.ev,
+                outcome="stalled" if failed.stalled else "failed",
+                failure=failed.failure,
+                failed_operation=str(failed.operation),
+                stage=rec.ev.stage or failed.stage,
+            )
         finally:
-            rec.duration_s = time.monotonic() - t0
+            rec.ev = replace(rec.ev, duration_s=time.monotonic() - t0)
             if conn is not None:
-                rec.wire_bytes = conn.wire_in
-                rec.response_wire_bytes = conn.response_wire if conn.marked else 0
-                # an upload's reply is a line: its rate says nothing, upload_kbps does
-                rec.kbps = conn.kbps() if rec.direction == "download" else None
-                rec.eof = conn.eof
-                rec.long_gaps = conn.long_gaps
-                if conn.longest_gap:
-                    rec.longest_gap_s = conn.longest_gap
-                if rec.outcome != "stalled":  # a stall's silence is not a resumed gap
-                    self.longest_gap = max(self.longest_gap, conn.longest_gap)
-                slow_rate = rec.kbps is not None and rec.kbps < self.p.throttle_kbps
-                self.slow = self.slow or rec.long_gaps > 0 or (rec.measured and slow_rate)
+                self._ended(rec, conn)
             if sock is not None:
                 sock.close()  # FIN (RST if unread data remains): we are done either way
-        return rec
+        return rec.ev
 
-    async def _connect(self, rec: ConnectionRecord, deadline: float) -> socket.socket:
+    def _ended(self, rec: _Connection, conn: _TLSConn) -> None:
+        """What the connection's wire showed, into its record and into what the probe
+        knows of the path (``longest_gap``, ``slow``)."""
+        c = rec.ev = replace(
+            rec.ev,
+            wire_bytes=conn.wire_in,
+            response_wire_bytes=conn.response_wire if conn.marked else 0,
+            # an upload's reply is a line: its rate says nothing, upload_kbps does
+            kbps=conn.kbps() if rec.ev.direction == "download" else None,
+            eof=conn.eof,
+            long_gaps=conn.long_gaps,
+            longest_gap_s=conn.longest_gap or rec.ev.longest_gap_s,
+        )
+        if c.outcome != "stalled":  # a stall's silence is not a resumed gap
+            self.longest_gap = max(self.longest_gap, conn.longest_gap)
+        slow_rate = c.kbps is not None and c.kbps < self.p.throttle_kbps
+        self.slow = self.slow or c.long_gaps > 0 or (_measured(c) and slow_rate)
+
+    async def _connect(self, rec: _Connection, deadline: float) -> socket.socket:
         start = time.monotonic()
         try:
             # On a path an earlier connection showed to be slow, the shaper's queue may still
@@ -583,19 +562,20 @@ class _Transfer:
         except OSError as exc:  # TimeoutError included
             raise _Failed(classify(exc, Operation.CONNECT), Operation.CONNECT) from exc
         finally:
-            rec.connect_s = time.monotonic() - start
+            rec.ev = replace(rec.ev, connect_s=time.monotonic() - start)
 
-    async def _handshake(self, rec: ConnectionRecord, conn: _TLSConn, deadline: float) -> None:
+    async def _handshake(self, rec: _Connection, conn: _TLSConn, deadline: float) -> None:
         start = time.monotonic()
-        first_s, cap_s = handshake_timeout(self.t.tls_s, rec.connect_s)
+        first_s, cap_s = handshake_timeout(self.t.tls_s, rec.ev.connect_s)
         try:
             await conn.handshake(_left(deadline, first_s), _left(deadline, cap_s))
         except (OSError, EOFError) as exc:  # SSLError and TimeoutError are OSErrors
-            rec.handshake_messages = server_messages(bytes(conn.head))
+            messages = tuple(server_messages(bytes(conn.head)))
+            rec.ev = replace(rec.ev, handshake_messages=messages)
             raise _Failed(classify(exc, Operation.TLS_HANDSHAKE), Operation.TLS_HANDSHAKE) from exc
         finally:
-            rec.tls_s = time.monotonic() - start
-            rec.handshake_wire_bytes = conn.wire_in
+            tls_s = time.monotonic() - start
+            rec.ev = replace(rec.ev, tls_s=tls_s, handshake_wire_bytes=conn.wire_in)
 
     async def _send(self, conn: _TLSConn, data: bytes, deadline: float, limit: float) -> None:
         try:
@@ -604,7 +584,7 @@ class _Transfer:
             raise _Failed(classify(exc, Operation.WRITE), Operation.WRITE) from exc
 
     async def _response(
-        self, rec: ConnectionRecord, reader: _Reader, method: str, max_bytes: int
+        self, rec: _Connection, reader: _Reader, method: str, max_bytes: int
     ) -> None:
         try:
             head, rest = await self._head(rec, reader)
@@ -612,13 +592,13 @@ class _Transfer:
         except _Timeout as timeout:
             self._timed_out(rec, reader, timeout.clock)
         except _Failed as failed:
-            failed.stage = failed.stage or ("body" if rec.status is not None else "head")
+            failed.stage = failed.stage or ("body" if rec.ev.status is not None else "head")
             raise
         except WireError as exc:
-            stage = "body" if rec.status is not None else "head"
+            stage = "body" if rec.ev.status is not None else "head"
             raise _Failed(Failure.BAD_RESPONSE, Operation.READ, stage) from exc
 
-    async def _head(self, rec: ConnectionRecord, reader: _Reader) -> tuple[ResponseHead, bytes]:
+    async def _head(self, rec: _Connection, reader: _Reader) -> tuple[ResponseHead, bytes]:
         buf = bytearray()
         interim = 0
         while True:  # bounded: head_end() caps the head size, _MAX_INTERIM the 1xx count
@@ -627,8 +607,8 @@ class _Transfer:
                 data = await reader.next()
                 if not data:
                     raise _Failed(Failure.EOF, Operation.READ, "head")
-                if rec.ttfb_s is None:
-                    rec.ttfb_s = time.monotonic() - reader.t_sent
+                if rec.ev.ttfb_s is None:
+                    rec.ev = replace(rec.ev, ttfb_s=time.monotonic() - reader.t_sent)
                 buf += data
                 continue
             head = parse_response_head(bytes(buf[:end]))
@@ -642,7 +622,7 @@ class _Transfer:
 
     async def _body(
         self,
-        rec: ConnectionRecord,
+        rec: _Connection,
         reader: _Reader,
         head: ResponseHead,
         rest: bytes,
@@ -650,36 +630,43 @@ class _Transfer:
         max_bytes: int,
     ) -> None:
         fr = framing(head, request_method=method)
-        rec.status, rec.framing, rec.content_length = head.status, fr.kind, fr.length
+        rec.ev = replace(rec.ev, status=head.status, framing=fr.kind, content_length=fr.length)
         counter = _BodyCounter(fr)
-        rec.body_bytes = counter.feed(rest)
-        while not counter.done and rec.body_bytes < max_bytes:
-            data = await reader.next()  # bounded by the clocks; each piece is >= 1 byte
-            if not data:
-                if fr.kind == "close":
-                    break  # the end of a close-delimited body
-                raise _Failed(Failure.EOF, Operation.READ, "body")
-            rec.body_bytes += counter.feed(data)
+        body = counter.feed(rest)
+        try:
+            while not counter.done and body < max_bytes:
+                data = await reader.next()  # bounded by the clocks; each piece is >= 1 byte
+                if not data:
+                    if fr.kind == "close":
+                        break  # the end of a close-delimited body
+                    raise _Failed(Failure.EOF, Operation.READ, "body")
+                body += counter.feed(data)
+        finally:  # a stall or a failure reports the body counted so far
+            rec.ev = replace(rec.ev, body_bytes=body)
         # the framed end, or the EOF of a close-delimited body; otherwise we stopped at max
-        rec.outcome = "complete" if counter.done or rec.body_bytes < max_bytes else "limit"
+        outcome = "complete" if counter.done or body < max_bytes else "limit"
+        rec.ev = replace(rec.ev, outcome=outcome)
 
-    def _timed_out(self, rec: ConnectionRecord, reader: _Reader, clock: str) -> None:
+    def _timed_out(self, rec: _Connection, reader: _Reader, clock: str) -> None:
         """Turn a read timeout into an outcome: first-byte timeout, stall, or deadline."""
-        stage = "body" if rec.status is not None else "head"
+        stage = "body" if rec.ev.status is not None else "head"
         if clock == "first_byte":
             raise _Failed(Failure.GENERIC_TIMEOUT, Operation.READ, "first_byte")
         silent = reader.silent_s()
         # At the deadline, a flow silent for at least stall_s never resumed: a stall
         # confirmed as far as we could watch.  Otherwise it was still flowing.
         if clock == "deadline" and silent < self.t.stall_s:
-            if rec.status is not None:
-                rec.outcome = "deadline"  # still flowing: measured, not failed
+            if rec.ev.status is not None:
+                rec.ev = replace(rec.ev, outcome="deadline")  # still flowing: measured
                 return
             raise _Failed(Failure.GENERIC_TIMEOUT, Operation.READ, stage)
-        rec.silent_s = silent
-        rec.acks_in_silence = reader.watch_to_deadline
-        rec.stalled_at_bytes = rec.body_bytes
-        rec.stalled_at_wire_bytes = reader.conn.wire_in
+        rec.ev = replace(
+            rec.ev,
+            silent_s=silent,
+            acks_in_silence=reader.watch_to_deadline,
+            stalled_at_bytes=rec.ev.body_bytes,
+            stalled_at_wire_bytes=reader.conn.wire_in,
+        )
         in_window = reader.conn.wire_in <= self.p.stall_max_bytes
         failure = Failure.STALL_AFTER_BYTES if in_window else Failure.GENERIC_TIMEOUT
         raise _Failed(failure, Operation.READ, stage, stalled=True)
@@ -689,9 +676,9 @@ def _left(deadline: float, limit: float) -> float:
     return max(0.0, min(limit, deadline - time.monotonic()))
 
 
-def _ends_probe(rec: ConnectionRecord) -> bool:
+def _ends_probe(c: TransferConnection) -> bool:
     """Connect and TLS failures stop the run: further connections hit the same wall."""
-    return rec.failed_operation in (Operation.CONNECT, Operation.TLS_HANDSHAKE)
+    return c.failed_operation in (Operation.CONNECT, Operation.TLS_HANDSHAKE)
 
 
 async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
@@ -700,12 +687,12 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     params = TransferParams.of(target)
     run = _Transfer(target, settings, params)
     rec.evidence = TransferEvidence(request=TransferRequest(sni=run.sni, path=params.path))
-    downloads: list[ConnectionRecord] = []
+    downloads: list[TransferConnection] = []
     for index in range(params.connections):  # sequential: one flow at a time, like a client
         downloads.append(await run.download(index))
         if _ends_probe(downloads[-1]):
             break
-    uploads: list[ConnectionRecord] = []
+    uploads: list[TransferConnection] = []
     if params.upload_bytes and not _ends_probe(downloads[-1]):
         for index in range(params.connections):
             uploads.append(await run.upload(index))
@@ -715,7 +702,7 @@ async def probe(target: Target, settings: ProbeSettings) -> ProbeResult:
     return _verdict(rec, params, downloads, uploads)
 
 
-def _phases(rec: Recorder[TransferEvidence], first: ConnectionRecord) -> None:
+def _phases(rec: Recorder[TransferEvidence], first: TransferConnection) -> None:
     for name, value in (
         ("connect", first.connect_s),
         ("tls", first.tls_s),
@@ -733,8 +720,8 @@ def _median(values: list[float]) -> float | None:
 def _verdict(
     rec: Recorder[TransferEvidence],
     params: TransferParams,
-    downloads: list[ConnectionRecord],
-    uploads: list[ConnectionRecord],
+    downloads: list[TransferConnection],
+    uploads: list[TransferConnection],
 ) -> ProbeResult:
     stalled = [c for c in downloads if c.outcome == "stalled"]
     # A connection the deadline cut short is measured whatever its size: it ran for the
@@ -742,20 +729,20 @@ def _verdict(
     down_kbps = [
         c.kbps
         for c in downloads
-        if c.measured
+        if _measured(c)
         and c.kbps is not None
         and (c.body_bytes >= params.throttle_min_bytes or c.outcome == "deadline")
     ]
     up_kbps = [
         c.upload_kbps
         for c in uploads
-        if c.measured
+        if _measured(c)
         and c.upload_kbps is not None
         and params.upload_bytes >= params.throttle_min_bytes
     ]
     median_down, median_up = _median(down_kbps), _median(up_kbps)
     summary = TransferSummary(
-        connections=tuple(c.as_evidence() for c in downloads),
+        connections=tuple(_rounded(c) for c in downloads),
         connections_attempted=len(downloads),
         stalled_connections=len(stalled),
         stalled_fraction=round(len(stalled) / len(downloads), 3),
@@ -768,7 +755,7 @@ def _verdict(
     rec.evidence = replace(rec.evidence, summary=summary)
     if uploads:
         upload = TransferUploads(
-            uploads=tuple(c.as_evidence() for c in uploads), median_upload_kbps=median_up
+            uploads=tuple(_rounded(c) for c in uploads), median_upload_kbps=median_up
         )
         rec.evidence = replace(rec.evidence, upload=upload)
     if any(c.status is not None and c.status >= 400 for c in downloads + uploads):
@@ -780,12 +767,12 @@ def _verdict(
     # one was measured met the path's congestion (the shaper's queue), not a block: the
     # measured throughput stands, the failure stays in its connection record.
     measured_before = False
-    counted: list[ConnectionRecord] = []
+    counted: list[TransferConnection] = []
     for c in downloads + uploads:
         if measured_before and _ends_probe(c):
             rec.flag("transfer_connection_failed_after_measured")
             continue
-        measured_before = measured_before or c.measured
+        measured_before = measured_before or _measured(c)
         counted.append(c)
     failed = next((c for c in counted if c.failure is not None), None)
     if failed is not None and failed.failed_operation == Operation.TLS_HANDSHAKE:
@@ -796,7 +783,7 @@ def _verdict(
         )
         rec.evidence = replace(rec.evidence, handshake=handshake)
     if failed is not None and failed.failure is not None and failed.failed_operation is not None:
-        return rec.fail(failed.failure, failed.failed_operation)
+        return rec.fail(failed.failure, Operation(failed.failed_operation))
 
     slow = []
     if median_down is not None and median_down < params.throttle_kbps:

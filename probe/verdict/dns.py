@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..dnsjudge import disjoint, resolver_kind
 from ..evidence import DnsEvidence
 from ..model import Failure
 from .context import Context
@@ -22,7 +23,7 @@ _DNS_MISMATCH = frozenset({"dns_udp_tcp_mismatch", "dns_doh_mismatch", "dns_syst
 
 
 def _resolver_kind(o: Observation) -> str:
-    return (o.resolver or "system").split(":", 1)[0]
+    return resolver_kind(o.resolver)
 
 
 def _dns_lie(o: Observation, clean: Sequence[Observation]) -> tuple[str, float] | None:
@@ -40,8 +41,11 @@ def _dns_lie(o: Observation, clean: Sequence[Observation]) -> tuple[str, float] 
     if "dns_answer_outside_prefixes" in o.flags:
         return ("answer outside the service's prefixes", GOOD) if in_prefix else None
     mine = dns_answers(o)
-    disjoint = all(not (mine & dns_answers(c)) for c in in_prefix)
-    if _DNS_MISMATCH & set(o.flags) and in_prefix and disjoint:
+    # Not compare_answer_sets: two answers inside the prefixes are a CDN's variation
+    # there, but here a mismatch was already flagged and the question is only whether
+    # this answer shares an address with any clean one.
+    matches_none = all(disjoint(mine, dns_answers(c)) for c in in_prefix)
+    if _DNS_MISMATCH & set(o.flags) and in_prefix and matches_none:
         return ("inconsistent with the clean resolvers", FAIR)
     return None
 

@@ -1,6 +1,6 @@
 """One TCP connect to an IP literal, and the kernel's view of the connection.
 
-Every TCP-based probe (tcp, tls, transfer, the application exchanges, STUN over TCP)
+Every TCP-based probe (tcp, tls, transfer, the application exchanges, STUN and DNS over TCP)
 connects through `connect`, so they all connect the same way; the ones that record the
 kernel's connect round trip and the address families read them with `kernel_connect_rtt`
 and `address_families` right after it.
