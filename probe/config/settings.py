@@ -74,7 +74,7 @@ class Schedule:
     # on cold caches (several times its cost back to back).  Only ever delays a round,
     # by less than one step (capped at a tenth of interval_s); 0 starts each round at
     # its own time.
-    batch_s: float = 1.0
+    batch_s: float = 0.25
 
 
 @dataclass(frozen=True)
