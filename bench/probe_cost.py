@@ -17,6 +17,11 @@ servers on distinct 127/8 addresses), concurrency 20, whole-process CPU of the p
   CPU of the same probe run back to back (a bare asyncio connect: ~130 us back to back,
   ~680 us paced at 50/s, measured here).  ``agent_over_blackbox_paced`` is the
   like-for-like ratio;
+- the agent once more as `probe once --archive` (``agent_once``): one round over the
+  same number of endpoints as blackbox's requests, back to back, its CPU minus that of a
+  20-endpoint round (start-up, config) per extra probe: ``agent_once_over_blackbox`` is
+  the back-to-back like-for-like ratio (a round still has the gate, the verdicts, the
+  archive and the JSON output on top);
 - bare asyncio: `open_connection` (with a prebuilt SSLContext for TLS) in a subprocess that
   times only its probe loop: the floor for a Python prober.
 
@@ -28,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import resource
 import shutil
 import ssl
 import subprocess
@@ -41,6 +48,7 @@ from typing import Any
 
 from common import (
     PYTHON,
+    REPO,
     Acceptor,
     address,
     agent_config,
@@ -60,6 +68,7 @@ from probe.lab.certs import CertificateAuthority
 
 NAME = "bench.example"
 CONCURRENCY = 20
+SMALL_ROUND = 20  # endpoints of the round whose CPU `run_agent_once` subtracts
 
 
 class TLSServer:
@@ -131,6 +140,49 @@ def run_agent(
         before.decode(), "probe_attempts_total"
     )
     return (cpu1 - cpu0) / max(probes, 1)
+
+
+def run_agent_once(kind: str, port: int, ca_file: Path, n: int, tmp: Path) -> float:
+    """`probe once --archive` (one round, back to back like blackbox's requests): the CPU
+    of a round over ``n`` endpoints minus one over ``SMALL_ROUND``, per extra probe, so
+    interpreter start-up and config parsing are left out."""
+
+    def cpu_of_round(count: int) -> float:
+        config = agent_config(
+            tmp / f"once-{kind}-{count}.yaml",
+            endpoints_yaml(kind, count, port),
+            listen_port=free_port(),
+            control_port=port,
+            concurrency=CONCURRENCY,
+            extra=f"tls: {{ca_file: {ca_file}}}",
+        )
+        archive = str(tmp / f"once-archive-{kind}")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "probe",
+                "once",
+                "-c",
+                str(config),
+                "--format",
+                "json",
+                "--archive",
+                archive,
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+            timeout=600,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+    small = cpu_of_round(SMALL_ROUND)
+    return (cpu_of_round(n) - small) / (n - SMALL_ROUND)
 
 
 def blackbox_config(path: Path, ca_file: Path) -> Path:
@@ -261,6 +313,7 @@ def main() -> None:
                         "agent": [],
                         "agent_no_archive": [],
                         "agent_unbatched": [],
+                        "agent_once": [],
                         "blackbox": [],
                         "blackbox_paced": [],
                         "bare": [],
@@ -273,6 +326,7 @@ def main() -> None:
                 f["agent_unbatched"].append(
                     run_agent(kind, port, ca_file, args.endpoints, args.window, tmp, batch_s=0)
                 )
+                f["agent_once"].append(run_agent_once(kind, port, ca_file, count, tmp))
                 f["blackbox"].append(run_blackbox(kind, port, bb, args.endpoints, count))
                 rate = agent_rate(args.endpoints)
                 paced_count = max(CONCURRENCY, int(rate * args.window))  # the agent's window
@@ -286,6 +340,7 @@ def main() -> None:
             out.update({f"{tool}_cpu_us_per_probe": round(v, 1) for tool, v in us.items()})
             out["agent_over_blackbox"] = round(us["agent"] / us["blackbox"], 2)
             out["agent_over_blackbox_paced"] = round(us["agent"] / us["blackbox_paced"], 2)
+            out["agent_once_over_blackbox"] = round(us["agent_once"] / us["blackbox"], 2)
             out["agent_unbatched_over_blackbox_paced"] = round(
                 us["agent_unbatched"] / us["blackbox_paced"], 2
             )
