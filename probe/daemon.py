@@ -47,7 +47,7 @@ from .statuspage import render_status_page, results_json
 from .verdict.aggregate import as_control_vantage, judge_endpoint, judge_service
 from .verdict.observations import Item, Observation, normalise
 from .verdict.vocabulary import EndpointVerdict, ServiceVerdict
-from .weblimits import per_client
+from .weblimits import Refusals, per_client
 
 log = logging.getLogger("probe.daemon")
 _T = TypeVar("_T")
@@ -94,6 +94,7 @@ class Agent:
             config.archive, config.vantage
         )
         self._archive_errors_before = 0  # write errors of archive writers replaced on reload
+        self.http_refusals = Refusals()  # HTTP connections closed on accept (weblimits)
         self.scheduler: Scheduler | None = None
         self.store.set_config_reload(True, utcnow())
         self._stats_task: asyncio.Task[None] | None = None
@@ -206,6 +207,7 @@ class Agent:
         self._stats_task = asyncio.create_task(self._publish_stats())
 
     async def _publish_stats(self) -> None:
+        refused: tuple[tuple[str, int], ...] = ()  # as last published: a swap only on change
         while True:
             if self.scheduler is not None:
                 self.store.set_agent_stats(
@@ -217,6 +219,9 @@ class Agent:
                 self.store.set_agent_stats(
                     archive_write_errors=self._archive_errors_before + self.archive.write_errors
                 )
+            if (now_refused := self.http_refusals.counts()) != refused:
+                refused = now_refused
+                self.store.set_agent_stats(http_connections_refused=refused)
             await asyncio.sleep(1.0)
 
     async def reload(self) -> str | None:
@@ -853,22 +858,32 @@ def raise_fd_limit() -> tuple[int, int]:
 class _Refused(asyncio.Protocol):
     """Stands in for a connection over the cap: closed at once, its descriptor freed."""
 
+    def __init__(self, refusals: Refusals | None = None, limit: int = 0) -> None:
+        self._refusals = refusals
+        self._limit = limit
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._refusals is not None:
+            self._refusals.refused("global", transport.get_extra_info("peername"), self._limit)
         cast(asyncio.Transport, transport).abort()
 
 
-def capped(server: web.Server, limit: int) -> Callable[[], asyncio.BaseProtocol]:
+def capped(
+    server: web.Server, limit: int, refusals: Refusals | None = None
+) -> Callable[[], asyncio.BaseProtocol]:
     """aiohttp's protocol factory, refusing connections beyond ``limit`` open ones."""
 
     def factory() -> asyncio.BaseProtocol:
         if len(server.connections) >= limit:
-            return _Refused()
+            return _Refused(refusals, limit)
         return server()
 
     return factory
 
 
-async def _listen(runner: web.AppRunner, config: AgentConfig, fd_soft: int) -> asyncio.Server:
+async def _listen(
+    runner: web.AppRunner, config: AgentConfig, fd_soft: int, refusals: Refusals | None = None
+) -> asyncio.Server:
     """Listen with the connection cap (a quarter of the descriptors at most)."""
     assert runner.server is not None
     limit = max(8, min(MAX_HTTP_CONNECTIONS, fd_soft // 4))
@@ -877,7 +892,10 @@ async def _listen(runner: web.AppRunner, config: AgentConfig, fd_soft: int) -> a
     host = None if config.listen.host == "::" else config.listen.host
     return await asyncio.get_running_loop().create_server(
         per_client(
-            runner.server, capped(runner.server, limit), config.web.max_connections_per_client
+            runner.server,
+            capped(runner.server, limit, refusals),
+            config.web.max_connections_per_client,
+            refusals=refusals,
         ),
         host,
         config.listen.port,
@@ -935,7 +953,7 @@ class HTTPThread:
         await runner.setup()
         listener: asyncio.Server | None = None
         try:
-            listener = await _listen(runner, self._config, self._fd_soft)
+            listener = await _listen(runner, self._config, self._fd_soft, self._agent.http_refusals)
         except OSError as exc:  # port taken, address not ours, unreadable TLS key (SSLError)
             self.error = exc
         self._ready.set()

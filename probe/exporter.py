@@ -412,6 +412,15 @@ def _agent_metrics(snapshot: Snapshot) -> Iterator[Metric]:
             "Measurements that could not be appended to the archive (disk full, I/O error)",
             value=snapshot.archive_write_errors,
         )
+    if snapshot.http_connections_refused:
+        refused = CounterMetricFamily(
+            "probe_http_connections_refused_total",
+            "HTTP connections closed as soon as they were accepted, by the limit that refused them",
+            labels=["reason"],
+        )
+        for reason, count in snapshot.http_connections_refused:
+            refused.add_metric([reason], count)
+        yield refused
 
 
 # -- the /metrics text, incrementally ------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,8 +53,45 @@ THIRD_PARTY_BURST = 10  # records per library logger per window; then one notice
 THIRD_PARTY_WINDOW_S = 60.0
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What `FloodCap.admit` decided for one record."""
+
+    emit: bool  # write it
+    notice: bool  # the first over the cap: write the "dropping the rest" notice instead
+    suppressed: int | None  # the first of a new window: records dropped in the last one
+
+
+class FloodCap:
+    """At most ``burst`` records per key per window, then one notice, then none until the
+    window ends; the first record of the next window says how many were dropped.
+
+    The keys must be few (logger names, a reason): each keeps one entry."""
+
+    def __init__(self, burst: int, window_s: float) -> None:
+        self.burst = burst
+        self.window_s = window_s
+        self._windows: dict[str, tuple[float, int]] = {}  # key -> (window start, count)
+
+    def admit(self, key: str) -> Admission:
+        now = time.monotonic()
+        start, count = self._windows.get(key, (now, 0))
+        suppressed = None
+        if now - start >= self.window_s:
+            if count > self.burst:
+                suppressed = count - self.burst - 1
+            start, count = now, 0
+        count += 1
+        self._windows[key] = (start, count)
+        return Admission(count <= self.burst + 1, count == self.burst + 1, suppressed)
+
+    def notice(self) -> str:
+        return f"dropping the rest for up to {self.window_s:g} s"
+
+
 class ThirdPartyCap(logging.Filter):
-    """At most `THIRD_PARTY_BURST` records per window from each logger outside ``probe``.
+    """At most `THIRD_PARTY_BURST` records per window from each logger outside ``probe``
+    (a `FloodCap` per logger name).
 
     The first record over the cap is replaced by a notice; the first record of the next
     window says how many were dropped (``suppressed``).  Our own loggers are never capped.
@@ -61,32 +99,21 @@ class ThirdPartyCap(logging.Filter):
 
     def __init__(self, burst: int = THIRD_PARTY_BURST, window_s: float = THIRD_PARTY_WINDOW_S):
         super().__init__()
-        self.burst = burst
-        self.window_s = window_s
-        self._windows: dict[str, tuple[float, int]] = {}  # logger -> (window start, count)
+        self._cap = FloodCap(burst, window_s)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "probe" or record.name.startswith("probe."):
             return True
-        now = time.monotonic()
-        start, count = self._windows.get(record.name, (now, 0))
-        if now - start >= self.window_s:
-            if count > self.burst:
-                record.suppressed = count - self.burst - 1
-            start, count = now, 0
-        count += 1
-        self._windows[record.name] = (start, count)
-        if count <= self.burst:
-            return True
-        if count == self.burst + 1:
+        admitted = self._cap.admit(record.name)
+        if admitted.suppressed is not None:
+            record.suppressed = admitted.suppressed
+        if admitted.notice:
             record.msg, record.args, record.exc_info = (
-                f"more than {self.burst} messages from this library: "
-                f"dropping the rest for up to {self.window_s:g} s",
+                f"more than {self._cap.burst} messages from this library: {self._cap.notice()}",
                 (),
                 None,
             )
-            return True
-        return False
+        return admitted.emit
 
 
 def setup(fmt: str = "json", level: str = "info") -> None:

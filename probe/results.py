@@ -159,6 +159,8 @@ class Snapshot:
     schedule_lag_quantiles: tuple[tuple[str, float], ...] = ()  # over recent round starts
     in_flight: int = 0
     archive_write_errors: int | None = None  # None: no archive configured
+    # (reason, count) of HTTP connections closed on accept (probe.weblimits.Refusals)
+    http_connections_refused: tuple[tuple[str, int], ...] = ()
     controls: tuple[Any, ...] = ()  # probe.control.ControlStatus, one per configured control
     generation: int = 0  # bumped on every swap
 
@@ -443,6 +445,7 @@ class ResultStore:
         schedule_lag_quantiles: tuple[tuple[str, float], ...] | None = None,
         in_flight: int | None = None,
         archive_write_errors: int | None = None,
+        http_connections_refused: tuple[tuple[str, int], ...] | None = None,
     ) -> None:
         changes: dict[str, Any] = {}
         if schedule_lag_s is not None:
@@ -453,6 +456,8 @@ class ResultStore:
             changes["in_flight"] = in_flight
         if archive_write_errors is not None:
             changes["archive_write_errors"] = archive_write_errors
+        if http_connections_refused is not None:
+            changes["http_connections_refused"] = http_connections_refused
         if changes:
             self._update(**changes)
 

@@ -38,7 +38,6 @@ import ipaddress
 import select
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -46,6 +45,7 @@ from typing import Any, Literal
 
 from .wire import stun as stun_wire
 from .wire.dnsmsg import build_query
+from .wire.errqueue import IP_RECVERR, IPV6_RECVERR, parse_error_queue
 
 __all__ = [
     "AsnMap",
@@ -66,12 +66,6 @@ SocketFactory = Callable[[socket.AddressFamily, socket.SocketKind], socket.socke
 Outcome = Literal["time_exceeded", "unreachable", "reply", "reset", "refused", "silence", "error"]
 
 MAX_HOPS = 32
-_IP_RECVERR = 11  # linux/in.h
-_IPV6_RECVERR = 25  # linux/in6.h
-_SO_EE_ORIGIN_ICMP = 2
-_SO_EE_ORIGIN_ICMP6 = 3
-_ICMP_TIME_EXCEEDED = 11
-_ICMP6_TIME_EXCEEDED = 3
 _TRACE_PORT = 33434  # the traditional traceroute port: closed on a real server
 _UDP_MARKER = b"probe trace: TTL walk (censorship measurement)"
 
@@ -239,26 +233,18 @@ def _set_ttl(sock: socket.socket, ttl: int) -> None:
 
 def _recverr(sock: socket.socket) -> None:
     if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
     else:
-        sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
 
 
-def _offender(ancdata: list[tuple[int, int, bytes]]) -> tuple[str | None, bool]:
-    """(ICMP sender, is it a time-exceeded) from a ``sock_extended_err`` + offender."""
-    for _level, _type, data in ancdata:
-        if len(data) < 16:
-            continue
-        _errno, origin, icmp_type, _code = struct.unpack("=IBBB", data[:7])
-        offender = data[16:]
-        sender = None
-        if origin == _SO_EE_ORIGIN_ICMP and len(offender) >= 8:
-            sender = socket.inet_ntop(socket.AF_INET, offender[4:8])
-            return sender, icmp_type == _ICMP_TIME_EXCEEDED
-        if origin == _SO_EE_ORIGIN_ICMP6 and len(offender) >= 24:
-            sender = socket.inet_ntop(socket.AF_INET6, offender[8:24])
-            return sender, icmp_type == _ICMP6_TIME_EXCEEDED
-    return None, False
+def _queued_hop(ttl: int, rtt: float, ancdata: list[tuple[int, int, bytes]]) -> Hop:
+    """The hop an error-queue message reports: time-exceeded from a router on the way,
+    else unreachable (from the router or host that said so, when the kernel named it)."""
+    err = parse_error_queue(ancdata)
+    if err is None:  # not an ICMP error (a local one): no sender to name
+        return Hop(ttl, "unreachable", None, rtt)
+    return Hop(ttl, "time_exceeded" if err.time_exceeded else "unreachable", err.offender, rtt)
 
 
 def _wait(sock: socket.socket, timeout_s: float) -> bool:
@@ -287,8 +273,7 @@ def _udp_hop(
         except BlockingIOError:
             pass  # no ICMP error queued: a datagram came back
         else:
-            sender, expired = _offender(ancdata)
-            return Hop(ttl, "time_exceeded" if expired else "unreachable", sender, rtt)
+            return _queued_hop(ttl, rtt, ancdata)
         try:
             data = sock.recv(4096)
         except BlockingIOError:

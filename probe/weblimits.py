@@ -16,19 +16,75 @@ The check runs when a connection is made: a small gate protocol looks at the pee
 then hands the transport to aiohttp's own protocol (or closes it).  Open connections
 are counted from the aiohttp server's own list, so nothing has to be forgotten when one
 closes.
+
+Every connection refused (here, or by the global cap) is counted in `Refusals`, which
+the agent exports as ``probe_http_connections_refused_total{reason}``, and logged at
+most `REFUSAL_LOG_BURST` times a minute per reason (the log-flood limiter,
+`probe.logs.FloodCap`): a client hammering the agent decides how often it is refused,
+not how big the log grows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 from collections.abc import Callable
+from typing import Literal
 
 from aiohttp import web
 
-__all__ = ["client_key", "per_client"]
+from .logs import FloodCap
+
+__all__ = ["REFUSAL_REASONS", "Refusals", "client_key", "per_client"]
 
 Factory = Callable[[], asyncio.BaseProtocol]
+Reason = Literal["per_client", "global"]
+REFUSAL_REASONS: tuple[Reason, ...] = ("per_client", "global")
+REFUSAL_LOG_BURST = 5  # log lines per reason per window; then one notice, then none
+REFUSAL_LOG_WINDOW_S = 60.0
+
+log = logging.getLogger(__name__)
+
+
+class Refusals:
+    """Connections the HTTP server closed as soon as they were accepted, by reason.
+
+    Counted on the HTTP thread's loop; the agent reads `counts` from its own (an int read
+    needs no lock under the GIL).  One per agent, so the counts survive a restart of the
+    listener; nothing module-wide."""
+
+    def __init__(self) -> None:
+        self._counts: dict[Reason, int] = dict.fromkeys(REFUSAL_REASONS, 0)
+        self._log_cap = FloodCap(REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW_S)
+
+    def counts(self) -> tuple[tuple[str, int], ...]:
+        """(reason, connections refused since the agent started), every reason."""
+        return tuple((reason, self._counts[reason]) for reason in REFUSAL_REASONS)
+
+    def refused(self, reason: Reason, peername: object, limit: int) -> None:
+        self._counts[reason] += 1
+        admitted = self._log_cap.admit(reason)
+        if not admitted.emit:
+            return
+        fields: dict[str, object] = {
+            "reason": reason,
+            "client": client_key(peername, exempt_loopback=False),
+            "limit": limit,
+            "refused_total": self._counts[reason],
+        }
+        if admitted.suppressed is not None:
+            fields["suppressed"] = admitted.suppressed
+        message = f"HTTP connection refused: {_WHY[reason]}"
+        if admitted.notice:
+            message += f"; more refusals for this reason: {self._log_cap.notice()}"
+        log.warning(message, extra=fields)
+
+
+_WHY: dict[Reason, str] = {
+    "per_client": "this client holds web.max_connections_per_client connections already",
+    "global": "the agent holds as many HTTP connections as it allows",
+}
 
 
 def client_key(peername: object, *, exempt_loopback: bool = True) -> str | None:
@@ -70,12 +126,18 @@ class _Gate(asyncio.Protocol):
 
 class _PerClient:
     def __init__(
-        self, server: web.Server, inner: Factory, limit: int, exempt_loopback: bool
+        self,
+        server: web.Server,
+        inner: Factory,
+        limit: int,
+        exempt_loopback: bool,
+        refusals: Refusals | None,
     ) -> None:
         self._server = server
         self._inner = inner
         self._limit = limit
         self._exempt_loopback = exempt_loopback
+        self._refusals = refusals
         # The client of each admitted connection, by aiohttp's protocol object (it has
         # __slots__: no attribute or weak reference can be hung on it).  Pruned to the
         # server's own list on every admission, so it never outgrows the global cap.
@@ -85,10 +147,11 @@ class _PerClient:
         return _Gate(self._admit)
 
     def _admit(self, transport: asyncio.BaseTransport) -> asyncio.BaseProtocol | None:
-        key = client_key(
-            transport.get_extra_info("peername"), exempt_loopback=self._exempt_loopback
-        )
+        peername = transport.get_extra_info("peername")
+        key = client_key(peername, exempt_loopback=self._exempt_loopback)
         if key is not None and self.open_connections(key) >= self._limit:
+            if self._refusals is not None:
+                self._refusals.refused("per_client", peername, self._limit)
             return None
         protocol = self._inner()
         if key is not None:
@@ -104,11 +167,17 @@ class _PerClient:
 
 
 def per_client(
-    server: web.Server, inner: Factory, limit: int, *, exempt_loopback: bool = True
+    server: web.Server,
+    inner: Factory,
+    limit: int,
+    *,
+    exempt_loopback: bool = True,
+    refusals: Refusals | None = None,
 ) -> Factory:
     """A protocol factory for ``loop.create_server``: ``inner`` (aiohttp's factory, or one
     wrapping it such as the global cap) for at most ``limit`` open connections per client
-    address; ``limit`` 0 turns the per-client limit off."""
+    address; ``limit`` 0 turns the per-client limit off.  Refusals are counted and
+    logged in ``refusals`` when given."""
     if limit <= 0:
         return inner
-    return _PerClient(server, inner, limit, exempt_loopback).factory
+    return _PerClient(server, inner, limit, exempt_loopback, refusals).factory

@@ -38,7 +38,10 @@ from probe.archive import (
 )
 from probe.config.settings import AgentConfig, ArchiveSettings, Resolvers
 from probe.evidence import (
+    DnsEvidence,
     Evidence,
+    IcmpReport,
+    QuicEvidence,
     StunEvidence,
     TlsEvidence,
     TlsNegotiated,
@@ -52,11 +55,12 @@ from probe.lab.servers.dns import AnswerTable, DNSServer
 from probe.lab.servers.tls import TLSServer
 from probe.model import Operation, ProbeResult, SkipReason, Target, Vantage, freeze
 from probe.probes.dns import probe as dns_probe
+from probe.probes.stun import probe as stun_probe
 from probe.probes.tls import probe as tls_probe
 from probe.records import read_result_record, result_record
 from probe.verdict.aggregate import judge_round
 from probe.verdict.observations import from_fields
-from tests.helpers import RawEvidence, settings, target
+from tests.helpers import RawEvidence, settings, target, unbound_udp_port
 
 T0 = datetime(2025, 3, 1, 12, 0, 5, 250000, tzinfo=UTC)
 VANTAGE = Vantage("msk-1", "RU", "AS12389", "test")
@@ -379,6 +383,97 @@ def test_udp_silence_maps_to_read_from_with_byte_counts() -> None:
     assert event["failure"] == "udp_no_response"
 
 
+# What the udperr work records: a censor's router rejecting with ICMP admin prohibited,
+# then a later host unreachable (icmp_evidence keeps at most 8, in arrival order).
+PROHIBITED = IcmpReport(icmp="icmp", type=3, code=13, errno="EHOSTUNREACH", reporter="10.0.0.1")
+HOST_UNREACH = IcmpReport(icmp="icmp", type=3, code=1, errno="EHOSTUNREACH", reporter="10.0.0.1")
+NO_ROUTE6 = IcmpReport(icmp="icmpv6", type=1, code=0, errno="ENETUNREACH", reporter="2001:db8::1")
+PORT_UNREACH = IcmpReport(icmp="icmp", type=3, code=3, errno="ECONNREFUSED", reporter="127.0.0.1")
+
+
+def _icmp_reads(events: list[dict[str, Any]]) -> list[tuple[str | None, str | None]]:
+    return [(e.get("address"), e["failure"]) for e in events if e["operation"] == "read_from"]
+
+
+def test_icmp_errors_are_failed_read_from_events_as_ooni_reports_them() -> None:
+    """df-008 has no ICMP event: OONI's engine reports an ICMP error on a UDP socket as the
+    read_from that returned it, failed with the df-007 string.  One per recorded error;
+    the read that failed the probe is the first of them, not a second event."""
+    evidence = StunEvidence(icmp_errors=(PROHIBITED, NO_ROUTE6), icmp_stray=3)
+    r = result(
+        STUN,
+        failure="host_unreachable",
+        op=Operation.READ,
+        phases={"exchange": 0.05},
+        **evidence.to_json(),
+    )
+    keys = envelope(r, VANTAGE)["test_keys"]
+    address = "[2001:db8::7]:3478"
+    assert keys["network_events"] == [
+        {"address": address, "failure": "host_unreachable", "operation": "read_from",
+         "proto": "udp", "t0": 0.0, "t": 0.05, "tags": []},
+        {"address": address, "failure": "network_unreachable", "operation": "read_from",
+         "proto": "udp", "t0": 0.0, "t": 0.05, "tags": []},
+    ]  # fmt: skip
+    # type, code, errno and the reporting router: in our own result, as before
+    details = keys["probe_result"]["details"]
+    assert details["icmp_errors"][0] == PROHIBITED.to_json()
+    assert details["icmp_errors"][0]["reporter"] == "10.0.0.1"
+    assert details["icmp_stray"] == 3
+
+
+def test_icmp_errors_beside_a_handshake_or_lookup_failure_are_read_from_events() -> None:
+    quic = replace(STUN, probe="quic", port=443)
+    r = result(
+        quic,
+        failure="host_unreachable",
+        op=Operation.QUIC_HANDSHAKE,
+        phases={"quic_handshake": 0.03},
+        **QuicEvidence(icmp_errors=(HOST_UNREACH,)).to_json(),
+    )
+    keys = envelope(r, VANTAGE)["test_keys"]
+    assert keys["quic_handshakes"][0]["failure"] == "host_unreachable"
+    assert _icmp_reads(keys["network_events"]) == [("[2001:db8::7]:443", "host_unreachable")]
+    # a dns probe's datagrams went to its resolver: the events name it
+    dns = result(
+        DNS,
+        failure="connection_refused",
+        op=Operation.RESOLVE,
+        phases={"resolve": 0.01},
+        **DnsEvidence(resolver="udp:127.0.0.1:53", icmp_errors=(PORT_UNREACH,)).to_json(),
+    )
+    events = envelope(dns, VANTAGE)["test_keys"]["network_events"]
+    assert _icmp_reads(events) == [("127.0.0.1:53", "connection_refused")]
+
+
+async def test_a_real_icmp_port_unreachable_reaches_the_archive_as_read_from() -> None:
+    """Loopback answers a datagram to an unbound port with ICMP port unreachable: the
+    stun probe records it and the archive line says so in OONI's and in our terms."""
+    port = unbound_udp_port("127.0.0.1")
+    r = await stun_probe(target("stun", "127.0.0.1", port, params={}), settings(udp_s=2.0))
+    keys = envelope(r, VANTAGE)["test_keys"]
+    assert (r.failure, r.failed_operation) == ("connection_refused", Operation.READ)
+    assert _icmp_reads(keys["network_events"])[0] == (f"127.0.0.1:{port}", "connection_refused")
+    [report, *_] = keys["probe_result"]["details"]["icmp_errors"]
+    assert (report["type"], report["code"], report["errno"]) == (3, 3, "ECONNREFUSED")
+
+
+def test_one_icmp_error_that_failed_the_read_archives_as_before() -> None:
+    """The line of a probe failed by one ICMP error is the line written before ICMP
+    errors were archived: that read_from was already there."""
+    r = result(
+        STUN,
+        failure="host_unreachable",
+        op=Operation.READ,
+        phases={"exchange": 0.05},
+        **StunEvidence(icmp_errors=(PROHIBITED,)).to_json(),
+    )
+    [event] = envelope(r, VANTAGE)["test_keys"]["network_events"]
+    assert event == {"address": "[2001:db8::7]:3478", "failure": "host_unreachable",
+                     "operation": "read_from", "proto": "udp", "t0": 0.0, "t": 0.05,
+                     "tags": []}  # fmt: skip
+
+
 def test_a_stalled_transfer_records_the_byte_count() -> None:
     """Where the first stalled connection froze (server->client TCP payload) is the 16-20 KB
     freeze's signature (FIELD.md B7): the read event and the cumulative count carry it."""
@@ -523,6 +618,12 @@ def test_an_archived_result_reads_back_as_the_fields_of_its_flat_record(
     rows = [
         result(neutral, failure="connection_reset", op=Operation.TLS_HANDSHAKE, cert=b"\x30"),
         result(STUN, failure="udp_no_response", op=Operation.READ, bytes_sent=20),
+        result(
+            STUN,
+            failure="host_unreachable",
+            op=Operation.READ,
+            **StunEvidence(icmp_errors=(PROHIBITED, HOST_UNREACH), icmp_stray=1).to_json(),
+        ),
         replace(result(DNS, answers={"A": ["192.0.2.1"]}), flags=("dns_injection_suspected",)),
         ProbeResult(DC1, False, T0, 0.0, skipped=SkipReason.IPV6_UNAVAILABLE),
     ]

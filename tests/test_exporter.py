@@ -18,7 +18,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from probe.config.settings import AgentConfig, MetricsSettings
 from probe.evidence import StunEvidence, StunFlow
-from probe.exporter import SERIES_LABELS, make_registry
+from probe.exporter import SERIES_LABELS, TextRenderer, make_registry
 from probe.lab.servers.tcp import TCPMode, TCPServer
 from probe.model import (
     Failure,
@@ -432,7 +432,11 @@ def _rich_store() -> ResultStore:
     )
     store.record_vantage(VantageState(online=True, ipv6=False, t=T0))
     store.set_config_reload(True, T0)
-    store.set_agent_stats(schedule_lag_s=0.01, in_flight=2)
+    store.set_agent_stats(
+        schedule_lag_s=0.01,
+        in_flight=2,
+        http_connections_refused=(("per_client", 4), ("global", 0)),
+    )
     store.set_verdicts(
         [
             _Verdict("whatsapp", "g", "partial", 0.6),
@@ -498,6 +502,17 @@ def test_archive_write_errors_are_a_counter_only_when_an_archive_is_configured()
     assert registry.get_sample_value("probe_archive_write_errors_total") == 3
     doc = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
     assert "`probe_archive_write_errors_total`" in doc
+
+
+def test_refused_http_connections_are_a_counter_per_reason_once_the_agent_reports() -> None:
+    store = ResultStore()
+    registry = make_registry(store)
+    name = "probe_http_connections_refused_total"
+    assert registry.get_sample_value(name, {"reason": "per_client"}) is None
+    store.set_agent_stats(http_connections_refused=(("per_client", 7), ("global", 0)))
+    assert registry.get_sample_value(name, {"reason": "per_client"}) == 7
+    assert registry.get_sample_value(name, {"reason": "global"}) == 0
+    assert TextRenderer(store).render() == generate_latest(registry)
 
 
 def _series_per_endpoint_and_probe(text: str) -> dict[tuple[str, str, str], int]:

@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import struct
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,6 +36,7 @@ from probe.probes._net.tcp import (
 from probe.probes._net.tls import Negotiated, TlsClient
 from probe.probes._net.tls_pump import TlsPump
 from probe.probes._net.udp import ICMP_KEEP, UdpChannel, _icmp_error, icmp_evidence
+from probe.wire.errqueue import IP_RECVERR, IPV6_RECVERR, QueuedError, parse_error_queue
 from tests.agentproc import REPO, needs_unshare, required_tool, run_driver
 from tests.helpers import refusing_port, unbound_udp_port
 
@@ -501,3 +504,68 @@ def test_error_queue_control_data_never_crashes_the_parser(
     layout gives an IcmpError or nothing."""
     err = _icmp_error(ancdata)
     assert err is None or isinstance(err, IcmpError)
+
+
+def _sockaddr(family: int, packed: bytes) -> bytes:
+    """A ``sockaddr_in`` / ``sockaddr_in6`` as the kernel lays out SO_EE_OFFENDER."""
+    head = family.to_bytes(2, sys.byteorder) + b"\0\0"  # sa_family_t (host order), port
+    if family == socket.AF_INET6:
+        return head + b"\0" * 4 + packed + b"\0" * 4  # flowinfo, address, scope id
+    return head + packed + b"\0" * 8
+
+
+_ORIGINS = {2: "icmp", 3: "icmpv6"}
+
+
+@given(
+    origin=st.integers(0, 255),
+    icmp_type=st.integers(0, 255),
+    icmp_code=st.integers(0, 255),
+    err=st.integers(0, 2**32 - 1),
+    v6=st.booleans(),
+    offender=st.one_of(
+        st.binary(max_size=32),
+        st.binary(min_size=4, max_size=4).map(lambda a: _sockaddr(socket.AF_INET, a)),
+        st.binary(min_size=16, max_size=16).map(lambda a: _sockaddr(socket.AF_INET6, a)),
+    ),
+)
+def test_the_shared_error_queue_parser_reads_what_the_kernel_lays_out(
+    origin: int, icmp_type: int, icmp_code: int, err: int, v6: bool, offender: bytes
+) -> None:
+    """Any sock_extended_err a peer could steer (type, code, offender) parses to exactly
+    its fields, or to None for an origin that is not ICMP; never an exception."""
+    level, kind = (socket.IPPROTO_IPV6, IPV6_RECVERR) if v6 else (socket.SOL_IP, IP_RECVERR)
+    data = struct.pack("=IBBBBII", err, origin, icmp_type, icmp_code, 0, 0, 0) + offender
+    got = parse_error_queue([(level, kind, data)])
+    if origin not in _ORIGINS:
+        assert got is None
+        return
+    assert got is not None
+    assert (got.errno, got.family, got.icmp_type, got.icmp_code) == (
+        err,
+        _ORIGINS[origin],
+        icmp_type,
+        icmp_code,
+    )
+    family = int.from_bytes(offender[:2], sys.byteorder) if len(offender) >= 2 else 0
+    if family == socket.AF_INET and len(offender) >= 8:
+        assert got.offender == socket.inet_ntop(socket.AF_INET, offender[4:8])
+    elif family == socket.AF_INET6 and len(offender) >= 24:
+        assert got.offender == socket.inet_ntop(socket.AF_INET6, offender[8:24])
+    else:
+        assert got.offender is None  # unspecified or short: never a made-up 0.0.0.0
+
+
+def test_the_error_queue_parser_ignores_other_control_messages() -> None:
+    icmp = struct.pack("=IBBBBII", 113, 2, 3, 1, 0, 0, 0) + _sockaddr(
+        socket.AF_INET, socket.inet_aton("10.9.8.7")
+    )
+    timestamp = (socket.SOL_SOCKET, 29, b"\0" * 16)  # SO_TIMESTAMP beside it
+    assert parse_error_queue([timestamp]) is None
+    assert parse_error_queue([(socket.SOL_SOCKET, IP_RECVERR, icmp)]) is None  # wrong level
+    got = parse_error_queue([timestamp, (socket.SOL_IP, IP_RECVERR, icmp)])
+    assert got == QueuedError(113, "icmp", 3, 1, "10.9.8.7")
+    assert not got.time_exceeded
+    assert QueuedError(113, "icmp", 11, 0, None).time_exceeded
+    assert QueuedError(113, "icmpv6", 3, 0, None).time_exceeded
+    assert not QueuedError(113, "icmpv6", 11, 0, None).time_exceeded

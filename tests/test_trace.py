@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +22,7 @@ from probe.trace import (
     Hop,
     TraceError,
     _conclude,
+    _queued_hop,
     client_hello,
     stun_trigger,
     trace_tcp,
@@ -172,3 +175,36 @@ def test_the_censor_hop_is_placed_in_or_out_of_the_vantages_as(tmp_path: Path) -
     elsewhere = with_asn(blocked, AsnMap.load(str(table)), "AS12389")
     assert elsewhere.in_vantage_as is False
     assert elsewhere.conclusion.endswith("(not the vantage's AS12389)")
+
+
+def _queued(origin: int, icmp_type: int, offender: bytes) -> list[tuple[int, int, bytes]]:
+    level, kind = (socket.IPPROTO_IPV6, 25) if origin == 3 else (socket.SOL_IP, 11)
+    return [(level, kind, struct.pack("=IBBBBII", 113, origin, icmp_type, 0, 0, 0, 0) + offender)]
+
+
+def _sin(address: str) -> bytes:
+    return (
+        socket.AF_INET.to_bytes(2, sys.byteorder) + b"\0\0" + socket.inet_aton(address) + bytes(8)
+    )
+
+
+def test_an_error_queue_report_becomes_the_hop_the_shared_parser_reads() -> None:
+    # The UDP walk reads the error queue with the probes' parser (probe.wire.errqueue).
+    assert _queued_hop(3, 0.01, _queued(2, 11, _sin("10.0.2.1"))) == Hop(
+        3, "time_exceeded", "10.0.2.1", 0.01
+    )
+    assert _queued_hop(4, 0.02, _queued(2, 3, _sin("192.0.2.9"))) == Hop(
+        4, "unreachable", "192.0.2.9", 0.02
+    )
+    v6 = socket.AF_INET6.to_bytes(2, sys.byteorder) + bytes(6)
+    v6 += socket.inet_pton(socket.AF_INET6, "2001:db8::1") + bytes(4)
+    assert _queued_hop(5, 0.03, _queued(3, 3, v6)) == Hop(5, "time_exceeded", "2001:db8::1", 0.03)
+    # A local error (origin 1) names nobody; the walk stops on it as before.
+    assert _queued_hop(6, 0.04, _queued(1, 0, b"")) == Hop(6, "unreachable", None, 0.04)
+
+
+def test_an_unnamed_sender_is_no_router_not_0_0_0_0() -> None:
+    """The kernel leaves the offender's family unspecified when it does not know the
+    sender: trace's own parser used to name 0.0.0.0 as the router at that hop."""
+    unspecified = bytes(16)
+    assert _queued_hop(2, 0.01, _queued(2, 11, unspecified)).responder is None

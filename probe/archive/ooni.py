@@ -9,6 +9,7 @@ See docs/archive.md.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import functools
 import ipaddress
 import platform
@@ -21,11 +22,15 @@ from typing import Any
 import dns.rcode
 
 from .. import __version__
+from ..classify import IcmpError, classify
 from ..evidence import (
     DnsEvidence,
     Evidence,
     ExchangeEvidence,
+    IcmpReport,
     QuicEvidence,
+    QuicVnEvidence,
+    StunEvidence,
     TcpEvidence,
     TlsEvidence,
     TransferEvidence,
@@ -291,12 +296,57 @@ def _bytes_received(ev: Evidence) -> int | None:
     return None
 
 
+_ERRNO_BY_NAME = {name: number for number, name in errno.errorcode.items()}
+
+
+def _icmp_failure(report: IcmpReport) -> str:
+    """The failure string of one recorded ICMP error, as `classify` gives it for the
+    read that raised it (by ICMP type and code first, then the kernel's errno)."""
+    number = _ERRNO_BY_NAME.get(report.errno)
+    if number is None:
+        number = int(report.errno) if report.errno.isdigit() else errno.EHOSTUNREACH
+    exc = IcmpError.of(number, family=report.icmp, icmp_type=report.type, icmp_code=report.code)
+    return str(classify(exc, Operation.READ))
+
+
+def _icmp_events(
+    ev: Evidence, address: str | None, span: tuple[float, float]
+) -> list[dict[str, Any]]:
+    """One failed df-008 ``read_from`` per ICMP error that answered the probe's datagrams:
+    how OONI's engine reports an ICMP error on a UDP socket (the read that returned it
+    fails with the error's df-007 string).  Type, code, errno and the reporting router
+    stay in ``probe_result.details.icmp_errors``; errors that answered none of our
+    datagrams (``icmp_stray``) were never ours to report."""
+    if not isinstance(ev, DnsEvidence | QuicEvidence | QuicVnEvidence | StunEvidence):
+        return []
+    events: list[dict[str, Any]] = []
+    for report in ev.icmp_errors or ():
+        event: dict[str, Any] = {} if address is None else {"address": address}
+        event.update(failure=_icmp_failure(report), operation="read_from", proto="udp")
+        event.update(t0=span[0], t=span[1], tags=[])
+        events.append(event)
+    return events
+
+
+def _udp_peer(result: ProbeResult) -> str | None:
+    """Where the probe's UDP datagrams went: the target, or a dns probe's resolver."""
+    target = result.target
+    if target.probe == "dns":
+        engine, resolver_address = _engine(target.resolver)
+        return resolver_address if engine == "udp" else None
+    if target.address is None or target.port is None:
+        return None
+    return _hostport(target.address, target.port)
+
+
 def _network_events(
     result: ProbeResult, ev: Evidence, network: str, timeline: Mapping[str, tuple[float, float]]
 ) -> list[Any]:
     target = result.target
+    last = next(reversed(list(timeline.values())), (0.0, result.duration_s))
+    icmp = _icmp_events(ev, _udp_peer(result), (last[0], result.duration_s))
     if target.address is None or target.port is None:
-        return []
+        return icmp  # a dns probe: its resolver's socket is the only one with events
     address = _hostport(target.address, target.port)
     received = _bytes_received(ev)
     events: list[dict[str, Any]] = []
@@ -309,18 +359,21 @@ def _network_events(
             {"address": address, "failure": failure, "operation": "connect", "proto": "tcp",
              "t0": t0, "t": t, "tags": []}
         )  # fmt: skip
+    # The read that failed with the first ICMP error is that error's event already.
+    first_icmp = icmp[0]["failure"] if icmp else None
     if result.failed_operation in (Operation.READ, Operation.WRITE):
         op = str(result.failed_operation)
         if network == "udp":
             op = "read_from" if op == "read" else "write_to"
-        last = next(reversed(list(timeline.values())), (0.0, result.duration_s))
         event: dict[str, Any] = {
             "address": address, "failure": result.failure, "operation": op, "proto": network,
             "t0": last[0], "t": result.duration_s, "tags": [],
         }  # fmt: skip
         if received is not None and op.startswith("read"):  # no probe counts bytes sent
             event["num_bytes"] = received
-        events.append(event)
+        if not (op == "read_from" and result.failure == first_icmp):
+            events.append(event)
+    events += icmp
     if received is not None:
         # The byte count at which a transfer stopped is the signature of a freeze (B7).
         events.append(

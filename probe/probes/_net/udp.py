@@ -29,25 +29,18 @@ from __future__ import annotations
 import asyncio
 import errno as errnos
 import socket
-import struct
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from ...classify import IcmpError
 from ...evidence import IcmpReport
+from ...wire.errqueue import IP_RECVERR, IPV6_RECVERR, parse_error_queue
 
 QUEUE_LIMIT = 4096  # datagrams waiting to be read; a flooding peer cannot eat memory
 DRAIN_LIMIT = 256  # error-queue entries read per error the kernel reports
 ICMP_KEEP = 8  # ICMP errors recorded per socket (the rest are only counted)
 
-# <linux/in.h>, <linux/in6.h>, <linux/errqueue.h>: Python's socket module lacks them
-IP_RECVERR = 11
-IPV6_RECVERR = 25
-_SO_EE_ORIGIN_ICMP = 2
-_SO_EE_ORIGIN_ICMP6 = 3
-_EXTENDED_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
 _ANC_SIZE = 512  # the extended error and the offender's sockaddr fit with room to spare
 _QUOTE_KEY = 32  # leading bytes of a sent datagram an ICMP quote is matched against
 _SENT_KEEP = 4096  # sent datagrams remembered for that match (a long flow forgets the oldest)
@@ -130,35 +123,16 @@ class IcmpWatch:
 
 def _icmp_error(ancdata: Sequence[tuple[int, int, bytes]]) -> IcmpError | None:
     """The ICMP error in one error-queue message's control data (None: not ICMP)."""
-    for level, kind, data in ancdata:
-        v4 = (level, kind) == (socket.SOL_IP, IP_RECVERR)
-        v6 = (level, kind) == (socket.IPPROTO_IPV6, IPV6_RECVERR)
-        if not (v4 or v6) or len(data) < _EXTENDED_ERR.size:
-            continue
-        err, origin, icmp_type, icmp_code, _pad, _info, _data = _EXTENDED_ERR.unpack_from(data)
-        if origin not in (_SO_EE_ORIGIN_ICMP, _SO_EE_ORIGIN_ICMP6):
-            return None  # a local error (e.g. EMSGSIZE), already raised by the send
-        return IcmpError.of(
-            err or errnos.EHOSTUNREACH,
-            family="icmp" if origin == _SO_EE_ORIGIN_ICMP else "icmpv6",
-            icmp_type=icmp_type,
-            icmp_code=icmp_code,
-            reporter=_offender(data[_EXTENDED_ERR.size :]),
-        )
-    return None
-
-
-def _offender(sockaddr: bytes) -> str | None:
-    """The address in the ``sockaddr_in`` / ``sockaddr_in6`` after the extended error
-    (SO_EE_OFFENDER); None when the kernel left it unspecified."""
-    if len(sockaddr) < 2:
+    queued = parse_error_queue(ancdata)
+    if queued is None:
         return None
-    family = int.from_bytes(sockaddr[:2], sys.byteorder)  # sa_family_t: host order
-    if family == socket.AF_INET and len(sockaddr) >= 8:
-        return socket.inet_ntop(socket.AF_INET, sockaddr[4:8])
-    if family == socket.AF_INET6 and len(sockaddr) >= 24:
-        return socket.inet_ntop(socket.AF_INET6, sockaddr[8:24])
-    return None
+    return IcmpError.of(
+        queued.errno or errnos.EHOSTUNREACH,
+        family=queued.family,
+        icmp_type=queued.icmp_type,
+        icmp_code=queued.icmp_code,
+        reporter=queued.offender,
+    )
 
 
 def icmp_evidence(
