@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import resource
 import shutil
 import ssl
 import subprocess
@@ -48,7 +46,6 @@ from typing import Any
 
 from common import (
     PYTHON,
-    REPO,
     Acceptor,
     address,
     agent_config,
@@ -58,6 +55,7 @@ from common import (
     free_port,
     get,
     median,
+    probe_once,
     start_agent,
     stop,
     total,
@@ -157,29 +155,7 @@ def run_agent_once(kind: str, port: int, ca_file: Path, n: int, tmp: Path) -> fl
             extra=f"tls: {{ca_file: {ca_file}}}",
         )
         archive = str(tmp / f"once-archive-{kind}")
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run(
-            [
-                PYTHON,
-                "-m",
-                "probe",
-                "once",
-                "-c",
-                str(config),
-                "--format",
-                "json",
-                "--archive",
-                archive,
-            ],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            check=False,
-            timeout=600,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return probe_once(config, "--archive", archive, timeout_s=600)[1]
 
     small = cpu_of_round(SMALL_ROUND)
     return (cpu_of_round(n) - small) / (n - SMALL_ROUND)

@@ -20,44 +20,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import resource
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from common import (
-    PYTHON,
-    REPO,
     Acceptor,
     agent_config,
     drop_to,
     emit,
     enter_private_netns,
     free_port,
+    probe_once,
     tcp_endpoints,
 )
-
-
-def once(config: Path) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of one `probe once`."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.monotonic()
-    subprocess.run(
-        [PYTHON, "-m", "probe", "once", "-c", str(config), "--format", "json"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        check=False,
-        timeout=3600,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    wall = time.monotonic() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu
 
 
 def measure(n: int, every: int, concurrency: int, timeout_s: float, tmp: Path) -> dict[str, Any]:
@@ -73,8 +49,8 @@ def measure(n: int, every: int, concurrency: int, timeout_s: float, tmp: Path) -
             connect_s=timeout_s,
         )
 
-    base_wall, base_cpu = once(config(1))
-    wall, cpu = once(config(n))
+    base_wall, base_cpu = probe_once(config(1))
+    wall, cpu = probe_once(config(n))
     silent = n // every
     probes = n + silent  # every failure is repeated once
     return {

@@ -5,7 +5,7 @@ interval plus or minus jitter, and never sooner than ``min_spacing_s`` after its
 last start (re-testing too fast can trigger residual blocking).  Start times are
 moved up to a grid (``batch_s``) so the rounds due within one step start on one
 wake-up of the process: CPU per round is several times lower in a burst than on a
-wake-up of its own (bench/README.md, "Batching").  A config reload
+wake-up of its own (bench/README.md, "Issue 13 targets, third session").  A config reload
 replaces the scheduler without cancelling a measurement: the old one `retire`s
 (its loops stop, its rounds in flight run to the end and are published), and the
 new one takes over its `history` (spacing) and those rounds (an endpoint's next
