@@ -23,12 +23,20 @@ pytestmark = pytest.mark.lab
 
 # script -> figures each of its lines must carry
 SCRIPTS = {
-    "daemon_footprint.py": ("cpu_pct_of_one_core", "rss_max_mib", "lag_p99_ms", "metrics_series"),
+    "daemon_footprint.py": (
+        "cpu_pct_of_one_core",
+        "rss_max_mib",
+        "lag_p99_ms",
+        "metrics_series",
+        "batch_s",
+    ),
     "probe_cost.py": (
         "agent_cpu_us_per_probe",
         "blackbox_cpu_us_per_probe",
         "blackbox_paced_cpu_us_per_probe",
         "bare_cpu_us_per_probe",
+        "agent_unbatched_cpu_us_per_probe",
+        "agent_once_cpu_us_per_probe",
     ),
     "timing_accuracy.py": (
         "agent_loop_connect_error_ms_p50",
